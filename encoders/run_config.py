@@ -1,0 +1,296 @@
+"""Typed run configs: dataclass defaults, a YAML file, then `key=value` overrides, in that order.
+
+Every command of the project (trainers, fine-tunes, demo) describes its settings as a dataclass.
+`parse_config_cli` reads `--config FILE` and `key=value` arguments (dotted keys reach nested
+dataclasses: `subspace.dim=8`), converts each value to the field's type, and fails with an error
+that names the key and the file when a key is unknown or a value does not fit. `save_config` writes
+the resolved config next to a run's outputs so every result says how it was made.
+
+It lives in `encoders` because that is the one package every other part may import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~", ""}
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key and where it came from."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _unknown_key(key: str, known: list[str], origin: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {origin}{hint}; known keys: {', '.join(sorted(known))}")
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    """Convert `value` (from YAML or a command-line string) to type `tp`, or raise ConfigError."""
+
+    def fail(why: str = "") -> ConfigError:
+        name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        return ConfigError(f"bad value for {key!r} in {origin}: {value!r} is not a valid {name}{why}")
+
+    origin_tp = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin_tp in (Union, types.UnionType):
+        args = get_args(tp)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, origin)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise fail()
+    if origin_tp is Literal:
+        choices = get_args(tp)
+        for choice in choices:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise ConfigError(f"bad value for {key!r} in {origin}: {value!r}; choose one of {', '.join(map(repr, choices))}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise fail(" (expected a mapping of its keys)")
+        return _build(tp, value, origin, prefix=f"{key}.")
+    if origin_tp in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, str):
+            text = value.strip()
+            parsed = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            raise fail(" (expected a list, e.g. [1, 2] or 1,2)")
+        args = get_args(tp)
+        if origin_tp is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise fail(f" (expected {len(args)} items)")
+            return tuple(_coerce(v, a, f"{key}[{i}]", origin) for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+        return tuple(items) if (origin_tp is tuple or tp is tuple) else items
+    if origin_tp is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise fail(" (expected a mapping)")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise fail(" (use true or false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                try:
+                    as_float = float(value)
+                except ValueError:
+                    raise fail() from None
+                if as_float.is_integer():
+                    return int(as_float)
+        raise fail()
+    if tp is float:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise fail()
+        return str(value)
+    if tp is Path:
+        return Path(value)
+    raise ConfigError(f"config key {key!r} has a type this loader does not handle: {tp}")
+
+
+def _coerce_fields(cls: type, data: dict, origin: str, prefix: str = "") -> dict:
+    """Check every key of `data` against `cls`'s fields and convert its value to the field's type."""
+    types_ = _field_types(cls)
+    for key in data:
+        if key not in types_:
+            raise _unknown_key(prefix + key, [prefix + k for k in types_], origin)
+    return {k: _coerce(v, types_[k], prefix + k, origin) for k, v in data.items()}
+
+
+def _build(cls: type[T], data: dict, origin: str, prefix: str = "") -> T:
+    kwargs = _coerce_fields(cls, data, origin, prefix)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{origin}: {err}") from err
+
+
+def _merge(base: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = base
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None or not dataclasses.is_dataclass(child) else config_to_dict(child)
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """Split `key=value` strings; a string without '=' is an error that shows it."""
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        pairs.append((key, value))
+    return pairs
+
+
+def _check_path(cls: type, key: str, origin: str) -> None:
+    node: Any = cls
+    walked = []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            raise _unknown_key(key, [".".join(walked)], origin)
+        types_ = _field_types(node)
+        if part not in types_:
+            prefix = ".".join(walked + [""]) if walked else ""
+            raise _unknown_key(key, [prefix + k for k in types_], origin)
+        walked.append(part)
+        node = types_[part]
+        if get_origin(node) in (Union, types.UnionType):
+            inner = [a for a in get_args(node) if dataclasses.is_dataclass(a)]
+            node = inner[0] if inner else node
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults of `cls`, updated by the YAML file at `path`, then by `key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
+        data = loaded
+    origin = str(path) if path is not None else "the defaults"
+    _coerce_fields(cls, data, origin)  # check the file alone first, so its errors name the file
+    for key, value in parse_overrides(overrides or []):
+        _check_path(cls, key, "the command line")
+        _merge(data, key, value)
+    return _build(cls, data, "the command line" if overrides else origin)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain-YAML-able dict of a config dataclass (tuples become lists, Paths strings)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return plain(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically: temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def describe_keys(cls: type, prefix: str = "") -> list[str]:
+    """One line per key: name, type, default and the field's `help` metadata (for --help)."""
+    lines = []
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = types_[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe_keys(tp, prefix=f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        type_name = str(tp).replace("typing.", "") if get_origin(tp) else getattr(tp, "__name__", str(tp))
+        help_text = f.metadata.get("help", "")
+        lines.append(f"  {prefix}{f.name} ({type_name}, default {default!r}){': ' + help_text if help_text else ''}")
+    return lines
+
+
+def parse_config_cli(cls: type[T], argv: list[str] | None = None, prog: str | None = None, description: str = "") -> T:
+    """Command-line entry for a config: `[--config FILE] [key=value ...]`; `--help` lists every key."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog="keys (set with key=value; dotted keys reach nested groups):\n" + "\n".join(describe_keys(cls)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file with keys to set; key=value arguments override it")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to set")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(cls, args.config, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits

@@ -1,0 +1,188 @@
+"""The embedded tiny default: offline, deterministic stand-ins for SD v1-4 and CLIP ViT-L/14.
+
+They keep the structure that our code depends on (a UNet with cross-attention, a KL VAE, a CLIP
+text encoder with the real CLIP tokenizer, a 24-layer CLIP vision tower with 16x16 patches) at a
+size that trains in seconds on a CPU. Each is written with `save_pretrained` in the Hub layout and
+must be read back with `from_pretrained(path)`, so tests exercise the same loading code a Hub id
+takes. The shapes are fixed project-wide so benchmarks compare like with like.
+
+    python -m encoders.tiny --out outputs/demo/models      # writes sd/ and image_encoder/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+TINY_SEED = 0
+TINY_RESOLUTION = 64  # demo image size: 32x32 latents with the tiny VAE's factor of 2
+
+UNET_KWARGS = dict(
+    sample_size=32,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+VAE_KWARGS = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=TINY_RESOLUTION,
+)
+TEXT_KWARGS = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+VISION_KWARGS = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=24,
+    num_attention_heads=4,
+    image_size=224,
+    patch_size=14,
+)
+# Stable Diffusion v1-4's scheduler settings, so sampling code sees the real noise schedule.
+SCHEDULER_KWARGS = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+)
+
+
+def build_tiny_sd_pipeline(seed: int = TINY_SEED):
+    """A randomly initialised (fixed seed) `StableDiffusionPipeline` with the tiny shapes."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_KWARGS)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_KWARGS)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_KWARGS))
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_image_encoder(seed: int = TINY_SEED):
+    """A randomly initialised 24-layer `CLIPVisionModel` and its `CLIPImageProcessor` (224 px)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(CLIPVisionConfig(**VISION_KWARGS))
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    return model, processor
+
+
+def save_tiny_sd_pipeline(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
+    """Write the tiny pipeline as a diffusers folder (model_index.json + component folders)."""
+    from .tokenizer import save_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    pipe = build_tiny_sd_pipeline(seed)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    save_clip_tokenizer(out_dir / "tokenizer")  # also writes vocab.json/merges.txt like SD's folder
+    return out_dir
+
+
+def save_tiny_image_encoder(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
+    """Write the tiny vision tower as a transformers folder (config, safetensors, preprocessor)."""
+    out_dir = Path(out_dir)
+    model, processor = build_tiny_image_encoder(seed)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+# name -> writer. Other parts of the project register their tiny models here (detector, eval CLIP...).
+TINY_MODELS: dict[str, Callable[[Path], Path]] = {
+    "sd": save_tiny_sd_pipeline,
+    "image_encoder": save_tiny_image_encoder,
+}
+
+
+def write_atomically(writer: Callable[[Path], Path], target: str | Path, force: bool = False) -> bool:
+    """Run `writer` into a temporary sibling folder and rename it to `target` when complete.
+
+    Returns False (and writes nothing) when `target` already exists and `force` is off, so
+    repeated `make demo` runs are quick and an interrupted build never looks finished.
+    """
+    target = Path(target)
+    if target.exists() and not force:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        writer(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def build_tiny_models(out_root: str | Path, names: list[str] | None = None, force: bool = False) -> dict[str, Path]:
+    """Write the named tiny models (default: all registered) under `out_root/<name>/`."""
+    out_root = Path(out_root)
+    written = {}
+    for name in names or list(TINY_MODELS):
+        if name not in TINY_MODELS:
+            raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
+        target = out_root / name
+        made = write_atomically(TINY_MODELS[name], target, force=force)
+        print(f"{'built ' if made else 'kept  '} {name:<14} {target}")
+        written[name] = target
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m encoders.tiny",
+        description="Build the offline tiny models (random init, fixed seed) in their Hub on-disk formats.",
+    )
+    parser.add_argument("--out", default="outputs/demo/models", help="folder that receives one subfolder per model")
+    parser.add_argument(
+        "--only", action="append", choices=sorted(TINY_MODELS), help="build only this model (repeatable); default all"
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild models whose folder already exists")
+    args = parser.parse_args(argv)
+    build_tiny_models(args.out, args.only, force=args.force)
+
+
+if __name__ == "__main__":
+    main()
