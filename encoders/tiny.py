@@ -127,10 +127,51 @@ def save_tiny_image_encoder(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
     return out_dir
 
 
+# Evaluation models (finetune engineer): a CLIP with projections for CLIP-T/CLIP-I (ViT-B/32 layout,
+# like the `openai/clip-vit-base-patch32` that DreamBooth's metrics use) and a DINO-style ViT-S/16.
+EVAL_CLIP_VISION_KWARGS = dict(
+    hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32
+)
+EVAL_CLIP_TEXT_KWARGS = dict(TEXT_KWARGS)
+DINO_KWARGS = dict(
+    hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=16
+)
+
+
+def save_tiny_eval_clip(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
+    """Write a tiny `CLIPModel` (both towers + projections) and its `CLIPProcessor` with the shipped tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from .tokenizer import build_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=EVAL_CLIP_TEXT_KWARGS, vision_config=EVAL_CLIP_VISION_KWARGS, projection_dim=16)
+    CLIPModel(config).save_pretrained(out_dir, safe_serialization=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(out_dir)
+    return out_dir
+
+
+def save_tiny_dino(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
+    """Write a tiny `ViTModel` (no pooler, CLS embedding like DINO's) and a 224 px `ViTImageProcessor`."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    ViTModel(ViTConfig(**DINO_KWARGS), add_pooling_layer=False).save_pretrained(out_dir, safe_serialization=True)
+    ViTImageProcessor(
+        size={"height": 224, "width": 224}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
 # name -> writer. Other parts of the project register their tiny models here (detector, eval CLIP...).
 TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "sd": save_tiny_sd_pipeline,
     "image_encoder": save_tiny_image_encoder,
+    "eval_clip": save_tiny_eval_clip,
+    "dino": save_tiny_dino,
 }
 
 
