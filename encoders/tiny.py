@@ -166,12 +166,52 @@ def save_tiny_dino(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
     return out_dir
 
 
+# Object detector (comp engineer): a DETR with a tiny ResNet backbone from transformers (no timm), with
+# COCO's 80 names in id2label, standing in for `facebook/detr-resnet-50` in `data_prep pairs generate`.
+DETR_KWARGS = dict(
+    num_queries=16,
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+)
+DETR_BACKBONE_KWARGS = dict(
+    embedding_size=16, hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1, 1], layer_type="basic", out_features=["stage4"]
+)
+
+
+def save_tiny_detector(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
+    """Write a tiny `DetrForObjectDetection` (COCO labels) and its DETR image processor (64-128 px)."""
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+    from transformers.models.detr.image_processing_pil_detr import DetrImageProcessorPil
+
+    from .anchors import coco_class_names
+
+    out_dir = Path(out_dir)
+    names = coco_class_names()
+    config = DetrConfig(
+        backbone_config=ResNetConfig(**DETR_BACKBONE_KWARGS),
+        use_timm_backbone=False,
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+        **DETR_KWARGS,
+    )
+    torch.manual_seed(seed)
+    DetrForObjectDetection(config).save_pretrained(out_dir, safe_serialization=True)
+    DetrImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(out_dir)
+    return out_dir
+
+
 # name -> writer. Other parts of the project register their tiny models here (detector, eval CLIP...).
 TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "sd": save_tiny_sd_pipeline,
     "image_encoder": save_tiny_image_encoder,
     "eval_clip": save_tiny_eval_clip,
     "dino": save_tiny_dino,
+    "detector": save_tiny_detector,
 }
 
 

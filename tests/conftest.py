@@ -37,3 +37,23 @@ def tiny_sd_path(tiny_models) -> Path:
 @pytest.fixture(scope="session")
 def tiny_image_encoder_path(tiny_models) -> Path:
     return tiny_models / "image_encoder"
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_models(tmp_path_factory) -> Path:
+    """Folder with the metric models `eval_clip/`, `dino/` (and `detector/` once registered), from `encoders.tiny`."""
+    from encoders.tiny import TINY_MODELS, build_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny_eval_models")
+    build_tiny_models(root, [n for n in ("eval_clip", "dino", "detector") if n in TINY_MODELS])
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_detector_path(tmp_path_factory) -> Path:
+    """A tiny `DetrForObjectDetection` (COCO's 80 labels) + its image processor, from `encoders.tiny`."""
+    from encoders.tiny import build_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny_detector")
+    build_tiny_models(root, ["detector"])
+    return root / "detector"
