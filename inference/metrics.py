@@ -1,0 +1,256 @@
+"""Evaluation metrics of the personalization papers, as plain functions plus thin model wrappers.
+
+The functions take embeddings, detections or tensors and return numbers, so each has a known value on
+constructed inputs (identical images give CLIP-I 1, identical models give a latent Fisher divergence
+of 0). The wrappers turn PIL images and prompts into those inputs with `from_pretrained` models whose
+ids are configurable; the defaults are the models the papers use:
+
+- CLIP-T / CLIP-I: CLIP ViT-B/32 (`openai/clip-vit-base-patch32`), as in DreamBooth, whose protocol
+  ELITE and Infusion follow. CLIP-T scores the image against the prompt with S* replaced by the
+  class word; CLIP-I is the mean pairwise cosine between generated and concept images.
+- DINO-I: DINO ViT-S/16 (`facebook/dino-vits16`) CLS embeddings, mean pairwise cosine.
+- CoI likelihood (compositional inversion): the fraction of images in which a COCO-trained DETR
+  finds the *other* object of the prompt ("S* and a dog": is there a dog?).
+- Infusion's overfitting measures: the latent Fisher divergence (half the mean squared difference of
+  the two models' noise predictions on non-customized prompts) and the 2-Wasserstein distance between
+  Gaussians fitted to the latents of two sets of generations.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"
+DEFAULT_DETECTOR_MODEL = "facebook/detr-resnet-101"  # compositional inversion: DETR on ResNet-101, COCO
+DEFAULT_DETECTION_THRESHOLD = 0.7
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain functions
+# --------------------------------------------------------------------------------------------------
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[N, D] x [M, D] -> [N, M] cosine similarities (computed in float32)."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"cosine_matrix needs [N, D] and [M, D] embeddings, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def mean_pairwise_similarity(generated: torch.Tensor, references: torch.Tensor) -> float:
+    """Average cosine over every (generated, reference) pair: CLIP-I and DINO-I on embeddings."""
+    if len(generated) == 0 or len(references) == 0:
+        raise ValueError("mean_pairwise_similarity needs at least one generated and one reference embedding")
+    return cosine_matrix(generated, references).mean().item()
+
+
+def paired_similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Cosine of row i of `image_embeds` with row i of `text_embeds`: per-image CLIP-T."""
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(f"paired_similarity needs equal shapes, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
+    return F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+
+
+def replace_placeholder(prompt: str, placeholder: str, class_word: str) -> str:
+    """The prompt CLIP-T scores against: S* replaced by the class word ("a S* dog" -> "a dog").
+
+    A placeholder already followed by the class word ("S* dog", DreamBooth style) collapses to one
+    class word, so the text never says "dog dog".
+    """
+    if not placeholder:
+        return prompt
+    pattern = re.escape(placeholder) + r"(\s+" + re.escape(class_word) + r"\b)?"
+    return re.sub(pattern, class_word, prompt)
+
+
+def coi_likelihood(detected_labels: Sequence[Iterable[str]], targets: Sequence[str]) -> float:
+    """Fraction of images whose detections include that image's other object (CoI likelihood).
+
+    `detected_labels[i]` holds the label names the detector found in image i; `targets[i]` is the name
+    of the object the prompt asked for next to the concept. Names compare case-insensitively.
+    """
+    if len(detected_labels) != len(targets):
+        raise ValueError(f"coi_likelihood: {len(detected_labels)} detection lists for {len(targets)} targets")
+    if not targets:
+        raise ValueError("coi_likelihood needs at least one image")
+    hits = sum(t.strip().lower() in {d.strip().lower() for d in found} for found, t in zip(detected_labels, targets))
+    return hits / len(targets)
+
+
+def latent_fisher_divergence(eps_base: torch.Tensor, eps_custom: torch.Tensor) -> float:
+    """Infusion's latent Fisher divergence: 1/2 E ||eps_theta(z_t, t, c) - eps_theta'(z_t, t, c)||^2.
+
+    Both tensors are noise predictions of the original and the customised model for the same noisy
+    latents, timesteps and non-customised prompts, batch first; the squared norm sums over each
+    sample's latent, the expectation averages over the batch.
+    """
+    if eps_base.shape != eps_custom.shape:
+        raise ValueError(f"noise predictions differ in shape: {tuple(eps_base.shape)} vs {tuple(eps_custom.shape)}")
+    diff = (eps_base.float() - eps_custom.float()).flatten(1)
+    return 0.5 * diff.pow(2).sum(dim=1).mean().item()
+
+
+def gaussian_w2(samples_a: torch.Tensor, samples_b: torch.Tensor) -> float:
+    """2-Wasserstein distance between Gaussians fitted to two sample sets ([N, ...] and [M, ...]).
+
+    W2^2 = ||mu_a - mu_b||^2 + tr(C_a) + tr(C_b) - 2 tr((C_a^1/2 C_b C_a^1/2)^1/2). With C_a = A A^T and
+    C_b = B B^T (A = centred samples / sqrt(N - 1)), the last trace is the nuclear norm of A^T B, so
+    the distance is exact without forming a D x D covariance: latents of 4 x 64 x 64 stay cheap.
+    """
+    a = samples_a.double().flatten(1)
+    b = samples_b.double().flatten(1)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"sample sets differ in dimension: {a.shape[1]} vs {b.shape[1]}")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("gaussian_w2 needs at least two samples per set to fit a covariance")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    fa = (a - mu_a) / math.sqrt(len(a) - 1)
+    fb = (b - mu_b) / math.sqrt(len(b) - 1)
+    cross = torch.linalg.matrix_norm(fa @ fb.T, ord="nuc")
+    w2_sq = (mu_a - mu_b).pow(2).sum() + fa.pow(2).sum() + fb.pow(2).sum() - 2 * cross
+    return math.sqrt(max(w2_sq.item(), 0.0))
+
+
+def gaussian_w2_from_moments(mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor) -> float:
+    """The same distance from means and (small) covariance matrices, via symmetric square roots."""
+
+    def sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+        vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+        return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+    cov_a, cov_b = cov_a.double(), cov_b.double()
+    root_a = sqrtm_psd(cov_a)
+    middle = sqrtm_psd(root_a @ cov_b @ root_a)
+    w2_sq = (mu_a.double() - mu_b.double()).pow(2).sum() + torch.trace(cov_a + cov_b - 2 * middle)
+    return math.sqrt(max(w2_sq.item(), 0.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model wrappers
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_rgb_list(images) -> list:
+    from PIL import Image
+
+    if isinstance(images, Image.Image):
+        images = [images]
+    return [im.convert("RGB") for im in images]
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 5 returns a model output with the projected `pooler_output`; older ones a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class ClipScorer:
+    """CLIP image and text embeddings for CLIP-T and CLIP-I (`from_pretrained` id or folder)."""
+
+    def __init__(self, model_name_or_path: str = DEFAULT_CLIP_MODEL, device: str | torch.device = "cpu", batch_size: int = 32):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.model = CLIPModel.from_pretrained(model_name_or_path).to(device).eval()
+        self.processor = CLIPProcessor.from_pretrained(model_name_or_path)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def image_embeds(self, images) -> torch.Tensor:
+        images = _as_rgb_list(images)
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            pixels = self.processor(images=images[i : i + self.batch_size], return_tensors="pt")["pixel_values"]
+            out.append(_features(self.model.get_image_features(pixel_values=pixels.to(self.device))).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.model.config.projection_dim)
+
+    @torch.no_grad()
+    def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            tok = self.processor.tokenizer(
+                list(texts[i : i + self.batch_size]), padding=True, truncation=True, return_tensors="pt"
+            ).to(self.device)
+            out.append(_features(self.model.get_text_features(**tok)).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.model.config.projection_dim)
+
+    def clip_i(self, generated, references) -> float:
+        """Mean pairwise image-image cosine between generated and concept images."""
+        return mean_pairwise_similarity(self.image_embeds(generated), self.image_embeds(references))
+
+    def clip_t(self, generated, prompts: Sequence[str]) -> float:
+        """Mean image-text cosine; `prompts[i]` (placeholder already replaced) describes `generated[i]`."""
+        return paired_similarity(self.image_embeds(generated), self.text_embeds(prompts)).mean().item()
+
+
+class DinoScorer:
+    """DINO ViT CLS embeddings for DINO-I."""
+
+    def __init__(self, model_name_or_path: str = DEFAULT_DINO_MODEL, device: str | torch.device = "cpu", batch_size: int = 32):
+        from transformers import AutoImageProcessor, ViTModel
+
+        self.model = ViTModel.from_pretrained(model_name_or_path, add_pooling_layer=False).to(device).eval()
+        self.processor = AutoImageProcessor.from_pretrained(model_name_or_path)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def image_embeds(self, images) -> torch.Tensor:
+        images = _as_rgb_list(images)
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            pixels = self.processor(images=images[i : i + self.batch_size], return_tensors="pt")["pixel_values"]
+            hidden = self.model(pixel_values=pixels.to(self.device)).last_hidden_state
+            out.append(hidden[:, 0].float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.model.config.hidden_size)
+
+    def dino_i(self, generated, references) -> float:
+        return mean_pairwise_similarity(self.image_embeds(generated), self.image_embeds(references))
+
+
+class ObjectDetector:
+    """A transformers object detector (DETR by default) that returns the label names it finds per image."""
+
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_DETECTOR_MODEL,
+        device: str | torch.device = "cpu",
+        threshold: float = DEFAULT_DETECTION_THRESHOLD,
+        batch_size: int = 8,
+    ):
+        from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+        self.model = AutoModelForObjectDetection.from_pretrained(model_name_or_path).to(device).eval()
+        self.processor = AutoImageProcessor.from_pretrained(model_name_or_path)
+        self.device = torch.device(device)
+        self.threshold = threshold
+        self.batch_size = batch_size
+
+    @property
+    def label_names(self) -> list[str]:
+        """The detector's class names (COCO's for DETR), without the "N/A" filler ids."""
+        names = self.model.config.id2label.values()
+        return [n for n in names if n and n.upper() != "N/A"]
+
+    @torch.no_grad()
+    def detect(self, images) -> list[set[str]]:
+        images = _as_rgb_list(images)
+        found: list[set[str]] = []
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i : i + self.batch_size]
+            inputs = self.processor(images=chunk, return_tensors="pt").to(self.device)
+            outputs = self.model(**inputs)
+            sizes = torch.tensor([[im.height, im.width] for im in chunk])
+            results = self.processor.post_process_object_detection(outputs, threshold=self.threshold, target_sizes=sizes)
+            id2label = self.model.config.id2label
+            for res in results:
+                found.append({id2label[int(k)] for k in res["labels"]})
+        return found
+
+    def coi_likelihood(self, images, targets: Sequence[str]) -> float:
+        return coi_likelihood(self.detect(images), targets)

@@ -1,0 +1,123 @@
+"""Metric functions give known values on constructed inputs; the model wrappers load tiny models by path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from inference import metrics
+
+
+def concept_photos(data_dir, subject="dog", n=3):
+    files = sorted((data_dir / "concepts" / "dreambooth" / subject).glob("*.jpg"))[:n]
+    return [Image.open(f).convert("RGB") for f in files]
+
+
+# ---------------------------------------------------------------- plain functions
+
+
+def test_mean_pairwise_similarity_known_values():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert metrics.mean_pairwise_similarity(a[:1], a[:1] * 3) == pytest.approx(1.0)  # scale-free
+    assert metrics.mean_pairwise_similarity(a[:1], a[1:]) == pytest.approx(0.0)
+    assert metrics.mean_pairwise_similarity(a[:1], -a[:1]) == pytest.approx(-1.0)
+    # mean over all 2 x 2 pairs: (1 + 0 + 0 + 1) / 4
+    assert metrics.mean_pairwise_similarity(a, a) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        metrics.mean_pairwise_similarity(a, torch.ones(2, 3))
+
+
+def test_paired_similarity_is_rowwise():
+    img = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    txt = torch.tensor([[2.0, 0.0], [1.0, -1.0]])
+    assert torch.allclose(metrics.paired_similarity(img, txt), torch.tensor([1.0, 0.0]), atol=1e-6)
+
+
+def test_replace_placeholder():
+    r = metrics.replace_placeholder
+    assert r("a photo of S* on the beach", "S*", "dog") == "a photo of dog on the beach"
+    assert r("a S* dog in the snow", "S*", "dog") == "a dog in the snow"  # no "dog dog"
+    assert r("a S* and a S* cat", "S*", "cat") == "a cat and a cat"
+    assert r("a cat in the snow", "", "cat") == "a cat in the snow"
+
+
+def test_coi_likelihood():
+    found = [{"dog", "person"}, {"Cat"}, set(), {"dog"}]
+    assert metrics.coi_likelihood(found, ["dog", "cat", "dog", "bicycle"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        metrics.coi_likelihood(found, ["dog"])
+
+
+def test_latent_fisher_divergence_known_values():
+    eps = torch.randn(3, 4, 8, 8)
+    assert metrics.latent_fisher_divergence(eps, eps) == 0.0
+    # a constant offset of 0.5 on each of 256 entries: 1/2 * 256 * 0.25 = 32 per sample
+    assert metrics.latent_fisher_divergence(eps, eps + 0.5) == pytest.approx(32.0, rel=1e-5)
+
+
+def test_gaussian_w2_known_values():
+    torch.manual_seed(0)
+    x = torch.randn(40, 500)  # D >> N: exact through the nuclear-norm form
+    assert metrics.gaussian_w2(x, x) == pytest.approx(0.0, abs=1e-5)
+    shift = torch.full((500,), 0.1)
+    assert metrics.gaussian_w2(x, x + shift) == pytest.approx(shift.norm().item(), rel=1e-6)
+    # isotropic scaling: W2 between N(0, C) and N(0, s^2 C) is |1 - s| sqrt(tr C)
+    x = x - x.mean(0)
+    trace = torch.cov(x.T.double()).trace().item()
+    assert metrics.gaussian_w2(x, 3 * x) == pytest.approx(2 * math.sqrt(trace), rel=1e-6)
+
+
+def test_gaussian_w2_matches_full_covariance_formula():
+    torch.manual_seed(1)
+    a = torch.randn(300, 6)
+    b = torch.randn(200, 6) @ torch.randn(6, 6) + 2.0
+    expected = metrics.gaussian_w2_from_moments(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+    assert metrics.gaussian_w2(a, b) == pytest.approx(expected, rel=1e-6)
+    # diagonal Gaussians have the closed form sqrt(|mu|^2 + sum (s_a - s_b)^2)
+    diag = metrics.gaussian_w2_from_moments(
+        torch.zeros(2), torch.diag(torch.tensor([1.0, 4.0])), torch.tensor([3.0, 0.0]), torch.diag(torch.tensor([4.0, 1.0]))
+    )
+    assert diag == pytest.approx(math.sqrt(9 + 1 + 1))
+
+
+# ---------------------------------------------------------------- model wrappers on tiny models
+
+
+def test_clip_scorer_identical_images_give_clip_i_one(tiny_eval_models, data_dir):
+    photos = concept_photos(data_dir)
+    clip = metrics.ClipScorer(str(tiny_eval_models / "eval_clip"))
+    assert clip.clip_i(photos[:1], photos[:1]) == pytest.approx(1.0, abs=1e-5)
+    assert clip.clip_i(photos[:1], photos[1:]) < 1.0
+    emb = clip.image_embeds(photos)
+    assert emb.shape == (3, clip.model.config.projection_dim)
+    # CLIP-T is the mean of per-image cosines with the matching prompt embeddings
+    prompts = ["a dog on the beach", "a dog in the snow", "a red dog"]
+    manual = metrics.paired_similarity(emb, clip.text_embeds(prompts)).mean().item()
+    assert clip.clip_t(photos, prompts) == pytest.approx(manual, abs=1e-6)
+    assert -1.0 <= manual <= 1.0
+
+
+def test_dino_scorer_identical_images_give_dino_i_one(tiny_eval_models, data_dir):
+    photos = concept_photos(data_dir, "cat", 2)
+    dino = metrics.DinoScorer(str(tiny_eval_models / "dino"))
+    assert dino.dino_i(photos[:1], photos[:1]) == pytest.approx(1.0, abs=1e-5)
+    emb = dino.image_embeds(photos)
+    assert emb.shape == (2, dino.model.config.hidden_size)
+    assert not torch.allclose(emb[0], emb[1])
+
+
+def test_detector_returns_label_names(tiny_eval_models, data_dir):
+    if not (tiny_eval_models / "detector").exists():
+        pytest.skip("the tiny DETR ('detector') is not registered in encoders.tiny yet")
+    detector = metrics.ObjectDetector(str(tiny_eval_models / "detector"), threshold=0.0)
+    photos = concept_photos(data_dir, "dog", 2)
+    found = detector.detect(photos)
+    assert len(found) == 2
+    names = set(detector.label_names)
+    assert all(label in names or label.upper() == "N/A" for labels in found for label in labels)
+    # with threshold 0 every image has detections, and the likelihood follows what was detected
+    label = next(iter(found[0]))
+    assert detector.coi_likelihood(photos[:1], [label]) == 1.0
