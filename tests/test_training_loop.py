@@ -1,0 +1,116 @@
+"""The shared training loop on a toy task: steps, checkpoints, exact resume, export."""
+
+from __future__ import annotations
+
+import json
+import math
+import pytest
+import torch
+from toy_trainer import ToyConfig, ToyRegressor, ToyTask
+from training.loop import list_checkpoints, run_training
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _config(tmp_path, name, **kw):
+    base = dict(output_dir=str(tmp_path / name), max_steps=6, train_batch_size=4, learning_rate=0.05,
+                checkpointing_steps=3, report_to="none", logging_steps=1)
+    base.update(kw)
+    return ToyConfig(**base)
+
+
+def test_loop_trains_checkpoints_and_exports(tmp_path):
+    task = ToyTask(_config(tmp_path, "run", report_to="tensorboard", max_steps=6))
+    export = run_training(task)
+    assert len(task.losses) == 6
+    learned = task.model.linear.weight.detach().squeeze(0)
+    moved = (learned - task.true_w).abs() < (task.initial_weight - task.true_w).abs()
+    assert moved.all(), (task.initial_weight, learned)  # every weight moved towards the true one
+    ckpts = list_checkpoints(tmp_path / "run")
+    assert [c.name for c in ckpts] == ["checkpoint-3", "checkpoint-6"]
+    assert (ckpts[-1] / "toy" / "config.json").is_file()
+    assert list((ckpts[-1] / "toy").glob("*.safetensors"))
+    assert json.loads((ckpts[-1] / "trainer_state.json").read_text())["global_step"] == 6
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
+    reloaded = ToyRegressor.from_pretrained(export, subfolder="toy")
+    assert torch.equal(reloaded.linear.weight, task.model.linear.weight)
+    card = (export / "README.md").read_text()
+    assert "`toy/`" in card and "ToyRegressor" in card
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full = ToyTask(_config(tmp_path, "full"))
+    run_training(full)
+
+    first = ToyTask(_config(tmp_path, "split", max_steps=3))
+    run_training(first)
+    second = ToyTask(_config(tmp_path, "split", resume_from_checkpoint="latest"))
+    run_training(second)
+
+    assert first.losses + second.losses == pytest.approx(full.losses, rel=0, abs=0)
+    assert torch.equal(second.model.linear.weight, full.model.linear.weight)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    task = ToyTask(_config(tmp_path, "acc", gradient_accumulation_steps=2, max_steps=3, checkpointing_steps=0))
+    run_training(task)
+    assert len(task.losses) == 6  # 3 optimizer steps x 2 micro-batches
+    assert [c.name for c in list_checkpoints(tmp_path / "acc")] == ["checkpoint-3"]
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
+    task = ToyTask(_config(tmp_path, "fresh", max_steps=2, resume_from_checkpoint="latest"))
+    run_training(task)
+    assert len(task.losses) == 2
+
+
+def test_checkpoint_limit_keeps_newest(tmp_path):
+    task = ToyTask(_config(tmp_path, "limit", checkpointing_steps=1, checkpoints_total_limit=2))
+    run_training(task)
+    assert [c.name for c in list_checkpoints(tmp_path / "limit")] == ["checkpoint-5", "checkpoint-6"]
+    assert not [p for p in (tmp_path / "limit").iterdir() if p.name.endswith(".tmp")]
+
+
+def _launch(tmp_path, extra_launch, args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", *extra_launch,
+           str(Path(__file__).parent / "toy_trainer.py"), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_two_process_deepspeed_zero2_resumes_exactly(tmp_path):
+    deepspeed = ["--use_deepspeed", "--zero_stage", "2", "--gradient_accumulation_steps", "1",
+                 "--gradient_clipping", "1.0"]
+    common = ["checkpointing_steps=2", "report_to=none", "train_batch_size=4", "learning_rate=0.05"]
+    _launch(tmp_path, deepspeed, [f"output_dir={tmp_path / 'full'}", "max_steps=4", *common])
+    _launch(tmp_path, deepspeed, [f"output_dir={tmp_path / 'split'}", "max_steps=2", *common])
+    first = {r: json.loads((tmp_path / "split" / f"losses-rank{r}.json").read_text()) for r in (0, 1)}
+    _launch(tmp_path, deepspeed, [f"output_dir={tmp_path / 'split'}", "max_steps=4", "resume_from_checkpoint=latest",
+                                  *common])
+    for rank in (0, 1):
+        full = json.loads((tmp_path / "full" / f"losses-rank{rank}.json").read_text())
+        second = json.loads((tmp_path / "split" / f"losses-rank{rank}.json").read_text())
+        assert len(full) == 4 and all(map(math.isfinite, full))
+        assert first[rank] + second == full
+    assert (tmp_path / "split" / "checkpoint-4" / "pytorch_model").is_dir()  # DeepSpeed's own states
+    a = ToyRegressor.from_pretrained(tmp_path / "full" / "encoders", subfolder="toy")
+    b = ToyRegressor.from_pretrained(tmp_path / "split" / "checkpoint-4", subfolder="toy")
+    assert torch.equal(a.linear.weight, b.linear.weight)
