@@ -1,0 +1,164 @@
+"""ELITE's global mapping network: multi-layer CLIP image features -> N word embeddings (w0 first).
+
+For tapped layer i (`feature_layers`, default 24, 4, 8, 12, 16) word i is
+
+    w_i = MLP_i(CLS_i) + mean over patches of MLP'_i(patch_i)
+
+with each MLP `Linear -> LayerNorm -> LeakyReLU -> Linear -> LayerNorm -> LeakyReLU -> Linear`
+(hidden width `hidden_dim`, 1024 in the paper). w0, from the deepest layer, is the editable word used
+at inference; w1..w4 only soak up background during training.
+
+The model also owns the *global* key/value projections trained jointly with it: one bias-free
+`to_k`/`to_v` pair per UNet cross-attention layer, initialised as copies of the frozen ones and used
+on all text (conditional and unconditional) by `encoders.attention.EliteAttnProcessor`. So
+`global_mapping/` alone restores the whole global branch.
+
+    gm = GlobalMapping.from_unet(unet, input_dim=clip.hidden_size,
+                                 pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4",
+                                 image_encoder_name_or_path="openai/clip-vit-large-patch14")
+    words = gm(clip.encode(images))          # [B, 5, 768]; words[:, 0] is w0
+    gm.save_pretrained("encoders/global_mapping")   # config.json + diffusion_pytorch_model.safetensors
+    gm = GlobalMapping.from_pretrained("user/elite-encoders", subfolder="global_mapping")
+
+Config keys: `input_dim` (image encoder width), `output_dim` (text embedding width), `hidden_dim`,
+`feature_layers`, `kv_layers` ({attention module name: [context_dim, inner_dim]}: the UNet
+cross-attention layers the K/V projections belong to), `pretrained_model_name_or_path` and
+`image_encoder_name_or_path` (what it was trained for). Processors look projections up with
+`key_value(name)`, by attention module name or processor name (`...attn2.processor`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .attention import cross_attention_layers, module_name_of
+from .clip_features import DEFAULT_LAYERS
+
+
+def mapping_mlp(input_dim: int, hidden_dim: int, output_dim: int) -> nn.Sequential:
+    """The 3-layer MLP of both ELITE mappings; indices 0/1/3/4/6 match the reference checkpoints."""
+    return nn.Sequential(
+        nn.Linear(input_dim, hidden_dim),
+        nn.LayerNorm(hidden_dim),
+        nn.LeakyReLU(),
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.LayerNorm(hidden_dim),
+        nn.LeakyReLU(),
+        nn.Linear(hidden_dim, output_dim),
+    )
+
+
+def kv_key(name: str) -> str:
+    """Module-dict key of a cross-attention layer: its module name with '.' -> '_' (the reference's keys)."""
+    return module_name_of(name).replace(".", "_")
+
+
+class KeyValueProjections:
+    """Mixin for models that own per-layer K/V projections (`self.to_k` / `self.to_v` ModuleDicts)."""
+
+    to_k: nn.ModuleDict
+    to_v: nn.ModuleDict
+
+    def _build_kv(self, kv_layers: Mapping[str, Sequence[int]] | None) -> None:
+        self.to_k = nn.ModuleDict()
+        self.to_v = nn.ModuleDict()
+        for name, dims in (kv_layers or {}).items():
+            if len(dims) != 2:
+                raise ValueError(f"kv_layers[{name!r}] must be [context_dim, inner_dim], got {dims}")
+            context_dim, inner_dim = int(dims[0]), int(dims[1])
+            self.to_k[kv_key(name)] = nn.Linear(context_dim, inner_dim, bias=False)
+            self.to_v[kv_key(name)] = nn.Linear(context_dim, inner_dim, bias=False)
+
+    @property
+    def kv_layer_names(self) -> list[str]:
+        """Attention module names (e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2`)."""
+        return list((self.config.kv_layers or {}).keys())
+
+    def key_value(self, name: str) -> tuple[nn.Linear, nn.Linear]:
+        """`(to_k, to_v)` of one cross-attention layer, by module name or processor name."""
+        key = kv_key(name)
+        if key not in self.to_k:
+            raise KeyError(
+                f"{type(self).__name__} has no K/V projections for {module_name_of(name)!r}; "
+                f"it was built for {len(self.to_k)} layers such as {self.kv_layer_names[:2]}"
+            )
+        return self.to_k[key], self.to_v[key]
+
+    @torch.no_grad()
+    def init_kv_from_unet(self, unet: nn.Module) -> None:
+        """Copy each layer's frozen `to_k`/`to_v` weights from the UNet (the paper's initialisation)."""
+        modules = dict(unet.named_modules())
+        for name in self.kv_layer_names:
+            attn = modules.get(name)
+            if attn is None:
+                raise KeyError(f"the UNet has no attention module {name!r} (was this model built for another UNet?)")
+            to_k, to_v = self.key_value(name)
+            if to_k.weight.shape != attn.to_k.weight.shape or to_v.weight.shape != attn.to_v.weight.shape:
+                raise ValueError(
+                    f"{name}: UNet to_k/to_v are {tuple(attn.to_k.weight.shape)}/{tuple(attn.to_v.weight.shape)}, "
+                    f"ours {tuple(to_k.weight.shape)}/{tuple(to_v.weight.shape)}"
+                )
+            to_k.weight.copy_(attn.to_k.weight)
+            to_v.weight.copy_(attn.to_v.weight)
+
+
+def _check_features(features: Sequence[torch.Tensor], count: int, dim: int, who: str) -> None:
+    if len(features) != count:
+        raise ValueError(f"{who} expects {count} feature tensors (one per tapped layer), got {len(features)}")
+    for i, f in enumerate(features):
+        if f.ndim != 3 or f.shape[-1] != dim or f.shape[1] < 2:
+            raise ValueError(f"{who}: feature {i} must be [B, 1 + patches, {dim}], got {tuple(f.shape)}")
+
+
+class GlobalMapping(ModelMixin, ConfigMixin, KeyValueProjections):
+    """CLIP features of tapped layers -> words `[B, len(feature_layers), output_dim]`, plus global K/V."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        input_dim: int = 1024,
+        output_dim: int = 768,
+        hidden_dim: int = 1024,
+        feature_layers: Sequence[int] = DEFAULT_LAYERS,
+        kv_layers: dict[str, list[int]] | None = None,
+        pretrained_model_name_or_path: str | None = None,
+        image_encoder_name_or_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        n = len(feature_layers)
+        if n < 1:
+            raise ValueError("feature_layers must name at least one image-encoder layer")
+        self.cls_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in range(n))
+        self.patch_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in range(n))
+        self._build_kv(kv_layers)
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, input_dim: int, output_dim: int | None = None, **config) -> "GlobalMapping":
+        """A fresh model whose K/V projections cover `unet`'s cross-attention layers, copied from it."""
+        layers = cross_attention_layers(unet)
+        if output_dim is None:
+            output_dim = next(iter(layers.values()))[0]
+        model = cls(input_dim=input_dim, output_dim=output_dim, kv_layers={k: list(v) for k, v in layers.items()}, **config)
+        model.init_kv_from_unet(unet)
+        return model
+
+    @property
+    def num_words(self) -> int:
+        return len(self.cls_mappings)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`features`: one `[B, 1 + P, input_dim]` tensor per tapped layer -> words `[B, N, output_dim]`."""
+        _check_features(features, self.num_words, self.config.input_dim, "GlobalMapping")
+        dtype = self.cls_mappings[0][0].weight.dtype
+        words = []
+        for cls_mlp, patch_mlp, f in zip(self.cls_mappings, self.patch_mappings, features):
+            f = f.to(dtype)
+            words.append(cls_mlp(f[:, :1]) + patch_mlp(f[:, 1:]).mean(dim=1, keepdim=True))
+        return torch.cat(words, dim=1)
