@@ -1,0 +1,193 @@
+"""Read a concept photo and its object mask, the way users hand them over, and check them.
+
+A concept is one photo of the user's object plus a mask of where the object is. The mask may come
+as a separate file (any mode; >= 128 is object), as the photo's alpha channel (an RGBA cut-out), or
+not at all (then the whole photo is the object, with a warning). Everything that can go wrong with
+these files gets a clear error that names the file, or a warning that says what was done about it:
+
+- unreadable photo or mask           -> `ConceptInputError` naming the file and the reason
+- mask of another size than the photo -> resized (nearest) with a warning
+- empty mask                          -> `ConceptInputError`
+- no mask and no alpha                -> whole photo, with a warning
+
+`prepare_concept_image` then crops a square around the mask (the encoders were trained on object
+crops with a small margin, as `data_prep` makes them) so a small object in a big photo still fills
+the image encoder's view.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageLike = Union[str, Path, Image.Image]
+
+# Fraction of the object box added on each side when cropping around the mask (data_prep pads
+# boxes a little too, so the encoder sees the object with some context, not cut at its edges).
+DEFAULT_CROP_MARGIN = 0.1
+
+
+class ConceptInputError(ValueError):
+    """A concept photo, mask or prompt that cannot be used; the message names the file or prompt."""
+
+
+class ConceptInputWarning(UserWarning):
+    """Something about a concept input was fixed up (mask resized, no mask given); says what."""
+
+
+@dataclass
+class ConceptImage:
+    """A concept photo and its object mask, checked and aligned.
+
+    image: RGB photo (cropped around the object when prepared); mask: mode "L", 0/255, same size.
+    source / mask_source: where they came from (file name, "alpha channel", "whole image").
+    crop_xyxy: the region of the original photo that `image` shows, in original pixels.
+    """
+
+    image: Image.Image
+    mask: Image.Image
+    source: str
+    mask_source: str
+    crop_xyxy: tuple[int, int, int, int]
+
+    @property
+    def mask_fraction(self) -> float:
+        return float((np.asarray(self.mask) > 0).mean())
+
+    def masked_image(self, background: int = 0) -> Image.Image:
+        """The object alone (x * m): background pixels set to `background` (black, as ELITE does)."""
+        fill = Image.new("RGB", self.image.size, (background,) * 3)
+        return Image.composite(self.image, fill, self.mask)
+
+
+def _describe(source: ImageLike) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return f"<in-memory {type(source).__name__} {getattr(source, 'size', '')}>"
+
+
+def _open_image(source: ImageLike, what: str) -> Image.Image:
+    """Open and fully decode an image (so a truncated file fails here, with its name)."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConceptInputError(f"{what} {path}: no such file")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+            raise ConceptInputError(f"{what} {path}: cannot be read as an image ({err})") from err
+    # Photos from phones carry their rotation in EXIF; show the object the way the user sees it.
+    return ImageOps.exif_transpose(image)
+
+
+def _binary_mask(mask: Image.Image) -> Image.Image:
+    """Any-mode mask -> mode "L", values 0/255 (>= 128 is object; mode "1" keeps its bits)."""
+    if mask.mode in ("RGBA", "LA"):
+        mask = mask.getchannel("A") if mask.getextrema()[-1][0] < 255 else mask.convert("L")
+    gray = np.asarray(mask.convert("L"))
+    return Image.fromarray(np.where(gray >= 128, 255, 0).astype(np.uint8), mode="L")
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def load_concept_image(image: ImageLike, mask: ImageLike | None = None) -> ConceptImage:
+    """Read a concept photo and its mask, with the checks listed in the module docstring.
+
+    `mask` wins over an alpha channel when both are there (with a warning, so nobody is surprised).
+    """
+    name = _describe(image)
+    photo = _open_image(image, "concept image")
+    alpha = photo.convert("RGBA").getchannel("A") if _has_alpha(photo) else None
+    rgb = photo.convert("RGB")
+
+    if mask is not None:
+        mask_name = _describe(mask)
+        binary = _binary_mask(_open_image(mask, "mask"))
+        mask_source = mask_name
+        if alpha is not None and np.asarray(alpha).min() < 255:
+            warnings.warn(
+                f"concept image {name} has an alpha channel; using the mask {mask_name} instead of it",
+                ConceptInputWarning,
+                stacklevel=2,
+            )
+        if binary.size != rgb.size:
+            warnings.warn(
+                f"mask {mask_name} is {binary.size[0]}x{binary.size[1]} but the image {name} is "
+                f"{rgb.size[0]}x{rgb.size[1]}; resizing the mask to the image (nearest)",
+                ConceptInputWarning,
+                stacklevel=2,
+            )
+            binary = binary.resize(rgb.size, Image.NEAREST)
+    elif alpha is not None and np.asarray(alpha).min() < 255:
+        binary = _binary_mask(alpha)
+        mask_name, mask_source = f"alpha channel of {name}", "alpha channel"
+    else:
+        warnings.warn(
+            f"no mask for concept image {name}: using the whole image as the object "
+            "(pass a mask, or an RGBA cut-out, for better detail)",
+            ConceptInputWarning,
+            stacklevel=2,
+        )
+        binary = Image.new("L", rgb.size, 255)
+        mask_name, mask_source = "whole image", "whole image"
+
+    if not np.asarray(binary).any():
+        raise ConceptInputError(f"{mask_name}: the mask is empty (no object pixels), so there is nothing to encode")
+    return ConceptImage(rgb, binary, name, mask_source, (0, 0, rgb.size[0], rgb.size[1]))
+
+
+def square_box_around(box: tuple[int, int, int, int], size: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
+    """The smallest square holding `box` plus `margin` x its size on each side, kept inside the image.
+
+    When the square is larger than the image's short side it is clipped to the image (the result is
+    then not square; the caller resizes it).
+    """
+    x0, y0, x1, y1 = box
+    width, height = size
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    side = int(round(min(side, width, height)))
+    side = max(side, 1)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left = int(round(min(max(cx - side / 2, 0), width - side)))
+    top = int(round(min(max(cy - side / 2, 0), height - side)))
+    return left, top, left + side, top + side
+
+
+def prepare_concept_image(concept: ConceptImage, crop: bool = True, margin: float = DEFAULT_CROP_MARGIN) -> ConceptImage:
+    """Crop photo and mask to a square around the object (when `crop`), as the encoders saw in training."""
+    if not crop or concept.mask_source == "whole image":
+        return concept
+    mask_np = np.asarray(concept.mask) > 0
+    ys, xs = np.nonzero(mask_np)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    crop_box = square_box_around(box, concept.image.size, margin)
+    ox, oy = concept.crop_xyxy[:2]
+    return ConceptImage(
+        image=concept.image.crop(crop_box),
+        mask=concept.mask.crop(crop_box),
+        source=concept.source,
+        mask_source=concept.mask_source,
+        crop_xyxy=(ox + crop_box[0], oy + crop_box[1], ox + crop_box[2], oy + crop_box[3]),
+    )
+
+
+def find_placeholders(prompt: str, placeholders: list[str]) -> None:
+    """Raise `ConceptInputError` unless every placeholder occurs in `prompt` (as written)."""
+    missing = [p for p in placeholders if p not in prompt]
+    if missing:
+        names = ", ".join(repr(p) for p in missing)
+        raise ConceptInputError(
+            f"prompt {prompt!r} does not contain the placeholder {names}; write it where the concept goes, "
+            f"e.g. {('a photo of ' + missing[0] + ' on the beach')!r}"
+        )
