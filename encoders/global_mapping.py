@@ -153,12 +153,22 @@ class GlobalMapping(ModelMixin, ConfigMixin, KeyValueProjections):
     def num_words(self) -> int:
         return len(self.cls_mappings)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """`features`: one `[B, 1 + P, input_dim]` tensor per tapped layer -> words `[B, N, output_dim]`."""
-        _check_features(features, self.num_words, self.config.input_dim, "GlobalMapping")
+    def forward(self, features: Sequence[torch.Tensor], num_words: int | None = None) -> torch.Tensor:
+        """`features`: one `[B, 1 + P, input_dim]` tensor per tapped layer -> words `[B, N, output_dim]`.
+
+        `num_words=1` computes w0 only (inference and the local stage need nothing else); then only
+        the first feature tensor is read, so `features` may hold just the deepest layer.
+        """
+        n = self.num_words if num_words is None else int(num_words)
+        if not 1 <= n <= self.num_words:
+            raise ValueError(f"num_words must be in 1..{self.num_words}, got {num_words}")
+        if n == self.num_words:
+            _check_features(features, n, self.config.input_dim, "GlobalMapping")
+        else:
+            _check_features(list(features)[:n], n, self.config.input_dim, "GlobalMapping")
         dtype = self.cls_mappings[0][0].weight.dtype
         words = []
-        for cls_mlp, patch_mlp, f in zip(self.cls_mappings, self.patch_mappings, features):
+        for cls_mlp, patch_mlp, f in zip(self.cls_mappings[:n], self.patch_mappings[:n], features[:n]):
             f = f.to(dtype)
             words.append(cls_mlp(f[:, :1]) + patch_mlp(f[:, 1:]).mean(dim=1, keepdim=True))
         return torch.cat(words, dim=1)

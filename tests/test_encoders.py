@@ -417,3 +417,13 @@ def test_save_load_round_trip_is_bit_identical(mappings, tmp_path, cls_index):
         assert torch.equal(out_a, out_b)
     else:
         assert torch.equal(out_a.tokens, out_b.tokens)
+
+
+def test_w0_only_matches_the_first_word(mappings):
+    gm, _ = mappings
+    feats = [torch.randn(2, 257, 32) for _ in range(5)]
+    with torch.no_grad():
+        assert torch.equal(gm(feats, num_words=1), gm(feats)[:, :1])
+        assert torch.equal(gm(feats[:1], num_words=1), gm(feats)[:, :1])
+    with pytest.raises(ValueError, match="num_words"):
+        gm(feats, num_words=6)
