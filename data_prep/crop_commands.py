@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 
 from .cli import add_config_arguments, add_writer_arguments, register_subcommand, settings_from_args, shard_job_from_args
 from .objects import SAMPLE_SCHEMA, make_crop_sample
 from .records import CropSettings, ObjectRecord
-from .writer import SourceReport, write_shards
+from .writer import ShardJob, SourceReport, write_shards
 
 logger = logging.getLogger("data_prep")
 
@@ -35,6 +36,33 @@ def write_crop_shards(records: list[ObjectRecord], report: SourceReport, setting
     )
 
 
+def build_coco_shards(annotations, images, out_dir, settings: CropSettings | None = None, **job) -> dict:
+    """Python API of `python -m data_prep coco`: returns the manifest. `job` takes ShardJob fields
+    (name, shard_size, workers, node_rank, num_nodes, overwrite, progress, log_first)."""
+    from .sources.coco import read_coco
+
+    settings = settings or CropSettings()
+    job_spec = ShardJob(out_dir=out_dir, **{"name": "coco", "unit": "objects", **job})
+    records, report = read_coco(annotations, images, settings, log_first=job_spec.log_first)
+    return write_crop_shards(records, report, settings, job_spec)
+
+
+def build_openimages_shards(
+    boxes, segmentations, masks, images, classes, out_dir, settings: CropSettings | None = None, image_info=None, **job
+) -> dict:
+    """Python API of `python -m data_prep openimages`: returns the manifest (`job` as in build_coco_shards)."""
+    from .sources.openimages import read_openimages
+
+    settings = settings or CropSettings()
+    job_spec = ShardJob(out_dir=out_dir, **{"name": "openimages", "unit": "objects", **job})
+    as_list = lambda v: [] if v is None else [v] if isinstance(v, (str, os.PathLike)) else list(v)  # noqa: E731
+    records, report = read_openimages(
+        as_list(boxes), as_list(segmentations), masks, images, classes, settings,
+        image_info=as_list(image_info), log_first=job_spec.log_first,
+    )
+    return write_crop_shards(records, report, settings, job_spec)
+
+
 def _configure_coco(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", required=True, help="COCO instances JSON (e.g. instances_train2017.json)")
     parser.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
@@ -53,7 +81,7 @@ def run_coco(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, CropSettings)
     job = shard_job_from_args(args, unit="objects")
-    records, report = read_coco(args.annotations, args.images, settings, log_first=args.log_first)
+    records, report = read_coco(args.annotations, args.images, settings, log_first=job.log_first)
     write_crop_shards(records, report, settings, job)
     return 0
 
@@ -82,7 +110,7 @@ def run_openimages(args: argparse.Namespace) -> int:
     job = shard_job_from_args(args, unit="objects")
     records, report = read_openimages(
         args.boxes, args.segmentations, args.masks, args.images, args.classes, settings,
-        image_info=args.image_info, log_first=args.log_first,
+        image_info=args.image_info, log_first=job.log_first,
     )
     write_crop_shards(records, report, settings, job)
     return 0

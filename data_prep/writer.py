@@ -218,8 +218,7 @@ def _write_shard(task: _ShardTask) -> dict:
             errors.append(message)
 
     try:
-        with open(tmp, "wb") as stream:
-            tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+        with open(tmp, "wb") as stream, tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for item in task.items:
                 try:
                     result = task.process(item)
@@ -235,7 +234,8 @@ def _write_shard(task: _ShardTask) -> dict:
                     for info, data in members:
                         tar.addfile(info, io.BytesIO(data))
                 except Skip as bad:
-                    skip(bad.reason, f"{bad.reason}: {bad.detail or describe_item(item)}")
+                    detail = f": {bad.detail}" if bad.detail else ""
+                    skip(bad.reason, f"{bad.reason}: {describe_item(item)}{detail}")
                 except Exception as err:  # a bad item must not kill the job: count it, name it
                     reason = f"error_{type(err).__name__}"
                     skip(reason, f"{reason}: {describe_item(item)}: {err}")
@@ -245,7 +245,6 @@ def _write_shard(task: _ShardTask) -> dict:
                     notes.update(note_list)
                 finally:
                     _tick()
-            tar.close()
         stats = {
             "file": final.name,
             "index": task.index,
