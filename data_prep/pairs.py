@@ -1,0 +1,290 @@
+"""Location-pair shards from real COCO layouts: `python -m data_prep pairs coco --annotations FILE --out DIR`.
+
+The location MLP (`encoders/location_mlp.py`) learns where two nouns go when they share an image.
+Real pairs come straight from COCO instance annotations: for every image with at least two
+categories, one sample per unordered category pair, each category represented by its largest
+instance (largest annotated `area`, the COCO instance size; ties go to the lower annotation id).
+Crowd regions are groups, not instances, and are left out unless `--include-crowd`. Boxes are
+clipped to the image and normalised to 0..1.
+
+A pair sample (DESIGN.md §4, contract) is `KEY.json` with `words` [a, b] (category order), `boxes`
+[[x0, y0, x1, y1], ...] in 0..1 and `source` "coco" (here) or "generated" (`data_prep.pairs_generate`,
+which also writes `KEY.jpg`). Shards go through the generic writer (`data_prep.writer`): same
+determinism, resume, worker and node options as the crop shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Sequence
+
+from .crops import clip_box, is_degenerate, xywh_to_xyxy
+from .records import safe_key_part
+from .sources import SourceError
+from .sources.coco import load_coco_json
+from .writer import ShardJob, SourceReport, write_shards
+
+PAIR_SCHEMA = "zsp-pair/1"
+
+
+def normalized_box(box_xyxy: Sequence[float], image_wh: tuple[int, int]) -> list[float]:
+    """A pixel box (already inside the image) as [x0, y0, x1, y1] fractions of the image size."""
+    w, h = image_wh
+    return [box_xyxy[0] / w, box_xyxy[1] / h, box_xyxy[2] / w, box_xyxy[3] / h]
+
+
+def check_pair_sample(meta: dict, where: str = "pair sample") -> None:
+    """Raise ValueError naming `where` when a decoded pair JSON breaks the contract (readers call it)."""
+    words, boxes = meta.get("words"), meta.get("boxes")
+    if not (isinstance(words, list) and len(words) == 2 and all(isinstance(w, str) and w for w in words)):
+        raise ValueError(f"{where}: 'words' must be two non-empty strings, got {words!r}")
+    if not (isinstance(boxes, list) and len(boxes) == 2 and all(isinstance(b, list) and len(b) == 4 for b in boxes)):
+        raise ValueError(f"{where}: 'boxes' must be two [x0, y0, x1, y1] lists, got {boxes!r}")
+    for box in boxes:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (all(math.isfinite(v) for v in box) and 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(f"{where}: box {box} is not inside 0..1 with x0 < x1, y0 < y1")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One COCO image's pair of categories, each with its chosen (largest) instance."""
+
+    key: str
+    image_id: Any
+    image_file: str
+    image_size: tuple[int, int]
+    words: tuple[str, str]
+    category_ids: tuple[Any, Any]
+    annotation_ids: tuple[Any, Any]
+    boxes_xyxy: tuple[tuple[float, ...], tuple[float, ...]]  # pixels, clipped to the image
+
+    def describe(self) -> str:
+        return f"{self.key} (image {self.image_file}, {self.words[0]} + {self.words[1]})"
+
+
+def _sortable(value) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def read_coco_pairs(
+    annotations: str | Path, include_crowd: bool = False, min_area_fraction: float = 0.0, log_first: int = 5
+) -> tuple[list[PairRecord], SourceReport]:
+    """Pair records of a COCO instances file, sorted by image then category ids, and what was dropped."""
+    annotations = Path(annotations)
+    data = load_coco_json(annotations)
+    report = SourceReport("coco-pairs", files={"annotations": str(annotations)}, log_first=log_first)
+    where = annotations.name
+    images: dict = {}
+    for entry in data["images"]:
+        try:
+            width, height = int(entry["width"]), int(entry["height"])
+            if width <= 0 or height <= 0:
+                raise ValueError
+            images[entry["id"]] = (str(entry.get("file_name", entry["id"])), width, height)
+        except (KeyError, TypeError, ValueError):
+            report.skip("malformed_image_entry", f"{where}: image entry {str(entry)[:120]}")
+    categories = {c["id"]: str(c["name"]) for c in data["categories"] if isinstance(c, dict) and "id" in c and "name" in c}
+
+    # best[image_id][category_id] = (area, -annotation order, annotation id, clipped box)
+    best: dict = {}
+    seen: set = set()
+    for ann in data["annotations"]:
+        try:
+            ann_id, image_id, category_id = ann["id"], ann["image_id"], ann["category_id"]
+            box = xywh_to_xyxy(tuple(float(v) for v in ann["bbox"]))
+        except (KeyError, TypeError, ValueError):
+            report.skip("malformed_annotation", f"{where}: annotation {str(ann)[:120]}")
+            continue
+        if ann_id in seen:
+            report.skip("duplicate_annotation", f"{where}: annotation {ann_id}")
+            continue
+        seen.add(ann_id)
+        if image_id not in images:
+            report.skip("unknown_image", f"{where}: annotation {ann_id} refers to image {image_id}")
+            continue
+        if category_id not in categories:
+            report.skip("unknown_category", f"{where}: annotation {ann_id} has category {category_id}")
+            continue
+        if ann.get("iscrowd", 0) and not include_crowd:
+            report.skip("crowd", f"{where}: annotation {ann_id}")
+            continue
+        _, width, height = images[image_id]
+        clipped = None if is_degenerate(box) else clip_box(box, (width, height))
+        if clipped is None:
+            report.skip("degenerate_box", f"{where}: annotation {ann_id} bbox {ann['bbox']}")
+            continue
+        box_area = (clipped[2] - clipped[0]) * (clipped[3] - clipped[1])
+        if box_area < min_area_fraction * width * height:
+            report.skip("area_below_min", f"{where}: annotation {ann_id}")
+            continue
+        try:
+            area = float(ann.get("area", box_area))
+        except (TypeError, ValueError):
+            area = box_area
+        if not math.isfinite(area):
+            area = box_area
+        candidate = (area, _sortable(ann_id), ann_id, clipped)
+        per_image = best.setdefault(image_id, {})
+        current = per_image.get(category_id)
+        # larger area wins; on a tie the lower annotation id
+        if current is None or area > current[0] or (area == current[0] and candidate[1] < current[1]):
+            per_image[category_id] = candidate
+
+    records: list[PairRecord] = []
+    single = 0
+    for image_id in sorted(best, key=_sortable):
+        per_image = best[image_id]
+        if len(per_image) < 2:
+            single += 1
+            continue
+        file_name, width, height = images[image_id]
+        for cat_a, cat_b in combinations(sorted(per_image, key=_sortable), 2):
+            a, b = per_image[cat_a], per_image[cat_b]
+            records.append(
+                PairRecord(
+                    key=f"coco_{safe_key_part(image_id)}_{safe_key_part(cat_a)}_{safe_key_part(cat_b)}",
+                    image_id=image_id,
+                    image_file=file_name,
+                    image_size=(width, height),
+                    words=(categories[cat_a], categories[cat_b]),
+                    category_ids=(cat_a, cat_b),
+                    annotation_ids=(a[2], b[2]),
+                    boxes_xyxy=(tuple(a[3]), tuple(b[3])),
+                )
+            )
+    report.counts = {
+        "images": len(images),
+        "annotations": len(data["annotations"]),
+        "images_with_objects": len(best),
+        "images_with_one_category": single,
+        "pairs": len(records),
+    }
+    return records, report
+
+
+def coco_pair_sample(record: PairRecord) -> dict:
+    """The shard sample of one pair record: `KEY.json` only (COCO pairs carry no image)."""
+    meta = {
+        "schema": PAIR_SCHEMA,
+        "source": "coco",
+        "words": list(record.words),
+        "boxes": [normalized_box(b, record.image_size) for b in record.boxes_xyxy],
+        "image_id": record.image_id,
+        "image_file": record.image_file,
+        "image_size": list(record.image_size),
+        "category_ids": list(record.category_ids),
+        "annotation_ids": list(record.annotation_ids),
+        "bbox_xyxy": [list(b) for b in record.boxes_xyxy],
+    }
+    check_pair_sample(meta, record.key)
+    return {"__key__": record.key, "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
+
+
+def write_coco_pairs(
+    annotations: str | Path, job: ShardJob, include_crowd: bool = False, min_area_fraction: float = 0.0
+) -> dict:
+    """Read the annotations and write the pair shards of this node; returns the manifest."""
+    records, report = read_coco_pairs(annotations, include_crowd, min_area_fraction, log_first=job.log_first)
+    if not records:
+        raise SourceError(
+            f"{annotations}: no image has two categories ({report.counts.get('images_with_objects', 0)} images with objects), "
+            "so there are no pairs to write"
+        )
+    settings = {"kind": "pairs-coco", "include_crowd": include_crowd, "min_area_fraction": min_area_fraction}
+    return write_shards(
+        records,
+        coco_pair_sample,
+        job,
+        settings=settings,
+        source=report.to_dict(),
+        source_skipped=report.skipped,
+    )
+
+
+# ---- `python -m data_prep pairs coco|generate` ------------------------------------------------------
+
+
+def _configure_pairs(parser) -> None:
+    from .cli import add_writer_arguments
+
+    sources = parser.add_subparsers(dest="pairs_source", metavar="SOURCE", required=True)
+    coco = sources.add_parser(
+        "coco",
+        help="real layouts: COCO instance annotations -> pair shards (JSON only)",
+        description="One sample per unordered category pair of every COCO image with >= 2 categories, "
+        "each category's largest instance, boxes normalised to 0..1.",
+    )
+    coco.add_argument("--annotations", required=True, help="COCO instances JSON (e.g. instances_train2017.json)")
+    coco.add_argument("--include-crowd", action="store_true", help="let crowd regions stand for a category")
+    coco.add_argument("--min-area-fraction", type=float, default=0.0, help="ignore instances smaller than this fraction of the image")
+    add_writer_arguments(coco, default_name="pairs-coco")
+
+    gen = sources.add_parser(
+        "generate",
+        help="generated layouts: noun-pair prompts -> Stable Diffusion -> object detector -> pair shards (+ images)",
+        description="Generate images for prompts made of noun pairs, detect both nouns, keep the images where "
+        "both are found above --threshold, and write image + pair sample. Resumable per shard.",
+    )
+    gen.add_argument("--pipeline", default="CompVis/stable-diffusion-v1-4", help="diffusers text-to-image pipeline (folder or Hub id)")
+    gen.add_argument("--detector", default="facebook/detr-resnet-50", help="transformers object detector (folder or Hub id)")
+    gen.add_argument("--vocab", default="coco", help="noun list: 'coco' (80 classes), a YAML list or a text file (one per line)")
+    gen.add_argument("--images-per-pair", type=int, default=4, help="images generated per noun pair (default 4)")
+    gen.add_argument("--max-pairs", type=int, default=None, help="use only the first N noun pairs (quick runs)")
+    gen.add_argument("--template", default="a photo of {a} and {b}", help="prompt; {a}/{b} become 'a dog', 'an apple'")
+    gen.add_argument("--threshold", type=float, default=0.7, help="minimum detector probability for each noun (default 0.7)")
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts generated and detected together (default 8)")
+    gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    gen.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
+    gen.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it and its key")
+    gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    gen.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    add_writer_arguments(gen, default_name="pairs-gen")
+    gen.set_defaults(workers=1, shard_size=256)  # one pipeline per process; small shards resume finer
+
+
+def _run_pairs(args) -> int:
+    from encoders.anchors import load_vocabulary
+
+    from .cli import shard_job_from_args
+
+    job = shard_job_from_args(args, unit="pairs" if args.pairs_source == "coco" else "images")
+    if args.pairs_source == "coco":
+        write_coco_pairs(args.annotations, job, args.include_crowd, args.min_area_fraction)
+        return 0
+    from .pairs_generate import GenerationSettings, write_generated_pairs
+
+    try:
+        vocabulary = load_vocabulary(args.vocab)
+    except (OSError, ValueError) as err:
+        raise SourceError(f"--vocab: {err}") from None
+    settings = GenerationSettings(
+        pipeline=args.pipeline, detector=args.detector, threshold=args.threshold, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, height=args.height, width=args.width, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype,
+    )
+    try:
+        write_generated_pairs(vocabulary, settings, job, args.images_per_pair, args.seed, args.template, args.max_pairs)
+    except ValueError as err:  # a vocabulary the detector cannot detect, a bad template or threshold
+        raise SourceError(str(err)) from None
+    return 0
+
+
+def _register() -> None:
+    from .cli import register_subcommand
+
+    register_subcommand(
+        "pairs",
+        help="location-pair shards for the location MLP (from COCO layouts or generated + detected images)",
+        configure=_configure_pairs,
+        description="Location-pair shards (DESIGN.md §4): KEY.json with words [a, b], boxes in 0..1, source.",
+    )(_run_pairs)
+
+
+_register()
