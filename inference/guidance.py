@@ -1,0 +1,575 @@
+"""Spatial guidance (compositional inversion's spatial inversion): steer concept tokens into boxes.
+
+Each concept token i of the prompt gets a box; the box becomes a mask M_i at the resolution of the
+cross-attention map A_i of the chosen UNet layers, and
+
+    L_loc = 1/N * sum_i (1 - sum(M_i * A_i) / sum(A_i))                       (paper Eq. 9)
+
+During the first `guidance_steps` reverse steps (paper: 10) the latent is moved down the gradient of
+L_loc for a few iterations before the normal denoising step, as in layout guidance (Chen et al.
+2023): each iteration runs the UNet on the conditional prompt only, reads its cross-attention
+probabilities (kept differentiable by the attention store), and steps the UNet *input* by
+`-step_size * (1 - alphabar_t) * grad`. For the k-diffusion style schedulers (LMS, Euler) that is
+exactly the reference's `latents -= grad * sigma_t**2` on their unscaled latents; for DDIM/PNDM/DDPM
+style schedulers it is the same move expressed in their latents, so any diffusers scheduler with
+`alphas_cumprod` works. Iterations stop early at a step once L_loc is below `loss_threshold`.
+
+Entry point for the inference API: `generate_with_spatial_guidance(pipe, concepts, prompt=... or
+prompt_embeds=...)`, with concepts from `concepts_from_words` (plain words), from token indices (ELITE's
+S*, whose position `encoders.text_injection` knows) and boxes from the user or from a `LocationMLP`.
+Works with the StableDiffusionPipeline's components; it writes its own denoising loop (the pipeline's
+callbacks run after a step, too late to move the latent the step itself uses).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Box = Sequence[float]  # (x0, y0, x1, y1) in 0..1 of the image
+
+
+@dataclass
+class SpatialGuidanceConfig:
+    """How hard and how long to steer. Defaults follow the paper (10 steps) and layout guidance (5, 30, 0.2)."""
+
+    guidance_steps: int = 10
+    iterations: int = 5
+    step_size: float = 30.0
+    loss_threshold: float = 0.2
+    layers: Sequence[str] | None = None  # substrings of cross-attention processor names; None = `default_guidance_layers`
+
+    def __post_init__(self) -> None:
+        if self.guidance_steps < 0 or self.iterations < 0:
+            raise ValueError("guidance_steps and iterations must be >= 0")
+        if self.step_size < 0:
+            raise ValueError(f"step_size must be >= 0, got {self.step_size}")
+
+
+@dataclass
+class GuidedConcept:
+    """One concept of the prompt: its token positions (in the tokenized prompt, BOS = 0) and its box."""
+
+    token_indices: list[int]
+    box: Box
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.box = validate_box(self.box, self.name or str(self.token_indices))
+        if not self.token_indices:
+            raise ValueError(f"concept {self.name!r} has no token positions")
+
+
+def validate_box(box: Box, what: str = "box") -> tuple[float, float, float, float]:
+    """Check an (x0, y0, x1, y1) box in 0..1 with x0 < x1 and y0 < y1; return it as floats."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: a box is four numbers x0,y0,x1,y1, got {box!r}") from None
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise ValueError(f"{what}: box {box!r} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    return x0, y0, x1, y1
+
+
+def find_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
+    """Positions of `word`'s tokens in the tokenized `prompt` (with BOS at 0), from the tokenizer's ids.
+
+    The first occurrence wins; a word the tokenizer splits into several tokens gives several positions.
+    """
+    prompt_ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+    word_ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if not word_ids:
+        raise ValueError(f"word {word!r} gives no tokens")
+    n = len(word_ids)
+    for start in range(len(prompt_ids) - n + 1):
+        if prompt_ids[start : start + n] == word_ids:
+            return list(range(start, start + n))
+    raise ValueError(f"word {word!r} is not in the prompt {prompt!r} (as tokens {word_ids})")
+
+
+def concepts_from_words(tokenizer, prompt: str, words: Sequence[str], boxes: Sequence[Box]) -> list[GuidedConcept]:
+    """`GuidedConcept`s for words of the prompt, one box each."""
+    if len(words) != len(boxes):
+        raise ValueError(f"{len(words)} words but {len(boxes)} boxes")
+    return [GuidedConcept(find_token_indices(tokenizer, prompt, w), b, name=w) for w, b in zip(words, boxes)]
+
+
+def box_mask(box: Box, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """`[height, width]` mask: 1 where a cell's centre lies inside the box; never empty (the cell at the box centre)."""
+    x0, y0, x1, y1 = validate_box(box)
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    inside = ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+    if not inside.any():
+        cy = min(int((y0 + y1) / 2 * height), height - 1)
+        cx = min(int((x0 + x1) / 2 * width), width - 1)
+        inside[cy, cx] = True
+    return inside.to(dtype)
+
+
+def map_shape(num_queries: int, latent_height: int, latent_width: int) -> tuple[int, int]:
+    """(h, w) of an attention map with `num_queries` pixels for a latent of the given size."""
+    factor = math.sqrt(latent_height * latent_width / num_queries)
+    h, w = round(latent_height / factor), round(latent_width / factor)
+    if h * w != num_queries:
+        raise ValueError(f"cannot lay {num_queries} queries out on a {latent_height}x{latent_width} latent's grid")
+    return h, w
+
+
+class AttentionMapStore:
+    """An `encoders.attention` store: receives cross-attention probabilities (`record`), keeps them per layer.
+
+    Probabilities come as `[batch, heads, queries, tokens]` and stay attached to the graph, so L_loc
+    can be differentiated w.r.t. the latent. Only layers whose processor name contains one of
+    `layers` are kept (None keeps every cross-attention layer). `rows` selects the samples whose maps
+    matter (the conditional half of a classifier-free-guidance batch).
+    """
+
+    def __init__(self, layers: Sequence[str] | None = None):
+        self.layers = list(layers) if layers is not None else None
+        self.rows: slice = slice(None)
+        self.maps: dict[str, torch.Tensor] = {}
+
+    def wanted(self, processor_name: str) -> bool:
+        return self.layers is None or any(key in processor_name for key in self.layers)
+
+    def record(self, processor_name: str, probs: torch.Tensor, is_cross: bool) -> None:
+        if not is_cross or not self.wanted(processor_name):
+            return
+        if probs.ndim != 4:
+            raise ValueError(f"{processor_name}: expected probabilities [batch, heads, queries, tokens], got {tuple(probs.shape)}")
+        self.maps[processor_name] = probs[self.rows].mean(dim=1)  # [B, Q, T], heads averaged
+
+    def reset(self, rows: slice = slice(None)) -> None:
+        self.rows, self.maps = rows, {}
+
+    def concept_maps(self, concepts: Sequence[GuidedConcept], latent_hw: tuple[int, int]) -> list[list[torch.Tensor]]:
+        """Per layer, per concept: `[B, h, w]` maps (mean over the concept's tokens)."""
+        if not self.maps:
+            raise RuntimeError(
+                "no cross-attention maps were recorded: are the recording processors installed and the "
+                f"layers {self.layers} present in this UNet?"
+            )
+        out = []
+        for probs in self.maps.values():
+            h, w = map_shape(probs.shape[1], *latent_hw)
+            out.append([probs[:, :, c.token_indices].mean(dim=-1).reshape(-1, h, w) for c in concepts])
+        return out
+
+
+def location_loss(
+    store: AttentionMapStore, concepts: Sequence[GuidedConcept], latent_hw: tuple[int, int]
+) -> torch.Tensor:
+    """L_loc averaged over the recorded layers and the batch: mean_i (1 - sum(M_i A_i) / sum(A_i))."""
+    per_layer = []
+    for maps in store.concept_maps(concepts, latent_hw):
+        terms = []
+        for concept, a in zip(concepts, maps):
+            m = box_mask(concept.box, a.shape[1], a.shape[2], device=a.device, dtype=a.dtype)
+            inside = (a * m).sum(dim=(1, 2))
+            terms.append(1.0 - inside / a.sum(dim=(1, 2)).clamp_min(1e-12))
+        per_layer.append(torch.stack(terms).mean(dim=0))  # [B]
+    return torch.stack(per_layer).mean()
+
+
+def default_guidance_layers(unet) -> list[str]:
+    """The mid block and the lowest-resolution up block with cross-attention (SD at 512 px: 8x8 and 16x16,
+    the maps the reference uses)."""
+    names = [n for n in unet.attn_processors if "attn2" in n]
+    up_ids = sorted({int(n.split(".")[1]) for n in names if n.startswith("up_blocks.")})
+    layers = [n for n in names if n.startswith("mid_block.")]
+    if up_ids:
+        layers += [n for n in names if n.startswith(f"up_blocks.{up_ids[0]}.")]
+    if not layers:
+        raise ValueError("this UNet has no cross-attention layers to guide")
+    return layers
+
+
+def _alphabar(scheduler, timestep) -> float:
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod: spatial guidance needs a DDPM-family scheduler")
+    table = scheduler.alphas_cumprod
+    index = int(round(float(timestep)))
+    return float(table[min(max(index, 0), len(table) - 1)])
+
+
+@dataclass
+class GuidedOutput:
+    """Images plus what guidance did: L_loc of the denoising pass at each step, and the maps people look at."""
+
+    images: Any
+    loc_losses: list[float]  # per reverse step, measured on the conditional maps of the actual denoising pass
+    guidance_losses: list[list[float]] = field(default_factory=list)  # per guided step, L_loc at each iteration
+    attention_maps: list[torch.Tensor] = field(default_factory=list)  # per concept `[B, h, w]`, mean over steps/layers
+
+
+def _upsample_mean(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Average `[B, h, w]` maps of different resolutions at the largest one."""
+    size = max((m.shape[-2], m.shape[-1]) for m in maps)
+    return torch.stack([F.interpolate(m[:, None].float(), size=size, mode="bilinear")[:, 0] for m in maps]).mean(0)
+
+
+@contextmanager
+def recording_processors(unet) -> Iterator[None]:
+    """Make sure every attention layer runs a processor that hands maps to an attention store.
+
+    ELITE's processors (and anything built on `encoders.attention.ContextAttnProcessor`) already do;
+    otherwise the plain-word recording processors are installed for the duration and the UNet's own
+    processors are put back afterwards.
+    """
+    from encoders.attention import ContextAttnProcessor, set_context_processors
+
+    current = dict(unet.attn_processors)
+    if all(isinstance(p, ContextAttnProcessor) for p in current.values()):
+        yield
+        return
+    set_context_processors(unet)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(current)
+
+
+def _context_kwargs(base: Any, store: AttentionMapStore) -> dict:
+    """`cross_attention_kwargs` carrying `store`, on top of the caller's `AttentionContext` (ELITE) if any."""
+    import dataclasses
+
+    from encoders.attention import CONTEXT_KWARG, AttentionContext
+
+    if base is None:
+        ctx = AttentionContext(attention_store=store)
+    elif isinstance(base, AttentionContext):
+        ctx = dataclasses.replace(base, attention_store=store)
+    else:
+        raise TypeError(f"attention_context must be an encoders.attention.AttentionContext, got {type(base).__name__}")
+    return {CONTEXT_KWARG: ctx}
+
+
+def guide_latents(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    timestep,
+    cond_embeds: torch.Tensor,
+    concepts: Sequence[GuidedConcept],
+    config: SpatialGuidanceConfig,
+    store: AttentionMapStore,
+    attention_context: Any = None,
+    latent_hw: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """A few gradient steps of L_loc on `latents` at `timestep` (conditional prompt only).
+
+    Returns the moved latents (detached) and L_loc before each iteration (plus after the last one).
+    The step is `-step_size * (1 - alphabar_t) * grad` on the UNet input (see the module docstring).
+    """
+    latent_hw = latent_hw or (latents.shape[-2], latents.shape[-1])
+    alphabar = _alphabar(scheduler, timestep)
+    kwargs = _context_kwargs(attention_context, store)
+    losses: list[float] = []
+    latents = latents.detach()
+    for iteration in range(config.iterations + 1):
+        with torch.enable_grad():
+            model_in = scheduler.scale_model_input(latents, timestep).detach().requires_grad_(True)
+            store.reset()
+            unet(model_in, timestep, encoder_hidden_states=cond_embeds, cross_attention_kwargs=kwargs)
+            loss = location_loss(store, concepts, latent_hw)
+            losses.append(float(loss.detach()))
+            if iteration == config.iterations or losses[-1] < config.loss_threshold:
+                break
+            (grad,) = torch.autograd.grad(loss, model_in)
+        store.reset()
+        scale = float(model_in.detach().flatten().norm() / latents.flatten().norm().clamp_min(1e-12))
+        moved_in = model_in.detach() - config.step_size * (1.0 - alphabar) * grad
+        latents = (moved_in / scale).to(latents.dtype)
+    store.reset()
+    return latents.detach(), losses
+
+
+@torch.no_grad()
+def generate_with_spatial_guidance(
+    pipe,
+    concepts: Sequence[GuidedConcept],
+    prompt: str | list[str] | None = None,
+    *,
+    negative_prompt: str | list[str] | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    num_images_per_prompt: int = 1,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+    eta: float = 0.0,
+    config: SpatialGuidanceConfig | None = None,
+    attention_context: Any = None,
+    output_type: str = "pil",
+) -> GuidedOutput:
+    """Text-to-image with spatial guidance, on a `StableDiffusionPipeline`'s components.
+
+    `concepts`: token positions + boxes (`concepts_from_words`, or `GuidedConcept(token_indices=[i], box=...)`
+    for ELITE's S*). Give `prompt` or `prompt_embeds` (+ `negative_prompt_embeds`), as with the pipeline.
+    `attention_context`: the `encoders.attention.AttentionContext` of ELITE's processors (local
+    tokens), if they are installed; the attention store is added to it. `config.guidance_steps=0`
+    is plain generation through the same loop (the "off" half of a comparison).
+    Returns images, L_loc of each denoising pass, the guidance iterations' L_loc, and per-concept
+    attention maps averaged over the steps (for pictures).
+    """
+    config = config or SpatialGuidanceConfig()
+    if not concepts:
+        raise ValueError("spatial guidance needs at least one concept with a box")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    device = pipe._execution_device
+    height = height or unet.config.sample_size * pipe.vae_scale_factor
+    width = width or unet.config.sample_size * pipe.vae_scale_factor
+    do_cfg = guidance_scale > 1.0
+    if prompt is not None:
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+    elif prompt_embeds is not None:
+        batch_size = prompt_embeds.shape[0]
+    else:
+        raise ValueError("give a prompt or prompt_embeds")
+    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_cfg,
+        negative_prompt,
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
+    )
+    for c in concepts:
+        if max(c.token_indices) >= prompt_embeds.shape[1]:
+            raise ValueError(f"concept {c.name!r}: token index {max(c.token_indices)} beyond the {prompt_embeds.shape[1]} text tokens")
+    n = batch_size * num_images_per_prompt
+    latents = pipe.prepare_latents(n, unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents)
+    latent_hw = (latents.shape[-2], latents.shape[-1])
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
+    embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+    layers = list(config.layers) if config.layers is not None else default_guidance_layers(unet)
+
+    store = AttentionMapStore(layers)
+    loc_losses: list[float] = []
+    guidance_losses: list[list[float]] = []
+    summed_maps: list[torch.Tensor] | None = None
+    with recording_processors(unet):
+        for i, t in enumerate(pipe.progress_bar(timesteps)):
+            if i < config.guidance_steps and config.iterations > 0:
+                latents, losses = guide_latents(
+                    unet, scheduler, latents, t, prompt_embeds, concepts, config, store, attention_context, latent_hw
+                )
+                guidance_losses.append(losses)
+            model_in = torch.cat([latents] * 2) if do_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            store.reset(rows=slice(n, 2 * n) if do_cfg else slice(None))
+            noise_pred = unet(
+                model_in, t, encoder_hidden_states=embeds, cross_attention_kwargs=_context_kwargs(attention_context, store)
+            ).sample
+            loc_losses.append(float(location_loss(store, concepts, latent_hw)))
+            step_maps = [_upsample_mean(per_layer) for per_layer in zip(*store.concept_maps(concepts, latent_hw))]
+            summed_maps = step_maps if summed_maps is None else [a + b for a, b in zip(summed_maps, step_maps)]
+            store.reset()
+            if do_cfg:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+    if output_type == "latent":
+        images = latents
+    else:
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        images = pipe.image_processor.postprocess(decoded, output_type=output_type)
+    maps = [m / len(timesteps) for m in (summed_maps or [])]
+    return GuidedOutput(images=images, loc_losses=loc_losses, guidance_losses=guidance_losses, attention_maps=maps)
+
+
+# ---- boxes from a trained location MLP ----------------------------------------------------------
+
+
+def load_location_mlp(path_or_repo: str, subfolder: str | None = "location_mlp", device=None):
+    """`LocationMLP` from an encoders folder / Hub repo (its `location_mlp/` subfolder) or a folder itself."""
+    from pathlib import Path
+
+    from encoders.location_mlp import LocationMLP
+
+    local = Path(path_or_repo)
+    if local.is_dir() and (local / "config.json").is_file() and not (local / (subfolder or "")).is_dir():
+        subfolder = None  # the location_mlp folder itself
+    model = LocationMLP.from_pretrained(path_or_repo, subfolder=subfolder)
+    return model.to(device) if device is not None else model
+
+
+def predict_boxes(location_mlp, pipe, concept_a: str | torch.Tensor, concept_b: str | torch.Tensor) -> dict:
+    """Boxes for two concepts from a `LocationMLP`: each a word of the prompt or an input embedding
+    (ELITE's w0, a Textual Inversion vector). Out-of-vocabulary concepts take their nearest noun's layout.
+    Returns `{"boxes": [box_a, box_b], "resolved": [noun_a, noun_b]}`."""
+    from encoders.anchors import embed_words
+
+    def embedding(concept) -> torch.Tensor:
+        if isinstance(concept, str):
+            return embed_words([concept], pipe.tokenizer, pipe.text_encoder)[0]
+        return concept.detach().reshape(-1)
+
+    emb_a, emb_b = embedding(concept_a), embedding(concept_b)
+    device = location_mlp.device
+    return location_mlp.predict_for_embeddings(emb_a.to(device, torch.float32), emb_b.to(device, torch.float32))
+
+
+# ---- pictures -----------------------------------------------------------------------------------
+
+_BOX_COLOURS = [(255, 64, 64), (64, 160, 255), (80, 220, 80), (255, 200, 40)]
+_RAMP = [(0, 0, 4), (80, 18, 123), (182, 54, 121), (251, 136, 97), (252, 253, 191)]  # magma-like
+
+
+def _heatmap(values, size: int):
+    """A `[h, w]` map as a colour image, normalised to its own min..max (tiny models attend nearly uniformly)."""
+    import numpy as np
+    from PIL import Image
+
+    arr = values.detach().float().cpu().numpy()
+    span = float(arr.max() - arr.min())
+    norm = (arr - arr.min()) / span if span > 0 else np.zeros_like(arr)
+    stops = np.linspace(0, 1, len(_RAMP))
+    rgb = np.stack([np.interp(norm, stops, [c[k] for c in _RAMP]) for k in range(3)], axis=-1).astype("uint8")
+    return Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+
+
+def _as_pil(image):
+    """A PIL image from a pipeline output item (PIL, or an `[H, W, 3]` array in 0..1)."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    return Image.fromarray((arr.clip(0, 1) * 255).round().astype("uint8"))
+
+
+def _draw_box(draw, box: Box, size: int, colour, width: int = 2) -> None:
+    x0, y0, x1, y1 = box
+    draw.rectangle([x0 * size, y0 * size, x1 * size - 1, y1 * size - 1], outline=colour, width=width)
+
+
+def render_comparison(
+    runs: Sequence[tuple[str, GuidedOutput]], concepts: Sequence[GuidedConcept], prompt: str = "", tile: int = 192
+):
+    """One row per run (e.g. guidance off / on): the image with the boxes drawn, then each concept's
+    cross-attention map (mean over steps and guided layers) with its box, and the mean L_loc."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    header, label_w = 30, 150
+    cols = 1 + len(concepts)
+    sheet = Image.new("RGB", (label_w + cols * tile, header + len(runs) * (tile + 18)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 6), prompt[:120], fill="black", font=font)
+    for c, concept in enumerate(concepts):
+        draw.text((label_w + (c + 1) * tile + 4, header - 14), f"attention: {concept.name}", fill="black", font=font)
+    draw.text((label_w + 4, header - 14), "image + boxes", fill="black", font=font)
+    for r, (label, out) in enumerate(runs):
+        top = header + r * (tile + 18)
+        mean_loss = sum(out.loc_losses) / max(len(out.loc_losses), 1)
+        draw.text((6, top + tile // 2 - 12), label, fill="black", font=font)
+        draw.text((6, top + tile // 2 + 4), f"L_loc {mean_loss:.4f}", fill="black", font=font)
+        image = _as_pil(out.images[0]).resize((tile, tile), Image.NEAREST)
+        tile_draw = ImageDraw.Draw(image)
+        for k, concept in enumerate(concepts):
+            _draw_box(tile_draw, concept.box, tile, _BOX_COLOURS[k % len(_BOX_COLOURS)])
+        sheet.paste(image, (label_w, top))
+        for k, concept in enumerate(concepts):
+            heat = _heatmap(out.attention_maps[k][0], tile)
+            _draw_box(ImageDraw.Draw(heat), concept.box, tile, _BOX_COLOURS[k % len(_BOX_COLOURS)])
+            sheet.paste(heat, (label_w + (k + 1) * tile, top))
+        draw.text((label_w + 4, top + tile + 2), "maps: own min..max", fill="grey", font=font)
+    return sheet
+
+
+# ---- command line: one two-object image with guidance off and on --------------------------------
+
+
+def _parse_box(text: str) -> tuple[float, float, float, float]:
+    parts = [p for p in text.replace(" ", ",").split(",") if p]
+    return validate_box(parts if len(parts) == 4 else [text], f"--boxes {text!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog="python -m inference.guidance",
+        description="Generate one two-object image with spatial guidance off and on (same seed) and save a "
+        "side-by-side picture with the boxes and each concept's cross-attention map.",
+    )
+    parser.add_argument("--base", required=True, help="Stable Diffusion pipeline folder or Hub id")
+    parser.add_argument("--prompt", required=True, help='e.g. "a photo of a cat and a dog"')
+    parser.add_argument("--words", nargs=2, required=True, metavar=("A", "B"), help="the two concept words of the prompt")
+    parser.add_argument("--boxes", nargs=2, metavar=("BOX_A", "BOX_B"), help="x0,y0,x1,y1 in 0..1 for each word")
+    parser.add_argument("--location-mlp", help="encoders folder / Hub repo with location_mlp/ (boxes when --boxes is not given)")
+    parser.add_argument("--out", required=True, help="PNG file for the side-by-side picture (a .json with the numbers is written beside it)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--guidance-steps", type=int, default=10, help="reverse steps with latent updates (paper: 10)")
+    parser.add_argument("--iterations", type=int, default=5, help="gradient iterations per guided step")
+    parser.add_argument("--step-size", type=float, default=30.0, help="latent step scale (x (1 - alphabar_t))")
+    parser.add_argument("--loss-threshold", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    args = parser.parse_args(argv)
+
+    from diffusers import StableDiffusionPipeline
+
+    if not args.boxes and not args.location_mlp:
+        parser.error("give --boxes or --location-mlp")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipe.to(device)
+    resolved = list(args.words)
+    if args.boxes:
+        boxes = [_parse_box(b) for b in args.boxes]
+    else:
+        predicted = predict_boxes(load_location_mlp(args.location_mlp, device=device), pipe, *args.words)
+        boxes, resolved = predicted["boxes"], predicted["resolved"]
+        print(f"location MLP boxes: {args.words[0]} -> {resolved[0]} {[round(v, 3) for v in boxes[0]]}, "
+              f"{args.words[1]} -> {resolved[1]} {[round(v, 3) for v in boxes[1]]}")
+    concepts = concepts_from_words(pipe.tokenizer, args.prompt, args.words, boxes)
+    runs = []
+    for label, steps in (("guidance off", 0), ("guidance on", args.guidance_steps)):
+        config = SpatialGuidanceConfig(steps, args.iterations, args.step_size, args.loss_threshold)
+        out = generate_with_spatial_guidance(
+            pipe, concepts, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+            generator=torch.Generator(device=device).manual_seed(args.seed), config=config,
+        )
+        runs.append((label, out))
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sheet = render_comparison(runs, concepts, args.prompt)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    sheet.save(tmp, format="PNG")
+    tmp.replace(out_path)
+    summary = {
+        "prompt": args.prompt, "words": args.words, "resolved": resolved, "boxes": [list(c.box) for c in concepts],
+        "seed": args.seed, "steps": args.steps, "guidance_steps": args.guidance_steps, "iterations": args.iterations,
+        "step_size": args.step_size,
+        "mean_loc_loss": {label: sum(o.loc_losses) / len(o.loc_losses) for label, o in runs},
+        "mean_loc_loss_guided_steps": {
+            label: sum(o.loc_losses[: max(args.guidance_steps, 1)]) / max(args.guidance_steps, 1) for label, o in runs
+        },
+    }
+    out_path.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out_path} (L_loc off {summary['mean_loc_loss']['guidance off']:.4f}, "
+          f"on {summary['mean_loc_loss']['guidance on']:.4f})")
+
+
+if __name__ == "__main__":
+    main()
