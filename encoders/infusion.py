@@ -1,0 +1,331 @@
+"""Infusion: one residual value vector per cross-attention layer for a concept's class word.
+
+Infusion (papers/infusion.txt) keeps the base model intact and learns, for every cross-attention
+layer i, a residual Delta_i (1 x d, d = that layer's value width) that is added to the *value* of the
+class word's token ("cat") only (Eq. 7):
+
+    Atten(Q, K, V') = sum_{k != obj} m_k v_k + m_obj (v_obj + Delta_obj)
+
+The attention maps m stay the base model's: in the paper's dual stream the foundational pipeline
+(F) runs beside the customised one (C) and C's cross-attention maps are replaced by F's. Here both
+streams run as rows of one batch: `map_source[b]` names the row whose maps row b uses (itself for
+F rows, its F twin for C rows), so one UNet call serves training (both streams on the same noisy
+latent) and sampling (two trajectories from the same noise; the F images come for free). Without a
+`map_source`, every row keeps the maps it computes itself.
+
+Pieces:
+- `InfusionResiduals(ModelMixin, ConfigMixin)`: the learned vectors (a few KB: one per layer) plus
+  the class word and the layer names/widths they were trained for.
+- `InfusionAttnProcessor`: built on `encoders.attention.ContextAttnProcessor` (so attention stores,
+  spatial guidance and the `AttentionContext` plumbing work as for ELITE); reads its per-call data
+  from `AttentionContext.extras["infusion"]` (an `InfusionCall`).
+- `set_infusion_processors(unet, [residuals, ...])`: several concepts at once (multi-concept).
+- `class_token_mask(...)`, `infusion_call(...)`: where each concept's class word sits in a batch.
+- `generate_with_infusion(pipe, prompts, [residuals, ...])`: a diffusers `StableDiffusionPipeline`
+  call with the dual stream set up (CFG included); returns the customised images and the base ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .attention import (
+    CONTEXT_KWARG,
+    AttentionContext,
+    ContextAttnProcessor,
+    attention_modules,
+    cross_attention_layers,
+    module_name_of,
+)
+
+EXTRAS_KEY = "infusion"
+
+
+class InfusionResiduals(ModelMixin, ConfigMixin):
+    """Residual value vectors Delta_i of one concept, one per cross-attention layer of the UNet.
+
+    `layer_names` are attention module names (`down_blocks.0.attentions.0.transformer_blocks.0.attn2`);
+    `layer_dims` their value widths. Starts at zero, so an untrained concept changes nothing.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        layer_names: Sequence[str],
+        layer_dims: Sequence[int],
+        class_word: str = "",
+        base_model: str | None = None,
+    ):
+        super().__init__()
+        if len(layer_names) != len(layer_dims):
+            raise ValueError(f"{len(layer_names)} layer names but {len(layer_dims)} layer widths")
+        self.residuals = nn.ParameterList([nn.Parameter(torch.zeros(int(d))) for d in layer_dims])
+        self._index = {module_name_of(n): i for i, n in enumerate(layer_names)}
+
+    @classmethod
+    def for_unet(cls, unet: nn.Module, class_word: str, base_model: str | None = None) -> "InfusionResiduals":
+        """Zero residuals shaped for every cross-attention layer of `unet`."""
+        layers = cross_attention_layers(unet)
+        return cls(
+            layer_names=list(layers),
+            layer_dims=[inner for _, inner in layers.values()],
+            class_word=class_word,
+            base_model=base_model,
+        )
+
+    def residual(self, name: str) -> torch.Tensor:
+        """The Delta of layer `name` (attention module or processor name)."""
+        key = module_name_of(name)
+        if key not in self._index:
+            raise KeyError(f"no Infusion residual for layer {key!r} (concept {self.config.class_word!r})")
+        return self.residuals[self._index[key]]
+
+    def check_fits(self, unet: nn.Module) -> None:
+        """Raise a ValueError naming the first layer whose name or width differs from `unet`'s."""
+        layers = cross_attention_layers(unet)
+        if set(layers) != set(self._index):
+            missing = sorted(set(layers) ^ set(self._index))[:3]
+            raise ValueError(
+                f"Infusion residuals for {self.config.class_word!r} were trained for other cross-attention layers "
+                f"(differences: {missing}); base model recorded: {self.config.base_model}"
+            )
+        for name, (_, inner) in layers.items():
+            if self.residual(name).shape[0] != inner:
+                raise ValueError(
+                    f"Infusion residual of {name} has width {self.residual(name).shape[0]}, the UNet's value width is "
+                    f"{inner}; base model recorded: {self.config.base_model}"
+                )
+
+    def forward(self) -> torch.Tensor:
+        """All residuals concatenated (for norms and logging)."""
+        return torch.cat(list(self.residuals))
+
+
+@dataclass
+class InfusionCall:
+    """Per-call Infusion data for the processors (`AttentionContext.extras["infusion"]`).
+
+    token_masks: one `[n, T]` bool tensor per installed concept (in `set_infusion_processors` order, or
+        None for a concept absent from this call): True where that concept's Delta joins the value.
+    map_source: `[n]` long, the row whose cross-attention maps each row uses (None: own maps).
+    `n` is the attention batch B, or B/2 for diffusers' `[uncond, cond]` guidance batch: masks then
+    apply to the conditional half only, and `map_source` indexes within each half.
+    """
+
+    token_masks: Sequence[torch.Tensor | None]
+    map_source: torch.Tensor | None = None
+
+
+def _half_offset(n: int, batch: int, what: str) -> int | None:
+    if n == batch:
+        return None
+    if 2 * n == batch:
+        return n
+    raise ValueError(
+        f"Infusion {what} has {n} rows but the attention batch is {batch}: give one row per sample or per "
+        "conditional sample of a [uncond, cond] guidance batch"
+    )
+
+
+class InfusionAttnProcessor(ContextAttnProcessor):
+    """Cross-attention with the base K/V plus, on masked tokens, each concept's value residual.
+
+    `residuals`: the Delta of this layer for each installed concept (tensors or parameters, shared with
+    the `InfusionResiduals` that own them, so training updates them in place).
+    """
+
+    def __init__(self, name: str, residuals: Sequence[torch.Tensor]):
+        super().__init__(name)
+        self.residuals = list(residuals)
+
+    @staticmethod
+    def _call(ctx: AttentionContext | None) -> InfusionCall | None:
+        call = ctx.extras.get(EXTRAS_KEY) if ctx is not None else None
+        if call is not None and not isinstance(call, InfusionCall):
+            raise TypeError(f"AttentionContext.extras[{EXTRAS_KEY!r}] must be an InfusionCall, got {type(call).__name__}")
+        return call
+
+    def key_value(self, attn, context, is_cross, ctx):
+        key, value = attn.to_k(context), attn.to_v(context)
+        call = self._call(ctx)
+        if not is_cross or call is None:
+            return key, value
+        if len(call.token_masks) != len(self.residuals):
+            raise ValueError(
+                f"{self.name}: the call gives {len(call.token_masks)} concept masks but {len(self.residuals)} concepts "
+                "are installed"
+            )
+        batch = value.shape[0]
+        added = torch.zeros_like(value)
+        for mask, delta in zip(call.token_masks, self.residuals):
+            if mask is None:
+                continue
+            if mask.shape[-1] != value.shape[1]:
+                raise ValueError(f"{self.name}: token mask covers {mask.shape[-1]} tokens, the text has {value.shape[1]}")
+            rows = mask.to(device=value.device, dtype=value.dtype)[..., None] * delta.to(value.dtype)
+            offset = _half_offset(mask.shape[0], batch, "token mask")
+            if offset is None:
+                added = added + rows
+            else:
+                added = added + torch.cat([torch.zeros_like(rows), rows], dim=0)
+        return key, value + added
+
+    def needs_probs(self, is_cross, ctx):
+        call = self._call(ctx)
+        return is_cross and call is not None and call.map_source is not None
+
+    def adjust_probs(self, attn, probs, is_cross, ctx):
+        call = self._call(ctx)
+        if not is_cross or call is None or call.map_source is None:
+            return probs
+        source = call.map_source.to(probs.device, torch.long)
+        offset = _half_offset(source.shape[0], probs.shape[0], "map_source")
+        if offset is not None:
+            source = torch.cat([source, source + offset])
+        return probs[source]
+
+
+def set_infusion_processors(unet: nn.Module, concepts: Sequence[InfusionResiduals]) -> dict[str, ContextAttnProcessor]:
+    """Install `InfusionAttnProcessor` on every cross-attention layer (one residual per concept) and
+    `ContextAttnProcessor` on self-attention layers. Returns the processors by processor name.
+
+    The processors hold references to the concepts' parameters: move the concepts to the UNet's device
+    first (`residuals.to(unet.device)`); dtype is matched per call.
+    """
+    concepts = list(concepts)
+    for concept in concepts:
+        concept.check_fits(unet)
+    processors: dict[str, ContextAttnProcessor] = {}
+    for name, attn in attention_modules(unet).items():
+        if getattr(attn, "is_cross_attention", False):
+            processors[name] = InfusionAttnProcessor(name, [c.residual(name) for c in concepts])
+        else:
+            processors[name] = ContextAttnProcessor(name)
+    unet.set_attn_processor(dict(processors))  # diffusers pops the entries of the dict it is given
+    return processors
+
+
+def word_token_ids(tokenizer, word: str) -> list[int]:
+    """The token ids a word (or short phrase) becomes inside a prompt, without BOS/EOS."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"class word {word!r} gives no tokens")
+    return list(ids)
+
+
+def class_token_mask(input_ids: torch.Tensor, word_ids: Sequence[int]) -> torch.Tensor:
+    """`[B, T]` bool: True on every token of every occurrence of the token sequence `word_ids`."""
+    word = torch.as_tensor(list(word_ids), device=input_ids.device)
+    n = len(word)
+    batch, length = input_ids.shape
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    if n > length:
+        return mask
+    windows = input_ids.unfold(1, n, 1)  # [B, T - n + 1, n]
+    starts = (windows == word).all(dim=-1)  # [B, T - n + 1]
+    for j in range(n):
+        mask[:, j : j + starts.shape[1]] |= starts
+    return mask
+
+
+def infusion_call(
+    tokenizer,
+    prompts: Sequence[str],
+    concepts: Sequence[InfusionResiduals],
+    map_source: torch.Tensor | None = None,
+    require_all: bool = False,
+) -> InfusionCall:
+    """Token masks of each concept's class word in `prompts` (tokenized like the pipeline does).
+
+    `require_all`: raise a ValueError when a prompt lacks a concept's class word (training prompts
+    must contain it; at inference a concept absent from a prompt simply does nothing there).
+    Two concepts with the same class word would share its tokens: that is an error.
+    """
+    words = [c.config.class_word for c in concepts]
+    dups = {w for w in words if words.count(w) > 1}
+    if dups:
+        raise ValueError(f"several Infusion concepts use the class word(s) {sorted(dups)}; give each its own word")
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    masks = []
+    for concept in concepts:
+        mask = class_token_mask(ids, word_token_ids(tokenizer, concept.config.class_word))
+        if require_all and not bool(mask.any(dim=1).all()):
+            missing = [p for p, m in zip(prompts, mask.any(dim=1).tolist()) if not m][:3]
+            raise ValueError(f"class word {concept.config.class_word!r} is missing from prompts {missing}")
+        masks.append(mask if bool(mask.any()) else None)
+    return InfusionCall(token_masks=masks, map_source=map_source)
+
+
+@dataclass
+class InfusionOutput:
+    images: list  # customised (C stream)
+    base_images: list  # the foundational model's images from the same noise (F stream); [] without replacement
+
+
+@torch.no_grad()
+def generate_with_infusion(
+    pipe,
+    prompts: str | Sequence[str],
+    concepts: Sequence[InfusionResiduals],
+    replace_maps: bool = True,
+    generator: torch.Generator | None = None,
+    negative_prompt: str | None = None,
+    **pipe_kwargs,
+) -> InfusionOutput:
+    """Sample a `StableDiffusionPipeline` with Infusion concepts installed (paper: DDIM 50 steps, guidance 8).
+
+    With `replace_maps` (the paper's dual stream) every prompt runs twice from the same initial noise:
+    an F row (base model) and a C row (residuals on the class tokens, cross-attention maps taken from
+    the F row). The pipeline's processors are restored afterwards.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    n = len(prompts)
+    height = pipe_kwargs.pop("height", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = pipe_kwargs.pop("width", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if pipe_kwargs.get("num_images_per_prompt", 1) != 1:
+        raise ValueError("generate_with_infusion: repeat the prompts instead of num_images_per_prompt")
+    shape = (n, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    latents = pipe_kwargs.pop("latents", None)
+    if latents is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+        latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    latents = latents.to(pipe.device, pipe.unet.dtype)
+
+    concepts = [c.to(pipe.device) for c in concepts]
+    if replace_maps:
+        rows = prompts + prompts
+        latents = torch.cat([latents, latents])
+        source = torch.cat([torch.arange(n), torch.arange(n)])  # C row n + i takes F row i's maps
+        call = infusion_call(pipe.tokenizer, rows, concepts, map_source=source)
+        call.token_masks = [None if m is None else torch.cat([torch.zeros_like(m[:n]), m[n:]]) for m in call.token_masks]
+    else:
+        rows = prompts
+        call = infusion_call(pipe.tokenizer, rows, concepts)
+    ctx = AttentionContext(extras={EXTRAS_KEY: call})
+    previous = pipe.unet.attn_processors
+    set_infusion_processors(pipe.unet, concepts)
+    try:
+        out = pipe(
+            prompt=rows,
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(rows),
+            latents=latents,
+            height=height,
+            width=width,
+            cross_attention_kwargs={CONTEXT_KWARG: ctx},
+            generator=generator,
+            **pipe_kwargs,
+        )
+    finally:
+        pipe.unet.set_attn_processor(previous)
+    images = out.images if hasattr(out, "images") else out[0]
+    if replace_maps:
+        return InfusionOutput(images=list(images[n:]), base_images=list(images[:n]))
+    return InfusionOutput(images=list(images), base_images=[])

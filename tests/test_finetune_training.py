@@ -1,0 +1,203 @@
+"""Per-concept fine-tunes on the tiny model with real concept photos: a few steps each.
+
+Each run checks that the loss is finite, that the output changes generation against the base
+model, and the method's own contract: Textual Inversion's file loads through diffusers'
+`load_textual_inversion`; BaTex's embedding lies in the span of its rank-rule basis; Infusion's
+residuals are non-zero and only act where the class word is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from encoders.run_config import ConfigError, load_config
+from encoders.subspace import TextualSubspace, matrix_rank, vocabulary_order
+
+CONFIGS = Path(__file__).parent.parent / "configs" / "finetune"
+RES = "32"  # 16 x 16 latents: the tiny UNet's smallest sensible size, fast on 2 cores
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def common_args(sd_path, concept_dir, out_dir, steps=3):
+    return [
+        f"pretrained_model_name_or_path={sd_path}",
+        f"concept_dir={concept_dir}",
+        f"output_dir={out_dir}",
+        f"resolution={RES}",
+        f"max_steps={steps}",
+        "train_batch_size=2",
+        "checkpointing_steps=0",
+        "validation_steps=0",
+        "report_to=none",
+        "logging_steps=1",
+    ]
+
+
+def run_recording(task):
+    """Run `task` on the shared loop and return the reconstruction losses of its steps."""
+    from training.loop import run_training
+
+    losses = []
+    step = task.training_step
+
+    def recording(models, batch, generator):
+        loss, logs = step(models, batch, generator)
+        losses.append(float(logs["rec_loss"]))
+        return loss, logs
+
+    task.training_step = recording
+    run_training(task)
+    return losses
+
+
+def tiny_pipe(sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def latents_of(pipe, guidance_scale=7.5, **kwargs):
+    out = pipe(
+        num_inference_steps=2, guidance_scale=guidance_scale, height=int(RES), width=int(RES), output_type="latent",
+        generator=torch.Generator().manual_seed(0), **kwargs,
+    )
+    return out.images
+
+
+def test_textual_inversion_trains_and_loads_with_diffusers(tiny_sd_path, data_dir, tmp_path):
+    from training.textual_inversion import TextualInversionConfig, TextualInversionTask
+
+    concept = data_dir / "concepts" / "dreambooth" / "dog"
+    out = tmp_path / "ti"
+    args = common_args(tiny_sd_path, concept, out) + [
+        "initializer_token=dog", "placeholder_token=S*", "class_word=dog", "learning_rate=0.05",
+    ]
+    losses = run_recording(TextualInversionTask(load_config(TextualInversionConfig, CONFIGS / "textual_inversion.yaml", args)))
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+    saved = load_file(out / "learned_embeds.safetensors")
+    assert list(saved) == ["S*"] and saved["S*"].shape == (1, 32)
+    info = json.loads((out / "concept.json").read_text())
+    assert info["method"] == "textual_inversion" and info["class_word"] == "dog"
+
+    pipe = tiny_pipe(tiny_sd_path)
+    dog = pipe.tokenizer.convert_tokens_to_ids("dog</w>")
+    dog_embedding = pipe.text_encoder.get_input_embeddings().weight[dog].detach().clone()
+    assert not torch.allclose(saved["S*"][0], dog_embedding)  # it moved away from the initializer
+    base = latents_of(pipe, prompt="a photo of a dog")
+
+    pipe.load_textual_inversion(str(out), token="S*")  # diffusers' own loader, the file as written
+    sid = pipe.tokenizer.convert_tokens_to_ids("S*")
+    assert sid in pipe.tokenizer("a photo of a S*").input_ids
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[sid].detach(), saved["S*"][0])
+    learned = latents_of(pipe, prompt="a photo of a S*")
+    assert (learned - base).abs().max() > 1e-4  # the concept changes generation against the base model
+
+    # our injection path (training, inference.evaluate) encodes exactly what diffusers' loader gives
+    from encoders.text_injection import encode_text_with_words
+
+    ids = pipe.tokenizer(["a photo of a S*"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = encode_text_with_words(pipe.text_encoder, ids, sid, saved["S*"][None]).hidden_states
+        theirs = pipe.text_encoder(ids)[0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_batex_with_anchors_stays_in_the_span_of_its_basis(tiny_sd_path, data_dir, tmp_path):
+    from training.textual_inversion import TextualInversionConfig, TextualInversionTask
+
+    concept = data_dir / "concepts" / "dreambooth" / "cat"
+    out = tmp_path / "batex"
+    args = common_args(tiny_sd_path, concept, out) + [
+        "initializer_token=cat", "subspace.dim=24", "subspace.distance=cosine", "learning_rate=0.05",
+        "anchors.enabled=true", "anchors.max_active=3",
+    ]
+    task = TextualInversionTask(load_config(TextualInversionConfig, CONFIGS / "batex.yaml", args))
+    losses = run_recording(task)
+    assert all(math.isfinite(x) for x in losses)
+
+    v = load_file(out / "learned_embeds.safetensors")["S*"][0].double()
+    sub = TextualSubspace.from_pretrained(out / "subspace")
+    basis = sub.basis.double()
+    coef = torch.linalg.lstsq(basis.T, v[:, None]).solution
+    assert (basis.T @ coef).squeeze(1).sub(v).norm() / v.norm() < 1e-6  # v in span(V_M)
+    assert torch.allclose(sub().double(), v, atol=1e-6)
+
+    # the basis is the top-M prefix of the cosine order with the smallest M reaching rank d1 = 24
+    vocab = task.sd.text_encoder.get_input_embeddings().weight.detach().float()
+    tok = task.sd.tokenizer
+    cat = tok.convert_tokens_to_ids("cat</w>")
+    order = vocabulary_order(vocab, cat, "cosine", exclude_ids=[tok.bos_token_id, tok.eos_token_id])
+    assert torch.equal(sub.basis_ids, order[: len(sub.basis_ids)])
+    assert matrix_rank(sub.basis) >= 24 > matrix_rank(sub.basis[:-1])
+    assert sub.basis_ids[0].item() == cat
+    assert not torch.allclose(v.float(), vocab[cat])  # trained away from the one-hot start
+    assert json.loads((out / "concept.json").read_text())["method"] == "batex"
+
+
+def test_infusion_trains_and_changes_only_class_word_prompts(tiny_sd_path, data_dir, tmp_path):
+    from encoders.infusion import InfusionResiduals, generate_with_infusion
+    from training.infusion import InfusionConfig, InfusionTask
+
+    concept = data_dir / "concepts" / "dreambooth" / "cat"
+    out = tmp_path / "infusion"
+    args = common_args(tiny_sd_path, concept, out) + ["class_word=cat", "learning_rate=0.05"]
+    losses = run_recording(InfusionTask(load_config(InfusionConfig, CONFIGS / "infusion.yaml", args)))
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+    residuals = InfusionResiduals.from_pretrained(out, subfolder="infusion")
+    assert residuals.config.class_word == "cat"
+    assert residuals().abs().max() > 0  # started at zero, trained
+    size = sum(f.stat().st_size for f in (out / "infusion").glob("*.safetensors"))
+    assert size < 16_000  # a few KB
+
+    pipe = tiny_pipe(tiny_sd_path)
+    kwargs = dict(num_inference_steps=2, guidance_scale=8.0, height=int(RES), width=int(RES), output_type="latent")
+    with_cat = generate_with_infusion(pipe, ["a photo of a cat"], [residuals], generator=torch.Generator().manual_seed(0), **kwargs)
+    base = latents_of(pipe, guidance_scale=8.0, prompt="a photo of a cat")
+    assert torch.allclose(with_cat.base_images[0], base[0], atol=1e-4)  # the F stream is the base model
+    assert (with_cat.images[0] - base[0]).abs().max() > 1e-3  # the concept changes generation
+    no_cat = generate_with_infusion(pipe, ["a photo of a dog"], [residuals], generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.allclose(no_cat.images[0], no_cat.base_images[0], atol=1e-6)  # no class word: nothing changes
+    assert type(pipe.unet.attn_processors[next(iter(pipe.unet.attn_processors))]).__name__ == "AttnProcessor2_0"
+
+
+def test_finetune_configs_fail_clearly(tmp_path):
+    from training.infusion import InfusionConfig
+    from training.textual_inversion import TextualInversionConfig
+
+    with pytest.raises(ConfigError, match="concept_dir is required"):
+        load_config(TextualInversionConfig, None, ["initializer_token=dog"])
+    with pytest.raises(ConfigError, match="initializer_token is required"):
+        load_config(TextualInversionConfig, None, [f"concept_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="class_word is required"):
+        load_config(InfusionConfig, None, [f"concept_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="subspace.dimm"):
+        load_config(TextualInversionConfig, None, ["subspace.dimm=3"])
+
+
+def test_help_lists_the_keys(capsys):
+    from training.textual_inversion import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for key in ("concept_dir", "placeholder_token", "initializer_token", "subspace.dim", "anchors.weight"):
+        assert key in text

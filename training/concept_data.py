@@ -1,0 +1,441 @@
+"""Concept photos for the per-concept fine-tunes, and the task skeleton they share.
+
+Textual Inversion / BaTex and Infusion learn from the same thing: 3-5 photos of one object, each
+shown with a neutral caption from CLIP's ImageNet templates ("a photo of a {}"), horizontally flipped
+at random, optionally with a mask that restricts the loss to the object. This module holds:
+
+- `FinetuneConfig`: the keys every fine-tune takes on top of `TrainConfig` (DESIGN.md §4:
+  `concept_dir`, `placeholder_token`, `initializer_token`, `class_word`; resolution, flips, masks...).
+- `load_concept_photos`: the photos (and masks) of a folder as square tensors; unreadable files are
+  skipped with a warning that names them, an empty folder is an error that names it.
+- `ConceptBatches`: an endless, seeded stream of dict batches (photo index, flip, caption) that
+  replays identically after a resume.
+- `ConceptFinetuneTask`: a `training.loop.TrainingTask` that loads the frozen Stable Diffusion, caches
+  the VAE posterior of every photo (and its mirror image) once, draws latents/noise/timesteps and
+  computes the masked epsilon loss. A method supplies only its trainable model, how the noise is
+  predicted with it, and how it exports and samples (`training.textual_inversion`, `training.infusion`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encoders.run_config import ConfigError
+
+from .common_config import TrainConfig
+from .diffusion import FrozenStableDiffusion, denoising_loss
+from .loop import TrainingTask
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CONCEPT_FILE = "concept.json"  # what a fine-tune's output folder says about itself (read by inference.evaluate)
+
+# Textual Inversion's neutral captions (its "imagenet_templates_small", from CLIP's ImageNet templates).
+OBJECT_TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+)
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+
+def _help(text: str, default=None):
+    """A dataclass field with its `--help` line (read by `encoders.run_config.describe_keys`)."""
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Keys shared by the per-concept fine-tunes (Textual Inversion / BaTex, Infusion)."""
+
+    concept_dir: str = _help("folder with the 3-5 photos of the concept (jpg/png/webp)", "")
+    placeholder_token: str = _help("the new word that will stand for the concept (Textual Inversion)", "S*")
+    initializer_token: str = _help("a coarse one-token word the embedding starts from (e.g. dog)", "")
+    class_word: str = _help(
+        "the concept's class noun (e.g. cat): Infusion's token; evaluation replaces S* by it for CLIP-T", ""
+    )
+    resolution: int = _help("training image size in pixels (square)", 512)
+    center_crop: bool = _help("crop non-square photos to their centre square before resizing (else pad-free squash)", True)
+    flip_p: float = _help("probability of a horizontal flip per sample", 0.5)
+    templates: str = _help("caption templates: object or style", "object")
+    mask_dir: Optional[str] = _help(
+        "folder of concept masks named like the photos (<stem>.png); default <concept_dir>/masks when present", None
+    )
+    use_masks: bool = _help("weight the loss by the mask of each photo that has one", True)
+    validation_prompt: str = _help("validation caption; {} is replaced by the concept's phrase", "a photo of a {} on the beach")
+    num_validation_images: int = _help("images rendered per validation", 2)
+    validation_inference_steps: int = _help("sampling steps for validation images", 25)
+    validation_guidance_scale: float = _help("classifier-free guidance for validation images", 7.5)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.concept_dir:
+            raise ConfigError("concept_dir is required: the folder with the photos of the concept")
+        if self.templates not in TEMPLATES:
+            raise ConfigError(f"templates must be one of {', '.join(TEMPLATES)}, got {self.templates!r}")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise ConfigError(f"flip_p must be within [0, 1], got {self.flip_p}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+
+    @property
+    def resolved_export_dir(self) -> str:
+        """Fine-tunes export into `output_dir` itself (learned_embeds.safetensors next to the run)."""
+        return self.export_dir or self.output_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# Photos
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConceptPhotos:
+    """The usable photos of a concept: `pixels` [N, 3, R, R] in [-1, 1], `masks` [N, 1, R, R] in {0, 1}."""
+
+    files: list[Path]
+    pixels: torch.Tensor
+    masks: torch.Tensor | None  # None when no photo has a mask
+    has_mask: torch.Tensor  # [N] bool
+    skipped: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def list_concept_images(concept_dir: str | os.PathLike) -> list[Path]:
+    """Image files directly inside `concept_dir`, sorted by name (mask files excluded)."""
+    folder = Path(concept_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"concept_dir {folder} is not a folder")
+    files = sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(".mask")
+    )
+    if not files:
+        raise FileNotFoundError(f"concept_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _square(image, resolution: int, center_crop: bool, resample):
+    from PIL import Image
+
+    if center_crop and image.width != image.height:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    return image.resize((resolution, resolution), resample)
+
+
+def find_mask(image_file: Path, mask_dir: Path | None) -> Path | None:
+    """`<mask_dir>/<stem>.png` (or `<stem>.mask.png`, `<folder>_<stem>.png`) beside a photo, if any."""
+    candidates = [image_file.with_name(f"{image_file.stem}.mask.png")]
+    if mask_dir is not None:
+        candidates = [
+            mask_dir / f"{image_file.stem}.png",
+            mask_dir / f"{image_file.stem}.mask.png",
+            mask_dir / f"{image_file.parent.name}_{image_file.stem}.png",
+        ] + candidates
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def load_concept_photos(
+    concept_dir: str | os.PathLike,
+    resolution: int,
+    center_crop: bool = True,
+    mask_dir: str | os.PathLike | None = None,
+    use_masks: bool = True,
+) -> ConceptPhotos:
+    """Read every photo (EXIF-rotated, RGB) and its optional mask, as square tensors at `resolution`."""
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    folder = Path(concept_dir)
+    files = list_concept_images(folder)
+    if mask_dir is None and (folder / "masks").is_dir():
+        mask_dir = folder / "masks"
+    mask_root = Path(mask_dir) if mask_dir is not None else None
+    if mask_root is not None and not mask_root.is_dir():
+        raise FileNotFoundError(f"mask_dir {mask_root} is not a folder")
+
+    kept, pixels, masks, has_mask, skipped = [], [], [], [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                image = ImageOps.exif_transpose(im).convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            warnings.warn(f"skipping concept photo {path}: cannot be read as an image ({err})")
+            skipped.append(str(path))
+            continue
+        array = np.asarray(_square(image, resolution, center_crop, Image.BICUBIC), dtype=np.float32)
+        pixels.append(torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0)
+        mask_file = find_mask(path, mask_root) if use_masks else None
+        mask = torch.ones(1, resolution, resolution)
+        if mask_file is not None:
+            try:
+                with Image.open(mask_file) as m:
+                    m = m.convert("L").resize(image.size, Image.NEAREST)  # a mask may differ in resolution
+            except (OSError, UnidentifiedImageError, ValueError) as err:
+                raise ValueError(f"mask {mask_file} for {path} cannot be read: {err}") from err
+            mask_array = np.asarray(_square(m, resolution, center_crop, Image.NEAREST), dtype=np.float32)
+            mask = torch.from_numpy(mask_array > 127).float()[None]
+            if mask.sum() == 0:
+                raise ValueError(f"mask {mask_file} for {path} is empty (all black)")
+        masks.append(mask)
+        has_mask.append(mask_file is not None)
+        kept.append(path)
+    if not kept:
+        raise ValueError(f"concept_dir {folder}: none of its {len(files)} images could be read")
+    if len(kept) < 3:
+        logger.warning("concept_dir %s has %d usable photo(s); the methods are made for 3-5", folder, len(kept))
+    any_mask = any(has_mask)
+    return ConceptPhotos(
+        files=kept,
+        pixels=torch.stack(pixels),
+        masks=torch.stack(masks) if any_mask else None,
+        has_mask=torch.tensor(has_mask, dtype=torch.bool),
+        skipped=skipped,
+    )
+
+
+class ConceptBatches:
+    """Endless batches over a concept's photos: shuffled epochs, random flips, random captions.
+
+    Everything random comes from its own generator, so the stream is the same on every run with the
+    same seed (the loop fast-forwards it on resume). Each batch: `index` [B] long, `flip` [B] bool,
+    `prompt` list of B captions.
+    """
+
+    def __init__(self, num_photos: int, batch_size: int, phrase: str, templates: Sequence[str], flip_p: float, seed: int):
+        self.num_photos = num_photos
+        self.batch_size = batch_size
+        self.phrase = phrase
+        self.templates = list(templates)
+        self.flip_p = flip_p
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+
+    def _next_index(self) -> int:
+        if not self._order:
+            self._order = torch.randperm(self.num_photos, generator=self.generator).tolist()
+        return self._order.pop(0)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        index = torch.tensor([self._next_index() for _ in range(self.batch_size)])
+        flip = torch.rand(self.batch_size, generator=self.generator) < self.flip_p
+        picks = torch.randint(len(self.templates), (self.batch_size,), generator=self.generator).tolist()
+        prompts = [self.templates[i].format(self.phrase) for i in picks]
+        return {"index": index, "flip": flip, "prompt": prompts}
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared task
+# --------------------------------------------------------------------------------------------------
+
+
+class ConceptFinetuneTask(TrainingTask):
+    """A per-concept fine-tune on the shared loop: frozen SD + concept photos + masked epsilon loss.
+
+    Subclasses implement `build_trainable`, `trainable_models`, `concept_phrase`, `predict_noise`,
+    `sample` (validation pictures) and `export`; `regularize` may add a term to the loss.
+    """
+
+    config: FinetuneConfig
+
+    def setup(self, accelerator, weight_dtype: torch.dtype) -> None:
+        config = self.config
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.weight_dtype = weight_dtype
+        self.sd = FrozenStableDiffusion.load(
+            config.pretrained_model_name_or_path, self.device, weight_dtype, config.gradient_checkpointing
+        )
+        self.photos = load_concept_photos(
+            config.concept_dir, config.resolution, config.center_crop, config.mask_dir, config.use_masks
+        )
+        accelerator.print(
+            f"[{self.name}] {len(self.photos)} photos from {config.concept_dir}"
+            f"{f', {int(self.photos.has_mask.sum())} with masks' if self.photos.masks is not None else ''}"
+            f"{f', skipped {len(self.photos.skipped)}' if self.photos.skipped else ''}"
+        )
+        self._cache_latents()
+        self.build_trainable()
+
+    @torch.no_grad()
+    def _cache_latents(self) -> None:
+        """VAE posterior mean/std of every photo and its mirror image, computed once: [N, 2, C, h, w]."""
+        vae = self.sd.vae
+        means, stds = [], []
+        for flip in (False, True):
+            pixels = self.photos.pixels.flip(-1) if flip else self.photos.pixels
+            mean_rows, std_rows = [], []
+            for chunk in pixels.split(4):
+                dist = vae.encode(chunk.to(self.device, vae.dtype)).latent_dist
+                mean_rows.append(dist.mean.float())
+                std_rows.append(dist.std.float())
+            means.append(torch.cat(mean_rows))
+            stds.append(torch.cat(std_rows))
+        self.latent_mean = torch.stack(means, dim=1)
+        self.latent_std = torch.stack(stds, dim=1)
+        self.latent_weight = None
+        if self.photos.masks is not None:
+            size = self.latent_mean.shape[-2:]
+            small = F.interpolate(self.photos.masks, size=size, mode="area").to(self.device)
+            self.latent_weight = torch.stack([small, small.flip(-1)], dim=1)  # [N, 2, 1, h, w]
+
+    def train_dataloader(self):
+        rank = getattr(self.accelerator, "process_index", 0)
+        return ConceptBatches(
+            len(self.photos),
+            self.config.train_batch_size,
+            self.concept_phrase(),
+            TEMPLATES[self.config.templates],
+            self.config.flip_p,
+            seed=self.config.seed * 1000 + 7919 * rank + 1,
+        )
+
+    def batch_latents(self, batch: Mapping[str, Any], generator: torch.Generator):
+        """Scaled latents sampled from the cached posteriors, and the loss weights (masks) or None."""
+        index = batch["index"].to(self.device)
+        flip = batch["flip"].to(self.device).long()
+        mean, std = self.latent_mean[index, flip], self.latent_std[index, flip]
+        noise = torch.randn(mean.shape, generator=generator, device=self.device, dtype=mean.dtype)
+        latents = (mean + std * noise) * self.sd.vae.config.scaling_factor
+        weight = None if self.latent_weight is None else self.latent_weight[index, flip]
+        return latents.to(self.weight_dtype), weight
+
+    def training_step(self, models, batch, generator):
+        latents, weight = self.batch_latents(batch, generator)
+        noisy, target, timesteps = self.sd.add_noise(latents, generator)
+        prediction = self.predict_noise(models, noisy, timesteps, list(batch["prompt"]))
+        rec = denoising_loss(prediction, target, weight)
+        loss, logs = self.regularize(models, rec)
+        return loss, {"rec_loss": rec.detach(), **logs}
+
+    def regularize(self, models, rec_loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return rec_loss, {}
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        tok = self.sd.tokenizer
+        return tok(
+            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+
+    def pipeline(self):
+        """A `StableDiffusionPipeline` over the frozen parts (DDIM sampler), for validation images."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.sd.vae,
+            text_encoder=self.sd.text_encoder,
+            tokenizer=self.sd.tokenizer,
+            unet=self.sd.unet,
+            scheduler=DDIMScheduler.from_config(self.sd.noise_scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def validation_images(self, models, step: int):
+        prompt = self.config.validation_prompt.format(self.concept_phrase())
+        generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
+        return self.sample(models, [prompt] * self.config.num_validation_images, generator)
+
+    def write_concept_file(self, export_dir: Path, method: str, files: Mapping[str, str]) -> str:
+        """`concept.json`: what was learned, from which photos, for which base model (for evaluation)."""
+        config = self.config
+        info = {
+            "method": method,
+            "concept_dir": str(Path(config.concept_dir).resolve()),
+            "placeholder_token": config.placeholder_token,
+            "initializer_token": config.initializer_token,
+            "class_word": config.class_word or config.initializer_token,
+            "base_model": config.pretrained_model_name_or_path,
+            "max_steps": config.max_steps,
+            "files": dict(files),
+        }
+        path = Path(export_dir) / CONCEPT_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, path)
+        return CONCEPT_FILE
+
+    # ---- what a method supplies ------------------------------------------------------------------
+    @abstractmethod
+    def build_trainable(self) -> None:
+        """Create the trainable model(s) (fp32) now that `self.sd` is loaded."""
+
+    @abstractmethod
+    def concept_phrase(self) -> str:
+        """What fills the caption templates ("S*" or "cat")."""
+
+    @abstractmethod
+    def predict_noise(
+        self, models: Mapping[str, nn.Module], noisy: torch.Tensor, timesteps: torch.Tensor, prompts: list[str]
+    ) -> torch.Tensor:
+        """The UNet's prediction for the noisy latents under `prompts`, with the method's model applied."""
+
+    @abstractmethod
+    def sample(self, models: Mapping[str, nn.Module], prompts: list[str], generator: torch.Generator) -> list:
+        """PIL images for `prompts` with the current model (validation)."""

@@ -1,0 +1,147 @@
+"""Infusion: learn a residual value vector per cross-attention layer for a concept's class word.
+
+    accelerate launch -m training.infusion --config configs/finetune/infusion.yaml \\
+        concept_dir=photos/ class_word=cat output_dir=out/cat_infusion
+
+The captions say the class word itself ("a photo of a cat"); the UNet's cross-attention layers get
+`encoders.infusion.InfusionAttnProcessor`, which adds the concept's Delta_i to the value of the
+class word's tokens only. With `replace_maps` (the paper's dual stream, default) each training sample
+runs twice in one UNet call on the same noisy latent: a foundational row and a customised row whose
+cross-attention maps are the foundational row's; only the customised row's prediction is trained.
+Paper settings: lr 0.01, batch 4; DDIM 50 steps, guidance 8 at inference.
+
+Output in `output_dir`: `infusion/` (an `InfusionResiduals` folder: config + a few KB of safetensors),
+`concept.json`, checkpoints and logs. Use it with `encoders.infusion.generate_with_infusion(pipe,
+prompts, [InfusionResiduals.from_pretrained(output_dir, subfolder="infusion")])`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from encoders.attention import CONTEXT_KWARG, AttentionContext
+from encoders.infusion import EXTRAS_KEY, InfusionResiduals, generate_with_infusion, infusion_call, set_infusion_processors
+from encoders.run_config import ConfigError, parse_config_cli
+
+from .concept_data import ConceptFinetuneTask, FinetuneConfig, _help
+from .loop import export_model, run_training
+
+RESIDUALS_FOLDER = "infusion"
+
+
+@dataclass
+class InfusionConfig(FinetuneConfig):
+    """Infusion keys (defaults: the paper's settings)."""
+
+    output_dir: str = _help("run folder: infusion/, concept.json, checkpoints, logs", "outputs/infusion")
+    max_steps: int = _help("optimizer steps", 500)
+    train_batch_size: int = _help("photos per device per step (paper: 4)", 4)
+    learning_rate: float = _help("learning rate (paper: 0.01)", 1e-2)
+    adam_weight_decay: float = _help("AdamW weight decay on the residuals", 0.0)
+    checkpointing_steps: int = _help("save checkpoint-N/ every N steps (0: only at the end)", 250)
+    replace_maps: bool = _help(
+        "dual stream: the customised rows use the base model's cross-attention maps (paper); false keeps their own", True
+    )
+    validation_inference_steps: int = _help("DDIM steps for validation images (paper: 50)", 50)
+    validation_guidance_scale: float = _help("classifier-free guidance for validation images (paper: 8)", 8.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.class_word:
+            raise ConfigError("class_word is required: the concept's class noun (e.g. cat) whose value gets the residual")
+
+
+class InfusionTask(ConceptFinetuneTask):
+    name = "infusion"
+    config: InfusionConfig
+
+    def build_trainable(self) -> None:
+        self.residuals = InfusionResiduals.for_unet(
+            self.sd.unet, self.config.class_word, base_model=self.config.pretrained_model_name_or_path
+        ).to(self.device)
+        # references from the frozen UNet's processors to the trainable (fp32) residuals, installed after
+        # the UNet was frozen and cast (training.loop's rule for such references)
+        set_infusion_processors(self.sd.unet, [self.residuals])
+        self.accelerator.print(
+            f"[{self.name}] {len(self.residuals.residuals)} cross-attention layers, "
+            f"{sum(p.numel() for p in self.residuals.parameters()):,} residual values for {self.config.class_word!r}"
+        )
+
+    def trainable_models(self):
+        return {"infusion": self.residuals}
+
+    def concept_phrase(self) -> str:
+        return self.config.class_word
+
+    def predict_noise(self, models, noisy, timesteps, prompts):
+        with torch.no_grad():
+            text = self.sd.text_encoder(self.tokenize(prompts))[0]
+        n = len(prompts)
+        if self.config.replace_maps:
+            rows = prompts + prompts
+            call = infusion_call(self.sd.tokenizer, rows, [models["infusion"]], require_all=True)
+            mask = call.token_masks[0]
+            call.token_masks = [torch.cat([torch.zeros_like(mask[:n]), mask[n:]])]  # residual on the C rows only
+            call.map_source = torch.cat([torch.arange(n), torch.arange(n)])
+            noisy, timesteps, text = torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([text, text])
+        else:
+            call = infusion_call(self.sd.tokenizer, prompts, [models["infusion"]], require_all=True)
+        ctx = AttentionContext(extras={EXTRAS_KEY: call})
+        prediction = self.sd.unet(noisy, timesteps, encoder_hidden_states=text, cross_attention_kwargs={CONTEXT_KWARG: ctx}).sample
+        return prediction[n:] if self.config.replace_maps else prediction
+
+    def regularize(self, models, rec_loss):
+        return rec_loss, {"residual_norm": models["infusion"]().detach().norm()}
+
+    @torch.no_grad()
+    def sample(self, models, prompts, generator):
+        pipe = self.pipeline()
+        out = generate_with_infusion(
+            pipe,
+            prompts,
+            [models["infusion"]],
+            replace_maps=self.config.replace_maps,
+            generator=generator,
+            num_inference_steps=self.config.validation_inference_steps,
+            guidance_scale=self.config.validation_guidance_scale,
+            height=self.config.resolution,
+            width=self.config.resolution,
+        )
+        return out.base_images + out.images  # top row: base model, bottom row: with the concept
+
+    def export(self, models, export_dir: Path) -> list[str]:
+        written = [export_model(models["infusion"], Path(export_dir), RESIDUALS_FOLDER)]
+        written.append(self.write_concept_file(export_dir, "infusion", {"residuals": RESIDUALS_FOLDER}))
+        return written
+
+    def model_card_notes(self) -> str:
+        c = self.config
+        return (
+            f"## Infusion residuals for `{c.class_word}`\n\n"
+            f"Learned from the photos in `{c.concept_dir}` ({c.max_steps} steps). Prompts that say "
+            f"\"{c.class_word}\" get the concept; the base model's attention maps are kept.\n\n"
+            "```python\n"
+            "from encoders.infusion import InfusionResiduals, generate_with_infusion\n"
+            f"concept = InfusionResiduals.from_pretrained(\"{c.output_dir}\", subfolder=\"{RESIDUALS_FOLDER}\")\n"
+            f"images = generate_with_infusion(pipe, \"a {c.class_word} on the beach\", [concept], "
+            "num_inference_steps=50, guidance_scale=8).images\n"
+            "```\n"
+        )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    config = parse_config_cli(
+        InfusionConfig,
+        argv,
+        prog="accelerate launch -m training.infusion",
+        description="Learn Infusion's per-layer value residuals for a concept's class word from 3-5 photos.",
+    )
+    return run_training(InfusionTask(config))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,238 @@
+"""Textual Inversion, BaTex and semantic inversion: learn one word embedding S* from a few photos.
+
+    accelerate launch -m training.textual_inversion --config configs/finetune/textual_inversion.yaml \\
+        concept_dir=photos/ placeholder_token='S*' initializer_token=dog output_dir=out/dog_ti
+
+Everything else is frozen. The learned word v replaces S*'s token embedding before the text encoder
+(`encoders.text_injection`, no resized embedding table, no patched class), and the loss is the
+masked epsilon-MSE of `training.concept_data`. Variants, by config keys:
+
+- plain Textual Inversion (papers/textual_inversion.txt): v is a free vector initialised with the
+  initializer word's embedding (paper: base lr 0.005 scaled by the batch size, 5000 steps);
+- `subspace.enabled=true`: BaTex (`encoders.subspace`), v = w @ V_M over the vocabulary words chosen
+  by the rank rule (`subspace.distance`, `subspace.dim`), w one-hot on the initializer at start
+  (paper: 500 steps, d1 = 576);
+- `anchors.enabled=true`: semantic inversion (`encoders.anchors`): (1 - lambda) L_rec + lambda L_anc
+  with sparse-coded anchor words (paper: lambda = 0.95); combinable with either of the above.
+
+Output in `output_dir`: `learned_embeds.safetensors` ({placeholder: [1, D]}) that diffusers loads
+with `pipe.load_textual_inversion(output_dir, token="S*")`, `concept.json` (what was learned, for
+`inference.evaluate`), `subspace/` for BaTex, checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from encoders.run_config import ConfigError, parse_config_cli
+from encoders.subspace import TextualSubspace
+from encoders.text_injection import add_placeholder_tokens, encode_text_with_words
+
+from .concept_data import ConceptFinetuneTask, FinetuneConfig, _help
+from .loop import export_model, run_training
+
+EMBEDDINGS_FILE = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
+
+
+@dataclass
+class SubspaceConfig:
+    """BaTex: search the embedding in the span of nearby vocabulary words."""
+
+    enabled: bool = _help("learn weights over a textual subspace instead of a free vector (BaTex)", False)
+    distance: Literal["dot", "cosine", "l2"] = _help("vector distance that orders the vocabulary around the initializer", "dot")
+    dim: int = _help("subspace dimension d1: basis = top-M words for the smallest M with rank >= d1 (paper: 576 of 768)", 576)
+
+
+@dataclass
+class AnchorsConfig:
+    """Semantic inversion: attract the embedding to a few sparse-coded real words."""
+
+    enabled: bool = _help("add the anchor-attractor loss L_anc", False)
+    weight: float = _help("lambda in (1 - lambda) L_rec + lambda L_anc (paper: 0.95)", 0.95)
+    vocabulary: str = _help("anchor words: coco (80 names) or a word-list file", "coco")
+    max_active: int = _help("at most this many active anchors (c)", 3)
+    method: Literal["lasso", "omp"] = _help("sparse coding solver (see encoders.anchors)", "lasso")
+    refresh_every: int = _help("recompute the sparse code every N steps", 1)
+
+
+@dataclass
+class TextualInversionConfig(FinetuneConfig):
+    """Textual Inversion keys (defaults: the paper's recipe; BaTex and anchors off)."""
+
+    output_dir: str = _help("run folder: learned_embeds.safetensors, concept.json, checkpoints, logs", "outputs/textual_inversion")
+    max_steps: int = _help("optimizer steps (paper: 5000 for Textual Inversion, 500 for BaTex)", 5000)
+    train_batch_size: int = _help("photos per device per step", 4)
+    learning_rate: float = _help("base learning rate (paper: 0.005, scaled by the batch size)", 5e-3)
+    scale_lr: bool = _help("multiply learning_rate by batch x accumulation x processes (the paper does)", True)
+    adam_weight_decay: float = _help("AdamW weight decay on the embedding (BaTex: on the weights)", 0.0)
+    checkpointing_steps: int = _help("save checkpoint-N/ every N steps (0: only at the end)", 500)
+    append_class_word: bool = _help("caption with 'S* <class_word>' instead of 'S*' (compositional-inversion style)", False)
+    subspace: SubspaceConfig = field(default_factory=SubspaceConfig)
+    anchors: AnchorsConfig = field(default_factory=AnchorsConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.initializer_token:
+            raise ConfigError("initializer_token is required: a coarse one-token word for the concept (e.g. dog)")
+        if not self.placeholder_token or " " in self.placeholder_token:
+            raise ConfigError(f"placeholder_token must be one word without spaces, got {self.placeholder_token!r}")
+        if self.append_class_word and not self.class_word:
+            raise ConfigError("append_class_word=true needs class_word")
+        if not 0.0 <= self.anchors.weight < 1.0:
+            raise ConfigError(f"anchors.weight must be in [0, 1), got {self.anchors.weight}")
+        if self.subspace.dim < 1:
+            raise ConfigError(f"subspace.dim must be positive, got {self.subspace.dim}")
+
+
+class LearnedEmbedding(ModelMixin, ConfigMixin):
+    """Textual Inversion's free word embedding v (`forward()` -> `[embedding_dim]`)."""
+
+    @register_to_config
+    def __init__(self, embedding_dim: int, initializer_token: str | None = None):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(embedding_dim))
+
+    def forward(self) -> torch.Tensor:
+        return self.embedding
+
+
+class TextualInversionTask(ConceptFinetuneTask):
+    name = "textual_inversion"
+    config: TextualInversionConfig
+
+    def build_trainable(self) -> None:
+        config, sd = self.config, self.sd
+        if config.placeholder_token in sd.tokenizer.get_vocab():
+            raise ConfigError(
+                f"placeholder_token {config.placeholder_token!r} is already a word of the tokenizer; pick a new one (e.g. S*)"
+            )
+        init_ids = sd.tokenizer(config.initializer_token, add_special_tokens=False).input_ids
+        if len(init_ids) != 1:
+            raise ConfigError(
+                f"initializer_token {config.initializer_token!r} is {len(init_ids)} tokens; use a word that is one token"
+            )
+        self.placeholder_id = add_placeholder_tokens(sd.tokenizer, [config.placeholder_token])[0]
+        vocab = sd.text_encoder.get_input_embeddings().weight.detach().float()
+        self.initializer_id = init_ids[0]
+        if config.subspace.enabled:
+            special = [sd.tokenizer.bos_token_id, sd.tokenizer.eos_token_id, sd.tokenizer.pad_token_id]
+            self.word = TextualSubspace.from_vocabulary(
+                vocab,
+                self.initializer_id,
+                subspace_dim=config.subspace.dim,
+                distance=config.subspace.distance,
+                exclude_ids=[i for i in special if i is not None],
+                initializer_token=config.initializer_token,
+            ).to(self.device)
+            self.accelerator.print(
+                f"[{self.name}] BaTex subspace: {self.word.config.num_basis} words, rank {self.word.rank} "
+                f"(d1={config.subspace.dim}, {config.subspace.distance})"
+            )
+        else:
+            self.word = LearnedEmbedding(vocab.shape[1], config.initializer_token).to(self.device)
+            with torch.no_grad():
+                self.word.embedding.copy_(vocab[self.initializer_id])
+        self.anchors = None
+        if config.anchors.enabled:
+            from encoders.anchors import AnchorRegularizer
+
+            self.anchors = AnchorRegularizer.from_text_encoder(
+                sd.tokenizer,
+                sd.text_encoder,
+                words=config.anchors.vocabulary,
+                max_active=config.anchors.max_active,
+                method=config.anchors.method,
+                refresh_every=config.anchors.refresh_every,
+            ).to(self.device)
+
+    def trainable_models(self):
+        return {"learned_word": self.word}
+
+    def concept_phrase(self) -> str:
+        c = self.config
+        return f"{c.placeholder_token} {c.class_word}" if c.append_class_word else c.placeholder_token
+
+    def encode_prompts(self, word: nn.Module, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenize(prompts)
+        v = word().to(self.sd.text_encoder.dtype)
+        words = v.expand(len(prompts), 1, -1)
+        return encode_text_with_words(self.sd.text_encoder, ids, self.placeholder_id, words).hidden_states
+
+    def predict_noise(self, models, noisy, timesteps, prompts):
+        text = self.encode_prompts(models["learned_word"], prompts)
+        return self.sd.unet(noisy, timesteps, encoder_hidden_states=text).sample
+
+    def regularize(self, models, rec_loss):
+        if self.anchors is None:
+            return rec_loss, {}
+        lam = self.config.anchors.weight
+        anc = self.anchors(models["learned_word"]().float())
+        return (1 - lam) * rec_loss + lam * anc, {"anchor_loss": anc.detach()}
+
+    @torch.no_grad()
+    def sample(self, models, prompts, generator):
+        pipe = self.pipeline()
+        cond = self.encode_prompts(models["learned_word"], prompts)
+        uncond = self.sd.text_encoder(self.tokenize([""] * len(prompts)))[0]
+        return pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            num_inference_steps=self.config.validation_inference_steps,
+            guidance_scale=self.config.validation_guidance_scale,
+            height=self.config.resolution,
+            width=self.config.resolution,
+            generator=generator,
+        ).images
+
+    def export(self, models, export_dir: Path) -> list[str]:
+        from safetensors.torch import save_file
+
+        export_dir = Path(export_dir)
+        word = models["learned_word"]
+        vector = word().detach().float().cpu()[None]
+        tmp = export_dir / f".{EMBEDDINGS_FILE}.tmp"
+        save_file({self.config.placeholder_token: vector.contiguous()}, str(tmp))
+        os.replace(tmp, export_dir / EMBEDDINGS_FILE)
+        written = [EMBEDDINGS_FILE]
+        files = {"embeddings": EMBEDDINGS_FILE}
+        if isinstance(word, TextualSubspace):
+            written.append(export_model(word, export_dir, "subspace"))
+            files["subspace"] = "subspace"
+        method = "batex" if self.config.subspace.enabled else "textual_inversion"
+        written.append(self.write_concept_file(export_dir, method, files))
+        return written
+
+    def model_card_notes(self) -> str:
+        c = self.config
+        kind = "BaTex (textual subspace)" if c.subspace.enabled else "Textual Inversion"
+        return (
+            f"## {kind} embedding `{c.placeholder_token}`\n\n"
+            f"Learned from the photos in `{c.concept_dir}` (initializer `{c.initializer_token}`, {c.max_steps} steps).\n\n"
+            "```python\n"
+            f"pipe.load_textual_inversion(\"{c.output_dir}\", token=\"{c.placeholder_token}\")\n"
+            f"image = pipe(\"a photo of {c.placeholder_token} on the beach\").images[0]\n"
+            "```\n"
+        )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    config = parse_config_cli(
+        TextualInversionConfig,
+        argv,
+        prog="accelerate launch -m training.textual_inversion",
+        description="Learn a word embedding for a concept from 3-5 photos (Textual Inversion, BaTex, semantic anchors).",
+    )
+    return run_training(TextualInversionTask(config))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
