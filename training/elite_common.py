@@ -1,0 +1,267 @@
+"""What ELITE's two training stages share: config keys, frozen models, data, validation pictures.
+
+`training.global_mapping` and `training.local_mapping` subclass `EliteStageTask` and add only their
+trainable model and loss. Set-up loads, frozen and without gradients: the Stable Diffusion parts
+(`training.diffusion.FrozenStableDiffusion`, in the run's precision) and the CLIP vision tower
+(`encoders.clip_features`), and adds the placeholder token to the tokenizer. Batches come from the
+crop-shard loader (`training.data`); per step the frozen encoders run once, under `torch.no_grad()`.
+
+Validation (every `validation_steps`): for the first `num_validation_samples` crops of the shards,
+the crop followed by one image per `validation_prompts` entry, generated with the models as they
+are (w0 at the placeholder, plus the local branch in the local stage at `validation_lam`).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from encoders.clip_features import DEFAULT_LAYERS, CLIPFeatureExtractor, load_clip_normalization
+from encoders.run_config import ConfigError
+from encoders.text_injection import add_placeholder_tokens, encode_text_with_words
+
+from .common_config import TrainConfig
+from .data import CropDataConfig, build_crop_dataloader
+from .diffusion import FrozenStableDiffusion
+from .loop import TrainingTask
+
+logger = logging.getLogger(__name__)
+
+
+def _help(text: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class EliteStageConfig(TrainConfig):
+    """Keys both ELITE stages add to the shared ones (`data.*` are the loader's, see training/data.py)."""
+
+    data: CropDataConfig = _help("crop-shard loader settings (data.resolution, data.scale_prob, ...)", factory=CropDataConfig)
+    feature_layers: list[int] = _help(
+        "CLIP vision layers tapped, in word order (the first gives w0)", factory=lambda: list(DEFAULT_LAYERS)
+    )
+    mapping_hidden_dim: int = _help("hidden width of the mapping MLPs (paper: 1024)", 1024)
+    weight_loss_by_valid_region: bool = _help(
+        "average the denoising error over the target's real pixels only (the loader's valid_mask)", False
+    )
+    validation_prompts: list[str] = _help(
+        "prompts for validation images; the placeholder stands for the crop's concept",
+        factory=lambda: ["a photo of S*", "a S* on the beach"],
+    )
+    num_validation_samples: int = _help("crops from the shards to render validation images for", 2)
+    validation_inference_steps: int = _help("sampler steps for validation images", 25)
+    validation_guidance_scale: float = _help("classifier-free guidance for validation images (paper: 5)", 5.0)
+    validation_lam: float = _help("local-branch weight lambda for validation images (paper: 0.8)", 0.8)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.feature_layers:
+            raise ConfigError("feature_layers must name at least one CLIP layer")
+        if self.mapping_hidden_dim <= 0:
+            raise ConfigError(f"mapping_hidden_dim must be positive, got {self.mapping_hidden_dim}")
+        for prompt in self.validation_prompts:
+            if self.data.placeholder_token not in prompt:
+                raise ConfigError(
+                    f"validation prompt {prompt!r} lacks the placeholder {self.data.placeholder_token!r} (data.placeholder_token)"
+                )
+
+
+class EliteStageTask(TrainingTask):
+    """Frozen SD + CLIP + data for an ELITE stage; subclasses build their mapping and loss."""
+
+    config: EliteStageConfig
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def clip_layers(self) -> tuple[int, ...]:
+        """Layers the CLIP pass taps (a stage may need more than `feature_layers`)."""
+        return tuple(self.config.feature_layers)
+
+    def setup(self, accelerator, weight_dtype: torch.dtype) -> None:
+        cfg = self.config
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.weight_dtype = weight_dtype
+        self.sd = FrozenStableDiffusion.load(
+            cfg.pretrained_model_name_or_path, accelerator.device, weight_dtype, cfg.gradient_checkpointing
+        )
+        self.clip = CLIPFeatureExtractor.from_pretrained(cfg.image_encoder_name_or_path, layers=self.clip_layers())
+        self.clip.to(device=accelerator.device, dtype=weight_dtype)
+        if cfg.data.clip_size != self.clip.image_size:
+            raise ConfigError(
+                f"data.clip_size={cfg.data.clip_size} but {cfg.image_encoder_name_or_path} takes "
+                f"{self.clip.image_size} px images; set data.clip_size={self.clip.image_size}"
+            )
+        (self.placeholder_id,) = add_placeholder_tokens(self.sd.tokenizer, [cfg.data.placeholder_token])
+        self.text_dim = int(self.sd.text_encoder.config.hidden_size)
+        self.build_models(accelerator)
+        self._validation_batch = None
+        self.loader = self._make_loader(cfg.train_batch_size)
+
+    @abstractmethod
+    def build_models(self, accelerator) -> None:
+        """Create the trainable mapping (fp32) and install the attention processors on the frozen UNet."""
+
+    def mapping_kwargs(self) -> dict:
+        """Config values every mapping records: widths, taps, and the models it is trained for."""
+        cfg = self.config
+        return dict(
+            input_dim=self.clip.hidden_size,
+            output_dim=self.text_dim,
+            hidden_dim=cfg.mapping_hidden_dim,
+            feature_layers=tuple(cfg.feature_layers),
+            pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
+            image_encoder_name_or_path=cfg.image_encoder_name_or_path,
+        )
+
+    def _make_loader(self, batch_size: int, **overrides):
+        cfg = self.config
+        mean, std = load_clip_normalization(cfg.image_encoder_name_or_path)
+        data_cfg = cfg.data if not overrides else CropDataConfig(**{**vars(cfg.data), **overrides})
+        return build_crop_dataloader(
+            cfg.train_shards,
+            data_cfg,
+            batch_size=batch_size,
+            vae_scale_factor=self.sd.vae_scale_factor,
+            tokenizer=self.sd.tokenizer,
+            clip_mean=mean,
+            clip_std=std,
+            num_workers=cfg.dataloader_num_workers,
+            seed=cfg.seed,
+        )
+
+    def train_dataloader(self):
+        return self.loader
+
+    # ---- per-step pieces ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_frozen(self, batch: Mapping, clip_key: str, generator: torch.Generator) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Latents of the target and the tapped CLIP features {layer: [B, 1+P, D]} (no gradients)."""
+        latents = self.sd.encode_images(batch["pixel_values"], generator=generator)
+        feats = self.clip(batch[clip_key].to(self.device, self.clip.dtype))
+        return latents, dict(zip(self.clip.layers, feats))
+
+    def diffusion_loss(self, latents, text, generator, cross_attention_kwargs, valid_mask=None) -> torch.Tensor:
+        """Noise the latents, run the frozen UNet with the ELITE processors, compare with the target."""
+        from .diffusion import denoising_loss
+
+        noisy, target, timesteps = self.sd.add_noise(latents, generator)
+        pred = self.sd.unet(
+            noisy, timesteps, text.to(self.sd.unet.dtype), cross_attention_kwargs=cross_attention_kwargs
+        ).sample
+        weight = valid_mask if self.config.weight_loss_by_valid_region else None
+        return denoising_loss(pred, target, weight)
+
+    def encode_prompt_ids(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.sd.tokenizer
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+    # ---- validation -----------------------------------------------------------------------------
+    @abstractmethod
+    def concept_inputs(self, models: Mapping[str, nn.Module], batch: Mapping) -> tuple[torch.Tensor, object]:
+        """(w0 `[n, 1, D]`, local-branch output or None) for validation crops."""
+
+    def _pipeline(self):
+        if getattr(self, "_pipe", None) is None:
+            from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+            self._pipe = StableDiffusionPipeline(
+                vae=self.sd.vae,
+                text_encoder=self.sd.text_encoder,
+                tokenizer=self.sd.tokenizer,
+                unet=self.sd.unet,
+                scheduler=DPMSolverMultistepScheduler.from_config(self.sd.noise_scheduler.config),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
+    def validation_images(self, models: Mapping[str, nn.Module], step: int) -> list | None:
+        from encoders.attention import AttentionContext, LocalConcept
+
+        cfg = self.config
+        if not cfg.validation_prompts or cfg.num_validation_samples <= 0:
+            return None
+        if self._validation_batch is None:  # a separate stream: the training data order is untouched
+            loader = self._make_loader(cfg.num_validation_samples, scale_prob=0.0, clip_flip_prob=0.0,
+                                       clip_rotation_degrees=0.0, clip_blur_prob=0.0)
+            self._validation_batch = next(iter(loader))
+        batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in self._validation_batch.items()}
+        pipe = self._pipeline()
+        images = []
+        res = cfg.data.resolution
+        with self.accelerator.autocast():
+            w0, local = self.concept_inputs(models, batch)
+            for i in range(w0.shape[0]):
+                crop = ((batch["pixel_values"][i].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+                from PIL import Image
+
+                images.append(Image.fromarray(crop))
+                for prompt in cfg.validation_prompts:
+                    ids = self.encode_prompt_ids([prompt])
+                    text = encode_text_with_words(self.sd.text_encoder, ids, self.placeholder_id, w0[i : i + 1])
+                    ctx = AttentionContext()
+                    if local is not None:
+                        ctx = AttentionContext(concepts=[LocalConcept(
+                            local.tokens[i : i + 1], text.word_positions[:, 0], local.keep[i : i + 1], cfg.validation_lam
+                        )])
+                    out = pipe(
+                        prompt_embeds=text.hidden_states.to(self.sd.unet.dtype),
+                        height=res,
+                        width=res,
+                        num_inference_steps=cfg.validation_inference_steps,
+                        guidance_scale=cfg.validation_guidance_scale,
+                        generator=torch.Generator(device=self.device).manual_seed(cfg.seed),
+                        cross_attention_kwargs=ctx.as_kwargs(),
+                    )
+                    images.append(out.images[0])
+        return images
+
+
+def export_fp32(module: nn.Module, name: str, export_dir: Path, output_dir: str | Path) -> str:
+    """Export `module` as `export_dir/name/` in fp32.
+
+    Under DeepSpeed with bf16/fp16 the module holds 16-bit copies of the weights; the fp32 master
+    weights live (sharded) in the optimizer states, so they are rebuilt from the run's last
+    checkpoint (which the loop writes right before the export) with DeepSpeed's zero_to_fp32.
+    """
+    import copy
+
+    from .loop import export_model, list_checkpoints
+
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return export_model(module, export_dir, name)
+    fp32 = copy.deepcopy(module).float()
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints and (checkpoints[-1] / "pytorch_model").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # our own checkpoint, written by this run a moment ago
+        full = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints[-1]))
+        prefix = f"models.{name}."
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        fp32.load_state_dict(state, strict=True)
+    else:
+        logger.warning("%s: no DeepSpeed checkpoint with fp32 master weights; exporting the 16-bit weights as fp32", name)
+    return export_model(fp32, export_dir, name)
+
+
+def resolve_mapping_folder(path_or_repo: str, subfolder: str) -> tuple[str, Optional[str]]:
+    """`(path_or_repo, subfolder)` for from_pretrained: an encoders folder, the subfolder itself, or a Hub repo."""
+    p = Path(path_or_repo)
+    if (p / subfolder / "config.json").is_file():
+        return str(p), subfolder
+    if (p / "config.json").is_file():
+        return str(p), None
+    if p.exists():
+        raise FileNotFoundError(f"{p} holds neither {subfolder}/config.json nor config.json")
+    return path_or_repo, subfolder

@@ -1,0 +1,165 @@
+"""ELITE stage 2: train the local mapping (masked patch features -> local tokens) with local K/V projections.
+
+    accelerate launch -m training.local_mapping --config configs/train/local_mapping.yaml \\
+        global_mapping_path=outputs/train_global/encoders [key=value ...]
+
+The stage-1 global mapping is loaded frozen (`global_mapping_path`: an encoders folder, its
+`global_mapping/` subfolder, or a Hub repo). Per step, without gradients and once each: the
+target's latents (VAE), the multi-layer CLIP features of the object on black (x * m, the same
+input the concept photo gets at inference), w0 from those features (the global mapping computes
+word 0 only), and the text encoder with w0 at the placeholder. With gradients: the local mapping
+turns the features into one token per patch, zeroed and excluded outside the object mask; the
+UNet's cross-attention adds `lam` x the local branch, re-weighted by w0's attention map.
+Loss = epsilon-MSE averaged over the valid region of the target (the loader's `valid_mask`)
++ `local_l1_weight` (paper: 1e-4) x mean over layers of mean |V_local|.
+
+Trainable: `LocalMapping` (MLPs + local K/V), saved as `checkpoint-N/local_mapping/`; the export
+writes `local_mapping/` and a copy of the global mapping it was trained with, so the encoders
+folder is complete. Paper: batch 8, lr 1e-5.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from encoders.attention import AttentionContext, LocalConcept, cross_attention_layers, set_elite_processors
+from encoders.global_mapping import GlobalMapping
+from encoders.local_mapping import LocalMapping
+from encoders.run_config import ConfigError, parse_config_cli
+from encoders.text_injection import encode_text_with_words
+
+from .elite_common import EliteStageConfig, EliteStageTask, _help, export_fp32, resolve_mapping_folder
+from .loop import export_model, run_training
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalMappingConfig(EliteStageConfig):
+    """Keys of `training.local_mapping` (shared keys: training/common_config.py, ELITE keys: elite_common.py)."""
+
+    global_mapping_path: str = _help("trained stage-1 global mapping: encoders folder, global_mapping/ folder or Hub repo", "")
+    learning_rate: float = _help("peak learning rate (paper: 1e-5; before scale_lr)", 1e-5)
+    local_l1_weight: float = _help("weight of mean |V_local| in the loss (paper: 1e-4)", 1e-4)
+    lam: float = _help("local-branch weight lambda during training (paper: 1)", 1.0)
+    weight_loss_by_valid_region: bool = _help(
+        "average the denoising error over the target's real pixels only (the loader's valid_mask)", True
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.global_mapping_path:
+            raise ConfigError("global_mapping_path is required: the stage-1 encoders folder (or its global_mapping/)")
+
+
+class LocalMappingTask(EliteStageTask):
+    name = "local_mapping"
+    config: LocalMappingConfig
+
+    def _load_global(self) -> GlobalMapping:
+        if getattr(self, "_global", None) is None:
+            path, sub = resolve_mapping_folder(self.config.global_mapping_path, "global_mapping")
+            self._global = GlobalMapping.from_pretrained(path, subfolder=sub)
+        return self._global
+
+    def clip_layers(self) -> tuple[int, ...]:
+        # one CLIP pass serves both mappings: the local layers, plus the global mapping's w0 layer
+        layers = list(self.config.feature_layers)
+        w0_layer = int(self._load_global().config.feature_layers[0])
+        return tuple(layers + ([w0_layer] if w0_layer not in layers else []))
+
+    def build_models(self, accelerator) -> None:
+        cfg = self.config
+        gm = self._load_global().to(self.device).eval().requires_grad_(False)  # frozen, kept in fp32
+        expected = {k: list(v) for k, v in cross_attention_layers(self.sd.unet).items()}
+        problems = []
+        if gm.config.input_dim != self.clip.hidden_size:
+            problems.append(f"input_dim {gm.config.input_dim} != image encoder width {self.clip.hidden_size}")
+        if gm.config.output_dim != self.text_dim:
+            problems.append(f"output_dim {gm.config.output_dim} != text width {self.text_dim}")
+        if {k: list(v) for k, v in (gm.config.kv_layers or {}).items()} != expected:
+            problems.append("its K/V layers do not match the UNet's cross-attention layers")
+        if problems:
+            raise ConfigError(
+                f"global_mapping_path={cfg.global_mapping_path} does not fit {cfg.pretrained_model_name_or_path} + "
+                f"{cfg.image_encoder_name_or_path}: " + "; ".join(problems)
+            )
+        for key, ours in (("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path),
+                          ("image_encoder_name_or_path", cfg.image_encoder_name_or_path)):
+            theirs = gm.config.get(key) if hasattr(gm.config, "get") else getattr(gm.config, key, None)
+            if theirs and theirs != ours:
+                logger.warning("the global mapping was trained with %s=%s, this run uses %s", key, theirs, ours)
+        self.global_mapping = gm
+        self.local_mapping = LocalMapping.from_unet(self.sd.unet, **self.mapping_kwargs()).to(self.device)
+        self.local_mapping.train()
+        set_elite_processors(self.sd.unet, gm, self.local_mapping)
+
+    def trainable_models(self):
+        return {"local_mapping": self.local_mapping}
+
+    @torch.no_grad()
+    def _w0(self, feats) -> torch.Tensor:
+        w0_layer = int(self.global_mapping.config.feature_layers[0])
+        return self.global_mapping([feats[w0_layer]], num_words=1)
+
+    def training_step(self, models, batch, generator):
+        mapping = models["local_mapping"]
+        latents, feats = self.encode_frozen(batch, "clip_object_pixel_values", generator)
+        with torch.no_grad():
+            text = encode_text_with_words(self.sd.text_encoder, batch["input_ids"], self.placeholder_id, self._w0(feats))
+        local = mapping([feats[layer] for layer in self.config.feature_layers], batch["object_mask_clip"])
+        ctx = AttentionContext(
+            concepts=[LocalConcept(local.tokens, text.word_positions[:, 0], local.keep, self.config.lam)],
+            local_value_l1=[],
+        )
+        mse = self.diffusion_loss(latents, text.hidden_states, generator, ctx.as_kwargs(), batch.get("valid_mask"))
+        value_l1 = torch.stack(ctx.local_value_l1).mean()
+        loss = mse + self.config.local_l1_weight * value_l1
+        return loss, {"mse": mse.detach(), "local_value_l1": value_l1.detach(),
+                      "kept_tokens": local.keep.float().mean().detach()}
+
+    @torch.no_grad()
+    def concept_inputs(self, models, batch):
+        feats = dict(zip(self.clip.layers, self.clip(batch["clip_object_pixel_values"].to(self.device, self.clip.dtype))))
+        w0 = self._w0(feats)
+        local = models["local_mapping"]([feats[layer] for layer in self.config.feature_layers], batch["object_mask_clip"])
+        return w0, local
+
+    def export(self, models, export_dir):
+        return [
+            export_fp32(models["local_mapping"], "local_mapping", export_dir, self.config.output_dir),
+            export_model(self.global_mapping, export_dir, "global_mapping"),
+        ]
+
+    def model_card_notes(self) -> str:
+        cfg = self.config
+        return (
+            "## local_mapping\n\n"
+            f"ELITE local mapping: masked CLIP patch features of layers {list(cfg.feature_layers)} -> one token per "
+            "patch, plus local K/V projections for every UNet cross-attention layer; fused with weight lambda "
+            "(paper: 0.8 for generation, 0.6 for editing prompts). "
+            f"Trained on top of `{cfg.global_mapping_path}` for {cfg.max_steps} steps, batch {cfg.train_batch_size} x "
+            f"accumulation {cfg.gradient_accumulation_steps} per process, lr {cfg.learning_rate:g} "
+            f"(scale_lr={cfg.scale_lr}), V_local L1 {cfg.local_l1_weight:g}, {cfg.data.resolution} px.\n\n"
+            "## global_mapping\n\n"
+            f"The frozen ELITE global mapping this stage was trained with (CLIP layers "
+            f"{list(self.global_mapping.config.feature_layers)}; use w0), with its global K/V projections.\n"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config_cli(
+        LocalMappingConfig,
+        argv,
+        prog="accelerate launch -m training.local_mapping",
+        description="ELITE stage 2: train the local mapping network and local K/V projections (global mapping frozen).",
+    )
+    run_training(LocalMappingTask(config))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
