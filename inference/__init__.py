@@ -1,0 +1,33 @@
+"""Lean inference: one concept photo (+ mask) and a prompt with S* -> images, zero optimisation steps.
+
+Needs torch, diffusers, transformers, safetensors, huggingface_hub, PIL, numpy and `encoders` only
+(never the training stack). Entry points:
+
+- `ElitePipeline` (`inference.pipeline`): load a base pipeline + encoders, `encode_concept`, generate.
+- `Concept` (`inference.concept`): an encoded concept that saves to / loads from safetensors.
+- `python -m inference generate|encode ...` (`inference.cli`).
+
+Attributes are imported lazily so `import inference` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ElitePipeline": "inference.pipeline",
+    "load_encoders": "inference.pipeline",
+    "Concept": "inference.concept",
+    "ConceptInputError": "inference.inputs",
+    "ConceptInputWarning": "inference.inputs",
+    "ModelLoadError": "inference.loading",
+    "load_base_pipeline": "inference.loading",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'inference' has no attribute {name!r}")

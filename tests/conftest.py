@@ -60,6 +60,32 @@ def tiny_detector_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_encoders_path(tmp_path_factory, tiny_sd_path, tiny_image_encoder_path) -> Path:
+    """An ELITE encoders folder (`global_mapping/`, `local_mapping/`) for the tiny bundle: random init
+    (fixed seed), saved with `save_pretrained`, recording the tiny base model and image encoder. For
+    inference tests that need encoders without running the training stack."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionConfig
+
+    from encoders.global_mapping import GlobalMapping
+    from encoders.local_mapping import LocalMapping
+
+    root = tmp_path_factory.mktemp("tiny_encoders")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    width = CLIPVisionConfig.from_pretrained(tiny_image_encoder_path).hidden_size
+    recorded = dict(
+        hidden_dim=32,
+        pretrained_model_name_or_path=str(tiny_sd_path),
+        image_encoder_name_or_path=str(tiny_image_encoder_path),
+    )
+    for seed, (cls, sub) in enumerate(((GlobalMapping, "global_mapping"), (LocalMapping, "local_mapping"))):
+        torch.manual_seed(seed)
+        cls.from_unet(unet, input_dim=width, **recorded).save_pretrained(root / sub)
+    return root
+
+
+@pytest.fixture(scope="session")
 def crop_shards(tmp_path_factory) -> Path:
     """Crop shards of the bundled COCO and OpenImages samples at 64 px (`configs/data/demo.yaml`
     filters): a folder with `coco/` and `openimages/` subfolders, each with shards + manifest.json.

@@ -1,0 +1,375 @@
+"""Command line: `python -m inference generate ...` and `python -m inference encode ...`.
+
+    # a concept photo (+ mask) and prompts with S*: zero optimisation steps
+    python -m inference generate --base CompVis/stable-diffusion-v1-4 --encoders ORG/elite-encoders \\
+        --image teapot.jpg --mask teapot_mask.png --prompt "a photo of S* on the beach" --out out/
+
+    # two concepts in one prompt: repeat --image/--mask, write S1 and S2
+    python -m inference generate ... --image dog.jpg --image cat.jpg --prompt "S1 playing with S2" --out out/
+
+    # encode once, generate many
+    python -m inference encode --encoders ORG/elite-encoders --image teapot.jpg --mask m.png --out teapot.safetensors
+    python -m inference generate ... --concept teapot.safetensors --prompt "S* in the snow" --out out/
+
+    # no encoders and no image: the plain base pipeline (a prompt without placeholders)
+    python -m inference generate --base PATH --prompt "a photo of a dog" --out out/
+
+`generate` writes one PNG per image, `grid.png` (per prompt: input | outputs) and `settings.json`
+(every setting used, the files written, timings) into --out; each file is written under a
+temporary name and renamed, and settings.json is written last, so its presence means the run
+finished. Errors about inputs name the file or prompt and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .inputs import ConceptInputError, ConceptInputWarning
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 5.0  # ELITE's classifier-free guidance scale
+DEFAULT_LAMBDA = 0.6  # ELITE's lambda for editing prompts (0.8 suits plain "a photo of S*")
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "prompt"
+
+
+def _boxes(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"box {text!r}: expected x0,y0,x1,y1 numbers in 0..1") from err
+    if len(values) != 4 or not (0 <= values[0] < values[2] <= 1 and 0 <= values[1] < values[3] <= 1):
+        raise argparse.ArgumentTypeError(f"box {text!r}: expected x0,y0,x1,y1 with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1")
+    return values
+
+
+def _add_model_options(parser: argparse.ArgumentParser, base_required: bool) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument(
+        "--base", required=base_required, metavar="PATH_OR_ID",
+        help="base Stable Diffusion pipeline: a diffusers folder or Hub id (e.g. CompVis/stable-diffusion-v1-4)"
+        + ("" if base_required else "; optional here, used only to check the encoders fit it"),
+    )
+    group.add_argument(
+        "--encoders", metavar="PATH_OR_ID",
+        help="ELITE encoders folder or Hub repo (global_mapping/, local_mapping/, optional location_mlp/)",
+    )
+    group.add_argument(
+        "--image-encoder", metavar="PATH_OR_ID",
+        help="CLIP vision model the encoders read (default: the one recorded in the encoders folder)",
+    )
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
+    group.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights dtype (auto: float16 on CUDA, float32 elsewhere)",
+    )
+
+
+def _add_concept_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("concept input")
+    group.add_argument(
+        "--image", action="append", default=[], metavar="FILE",
+        help="photo of the concept (repeat for a second concept); an RGBA image's alpha is its mask",
+    )
+    group.add_argument(
+        "--mask", action="append", default=[], metavar="FILE",
+        help="object mask for the --image at the same position (white = object; resized if its size differs; "
+        "'-' for none); without a mask the whole photo is the object",
+    )
+    group.add_argument(
+        "--no-crop", action="store_true",
+        help="encode the whole photo instead of a square crop around the mask (the encoders saw object crops)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference",
+        description="Zero-step personalized text-to-image generation with ELITE encoders (no fine-tuning).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate", help="generate images of a concept (or of a plain prompt)",
+        description="Encode concept photos and generate images for prompts containing their placeholders "
+        "(S* for one concept, S1 and S2 for two). Without --encoders/--image/--concept it runs the plain "
+        "base pipeline. Writes the images, grid.png and settings.json into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_options(gen, base_required=True)
+    _add_concept_options(gen)
+    gen.add_argument(
+        "--concept", action="append", default=[], metavar="FILE",
+        help="a concept file written by `python -m inference encode` (repeatable; instead of --image)",
+    )
+    gen.add_argument(
+        "--placeholder", action="append", default=[], metavar="TOKEN",
+        help="placeholder word of each concept, in order (default: S* for one concept, S1 S2 ... for several)",
+    )
+    prompts = gen.add_argument_group("prompts and sampling")
+    prompts.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                         help="prompt; repeat for several prompts from one encode")
+    prompts.add_argument("--negative-prompt", default=None, metavar="TEXT", help="negative prompt for guidance")
+    prompts.add_argument("--lam", type=float, default=DEFAULT_LAMBDA,
+                         help="weight of the local (detail) branch: 0 = global word only; "
+                         "ELITE uses 0.6 for editing prompts and 0.8 for 'a photo of S*'")
+    prompts.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
+    prompts.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    prompts.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
+    prompts.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    prompts.add_argument("--height", type=int, default=None,
+                         help="image height in px (default: the UNet's sample size x the VAE factor)")
+    prompts.add_argument("--width", type=int, default=None, help="image width in px (default: as --height)")
+    from .loading import SCHEDULERS
+
+    prompts.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                         help="sampler (default: the base model's own; ELITE used lms, which needs scipy)")
+    layout = gen.add_argument_group("spatial guidance (two concepts)")
+    layout.add_argument("--box", action="append", default=[], type=_boxes, metavar="X0,Y0,X1,Y1",
+                        help="where concept k should go (0..1, repeat once per concept): steers its attention")
+    layout.add_argument("--spatial-guidance", action="store_true",
+                        help="predict the boxes with the encoders' location MLP (location_mlp/)")
+    out = gen.add_argument_group("output")
+    out.add_argument("--out", required=True, metavar="DIR", help="folder for images, grid.png and settings.json")
+    out.add_argument("--save-concepts", action="store_true", help="also write each encoded concept as safetensors")
+    out.add_argument("--no-safety-checker", action="store_true", help="do not load the base model's safety checker")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    enc = sub.add_parser(
+        "encode", help="encode a concept photo once into a concept file (safetensors)",
+        description="Encode one concept photo (+ mask) into a small safetensors file that `generate --concept` "
+        "reuses for any number of prompts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_options(enc, base_required=False)
+    _add_concept_options(enc)
+    enc.add_argument("--out", required=True, metavar="FILE", help="concept file to write (.safetensors)")
+    return parser
+
+
+def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
+    n_concepts = len(args.image) + len(args.concept)
+    if args.image and args.concept:
+        parser.error("give concepts either as --image (+ --mask) or as --concept files, not both")
+    if args.mask and len(args.mask) != len(args.image):
+        parser.error(f"{len(args.mask)} --mask for {len(args.image)} --image: give one --mask per --image ('-' for none)")
+    if args.image and not args.encoders:
+        parser.error("--image needs --encoders (the ELITE encoders folder or Hub repo)")
+    if args.concept and not args.encoders:
+        parser.error("--concept needs --encoders (for the attention processors that read its local tokens)")
+    if args.placeholder and len(args.placeholder) != n_concepts:
+        parser.error(f"{len(args.placeholder)} --placeholder for {n_concepts} concepts: give one per concept")
+    if args.box and len(args.box) != n_concepts:
+        parser.error(f"{len(args.box)} --box for {n_concepts} concepts: give one per concept")
+    if args.spatial_guidance and n_concepts != 2:
+        parser.error(f"--spatial-guidance places two concepts (the location MLP's input), got {n_concepts}")
+    if args.box and args.spatial_guidance:
+        parser.error("--box and --spatial-guidance both choose boxes: give one of them")
+    if args.num_images < 1 or args.steps < 1:
+        parser.error("--num-images and --steps must be at least 1")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 8:
+            parser.error(f"--{name} must be at least 8 px")
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def _run_generate(args) -> dict:
+    """Everything `generate` does after argument checks; returns the settings record it wrote."""
+    import torch
+
+    from .concept import Concept
+    from .inputs import find_placeholders, load_concept_image
+    from .loading import default_image_size
+    from .outputs import make_grid, mask_preview, save_image_atomic, write_json_atomic
+    from .pipeline import ElitePipeline, default_placeholders
+
+    # read and check every input before loading any model: a typo fails in a second, not after minutes
+    masks = args.mask or [None] * len(args.image)
+    photos = [load_concept_image(image, None if mask in (None, "-") else mask) for image, mask in zip(args.image, masks)]
+    loaded_concepts = [Concept.load(path) for path in args.concept]
+    placeholders = args.placeholder or default_placeholders(len(photos) + len(loaded_concepts))
+    if photos or loaded_concepts:
+        for prompt in args.prompt:
+            find_placeholders(prompt, placeholders)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    generator_api = ElitePipeline.from_pretrained(
+        args.base,
+        encoders=args.encoders,
+        image_encoder=args.image_encoder,
+        device=args.device,
+        dtype=args.dtype,
+        scheduler=args.scheduler,
+        safety_checker=not args.no_safety_checker,
+    )
+    pipe = generator_api.pipe
+    pipe.set_progress_bar_config(disable=args.quiet)
+    load_s = time.perf_counter() - started
+
+    concepts, inputs_shown, concept_records = [], [], []
+    encode_s = 0.0
+    for k, (photo, image, mask) in enumerate(zip(photos, args.image, masks)):
+        tick = time.perf_counter()
+        concept, prepared = generator_api.encode_concept(photo, crop=not args.no_crop, return_input=True)
+        encode_s += time.perf_counter() - tick
+        concepts.append(concept)
+        inputs_shown.append(mask_preview(prepared.image, prepared.mask))
+        record = {"image": image, "mask": mask if mask not in (None, "-") else None, **concept.metadata}
+        if args.save_concepts:
+            record["saved"] = concept.save(out_dir / f"concept_{k}.safetensors").name
+        concept_records.append(record)
+    for path, concept in zip(args.concept, loaded_concepts):
+        concepts.append(concept)
+        concept_records.append({"concept_file": path, **concept.metadata})
+
+    height, width = args.height, args.width
+    default_h, default_w = default_image_size(pipe)
+    height = height or (width if width else default_h)
+    width = width or (args.height if args.height else default_w)
+
+    boxes = [list(b) for b in args.box] or None
+    if args.spatial_guidance:
+        boxes = generator_api.predict_boxes(concepts)
+        if not args.quiet:
+            print("location MLP boxes: " + ", ".join(f"{p} {[round(v, 3) for v in b]}" for p, b in zip(placeholders, boxes)))
+
+    rows, files, prompt_records = [], [], []
+    tick = time.perf_counter()
+    for p, prompt in enumerate(args.prompt):
+        result = generator_api(
+            prompt,
+            concepts=concepts,
+            placeholders=placeholders,
+            lam=args.lam,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            num_images_per_prompt=args.num_images,
+            seed=args.seed,
+            height=height,
+            width=width,
+            boxes=boxes,
+        )
+        names = []
+        for i, image in enumerate(result.images):
+            name = f"{p:02d}-{_slug(prompt)}-{i:02d}.png"
+            save_image_atomic(image, out_dir / name)
+            names.append(name)
+        files.extend(names)
+        rows.append((prompt, inputs_shown, result.images))
+        record = {"prompt": prompt, "images": names, "seeds": [args.seed + i for i in range(args.num_images)]}
+        if hasattr(result, "loc_losses"):  # spatial guidance: how well attention stayed in the boxes, per step
+            record["location_loss_per_step"] = [round(v, 5) for v in result.loc_losses]
+        prompt_records.append(record)
+    generate_s = time.perf_counter() - tick
+
+    save_image_atomic(make_grid(rows), out_dir / "grid.png")
+    settings = {
+        "command": "python -m inference generate",
+        "base": args.base,
+        "encoders": args.encoders,
+        "image_encoder": generator_api.image_encoder_name,
+        "concepts": concept_records,
+        "placeholders": placeholders,
+        "prompts": prompt_records,
+        "negative_prompt": args.negative_prompt,
+        "lam": args.lam if concepts else None,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "num_images": args.num_images,
+        "height": height,
+        "width": width,
+        "scheduler": type(pipe.scheduler).__name__,
+        "boxes": boxes,
+        "boxes_from": "location_mlp" if args.spatial_guidance else ("--box" if boxes else None),
+        "crop": not args.no_crop,
+        "device": str(pipe.device),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "files": files + ["grid.png"],
+        "seconds": {"load": round(load_s, 3), "encode": round(encode_s, 3), "generate": round(generate_s, 3)},
+        "versions": _versions(),
+    }
+    write_json_atomic(settings, out_dir / "settings.json")
+    torch_threads = torch.get_num_threads()
+    if not args.quiet:
+        print(f"wrote {len(files)} images, grid.png and settings.json to {out_dir} "
+              f"({generate_s:.1f}s generating, {torch_threads} threads)")
+    return settings
+
+
+def _run_encode(args) -> Path:
+    from .pipeline import encode_concept_standalone
+
+    masks = args.mask or [None]
+    if len(args.image) != 1 or len(masks) != 1:
+        raise ConceptInputError("encode takes exactly one --image (and at most one --mask); run it once per concept")
+    concept = encode_concept_standalone(
+        args.encoders,
+        args.image[0],
+        None if masks[0] in (None, "-") else masks[0],
+        base=args.base,
+        image_encoder=args.image_encoder,
+        device=args.device,
+        dtype=args.dtype,
+        crop=not args.no_crop,
+    )
+    path = concept.save(args.out)
+    print(f"wrote {path}: {concept.describe()}")
+    return path
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Input notes as one readable line ("warning: ..."); other warnings in Python's usual form."""
+    if issubclass(category, ConceptInputWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        _check_generate_args(parser, args)
+    elif args.command == "encode" and not args.encoders:
+        parser.error("encode needs --encoders")
+    if getattr(args, "quiet", False):
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    from .concept import ConceptFileError
+    from .loading import ModelLoadError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # each note once
+        warnings.showwarning = _show_warning
+        try:
+            if args.command == "generate":
+                _run_generate(args)
+            else:
+                _run_encode(args)
+        except (ConceptInputError, ConceptFileError, ModelLoadError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return 0

@@ -1,0 +1,293 @@
+"""ElitePipeline on the tiny bundle with random-init encoders: encode once, generate, lambda, two concepts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from encoders.attention import ContextAttnProcessor, EliteAttnProcessor
+from inference import Concept, ElitePipeline, ModelLoadError
+from inference.inputs import ConceptInputError
+from inference.pipeline import check_encoders_fit, default_placeholders, load_encoders
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def elite(tiny_sd_path, tiny_encoders_path):
+    pipe = ElitePipeline.from_pretrained(tiny_sd_path, encoders=tiny_encoders_path, device="cpu", dtype="float32")
+    pipe.pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def photos(data_dir):
+    root = data_dir / "concepts"
+    return {
+        "teapot": (root / "dreambooth" / "teapot" / "04.jpg", root / "masks" / "teapot_04.png"),
+        "dog": (root / "dreambooth" / "dog" / "00.jpg", None),
+        "cat": (root / "dreambooth" / "cat" / "00.jpg", None),
+    }
+
+
+@pytest.fixture(scope="module")
+def teapot(elite, photos):
+    return elite.encode_concept(*photos["teapot"])
+
+
+@pytest.fixture(scope="module")
+def dog_and_cat(elite, photos):
+    with pytest.warns(UserWarning, match="whole image"):
+        dog = elite.encode_concept(photos["dog"][0])
+    with pytest.warns(UserWarning, match="whole image"):
+        cat = elite.encode_concept(photos["cat"][0])
+    return dog, cat
+
+
+def _run(elite, prompt, concepts, **kwargs):
+    """Final latents of a small (16 px) seeded run: what the images are decoded from, without the VAE's cost."""
+    kwargs.setdefault("seed", 0)
+    kwargs.setdefault("output_type", "latent")
+    kwargs.setdefault("height", 16)
+    kwargs.setdefault("width", 16)
+    images = elite(prompt, concepts, num_inference_steps=STEPS, **kwargs).images
+    return images if isinstance(images, np.ndarray) else images.float().cpu().numpy()
+
+
+def test_encoding_gives_a_concept_with_its_origin(elite, teapot, tiny_encoders_path, tiny_image_encoder_path):
+    assert teapot.w0.shape == (32,) and teapot.local_tokens.shape == (256, 32)
+    kept = int(teapot.local_keep.sum())
+    assert 0 < kept < 256  # the mask removes background patches
+    assert torch.all(teapot.local_tokens[~teapot.local_keep] == 0)
+    assert teapot.metadata["encoders"] == str(tiny_encoders_path)
+    assert teapot.metadata["image_encoder"] == str(tiny_image_encoder_path)
+    assert teapot.metadata["source_image"] == "04.jpg" and teapot.metadata["mask_source"] == "teapot_04.png"
+    x0, y0, x1, y1 = (int(v) for v in teapot.metadata["crop_xyxy"].split(","))
+    assert x1 - x0 == y1 - y0 and 0 <= x0 and x1 <= 1073  # a square crop inside the photo
+
+
+def test_same_image_gives_the_same_concept(elite, photos, teapot):
+    again = elite.encode_concept(*photos["teapot"])
+    assert torch.equal(again.w0, teapot.w0)
+    assert torch.equal(again.local_tokens, teapot.local_tokens) and torch.equal(again.local_keep, teapot.local_keep)
+    assert again.metadata == teapot.metadata
+
+
+def test_seeded_runs_are_reproducible(elite, teapot):
+    first = _run(elite, "a photo of S* on the beach", teapot, num_images_per_prompt=2)
+    second = _run(elite, "a photo of S* on the beach", teapot, num_images_per_prompt=2)
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first[0], first[1])  # image i uses seed + i
+    # image 1 of seed 0 is image 0 of seed 1: each image is reproducible on its own (up to batch-size float noise)
+    np.testing.assert_allclose(first[1], _run(elite, "a photo of S* on the beach", teapot, seed=1)[0], atol=1e-5)
+    # the default size comes from the model: UNet sample size 32 x VAE factor 2
+    images = elite("a photo of S* on the beach", teapot, num_inference_steps=1, output_type="np", seed=0).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_lambda_zero_equals_the_global_only_path(elite, teapot):
+    global_only = Concept(w0=teapot.w0, metadata=teapot.metadata)  # no local tokens at all
+    lam0 = _run(elite, "a photo of S* in the snow", teapot, lam=0.0)
+    np.testing.assert_array_equal(lam0, _run(elite, "a photo of S* in the snow", global_only))
+    with_local = _run(elite, "a photo of S* in the snow", teapot, lam=1.0)
+    assert not np.array_equal(lam0, with_local)  # the local branch does change the picture
+
+
+def test_set_elite_scale_is_the_default_lambda(elite, teapot):
+    explicit = _run(elite, "S* on a table", teapot, lam=1.0)
+    elite.set_elite_scale(1.0)
+    try:
+        np.testing.assert_array_equal(_run(elite, "S* on a table", teapot), explicit)
+    finally:
+        elite.set_elite_scale(0.6)
+    with pytest.raises(ValueError, match=">= 0"):
+        elite.set_elite_scale(-1)
+
+
+def test_different_concept_images_give_different_outputs(elite, teapot, dog_and_cat):
+    dog, _ = dog_and_cat
+    assert not torch.equal(dog.w0, teapot.w0)
+    assert not np.array_equal(_run(elite, "a photo of S*", teapot), _run(elite, "a photo of S*", dog))
+
+
+def test_saved_concept_generates_the_same_images(elite, teapot, tmp_path):
+    loaded = Concept.load(teapot.save(tmp_path / "teapot.safetensors"))
+    np.testing.assert_array_equal(_run(elite, "S* in the snow", teapot), _run(elite, "S* in the snow", loaded))
+
+
+def test_w0_is_injected_at_the_placeholder(elite):
+    """Injecting a real word's embedding at S* must equal typing that word."""
+    tokenizer, text_encoder = elite.pipe.tokenizer, elite.pipe.text_encoder
+    dog_id = tokenizer("dog", add_special_tokens=False).input_ids[0]
+    dog_word = text_encoder.get_input_embeddings().weight[dog_id].detach().clone()
+    injected, positions = elite.encode_prompt("a photo of a S* on grass", [Concept(w0=dog_word)], ["S*"])
+    typed = elite._plain_text("a photo of a dog on grass")
+    torch.testing.assert_close(injected, typed, rtol=0, atol=1e-5)
+    assert positions == [5]  # <bos> a photo of a S*
+
+
+def test_two_concepts_each_at_its_own_token(elite, dog_and_cat):
+    tokenizer, text_encoder = elite.pipe.tokenizer, elite.pipe.text_encoder
+    table = text_encoder.get_input_embeddings().weight
+    words = {w: table[tokenizer(w, add_special_tokens=False).input_ids[0]].detach().clone() for w in ("dog", "cat")}
+    prompt = "S1 playing with S2 in a garden"
+    hidden, positions = elite.encode_prompt(prompt, [Concept(w0=words["dog"]), Concept(w0=words["cat"])], ["S1", "S2"])
+    torch.testing.assert_close(hidden, elite._plain_text("dog playing with cat in a garden"), rtol=0, atol=1e-5)
+    ids = tokenizer(prompt).input_ids
+    s1, s2 = tokenizer.convert_tokens_to_ids(["S1", "S2"])
+    assert positions == [ids.index(s1), ids.index(s2)] == [1, 4]
+
+    # each concept's local tokens are routed through its own token's attention map
+    dog, cat = dog_and_cat
+    context = elite._attention_context([dog, cat], positions, [0.6, 0.8], num_images=3, attention_store=None)
+    (first, second) = context.concepts
+    assert (first.token_index, second.token_index) == (1, 4) and (first.lam, second.lam) == (0.6, 0.8)
+    assert first.tokens.shape == (3, 256, 32) and torch.equal(first.tokens[2], dog.local_tokens)
+    assert torch.equal(second.tokens[0], cat.local_tokens) and torch.equal(second.keep[1], cat.local_keep)
+
+    both = _run(elite, prompt, [dog, cat], num_images_per_prompt=2)
+    swapped = _run(elite, prompt, [cat, dog], num_images_per_prompt=2)
+    assert both.shape == (2, 4, 8, 8) and not np.array_equal(both, swapped)
+    assert default_placeholders(1) == ["S*"] and default_placeholders(2) == ["S1", "S2"]
+
+
+def test_bad_prompts_and_concepts_are_clear_errors(elite, teapot):
+    with pytest.raises(ConceptInputError, match="does not contain the placeholder 'S\\*'"):
+        elite("a photo of a teapot", teapot, num_inference_steps=1)
+    with pytest.raises(ConceptInputError, match="2 concepts but 1 placeholders"):
+        elite("S1 and S2", [teapot, teapot], placeholders=["S1"], num_inference_steps=1)
+    with pytest.raises(ConceptInputError, match="w0 of size 16"):
+        elite("S* on a table", Concept(w0=torch.zeros(16)), num_inference_steps=1)
+    with pytest.raises(ValueError, match="1 lambda values for 2 concepts"):
+        elite("S1 and S2", [teapot, teapot], lam=[0.5], num_inference_steps=1)
+
+
+def test_any_scheduler_users_swap_in(elite, teapot):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    original = elite.scheduler
+    try:
+        default = _run(elite, "S* on a table", teapot)
+        elite.scheduler = DDIMScheduler.from_config(original.config)
+        ddim = _run(elite, "S* on a table", teapot)
+        np.testing.assert_array_equal(ddim, _run(elite, "S* on a table", teapot))
+        elite.pipe.scheduler = EulerDiscreteScheduler.from_config(original.config)
+        euler = _run(elite, "S* on a table", teapot)
+        assert np.isfinite(euler).all()
+        assert not np.array_equal(default, ddim) and not np.array_equal(ddim, euler)
+    finally:
+        elite.scheduler = original
+
+
+def test_unload_restores_the_base_pipeline(tiny_sd_path, tiny_encoders_path, teapot):
+    from diffusers import StableDiffusionPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    base.set_progress_bar_config(disable=True)
+    reference = base("a photo of a teapot", num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
+                     height=16, width=16, generator=torch.Generator().manual_seed(0)).images.numpy()
+
+    elite = ElitePipeline(base)
+    elite.load_encoders(tiny_encoders_path)
+    processors = elite.pipe.unet.attn_processors
+    assert any(isinstance(p, EliteAttnProcessor) for p in processors.values())
+    assert all(isinstance(p, ContextAttnProcessor) for p in processors.values())
+    assert elite.device == base.device and elite.dtype == base.unet.dtype
+    _run(elite, "S* on a table", teapot)
+
+    elite.unload_encoders()
+    assert not any(isinstance(p, ContextAttnProcessor) for p in elite.pipe.unet.attn_processors.values())
+    again = _run(elite, "a photo of a teapot", None)
+    np.testing.assert_allclose(again, reference, atol=1e-6)  # stock processors, the plain base model again
+    with pytest.raises(RuntimeError, match="load_encoders"):
+        elite.encode_concept(np.zeros((8, 8, 3)))
+
+
+def test_encoders_for_another_base_model_are_refused(tiny_sd_path, tiny_encoders_path, tiny_image_encoder_path, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from encoders.global_mapping import GlobalMapping
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    # text embeddings of another width (e.g. SD 2's 1024 vs SD 1's 768)
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny_encoders_path, wide)
+    GlobalMapping(input_dim=32, output_dim=48, hidden_dim=8, kv_layers={},
+                  pretrained_model_name_or_path="other/base",
+                  image_encoder_name_or_path=str(tiny_image_encoder_path)).save_pretrained(wide / "global_mapping")
+    encoders = load_encoders(wide, device="cpu", dtype="float32")
+    with pytest.raises(ModelLoadError, match="size 48 .* uses 32: they were trained for other/base"):
+        check_encoders_fit(encoders, pipe)
+
+    # the same width but other cross-attention layers
+    other = tmp_path / "layers"
+    shutil.copytree(tiny_encoders_path, other)
+    config = json.loads((other / "local_mapping" / "config.json").read_text())
+    kv = {n.replace("down_blocks", "down_blockz"): dims for n, dims in config["kv_layers"].items()}
+    from encoders.local_mapping import LocalMapping
+
+    LocalMapping(input_dim=32, output_dim=32, hidden_dim=8, kv_layers=kv).save_pretrained(other / "local_mapping")
+    with pytest.raises(ModelLoadError, match="local_mapping has K/V projections for"):
+        ElitePipeline(pipe).load_encoders(other)
+
+    # not an encoders folder at all; an image encoder of another width than the mappings read
+    with pytest.raises(ModelLoadError, match="no global_mapping/config.json"):
+        load_encoders(tmp_path, device="cpu")
+    GlobalMapping(input_dim=64, output_dim=32, hidden_dim=8, kv_layers=config["kv_layers"],
+                  image_encoder_name_or_path=str(tiny_image_encoder_path)).save_pretrained(other / "global_mapping")
+    with pytest.raises(ModelLoadError, match="features of width 64, but the image encoder .* gives 32"):
+        load_encoders(other, device="cpu")
+
+
+def test_encoders_without_local_mapping_still_generate(tiny_sd_path, tiny_encoders_path, tmp_path, photos):
+    only_global = tmp_path / "global_only"
+    shutil.copytree(tiny_encoders_path / "global_mapping", only_global / "global_mapping")
+    elite = ElitePipeline.from_pretrained(tiny_sd_path, encoders=only_global, device="cpu")
+    assert elite.encoders.local_mapping is None and elite.encoders.location_mlp is None
+    concept = elite.encode_concept(*photos["teapot"])
+    assert concept.local_tokens is None
+    assert _run(elite, "S* on a table", concept).shape == (1, 4, 8, 8)
+
+
+@pytest.mark.filterwarnings("ignore:concept . was encoded with the encoders")  # a copy of the same encoders
+def test_spatial_guidance_hook_with_boxes_and_with_the_location_mlp(tiny_sd_path, tiny_encoders_path, tmp_path, dog_and_cat):
+    from encoders.location_mlp import LocationMLP
+    from inference.guidance import SpatialGuidanceConfig
+
+    with_mlp = tmp_path / "with_location_mlp"
+    shutil.copytree(tiny_encoders_path, with_mlp)
+    torch.manual_seed(0)
+    LocationMLP(embedding_dim=32, hidden_dim=16).save_pretrained(with_mlp / "location_mlp")
+    elite = ElitePipeline.from_pretrained(tiny_sd_path, encoders=with_mlp, device="cpu")
+    elite.pipe.set_progress_bar_config(disable=True)
+    assert elite.encoders.location_mlp is not None
+
+    dog, cat = dog_and_cat
+    prompt = "S1 playing with S2"
+    config = SpatialGuidanceConfig(guidance_steps=1, iterations=1, step_size=30.0, loss_threshold=0.0)
+    with pytest.warns(UserWarning, match="concept 0 was encoded with the encoders .*tiny_encoders"):
+        plain = _run(elite, prompt, [dog, cat])
+    left_right = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+    guided = elite(prompt, [dog, cat], boxes=left_right, guidance_config=config, num_inference_steps=STEPS,
+                   seed=0, height=16, width=16, output_type="latent")
+    assert len(guided.loc_losses) == len(elite.scheduler.timesteps) and len(guided.attention_maps) == 2
+    assert len(guided.guidance_losses) == 1  # one guided reverse step
+    assert guided.images.shape == plain.shape and not np.array_equal(guided.images.numpy(), plain)
+
+    boxes = elite.predict_boxes([dog, cat])
+    assert len(boxes) == 2 and all(0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1 for b in boxes)
+    predicted = elite(prompt, [dog, cat], spatial_guidance=True, guidance_config=config, num_inference_steps=STEPS,
+                      seed=0, height=16, width=16, output_type="latent")
+    explicit = elite(prompt, [dog, cat], boxes=boxes, guidance_config=config, num_inference_steps=STEPS,
+                     seed=0, height=16, width=16, output_type="latent")
+    torch.testing.assert_close(predicted.images, explicit.images)
+
+    with pytest.raises(ConceptInputError, match="one box per concept"):
+        elite(prompt, [dog, cat], boxes=left_right[:1], num_inference_steps=1)
+    no_mlp = ElitePipeline.from_pretrained(tiny_sd_path, encoders=tiny_encoders_path, device="cpu")
+    with pytest.raises(ModelLoadError, match="no location_mlp"):
+        no_mlp(prompt, [dog, cat], spatial_guidance=True, num_inference_steps=1)
