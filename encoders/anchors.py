@@ -7,9 +7,10 @@ word embedding e near the core of the embedding space by attracting it to a few 
 
 where e_1..e_K are the anchor words' token embeddings and delta is a sparse code of e over them.
 The paper names sparse coding but ships none (its code uses one class word); here the code comes
-from scikit-learn: a non-negative Lasso path (`sklearn.linear_model.lars_path`) picks at most c
-anchors and `scipy.optimize.nnls` refits their weights (the default, "lasso"), or orthogonal
-matching pursuit (`sklearn.decomposition.sparse_encode`, "omp", signed weights, for analysis).
+from scikit-learn: a non-negative Lasso path (`sklearn.linear_model.lars_path`, "lasso", the default
+and the regulariser's) picks at most c anchors and `scipy.optimize.nnls` fits their non-negative
+weights; orthogonal matching pursuit (`sklearn.decomposition.sparse_encode`, "omp") gives signed
+codes for analysis.
 Non-negative weights are what the regulariser needs: a negative delta_i would push e away from
 anchor i without bound. With weights summing to s, L_anc is minimised at sum_i delta_i e_i / s.
 
@@ -124,11 +125,14 @@ def sparse_code(
     """Sparse code `[B, K]` of each embedding `[B, D]` (or `[D]`) over anchor embeddings `[K, D]`.
 
     Each row has at most `max_active` non-zeros, so that `code @ anchors` approximates the embedding.
-    - "lasso" (default): the Lasso path with `lars_path(method="lasso", positive=positive)`; the last
-      point with at most `max_active` active anchors gives the support, then the weights are refit on
-      that support by least squares (`scipy.optimize.nnls` when `positive`), removing Lasso's shrinkage.
-    - "omp": orthogonal matching pursuit through `sklearn.decomposition.sparse_encode` (signed weights
-      only; `positive=True` is rejected because OMP cannot enforce it).
+    Two steps, both from the libraries: pick the active anchors (the support), then fit their weights.
+    - support, "lasso" (default): the Lasso path, `sklearn.linear_model.lars_path(method="lasso",
+      positive=positive)`; its last point with at most `max_active` active anchors.
+      "omp": orthogonal matching pursuit, `sklearn.decomposition.sparse_encode(algorithm="omp")`;
+      signed only (`positive=False`): OMP picks atoms by |correlation|, and forcing its weights
+      non-negative afterwards can zero the whole code, so that combination is refused.
+    - weights: least squares on the support, non-negative (`scipy.optimize.nnls`) when `positive`
+      (what the L_anc regulariser needs), else unconstrained (OMP's own coefficients).
     Atoms are scaled to unit norm for the selection (both solvers assume it) and the weights mapped
     back, so they apply to the anchors as given.
     """
@@ -136,6 +140,8 @@ def sparse_code(
         raise ValueError(f"unknown sparse coding method {method!r}; choose one of {', '.join(SPARSE_CODING_METHODS)}")
     if max_active < 1:
         raise ValueError(f"max_active must be at least 1, got {max_active}")
+    if method == "omp" and positive:
+        raise ValueError("method='omp' gives signed weights; pass positive=False, or use method='lasso' (non-negative)")
     x = _as_2d_numpy(embeddings)
     dictionary = _as_2d_numpy(anchors)
     if x.shape[1] != dictionary.shape[1]:
@@ -146,25 +152,25 @@ def sparse_code(
     unit = dictionary / norms[:, None]
     k = min(max_active, dictionary.shape[0])
 
+    from scipy.optimize import nnls
+
     if method == "omp":
-        if positive:
-            raise ValueError("method='omp' gives signed weights; pass positive=False, or use method='lasso'")
         from sklearn.decomposition import sparse_encode
 
-        code = sparse_encode(x, unit, algorithm="omp", n_nonzero_coefs=k)
-        return code / norms[None, :]
+        supports = [np.flatnonzero(row) for row in sparse_encode(x, unit, algorithm="omp", n_nonzero_coefs=k)]
+    else:
+        from sklearn.linear_model import lars_path
 
-    from scipy.optimize import nnls
-    from sklearn.linear_model import lars_path
+        supports = []
+        for target in x:
+            _, _, path = lars_path(unit.T, target, method="lasso", positive=positive)
+            fitting = np.flatnonzero((path != 0).sum(axis=0) <= k)
+            supports.append(np.flatnonzero(path[:, fitting[-1]]))
 
     code = np.zeros((x.shape[0], dictionary.shape[0]))
-    for row, target in enumerate(x):
-        _, _, path = lars_path(unit.T, target, method="lasso", positive=positive)
-        counts = (path != 0).sum(axis=0)
-        fitting = np.flatnonzero(counts <= k)
-        support = np.flatnonzero(path[:, fitting[-1]])
+    for row, (target, support) in enumerate(zip(x, supports)):
         if support.size == 0:
-            continue  # the embedding has no positive correlation with any anchor: an all-zero code
+            continue  # no anchor correlates positively with the embedding: an all-zero code
         basis = unit[support].T
         if positive:
             weights, _ = nnls(basis, target)
@@ -213,6 +219,10 @@ class AnchorRegularizer(torch.nn.Module):
             raise ValueError(f"{len(words)} anchor words but {anchor_embeddings.shape[0]} anchor embeddings")
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be at least 1, got {refresh_every}")
+        if method != "lasso":
+            raise ValueError(
+                f"AnchorRegularizer needs non-negative weights, which method={method!r} cannot give; use method='lasso'"
+            )
         self.words = list(words)
         self.max_active = max_active
         self.method = method

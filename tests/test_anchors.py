@@ -96,6 +96,8 @@ def test_sparse_code_recovers_a_sparse_combination(coco_anchors):
 def test_sparse_code_errors(coco_anchors):
     with pytest.raises(ValueError, match="omp"):
         sparse_code(coco_anchors[0], coco_anchors, 3, method="omp", positive=True)
+    with pytest.raises(ValueError, match="non-negative"):
+        AnchorRegularizer(["a"], torch.ones(1, 4), method="omp")
     with pytest.raises(ValueError, match="unknown sparse coding method"):
         sparse_code(coco_anchors[0], coco_anchors, 3, method="ista")
     with pytest.raises(ValueError, match="does not match anchor dim"):
