@@ -131,15 +131,15 @@ def render_object(record: ObjectRecord, settings: CropSettings, use_cache: bool 
     raw_box = _object_box(record, size, notes, rotate)
     box = clip_box(raw_box, size)
     if box is None:
-        raise Skip("box_outside_image", f"{record.describe()}: box {_rounded(raw_box, 1)} on a {size[0]}x{size[1]} image")
+        raise Skip("box_outside_image", f"box {_rounded(raw_box, 1)} on a {size[0]}x{size[1]} image")
     if max(abs(a - b) for a, b in zip(box, raw_box)) > 1.0:
         notes.append("box_clipped")
     reason = check_box(box, size, settings.filters)
     if reason:
-        raise Skip(reason, record.describe())
+        raise Skip(reason, f"box {_rounded(box, 1)} on a {size[0]}x{size[1]} image")
     geometry = square_crop(box, size, settings.padding)
     if geometry.letterboxed and not settings.letterbox:
-        raise Skip("needs_letterbox", record.describe())
+        raise Skip("needs_letterbox", f"box {_rounded(box, 1)} on a {size[0]}x{size[1]} image (letterbox is off)")
     resolution = settings.resolution
     crop = _crop(image, geometry, size, resolution, Image.BICUBIC, FILL_RGB)
 
@@ -153,10 +153,10 @@ def render_object(record: ObjectRecord, settings: CropSettings, use_cache: bool 
         mask = np.where(np.asarray(mask_image) > 127, np.uint8(255), np.uint8(0))
     tight = mask_bbox(mask)
     if tight is None:
-        raise Skip("empty_mask", record.describe())
+        raise Skip("empty_mask", "no mask pixel inside the crop")
     iou = box_iou(tuple(float(v) for v in tight), (bx0, by0, bx1, by1))
     if iou < settings.min_mask_box_iou:
-        raise Skip("mask_box_mismatch", f"{record.describe()}: mask box {tight} vs object box {_rounded((bx0, by0, bx1, by1), 1)} (IoU {iou:.2f})")
+        raise Skip("mask_box_mismatch", f"mask box {tight} vs object box {_rounded((bx0, by0, bx1, by1), 1)} (IoU {iou:.2f})")
 
     meta = {
         "schema": SAMPLE_SCHEMA,

@@ -25,6 +25,8 @@ Each sample becomes (R = `resolution`, f = the VAE's downsampling factor, passed
 
 All randomness comes from RNGs seeded by (`seed`, epoch, rank, worker), so batches are the same
 on every run with the same seed and worker count (the training loop's exact resume relies on it).
+Samples stay uint8 until a whole batch is stacked; `CropSampleTransform.finalize_batch` then makes
+the float tensors once per batch, in the main process (4x less data between DataLoader workers).
 Do not pass the loader through `accelerator.prepare`: it splits shards by node itself (RANK /
 WORLD_SIZE or torch.distributed), and accelerate would dispatch rank 0's batches instead.
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +44,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from data_prep.writer import MANIFEST_NAME, expand_shard_spec
@@ -106,12 +108,32 @@ def _worker_info() -> tuple[int, int]:
     return rank, worker
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """HWC uint8 PIL -> CHW float in [0, 1]."""
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """HWC uint8 PIL RGB -> contiguous CHW uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
+
+
+def _any_pixel_cells(mask: Image.Image, f: int) -> np.ndarray:
+    """[h/f, w/f] float: 1 where an f x f cell of a 0/255 L mask holds any set pixel."""
+    if f == 1:
+        return (np.asarray(mask) > 127).astype(np.float32)
+    if f <= 16:  # a box average of 0/255 values stays > 0 (after rounding) iff any pixel is set
+        return (np.asarray(mask.reduce(f)) > 0).astype(np.float32)
+    h, w = mask.height // f, mask.width // f
+    return (np.asarray(mask) > 127).reshape(h, f, w, f).any(axis=(1, 3)).astype(np.float32)
+
+
+def _view(image: Image.Image, size: int, angle: float, flip: bool, resample: int, fill) -> Image.Image:
+    """`image` resized to `size`, mirrored and rotated about its centre by `angle` degrees: one affine warp."""
+    scale = image.width / size
+    a = math.radians(angle)
+    cos, sin = math.cos(a) * scale, math.sin(a) * scale
+    mirror = -1.0 if flip else 1.0
+    half_in, half_out = image.width / 2.0, size / 2.0
+    # input = centre_in + scale * R(angle) @ diag(mirror, 1) @ (output - centre_out)
+    m00, m01, m10, m11 = cos * mirror, sin, -sin * mirror, cos
+    coeffs = (m00, m01, half_in - m00 * half_out - m01 * half_out, m10, m11, half_in - m10 * half_out - m11 * half_out)
+    return image.transform((size, size), Image.AFFINE, coeffs, resample, fillcolor=fill)
 
 
 class CropSampleTransform:
@@ -136,25 +158,22 @@ class CropSampleTransform:
         self.tokenizer = tokenizer
         self.mean = torch.tensor(clip_mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(clip_std, dtype=torch.float32).view(3, 1, 1)
+        self.black = -self.mean / self.std  # normalised black: the local stage's background
+        self.clip_scale = 1.0 / (255.0 * self.std)
+        self.clip_shift = self.mean / self.std
         self.templates = tuple(config.templates) or IMAGENET_TEMPLATES
-
-    def _latent(self, mask: torch.Tensor, all_set: bool) -> torch.Tensor:
-        """[1, R, R] {0,1} -> [1, R/f, R/f]: all pixels set (`all_set`) or any pixel set."""
-        if self.factor == 1:
-            return mask
-        if all_set:
-            return 1.0 - F.max_pool2d(1.0 - mask[None], self.factor)[0]
-        return F.max_pool2d(mask[None], self.factor)[0]
 
     def __call__(self, image: Image.Image, mask: Image.Image, meta: dict, rng: random.Random) -> dict:
         cfg, f = self.config, self.factor
         size = cfg.resolution
+        cells = size // f
         if image.size != (size, size):
             image = image.resize((size, size), Image.BICUBIC)
         if mask.size != (size, size):
             mask = mask.resize((size, size), Image.NEAREST)
 
-        # The diffusion target, optionally shrunk onto a grey canvas (sizes and offsets on the latent grid).
+        # The diffusion target, optionally shrunk onto a grey canvas; sizes and offsets sit on the
+        # latent grid, so the latent-resolution masks below are exact.
         side, ox, oy = size, 0, 0
         if cfg.scale_prob > 0 and rng.random() < cfg.scale_prob:
             scale = rng.uniform(*cfg.scale_range)
@@ -162,43 +181,43 @@ class CropSampleTransform:
             ox = rng.randrange(0, (size - side) // f + 1) * f
             oy = rng.randrange(0, (size - side) // f + 1) * f
         placed = image if side == size else image.resize((side, side), Image.BICUBIC)
+        if side == size:
+            pixels = _to_uint8_tensor(placed)
+        else:
+            pixels = torch.full((3, size, size), 128, dtype=torch.uint8)  # the grey canvas (0 after finalize)
+            pixels[:, oy : oy + side, ox : ox + side] = _to_uint8_tensor(placed)
         placed_mask = mask if side == size else mask.resize((side, side), Image.NEAREST)
-        pixel_values = torch.zeros(3, size, size)
-        pixel_values[:, oy : oy + side, ox : ox + side] = _to_tensor(placed).mul_(2.0).sub_(1.0)
-        object_mask = torch.zeros(1, size, size)
-        object_mask[:, oy : oy + side, ox : ox + side] = (_to_tensor(placed_mask) > 0.5).float()
-        valid = torch.zeros(1, size, size)
+        object_latent = np.zeros((cells, cells), np.float32)  # a latent cell holding any object pixel
+        object_latent[oy // f : (oy + side) // f, ox // f : (ox + side) // f] = _any_pixel_cells(placed_mask, f)
         vx0, vy0, vx1, vy1 = meta.get("valid_in_crop", (0.0, 0.0, 1.0, 1.0))
-        valid[:, oy + int(round(vy0 * side)) : oy + int(round(vy1 * side)), ox + int(round(vx0 * side)) : ox + int(round(vx1 * side))] = 1.0
+        px0, py0 = ox + int(round(vx0 * side)), oy + int(round(vy0 * side))
+        px1, py1 = ox + int(round(vx1 * side)), oy + int(round(vy1 * side))
+        valid_latent = np.zeros((cells, cells), np.float32)  # a latent cell made only of real pixels
+        valid_latent[-(-py0 // f) : py1 // f, -(-px0 // f) : px1 // f] = 1.0
         bx0, by0, bx1, by1 = meta["box_in_crop"]
         box = torch.tensor([(bx0 * side + ox) / size, (by0 * side + oy) / size, (bx1 * side + ox) / size, (by1 * side + oy) / size])
 
-        # The CLIP views: whole crop (global stage) and object on black (local stage), same geometry.
+        # The CLIP views: whole crop (global stage) and object on black (local stage), same flip and
+        # rotation, each made by one affine warp from a box-filtered half-size copy.
         c = cfg.clip_size
+        flip = rng.random() < cfg.clip_flip_prob
+        angle = rng.uniform(-cfg.clip_rotation_degrees, cfg.clip_rotation_degrees) if cfg.clip_rotation_degrees > 0 else 0.0
         small = image
-        while small.width >= 2 * c:  # fast box-filter halving before the final resize
+        while small.width >= 2 * c:
             small = small.reduce(2)
-        clip_image = small.resize((c, c), Image.BICUBIC)
-        clip_mask = mask.resize((c, c), Image.NEAREST)
-        if rng.random() < cfg.clip_flip_prob:
-            clip_image = clip_image.transpose(Image.FLIP_LEFT_RIGHT)
-            clip_mask = clip_mask.transpose(Image.FLIP_LEFT_RIGHT)
-        if cfg.clip_rotation_degrees > 0:
-            angle = rng.uniform(-cfg.clip_rotation_degrees, cfg.clip_rotation_degrees)
-            clip_image = clip_image.rotate(angle, Image.BICUBIC, fillcolor=_CLIP_FILL)
-            clip_mask = clip_mask.rotate(angle, Image.NEAREST, fillcolor=0)
+        clip_image = _view(small, c, angle, flip, Image.BILINEAR, _CLIP_FILL)
+        clip_mask = _view(mask, c, angle, flip, Image.NEAREST, 0)
         if rng.random() < cfg.clip_blur_prob:
             clip_image = clip_image.filter(ImageFilter.GaussianBlur(rng.uniform(*cfg.clip_blur_radius)))
-        clip01 = _to_tensor(clip_image)
-        mask_clip = (_to_tensor(clip_mask) > 0.5).float()
+        mask_clip = torch.from_numpy(np.asarray(clip_mask) > 127)[None]
 
         caption = fill_template(rng.choice(self.templates), cfg.placeholder_token)
         out = {
-            "pixel_values": pixel_values,
-            "valid_mask": self._latent(valid, all_set=True),
-            "object_mask_latent": self._latent(object_mask, all_set=False),
-            "clip_pixel_values": (clip01 - self.mean) / self.std,
-            "clip_object_pixel_values": (clip01 * mask_clip - self.mean) / self.std,
+            "pixel_values": pixels,  # uint8 until finalize_batch
+            "canvas": torch.tensor([ox, oy, ox + side, oy + side]),
+            "valid_mask": torch.from_numpy(valid_latent)[None],
+            "object_mask_latent": torch.from_numpy(object_latent)[None],
+            "clip_pixel_values": _to_uint8_tensor(clip_image),
             "object_mask_clip": mask_clip,
             "caption": caption,
             "box_in_crop": box,
@@ -209,6 +228,33 @@ class CropSampleTransform:
             ids = self.tokenizer(caption, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length).input_ids
             out["input_ids"] = torch.tensor(ids, dtype=torch.long)
         return out
+
+    def finalize_batch(self, batch: dict) -> dict:
+        """A stacked batch of raw samples -> the training batch: float images, normalised CLIP views.
+
+        Samples stay uint8 until here (4x less to stack and to pass between processes); this runs
+        once per batch, in the main process when the loader has workers.
+        """
+        batch = dict(batch)
+        pixels = batch["pixel_values"].mul(2.0 / 255.0).sub_(1.0)  # uint8 * float -> float32 in one pass
+        size = pixels.shape[-1]
+        for i, (x0, y0, x1, y1) in enumerate(batch.pop("canvas").tolist()):
+            if (x0, y0, x1, y1) != (0, 0, size, size):  # exact 0 (grey) around a scale-augmented crop
+                pixels[i, :, :y0] = 0.0
+                pixels[i, :, y1:] = 0.0
+                pixels[i, :, :, :x0] = 0.0
+                pixels[i, :, :, x1:] = 0.0
+        clip = batch["clip_pixel_values"].mul(self.clip_scale).sub_(self.clip_shift)  # (x / 255 - mean) / std
+        mask = batch["object_mask_clip"]
+        batch["pixel_values"] = pixels
+        batch["clip_pixel_values"] = clip
+        batch["clip_object_pixel_values"] = torch.where(mask, clip, self.black)
+        batch["object_mask_clip"] = mask.float()
+        return batch
+
+    def collate(self, samples: list[dict]) -> dict:
+        """Raw samples -> training batch (`stack_samples` then `finalize_batch`)."""
+        return self.finalize_batch(stack_samples(samples))
 
 
 def decode_crop_sample(sample: dict) -> tuple[Image.Image, Image.Image, dict]:
@@ -228,7 +274,7 @@ def decode_crop_sample(sample: dict) -> tuple[Image.Image, Image.Image, dict]:
     return image, mask, meta
 
 
-def collate_crops(samples: list[dict]) -> dict:
+def stack_samples(samples: list[dict]) -> dict:
     """Stack tensors, keep strings as lists."""
     batch = {}
     for key in samples[0]:
@@ -287,7 +333,7 @@ def build_crop_pipeline(
     if config.shuffle_buffer > 0:
         stages.append(_SeededShuffle(config.shuffle_buffer, config.shuffle_initial, seed, epoch))
     stages.append(_DecodeAndTransform(transform, seed, epoch))
-    stages.append(wds.batched(batch_size, collation_fn=collate_crops, partial=False))
+    stages.append(wds.batched(batch_size, collation_fn=stack_samples, partial=False))
     return wds.DataPipeline(*stages)
 
 
@@ -346,12 +392,13 @@ class CropDataLoader:
         pipeline = build_crop_pipeline(self.urls, self.config, self.transform, self.batch_size, self.seed, self.epoch)
         self.epoch += 1
         if self.num_workers == 0:
-            yield from pipeline
-            return
-        import webdataset as wds
+            batches = iter(pipeline)
+        else:
+            import webdataset as wds
 
-        loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers, persistent_workers=False)
-        yield from loader
+            batches = iter(wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers, persistent_workers=False))
+        for batch in batches:
+            yield self.transform.finalize_batch(batch)
 
 
 def build_crop_dataloader(
