@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -33,16 +32,6 @@ SEGMENTATION_COLUMNS = ("MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", 
 FLAG_COLUMNS = {"IsOccluded": "is_occluded", "IsTruncated": "is_truncated", "IsGroupOf": "is_group_of",
                 "IsDepiction": "is_depiction", "IsInside": "is_inside"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
-
-@dataclass
-class _Box:
-    image_id: str
-    label: str
-    box: tuple[float, float, float, float]  # normalised xyxy
-    flags: dict
-    where: str
-    used: bool = False
 
 
 def _rows(path: Path, required: tuple[str, ...], kind: str, report: SourceReport) -> Iterator[tuple[str, dict]]:
@@ -200,23 +189,6 @@ def read_openimages(
     for p in image_info or []:
         rotations.update(read_rotations(p, report))
 
-    box_rows: list[_Box] = []
-    by_match: dict[tuple, list[_Box]] = {}
-    for p in boxes:
-        for where, row in _rows(Path(p), BOX_COLUMNS, "box", report):
-            values = _floats(row, ("XMin", "YMin", "XMax", "YMax"))
-            image_id, label = row["ImageID"].strip(), row["LabelName"].strip()
-            if values is None or not image_id or not label:
-                report.skip("malformed_row", f"{where}: box {row.get('XMin')},{row.get('XMax')},{row.get('YMin')},{row.get('YMax')}")
-                continue
-            key = _match_key(image_id, label, values)
-            if key in by_match:
-                report.skip("duplicate_annotation", f"{where}: same image, label and box as an earlier row")
-                continue
-            entry = _Box(image_id, label, values, {v: _flag(row.get(k)) for k, v in FLAG_COLUMNS.items()}, where)
-            box_rows.append(entry)
-            by_match[key] = [entry]
-
     wanted = {c.lower() for c in settings.categories}
     records: list[ObjectRecord] = []
     image_index = index_files(images_dir, IMAGE_EXTENSIONS, True, report, "image")
@@ -252,6 +224,9 @@ def read_openimages(
             rotation=rotations.get(image_id, 0), flags=flags,
         )
 
+    # Mask rows first (2.8M in V6), so that of the box rows (14.6M in V6 train) only those that
+    # carry a mask's flags, or that become samples themselves (mask_from_box), are kept in memory.
+    mask_rows: list[tuple] = []
     seen_masks: set[str] = set()
     for p in segmentations:
         for where, row in _rows(Path(p), SEGMENTATION_COLUMNS, "segmentation", report):
@@ -265,30 +240,52 @@ def read_openimages(
                 report.skip("duplicate_annotation", f"{where}: mask {mask_name} listed twice")
                 continue
             seen_masks.add(mask_name)
-            matches = by_match.get(_match_key(image_id, label, values))
-            flags = {v: -1 for v in FLAG_COLUMNS.values()}
-            if matches:
-                matches[0].used = True
-                flags = dict(matches[0].flags)
-            flags["box_matched"] = bool(matches)
-            if not keep(where, image_id, label, values, flags):
-                continue
-            mask_path = mask_index.get(mask_name) or str(Path(masks_dir) / mask_name)
-            key = "oi_" + safe_key_part(os.path.splitext(mask_name)[0])
-            records.append(record(key, image_id, label, values, "png", mask_path, flags, box_id or mask_name))
+            mask_rows.append((where, mask_name, image_id, label, box_id, values))
+    masked_keys = {_match_key(r[2], r[3], r[5]) for r in mask_rows}
 
-    for entry in box_rows:
-        if entry.used:
+    flags_of_masked: dict[tuple, tuple[int, ...]] = {}
+    box_only: list[tuple] = []
+    seen_box_only: set[tuple] = set()
+    box_rows = 0
+    for p in boxes:
+        for where, row in _rows(Path(p), BOX_COLUMNS, "box", report):
+            values = _floats(row, ("XMin", "YMin", "XMax", "YMax"))
+            image_id, label = row["ImageID"].strip(), row["LabelName"].strip()
+            if values is None or not image_id or not label:
+                report.skip("malformed_row", f"{where}: box {row.get('XMin')},{row.get('XMax')},{row.get('YMin')},{row.get('YMax')}")
+                continue
+            box_rows += 1
+            key = _match_key(image_id, label, values)
+            flags = tuple(_flag(row.get(k)) for k in FLAG_COLUMNS)
+            if key in masked_keys:
+                if key in flags_of_masked:
+                    report.skip("duplicate_annotation", f"{where}: same image, label and box as an earlier row")
+                else:
+                    flags_of_masked[key] = flags
+            elif not settings.mask_from_box:
+                report.skip("no_mask", where)
+            elif key in seen_box_only:
+                report.skip("duplicate_annotation", f"{where}: same image, label and box as an earlier row")
+            else:
+                seen_box_only.add(key)
+                box_only.append((where, image_id, label, values, flags))
+
+    for where, mask_name, image_id, label, box_id, values in mask_rows:
+        matched = flags_of_masked.get(_match_key(image_id, label, values))
+        flags = dict(zip(FLAG_COLUMNS.values(), matched or (-1,) * len(FLAG_COLUMNS)), box_matched=matched is not None)
+        if not keep(where, image_id, label, values, flags):
             continue
-        if not settings.mask_from_box:
-            report.skip("no_mask", entry.where)
+        mask_path = mask_index.get(mask_name) or str(Path(masks_dir) / mask_name)
+        key = "oi_" + safe_key_part(os.path.splitext(mask_name)[0])
+        records.append(record(key, image_id, label, values, "png", mask_path, flags, box_id or mask_name))
+
+    for where, image_id, label, values, flag_values in box_only:
+        flags = dict(zip(FLAG_COLUMNS.values(), flag_values), box_matched=True)
+        if not keep(where, image_id, label, values, flags):
             continue
-        flags = dict(entry.flags, box_matched=True)
-        if not keep(entry.where, entry.image_id, entry.label, entry.box, flags):
-            continue
-        row_id = safe_key_part(entry.where.replace(".csv:", "_r"))
-        key = f"oi_{safe_key_part(entry.image_id)}_{safe_key_part(entry.label)}_{row_id}"
-        records.append(record(key, entry.image_id, entry.label, entry.box, "box", None, flags, entry.where))
+        row_id = safe_key_part(where.replace(".csv:", "_r"))
+        key = f"oi_{safe_key_part(image_id)}_{safe_key_part(label)}_{row_id}"
+        records.append(record(key, image_id, label, values, "box", None, flags, where))
 
     records.sort(key=lambda r: (r.image_id, r.key))
     unique: dict[str, ObjectRecord] = {}
@@ -299,7 +296,7 @@ def read_openimages(
             unique[r.key] = r
     records = list(unique.values())
     report.counts.update({
-        "classes": len(names), "box_rows": len(box_rows), "mask_rows": len(seen_masks),
+        "classes": len(names), "box_rows": box_rows, "mask_rows": len(seen_masks),
         "images_indexed": len(image_index), "masks_indexed": len(mask_index),
         "images_with_rotation": sum(1 for v in rotations.values() if v), "records": len(records),
     })
