@@ -36,6 +36,13 @@ def write_crop_shards(records: list[ObjectRecord], report: SourceReport, setting
     )
 
 
+def _as_list(value) -> list:
+    """None -> [], one path -> [path], several -> list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+
 def build_coco_shards(annotations, images, out_dir, settings: CropSettings | None = None, **job) -> dict:
     """Python API of `python -m data_prep coco`: returns the manifest. `job` takes ShardJob fields
     (name, shard_size, workers, node_rank, num_nodes, overwrite, progress, log_first)."""
@@ -55,10 +62,9 @@ def build_openimages_shards(
 
     settings = settings or CropSettings()
     job_spec = ShardJob(out_dir=out_dir, **{"name": "openimages", "unit": "objects", **job})
-    as_list = lambda v: [] if v is None else [v] if isinstance(v, (str, os.PathLike)) else list(v)  # noqa: E731
     records, report = read_openimages(
-        as_list(boxes), as_list(segmentations), masks, images, classes, settings,
-        image_info=as_list(image_info), log_first=job_spec.log_first,
+        _as_list(boxes), _as_list(segmentations), masks, images, classes, settings,
+        image_info=_as_list(image_info), log_first=job_spec.log_first,
     )
     return write_crop_shards(records, report, settings, job_spec)
 

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .cli import register_subcommand
 from .crops import box_iou
 from .images import mask_bbox
-from .writer import MANIFEST_NAME, WriterError, _sha256, expand_shard_spec, read_manifest
+from .writer import MANIFEST_NAME, WriterError, sha256_file, expand_shard_spec, read_manifest
 
 logger = logging.getLogger("data_prep")
 REQUIRED_MEMBERS = ("jpg", "mask.png", "json")
@@ -157,7 +157,7 @@ def inspect_shards(spec, max_tiles: int = 48, seed: int = 0, verify: bool = Fals
             path = str(Path(folder) / shard["file"])
             if path in per_shard and per_shard[path] != shard["samples"]:
                 problems.append(f"{path}: the manifest says {shard['samples']} samples, the shard holds {per_shard[path]}")
-            if verify and path in per_shard and _sha256(Path(path)) != shard["sha256"]:
+            if verify and path in per_shard and sha256_file(Path(path)) != shard["sha256"]:
                 problems.append(f"{path}: sha256 differs from the manifest's")
 
     def spread(values: list[float]) -> dict:

@@ -132,7 +132,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -253,7 +253,7 @@ def _write_shard(task: _ShardTask) -> dict:
             "skipped": dict(sorted(skipped.items())),
             "notes": dict(sorted(notes.items())),
             "bytes": tmp.stat().st_size,
-            "sha256": _sha256(tmp),
+            "sha256": sha256_file(tmp),
             "fingerprint": task.fingerprint,
         }
         atomic_write_json(task.out_dir / STATS_DIR / final.with_suffix(".json").name, stats)
@@ -310,16 +310,20 @@ def _check_output_folder(job: ShardJob, num_shards: int, fingerprints: list[str]
     return done
 
 
-def _remove_old_outputs(job: ShardJob) -> None:
+def _remove_old_outputs(job: ShardJob, num_shards: int) -> None:
+    """--overwrite: one node deletes everything of this name; with several nodes, each deletes only
+    its own shards (of this plan) and its own node manifest, never another node's finished work."""
     out = job.out_dir
-    pattern = re.compile(rf"^\.?{re.escape(job.name)}-\d{{6}}\.(tar|tar\.tmp-\d+)$")
-    for p in list(out.iterdir()):
-        if pattern.match(p.name) or p.name == MANIFEST_NAME or p.name.startswith("manifest.node-"):
-            p.unlink()
-    stats_dir = out / STATS_DIR
-    if stats_dir.is_dir():
-        for p in stats_dir.glob(f"{job.name}-*.json"):
-            p.unlink()
+    if job.num_nodes == 1:
+        pattern = re.compile(rf"^\.?{re.escape(job.name)}-\d{{6}}\.(tar|tar\.tmp-\d+)$")
+        doomed = [p for p in out.iterdir() if pattern.match(p.name) or p.name == MANIFEST_NAME or p.name.startswith("manifest.node-")]
+        doomed += list((out / STATS_DIR).glob(f"{job.name}-*.json"))
+    else:
+        names = [shard_file_name(job.name, i) for i in node_shards(num_shards, job.node_rank, job.num_nodes)]
+        doomed = [out / n for n in names] + [out / STATS_DIR / n.replace(".tar", ".json") for n in names]
+        doomed += [out / MANIFEST_NAME, out / node_manifest_name(job.node_rank, job.num_nodes)]
+    for p in doomed:
+        p.unlink(missing_ok=True)
 
 
 def _remove_stale_temp_files(job: ShardJob, shard_indices: Iterable[int]) -> None:
@@ -366,7 +370,7 @@ def write_shards(
     mine = node_shards(len(ranges), job.node_rank, job.num_nodes)
 
     if job.overwrite:
-        _remove_old_outputs(job)
+        _remove_old_outputs(job, len(ranges))
     _remove_stale_temp_files(job, mine)
     done = _check_output_folder(job, len(ranges), fingerprints)
     todo = [i for i in mine if i not in done]
@@ -497,7 +501,7 @@ def merge_manifests(out_dir: str | os.PathLike, verify: bool = False) -> dict:
         path = out / s["file"]
         if not path.exists() or path.stat().st_size != s["bytes"]:
             raise WriterError(f"{path} is missing or not the size its node recorded ({s['bytes']} bytes)")
-        if verify and _sha256(path) != s["sha256"]:
+        if verify and sha256_file(path) != s["sha256"]:
             raise WriterError(f"{path} does not match its recorded sha256")
     ordered = [shards[i] for i in range(first["num_shards"])]
     skipped_in_shards: Counter = Counter()

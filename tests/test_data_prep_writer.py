@@ -211,3 +211,14 @@ def test_generic_writer_counts_every_failure(tmp_path, caplog):
         assert tar.getnames() == ["a.txt", "e.txt"]
     with pytest.raises(WriterError, match="unique keys"):
         write_shards([{"key": "a"}, {"key": "a"}], _flaky, ShardJob(tmp_path / "x", "toy", progress=False), settings={})
+
+
+def test_overwrite_on_one_node_spares_the_others(coco_records, tmp_path):
+    for rank in (0, 1):
+        _write(*coco_records, tmp_path, node_rank=rank, num_nodes=2)
+    theirs = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar") if int(p.stem.split("-")[1]) % 2 == 1}
+    mine = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar") if int(p.stem.split("-")[1]) % 2 == 0}
+    _write(*coco_records, tmp_path, node_rank=0, num_nodes=2, overwrite=True)
+    assert {n: (tmp_path / n).stat().st_mtime_ns for n in theirs} == theirs  # node 1's work is untouched
+    assert all((tmp_path / n).stat().st_mtime_ns != t for n, t in mine.items())  # node 0 rewrote its own
+    assert merge_manifests(tmp_path)["complete"]
