@@ -1,0 +1,137 @@
+"""`python -m inference.evaluate` on the tiny models: every method, one table, known equalities."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from inference import evaluate
+
+
+def bundled_prompt_lists(data_dir):
+    """The object / live prompt lists and the class table of the bundled DreamBooth file."""
+    text = (data_dir / "prompts" / "dreambooth_prompts_and_classes.txt").read_text()
+    lists = re.findall(r"prompt_list = \[(.*?)\]", text, flags=re.S)
+    parsed = [[ast.literal_eval(m).replace("{0} {1}", "{}") for m in re.findall(r"('.*?')\.format", block)] for block in lists]
+    classes = dict(line.split(",", 1) for line in text.split("Prompts")[0].splitlines() if "," in line and "subject_name" not in line)
+    return parsed, classes
+
+
+def test_shipped_prompts_match_dreambooth(data_dir):
+    (objects, live), classes = bundled_prompt_lists(data_dir)
+    assert list(evaluate.DREAMBOOTH_OBJECT_PROMPTS) == objects and len(objects) == 25
+    assert list(evaluate.DREAMBOOTH_LIVE_PROMPTS) == live and len(live) == 25
+    assert evaluate.DREAMBOOTH_CLASSES == classes
+
+
+def test_prompt_specs_choose_list_and_add_coi(tmp_path):
+    cfg = evaluate.EvalConfig(num_prompts=3, coi=True, coi_objects=["dog", "car"])
+    dog = evaluate.EvalConcept("dog", tmp_path, "dog")
+    specs = evaluate.prompt_specs(cfg, dog)
+    assert [s.template for s in specs[:3]] == list(evaluate.DREAMBOOTH_LIVE_PROMPTS[:3])
+    assert [(s.template, s.coi_target) for s in specs[3:]] == [("a photo of {} and a car", "car")]  # not its own class
+    pot = evaluate.EvalConcept("teapot", tmp_path, "teapot")
+    cfg = evaluate.EvalConfig(num_prompts=25)
+    assert [s.template for s in evaluate.prompt_specs(cfg, pot)][-5:] == list(evaluate.DREAMBOOTH_OBJECT_PROMPTS[-5:])
+    bad = tmp_path / "p.txt"
+    bad.write_text("a photo of {}\nno placeholder here\n")
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluate.prompt_specs(evaluate.EvalConfig(prompts=str(bad)), pot)
+
+
+def test_markdown_table_leaves_out_empty_columns():
+    table = evaluate.markdown_table([{"method": "base", "concept": "dog", "images": 2, "clip_t": 0.25, "clip_i": None}])
+    assert table.splitlines()[0] == "| method | concept | images | CLIP-T |"
+    assert "0.2500" in table
+
+
+def make_runs(tmp_path, sd_path, concept_dir):
+    """A Textual Inversion run whose embedding is exactly the word `dog`, and an Infusion run for dog."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from encoders.infusion import InfusionResiduals
+
+    tokenizer = CLIPTokenizer.from_pretrained(sd_path, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(sd_path, subfolder="text_encoder")
+    dog = text_encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("dog</w>")].detach()
+    ti = tmp_path / "ti_dog"
+    ti.mkdir()
+    save_file({"S*": dog[None].clone()}, str(ti / "learned_embeds.safetensors"))
+    info = {"concept_dir": str(concept_dir), "placeholder_token": "S*", "class_word": "dog"}
+    (ti / "concept.json").write_text(json.dumps({**info, "method": "textual_inversion", "files": {"embeddings": "learned_embeds.safetensors"}}))
+
+    unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
+    residuals = InfusionResiduals.for_unet(unet, "dog", base_model=str(sd_path))
+    with torch.no_grad():
+        for p in residuals.residuals:
+            p.normal_(0, 2.0, generator=torch.Generator().manual_seed(0))
+    inf = tmp_path / "inf_dog"
+    residuals.save_pretrained(inf / "infusion")
+    (inf / "concept.json").write_text(json.dumps({**info, "method": "infusion", "files": {"residuals": "infusion"}}))
+    return ti, inf
+
+
+def test_evaluate_all_methods_end_to_end(tiny_sd_path, tiny_eval_models, tiny_encoders_path, data_dir, tmp_path):
+    concept_dir = data_dir / "concepts" / "dreambooth" / "dog"
+    ti, inf = make_runs(tmp_path, tiny_sd_path, concept_dir)
+    out = tmp_path / "eval"
+    args = [
+        f"base={tiny_sd_path}", f"runs={ti},{inf}", f"encoders={tiny_encoders_path}", f"out={out}",
+        "num_prompts=2", "seeds=0", "num_inference_steps=2", "resolution=32", "coi=true", "coi_objects=car",
+        "infusion_measures=true", "detection_threshold=0.0",
+        f"clip_model={tiny_eval_models / 'eval_clip'}", f"dino_model={tiny_eval_models / 'dino'}",
+        f"detector_model={tiny_eval_models / 'detector'}",
+    ]
+    result = evaluate.main(args)
+    summary = {row["method"]: row for row in result["summary"]}
+    assert set(summary) == {"base", "elite", "textual_inversion (ti_dog)", "infusion (inf_dog)"}
+    for row in summary.values():
+        assert row["images"] == 3  # 2 DreamBooth prompts + 1 CoI prompt, 1 seed
+        assert -1 <= row["clip_t"] <= 1 and -1 <= row["clip_i"] <= 1 and -1 <= row["dino_i"] <= 1
+        assert row["coi_likelihood"] in (0.0, 1.0)
+
+    # same seeds, same noise: an embedding equal to the word "dog" reproduces the base model exactly
+    base, ti_row = summary["base"], summary["textual_inversion (ti_dog)"]
+    for key in ("clip_t", "clip_i", "dino_i", "coi_likelihood"):
+        assert ti_row[key] == pytest.approx(base[key], abs=1e-6)
+    assert ti_row["latent_w2_vs_base"] == pytest.approx(0.0, abs=1e-3)
+    # Infusion keeps the base model on prompts without its class word: zero latent Fisher divergence
+    assert summary["infusion (inf_dog)"]["latent_fisher"] == 0.0
+    assert summary["infusion (inf_dog)"]["latent_w2_vs_base"] > 1e-3  # but its dog images differ
+
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12
+    assert all("S*" not in r["prompt"] and "<" not in r["prompt"] for r in rows)  # CLIP-T text says "dog"
+    assert {r["prompt"] for r in rows} == {"a dog in the jungle", "a dog in the snow", "a photo of dog and a car"}
+    assert (out / "results.md").read_text().startswith("| method | concept |")
+    assert (out / "grids" / "dog.png").is_file()
+    assert json.loads((out / "results.json").read_text())["summary"]
+
+    # a re-run reuses the images on disk (resume) and gives the same table
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    assert len(stamps) == 12
+    again = evaluate.main(args)
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == stamps
+    assert again["summary"] == result["summary"]
+
+
+def test_evaluate_errors_name_the_problem(tmp_path):
+    with pytest.raises(Exception, match="unknown methods"):
+        evaluate.EvalConfig(methods=["dreambooth"])
+    cfg = evaluate.EvalConfig(runs=[str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="concept.json"):
+        evaluate.resolve_concepts_and_runs(cfg)
+    odd = tmp_path / "my_photos"
+    odd.mkdir()
+    with pytest.raises(Exception, match="class word"):
+        evaluate.resolve_concepts_and_runs(evaluate.EvalConfig(concepts=[str(odd)]))
+    concepts, _ = evaluate.resolve_concepts_and_runs(evaluate.EvalConfig(concepts=[f"{odd}=mug"]))
+    assert concepts[0].class_word == "mug" and concepts[0].name == "my_photos"
