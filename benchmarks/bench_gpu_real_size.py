@@ -1,0 +1,258 @@
+"""Real-size check on a GPU: SD v1-4 + CLIP ViT-L/14 shapes, bf16, 512 px.
+
+No Hub access is assumed: the models are built from their published configs with random weights
+(seed 0) and saved in the Hub's on-disk formats, so every path below (`from_pretrained(folder)`,
+the trainers' tasks, `inference.ElitePipeline`) is the code a user runs with the real weights.
+Random weights make the pictures noise; shapes, memory and time are what this measures.
+
+    python benchmarks/bench_gpu_real_size.py --work /tmp/real --shards 'SHARDS/*.tar' --out results.json
+
+Per ELITE stage and batch size: the median step time of the loop's step (frozen encoders under
+no_grad, mapping, text encoder, UNet forward+backward, AdamW) and the peak CUDA memory; then the
+inference numbers: concept encoding latency and per-image generation time at 50 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SD14_UNET = dict(
+    sample_size=64,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+)
+SD14_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=2,
+    sample_size=512,
+)
+SD14_TEXT = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768,
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+VIT_L14 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768,
+)
+
+
+def build_models(root: Path, preset: str = "sd14") -> Path:
+    """Write `sd/` and `image_encoder/` with the real shapes (skipped when present); `tiny` checks the script."""
+    if preset == "tiny":
+        from encoders.tiny import build_tiny_models
+
+        build_tiny_models(root, ["sd", "image_encoder"])
+        return root
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+    from encoders.tiny import SCHEDULER_KWARGS, write_atomically
+    from encoders.tokenizer import build_clip_tokenizer, save_clip_tokenizer
+
+    def write_sd(target: Path) -> Path:
+        torch.manual_seed(0)
+        pipe = StableDiffusionPipeline(
+            unet=UNet2DConditionModel(**SD14_UNET), vae=AutoencoderKL(**SD14_VAE),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**SD14_TEXT)), tokenizer=build_clip_tokenizer(),
+            scheduler=PNDMScheduler(**SCHEDULER_KWARGS), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(target, safe_serialization=True)
+        save_clip_tokenizer(target / "tokenizer")
+        return target
+
+    def write_vision(target: Path) -> Path:
+        torch.manual_seed(0)
+        CLIPVisionModel(CLIPVisionConfig(**VIT_L14)).save_pretrained(target, safe_serialization=True)
+        CLIPImageProcessor().save_pretrained(target)
+        return target
+
+    write_atomically(write_sd, root / "sd")
+    write_atomically(write_vision, root / "image_encoder")
+    return root
+
+
+def _cuda_ms(fn, sync):
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, 1e3 * (time.perf_counter() - t0)
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gb() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else float("nan")
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench_stage(stage: str, models: Path, shards: str, work: Path, batch: int, steps: int, warmup: int,
+                gradient_checkpointing: bool, global_path: Path | None, resolution: int) -> dict:
+    import torch
+    from accelerate import Accelerator
+
+    from encoders.run_config import load_config
+
+    keys = [f"pretrained_model_name_or_path={models / 'sd'}", f"image_encoder_name_or_path={models / 'image_encoder'}",
+            f"train_shards={shards}", f"output_dir={work / ('run_' + stage)}", f"train_batch_size={batch}",
+            "mixed_precision=bf16", "report_to=none", "dataloader_num_workers=2", f"data.resolution={resolution}",
+            "data.shuffle_buffer=16", "data.shuffle_initial=4", "scale_lr=false",
+            f"gradient_checkpointing={str(gradient_checkpointing).lower()}"]
+    if stage == "global_mapping":
+        from training.global_mapping import GlobalMappingConfig as Config, GlobalMappingTask as Task
+    else:
+        from training.local_mapping import LocalMappingConfig as Config, LocalMappingTask as Task
+        keys.append(f"global_mapping_path={global_path}")
+    task = Task(load_config(Config, REPO / f"configs/train/{stage}.yaml", keys))
+    accelerator = Accelerator(mixed_precision="bf16")
+    _reset_peak()
+    task.setup(accelerator, torch.bfloat16)
+    trainable = task.trainable_models()
+    params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    stream = iter(task.train_dataloader())
+    generator = torch.Generator(device=accelerator.device).manual_seed(0)
+    sync = _sync
+    step_ms, losses = [], []
+    for i in range(warmup + steps):
+        sample = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in next(stream).items()}
+
+        def step():
+            with accelerator.autocast():
+                loss, _ = task.training_step(trainable, sample, generator)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        loss, ms = _cuda_ms(step, sync)
+        if i >= warmup:
+            step_ms.append(ms)
+            losses.append(float(loss.detach()))
+    export = None
+    if stage == "global_mapping":
+        export = work / "encoders"
+        export.mkdir(parents=True, exist_ok=True)
+        task.export(trainable, export)
+    result = dict(
+        stage=stage, batch=batch, gradient_checkpointing=gradient_checkpointing,
+        trainable_params=sum(p.numel() for p in params),
+        step_ms_median=statistics.median(step_ms), step_ms_all=[round(x, 1) for x in step_ms],
+        peak_cuda_gb=_peak_gb(), losses=losses,
+    )
+    del task, trainable, optimizer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result, export
+
+
+def bench_inference(models: Path, encoders: Path, concept_image: Path, concept_mask: Path, steps: int) -> dict:
+    import torch
+
+    from inference import ElitePipeline
+
+    cuda = torch.cuda.is_available()
+    elite = ElitePipeline.from_pretrained(models / "sd", encoders=encoders, image_encoder=models / "image_encoder",
+                                          device="cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.float32,
+                                          safety_checker=False)
+    sync = _sync
+    for _ in range(3):
+        concept = elite.encode_concept(concept_image, mask=concept_mask)
+    encode_ms = [_cuda_ms(lambda: elite.encode_concept(concept_image, mask=concept_mask), sync)[1] for _ in range(10)]
+    out = {"encode_ms_median": statistics.median(encode_ms)}
+    for n in (1, 4):
+        elite("a photo of S* on the beach", concept, num_inference_steps=3, num_images_per_prompt=n, seed=0)
+        _reset_peak()
+        _, ms = _cuda_ms(lambda: elite("a photo of S* on the beach", concept, num_inference_steps=steps,
+                                       num_images_per_prompt=n, seed=0), sync)
+        out[f"generate_{n}x{steps}steps_ms"] = ms
+        out[f"generate_ms_per_image_batch{n}"] = ms / n
+        out[f"generate_peak_cuda_gb_batch{n}"] = _peak_gb()
+    elite.unload_encoders()
+    _, ms = _cuda_ms(lambda: elite.pipe("a photo of a teapot on the beach", num_inference_steps=steps,
+                                        generator=torch.Generator(elite.device).manual_seed(0)), sync)
+    out["base_pipeline_1x_ms"] = ms
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", required=True, help="scratch folder for the models and runs")
+    parser.add_argument("--shards", required=True, help="512 px crop shards (path/glob)")
+    parser.add_argument("--batches", default="1,4,8", help="per-GPU batch sizes to measure")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--inference-steps", type=int, default=50)
+    parser.add_argument("--preset", choices=("sd14", "tiny"), default="sd14", help="tiny: check the script on CPU")
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/bench_gpu_real_size.json"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    models = build_models(work / f"models_{args.preset}", args.preset)
+    resolution = 512 if args.preset == "sd14" else 64
+    build_s = time.perf_counter() - t0
+    rows, export = [], None
+    for stage in ("global_mapping", "local_mapping"):
+        for batch in [int(b) for b in args.batches.split(",")]:
+            for ckpt in (False, True):
+                try:
+                    row, exp = bench_stage(stage, models, args.shards, work, batch, args.steps, args.warmup, ckpt, export,
+                                           resolution)
+                except torch.OutOfMemoryError as err:
+                    row, exp = dict(stage=stage, batch=batch, gradient_checkpointing=ckpt, error=f"OOM: {err}"[:200]), None
+                    torch.cuda.empty_cache()
+                export = export or exp
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "step_ms_all")}), flush=True)
+    concept = REPO / "tests/data/concepts/dreambooth/teapot/04.jpg"
+    mask = next((REPO / "tests/data/concepts/masks").glob("teapot*04*.png"))
+    infer = bench_inference(models, export, concept, mask, args.inference_steps)
+    result = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", preset=args.preset,
+                  torch=torch.__version__, build_models_s=build_s,
+                  training=rows, inference=infer)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\n{'stage':<16}{'batch':>6}{'ckpt':>6}{'step ms':>10}{'peak GB':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['stage']:<16}{r['batch']:>6}{str(r['gradient_checkpointing']):>6}{'OOM':>10}")
+        else:
+            print(f"{r['stage']:<16}{r['batch']:>6}{str(r['gradient_checkpointing']):>6}"
+                  f"{r['step_ms_median']:>10.1f}{r['peak_cuda_gb']:>10.2f}")
+    print(json.dumps(infer, indent=1))
+
+
+if __name__ == "__main__":
+    main()
