@@ -135,3 +135,20 @@ def test_evaluate_errors_name_the_problem(tmp_path):
         evaluate.resolve_concepts_and_runs(evaluate.EvalConfig(concepts=[str(odd)]))
     concepts, _ = evaluate.resolve_concepts_and_runs(evaluate.EvalConfig(concepts=[f"{odd}=mug"]))
     assert concepts[0].class_word == "mug" and concepts[0].name == "my_photos"
+
+
+def test_evaluation_imports_no_training_stack():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    probe = (
+        "import sys, inference.evaluate, inference.metrics, encoders.infusion, encoders.subspace\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'training', 'data_prep', 'deepspeed', 'webdataset', 'pycocotools'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -201,3 +201,24 @@ def test_help_lists_the_keys(capsys):
     text = capsys.readouterr().out
     for key in ("concept_dir", "placeholder_token", "initializer_token", "subspace.dim", "anchors.weight"):
         assert key in text
+
+
+def test_resumed_textual_inversion_matches_an_uninterrupted_run(tiny_sd_path, data_dir, tmp_path):
+    from training.textual_inversion import TextualInversionConfig, TextualInversionTask
+
+    concept = data_dir / "concepts" / "dreambooth" / "teapot"
+
+    def run(out, steps, *extra):
+        args = common_args(tiny_sd_path, concept, out, steps) + [
+            "initializer_token=teapot", "checkpointing_steps=1", "train_batch_size=1", *extra,
+        ]
+        return run_recording(TextualInversionTask(load_config(TextualInversionConfig, None, args)))
+
+    full = run(tmp_path / "full", 3)
+    first = run(tmp_path / "split", 1)
+    second = run(tmp_path / "split", 3, "resume_from_checkpoint=latest")
+    assert len(first) == 1 and len(second) == 2
+    assert first + second == pytest.approx(full, rel=0, abs=1e-6)
+    a = load_file(tmp_path / "full" / "learned_embeds.safetensors")["S*"]
+    b = load_file(tmp_path / "split" / "learned_embeds.safetensors")["S*"]
+    assert torch.allclose(a, b, atol=1e-6)
