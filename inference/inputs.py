@@ -27,9 +27,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageLike = Union[str, Path, Image.Image]
 
-# Fraction of the object box added on each side when cropping around the mask (data_prep pads
-# boxes a little too, so the encoder sees the object with some context, not cut at its edges).
+# Fraction of the object box added on each side when cropping around the mask: data_prep's crop
+# padding (configs/data/crops.yaml), so the encoders see objects framed as in training.
 DEFAULT_CROP_MARGIN = 0.1
+# Letterbox fill when an object is longer than the photo's short side: CLIP's mean colour, as data_prep.
+LETTERBOX_RGB = (122, 116, 104)
 
 
 class ConceptInputError(ValueError):
@@ -148,37 +150,56 @@ def load_concept_image(image: ImageLike, mask: ImageLike | None = None) -> Conce
 
 
 def square_box_around(box: tuple[int, int, int, int], size: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
-    """The smallest square holding `box` plus `margin` x its size on each side, kept inside the image.
+    """A square holding `box` plus `margin` x its longest side on each side, as data_prep cuts crops.
 
-    When the square is larger than the image's short side it is clipped to the image (the result is
-    then not square; the caller resizes it).
+    The square is shifted to stay inside the image. When it is longer than the image's short side
+    (an object that fills the photo's width), it is centred on the image along that axis and passes
+    its edges: the part outside is letterboxed by `crop_square`.
     """
     x0, y0, x1, y1 = box
     width, height = size
     side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
-    side = int(round(min(side, width, height)))
-    side = max(side, 1)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left = int(round(min(max(cx - side / 2, 0), width - side)))
-    top = int(round(min(max(cy - side / 2, 0), height - side)))
+    side = max(int(round(min(side, max(width, height)))), 1)
+
+    def start(centre: float, extent: int) -> int:
+        if side <= extent:
+            return int(round(min(max(centre - side / 2, 0), extent - side)))
+        return (extent - side) // 2  # wider than the image: centre on it, letterbox both sides
+
+    left, top = start((x0 + x1) / 2, width), start((y0 + y1) / 2, height)
     return left, top, left + side, top + side
 
 
+def crop_square(image: Image.Image, square: tuple[int, int, int, int], fill) -> Image.Image:
+    """`image` cut to `square`; where the square passes the image edge it is filled with `fill`."""
+    left, top, right, bottom = square
+    if left >= 0 and top >= 0 and right <= image.width and bottom <= image.height:
+        return image.crop(square)
+    canvas = Image.new(image.mode, (right - left, bottom - top), fill)
+    inside = (max(left, 0), max(top, 0), min(right, image.width), min(bottom, image.height))
+    canvas.paste(image.crop(inside), (inside[0] - left, inside[1] - top))
+    return canvas
+
+
 def prepare_concept_image(concept: ConceptImage, crop: bool = True, margin: float = DEFAULT_CROP_MARGIN) -> ConceptImage:
-    """Crop photo and mask to a square around the object (when `crop`), as the encoders saw in training."""
+    """Crop photo and mask to a square around the object (when `crop`), as the encoders saw in training.
+
+    An object longer than the photo's short side keeps all of it: the square passes the photo's edge
+    and is letterboxed with CLIP's mean colour (mask 0 there), like data_prep's crops.
+    """
     if not crop or concept.mask_source == "whole image":
         return concept
     mask_np = np.asarray(concept.mask) > 0
     ys, xs = np.nonzero(mask_np)
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-    crop_box = square_box_around(box, concept.image.size, margin)
+    square = square_box_around(box, concept.image.size, margin)
     ox, oy = concept.crop_xyxy[:2]
     return ConceptImage(
-        image=concept.image.crop(crop_box),
-        mask=concept.mask.crop(crop_box),
+        image=crop_square(concept.image, square, LETTERBOX_RGB),
+        mask=crop_square(concept.mask, square, 0),
         source=concept.source,
         mask_source=concept.mask_source,
-        crop_xyxy=(ox + crop_box[0], oy + crop_box[1], ox + crop_box[2], oy + crop_box[3]),
+        crop_xyxy=(ox + square[0], oy + square[1], ox + square[2], oy + square[3]),
     )
 
 

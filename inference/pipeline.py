@@ -106,10 +106,12 @@ def load_encoders(
             f"encoders {name}: global_mapping/config.json records no image_encoder_name_or_path; pass the CLIP "
             "vision model it was trained with (--image-encoder / image_encoder=)"
         )
+    # one CLIP pass taps every layer either mapping reads
+    layers = [int(v) for v in global_mapping.config.feature_layers]
+    if local_mapping is not None:
+        layers += [int(v) for v in local_mapping.config.feature_layers if int(v) not in layers]
     try:
-        extractor = CLIPFeatureExtractor.from_pretrained(
-            image_encoder_name, layers=tuple(global_mapping.config.feature_layers), torch_dtype=dtype
-        )
+        extractor = CLIPFeatureExtractor.from_pretrained(image_encoder_name, layers=tuple(layers), torch_dtype=dtype)
     except (OSError, ValueError, EnvironmentError) as err:
         raise ModelLoadError(f"cannot load the image encoder {image_encoder_name} for the encoders {name}: {err}") from err
     if extractor.hidden_size != global_mapping.config.input_dim:
@@ -273,14 +275,18 @@ class ElitePipeline:
         mask: ImageLike | None = None,
         crop: bool = True,
         return_input: bool = False,
+        w0_from: str | None = None,
     ):
         """Photo (+ mask) -> `Concept` (w0, local tokens, keep-mask, metadata). One forward pass, no optimisation.
 
-        `image` may also be a ready `ConceptImage`. With `return_input=True` returns `(concept,
-        prepared ConceptImage)`, the crop the encoders saw (for grids).
+        `image` may also be a ready `ConceptImage`. `crop=False` encodes the whole photo instead of a
+        square around the mask. `w0_from`: "object" (the object on black, as the local training stage
+        reads it; the default with a local mapping) or "crop" (with background, as the global stage;
+        the default without). With `return_input=True` returns `(concept, prepared ConceptImage)`, the
+        crop the encoders saw (for grids).
         """
         encoders = self._require_encoders()
-        return encode_with(encoders, image, mask, crop=crop, return_input=return_input)
+        return encode_with(encoders, image, mask, crop=crop, return_input=return_input, w0_from=w0_from)
 
     # ---- generation --------------------------------------------------------------------------
     def _concept_list(self, concepts) -> list[Concept]:
@@ -481,47 +487,67 @@ class ElitePipeline:
         )
 
 
+def _file_name(source: str) -> str:
+    """A photo's file name for metadata (no local directories); descriptions stay as they are."""
+    return source if source.startswith("<") or source in ("alpha channel", "whole image") else Path(source).name
+
+
+def _w0_source(encoders: EliteEncoders, w0_from: str | None) -> str:
+    """Which view of the photo w0 is read from: as the last training stage did, unless told otherwise.
+
+    The local stage computes w0 from the object on black (the view its local tokens come from), the
+    global stage from the whole crop; so "object" with a local mapping, "crop" without one.
+    """
+    if w0_from is None:
+        return "object" if encoders.local_mapping is not None else "crop"
+    if w0_from not in ("object", "crop"):
+        raise ValueError(f"w0_from must be 'object' or 'crop', got {w0_from!r}")
+    return w0_from
+
+
 def encode_with(
     encoders: EliteEncoders,
     image: ImageLike | ConceptImage,
     mask: ImageLike | None = None,
     crop: bool = True,
     return_input: bool = False,
+    w0_from: str | None = None,
 ):
     """Encode a concept photo with loaded encoders (see `ElitePipeline.encode_concept`)."""
     from PIL import Image
 
-    from encoders.clip_features import CLIPFeatureExtractor, mask_background
+    from encoders.clip_features import mask_background
 
     loaded = image if isinstance(image, ConceptImage) else load_concept_image(image, mask)
     prepared = prepare_concept_image(loaded, crop=crop)
+    source = _w0_source(encoders, w0_from)
     extractor = encoders.feature_extractor
     device = extractor.image_mean.device
     size = extractor.image_size
+    w0_layer = int(encoders.global_mapping.config.feature_layers[0])
     with torch.inference_mode():
         pixels = _image_tensor(prepared.image, size, device, Image.BICUBIC)
         mask_t = (_image_tensor(prepared.mask, size, device, Image.NEAREST) > 0.5).float()
-        words = encoders.global_mapping(extractor.encode(pixels))
-        w0 = words[0, 0].float().cpu()
+        views = {}
+        if source == "crop":
+            views["crop"] = dict(zip(extractor.layers, extractor.encode(pixels)))
+        if source == "object" or encoders.local_mapping is not None:
+            views["object"] = dict(zip(extractor.layers, extractor.encode(mask_background(pixels, mask_t))))
+        w0 = encoders.global_mapping([views[source][w0_layer]], num_words=1)[0, 0].float().cpu()
         tokens = keep = None
         if encoders.local_mapping is not None:
-            local_layers = tuple(encoders.local_mapping.config.feature_layers)
-            local_extractor = extractor
-            if local_layers != extractor.layers:
-                local_extractor = CLIPFeatureExtractor(
-                    extractor.vision_model, layers=local_layers,
-                    image_mean=extractor.image_mean.flatten().tolist(), image_std=extractor.image_std.flatten().tolist(),
-                ).to(device)
-            out = encoders.local_mapping(local_extractor.encode(mask_background(pixels, mask_t)), mask_t)
+            feats = [views["object"][int(layer)] for layer in encoders.local_mapping.config.feature_layers]
+            out = encoders.local_mapping(feats, mask_t)
             tokens, keep = out.tokens[0].float().cpu(), out.keep[0].cpu()
     metadata = {
         "encoders": encoders.source,
         "base_model": encoders.base_model_name or "",
         "image_encoder": encoders.image_encoder_name,
-        "source_image": Path(prepared.source).name if not prepared.source.startswith("<") else prepared.source,
-        "mask_source": Path(prepared.mask_source).name if prepared.mask_source not in ("alpha channel", "whole image") else prepared.mask_source,
+        "source_image": _file_name(prepared.source),
+        "mask_source": _file_name(prepared.mask_source),
         "crop_xyxy": ",".join(str(v) for v in prepared.crop_xyxy),
         "mask_fraction": f"{prepared.mask_fraction:.4f}",
+        "w0_from": source,
     }
     concept = Concept(w0=w0, local_tokens=tokens, local_keep=keep, metadata=metadata)
     return (concept, prepared) if return_input else concept

@@ -13,6 +13,7 @@ from inference.inputs import (
     ConceptInputWarning,
     find_placeholders,
     load_concept_image,
+    LETTERBOX_RGB,
     prepare_concept_image,
     square_box_around,
 )
@@ -122,10 +123,18 @@ def test_crop_is_a_square_around_the_object_inside_the_photo():
     assert x0 <= 20 and y0 <= 10 and x1 >= 50 and y1 >= 40
     assert concept.image.size == concept.mask.size == (36, 36)
     assert np.asarray(concept.mask).sum() == np.asarray(_mask()).sum()  # the whole object is kept
-    # an object at the border: the square is shifted inside the image, never padded
+    # an object at the border: the square is shifted inside the image
     assert square_box_around((70, 50, 80, 60), (80, 60), 0.5) == (60, 40, 80, 60)
-    # an object larger than the short side: clipped to the image
-    assert square_box_around((0, 0, 80, 60), (80, 60), 0.1) == (10, 0, 70, 60)
+    # an object wider than the photo is tall: the square passes the top and bottom edges (letterbox)
+    assert square_box_around((0, 0, 80, 60), (80, 60), 0.1) == (0, -10, 80, 70)
+    wide_object = _mask((80, 60), box=(2, 10, 78, 50))
+    letterboxed = prepare_concept_image(load_concept_image(_photo(), wide_object))
+    assert letterboxed.image.size == letterboxed.mask.size == (80, 80)
+    assert letterboxed.crop_xyxy == (0, -10, 80, 70)
+    pixels, mask = np.asarray(letterboxed.image), np.asarray(letterboxed.mask)
+    assert (pixels[:10] == LETTERBOX_RGB).all() and (pixels[70:] == LETTERBOX_RGB).all()  # CLIP's mean colour
+    np.testing.assert_array_equal(pixels[10:70], np.asarray(_photo()))
+    assert mask[:10].max() == 0 and mask.sum() == np.asarray(wide_object).sum()  # the whole object kept
 
 
 def test_prompt_without_placeholder_is_an_error():
