@@ -159,7 +159,9 @@ def _load_models(settings: GenerationSettings):
         from diffusers import DiffusionPipeline
         from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-        pipe = DiffusionPipeline.from_pretrained(settings.pipeline, torch_dtype=dtype, safety_checker=None)
+        from inference.loading import dtype_kwargs  # `dtype` where diffusers has it, else `torch_dtype`
+
+        pipe = DiffusionPipeline.from_pretrained(settings.pipeline, safety_checker=None, **dtype_kwargs(dtype))
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         detector = AutoModelForObjectDetection.from_pretrained(settings.detector).to(device).eval()

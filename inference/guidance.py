@@ -134,16 +134,23 @@ class AttentionMapStore:
         self.layers = list(layers) if layers is not None else None
         self.rows: slice = slice(None)
         self.maps: dict[str, torch.Tensor] = {}
+        self.forward_to: Any = None  # the caller's own store, if any, also receives the denoising passes' maps
 
     def wanted(self, processor_name: str) -> bool:
         return self.layers is None or any(key in processor_name for key in self.layers)
 
+    @property
+    def record_self_attention(self) -> bool:
+        return bool(getattr(self.forward_to, "record_self_attention", False))
+
     def record(self, processor_name: str, probs: torch.Tensor, is_cross: bool) -> None:
+        if self.forward_to is not None:
+            self.forward_to.record(processor_name, probs, is_cross)
         if not is_cross or not self.wanted(processor_name):
             return
         if probs.ndim != 4:
             raise ValueError(f"{processor_name}: expected probabilities [batch, heads, queries, tokens], got {tuple(probs.shape)}")
-        self.maps[processor_name] = probs[self.rows].mean(dim=1)  # [B, Q, T], heads averaged
+        self.maps[processor_name] = probs[self.rows].float().mean(dim=1)  # [B, Q, T], heads averaged, fp32
 
     def reset(self, rows: slice = slice(None)) -> None:
         self.rows, self.maps = rows, {}
@@ -235,15 +242,20 @@ def recording_processors(unet) -> Iterator[None]:
         unet.set_attn_processor(current)
 
 
-def _context_kwargs(base: Any, store: AttentionMapStore) -> dict:
-    """`cross_attention_kwargs` carrying `store`, on top of the caller's `AttentionContext` (ELITE) if any."""
+def _context_kwargs(base: Any, store: AttentionMapStore, tee: bool = False) -> dict:
+    """`cross_attention_kwargs` carrying `store`, on top of the caller's `AttentionContext` (ELITE) if any.
+
+    With `tee`, the caller's own attention store (if it set one) receives the same maps (denoising passes).
+    """
     import dataclasses
 
     from encoders.attention import CONTEXT_KWARG, AttentionContext
 
     if base is None:
+        store.forward_to = None
         ctx = AttentionContext(attention_store=store)
     elif isinstance(base, AttentionContext):
+        store.forward_to = base.attention_store if tee else None
         ctx = dataclasses.replace(base, attention_store=store)
     else:
         raise TypeError(f"attention_context must be an encoders.attention.AttentionContext, got {type(base).__name__}")
@@ -371,7 +383,8 @@ def generate_with_spatial_guidance(
             model_in = scheduler.scale_model_input(model_in, t)
             store.reset(rows=slice(n, 2 * n) if do_cfg else slice(None))
             noise_pred = unet(
-                model_in, t, encoder_hidden_states=embeds, cross_attention_kwargs=_context_kwargs(attention_context, store)
+                model_in, t, encoder_hidden_states=embeds,
+                cross_attention_kwargs=_context_kwargs(attention_context, store, tee=True),
             ).sample
             loc_losses.append(float(location_loss(store, concepts, latent_hw)))
             step_maps = [_upsample_mean(per_layer) for per_layer in zip(*store.concept_maps(concepts, latent_hw))]
@@ -528,11 +541,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from diffusers import StableDiffusionPipeline
 
+    from .loading import dtype_kwargs
+
     if not args.boxes and not args.location_mlp:
         parser.error("give --boxes or --location-mlp")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.base, safety_checker=None, requires_safety_checker=False, **dtype_kwargs(dtype)
+    )
     pipe.to(device)
     resolved = list(args.words)
     if args.boxes:

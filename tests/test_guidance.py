@@ -163,3 +163,34 @@ def test_any_scheduler(tiny_pipe, scheduler_name):
     )
     assert np.isfinite(out.images).all()
     assert out.guidance_losses[0][1] < out.guidance_losses[0][0]
+
+
+def test_elite_context_and_processors_are_kept(tiny_pipe):
+    from encoders.attention import AttentionContext, AttentionRecorder, ContextAttnProcessor, set_context_processors
+
+    pipe = type(tiny_pipe)(**tiny_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    installed = set_context_processors(pipe.unet)
+    recorder = AttentionRecorder(keep_grad=False)
+    concepts = [GuidedConcept([5], BOXES[0], "cat")]  # a token position, as ELITE's S* gives it
+    try:
+        out = generate_with_spatial_guidance(
+            pipe, concepts, PROMPT, num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+            generator=torch.Generator().manual_seed(0), attention_context=AttentionContext(attention_store=recorder),
+            config=SpatialGuidanceConfig(guidance_steps=1, iterations=1, step_size=1e5, loss_threshold=0.0),
+        )
+        assert all(pipe.unet.attn_processors[n] is p for n, p in installed.items())  # not swapped out
+        assert all(isinstance(p, ContextAttnProcessor) for p in pipe.unet.attn_processors.values())
+        # the caller's store saw the two denoising passes of every cross-attention layer (not the guidance passes)
+        cross = [n for n in pipe.unet.attn_processors if "attn2" in n]
+        passes = len(pipe.scheduler.timesteps)  # PNDM runs one step more than asked
+        assert set(recorder.maps) == set(cross) and all(len(v) == passes for v in recorder.maps.values())
+        assert out.images.shape == (1, 4, 32, 32) and len(out.loc_losses) == passes
+    finally:
+        from encoders.attention import restore_default_processors
+
+        restore_default_processors(pipe.unet)
+    with pytest.raises(TypeError, match="AttentionContext"):
+        generate_with_spatial_guidance(pipe, concepts, PROMPT, num_inference_steps=1, attention_context={"x": 1})
+    with pytest.raises(ValueError, match="beyond the 77 text tokens"):
+        generate_with_spatial_guidance(pipe, [GuidedConcept([80], BOXES[0])], PROMPT, num_inference_steps=1)
