@@ -186,6 +186,8 @@ class EliteStageTask(TrainingTask):
         return self._pipe
 
     def validation_images(self, models: Mapping[str, nn.Module], step: int) -> list | None:
+        from PIL import Image
+
         from encoders.attention import AttentionContext, LocalConcept
 
         cfg = self.config
@@ -203,8 +205,6 @@ class EliteStageTask(TrainingTask):
             w0, local = self.concept_inputs(models, batch)
             for i in range(w0.shape[0]):
                 crop = ((batch["pixel_values"][i].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-                from PIL import Image
-
                 images.append(Image.fromarray(crop))
                 for prompt in cfg.validation_prompts:
                     ids = self.encode_prompt_ids([prompt])
