@@ -181,3 +181,21 @@ def test_help_explains_every_option():
             assert action.help, f"{name} {action.option_strings} has no help text"
             assert action.option_strings[0] in text
     assert "--lam" in subparsers["generate"].format_help() and "0.6" in subparsers["generate"].format_help()
+
+
+def test_demo_report_lists_parts_and_fails_on_a_missing_stage(tmp_path, capsys):
+    from inference.demo_report import main as report
+
+    demo = tmp_path / "demo"
+    (demo / "models" / "sd").mkdir(parents=True)
+    (demo / "models" / "sd" / "model_index.json").write_text("{}")
+    run = demo / "images" / "teapot"
+    run.mkdir(parents=True)
+    (run / "settings.json").write_text(json.dumps({"prompts": [{"prompt": "S* in the snow", "images": ["a.png", "b.png"]}]}))
+    assert report(["--demo", str(demo)]) == 0
+    text = capsys.readouterr().out
+    assert "models/sd" in text and "(1 files" in text and "encoders               missing" in text
+    assert "2 images for: S* in the snow" in text and str(run / "grid.png") in text
+    assert report(["--demo", str(demo), "--stage", "teapot"]) == 0
+    assert report(["--demo", str(demo), "--stage", "base"]) == 1
+    assert "images/base" in capsys.readouterr().out

@@ -1,0 +1,261 @@
+"""Inference benchmark: encode latency, per-image generation time, and time-to-concept versus Textual Inversion.
+
+Prints a table and writes benchmarks/results/bench_inference.json.
+
+    .venv/bin/python benchmarks/bench_inference.py                     # ~3-6 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_inference.py --skip-ti --steps 10
+
+What is measured, on the tiny bundle (`encoders.tiny`: SD-shaped UNet with cross-attention width 32,
+24-layer CLIP vision tower of width 32, 64 px images) with random-init encoders at the paper's mapping
+width (1024), loaded through the real `from_pretrained` code:
+- encode: photo file + mask file -> `Concept` (read, crop, CLIP features, global + local mapping),
+  median over repeats after a warm-up; also the share spent reading/cropping the photo.
+- generation per image: `ElitePipeline(prompt, concept)` at the default 64 px, `--steps` steps,
+  guidance 5, PNDM; batch 1 and batch `--batch` (per image); the same for the plain base pipeline
+  (stock processors) so the cost of ELITE's processors shows.
+- time-to-concept: encoding one photo versus fitting a Textual Inversion embedding with
+  `accelerate launch -m training.textual_inversion` (a subprocess, as users run it) on the same tiny
+  base at 64 px. TI is run twice (`--ti-steps`, e.g. 5 and 25 steps) so its fixed start-up cost and its
+  per-step cost separate; the time for the configured recipe (configs/finetune/textual_inversion.yaml:
+  5000 steps) is extrapolated from those and labelled as such. The ratio is TI's time over encoding's.
+Numbers depend on the machine and on other load; the JSON records threads, CPU count and torch version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks/results/bench_inference.json"
+DATA = REPO / "tests/data/concepts"
+PHOTO = DATA / "dreambooth/teapot/04.jpg"
+MASK = DATA / "masks/teapot_04.png"
+TI_CONFIG = REPO / "configs/finetune/textual_inversion.yaml"
+
+
+def build_bundle(work: Path) -> tuple[Path, Path, Path]:
+    """Tiny models + an encoders folder (random init, seed 0, mapping width 1024) under `work`."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionConfig
+
+    from encoders.global_mapping import GlobalMapping
+    from encoders.local_mapping import LocalMapping
+    from encoders.tiny import build_tiny_models
+
+    models = build_tiny_models(work / "models", ["sd", "image_encoder"])
+    sd, image_encoder = models["sd"], models["image_encoder"]
+    encoders = work / "encoders"
+    if not (encoders / "local_mapping" / "config.json").is_file():
+        unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+        width = CLIPVisionConfig.from_pretrained(image_encoder).hidden_size
+        for seed, (cls, sub) in enumerate(((GlobalMapping, "global_mapping"), (LocalMapping, "local_mapping"))):
+            torch.manual_seed(seed)
+            cls.from_unet(unet, input_dim=width, pretrained_model_name_or_path=str(sd),
+                          image_encoder_name_or_path=str(image_encoder)).save_pretrained(encoders / sub)
+    return sd, image_encoder, encoders
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        _sync()
+        tick = time.perf_counter()
+        fn()
+        _sync()
+        out.append(time.perf_counter() - tick)
+    return out
+
+
+def bench_encode(elite, repeats: int) -> dict:
+    from inference.inputs import load_concept_image, prepare_concept_image
+
+    encode_s = timed(lambda: elite.encode_concept(PHOTO, MASK), repeats)
+    read_s = timed(lambda: prepare_concept_image(load_concept_image(PHOTO, MASK)), repeats)
+    prepared = prepare_concept_image(load_concept_image(PHOTO, MASK))
+    model_s = timed(lambda: elite.encode_concept(prepared), repeats)
+    return {
+        "encode_s_median": statistics.median(encode_s),
+        "encode_s_all": encode_s,
+        "read_and_crop_s_median": statistics.median(read_s),
+        "models_only_s_median": statistics.median(model_s),
+    }
+
+
+def bench_generate(elite, concept, encoders_path: Path, steps: int, batch: int, repeats: int) -> dict:
+    import torch
+
+    def run(n: int, with_concept: bool):
+        if with_concept:
+            return elite("a photo of S* on the beach", concept, num_inference_steps=steps, guidance_scale=5.0,
+                         num_images_per_prompt=n, seed=0)
+        return elite.pipe("a photo of a teapot on the beach", num_inference_steps=steps, guidance_scale=5.0,
+                          num_images_per_prompt=n, generator=torch.Generator().manual_seed(0))
+
+    rows = {}
+    for n in sorted({1, batch}):
+        rows[f"elite_batch{n}_s_per_image"] = statistics.median(timed(lambda: run(n, True), repeats)) / n
+    elite.unload_encoders()  # stock processors: the plain base pipeline
+    try:
+        for n in sorted({1, batch}):
+            rows[f"base_batch{n}_s_per_image"] = statistics.median(timed(lambda: run(n, False), repeats)) / n
+    finally:
+        elite.load_encoders(encoders_path)
+    rows["elite_overhead_batch1"] = rows["elite_batch1_s_per_image"] / rows["base_batch1_s_per_image"] - 1.0
+    rows["elite_s_per_step_batch1"] = rows["elite_batch1_s_per_image"] / steps
+    return rows
+
+
+def run_textual_inversion(sd: Path, work: Path, steps: int, threads: int) -> float:
+    """Wall time of `accelerate launch -m training.textual_inversion` for `steps` steps (a fresh process)."""
+    out = work / f"ti_{steps}"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "training.textual_inversion", "--config", str(TI_CONFIG),
+        f"pretrained_model_name_or_path={sd}", f"concept_dir={DATA / 'dreambooth/teapot'}",
+        f"output_dir={out}", "resolution=64", f"max_steps={steps}", "train_batch_size=1",
+        "checkpointing_steps=0", "validation_steps=0", "report_to=none",
+        "placeholder_token=S*", "initializer_token=teapot", "class_word=teapot",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(REPO))
+    tick = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - tick
+    if done.returncode != 0 or not (out / "learned_embeds.safetensors").is_file():
+        raise RuntimeError(f"textual inversion ({steps} steps) failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return wall
+
+
+def configured_ti_steps() -> int:
+    import yaml
+
+    return int(yaml.safe_load(TI_CONFIG.read_text())["max_steps"])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps per image")
+    parser.add_argument("--batch", type=int, default=4, help="images per call for the batched per-image time")
+    parser.add_argument("--repeats", type=int, default=5, help="timed encodes (generation: max(2, repeats // 2))")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
+    parser.add_argument("--ti-steps", default="5,25", help="two Textual Inversion step counts to time")
+    parser.add_argument("--skip-ti", action="store_true", help="do not run Textual Inversion")
+    parser.add_argument("--work", default=None, help="folder for models (default: a temp folder)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from inference import ElitePipeline
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_inference_"))
+    sd, image_encoder, encoders = build_bundle(work)
+
+    tick = time.perf_counter()
+    elite = ElitePipeline.from_pretrained(sd, encoders=encoders, device=args.device, dtype="auto")
+    load_s = time.perf_counter() - tick
+    elite.pipe.set_progress_bar_config(disable=True)
+
+    encode = bench_encode(elite, args.repeats)
+    concept = elite.encode_concept(PHOTO, MASK)
+    generate = bench_generate(elite, concept, encoders, args.steps, args.batch, max(2, args.repeats // 2))
+
+    ti: dict = {"ran": False}
+    ti_module = REPO / "training/textual_inversion.py"
+    if args.skip_ti:
+        ti["why_not"] = "--skip-ti"
+    elif not ti_module.is_file():
+        ti["why_not"] = "training/textual_inversion.py does not exist in this checkout"
+    else:
+        small, large = (int(v) for v in args.ti_steps.split(","))
+        wall_small = run_textual_inversion(sd, work, small, args.threads)
+        wall_large = run_textual_inversion(sd, work, large, args.threads)
+        per_step = max(wall_large - wall_small, 0.0) / (large - small)
+        startup = max(wall_small - small * per_step, 0.0)
+        recipe = configured_ti_steps()
+        ti = {
+            "ran": True,
+            "steps_timed": [small, large],
+            "wall_s": [wall_small, wall_large],
+            "s_per_step": per_step,
+            "startup_s": startup,
+            "recipe_steps": recipe,
+            "recipe_wall_s_extrapolated": startup + recipe * per_step,
+        }
+        ti["ratio_measured_small_run_vs_encode"] = wall_small / encode["encode_s_median"]
+        ti["ratio_recipe_vs_encode"] = ti["recipe_wall_s_extrapolated"] / encode["encode_s_median"]
+
+    result = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
+                    "cpus": os.cpu_count(), "platform": platform.platform(), "device": str(elite.device),
+                    "dtype": str(elite.dtype).replace("torch.", "")},
+        "bundle": "encoders.tiny (64 px), random-init encoders, mapping width 1024",
+        "settings": {"steps": args.steps, "batch": args.batch, "guidance": 5.0, "scheduler": type(elite.scheduler).__name__},
+        "load_s": load_s,
+        "encode": encode,
+        "generate": generate,
+        "textual_inversion": ti,
+    }
+
+    rows = [
+        ("load base + encoders", f"{load_s:.2f} s"),
+        ("encode (photo+mask -> concept)", f"{encode['encode_s_median'] * 1000:.0f} ms"),
+        ("  of which read + crop", f"{encode['read_and_crop_s_median'] * 1000:.0f} ms"),
+        ("  of which CLIP + mappings", f"{encode['models_only_s_median'] * 1000:.0f} ms"),
+        (f"generate, ELITE, batch 1 ({args.steps} steps)", f"{generate['elite_batch1_s_per_image']:.2f} s/image"),
+        (f"generate, ELITE, batch {args.batch}", f"{generate[f'elite_batch{args.batch}_s_per_image']:.2f} s/image"),
+        ("generate, plain base, batch 1", f"{generate['base_batch1_s_per_image']:.2f} s/image"),
+        (f"generate, plain base, batch {args.batch}", f"{generate[f'base_batch{args.batch}_s_per_image']:.2f} s/image"),
+        ("ELITE processors overhead (batch 1)", f"{generate['elite_overhead_batch1'] * 100:+.0f} %"),
+    ]
+    if ti["ran"]:
+        rows += [
+            (f"Textual Inversion, {ti['steps_timed'][0]} steps (measured)", f"{ti['wall_s'][0]:.1f} s"),
+            (f"Textual Inversion, {ti['steps_timed'][1]} steps (measured)", f"{ti['wall_s'][1]:.1f} s"),
+            ("  per step / start-up", f"{ti['s_per_step'] * 1000:.0f} ms / {ti['startup_s']:.1f} s"),
+            (f"Textual Inversion, {ti['recipe_steps']} steps (extrapolated)", f"{ti['recipe_wall_s_extrapolated']:.0f} s"),
+            ("time-to-concept ratio, TI small run / encode", f"{ti['ratio_measured_small_run_vs_encode']:.0f} x"),
+            ("time-to-concept ratio, TI recipe / encode", f"{ti['ratio_recipe_vs_encode']:.0f} x"),
+        ]
+    else:
+        rows.append(("Textual Inversion", f"not run: {ti['why_not']}"))
+    width = max(len(name) for name, _ in rows)
+    print(f"\nbench_inference ({elite.device}, {args.threads} threads, {platform.machine()}, torch {torch.__version__})")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
