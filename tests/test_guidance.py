@@ -139,11 +139,11 @@ def test_guidance_lowers_location_loss_against_the_same_seed(tiny_pipe):
 def test_guidance_off_equals_the_pipeline(tiny_pipe):
     concepts = concepts_from_words(tiny_pipe.tokenizer, PROMPT, ["cat", "dog"], BOXES)
     ours = generate_with_spatial_guidance(
-        tiny_pipe, concepts, PROMPT, num_inference_steps=3, guidance_scale=5.0,
+        tiny_pipe, concepts, PROMPT, num_inference_steps=2, guidance_scale=5.0,
         generator=torch.Generator().manual_seed(1), output_type="np",
         config=SpatialGuidanceConfig(guidance_steps=0),
     ).images
-    theirs = tiny_pipe(PROMPT, num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(1),
+    theirs = tiny_pipe(PROMPT, num_inference_steps=2, guidance_scale=5.0, generator=torch.Generator().manual_seed(1),
                        output_type="np").images
     np.testing.assert_allclose(ours, theirs, atol=2e-4)
 

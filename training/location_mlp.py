@@ -181,6 +181,10 @@ class LocationMLPTask(TrainingTask):
     def model_card_notes(self) -> str:
         cfg = self.config
         m = self.val_metrics
+        flip_note = (
+            "Layouts were mirrored so that the first word is on the left (`layout_flip=canonical`)."
+            if cfg.layout_flip == "canonical" else f"Layout flip: {cfg.layout_flip}."
+        )
         return (
             "## location_mlp\n\n"
             "Compositional inversion's location MLP: two token embeddings -> one box per concept (xyxy, 0..1). "
@@ -188,7 +192,7 @@ class LocationMLPTask(TrainingTask):
             f"(`{cfg.train_shards}`), L1 x {cfg.l1_weight:g} + (1 - GIoU) x {cfg.giou_weight:g}. "
             f"Validation IoU {m.get('val_iou', float('nan')):.3f} on {m.get('val_pairs', 0)} held-out pairs. "
             "Words outside its vocabulary take the layout of the nearest vocabulary noun (cosine similarity of "
-            "input embeddings).\n\n"
+            f"input embeddings). {flip_note}\n\n"
             "```python\nfrom encoders.location_mlp import LocationMLP\n"
             "mlp = LocationMLP.from_pretrained(PATH_OR_REPO, subfolder=\"location_mlp\")\n"
             "boxes = mlp.predict_for_words(\"dog\", \"frisbee\", pipe.tokenizer, pipe.text_encoder)[\"boxes\"]\n```\n"
