@@ -51,6 +51,18 @@ def _boxes(text: str) -> tuple[float, float, float, float]:
     return values
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when X says something and the help does not already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        says_nothing = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if "default" in text or says_nothing or not action.option_strings:
+            return text
+        return f"{text} (default: {default})"
+
+
 def _add_model_options(parser: argparse.ArgumentParser, base_required: bool) -> None:
     group = parser.add_argument_group("models")
     group.add_argument(
@@ -73,7 +85,7 @@ def _add_model_options(parser: argparse.ArgumentParser, base_required: bool) -> 
     )
 
 
-def _add_concept_options(parser: argparse.ArgumentParser) -> None:
+def _add_concept_options(parser: argparse.ArgumentParser, generate: bool = False) -> None:
     group = parser.add_argument_group("concept input")
     group.add_argument(
         "--image", action="append", default=[], metavar="FILE",
@@ -88,6 +100,15 @@ def _add_concept_options(parser: argparse.ArgumentParser) -> None:
         "--no-crop", action="store_true",
         help="encode the whole photo instead of a square crop around the mask (the encoders saw object crops)",
     )
+    if generate:
+        group.add_argument(
+            "--concept", action="append", default=[], metavar="FILE",
+            help="a concept file written by `python -m inference encode` (repeatable; instead of --image)",
+        )
+        group.add_argument(
+            "--placeholder", action="append", default=[], metavar="TOKEN",
+            help="placeholder word of each concept, in order (default: S* for one concept, S1 S2 ... for several)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,18 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode concept photos and generate images for prompts containing their placeholders "
         "(S* for one concept, S1 and S2 for two). Without --encoders/--image/--concept it runs the plain "
         "base pipeline. Writes the images, grid.png and settings.json into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _add_model_options(gen, base_required=True)
-    _add_concept_options(gen)
-    gen.add_argument(
-        "--concept", action="append", default=[], metavar="FILE",
-        help="a concept file written by `python -m inference encode` (repeatable; instead of --image)",
-    )
-    gen.add_argument(
-        "--placeholder", action="append", default=[], metavar="TOKEN",
-        help="placeholder word of each concept, in order (default: S* for one concept, S1 S2 ... for several)",
-    )
+    _add_concept_options(gen, generate=True)
     prompts = gen.add_argument_group("prompts and sampling")
     prompts.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                          help="prompt; repeat for several prompts from one encode")
@@ -147,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "encode", help="encode a concept photo once into a concept file (safetensors)",
         description="Encode one concept photo (+ mask) into a small safetensors file that `generate --concept` "
         "reuses for any number of prompts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _add_model_options(enc, base_required=False)
     _add_concept_options(enc)

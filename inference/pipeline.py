@@ -221,7 +221,8 @@ class ElitePipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.device
+        """Where the pipeline computes (its execution device, also under `enable_model_cpu_offload`)."""
+        return getattr(self.pipe, "_execution_device", self.pipe.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -304,7 +305,7 @@ class ElitePipeline:
                 f"model's text embeddings are {text_dim} (it was made with encoders {concept.metadata.get('encoders', '?')})"
             )
         made_with = concept.metadata.get("encoders")
-        if made_with and self.encoders is not None and made_with != self.encoders.source:
+        if made_with and self.encoders is not None and not _same_source(made_with, self.encoders.source):
             warnings.warn(
                 f"concept {k} was encoded with the encoders {made_with}, generating with {self.encoders.source}",
                 stacklevel=3,
@@ -485,6 +486,14 @@ class ElitePipeline:
         return generate_with_spatial_guidance(
             self.pipe, guided, attention_context=context, config=guidance_config, **call
         )
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Whether two encoders names point at the same folder (or are the same Hub id)."""
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _file_name(source: str) -> str:
