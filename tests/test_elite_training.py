@@ -179,6 +179,7 @@ def test_local_stage_single_process_with_validation_and_fresh_load(tmp_path, tin
     stage1.save_pretrained(tmp_path / "stage1" / "global_mapping")
     keys = _keys(tiny_sd_path, tiny_image_encoder_path, shards, tmp_path / "local", max_steps=2, report_to="none",
                  global_mapping_path=tmp_path / "stage1", validation_steps=2, num_validation_samples=1,
+                 validation_prompts="[a S* on the beach]",
                  validation_inference_steps=2, export_dir=tmp_path / "encoders")
     task = LocalMappingTask(load_config(LocalMappingConfig, REPO / "configs/train/local_mapping.yaml", keys))
     run_training(task)
