@@ -317,8 +317,8 @@ class EliteAttnProcessor(ContextAttnProcessor):
             tokens = concept.tokens
             n = tokens.shape[0]
             offset = _concept_offset(n, batch, f"concept {k} local tokens")
-            lam = _per_row(concept.lam, n, query.device, query.dtype)
-            if isinstance(concept.lam, (int, float)) and concept.lam == 0 and ctx.local_value_l1 is None:
+            scalar_lam = isinstance(concept.lam, (int, float))
+            if scalar_lam and concept.lam == 0 and ctx.local_value_l1 is None:
                 continue  # lambda 0: the branch adds exactly nothing
             if text_probs is None:
                 text_probs = attention_probs(attn, query, key, attention_mask)
@@ -345,13 +345,18 @@ class EliteAttnProcessor(ContextAttnProcessor):
             )
 
             index = _per_row(concept.token_index, n, query.device, torch.long)
-            if bool((index < 0).any()) or bool((index >= text_probs.shape[-1]).any()):
-                raise ValueError(f"concept {k}: token_index {index.tolist()} outside the {text_probs.shape[-1]} text tokens")
+            if index.device.type == "cpu":  # checking an accelerator tensor would synchronise every layer
+                if bool((index < 0).any()) or bool((index >= text_probs.shape[-1]).any()):
+                    raise ValueError(f"concept {k}: token_index {index.tolist()} outside the {text_probs.shape[-1]} text tokens")
             w0_map = text_probs[offset : offset + n].gather(
                 -1, index.view(n, 1, 1, 1).expand(n, heads, queries, 1)
             ).squeeze(-1)  # [n, H, Q]
             w0_map = w0_map / w0_map.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(w0_map.dtype).tiny)
-            weight = (lam * has_any.to(lam.dtype))[:, None, None] * w0_map
+            if scalar_lam:
+                row_weight = has_any.to(w0_map.dtype) * float(concept.lam)
+            else:
+                row_weight = _per_row(concept.lam, n, query.device, w0_map.dtype) * has_any.to(w0_map.dtype)
+            weight = row_weight[:, None, None] * w0_map
             contribution = weight.unsqueeze(-1).to(local.dtype) * local
             if offset or n != batch:
                 pad_before = contribution.new_zeros((offset,) + contribution.shape[1:])
