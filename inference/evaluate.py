@@ -127,6 +127,9 @@ class EvalConfig:
     resolution: Optional[int] = _help("image size (default: the base model's)", None)
     elite_lambda: float = _help("ELITE's lambda for the local branch (paper: 0.6 for editing prompts)", 0.6)
     elite_image: int = _help("which concept photo (sorted by name) ELITE encodes", 0)
+    mask_dir: Optional[str] = _help(
+        "folder of concept masks for ELITE (<stem>.png or <concept>_<stem>.png); default <concept>/masks/", None
+    )
     infusion_measures: bool = _help("also compute latent W2 to the base model and Infusion's latent Fisher divergence", False)
     fisher_timesteps: list[int] = _help("timesteps for the latent Fisher divergence", factory=lambda: [100, 300, 500, 700, 900])
     clip_model: str = _help("CLIP for CLIP-T / CLIP-I", DEFAULT_CLIP_MODEL)
@@ -169,11 +172,14 @@ class EvalConcept:
             raise FileNotFoundError(f"concept folder {self.photos_dir} holds no images")
         return files
 
-    def mask_for(self, photo: Path) -> Path | None:
-        for candidate in (self.photos_dir / "masks" / f"{photo.stem}.png", photo.with_name(f"{photo.stem}.mask.png")):
-            if candidate.is_file():
-                return candidate
-        return None
+    def mask_for(self, photo: Path, mask_dir: str | Path | None = None) -> Path | None:
+        """The photo's mask, named like the fine-tunes find theirs (`training.concept_data.find_mask`)."""
+        folders = [Path(mask_dir)] if mask_dir else []
+        folders.append(self.photos_dir / "masks")
+        candidates = [f / name for f in folders for name in (f"{photo.stem}.png", f"{photo.stem}.mask.png",
+                                                              f"{photo.parent.name}_{photo.stem}.png")]
+        candidates.append(photo.with_name(f"{photo.stem}.mask.png"))
+        return next((c for c in candidates if c.is_file()), None)
 
 
 @dataclass
@@ -366,7 +372,7 @@ class Evaluator:
         if method == "elite":
             elite = self._elite_pipeline()
             photo = concept.photos[min(cfg.elite_image, len(concept.photos) - 1)]
-            encoded = elite.encode_concept(photo, mask=concept.mask_for(photo))
+            encoded = elite.encode_concept(photo, mask=concept.mask_for(photo, cfg.mask_dir))
 
             def generate(texts, latents):
                 images = []

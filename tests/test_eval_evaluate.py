@@ -152,3 +152,11 @@ def test_evaluation_imports_no_training_stack():
                           env=dict(os.environ, PYTHONPATH=str(repo)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_elite_mask_lookup(data_dir):
+    teapot = evaluate.EvalConcept("teapot", data_dir / "concepts" / "dreambooth" / "teapot", "teapot")
+    masks = data_dir / "concepts" / "masks"
+    assert teapot.mask_for(teapot.photos[4], masks) == masks / "teapot_04.png"
+    assert teapot.mask_for(teapot.photos[0], masks) is None
+    assert teapot.mask_for(teapot.photos[4]) is None  # no masks/ folder beside the photos

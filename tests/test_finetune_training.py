@@ -96,6 +96,9 @@ def test_textual_inversion_trains_and_loads_with_diffusers(tiny_sd_path, data_di
     assert list(saved) == ["S*"] and saved["S*"].shape == (1, 32)
     info = json.loads((out / "concept.json").read_text())
     assert info["method"] == "textual_inversion" and info["class_word"] == "dog"
+    card = (out / "README.md").read_text()
+    assert "load_textual_inversion" in card and "textual_inversion" in card.split("---")[1]
+    assert "encoders" not in card.split("\n# ")[1].split("\n")[0]  # its own card, not the encoders folder's
 
     pipe = tiny_pipe(tiny_sd_path)
     dog = pipe.tokenizer.convert_tokens_to_ids("dog</w>")
@@ -165,6 +168,7 @@ def test_infusion_trains_and_changes_only_class_word_prompts(tiny_sd_path, data_
     residuals = InfusionResiduals.from_pretrained(out, subfolder="infusion")
     assert residuals.config.class_word == "cat"
     assert residuals().abs().max() > 0  # started at zero, trained
+    assert "generate_with_infusion" in (out / "README.md").read_text()
     size = sum(f.stat().st_size for f in (out / "infusion").glob("*.safetensors"))
     assert size < 16_000  # a few KB
 

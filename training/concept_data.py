@@ -421,6 +421,30 @@ class ConceptFinetuneTask(TrainingTask):
         os.replace(tmp, path)
         return CONCEPT_FILE
 
+    card_tags: tuple[str, ...] = ()
+
+    def model_card(self) -> str:
+        """The run folder's README: what was learned, how to use it (`model_card_notes`), how it was trained."""
+        c = self.config
+        tags = "\n".join(f"- {t}" for t in (*self.card_tags, "stable-diffusion", "zero-step-personalization"))
+        masks = int(self.photos.has_mask.sum()) if hasattr(self, "photos") else 0
+        photos = len(self.photos) if hasattr(self, "photos") else "?"
+        return f"""---
+library_name: diffusers
+base_model: {c.pretrained_model_name_or_path}
+tags:
+{tags}
+---
+
+{self.model_card_notes()}
+## Training
+
+- {photos} photos from `{c.concept_dir}`{f" ({masks} with masks)" if masks else ""}, {c.resolution} px, horizontal flips p={c.flip_p}, {c.templates} caption templates
+- {c.max_steps} steps, batch {c.train_batch_size} x accumulation {c.gradient_accumulation_steps}, learning rate {c.learning_rate:g}{" (scaled by the batch)" if c.scale_lr else ""}, {c.mixed_precision} precision, seed {c.seed}
+- base model `{c.pretrained_model_name_or_path}`; every setting in `training_config_{self.name}.yaml`
+- `concept.json` describes the concept for `python -m inference.evaluate runs=<this folder>`
+"""
+
     # ---- what a method supplies ------------------------------------------------------------------
     @abstractmethod
     def build_trainable(self) -> None:

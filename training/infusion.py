@@ -58,6 +58,7 @@ class InfusionConfig(FinetuneConfig):
 class InfusionTask(ConceptFinetuneTask):
     name = "infusion"
     config: InfusionConfig
+    card_tags = ("infusion",)
 
     def build_trainable(self) -> None:
         self.residuals = InfusionResiduals.for_unet(
@@ -121,14 +122,19 @@ class InfusionTask(ConceptFinetuneTask):
     def model_card_notes(self) -> str:
         c = self.config
         return (
-            f"## Infusion residuals for `{c.class_word}`\n\n"
-            f"Learned from the photos in `{c.concept_dir}` ({c.max_steps} steps). Prompts that say "
-            f"\"{c.class_word}\" get the concept; the base model's attention maps are kept.\n\n"
+            f"# Infusion residuals for `{c.class_word}`\n\n"
+            f"One value residual per cross-attention layer ({RESIDUALS_FOLDER}/) for the concept in `{c.concept_dir}`. "
+            f"Prompts that say \"{c.class_word}\" get the concept; the base model's attention maps are kept"
+            f"{' (dual stream)' if c.replace_maps else ''}, and prompts without the word are untouched.\n\n"
             "```python\n"
-            "from encoders.infusion import InfusionResiduals, generate_with_infusion\n"
-            f"concept = InfusionResiduals.from_pretrained(\"{c.output_dir}\", subfolder=\"{RESIDUALS_FOLDER}\")\n"
-            f"images = generate_with_infusion(pipe, \"a {c.class_word} on the beach\", [concept], "
-            "num_inference_steps=50, guidance_scale=8).images\n"
+            "from diffusers import DDIMScheduler, StableDiffusionPipeline\n"
+            "from encoders.infusion import InfusionResiduals, generate_with_infusion\n\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained(\"{c.pretrained_model_name_or_path}\")\n"
+            "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n"
+            f"concept = InfusionResiduals.from_pretrained(\"PATH_OR_REPO\", subfolder=\"{RESIDUALS_FOLDER}\")\n"
+            f"out = generate_with_infusion(pipe, \"a {c.class_word} on the beach\", [concept], "
+            "num_inference_steps=50, guidance_scale=8)\n"
+            "out.images[0]  # out.base_images[0]: the base model from the same noise\n"
             "```\n"
         )
 

@@ -103,6 +103,11 @@ class TrainingTask(ABC):
         """Extra markdown for the exported folder's model card (what was trained, how to use it)."""
         return ""
 
+    def model_card(self) -> str | None:
+        """The whole model card, for exports that are not an encoders folder (e.g. a fine-tune's
+        embedding); None (default) writes the encoders card with `model_card_notes()`."""
+        return None
+
 
 class TrainableBundle(nn.Module):
     """All trainable modules of a task, so accelerate prepares a single model; forward = task step."""
@@ -493,7 +498,12 @@ def run_training(task: TrainingTask) -> Path:
         export_dir.mkdir(parents=True, exist_ok=True)
         written = task.export(unwrapped(), export_dir)
         save_config(config, export_dir / f"training_config_{task.name}.yaml")
-        write_model_card(export_dir, config, task.model_card_notes())
+        card = task.model_card()
+        if card is None:
+            write_model_card(export_dir, config, task.model_card_notes())
+        else:
+            (export_dir / ".README.md.tmp").write_text(card)
+            os.replace(export_dir / ".README.md.tmp", export_dir / "README.md")
         accelerator.print(f"[{task.name}] exported {', '.join(written)} to {export_dir}")
         if config.push_to_hub:
             push_folder_to_hub(export_dir, config.hub_model_id, private=config.hub_private)

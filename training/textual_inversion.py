@@ -109,6 +109,15 @@ class TextualInversionTask(ConceptFinetuneTask):
     name = "textual_inversion"
     config: TextualInversionConfig
 
+    @property
+    def card_tags(self) -> tuple[str, ...]:
+        tags = ["textual_inversion"]
+        if self.config.subspace.enabled:
+            tags.append("batex")
+        if self.config.anchors.enabled:
+            tags.append("compositional-inversion")
+        return tuple(tags)
+
     def build_trainable(self) -> None:
         config, sd = self.config, self.sd
         if config.placeholder_token in sd.tokenizer.get_vocab():
@@ -214,11 +223,19 @@ class TextualInversionTask(ConceptFinetuneTask):
     def model_card_notes(self) -> str:
         c = self.config
         kind = "BaTex (textual subspace)" if c.subspace.enabled else "Textual Inversion"
+        extra = ""
+        if c.subspace.enabled:
+            extra += (f"The embedding is a weighted sum of {self.word.config.num_basis} vocabulary words nearest to "
+                      f"`{c.initializer_token}` ({c.subspace.distance}; rank rule d1={c.subspace.dim}), kept in `subspace/`.\n")
+        if c.anchors.enabled:
+            extra += f"Semantic anchors ({c.anchors.vocabulary}, at most {c.anchors.max_active} active, lambda {c.anchors.weight}).\n"
         return (
-            f"## {kind} embedding `{c.placeholder_token}`\n\n"
-            f"Learned from the photos in `{c.concept_dir}` (initializer `{c.initializer_token}`, {c.max_steps} steps).\n\n"
+            f"# {kind} embedding `{c.placeholder_token}`\n\n"
+            f"One word embedding for the concept in `{c.concept_dir}` (initializer `{c.initializer_token}`).\n{extra}\n"
             "```python\n"
-            f"pipe.load_textual_inversion(\"{c.output_dir}\", token=\"{c.placeholder_token}\")\n"
+            "from diffusers import StableDiffusionPipeline\n\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained(\"{c.pretrained_model_name_or_path}\")\n"
+            f"pipe.load_textual_inversion(\"PATH_OR_REPO\", token=\"{c.placeholder_token}\")  # {EMBEDDINGS_FILE}\n"
             f"image = pipe(\"a photo of {c.placeholder_token} on the beach\").images[0]\n"
             "```\n"
         )
