@@ -529,13 +529,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--boxes", nargs=2, metavar=("BOX_A", "BOX_B"), help="x0,y0,x1,y1 in 0..1 for each word")
     parser.add_argument("--location-mlp", help="encoders folder / Hub repo with location_mlp/ (boxes when --boxes is not given)")
     parser.add_argument("--out", required=True, help="PNG file for the side-by-side picture (a .json with the numbers is written beside it)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, default=50, help="reverse steps (default 50)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--guidance-steps", type=int, default=10, help="reverse steps with latent updates (paper: 10)")
     parser.add_argument("--iterations", type=int, default=5, help="gradient iterations per guided step")
-    parser.add_argument("--step-size", type=float, default=30.0, help="latent step scale (x (1 - alphabar_t))")
-    parser.add_argument("--loss-threshold", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step-size", type=float, default=30.0,
+                        help="latent step scale, times (1 - alphabar_t) (default 30, layout guidance's for SD; "
+                        "the random tiny demo model needs ~1e5 to show a change)")
+    parser.add_argument("--loss-threshold", type=float, default=0.2, help="stop a step's iterations below this L_loc")
+    parser.add_argument("--seed", type=int, default=0, help="same seed for both images")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
 
