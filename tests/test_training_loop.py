@@ -114,3 +114,15 @@ def test_two_process_deepspeed_zero2_resumes_exactly(tmp_path):
     a = ToyRegressor.from_pretrained(tmp_path / "full" / "encoders", subfolder="toy")
     b = ToyRegressor.from_pretrained(tmp_path / "split" / "checkpoint-4", subfolder="toy")
     assert torch.equal(a.linear.weight, b.linear.weight)
+
+
+def test_model_card_keeps_each_trainers_notes(tmp_path):
+    from training.loop import write_model_card
+
+    cfg = ToyConfig(output_dir=str(tmp_path))
+    write_model_card(tmp_path, cfg, "## global\nglobal notes", section="global_mapping")
+    write_model_card(tmp_path, cfg, "## location\nmlp notes", section="location_mlp")
+    write_model_card(tmp_path, cfg, "## global\nnewer global notes", section="global_mapping")
+    card = (tmp_path / "README.md").read_text()
+    assert "mlp notes" in card and "newer global notes" in card
+    assert card.count("global notes") == 1 and card.count("## global") == 1  # replaced, not appended

@@ -260,9 +260,24 @@ def _grid(images: list, columns: int | None = None):
     return sheet
 
 
-def write_model_card(export_dir: Path, config: TrainConfig, notes: str = "") -> Path:
-    """(Re)write `README.md` of an encoders folder from the subfolders it holds and their configs."""
+_NOTES_BLOCK = re.compile(r"<!-- notes:(?P<name>[\w.-]+) -->\n(?P<body>.*?)\n<!-- /notes:(?P=name) -->", re.S)
+
+
+def write_model_card(export_dir: Path, config: TrainConfig, notes: str = "", section: str = "train") -> Path:
+    """(Re)write `README.md` of an encoders folder from the subfolders it holds and their configs.
+
+    Several trainers export into one folder (global, local, location MLP): each one's `notes` are kept
+    as their own section, so a later export replaces its own section and leaves the others in place.
+    """
     export_dir = Path(export_dir)
+    sections: dict[str, str] = {}
+    old = export_dir / "README.md"
+    if old.is_file():
+        sections = {m["name"]: m["body"] for m in _NOTES_BLOCK.finditer(old.read_text())}
+    sections[section] = notes.strip()
+    notes_md = "\n\n".join(
+        f"<!-- notes:{name} -->\n{body}\n<!-- /notes:{name} -->" for name, body in sorted(sections.items()) if body
+    )
     parts = []
     for sub in sorted(p for p in export_dir.iterdir() if p.is_dir() and (p / "config.json").is_file()):
         cfg = json.loads((sub / "config.json").read_text())
@@ -296,7 +311,7 @@ python -m inference generate --base {config.pretrained_model_name_or_path} --enc
     --image dog.jpg --mask dog_mask.png --prompt "a photo of S* on the beach" --out out/
 ```
 
-{notes}
+{notes_md}
 """
     path = export_dir / "README.md"
     tmp = export_dir / ".README.md.tmp"
@@ -500,7 +515,7 @@ def run_training(task: TrainingTask) -> Path:
         save_config(config, export_dir / f"training_config_{task.name}.yaml")
         card = task.model_card()
         if card is None:
-            write_model_card(export_dir, config, task.model_card_notes())
+            write_model_card(export_dir, config, task.model_card_notes(), section=task.name)
         else:
             (export_dir / ".README.md.tmp").write_text(card)
             os.replace(export_dir / ".README.md.tmp", export_dir / "README.md")
