@@ -1,19 +1,24 @@
 """The crop-shard loader (training/data.py): shapes and value ranges both ELITE stages expect, seeded
 determinism, one clean pass without resampling, scale augmentation's valid region, bad shards
-skipped, and the shards' compatibility with `datasets.load_dataset("webdataset")`."""
+skipped, the shards' compatibility with `datasets.load_dataset("webdataset")`, and the batched
+CLIP-view augmentation (grids, flip/rotation against PIL's affine warp, per-sample blur, cached tokens)."""
 
 from __future__ import annotations
 
 import json
 import random
 
+import math
+
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
 
 from encoders.clip_features import CLIP_MEAN, CLIP_STD
 from encoders.tokenizer import build_clip_tokenizer
-from training.data import CropDataConfig, CropSampleTransform, build_crop_dataloader
+from training.data import CropDataConfig, CropSampleTransform, build_crop_dataloader, clip_view_grids, gaussian_blur
 from training.templates import IMAGENET_TEMPLATES
 
 
@@ -153,3 +158,81 @@ def test_shards_open_with_hf_datasets(crop_shards, tmp_path):
     row = ds[0]
     assert row["jpg"].size == (64, 64) and row["mask.png"].size == (64, 64)
     assert row["json"]["source"] == "coco" and len(row["json"]["box_in_crop"]) == 4
+
+
+def _photo(data_dir, size: int) -> Image.Image:
+    image = Image.open(sorted((data_dir / "coco_sample/images").glob("*.jpg"))[0]).convert("RGB")
+    side = min(image.size)
+    return image.crop((0, 0, side, side)).resize((size, size), Image.BICUBIC)
+
+
+def test_clip_view_grids_are_affine_grids():
+    flip = torch.tensor([False, True, True, False])
+    angle = torch.tensor([0.0, 0.0, 7.5, -10.0])
+    grids = clip_view_grids(flip, angle, 24)
+    a = torch.deg2rad(angle)
+    mirror = 1 - 2 * flip.float()
+    zero = torch.zeros(4)
+    theta = torch.stack([torch.stack([a.cos() * mirror, a.sin(), zero], -1), torch.stack([-a.sin() * mirror, a.cos(), zero], -1)], 1)
+    assert torch.allclose(grids, F.affine_grid(theta, [4, 1, 24, 24], align_corners=False), atol=1e-6)
+    image = torch.arange(2 * 24 * 24, dtype=torch.float32).view(2, 1, 24, 24)
+    same = F.grid_sample(image, grids[:2], mode="nearest", align_corners=False)
+    assert torch.equal(same[0], image[0]) and torch.equal(same[1], image[1].flip(-1))  # identity; mirror
+
+
+def test_clip_views_match_pils_affine_warp(data_dir):
+    """Flip + rotation + resize by grid_sample lands where PIL's affine warp of the same crop does."""
+    cfg = CropDataConfig(resolution=128, clip_size=56, clip_flip_prob=1.0, clip_rotation_degrees=10.0, clip_blur_prob=0.0)
+    transform = CropSampleTransform(cfg, vae_scale_factor=8)
+    image = _photo(data_dir, 128)
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (20, 40, 70, 100))
+    meta = {"box_in_crop": [20 / 128, 40 / 128, 70 / 128, 100 / 128], "key": "k"}
+    sample = transform(image, mask, meta, random.Random(2))
+    flip, angle, blur = sample["clip_aug"].tolist()
+    assert flip == 1.0 and 5.0 < abs(angle) <= 10.0 and blur == 0.0
+    batch = transform.collate([sample])
+
+    def pil_view(source: Image.Image, resample) -> np.ndarray:  # the reference's affine warp, about the centre
+        scale, a = source.width / 56, math.radians(angle)
+        m00, m01, m10, m11 = -math.cos(a) * scale, math.sin(a) * scale, math.sin(a) * scale, math.cos(a) * scale
+        h_in, h_out = source.width / 2, 28
+        coeffs = (m00, m01, h_in - (m00 + m01) * h_out, m10, m11, h_in - (m10 + m11) * h_out)
+        return np.asarray(source.transform((56, 56), Image.AFFINE, coeffs, resample), dtype=np.float32)
+
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    ours = (batch["clip_pixel_values"][0] * std + mean) * 255
+    reference = torch.from_numpy(pil_view(image.reduce(2), Image.BILINEAR)).permute(2, 0, 1)
+    inside = torch.from_numpy(pil_view(Image.new("L", (64, 64), 255), Image.NEAREST) > 0)[2:-2, 2:-2]  # away from the fill edge
+    assert (ours - reference).abs()[:, 2:-2, 2:-2][:, inside].mean() < 6.0  # grey levels: ~0.6; unrotated ~26, turned the wrong way ~39
+    ours_mask = batch["object_mask_clip"][0, 0]
+    reference_mask = torch.from_numpy(pil_view(mask, Image.NEAREST) > 127)
+    assert (ours_mask.bool() != reference_mask).float().mean() < 0.01  # at most edge pixels; unrotated: 0.04
+    assert ours_mask.sum() > 0.1 * 56 * 56
+
+
+def test_gaussian_blur_per_sample_sigma_like_pil(data_dir):
+    image = _photo(data_dir, 64)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    out = gaussian_blur(torch.stack([x, x, x]), [0.1, 0.8, 1.5])
+    assert out.shape == (3, 3, 64, 64)
+    assert (out[0] - x).abs().mean() < 0.5  # sigma 0.1 is (almost) no blur
+    for i, sigma in ((1, 0.8), (2, 1.5)):
+        reference = torch.from_numpy(np.asarray(image.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32)).permute(2, 0, 1)
+        assert (out[i] - reference).abs().mean() < 2.0  # PIL approximates the Gaussian with box passes
+    assert (out[2] - x).abs().mean() > (out[1] - x).abs().mean() > 1.0
+    flat = torch.full((2, 3, 16, 16), 0.25)
+    assert torch.allclose(gaussian_blur(flat, [0.5, 1.5]), flat)  # normalised kernels, replicated edges
+
+
+def test_token_ids_are_the_tokenizers_and_follow_added_tokens():
+    tokenizer = build_clip_tokenizer()
+    transform = CropSampleTransform(CropDataConfig(resolution=32, clip_size=32), vae_scale_factor=4, tokenizer=tokenizer)
+    captions = ["a photo of a S*.", "a rendering of a S*.", "a photo of a S*."]
+    direct = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length).input_ids
+    assert transform.token_ids(captions).tolist() == direct
+    tokenizer.add_tokens(["S*"])  # what the trainers do before training: the cached ids must not be reused
+    ids = transform.token_ids(captions[:1])[0].tolist()
+    assert tokenizer.convert_tokens_to_ids("S*") in ids
+    assert ids == tokenizer(captions[:1], padding="max_length", max_length=tokenizer.model_max_length).input_ids[0]

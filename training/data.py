@@ -25,8 +25,13 @@ Each sample becomes (R = `resolution`, f = the VAE's downsampling factor, passed
 
 All randomness comes from RNGs seeded by (`seed`, epoch, rank, worker), so batches are the same
 on every run with the same seed and worker count (the training loop's exact resume relies on it).
-Samples stay uint8 until a whole batch is stacked; `CropSampleTransform.finalize_batch` then makes
-the float tensors once per batch, in the main process (4x less data between DataLoader workers).
+Per sample (in the DataLoader workers) there is only PIL decoding, the random draws, a 2x box
+filter for the CLIP source and the tiny latent masks; samples stay uint8 until a whole batch is
+stacked. `CropSampleTransform.finalize_batch` then does the float work once per batch, in the
+main process (4x less data between workers): uint8 -> [-1, 1], the CLIP views of every sample by
+one `grid_sample` (flip + rotation + resize, the mask through the same grids), the blur as one
+depthwise convolution with per-sample kernels, the normalisation, and the tokens (each template's
+ids are computed once). The shard path thus costs little more than decoding one JPEG and one PNG.
 Do not pass the loader through `accelerator.prepare`: it splits shards by node itself (RANK /
 WORLD_SIZE or torch.distributed), and accelerate would dispatch rank 0's batches instead.
 """
@@ -44,7 +49,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+import torch.nn.functional as F
+from PIL import Image
 
 from data_prep.writer import MANIFEST_NAME, expand_shard_spec
 from encoders.clip_features import CLIP_MEAN, CLIP_STD
@@ -53,7 +59,8 @@ from .templates import IMAGENET_TEMPLATES, fill_template
 
 logger = logging.getLogger(__name__)
 
-_CLIP_FILL = tuple(int(round(255 * m)) for m in CLIP_MEAN)  # rotation fill: ~0 after normalisation
+# 2 / 255 rounded down to float32, so the fused `x * alpha - 1` of 255 stays <= 1 (at most 1.2e-7 off).
+_TO_UNIT = float(np.nextafter(np.float32(2.0 / 255.0), np.float32(0.0)))
 
 
 def _help(text: str, default=None, factory=None):
@@ -108,11 +115,6 @@ def _worker_info() -> tuple[int, int]:
     return rank, worker
 
 
-def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """HWC uint8 PIL RGB -> contiguous CHW uint8 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
-
-
 def _any_pixel_cells(mask: Image.Image, f: int) -> np.ndarray:
     """[h/f, w/f] float: 1 where an f x f cell of a 0/255 L mask holds any set pixel."""
     if f == 1:
@@ -123,24 +125,61 @@ def _any_pixel_cells(mask: Image.Image, f: int) -> np.ndarray:
     return (np.asarray(mask) > 127).reshape(h, f, w, f).any(axis=(1, 3)).astype(np.float32)
 
 
-def _view(image: Image.Image, size: int, angle: float, flip: bool, resample: int, fill) -> Image.Image:
-    """`image` resized to `size`, mirrored and rotated about its centre by `angle` degrees: one affine warp."""
-    scale = image.width / size
-    a = math.radians(angle)
-    cos, sin = math.cos(a) * scale, math.sin(a) * scale
-    mirror = -1.0 if flip else 1.0
-    half_in, half_out = image.width / 2.0, size / 2.0
-    # input = centre_in + scale * R(angle) @ diag(mirror, 1) @ (output - centre_out)
-    m00, m01, m10, m11 = cos * mirror, sin, -sin * mirror, cos
-    coeffs = (m00, m01, half_in - m00 * half_out - m01 * half_out, m10, m11, half_in - m10 * half_out - m11 * half_out)
-    return image.transform((size, size), Image.AFFINE, coeffs, resample, fillcolor=fill)
+def _planar(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> [3, H, W] uint8 tensor, each band packed by PIL (no HWC -> CHW transpose)."""
+    w, h = image.size
+    out = torch.empty((3, h, w), dtype=torch.uint8)
+    planes = out.numpy()
+    for i, band in enumerate("RGB"):
+        planes[i] = np.frombuffer(image.tobytes("raw", band), np.uint8).reshape(h, w)
+    return out
+
+
+def clip_view_grids(flip: torch.Tensor, angle_degrees: torch.Tensor, size: int) -> torch.Tensor:
+    """Sampling grids [B, size, size, 2] of the CLIP views: mirrored where `flip`, rotated about the centre.
+
+    The same as `F.affine_grid(theta, (B, 1, size, size), align_corners=False)` with theta =
+    R(angle) @ diag(mirror, 1) (y down, PIL's affine convention), built as one broadcast sum.
+    Coordinates are normalised, so one grid samples a view from a square source of any size.
+    """
+    a = torch.deg2rad(angle_degrees.double())
+    cos, sin = torch.cos(a), torch.sin(a)
+    mirror = 1.0 - 2.0 * flip.double()
+    col_x = torch.stack([cos * mirror, -sin * mirror], -1).float()  # d(source x, y) / d(output x)
+    col_y = torch.stack([sin, cos], -1).float()  # d(source x, y) / d(output y)
+    centres = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres in [-1, 1]
+    along_x = centres[None, :, None] * col_x[:, None, :]  # [B, W, 2]
+    along_y = centres[None, :, None] * col_y[:, None, :]  # [B, H, 2]
+    return along_y[:, :, None, :] + along_x[:, None, :, :]
+
+
+def gaussian_blur(images: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """`images` [N, C, H, W] each blurred with its own Gaussian sigma (in pixels), as PIL's GaussianBlur.
+
+    A separable depthwise convolution over all N * C planes at once (channels-last, which CPU
+    kernels run several times faster); edges repeat the border pixel.
+    """
+    n, c, h, w = images.shape
+    radius = max(1, math.ceil(3.0 * max(sigmas)))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    sigma = torch.tensor(sigmas, dtype=torch.float64).clamp_min(1e-3)[:, None]
+    kernel = torch.exp(-0.5 * (taps[None] / sigma) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).to(images.dtype).repeat_interleave(c, 0)  # [n*c, k]
+    x = F.pad(images.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    x = x.contiguous(memory_format=torch.channels_last)
+    x = F.conv2d(x, kernel[:, None, :, None], groups=n * c)
+    x = F.conv2d(x, kernel[:, None, None, :], groups=n * c)
+    return x.reshape(n, c, h, w).contiguous()
 
 
 class CropSampleTransform:
     """(crop, mask, metadata) -> the training tensors listed in the module docstring.
 
     Shared by the shard loader and the on-the-fly baseline of `benchmarks/bench_data.py`, so both
-    produce the same tensors from the same crop.
+    produce the same tensors from the same crop. Two halves: `__call__` runs per sample (in the
+    DataLoader workers) and keeps uint8 arrays, drawing every random choice from the sample's
+    seeded RNG; `finalize_batch` runs once per stacked batch and does the float work for the whole
+    batch at once in torch (conversion, CLIP views by `grid_sample`, blur, normalisation, tokens).
     """
 
     def __init__(
@@ -156,12 +195,15 @@ class CropSampleTransform:
         self.config = config
         self.factor = int(vae_scale_factor)
         self.tokenizer = tokenizer
-        self.mean = torch.tensor(clip_mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(clip_std, dtype=torch.float32).view(3, 1, 1)
-        self.black = -self.mean / self.std  # normalised black: the local stage's background
-        self.clip_scale = 1.0 / (255.0 * self.std)
-        self.clip_shift = self.mean / self.std
+        mean = torch.tensor(clip_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(clip_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.black = -mean / std  # normalised black: the local stage's background
+        self.clip_scale = 1.0 / (255.0 * std)  # uint8 -> (x / 255 - mean) / std = x * scale - shift
+        self.clip_shift = mean / std
+        self._minus_one = torch.tensor(-1.0)
         self.templates = tuple(config.templates) or IMAGENET_TEMPLATES
+        self._token_cache: dict[str, list[int]] = {}
+        self._token_cache_vocab = -1
 
     def __call__(self, image: Image.Image, mask: Image.Image, meta: dict, rng: random.Random) -> dict:
         cfg, f = self.config, self.factor
@@ -180,63 +222,68 @@ class CropSampleTransform:
             side = max(f, int(round(size * scale / f)) * f)
             ox = rng.randrange(0, (size - side) // f + 1) * f
             oy = rng.randrange(0, (size - side) // f + 1) * f
-        placed = image if side == size else image.resize((side, side), Image.BICUBIC)
         if side == size:
-            pixels = _to_uint8_tensor(placed)
+            pixels = _planar(image)  # [3, R, R] uint8; made float per batch
         else:
             pixels = torch.full((3, size, size), 128, dtype=torch.uint8)  # the grey canvas (0 after finalize)
-            pixels[:, oy : oy + side, ox : ox + side] = _to_uint8_tensor(placed)
+            pixels[:, oy : oy + side, ox : ox + side] = _planar(image.resize((side, side), Image.BICUBIC))
         placed_mask = mask if side == size else mask.resize((side, side), Image.NEAREST)
-        object_latent = np.zeros((cells, cells), np.float32)  # a latent cell holding any object pixel
-        object_latent[oy // f : (oy + side) // f, ox // f : (ox + side) // f] = _any_pixel_cells(placed_mask, f)
+        object_latent = np.zeros((1, cells, cells), np.float32)  # a latent cell holding any object pixel
+        object_latent[0, oy // f : (oy + side) // f, ox // f : (ox + side) // f] = _any_pixel_cells(placed_mask, f)
         vx0, vy0, vx1, vy1 = meta.get("valid_in_crop", (0.0, 0.0, 1.0, 1.0))
         px0, py0 = ox + int(round(vx0 * side)), oy + int(round(vy0 * side))
         px1, py1 = ox + int(round(vx1 * side)), oy + int(round(vy1 * side))
-        valid_latent = np.zeros((cells, cells), np.float32)  # a latent cell made only of real pixels
-        valid_latent[-(-py0 // f) : py1 // f, -(-px0 // f) : px1 // f] = 1.0
+        valid_latent = np.zeros((1, cells, cells), np.float32)  # a latent cell made only of real pixels
+        valid_latent[0, -(-py0 // f) : py1 // f, -(-px0 // f) : px1 // f] = 1.0
         bx0, by0, bx1, by1 = meta["box_in_crop"]
         box = torch.tensor([(bx0 * side + ox) / size, (by0 * side + oy) / size, (bx1 * side + ox) / size, (by1 * side + oy) / size])
 
-        # The CLIP views: whole crop (global stage) and object on black (local stage), same flip and
-        # rotation, each made by one affine warp from a box-filtered half-size copy.
-        c = cfg.clip_size
+        # The CLIP views' random flip, rotation and blur are drawn here and applied per batch
+        # (`finalize_batch`), to copies of the crop and mask box-filtered to no less than the view.
         flip = rng.random() < cfg.clip_flip_prob
         angle = rng.uniform(-cfg.clip_rotation_degrees, cfg.clip_rotation_degrees) if cfg.clip_rotation_degrees > 0 else 0.0
-        small = image
-        while small.width >= 2 * c:
-            small = small.reduce(2)
-        clip_image = _view(small, c, angle, flip, Image.BILINEAR, _CLIP_FILL)
-        clip_mask = _view(mask, c, angle, flip, Image.NEAREST, 0)
-        if rng.random() < cfg.clip_blur_prob:
-            clip_image = clip_image.filter(ImageFilter.GaussianBlur(rng.uniform(*cfg.clip_blur_radius)))
-        mask_clip = torch.from_numpy(np.asarray(clip_mask) > 127)[None]
+        blur = rng.uniform(*cfg.clip_blur_radius) if rng.random() < cfg.clip_blur_prob else 0.0
+        reduce = 1
+        while size // (2 * reduce) >= cfg.clip_size:
+            reduce *= 2
+        small_image = image.reduce(reduce) if reduce > 1 else image
+        small_mask = mask.reduce(reduce) if reduce > 1 else mask
 
-        caption = fill_template(rng.choice(self.templates), cfg.placeholder_token)
-        out = {
-            "pixel_values": pixels,  # uint8 until finalize_batch
+        return {
+            "pixel_values": pixels,  # uint8 [3, R, R] until finalize_batch
             "canvas": torch.tensor([ox, oy, ox + side, oy + side]),
-            "valid_mask": torch.from_numpy(valid_latent)[None],
-            "object_mask_latent": torch.from_numpy(object_latent)[None],
-            "clip_pixel_values": _to_uint8_tensor(clip_image),
-            "object_mask_clip": mask_clip,
-            "caption": caption,
+            "valid_mask": torch.from_numpy(valid_latent),
+            "object_mask_latent": torch.from_numpy(object_latent),
+            "clip_source": _planar(small_image),  # uint8 [3, S, S], C <= S < 2C
+            "clip_source_mask": torch.from_numpy(np.asarray(small_mask) > 127)[None],  # bool [1, S, S]
+            "clip_aug": torch.tensor([float(flip), angle, blur]),
+            "caption": fill_template(rng.choice(self.templates), cfg.placeholder_token),
             "box_in_crop": box,
             "category": str(meta.get("category", "")),
             "key": str(meta.get("key", "")),
         }
-        if self.tokenizer is not None:
-            ids = self.tokenizer(caption, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length).input_ids
-            out["input_ids"] = torch.tensor(ids, dtype=torch.long)
-        return out
+
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        """[B, L] ids of `captions`; the few distinct captions (one per template) are tokenised once."""
+        tok = self.tokenizer
+        if len(tok) != self._token_cache_vocab:  # placeholder tokens added since: ids may differ
+            self._token_cache, self._token_cache_vocab = {}, len(tok)
+        missing = sorted({c for c in captions if c not in self._token_cache})
+        if missing:
+            ids = tok(missing, padding="max_length", truncation=True, max_length=tok.model_max_length).input_ids
+            self._token_cache.update(zip(missing, ids))
+        return torch.tensor([self._token_cache[c] for c in captions], dtype=torch.long)
 
     def finalize_batch(self, batch: dict) -> dict:
-        """A stacked batch of raw samples -> the training batch: float images, normalised CLIP views.
+        """A stacked batch of raw samples -> the training batch (the float work, once per batch).
 
         Samples stay uint8 until here (4x less to stack and to pass between processes); this runs
-        once per batch, in the main process when the loader has workers.
+        once per batch, in the main process when the loader has workers. Deterministic: all the
+        randomness was drawn per sample.
         """
         batch = dict(batch)
-        pixels = batch["pixel_values"].mul(2.0 / 255.0).sub_(1.0)  # uint8 * float -> float32 in one pass
+        pixels = batch.pop("pixel_values").to(torch.float32)  # [B, 3, R, R] uint8 -> float
+        torch.add(self._minus_one, pixels, alpha=_TO_UNIT, out=pixels)  # -> [-1, 1] in place, one pass
         size = pixels.shape[-1]
         for i, (x0, y0, x1, y1) in enumerate(batch.pop("canvas").tolist()):
             if (x0, y0, x1, y1) != (0, 0, size, size):  # exact 0 (grey) around a scale-augmented crop
@@ -244,12 +291,24 @@ class CropSampleTransform:
                 pixels[i, :, y1:] = 0.0
                 pixels[i, :, :, :x0] = 0.0
                 pixels[i, :, :, x1:] = 0.0
-        clip = batch["clip_pixel_values"].mul(self.clip_scale).sub_(self.clip_shift)  # (x / 255 - mean) / std
-        mask = batch["object_mask_clip"]
+
+        # CLIP views: normalise the box-filtered crop, then one bilinear grid_sample for the whole
+        # batch (outside the photo: 0, CLIP's mean colour); the mask through the same grids (nearest).
+        aug = batch.pop("clip_aug")
+        grids = clip_view_grids(aug[:, 0] > 0.5, aug[:, 1], self.config.clip_size)
+        clip = batch.pop("clip_source").to(torch.float32).mul_(self.clip_scale).sub_(self.clip_shift)
+        clip = F.grid_sample(clip, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
+        blurred = [i for i, sigma in enumerate(aug[:, 2].tolist()) if sigma > 0]
+        if blurred:
+            clip[blurred] = gaussian_blur(clip[blurred], aug[blurred, 2].tolist())
+        mask = batch.pop("clip_source_mask").to(torch.float32)
+        mask = F.grid_sample(mask, grids, mode="nearest", padding_mode="zeros", align_corners=False) > 0.5
         batch["pixel_values"] = pixels
         batch["clip_pixel_values"] = clip
         batch["clip_object_pixel_values"] = torch.where(mask, clip, self.black)
         batch["object_mask_clip"] = mask.float()
+        if self.tokenizer is not None:
+            batch["input_ids"] = self.token_ids(batch["caption"])
         return batch
 
     def collate(self, samples: list[dict]) -> dict:
