@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +43,7 @@ from data_prep.objects import make_crop_sample, render_object  # noqa: E402
 from data_prep.records import CropSettings  # noqa: E402
 from data_prep.sources.openimages import read_openimages  # noqa: E402
 from data_prep.writer import ShardJob, write_shards  # noqa: E402
-from training.data import CropDataConfig, CropDataLoader, CropSampleTransform  # noqa: E402
+from training.data import CropDataConfig, CropDataLoader, CropSampleTransform, decode_crop_sample, stack_samples  # noqa: E402
 
 DATA = REPO / "tests/data/openimages"
 RESULTS = REPO / "benchmarks/results/bench_data.json"
@@ -121,18 +122,89 @@ def baseline_batches(records, transform: CropSampleTransform, batch_size: int, s
             yield transform.collate(batch)
 
 
-def timed(batches, n_batches: int, batch_size: int, repeats: int) -> dict:
-    """Best of `repeats` timings of `n_batches` consecutive batches, after one warm-up batch."""
-    next(batches)  # warm-up (imports, first shard open, shuffle buffer)
-    best = None
+def _summary(ms: list[float]) -> dict:
+    """Best (the least disturbed run), median and spread of per-sample times from repeated runs."""
+    best, median = min(ms), statistics.median(ms)
+    return {"ms_per_sample": round(best, 3), "samples_per_s": round(1000.0 / best, 2),
+            "median_ms_per_sample": round(median, 3), "spread": round(max(ms) / best - 1.0, 3), "runs": len(ms)}
+
+
+def end_to_end(paths: dict, n_batches: int, batch_size: int, repeats: int) -> dict:
+    """ms/sample of `n_batches` consecutive batches from each path, the paths interleaved round by round
+    (so a burst of load from other processes hits both), after one warm-up batch each."""
+    for batches in paths.values():
+        next(batches)  # warm-up (imports, first shard open, shuffle buffer)
+    runs: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeats):
+        for name, batches in paths.items():
+            start = time.perf_counter()
+            for _ in range(n_batches):
+                next(batches)
+            runs[name].append((time.perf_counter() - start) * 1000.0 / (n_batches * batch_size))
+    return {name: _summary(ms) for name, ms in runs.items()}
+
+
+def stage_split(shards: Path, records, transform: CropSampleTransform, n: int, batch_size: int, repeats: int) -> dict:
+    """Per-stage ms/sample of both paths on the same `n` objects, each stage timed on its own (best of
+    `repeats`, stages interleaved): shards = read tar members + decode JPEG/PNG + per-sample transform +
+    per-batch finalize; on the fly = render (read + decode the source photo and mask, crop, resize) +
+    the same transform + the same finalize."""
+    import webdataset as wds
+
+    raw = list(wds.DataPipeline(wds.SimpleShardList(sorted(str(p) for p in shards.glob("*.tar"))), wds.tarfile_to_samples()))
+    n = min(n, len(raw), len(records)) // batch_size * batch_size
+    raw, records = raw[:n], records[:n]
+    times: dict[str, list[float]] = {}
+
+    def timed_stage(name, fn):
         start = time.perf_counter()
-        for _ in range(n_batches):
-            next(batches)
-        seconds = time.perf_counter() - start
-        best = seconds if best is None else min(best, seconds)
-    return {"samples": n_batches * batch_size, "seconds": round(best, 3),
-            "samples_per_s": round(n_batches * batch_size / best, 2), "best_of": repeats}
+        out = fn()
+        times.setdefault(name, []).append((time.perf_counter() - start) * 1000.0 / n)
+        return out
+
+    def read():
+        list(wds.DataPipeline(wds.SimpleShardList(sorted(str(p) for p in shards.glob("*.tar"))), wds.tarfile_to_samples()))
+
+    def decode():
+        out = []
+        for sample in raw:
+            image, mask, meta = decode_crop_sample(sample)
+            image.load()
+            mask.load()
+            out.append((image, mask, meta))
+        return out
+
+    def render():
+        return [(r.image, r.mask, r.meta) for r in (render_object(record, SETTINGS, use_cache=False) for record in records)]
+
+    def transform_all(items):
+        rng = random.Random(0)
+        return [transform(image, mask, meta, rng) for image, mask, meta in items]
+
+    def finalize(samples):
+        for i in range(0, n, batch_size):
+            transform.finalize_batch(stack_samples(samples[i : i + batch_size]))
+
+    for _ in range(repeats):
+        timed_stage("read tar", read)
+        decoded = timed_stage("decode jpg+png", decode)
+        samples = timed_stage("transform (per sample)", lambda: transform_all(decoded))
+        timed_stage("finalize (per batch)", lambda: finalize(samples))
+        rendered = timed_stage("render from source", render)
+        timed_stage("transform (per sample) [on the fly]", lambda: transform_all(rendered))
+    best = {name: round(min(ms), 3) for name, ms in times.items()}
+    shared = best["transform (per sample)"] + best["finalize (per batch)"]
+    return {
+        "objects": n,
+        "shards": {"read_tar": best["read tar"], "decode_jpg_png": best["decode jpg+png"],
+                   "transform_per_sample": best["transform (per sample)"], "finalize_per_batch": best["finalize (per batch)"],
+                   "total": round(best["read tar"] + best["decode jpg+png"] + shared, 3)},
+        "on_the_fly": {"render_from_source": best["render from source"],
+                       "transform_per_sample": best["transform (per sample) [on the fly]"],
+                       "finalize_per_batch": best["finalize (per batch)"],
+                       "total": round(best["render from source"] + best["transform (per sample) [on the fly]"] + best["finalize (per batch)"], 3)},
+        "spread": {name: round(max(ms) / min(ms) - 1.0, 3) for name, ms in times.items()},
+    }
 
 
 def same_tensors(record, shards_dir: Path, transform: CropSampleTransform) -> dict:
@@ -159,59 +231,93 @@ def same_tensors(record, shards_dir: Path, transform: CropSampleTransform) -> di
     }
 
 
+def _machine() -> dict:
+    return {"cpus": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)), "load_average": [round(v, 2) for v in os.getloadavg()],
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "pillow": Image.__version__}
+
+
+def run_writer(records, work: Path, label: str, repeats: int, rows: list) -> list[dict]:
+    writes = {workers: bench_writer(records, work / f"shards_{label}_w{workers}", workers, repeats) for workers in (1, 2)}
+    speedup = writes[2]["crops_per_s"] / writes[1]["crops_per_s"]
+    writes[2]["speedup_vs_1_worker"] = round(speedup, 2)
+    rows.append((f"write shards, 1 worker ({label})", f"{writes[1]['crops_per_s']:.1f} crops/s", ""))
+    rows.append((f"write shards, 2 workers ({label})", f"{writes[2]['crops_per_s']:.1f} crops/s", f"{speedup:.2f}x (target 1.7x)"))
+    return [{"source": label, **writes[1]}, {"source": label, **writes[2]}]
+
+
+def run_loader(records, shards: Path, label: str, args, rows: list) -> dict:
+    cfg = CropDataConfig(resolution=512, shuffle_buffer=64, shuffle_initial=16)
+    transform = CropSampleTransform(cfg, vae_scale_factor=8)
+    timings = end_to_end({"shards": shard_batches(shards, cfg, 8), "on_the_fly": baseline_batches(records, transform, 8)},
+                         args.batches, 8, args.repeats)
+    stages = stage_split(shards, records, transform, args.stage_objects, 8, args.repeats)
+    ratio = timings["on_the_fly"]["ms_per_sample"] / timings["shards"]["ms_per_sample"]
+    median_ratio = timings["on_the_fly"]["median_ms_per_sample"] / timings["shards"]["median_ms_per_sample"]
+    sh, fly = stages["shards"], stages["on_the_fly"]
+    shared = sh["transform_per_sample"] + sh["finalize_per_batch"]
+    fixed_cost = sh["read_tar"] + sh["decode_jpg_png"]
+    # With the shared transform + finalize cost T, the ratio is (render + T) / (read + decode + T):
+    # it can reach 3x only while T <= (render - 3 * (read + decode)) / 2.
+    ceiling = fly["render_from_source"] / fixed_cost
+    s, f = timings["shards"], timings["on_the_fly"]
+    rows.append((f"load from shards ({label})", f"{s['ms_per_sample']:.2f} ms/sample", f"{ratio:.2f}x (median {median_ratio:.2f}x; target 3x)"))
+    rows.append((f"load on the fly ({label})", f"{f['ms_per_sample']:.2f} ms/sample", ""))
+    rows.append((f"  split: read+decode {fixed_cost:.2f} | render {fly['render_from_source']:.2f} | shared transform {sh['transform_per_sample']:.2f}"
+                 f" + finalize {sh['finalize_per_batch']:.2f} ms/sample", "", f"ceiling at zero transform {ceiling:.2f}x"))
+    return {"source": label, "shards": s, "on_the_fly": f, "speedup": round(ratio, 2), "median_speedup": round(median_ratio, 2),
+            "stages_ms_per_sample": stages, "speedup_ceiling_without_transform": round(ceiling, 2),
+            "same_tensors_check": same_tensors(records[0], shards, transform)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=40, help="replicas of the sample's objects (default 40)")
-    parser.add_argument("--batches", type=int, default=20, help="timed loader batches of 8 (default 20)")
-    parser.add_argument("--repeats", type=int, default=2, help="timings per measurement; the best is kept (default 2)")
+    parser.add_argument("--batches", type=int, default=20, help="timed loader batches of 8 per run (default 20)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per measurement, interleaved; the best is reported (default 5)")
+    parser.add_argument("--stage-objects", type=int, default=64, help="objects timed stage by stage (default 64)")
     parser.add_argument("--scales", default="1,2,3", help="source photo upscales to measure (default 1,2,3: 640/1280/1920 px)")
+    parser.add_argument("--parts", default="writer,loader",
+                        help="what to measure: writer, loader or both (default); a part left out keeps its entry in --out")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - {"writer", "loader"}:
+        parser.error(f"--parts takes writer and/or loader, got {args.parts!r}")
     torch.set_num_threads(1)
     logging.getLogger("data_prep").setLevel(logging.ERROR)  # the sample's skipped objects are expected
-    load_before = os.getloadavg()
-    results: dict = {
-        "machine": {"cpus": os.cpu_count(), "load_average_at_start": [round(v, 2) for v in load_before],
-                    "python": platform.python_version(), "torch": torch.__version__, "pillow": Image.__version__},
-        "settings": {"resolution": SETTINGS.resolution, "copies": args.copies, "batch_size": 8,
-                     "timed_batches": args.batches, "best_of": args.repeats},
-        "writer": [], "loader": [],
-    }
-    rows = []
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    results = {part: previous[part] for part in ("writer", "loader") if part not in parts and isinstance(previous.get(part), dict)}
+    settings = {"resolution": SETTINGS.resolution, "copies": args.copies, "batch_size": 8, "timed_batches": args.batches,
+                "repeats": args.repeats, "stage_objects": args.stage_objects}
+    for part in parts:
+        results[part] = {"machine": _machine(), "settings": settings, "results": []}
+    rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         work = Path(tmp)
         for scale in (int(v) for v in args.scales.split(",")):
-            base = source_records(work, scale)
-            records = replicate(base, args.copies, work, scale)
+            records = replicate(source_records(work, scale), args.copies, work, scale)
             label = f"{640 * scale} px photos"
-            writes = {}
-            for workers in (1, 2):
-                writes[workers] = bench_writer(records, work / f"shards_x{scale}_w{workers}", workers, args.repeats)
-                results["writer"].append({"source": label, **writes[workers]})
-            speedup = writes[2]["crops_per_s"] / writes[1]["crops_per_s"]
-            rows.append((f"write shards, 1 worker ({label})", f"{writes[1]['crops_per_s']:.1f} crops/s", ""))
-            rows.append((f"write shards, 2 workers ({label})", f"{writes[2]['crops_per_s']:.1f} crops/s", f"{speedup:.2f}x (target 1.7x)"))
-            results["writer"][-1]["speedup_vs_1_worker"] = round(speedup, 2)
-
-            shards = work / f"shards_x{scale}_w1" / "run0"
-            cfg = CropDataConfig(resolution=512, shuffle_buffer=64, shuffle_initial=16)
-            transform = CropSampleTransform(cfg, vae_scale_factor=8)
-            from_shards = timed(shard_batches(shards, cfg, 8), args.batches, 8, args.repeats)
-            on_the_fly = timed(baseline_batches(records, transform, 8), args.batches, 8, args.repeats)
-            ratio = from_shards["samples_per_s"] / on_the_fly["samples_per_s"]
-            check = same_tensors(records[0], shards, transform)
-            results["loader"].append({"source": label, "shards": from_shards, "on_the_fly": on_the_fly,
-                                      "speedup": round(ratio, 2), "same_tensors_check": check})
-            rows.append((f"load from shards ({label})", f"{from_shards['samples_per_s']:.1f} samples/s", f"{ratio:.2f}x (target 3x)"))
-            rows.append((f"load on the fly ({label})", f"{on_the_fly['samples_per_s']:.1f} samples/s", ""))
-    results["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+            if "writer" in parts:
+                results["writer"]["results"] += run_writer(records, work, f"x{scale}", args.repeats, rows)
+                shards = work / f"shards_x{scale}_w1" / "run0"
+            else:
+                shards = work / f"shards_x{scale}"
+                bench_writer(records, shards, 1, 1)
+                shards = shards / "run0"
+            if "loader" in parts:
+                results["loader"]["results"].append(run_loader(records, shards, label, args, rows))
+    for part in parts:
+        results[part]["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
 
     width = max(len(r[0]) for r in rows)
     print(f"{'measurement':<{width}}  {'rate':>18}  vs")
     for name, rate, note in rows:
         print(f"{name:<{width}}  {rate:>18}  {note}")
-    print(f"(cpus {os.cpu_count()}, load average {load_before[0]:.2f} at start; 512 px crops; loaders: 1 torch thread, batch 8)")
-    out = Path(args.out)
+    machine = _machine()
+    print(f"(cpus {machine['cpus']}, {machine['cpu_affinity']} usable, load average {machine['load_average'][0]:.2f}; 512 px crops; "
+          f"loaders: 1 torch thread, batch 8, best of {args.repeats} interleaved runs)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(out.name + ".tmp")
     tmp_out.write_text(json.dumps(results, indent=1) + "\n")
