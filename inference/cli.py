@@ -251,6 +251,8 @@ def _run_generate(args) -> dict:
         concept_records.append(record)
     for path, concept in zip(args.concept, loaded_concepts):
         concepts.append(concept)
+        if concept.preview is not None:
+            inputs_shown.append(concept.preview_image())
         concept_records.append({"concept_file": path, **concept.metadata})
 
     height, width = args.height, args.width

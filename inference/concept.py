@@ -7,7 +7,7 @@ base model and image encoder made it and from which photo, so a concept is never
 encoders it was not made for.
 
 The file format is one safetensors file: tensors `w0`, optionally `local_tokens` and `local_keep`
-(uint8), and the metadata as string entries of the safetensors header (`format` = "zsp-concept/1").
+(uint8) and `preview` (a small uint8 `[H, W, 3]` picture of what was encoded, for grids), and the metadata as string entries of the safetensors header (`format` = "zsp-concept/1").
 Writes are atomic (temporary name, then rename). Loading never unpickles anything.
 """
 
@@ -37,6 +37,7 @@ class Concept:
     local_tokens: torch.Tensor | None = None
     local_keep: torch.Tensor | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    preview: torch.Tensor | None = None  # uint8 [H, W, 3]: the encoded crop, background dimmed
 
     def __post_init__(self) -> None:
         if self.w0.ndim != 1:
@@ -54,6 +55,8 @@ class Concept:
                 )
             self.local_keep = self.local_keep.bool()
         self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
+        if self.preview is not None and (self.preview.ndim != 3 or self.preview.shape[-1] != 3):
+            raise ValueError(f"preview must be an RGB picture [H, W, 3], got {tuple(self.preview.shape)}")
 
     @property
     def text_dim(self) -> int:
@@ -67,7 +70,7 @@ class Concept:
         """A copy with the float tensors on `device` / in `dtype` (the keep-mask stays bool)."""
         local = None if self.local_tokens is None else self.local_tokens.to(device=device, dtype=dtype)
         keep = None if self.local_keep is None else self.local_keep.to(device=device)
-        return Concept(self.w0.to(device=device, dtype=dtype), local, keep, dict(self.metadata))
+        return Concept(self.w0.to(device=device, dtype=dtype), local, keep, dict(self.metadata), self.preview)
 
     def save(self, path: str | Path) -> Path:
         """Write the concept as one safetensors file (atomically); returns the path."""
@@ -76,6 +79,8 @@ class Concept:
         if self.local_tokens is not None:
             tensors["local_tokens"] = self.local_tokens.detach().cpu().contiguous()
             tensors["local_keep"] = self.local_keep.detach().cpu().to(torch.uint8).contiguous()
+        if self.preview is not None:
+            tensors["preview"] = self.preview.detach().cpu().to(torch.uint8).contiguous()
         header = {"format": CONCEPT_FORMAT, **self.metadata}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
@@ -94,7 +99,14 @@ class Concept:
         if header.pop("format", None) != CONCEPT_FORMAT or "w0" not in tensors:
             raise ConceptFileError(f"concept file {path}: not a concept file (expected format {CONCEPT_FORMAT!r})")
         keep = tensors.get("local_keep")
-        return cls(tensors["w0"], tensors.get("local_tokens"), None if keep is None else keep.bool(), header)
+        return cls(tensors["w0"], tensors.get("local_tokens"), None if keep is None else keep.bool(), header,
+                   tensors.get("preview"))
+
+    def preview_image(self):
+        """The preview as a PIL image (None when the concept has none)."""
+        from PIL import Image
+
+        return None if self.preview is None else Image.fromarray(self.preview.cpu().numpy())
 
     def describe(self) -> str:
         """One line for logs: dimensions and origin."""

@@ -37,6 +37,7 @@ from .inputs import ConceptInputError, ConceptImage, ImageLike, find_placeholder
 from .loading import ModelLoadError, dtype_kwargs, load_base_pipeline, resolve_device, resolve_dtype
 
 DEFAULT_LAMBDA = 0.6  # ELITE's lambda for editing prompts; 0.8 suits plain "a photo of S*"
+PREVIEW_SIZE = 96  # side of the picture a concept file keeps of what was encoded (for grids)
 
 
 def default_placeholders(count: int) -> list[str]:
@@ -558,7 +559,11 @@ def encode_with(
         "mask_fraction": f"{prepared.mask_fraction:.4f}",
         "w0_from": source,
     }
-    concept = Concept(w0=w0, local_tokens=tokens, local_keep=keep, metadata=metadata)
+    from .outputs import mask_preview
+
+    thumb = mask_preview(prepared.image, prepared.mask).resize((PREVIEW_SIZE, PREVIEW_SIZE), Image.BICUBIC)
+    preview = torch.from_numpy(np.asarray(thumb, dtype=np.uint8).copy())
+    concept = Concept(w0=w0, local_tokens=tokens, local_keep=keep, metadata=metadata, preview=preview)
     return (concept, prepared) if return_input else concept
 
 

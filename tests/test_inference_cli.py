@@ -33,7 +33,7 @@ json.dump({{"baseline": baseline, "after": top()}}, open(sys.argv[1], "w"))
 
 def _modules_before_and_after(tmp_path: Path, args: list[str]) -> tuple[set[str], set[str]]:
     out = tmp_path / "modules.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE.format(args=args), str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
@@ -42,6 +42,17 @@ def _modules_before_and_after(tmp_path: Path, args: list[str]) -> tuple[set[str]
     data = json.loads(out.read_text())
     return set(data["baseline"]), set(data["after"])
 
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test worker: with `-n 2` on 2 cores, more threads only fight each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def concept_files(data_dir):
@@ -91,6 +102,8 @@ def test_generate_with_a_concept_writes_everything_and_imports_no_training_stack
         "--steps", "1", "--height", "32", "--width", "32", "--seed", "7", "--quiet", "--out", str(again),
     ])
     assert code == 0
+    with Image.open(again / "grid.png") as grid:
+        assert grid.width > 3 * 96  # the concept file's preview | 2 outputs
     for name in json.loads((again / "settings.json").read_text())["prompts"][0]["images"]:
         original = name.replace("00-", "01-", 1)  # the same prompt was the second one above
         with Image.open(again / name) as a, Image.open(out / original) as b:

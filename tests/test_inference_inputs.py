@@ -166,6 +166,7 @@ def _concept(local=True, seed=0) -> Concept:
         local_tokens=torch.randn(16, 32, generator=g) if local else None,
         local_keep=keep if local else None,
         metadata={"encoders": "org/elite", "source_image": "teapot.jpg", "crop_xyxy": "1,2,3,4"},
+        preview=torch.randint(0, 256, (8, 8, 3), generator=g, dtype=torch.uint8) if local else None,
     )
 
 
@@ -180,8 +181,9 @@ def test_concept_round_trip(tmp_path, local):
     if local:
         assert torch.equal(back.local_tokens, concept.local_tokens)
         assert back.local_keep.dtype == torch.bool and torch.equal(back.local_keep, concept.local_keep)
+        assert torch.equal(back.preview, concept.preview) and back.preview_image().size == (8, 8)
     else:
-        assert back.local_tokens is None and back.local_keep is None
+        assert back.local_tokens is None and back.local_keep is None and back.preview is None
 
 
 def test_concept_file_errors(tmp_path):
@@ -204,6 +206,8 @@ def test_concept_rejects_bad_shapes():
         Concept(w0=torch.zeros(1, 32))
     with pytest.raises(ValueError, match="local_tokens must be"):
         Concept(w0=torch.zeros(32), local_tokens=torch.zeros(16, 8))
+    with pytest.raises(ValueError, match="preview must be"):
+        Concept(w0=torch.zeros(32), preview=torch.zeros(8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="local_keep must be"):
         Concept(w0=torch.zeros(32), local_tokens=torch.zeros(16, 32), local_keep=torch.ones(8, dtype=torch.bool))
 

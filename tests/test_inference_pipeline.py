@@ -17,6 +17,17 @@ from inference.pipeline import check_encoders_fit, default_placeholders, load_en
 STEPS = 2
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test worker: with `-n 2` on 2 cores, more threads only fight each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture(scope="module")
 def elite(tiny_sd_path, tiny_encoders_path):
     pipe = ElitePipeline.from_pretrained(tiny_sd_path, encoders=tiny_encoders_path, device="cpu", dtype="float32")
@@ -67,6 +78,7 @@ def test_encoding_gives_a_concept_with_its_origin(elite, teapot, tiny_encoders_p
     assert teapot.metadata["image_encoder"] == str(tiny_image_encoder_path)
     assert teapot.metadata["source_image"] == "04.jpg" and teapot.metadata["mask_source"] == "teapot_04.png"
     assert teapot.metadata["w0_from"] == "object"  # as the local training stage reads w0
+    assert teapot.preview.shape == (96, 96, 3) and teapot.preview.dtype == torch.uint8  # what was encoded, for grids
     x0, y0, x1, y1 = (int(v) for v in teapot.metadata["crop_xyxy"].split(","))
     assert x1 - x0 == y1 - y0 and 0 <= x0 and x1 <= 1073  # a square crop inside the photo
 
