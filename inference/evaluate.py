@@ -559,9 +559,14 @@ class Evaluator:
             if method != "base" or "base" in self.config.methods:
                 summary.append(entry)
                 first_seed = self.config.seeds[0]
-                shown = [image for spec, seed, image in items if seed == first_seed and not spec.coi_target]
+                shown = [(spec, image) for spec, seed, image in items if seed == first_seed and not spec.coi_target]
+                shown = shown[: self.config.grid_prompts]
+                columns = " | ".join(spec.template.format("*") for spec, _ in shown)
+                same_method = sum(1 for m, _, c, _ in jobs if m == method and c is concept) > 1
+                caption = f"{row_label if same_method else label}: {columns}"
+                fits = (len(shown) + 1) * (max(96, self.width) + 4) // 6  # the default font is ~6 px a character
                 rows_for_grid.setdefault(concept.name, []).append(
-                    (row_label, [first_photo], shown[: self.config.grid_prompts])
+                    (caption[:fits], [first_photo], [image for _, image in shown])
                 )
         summary = _with_overall(summary)
         self._write(per_image, summary, rows_for_grid)
