@@ -10,6 +10,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: one torch thread each (and in the processes tests launch)
+    # is faster than oversubscribing the cores with the tiny models' small matrices.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 DATA_DIR = Path(__file__).parent / "data"
 REPO_ROOT = Path(__file__).parent.parent
 
