@@ -85,7 +85,7 @@ def test_evaluate_all_methods_end_to_end(tiny_sd_path, tiny_eval_models, tiny_en
     args = [
         f"base={tiny_sd_path}", f"runs={ti},{inf}", f"encoders={tiny_encoders_path}", f"out={out}",
         "num_prompts=2", "seeds=0", "num_inference_steps=2", "resolution=32", "coi=true", "coi_objects=car",
-        "infusion_measures=true", "detection_threshold=0.0",
+        "infusion_measures=true", "fisher_timesteps=200,800", "detection_threshold=0.0",
         f"clip_model={tiny_eval_models / 'eval_clip'}", f"dino_model={tiny_eval_models / 'dino'}",
         f"detector_model={tiny_eval_models / 'detector'}",
     ]
