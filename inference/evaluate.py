@@ -136,6 +136,9 @@ class EvalConfig:
     dino_model: str = _help("DINO ViT for DINO-I", DEFAULT_DINO_MODEL)
     detector_model: str = _help("object detector for the CoI likelihood", DEFAULT_DETECTOR_MODEL)
     detection_threshold: float = _help("detector score threshold", DEFAULT_DETECTION_THRESHOLD)
+    detector_revision: Optional[str] = _help(
+        "Hub revision of the detector (DETR's main branch needs timm; some repos have a no_timm branch)", None
+    )
     batch_size: int = _help("images generated per pipeline call", 4)
     grid_prompts: int = _help("prompts shown per row of the grids", 8)
     regenerate: bool = _help("regenerate images that already exist under out/images", False)
@@ -326,7 +329,8 @@ class Evaluator:
 
         if self._detector is None:
             self._detector = ObjectDetector(
-                self.config.detector_model, device=self.pipe.device, threshold=self.config.detection_threshold
+                self.config.detector_model, device=self.pipe.device, threshold=self.config.detection_threshold,
+                revision=self.config.detector_revision,
             )
         return self._detector
 
@@ -650,7 +654,11 @@ def main(argv: list[str] | None = None) -> dict:
         description="Generate with base / ELITE / Textual Inversion / BaTex / Infusion on the same concepts, "
         "prompts and seeds, and score CLIP-T, CLIP-I, DINO-I and CoI likelihood.",
     )
-    result = Evaluator(config).run()
+    try:
+        result = Evaluator(config).run()
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"python -m inference.evaluate: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
     print(markdown_table(result["summary"]))
     print(f"wrote {config.out}/results.md, summary.csv, scores.csv, results.json, grids/ and images/")
     return result

@@ -222,11 +222,20 @@ class ObjectDetector:
         device: str | torch.device = "cpu",
         threshold: float = DEFAULT_DETECTION_THRESHOLD,
         batch_size: int = 8,
+        revision: str | None = None,
     ):
         from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-        self.model = AutoModelForObjectDetection.from_pretrained(model_name_or_path).to(device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(model_name_or_path)
+        kwargs = {"revision": revision} if revision else {}
+        try:
+            self.model = AutoModelForObjectDetection.from_pretrained(model_name_or_path, **kwargs).to(device).eval()
+        except ImportError as err:  # the Hub's DETR configs name a timm backbone
+            raise ImportError(
+                f"the detector {model_name_or_path} needs a package that is not installed ({err}); for DETR either "
+                "`pip install timm` or use a revision with a transformers backbone (detector_revision=no_timm, "
+                "where the repository has that branch)"
+            ) from err
+        self.processor = AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
         self.device = torch.device(device)
         self.threshold = threshold
         self.batch_size = batch_size
