@@ -48,7 +48,6 @@ from .metrics import (
     DEFAULT_DINO_MODEL,
     gaussian_w2,
     latent_fisher_divergence,
-    replace_placeholder,
 )
 
 METHODS = ("base", "elite", "textual_inversion", "batex", "infusion")
