@@ -156,8 +156,9 @@ def clip_view_grids(flip: torch.Tensor, angle_degrees: torch.Tensor, size: int) 
 def gaussian_blur(images: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     """`images` [N, C, H, W] each blurred with its own Gaussian sigma (in pixels), as PIL's GaussianBlur.
 
-    A separable depthwise convolution over all N * C planes at once (channels-last, which CPU
-    kernels run several times faster); edges repeat the border pixel.
+    A separable depthwise convolution over all N * C planes at once, channels-last (which CPU
+    kernels run several times faster; the result keeps that memory layout); edges repeat the
+    border pixel.
     """
     n, c, h, w = images.shape
     radius = max(1, math.ceil(3.0 * max(sigmas)))
@@ -169,7 +170,7 @@ def gaussian_blur(images: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor
     x = x.contiguous(memory_format=torch.channels_last)
     x = F.conv2d(x, kernel[:, None, :, None], groups=n * c)
     x = F.conv2d(x, kernel[:, None, None, :], groups=n * c)
-    return x.reshape(n, c, h, w).contiguous()
+    return x.reshape(n, c, h, w)  # a view: [1, N*C, H, W] channels-last splits into [N, C] without a copy
 
 
 class CropSampleTransform:
@@ -305,8 +306,11 @@ class CropSampleTransform:
         mask = F.grid_sample(mask, grids, mode="nearest", padding_mode="zeros", align_corners=False) > 0.5
         batch["pixel_values"] = pixels
         batch["clip_pixel_values"] = clip
-        batch["clip_object_pixel_values"] = torch.where(mask, clip, self.black)
-        batch["object_mask_clip"] = mask.float()
+        mask = mask.to(torch.float32)
+        # the object on black: clip * m + black * (1 - m), exact on both sides of the mask (and 3x
+        # faster than torch.where broadcasting a [B, 1] mask over the channels)
+        batch["clip_object_pixel_values"] = torch.addcmul(self.black * (1.0 - mask), clip, mask)
+        batch["object_mask_clip"] = mask
         if self.tokenizer is not None:
             batch["input_ids"] = self.token_ids(batch["caption"])
         return batch
