@@ -170,5 +170,8 @@ class GlobalMapping(ModelMixin, ConfigMixin, KeyValueProjections):
         words = []
         for cls_mlp, patch_mlp, f in zip(self.cls_mappings[:n], self.patch_mappings[:n], features[:n]):
             f = f.to(dtype)
-            words.append(cls_mlp(f[:, :1]) + patch_mlp(f[:, 1:]).mean(dim=1, keepdim=True))
+            # mean over patches of MLP'(patch): the last layer is affine, so average before it (same value,
+            # one [B, 1, hidden] product instead of [B, P, hidden]: ~1/4 of the patch MLP's work for SD v1)
+            pooled = patch_mlp[:-1](f[:, 1:]).mean(dim=1, keepdim=True)
+            words.append(cls_mlp(f[:, :1]) + patch_mlp[-1](pooled))
         return torch.cat(words, dim=1)

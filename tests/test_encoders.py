@@ -110,6 +110,11 @@ def test_global_mapping_words(parts, mappings):
         assert to_k.weight.data_ptr() != attn.to_k.weight.data_ptr()
     with pytest.raises(ValueError, match="expects 5 feature tensors"):
         gm(feats[:4])
+    # word i = MLP_i(CLS) + mean over patches of MLP'_i(patch), as the paper/reference define it
+    with torch.no_grad():
+        expected = torch.cat([c(f[:, :1]) + p(f[:, 1:]).mean(1, keepdim=True)
+                              for c, p, f in zip(gm.cls_mappings, gm.patch_mappings, feats)], dim=1)
+    assert torch.allclose(words, expected, atol=1e-5)
 
 
 def test_default_width_is_the_papers():
