@@ -3,23 +3,38 @@
 #   make test   - run the test suite
 # Both create .venv on first use. torch==2.13.0 (CPU wheel) is installed only when the venv has no
 # torch: with `make VENV_FLAGS=--system-site-packages`, a machine's own (GPU) torch is kept.
+#
+# The demo is a chain of the real commands a user runs (see README); each stage writes one file
+# that marks it done, so a second `make demo` only reports, and `make demo` after an interruption
+# resumes where it stopped. `make clean-demo` starts over.
 
 PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=
 PY := $(VENV)/bin/python
+ACCELERATE := $(VENV)/bin/accelerate
 STAMP := $(VENV)/.installed
 DEMO := outputs/demo
+M := $(DEMO)/models
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install clean-demo clean help bench
+CONCEPT := tests/data/concepts/dreambooth/teapot/04.jpg
+CONCEPT_MASK := tests/data/concepts/masks/teapot_04.png
+# Tiny-model settings shared by the training stages (64 px, single CPU process, no tracker).
+TINY_KEYS := pretrained_model_name_or_path=$(M)/sd image_encoder_name_or_path=$(M)/image_encoder \
+	report_to=none mixed_precision=no resume_from_checkpoint=latest dataloader_num_workers=0
+ONE_PROCESS := $(ACCELERATE) launch --config_file configs/accelerate/single_process.yaml --cpu
+
+.PHONY: help install test demo bench clean-demo clean \
+	demo-models demo-base demo-shards demo-elite demo-generate demo-compose demo-finetune demo-eval
 
 help:
 	@echo "make demo   - run the pipeline end to end on the embedded tiny models (outputs/demo/)"
 	@echo "make test   - run the tests"
-	@echo "make bench  - run the benchmarks (prints tables, writes benchmarks/results/*.json)"
+	@echo "make bench  - run the CPU benchmarks (print tables, write benchmarks/results/*.json)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -32,10 +47,101 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
-# ---- demo: each stage is a real command a user would run; each is skipped when its output exists ----
-demo: $(STAMP)
-	$(PY) -m encoders.tiny --out $(DEMO)/models
-	$(PY) -m inference.demo_report --demo $(DEMO) --stage base
+# ------------------------------------------------------------------------------------------ demo
+demo: demo-models demo-base demo-shards demo-elite demo-generate demo-compose demo-finetune demo-eval
+	@$(PY) -m inference.demo_report --demo $(DEMO)
+
+# 1. the embedded tiny default: SD-format pipeline, 24-layer CLIP vision, eval CLIP, DINO, DETR
+demo-models: $(M)/.done
+$(M)/.done: | $(STAMP)
+	$(PY) -m encoders.tiny --out $(M)
+	@touch $@
+
+# 2. the base pipeline alone, from a plain prompt
+demo-base: $(DEMO)/images/base/settings.json
+$(DEMO)/images/base/settings.json: $(M)/.done
+	$(PY) -m inference generate --base $(M)/sd --prompt "a photo of a dog" --steps 10 --quiet --out $(DEMO)/images/base
+
+# 3. object crops with masks and boxes from the bundled COCO and OpenImages samples, and a contact sheet
+demo-shards: $(DEMO)/shards/contact_sheet.png
+$(DEMO)/shards/contact_sheet.png: | $(STAMP)
+	$(PY) -m data_prep coco --annotations tests/data/coco_sample/annotations.json \
+		--images tests/data/coco_sample/images --out $(DEMO)/shards/coco --config configs/data/demo.yaml --workers 2
+	$(PY) -m data_prep openimages \
+		--boxes tests/data/openimages/from_coco_sample/annotations/validation-annotations-bbox.csv \
+		--segmentations tests/data/openimages/from_coco_sample/annotations/validation-annotations-object-segmentation.csv \
+		--masks tests/data/openimages/from_coco_sample/masks --images tests/data/openimages/from_coco_sample/images \
+		--classes tests/data/openimages/class-descriptions-boxable.csv \
+		--out $(DEMO)/shards/openimages --config configs/data/demo.yaml --workers 2
+	$(PY) -m data_prep inspect $(DEMO)/shards/coco $(DEMO)/shards/openimages \
+		--out $(DEMO)/shards/contact_sheet.png --json $(DEMO)/shards/stats.json
+
+# 4. ELITE: global mapping, then local mapping, trained a few steps and exported to encoders/
+ELITE_KEYS := $(TINY_KEYS) train_shards=$(DEMO)/shards/coco::$(DEMO)/shards/openimages export_dir=$(DEMO)/encoders \
+	data.resolution=64 train_batch_size=2 checkpointing_steps=20 validation_steps=40 logging_steps=10 \
+	validation_inference_steps=10
+demo-elite: $(DEMO)/encoders/local_mapping/config.json
+$(DEMO)/encoders/global_mapping/config.json: $(M)/.done $(DEMO)/shards/contact_sheet.png
+	$(ONE_PROCESS) -m training.global_mapping --config configs/train/global_mapping.yaml $(ELITE_KEYS) \
+		output_dir=$(DEMO)/runs/global_mapping max_steps=40 learning_rate=1e-4 scale_lr=false
+$(DEMO)/encoders/local_mapping/config.json: $(DEMO)/encoders/global_mapping/config.json
+	$(ONE_PROCESS) -m training.local_mapping --config configs/train/local_mapping.yaml $(ELITE_KEYS) \
+		output_dir=$(DEMO)/runs/local_mapping max_steps=40 learning_rate=1e-4 scale_lr=false \
+		global_mapping_path=$(DEMO)/encoders
+
+# 5. zero-step customization: encode the bundled photo + mask once, generate for two prompts
+demo-generate: $(DEMO)/images/teapot/settings.json
+$(DEMO)/images/teapot.safetensors: $(DEMO)/encoders/local_mapping/config.json
+	$(PY) -m inference encode --encoders $(DEMO)/encoders --base $(M)/sd --image $(CONCEPT) --mask $(CONCEPT_MASK) \
+		--out $@
+$(DEMO)/images/teapot/settings.json: $(DEMO)/images/teapot.safetensors
+	$(PY) -m inference generate --base $(M)/sd --encoders $(DEMO)/encoders --concept $< \
+		--prompt "a photo of S* on the beach" --prompt "a S* in the snow" --num-images 2 --steps 10 --seed 0 \
+		--quiet --out $(DEMO)/images/teapot
+
+# 6. compositional inversion: COCO pairs -> location MLP; a two-object image with guidance off | on
+demo-compose: $(DEMO)/images/spatial_guidance.png
+$(DEMO)/encoders/location_mlp/config.json: $(M)/.done $(DEMO)/encoders/local_mapping/config.json
+	$(PY) -m data_prep pairs coco --annotations tests/data/coco_sample/annotations.json \
+		--out $(DEMO)/shards/pairs_coco --workers 1 --no-progress
+	$(ONE_PROCESS) -m training.location_mlp --config configs/train/location_mlp.yaml $(TINY_KEYS) \
+		train_shards=$(DEMO)/shards/pairs_coco output_dir=$(DEMO)/runs/location_mlp export_dir=$(DEMO)/encoders \
+		max_steps=150 train_batch_size=8 lr_warmup_steps=0 dropout=0 validation_steps=150 checkpointing_steps=150
+$(DEMO)/images/spatial_guidance.png: $(DEMO)/encoders/location_mlp/config.json
+	$(PY) -m inference.guidance --base $(M)/sd --location-mlp $(DEMO)/encoders \
+		--prompt "a photo of a person and a bus" --words person bus --steps 10 --guidance-steps 5 --iterations 3 \
+		--step-size 1e5 --out $@
+
+# 7. per-concept baselines on the same photos: Textual Inversion and Infusion, a few steps each
+FT_KEYS := $(TINY_KEYS) concept_dir=tests/data/concepts/dreambooth/teapot mask_dir=tests/data/concepts/masks \
+	class_word=teapot resolution=64 max_steps=12 train_batch_size=2 checkpointing_steps=6 validation_steps=12 \
+	validation_inference_steps=10
+demo-finetune: $(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors \
+	$(DEMO)/finetune/teapot_infusion/infusion/config.json
+$(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors: $(M)/.done
+	$(ONE_PROCESS) -m training.textual_inversion --config configs/finetune/textual_inversion.yaml $(FT_KEYS) \
+		initializer_token=teapot output_dir=$(DEMO)/finetune/teapot_textual_inversion
+$(DEMO)/finetune/teapot_infusion/infusion/config.json: $(M)/.done
+	$(ONE_PROCESS) -m training.infusion --config configs/finetune/infusion.yaml $(FT_KEYS) \
+		output_dir=$(DEMO)/finetune/teapot_infusion
+
+# 8. one evaluation table: base, ELITE encoders, Textual Inversion, Infusion on the same prompts and seeds
+demo-eval: $(DEMO)/eval/results.md
+$(DEMO)/eval/results.md: $(DEMO)/encoders/local_mapping/config.json \
+	$(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors $(DEMO)/finetune/teapot_infusion/infusion/config.json
+	$(PY) -m inference.evaluate base=$(M)/sd \
+		runs=$(DEMO)/finetune/teapot_textual_inversion,$(DEMO)/finetune/teapot_infusion \
+		encoders=$(DEMO)/encoders mask_dir=tests/data/concepts/masks elite_image=4 out=$(DEMO)/eval \
+		num_prompts=2 seeds=0,1 num_inference_steps=8 batch_size=6 coi=true coi_objects=cup \
+		infusion_measures=true fisher_timesteps=250,750 \
+		clip_model=$(M)/eval_clip dino_model=$(M)/dino detector_model=$(M)/detector
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_guidance.py
+	$(PY) benchmarks/bench_finetune.py
 
 clean-demo:
 	rm -rf $(DEMO)

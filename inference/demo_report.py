@@ -15,6 +15,15 @@ import sys
 from pathlib import Path
 
 FIXED_PARTS = ["models/sd", "models/image_encoder", "shards", "encoders"]
+LATE_PARTS = ["runs", "images/spatial_guidance.png", "finetune", "eval"]
+# what to open in each part (the pictures people would rather look at than read)
+LOOK_AT = {
+    "shards": ["contact_sheet.png"],
+    "images/spatial_guidance.png": [""],
+    "runs": ["*/validation/*.png"],
+    "finetune": ["*/validation/*.png"],
+    "eval": ["results.md", "grids/*.png"],
+}
 
 
 def _size(folder: Path) -> tuple[int, int]:
@@ -33,15 +42,22 @@ def _human(num: int) -> str:
 def parts_of(demo: Path) -> list[str]:
     """Fixed parts plus one per generation run under images/ (a folder holding settings.json)."""
     runs = sorted(str(p.parent.relative_to(demo)) for p in (demo / "images").glob("**/settings.json"))
-    return FIXED_PARTS + (runs or ["images"])
+    late = [part for part in LATE_PARTS if (demo / part).exists()]
+    return FIXED_PARTS + (runs or ["images"]) + late
 
 
 def describe(demo: Path, part: str) -> tuple[bool, str]:
     folder = demo / part
     if not folder.exists():
         return False, f"  {part:<22} missing ({folder})"
-    count, size = _size(folder)
+    count, size = _size(folder) if folder.is_dir() else (1, folder.stat().st_size)
     line = f"  {part:<22} {folder}  ({count} files, {_human(size)})"
+    if part == "encoders":
+        subs = sorted(p.name for p in folder.iterdir() if (p / "config.json").is_file())
+        line += f"\n  {'':<22} holds {', '.join(subs) or 'no model yet'}; model card {folder / 'README.md'}"
+    for pattern in LOOK_AT.get(part, []):
+        for target in sorted(folder.glob(pattern))[:4] if pattern else [folder]:
+            line += f"\n  {'':<22} look at {target}"
     settings = folder / "settings.json"
     if settings.is_file():
         data = json.loads(settings.read_text())
