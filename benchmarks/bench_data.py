@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -166,6 +167,27 @@ STAGES = {  # JSON name -> what the stage does
 }
 
 
+def _hot_spots(fn, n: int, top: int = 12) -> dict:
+    """The functions (PIL and torch kernels included) where `fn` spends its own CPU time, ms per sample (cProfile)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile(time.process_time)
+    profiler.runcall(fn)
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(((tottime, func) for func, (_, _, tottime, _, _) in stats.items()), reverse=True)[:top]
+
+    def label(file: str, name: str) -> str:  # "<method 'to' of 'torch._C.TensorBase' objects>" -> "TensorBase.to"
+        if file != "~":
+            return f"{Path(file).name}:{name}"
+        method = re.fullmatch(r"<method '(\w+)' of '(?:[\w.]+\.)?(\w+)' objects>", name)
+        if method:
+            return f"{method.group(2)}.{method.group(1)}"
+        return re.sub(r"^<built-in method (.+)>$", r"\1", name)
+
+    return {label(file, name): round(t * 1000.0 / n, 3) for t, (file, _, name) in rows}
+
+
 def stage_split(shards: Path, records, transform: CropSampleTransform, n: int, batch_size: int, repeats: int) -> dict:
     """Per-stage ms/sample (best of `repeats`, stages interleaved, CPU and wall) of both paths on the
     same `n` objects, each stage timed on its own (see STAGES)."""
@@ -216,7 +238,7 @@ def stage_split(shards: Path, records, transform: CropSampleTransform, n: int, b
         timed_stage("finalize_per_batch", lambda: finalize(samples))
         rendered = timed_stage("render_from_source", render)
         timed_stage("transform_per_sample_on_the_fly", lambda: transform_all(rendered))
-    out: dict = {"objects": n, "stages": STAGES}
+    out: dict = {"objects": n, "stages": STAGES, "hot_spots_cpu": _hot_spots(lambda: finalize(transform_all(decoded)), n)}
     for i, clock in ((1, "cpu"), (0, "wall")):
         best = {name: min(r[i] for r in runs) for name, runs in times.items()}
         shared = best["transform_per_sample"] + best["finalize_per_batch"]
