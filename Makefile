@@ -78,7 +78,7 @@ $(DEMO)/shards/contact_sheet.png: | $(STAMP)
 
 # 4. ELITE: global mapping, then local mapping, trained a few steps and exported to encoders/
 ELITE_KEYS := $(TINY_KEYS) train_shards=$(DEMO)/shards/coco::$(DEMO)/shards/openimages export_dir=$(DEMO)/encoders \
-	data.resolution=64 train_batch_size=2 checkpointing_steps=20 validation_steps=40 logging_steps=10 \
+	data.resolution=64 train_batch_size=2 checkpointing_steps=40 checkpoints_total_limit=1 validation_steps=40 logging_steps=10 \
 	validation_inference_steps=10
 demo-elite: $(DEMO)/encoders/local_mapping/config.json
 $(DEMO)/encoders/global_mapping/config.json: $(M)/.done $(DEMO)/shards/contact_sheet.png
