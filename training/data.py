@@ -240,7 +240,8 @@ class CropSampleTransform:
         box = torch.tensor([(bx0 * side + ox) / size, (by0 * side + oy) / size, (bx1 * side + ox) / size, (by1 * side + oy) / size])
 
         # The CLIP views' random flip, rotation and blur are drawn here and applied per batch
-        # (`finalize_batch`), to copies of the crop and mask box-filtered to no less than the view.
+        # (`finalize_batch`) to a copy of the crop box-filtered to no less than the view (its
+        # antialiasing) and the mask subsampled as much (nearest, as the view samples it).
         flip = rng.random() < cfg.clip_flip_prob
         angle = rng.uniform(-cfg.clip_rotation_degrees, cfg.clip_rotation_degrees) if cfg.clip_rotation_degrees > 0 else 0.0
         blur = rng.uniform(*cfg.clip_blur_radius) if rng.random() < cfg.clip_blur_prob else 0.0
@@ -248,7 +249,7 @@ class CropSampleTransform:
         while size // (2 * reduce) >= cfg.clip_size:
             reduce *= 2
         small_image = image.reduce(reduce) if reduce > 1 else image
-        small_mask = mask.reduce(reduce) if reduce > 1 else mask
+        small_mask = mask.resize(small_image.size, Image.NEAREST) if reduce > 1 else mask
 
         return {
             "pixel_values": pixels,  # uint8 [3, R, R] until finalize_batch
