@@ -282,6 +282,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=None, help="folder for models/shards (default: a temp folder)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other rows of an existing --out file (re-measure one config/stage at a quiet moment)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--stage", help=argparse.SUPPRESS)
@@ -367,6 +369,13 @@ def main(argv=None) -> None:
         rows=rows,
     )
     out = Path(args.out)
+    if args.merge and out.is_file():
+        def ident(r):
+            return (r["config"], r["stage"], r["batch"], r["gradient_checkpointing"])
+
+        fresh = {ident(r) for r in rows}
+        kept = [r for r in json.loads(out.read_text()).get("rows", []) if ident(r) not in fresh]
+        result["rows"] = kept + rows
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
