@@ -85,8 +85,7 @@ def build_models(config: str, root: Path) -> Path:
     """Write `sd/` and `image_encoder/` for a config under root/config (random init, seed 0)."""
     import torch
 
-    from encoders.tiny import (SCHEDULER_KWARGS, TEXT_KWARGS, build_tiny_models, save_tiny_image_encoder,
-                               write_atomically)
+    from encoders.tiny import SCHEDULER_KWARGS, TEXT_KWARGS, build_tiny_models, write_atomically
 
     out = root / config
     if config == "tiny":
