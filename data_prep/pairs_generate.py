@@ -28,7 +28,6 @@ import json
 import logging
 from dataclasses import dataclass
 from itertools import combinations
-from pathlib import Path
 from typing import Any, Sequence
 
 from .pairs import PAIR_SCHEMA, check_pair_sample

@@ -14,6 +14,10 @@
     # no encoders and no image: the plain base pipeline (a prompt without placeholders)
     python -m inference generate --base PATH --prompt "a photo of a dog" --out out/
 
+    # the result of a per-concept fine-tune (Textual Inversion / BaTex: its token; Infusion: its class word)
+    python -m inference generate --base PATH --finetune out/dog_ti --prompt "a photo of S* on the beach" --out out/
+    python -m inference generate --base PATH --finetune out/dog_infusion --prompt "a dog on the beach" --out out/
+
 `generate` writes one PNG per image, `grid.png` (per prompt: input | outputs) and `settings.json`
 (every setting used, the files written, timings) into --out; each file is written under a
 temporary name and renamed, and settings.json is written last, so its presence means the run
@@ -145,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     prompts.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
                          help="sampler (default: the base model's own; ELITE used lms, which needs scipy)")
+    tuned = gen.add_argument_group("per-concept fine-tunes (instead of ELITE concepts)")
+    tuned.add_argument(
+        "--finetune", action="append", default=[], metavar="DIR[=TOKEN]",
+        help="output_dir of training.textual_inversion (TI or BaTex: write its placeholder token, or TOKEN, in the "
+        "prompt) or of training.infusion (write its class word in the prompt); repeatable",
+    )
     layout = gen.add_argument_group("spatial guidance (two concepts)")
     layout.add_argument("--box", action="append", default=[], type=_boxes, metavar="X0,Y0,X1,Y1",
                         help="where concept k should go (0..1, repeat once per concept): steers its attention")
@@ -186,6 +196,8 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--spatial-guidance places two concepts (the location MLP's input), got {n_concepts}")
     if args.box and args.spatial_guidance:
         parser.error("--box and --spatial-guidance both choose boxes: give one of them")
+    if args.finetune and n_concepts:
+        parser.error("--finetune applies a per-concept fine-tune; give it without --image/--concept")
     if args.num_images < 1 or args.steps < 1:
         parser.error("--num-images and --steps must be at least 1")
     for name in ("height", "width"):
@@ -207,6 +219,7 @@ def _run_generate(args) -> dict:
     import torch
 
     from .concept import Concept
+    from .finetuned import read_finetune
     from .inputs import find_placeholders, load_concept_image
     from .loading import default_image_size
     from .outputs import make_grid, mask_preview, save_image_atomic, write_json_atomic
@@ -220,6 +233,7 @@ def _run_generate(args) -> dict:
     if photos or loaded_concepts:
         for prompt in args.prompt:
             find_placeholders(prompt, placeholders)
+    finetunes = [(read_finetune(spec.partition("=")[0]), spec.partition("=")[2] or None) for spec in args.finetune]
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,23 +280,28 @@ def _run_generate(args) -> dict:
         if not args.quiet:
             print("location MLP boxes: " + ", ".join(f"{p} {[round(v, 3) for v in b]}" for p, b in zip(placeholders, boxes)))
 
+    finetune_records, infusions = _apply_finetunes(pipe, finetunes, args.prompt)
+
     rows, files, prompt_records = [], [], []
     tick = time.perf_counter()
     for p, prompt in enumerate(args.prompt):
-        result = generator_api(
-            prompt,
-            concepts=concepts,
-            placeholders=placeholders,
-            lam=args.lam,
-            negative_prompt=args.negative_prompt,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            num_images_per_prompt=args.num_images,
-            seed=args.seed,
-            height=height,
-            width=width,
-            boxes=boxes,
-        )
+        if infusions:
+            result = _infusion_images(pipe, prompt, infusions, args, height, width)
+        else:
+            result = generator_api(
+                prompt,
+                concepts=concepts,
+                placeholders=placeholders,
+                lam=args.lam,
+                negative_prompt=args.negative_prompt,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                num_images_per_prompt=args.num_images,
+                seed=args.seed,
+                height=height,
+                width=width,
+                boxes=boxes,
+            )
         names = []
         for i, image in enumerate(result.images):
             name = f"{p:02d}-{_slug(prompt)}-{i:02d}.png"
@@ -314,6 +333,7 @@ def _run_generate(args) -> dict:
         "height": height,
         "width": width,
         "scheduler": type(pipe.scheduler).__name__,
+        "finetunes": finetune_records,
         "boxes": boxes,
         "boxes_from": "location_mlp" if args.spatial_guidance else ("--box" if boxes else None),
         "crop": not args.no_crop,
@@ -329,6 +349,40 @@ def _run_generate(args) -> dict:
         print(f"wrote {len(files)} images, grid.png and settings.json to {out_dir} "
               f"({generate_s:.1f}s generating, {torch_threads} threads)")
     return settings
+
+
+def _apply_finetunes(pipe, finetunes, prompts: list[str]) -> tuple[list[dict], list]:
+    """Load TI / BaTex embeddings into the pipeline and Infusion residuals; warn about prompts that use none."""
+    from .finetuned import load_embedding, load_infusion
+
+    records, infusions = [], []
+    for run, token in finetunes:
+        if run.method == "infusion":
+            infusions.append(load_infusion(pipe, run))
+            word = run.class_word
+        else:
+            word = load_embedding(pipe, run, token)
+        records.append({"folder": str(run.folder), "method": run.method, "prompt_word": word})
+        if not any(word in prompt for prompt in prompts):
+            warnings.warn(f"{run.folder} ({run.method}) applies to {word!r}, which no prompt contains", ConceptInputWarning)
+    return records, infusions
+
+
+def _infusion_images(pipe, prompt: str, infusions: list, args, height: int, width: int):
+    """Infusion's dual-stream sampling of one prompt; image i starts from the noise of seed + i."""
+    import torch
+
+    from encoders.infusion import generate_with_infusion
+
+    factor = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+    latents = torch.cat([
+        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(args.seed + i)) for i in range(args.num_images)
+    ])
+    return generate_with_infusion(
+        pipe, [prompt] * args.num_images, infusions, latents=latents, negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, height=height, width=width,
+    )
 
 
 def _run_encode(args) -> Path:
@@ -374,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
     from .concept import ConceptFileError
+    from .finetuned import FinetuneFolderError
     from .loading import ModelLoadError
 
     with warnings.catch_warnings():
@@ -384,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                 _run_generate(args)
             else:
                 _run_encode(args)
-        except (ConceptInputError, ConceptFileError, ModelLoadError) as err:
+        except (ConceptInputError, ConceptFileError, ModelLoadError, FinetuneFolderError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     return 0

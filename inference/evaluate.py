@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 import sys
@@ -41,6 +40,7 @@ import torch
 
 from encoders.run_config import ConfigError, config_to_dict, parse_config_cli
 
+from .finetuned import CONCEPT_FILE, FinetuneFolderError, FinetuneRun, load_embedding, load_infusion, read_finetune
 from .metrics import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_DETECTION_THRESHOLD,
@@ -51,7 +51,6 @@ from .metrics import (
 )
 
 METHODS = ("base", "elite", "textual_inversion", "batex", "infusion")
-CONCEPT_FILE = "concept.json"  # written by the fine-tunes (training.concept_data.CONCEPT_FILE)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # DreamBooth's evaluation prompts (google/dreambooth dataset/prompts_and_classes.txt), "{}" = the concept.
@@ -185,17 +184,10 @@ class EvalConcept:
 
 
 @dataclass
-class Run:
-    """A fine-tune to evaluate: its folder, method and concept."""
+class Run(FinetuneRun):
+    """A fine-tune to evaluate: its folder, method, concept.json and concept."""
 
-    method: str
-    folder: Path
-    concept: EvalConcept
-    info: dict
-
-    @property
-    def label(self) -> str:
-        return self.folder.name
+    concept: EvalConcept = None
 
 
 @dataclass
@@ -234,16 +226,11 @@ def resolve_concepts_and_runs(config: EvalConfig) -> tuple[list[EvalConcept], li
 
     runs = []
     for entry in config.runs:
-        folder = Path(entry)
-        info_file = folder / CONCEPT_FILE
-        if not info_file.is_file():
-            raise FileNotFoundError(f"run folder {folder} has no {CONCEPT_FILE}: is it the output_dir of a finished fine-tune?")
-        info = json.loads(info_file.read_text())
-        method = info.get("method")
-        if method not in METHODS:
-            raise ValueError(f"{info_file}: unknown method {method!r}")
-        concept = concept_for(Path(info["concept_dir"]), info.get("class_word") or None)
-        runs.append(Run(method, folder, concept, info))
+        run = read_finetune(entry)
+        if "concept_dir" not in run.info:
+            raise FinetuneFolderError(f"{run.folder / CONCEPT_FILE}: no concept_dir (the photos to score against)")
+        concept = concept_for(Path(run.info["concept_dir"]), run.class_word or None)
+        runs.append(Run(run.method, run.folder, run.info, concept))
     for entry in config.concepts:
         path, _, word = entry.partition("=")
         concept_for(Path(path), word.strip() or None)
@@ -362,11 +349,9 @@ class Evaluator:
             phrase = f"{token} {concept.class_word}" if cfg.append_class_word else token
             return (lambda texts, latents: self.pipe(prompt=list(texts), latents=latents, **common).images), phrase
         if method == "infusion":
-            from encoders.infusion import InfusionResiduals, generate_with_infusion
+            from encoders.infusion import generate_with_infusion
 
-            folder = payload.info.get("files", {}).get("residuals", "infusion")
-            residuals = InfusionResiduals.from_pretrained(str(payload.folder), subfolder=folder).to(self.pipe.device)
-            residuals.check_fits(self.pipe.unet)
+            residuals = load_infusion(self.pipe, payload)
 
             def infuse(texts, latents):
                 return generate_with_infusion(self.pipe, list(texts), [residuals], latents=latents, **common).images
@@ -390,9 +375,7 @@ class Evaluator:
         """Load a Textual Inversion / BaTex file once under a token of its own (several runs may use S*)."""
         if run.folder not in self._ti_tokens:
             token = f"<{_slug(run.label)}-{len(self._ti_tokens)}>"
-            weight = run.info.get("files", {}).get("embeddings", "learned_embeds.safetensors")
-            self.pipe.load_textual_inversion(str(run.folder), token=token, weight_name=weight)
-            self._ti_tokens[run.folder] = token
+            self._ti_tokens[run.folder] = load_embedding(self.pipe, run, token=token)
         return self._ti_tokens[run.folder]
 
     def _elite_pipeline(self):
@@ -491,11 +474,10 @@ class Evaluator:
         captions without the class word; timesteps `fisher_timesteps`; noise from the first seed.
         """
         from encoders.attention import CONTEXT_KWARG, AttentionContext
-        from encoders.infusion import EXTRAS_KEY, InfusionResiduals, infusion_call, set_infusion_processors
+        from encoders.infusion import EXTRAS_KEY, infusion_call, set_infusion_processors
 
         pipe = self.pipe
-        folder = run.info.get("files", {}).get("residuals", "infusion")
-        residuals = InfusionResiduals.from_pretrained(str(run.folder), subfolder=folder).to(pipe.device)
+        residuals = load_infusion(pipe, run)
         prompts = [p for p in GENERIC_PROMPTS if residuals.config.class_word.lower() not in p.lower()]
         previous = pipe.unet.attn_processors
         set_infusion_processors(pipe.unet, [residuals])

@@ -127,7 +127,7 @@ def test_evaluate_errors_name_the_problem(tmp_path):
     with pytest.raises(Exception, match="unknown methods"):
         evaluate.EvalConfig(methods=["dreambooth"])
     cfg = evaluate.EvalConfig(runs=[str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="concept.json"):
+    with pytest.raises(evaluate.FinetuneFolderError, match="concept.json"):
         evaluate.resolve_concepts_and_runs(cfg)
     odd = tmp_path / "my_photos"
     odd.mkdir()

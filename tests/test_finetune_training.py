@@ -73,6 +73,23 @@ def tiny_pipe(sd_path):
     return pipe
 
 
+def cli_images(sd_path, out_dir, prompt, *finetunes):
+    """`python -m inference generate` (in process) with --finetune folders: the images as arrays."""
+    import numpy as np
+    from PIL import Image
+
+    from inference.cli import main
+
+    args = ["generate", "--base", str(sd_path), "--prompt", prompt, "--steps", "2", "--height", RES, "--num-images", "2",
+            "--seed", "3", "--out", str(out_dir), "--quiet", "--no-safety-checker"]
+    for folder in finetunes:
+        args += ["--finetune", str(folder)]
+    assert main(args) == 0
+    settings = json.loads((out_dir / "settings.json").read_text())
+    assert len(settings["finetunes"]) == len(finetunes)
+    return [np.asarray(Image.open(out_dir / name), dtype=np.float32) for name in settings["prompts"][0]["images"]]
+
+
 def latents_of(pipe, guidance_scale=7.5, **kwargs):
     out = pipe(
         num_inference_steps=2, guidance_scale=guidance_scale, height=int(RES), width=int(RES), output_type="latent",
@@ -121,6 +138,12 @@ def test_textual_inversion_trains_and_loads_with_diffusers(tiny_sd_path, data_di
         ours = encode_text_with_words(pipe.text_encoder, ids, sid, saved["S*"][None]).hidden_states
         theirs = pipe.text_encoder(ids)[0]
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+    # the inference command line applies the run: same seeds, another image than the base model's
+    tuned = cli_images(tiny_sd_path, tmp_path / "gen_ti", "a photo of a S*", out)
+    plain = cli_images(tiny_sd_path, tmp_path / "gen_base", "a photo of a S*")
+    assert tuned[0].shape == (int(RES), int(RES), 3) and len(tuned) == 2
+    assert abs(tuned[0] - plain[0]).max() > 0 and abs(tuned[0] - tuned[1]).max() > 0
 
 
 def test_batex_with_anchors_stays_in_the_span_of_its_basis(tiny_sd_path, data_dir, tmp_path):
@@ -181,6 +204,13 @@ def test_infusion_trains_and_changes_only_class_word_prompts(tiny_sd_path, data_
     no_cat = generate_with_infusion(pipe, ["a photo of a dog"], [residuals], generator=torch.Generator().manual_seed(0), **kwargs)
     assert torch.allclose(no_cat.images[0], no_cat.base_images[0], atol=1e-6)  # no class word: nothing changes
     assert type(pipe.unet.attn_processors[next(iter(pipe.unet.attn_processors))]).__name__ == "AttnProcessor2_0"
+
+    # the inference command line applies it to prompts with the class word, and only to those
+    tuned = cli_images(tiny_sd_path, tmp_path / "gen_cat", "a photo of a cat", out)
+    plain = cli_images(tiny_sd_path, tmp_path / "gen_base", "a photo of a cat")
+    assert abs(tuned[0] - plain[0]).max() > 0
+    assert all((a == b).all() for a, b in zip(cli_images(tiny_sd_path, tmp_path / "gen_dog", "a photo of a dog", out),
+                                                cli_images(tiny_sd_path, tmp_path / "gen_dog_base", "a photo of a dog")))
 
 
 def test_finetune_configs_fail_clearly(tmp_path):

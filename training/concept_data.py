@@ -174,7 +174,6 @@ def list_concept_images(concept_dir: str | os.PathLike) -> list[Path]:
 
 
 def _square(image, resolution: int, center_crop: bool, resample):
-    from PIL import Image
 
     if center_crop and image.width != image.height:
         side = min(image.size)
