@@ -64,6 +64,24 @@ class KeyValueProjections:
     to_k: nn.ModuleDict
     to_v: nn.ModuleDict
 
+    def _build_mappings(self, input_dim: int, hidden_dim: int, output_dim: int, feature_layers: Sequence[int]) -> None:
+        """One CLS-token MLP and one patch-token MLP per tapped layer (the reference's layout)."""
+        n = len(feature_layers)
+        if n < 1:
+            raise ValueError("feature_layers must name at least one image-encoder layer")
+        self.cls_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in range(n))
+        self.patch_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in range(n))
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, input_dim: int, output_dim: int | None = None, **config):
+        """A fresh model whose K/V projections cover `unet`'s cross-attention layers, copied from it."""
+        layers = cross_attention_layers(unet)
+        if output_dim is None:
+            output_dim = next(iter(layers.values()))[0]
+        model = cls(input_dim=input_dim, output_dim=output_dim, kv_layers={k: list(v) for k, v in layers.items()}, **config)
+        model.init_kv_from_unet(unet)
+        return model
+
     def _build_kv(self, kv_layers: Mapping[str, Sequence[int]] | None) -> None:
         self.to_k = nn.ModuleDict()
         self.to_v = nn.ModuleDict()
@@ -132,22 +150,8 @@ class GlobalMapping(ModelMixin, ConfigMixin, KeyValueProjections):
         image_encoder_name_or_path: str | None = None,
     ) -> None:
         super().__init__()
-        n = len(feature_layers)
-        if n < 1:
-            raise ValueError("feature_layers must name at least one image-encoder layer")
-        self.cls_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in range(n))
-        self.patch_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in range(n))
+        self._build_mappings(input_dim, hidden_dim, output_dim, feature_layers)
         self._build_kv(kv_layers)
-
-    @classmethod
-    def from_unet(cls, unet: nn.Module, input_dim: int, output_dim: int | None = None, **config) -> "GlobalMapping":
-        """A fresh model whose K/V projections cover `unet`'s cross-attention layers, copied from it."""
-        layers = cross_attention_layers(unet)
-        if output_dim is None:
-            output_dim = next(iter(layers.values()))[0]
-        model = cls(input_dim=input_dim, output_dim=output_dim, kv_layers={k: list(v) for k, v in layers.items()}, **config)
-        model.init_kv_from_unet(unet)
-        return model
 
     @property
     def num_words(self) -> int:

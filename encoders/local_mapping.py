@@ -30,11 +30,9 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
-from torch import nn
 
-from .attention import cross_attention_layers
 from .clip_features import DEFAULT_LAYERS
-from .global_mapping import KeyValueProjections, _check_features, mapping_mlp
+from .global_mapping import KeyValueProjections, _check_features
 
 
 @dataclass
@@ -78,22 +76,8 @@ class LocalMapping(ModelMixin, ConfigMixin, KeyValueProjections):
         image_encoder_name_or_path: str | None = None,
     ) -> None:
         super().__init__()
-        n = len(feature_layers)
-        if n < 1:
-            raise ValueError("feature_layers must name at least one image-encoder layer")
-        self.cls_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in range(n))
-        self.patch_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in range(n))
+        self._build_mappings(input_dim, hidden_dim, output_dim, feature_layers)
         self._build_kv(kv_layers)
-
-    @classmethod
-    def from_unet(cls, unet: nn.Module, input_dim: int, output_dim: int | None = None, **config) -> "LocalMapping":
-        """A fresh model whose local K/V projections cover `unet`'s cross-attention layers, copied from it."""
-        layers = cross_attention_layers(unet)
-        if output_dim is None:
-            output_dim = next(iter(layers.values()))[0]
-        model = cls(input_dim=input_dim, output_dim=output_dim, kv_layers={k: list(v) for k, v in layers.items()}, **config)
-        model.init_kv_from_unet(unet)
-        return model
 
     def forward(self, features: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> LocalMappingOutput:
         """`features`: one `[B, 1 + P, input_dim]` per tapped layer; `mask`: object mask or None (keep all)."""
