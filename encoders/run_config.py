@@ -33,6 +33,13 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key and where it came from."""
 
 
+def keyed_field(help: str, default: Any = None, factory: Any = None) -> Any:
+    """A dataclass field with its `--help` line (shown by `describe_keys`); `factory` for mutable defaults."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}

@@ -32,13 +32,13 @@ import io
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from encoders.run_config import ConfigError, config_to_dict, parse_config_cli
+from encoders.run_config import ConfigError, config_to_dict, keyed_field, parse_config_cli
 
 from .finetuned import CONCEPT_FILE, FinetuneFolderError, FinetuneRun, load_embedding, load_infusion, read_finetune
 from .metrics import (
@@ -96,52 +96,46 @@ GENERIC_PROMPTS = (
 )
 
 
-def _help(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class EvalConfig:
     """What to evaluate, on which prompts and seeds, with which scoring models."""
 
-    base: str = _help("base Stable Diffusion pipeline (folder or Hub id)", "CompVis/stable-diffusion-v1-4")
-    out: str = _help("output folder", "outputs/eval")
-    runs: list[str] = _help("fine-tune output folders (with concept.json): Textual Inversion, BaTex, Infusion", factory=list)
-    encoders: Optional[str] = _help("ELITE encoders folder or Hub repo (enables the elite method)", None)
-    image_encoder: Optional[str] = _help("image encoder for the ELITE encoders (default: the one they record)", None)
-    concepts: list[str] = _help("extra concept photo folders for base/elite: DIR or DIR=class word", factory=list)
-    methods: list[str] = _help(f"methods to run, among {', '.join(METHODS)}", factory=lambda: list(METHODS))
-    prompts: str = _help("dreambooth, or a text file with one prompt per line ({} = the concept)", "dreambooth")
-    num_prompts: Optional[int] = _help("use only the first N prompts (quick runs)", None)
-    seeds: list[int] = _help("one image per prompt and seed (papers: 5 per prompt)", factory=lambda: [0, 1, 2, 3, 4])
-    coi: bool = _help("add 'a photo of {} and a <object>' prompts and score the CoI likelihood with the detector", False)
-    coi_objects: list[str] = _help("objects for the CoI prompts (detector label names)", factory=lambda: list(COI_OBJECTS))
-    append_class_word: bool = _help("prompt learned tokens as 'S* dog' instead of 'S*'", False)
-    num_inference_steps: int = _help("sampling steps", 50)
-    guidance_scale: float = _help("classifier-free guidance scale", 7.5)
-    scheduler: str = _help("sampler for every method: ddim, lms, pndm, euler, euler_a, dpm", "ddim")
-    resolution: Optional[int] = _help("image size (default: the base model's)", None)
-    elite_lambda: float = _help("ELITE's lambda for the local branch (paper: 0.6 for editing prompts)", 0.6)
-    elite_image: int = _help("which concept photo (sorted by name) ELITE encodes", 0)
-    mask_dir: Optional[str] = _help(
+    base: str = keyed_field("base Stable Diffusion pipeline (folder or Hub id)", "CompVis/stable-diffusion-v1-4")
+    out: str = keyed_field("output folder", "outputs/eval")
+    runs: list[str] = keyed_field("fine-tune output folders (with concept.json): Textual Inversion, BaTex, Infusion", factory=list)
+    encoders: Optional[str] = keyed_field("ELITE encoders folder or Hub repo (enables the elite method)", None)
+    image_encoder: Optional[str] = keyed_field("image encoder for the ELITE encoders (default: the one they record)", None)
+    concepts: list[str] = keyed_field("extra concept photo folders for base/elite: DIR or DIR=class word", factory=list)
+    methods: list[str] = keyed_field(f"methods to run, among {', '.join(METHODS)}", factory=lambda: list(METHODS))
+    prompts: str = keyed_field("dreambooth, or a text file with one prompt per line ({} = the concept)", "dreambooth")
+    num_prompts: Optional[int] = keyed_field("use only the first N prompts (quick runs)", None)
+    seeds: list[int] = keyed_field("one image per prompt and seed (papers: 5 per prompt)", factory=lambda: [0, 1, 2, 3, 4])
+    coi: bool = keyed_field("add 'a photo of {} and a <object>' prompts and score the CoI likelihood with the detector", False)
+    coi_objects: list[str] = keyed_field("objects for the CoI prompts (detector label names)", factory=lambda: list(COI_OBJECTS))
+    append_class_word: bool = keyed_field("prompt learned tokens as 'S* dog' instead of 'S*'", False)
+    num_inference_steps: int = keyed_field("sampling steps", 50)
+    guidance_scale: float = keyed_field("classifier-free guidance scale", 7.5)
+    scheduler: str = keyed_field("sampler for every method: ddim, lms, pndm, euler, euler_a, dpm", "ddim")
+    resolution: Optional[int] = keyed_field("image size (default: the base model's)", None)
+    elite_lambda: float = keyed_field("ELITE's lambda for the local branch (paper: 0.6 for editing prompts)", 0.6)
+    elite_image: int = keyed_field("which concept photo (sorted by name) ELITE encodes", 0)
+    mask_dir: Optional[str] = keyed_field(
         "folder of concept masks for ELITE (<stem>.png or <concept>_<stem>.png); default <concept>/masks/", None
     )
-    infusion_measures: bool = _help("also compute latent W2 to the base model and Infusion's latent Fisher divergence", False)
-    fisher_timesteps: list[int] = _help("timesteps for the latent Fisher divergence", factory=lambda: [100, 300, 500, 700, 900])
-    clip_model: str = _help("CLIP for CLIP-T / CLIP-I", DEFAULT_CLIP_MODEL)
-    dino_model: str = _help("DINO ViT for DINO-I", DEFAULT_DINO_MODEL)
-    detector_model: str = _help("object detector for the CoI likelihood", DEFAULT_DETECTOR_MODEL)
-    detection_threshold: float = _help("detector score threshold", DEFAULT_DETECTION_THRESHOLD)
-    detector_revision: Optional[str] = _help(
+    infusion_measures: bool = keyed_field("also compute latent W2 to the base model and Infusion's latent Fisher divergence", False)
+    fisher_timesteps: list[int] = keyed_field("timesteps for the latent Fisher divergence", factory=lambda: [100, 300, 500, 700, 900])
+    clip_model: str = keyed_field("CLIP for CLIP-T / CLIP-I", DEFAULT_CLIP_MODEL)
+    dino_model: str = keyed_field("DINO ViT for DINO-I", DEFAULT_DINO_MODEL)
+    detector_model: str = keyed_field("object detector for the CoI likelihood", DEFAULT_DETECTOR_MODEL)
+    detection_threshold: float = keyed_field("detector score threshold", DEFAULT_DETECTION_THRESHOLD)
+    detector_revision: Optional[str] = keyed_field(
         "Hub revision of the detector (DETR's main branch needs timm; some repos have a no_timm branch)", None
     )
-    batch_size: int = _help("images generated per pipeline call", 4)
-    grid_prompts: int = _help("prompts shown per row of the grids", 8)
-    regenerate: bool = _help("regenerate images that already exist under out/images", False)
-    device: str = _help("auto, cpu, cuda, cuda:1, mps", "auto")
-    dtype: str = _help("auto (fp16 on CUDA, fp32 elsewhere), float32, float16, bfloat16", "auto")
+    batch_size: int = keyed_field("images generated per pipeline call", 4)
+    grid_prompts: int = keyed_field("prompts shown per row of the grids", 8)
+    regenerate: bool = keyed_field("regenerate images that already exist under out/images", False)
+    device: str = keyed_field("auto, cpu, cuda, cuda:1, mps", "auto")
+    dtype: str = keyed_field("auto (fp16 on CUDA, fp32 elsewhere), float32, float16, bfloat16", "auto")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))

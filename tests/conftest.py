@@ -112,3 +112,14 @@ def crop_shards(tmp_path_factory) -> Path:
         oi / "masks", oi / "images", DATA_DIR / "openimages/class-descriptions-boxable.csv", root / "openimages", settings, **job,
     )
     return root
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset accelerate's process-wide singletons after a test that built an `Accelerator`."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

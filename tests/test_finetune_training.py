@@ -19,18 +19,10 @@ from safetensors.torch import load_file
 from encoders.run_config import ConfigError, load_config
 from encoders.subspace import TextualSubspace, matrix_rank, vocabulary_order
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 CONFIGS = Path(__file__).parent.parent / "configs" / "finetune"
 RES = "32"  # 16 x 16 latents: the tiny UNet's smallest sensible size, fast on 2 cores
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def common_args(sd_path, concept_dir, out_dir, steps=3):

@@ -15,15 +15,7 @@ from training.location_mlp import LocationMLPConfig, LocationMLPTask, box_iou_gi
 from training.loop import run_training
 from training.pairs_data import PairBatches, PairExample, canonical_layout, read_pair_shards, split_pairs
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_iou_and_giou_values():

@@ -9,15 +9,7 @@ import torch
 from toy_trainer import ToyConfig, ToyRegressor, ToyTask
 from training.loop import list_checkpoints, run_training
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _config(tmp_path, name, **kw):

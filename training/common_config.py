@@ -6,64 +6,58 @@ subclasses `TrainConfig`, adds its own keys, and `encoders.run_config.parse_conf
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
-from encoders.run_config import ConfigError
-
-
-def _help(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+from encoders.run_config import ConfigError, keyed_field
 
 
 @dataclass
 class TrainConfig:
     """Settings shared by all trainers: models, data, optimisation, checkpoints, logging, export."""
 
-    pretrained_model_name_or_path: str = _help(
+    pretrained_model_name_or_path: str = keyed_field(
         "base Stable Diffusion pipeline: a diffusers folder or Hub id", "CompVis/stable-diffusion-v1-4"
     )
-    image_encoder_name_or_path: str = _help(
+    image_encoder_name_or_path: str = keyed_field(
         "CLIP vision tower: a transformers folder or Hub id", "openai/clip-vit-large-patch14"
     )
-    train_shards: str = _help("training shards: a path, glob or brace pattern (e.g. data/train-{000000..000099}.tar)", "")
-    output_dir: str = _help("run folder: config.yaml, checkpoint-N/, logs/, validation/", "outputs/train")
-    export_dir: Optional[str] = _help(
+    train_shards: str = keyed_field("training shards: a path, glob or brace pattern (e.g. data/train-{000000..000099}.tar)", "")
+    output_dir: str = keyed_field("run folder: config.yaml, checkpoint-N/, logs/, validation/", "outputs/train")
+    export_dir: Optional[str] = keyed_field(
         "encoders folder the final models are exported into (default: <output_dir>/encoders)", None
     )
-    max_steps: int = _help("optimizer steps to train for", 1000)
-    train_batch_size: int = _help("samples per device per micro-step", 4)
-    gradient_accumulation_steps: int = _help("micro-steps accumulated per optimizer step", 1)
-    learning_rate: float = _help("peak learning rate (before scale_lr)", 1e-5)
-    scale_lr: bool = _help("multiply learning_rate by batch size x accumulation x processes (the reference does)", False)
+    max_steps: int = keyed_field("optimizer steps to train for", 1000)
+    train_batch_size: int = keyed_field("samples per device per micro-step", 4)
+    gradient_accumulation_steps: int = keyed_field("micro-steps accumulated per optimizer step", 1)
+    learning_rate: float = keyed_field("peak learning rate (before scale_lr)", 1e-5)
+    scale_lr: bool = keyed_field("multiply learning_rate by batch size x accumulation x processes (the reference does)", False)
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-    ] = _help("learning-rate schedule (diffusers.optimization.get_scheduler)", "constant")
-    lr_warmup_steps: int = _help("warm-up optimizer steps", 0)
-    adam_beta1: float = _help("AdamW beta1", 0.9)
-    adam_beta2: float = _help("AdamW beta2", 0.999)
-    adam_weight_decay: float = _help("AdamW weight decay", 1e-2)
-    adam_epsilon: float = _help("AdamW epsilon", 1e-8)
-    max_grad_norm: float = _help("gradient clipping norm (0 disables)", 1.0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = _help(
+    ] = keyed_field("learning-rate schedule (diffusers.optimization.get_scheduler)", "constant")
+    lr_warmup_steps: int = keyed_field("warm-up optimizer steps", 0)
+    adam_beta1: float = keyed_field("AdamW beta1", 0.9)
+    adam_beta2: float = keyed_field("AdamW beta2", 0.999)
+    adam_weight_decay: float = keyed_field("AdamW weight decay", 1e-2)
+    adam_epsilon: float = keyed_field("AdamW epsilon", 1e-8)
+    max_grad_norm: float = keyed_field("gradient clipping norm (0 disables)", 1.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = keyed_field(
         "autocast precision; frozen models are stored in it too. bf16 works on CPU and recent GPUs; fp16 needs a GPU",
         "no",
     )
-    gradient_checkpointing: bool = _help("recompute the frozen UNet's activations in backward to save memory", False)
-    checkpointing_steps: int = _help("save checkpoint-N/ every N optimizer steps (0: only at the end)", 500)
-    checkpoints_total_limit: Optional[int] = _help("keep at most this many checkpoints (oldest removed)", None)
-    resume_from_checkpoint: Optional[str] = _help("'latest' or a checkpoint-N folder to continue from", None)
-    seed: int = _help("seed for model init, noise, timesteps and data order", 0)
-    report_to: Literal["tensorboard", "none"] = _help("experiment tracker (through accelerate)", "tensorboard")
-    tracker_project_name: Optional[str] = _help("tracker run name (default: the trainer's name)", None)
-    logging_steps: int = _help("log averaged metrics every N optimizer steps", 10)
-    validation_steps: int = _help("render validation images every N optimizer steps (0 disables)", 0)
-    dataloader_num_workers: int = _help("data loading worker processes per training process", 0)
-    push_to_hub: bool = _help("upload the exported folder to the Hub at the end", False)
-    hub_model_id: Optional[str] = _help("Hub repo id for push_to_hub (user/name)", None)
-    hub_private: bool = _help("create the Hub repo as private", False)
+    gradient_checkpointing: bool = keyed_field("recompute the frozen UNet's activations in backward to save memory", False)
+    checkpointing_steps: int = keyed_field("save checkpoint-N/ every N optimizer steps (0: only at the end)", 500)
+    checkpoints_total_limit: Optional[int] = keyed_field("keep at most this many checkpoints (oldest removed)", None)
+    resume_from_checkpoint: Optional[str] = keyed_field("'latest' or a checkpoint-N folder to continue from", None)
+    seed: int = keyed_field("seed for model init, noise, timesteps and data order", 0)
+    report_to: Literal["tensorboard", "none"] = keyed_field("experiment tracker (through accelerate)", "tensorboard")
+    tracker_project_name: Optional[str] = keyed_field("tracker run name (default: the trainer's name)", None)
+    logging_steps: int = keyed_field("log averaged metrics every N optimizer steps", 10)
+    validation_steps: int = keyed_field("render validation images every N optimizer steps (0 disables)", 0)
+    dataloader_num_workers: int = keyed_field("data loading worker processes per training process", 0)
+    push_to_hub: bool = keyed_field("upload the exported folder to the Hub at the end", False)
+    hub_model_id: Optional[str] = keyed_field("Hub repo id for push_to_hub (user/name)", None)
+    hub_private: bool = keyed_field("create the Hub repo as private", False)
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "train_batch_size", "gradient_accumulation_steps", "logging_steps")
@@ -87,3 +81,27 @@ class TrainConfig:
         import os
 
         return self.export_dir or os.path.join(self.output_dir, "encoders")
+
+
+@dataclass
+class AnchorsConfig:
+    """Semantic inversion (`encoders.anchors`): pull a learned word towards a few sparse-coded real words.
+
+    Each trainer adds its own `weight` (how L_anc enters its loss)."""
+
+    enabled: bool = keyed_field("add the anchor-attractor loss L_anc", False)
+    vocabulary: str = keyed_field("anchor words: coco (80 names) or a word-list file", "coco")
+    max_active: int = keyed_field("at most this many active anchors (c)", 3)
+    method: Literal["lasso", "omp"] = keyed_field("sparse coding solver (see encoders.anchors)", "lasso")
+    refresh_every: int = keyed_field("recompute the sparse code every N steps", 1)
+
+    def build_regularizer(self, tokenizer, text_encoder, device):
+        """The `AnchorRegularizer` over this vocabulary's input embeddings, or None when disabled."""
+        if not self.enabled:
+            return None
+        from encoders.anchors import AnchorRegularizer
+
+        return AnchorRegularizer.from_text_encoder(
+            tokenizer, text_encoder, words=self.vocabulary, max_active=self.max_active, method=self.method,
+            refresh_every=self.refresh_every,
+        ).to(device)

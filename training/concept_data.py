@@ -23,7 +23,7 @@ import logging
 import os
 import warnings
 from abc import abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.run_config import ConfigError
+from encoders.run_config import ConfigError, keyed_field
 
 from .common_config import TrainConfig
 from .diffusion import FrozenStableDiffusion, denoising_loss
@@ -95,33 +95,28 @@ STYLE_TEMPLATES = (
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
-def _help(text: str, default=None):
-    """A dataclass field with its `--help` line (read by `encoders.run_config.describe_keys`)."""
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class FinetuneConfig(TrainConfig):
     """Keys shared by the per-concept fine-tunes (Textual Inversion / BaTex, Infusion)."""
 
-    concept_dir: str = _help("folder with the 3-5 photos of the concept (jpg/png/webp)", "")
-    placeholder_token: str = _help("the new word that will stand for the concept (Textual Inversion)", "S*")
-    initializer_token: str = _help("a coarse one-token word the embedding starts from (e.g. dog)", "")
-    class_word: str = _help(
+    concept_dir: str = keyed_field("folder with the 3-5 photos of the concept (jpg/png/webp)", "")
+    placeholder_token: str = keyed_field("the new word that will stand for the concept (Textual Inversion)", "S*")
+    initializer_token: str = keyed_field("a coarse one-token word the embedding starts from (e.g. dog)", "")
+    class_word: str = keyed_field(
         "the concept's class noun (e.g. cat): Infusion's token; evaluation replaces S* by it for CLIP-T", ""
     )
-    resolution: int = _help("training image size in pixels (square)", 512)
-    center_crop: bool = _help("crop non-square photos to their centre square before resizing (else pad-free squash)", True)
-    flip_p: float = _help("probability of a horizontal flip per sample", 0.5)
-    templates: str = _help("caption templates: object or style", "object")
-    mask_dir: Optional[str] = _help(
+    resolution: int = keyed_field("training image size in pixels (square)", 512)
+    center_crop: bool = keyed_field("crop non-square photos to their centre square before resizing (else pad-free squash)", True)
+    flip_p: float = keyed_field("probability of a horizontal flip per sample", 0.5)
+    templates: str = keyed_field("caption templates: object or style", "object")
+    mask_dir: Optional[str] = keyed_field(
         "folder of concept masks named like the photos (<stem>.png); default <concept_dir>/masks when present", None
     )
-    use_masks: bool = _help("weight the loss by the mask of each photo that has one", True)
-    validation_prompt: str = _help("validation caption; {} is replaced by the concept's phrase", "a photo of a {} on the beach")
-    num_validation_images: int = _help("images rendered per validation", 2)
-    validation_inference_steps: int = _help("sampling steps for validation images", 25)
-    validation_guidance_scale: float = _help("classifier-free guidance for validation images", 7.5)
+    use_masks: bool = keyed_field("weight the loss by the mask of each photo that has one", True)
+    validation_prompt: str = keyed_field("validation caption; {} is replaced by the concept's phrase", "a photo of a {} on the beach")
+    num_validation_images: int = keyed_field("images rendered per validation", 2)
+    validation_inference_steps: int = keyed_field("sampling steps for validation images", 25)
+    validation_guidance_scale: float = keyed_field("classifier-free guidance for validation images", 7.5)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -43,7 +43,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -55,6 +55,8 @@ from PIL import Image
 from data_prep.writer import MANIFEST_NAME, expand_shard_spec
 from encoders.clip_features import CLIP_MEAN, CLIP_STD
 
+from encoders.run_config import keyed_field
+
 from .templates import IMAGENET_TEMPLATES, fill_template
 
 logger = logging.getLogger(__name__)
@@ -63,29 +65,23 @@ logger = logging.getLogger(__name__)
 _TO_UNIT = float(np.nextafter(np.float32(2.0 / 255.0), np.float32(0.0)))
 
 
-def _help(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class CropDataConfig:
     """Loader settings; trainers nest it as `data` (`data.resolution=64`, `data.scale_prob=0.5`)."""
 
-    resolution: int = _help("side of the diffusion target in pixels (crops are resized to it)", 512)
-    placeholder_token: str = _help("the pseudo-word put into the caption templates", "S*")
-    resampled: bool = _help("sample shards with replacement, endlessly (multi-node friendly); else one pass per epoch", True)
-    shuffle_buffer: int = _help("samples held for shuffling (0: no sample shuffle)", 1000)
-    shuffle_initial: int = _help("samples gathered before the first is returned", 100)
-    scale_prob: float = _help("probability of the target's scale augmentation (object shrunk onto a canvas)", 0.0)
-    scale_range: tuple[float, float] = _help("range of the shrink factor", factory=lambda: (0.5, 1.0))
-    clip_size: int = _help("side of the CLIP inputs (the image encoder's image_size)", 224)
-    clip_flip_prob: float = _help("probability of a horizontal flip of the CLIP inputs", 0.5)
-    clip_rotation_degrees: float = _help("CLIP inputs are rotated by up to this many degrees", 10.0)
-    clip_blur_prob: float = _help("probability of a Gaussian blur of the CLIP crop", 0.3)
-    clip_blur_radius: tuple[float, float] = _help("range of the blur radius in pixels", factory=lambda: (0.1, 1.5))
-    templates: list[str] = _help("caption templates with {c} for the placeholder (empty: the 80 CLIP ImageNet ones)", factory=list)
+    resolution: int = keyed_field("side of the diffusion target in pixels (crops are resized to it)", 512)
+    placeholder_token: str = keyed_field("the pseudo-word put into the caption templates", "S*")
+    resampled: bool = keyed_field("sample shards with replacement, endlessly (multi-node friendly); else one pass per epoch", True)
+    shuffle_buffer: int = keyed_field("samples held for shuffling (0: no sample shuffle)", 1000)
+    shuffle_initial: int = keyed_field("samples gathered before the first is returned", 100)
+    scale_prob: float = keyed_field("probability of the target's scale augmentation (object shrunk onto a canvas)", 0.0)
+    scale_range: tuple[float, float] = keyed_field("range of the shrink factor", factory=lambda: (0.5, 1.0))
+    clip_size: int = keyed_field("side of the CLIP inputs (the image encoder's image_size)", 224)
+    clip_flip_prob: float = keyed_field("probability of a horizontal flip of the CLIP inputs", 0.5)
+    clip_rotation_degrees: float = keyed_field("CLIP inputs are rotated by up to this many degrees", 10.0)
+    clip_blur_prob: float = keyed_field("probability of a Gaussian blur of the CLIP crop", 0.3)
+    clip_blur_radius: tuple[float, float] = keyed_field("range of the blur radius in pixels", factory=lambda: (0.1, 1.5))
+    templates: list[str] = keyed_field("caption templates with {c} for the placeholder (empty: the 80 CLIP ImageNet ones)", factory=list)
 
     def __post_init__(self) -> None:
         if self.resolution < 8:

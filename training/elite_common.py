@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from encoders.clip_features import DEFAULT_LAYERS, CLIPFeatureExtractor, load_clip_normalization
-from encoders.run_config import ConfigError
+from encoders.run_config import ConfigError, keyed_field
 from encoders.text_injection import add_placeholder_tokens, encode_text_with_words
 
 from .common_config import TrainConfig
@@ -34,32 +34,26 @@ from .loop import TrainingTask
 logger = logging.getLogger(__name__)
 
 
-def _help(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class EliteStageConfig(TrainConfig):
     """Keys both ELITE stages add to the shared ones (`data.*` are the loader's, see training/data.py)."""
 
-    data: CropDataConfig = _help("crop-shard loader settings (data.resolution, data.scale_prob, ...)", factory=CropDataConfig)
-    feature_layers: list[int] = _help(
+    data: CropDataConfig = keyed_field("crop-shard loader settings (data.resolution, data.scale_prob, ...)", factory=CropDataConfig)
+    feature_layers: list[int] = keyed_field(
         "CLIP vision layers tapped, in word order (the first gives w0)", factory=lambda: list(DEFAULT_LAYERS)
     )
-    mapping_hidden_dim: int = _help("hidden width of the mapping MLPs (paper: 1024)", 1024)
-    weight_loss_by_valid_region: bool = _help(
+    mapping_hidden_dim: int = keyed_field("hidden width of the mapping MLPs (paper: 1024)", 1024)
+    weight_loss_by_valid_region: bool = keyed_field(
         "average the denoising error over the target's real pixels only (the loader's valid_mask)", False
     )
-    validation_prompts: list[str] = _help(
+    validation_prompts: list[str] = keyed_field(
         "prompts for validation images; the placeholder stands for the crop's concept",
         factory=lambda: ["a photo of S*", "a S* on the beach"],
     )
-    num_validation_samples: int = _help("crops from the shards to render validation images for", 2)
-    validation_inference_steps: int = _help("sampler steps for validation images", 25)
-    validation_guidance_scale: float = _help("classifier-free guidance for validation images (paper: 5)", 5.0)
-    validation_lam: float = _help("local-branch weight lambda for validation images (paper: 0.8)", 0.8)
+    num_validation_samples: int = keyed_field("crops from the shards to render validation images for", 2)
+    validation_inference_steps: int = keyed_field("sampler steps for validation images", 25)
+    validation_guidance_scale: float = keyed_field("classifier-free guidance for validation images (paper: 5)", 5.0)
+    validation_lam: float = keyed_field("local-branch weight lambda for validation images (paper: 0.8)", 0.8)
 
     def __post_init__(self) -> None:
         super().__post_init__()

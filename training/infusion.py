@@ -25,9 +25,9 @@ import torch
 
 from encoders.attention import CONTEXT_KWARG, AttentionContext
 from encoders.infusion import EXTRAS_KEY, InfusionResiduals, generate_with_infusion, infusion_call, set_infusion_processors
-from encoders.run_config import ConfigError, parse_config_cli
+from encoders.run_config import ConfigError, keyed_field, parse_config_cli
 
-from .concept_data import ConceptFinetuneTask, FinetuneConfig, _help
+from .concept_data import ConceptFinetuneTask, FinetuneConfig
 from .loop import export_model, run_training
 
 RESIDUALS_FOLDER = "infusion"
@@ -37,17 +37,17 @@ RESIDUALS_FOLDER = "infusion"
 class InfusionConfig(FinetuneConfig):
     """Infusion keys (defaults: the paper's settings)."""
 
-    output_dir: str = _help("run folder: infusion/, concept.json, checkpoints, logs", "outputs/infusion")
-    max_steps: int = _help("optimizer steps", 500)
-    train_batch_size: int = _help("photos per device per step (paper: 4)", 4)
-    learning_rate: float = _help("learning rate (paper: 0.01)", 1e-2)
-    adam_weight_decay: float = _help("AdamW weight decay on the residuals", 0.0)
-    checkpointing_steps: int = _help("save checkpoint-N/ every N steps (0: only at the end)", 250)
-    replace_maps: bool = _help(
+    output_dir: str = keyed_field("run folder: infusion/, concept.json, checkpoints, logs", "outputs/infusion")
+    max_steps: int = keyed_field("optimizer steps", 500)
+    train_batch_size: int = keyed_field("photos per device per step (paper: 4)", 4)
+    learning_rate: float = keyed_field("learning rate (paper: 0.01)", 1e-2)
+    adam_weight_decay: float = keyed_field("AdamW weight decay on the residuals", 0.0)
+    checkpointing_steps: int = keyed_field("save checkpoint-N/ every N steps (0: only at the end)", 250)
+    replace_maps: bool = keyed_field(
         "dual stream: the customised rows use the base model's cross-attention maps (paper); false keeps their own", True
     )
-    validation_inference_steps: int = _help("DDIM steps for validation images (paper: 50)", 50)
-    validation_guidance_scale: float = _help("classifier-free guidance for validation images (paper: 8)", 8.0)
+    validation_inference_steps: int = keyed_field("DDIM steps for validation images (paper: 50)", 50)
+    validation_guidance_scale: float = keyed_field("classifier-free guidance for validation images (paper: 8)", 8.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -29,10 +29,10 @@ import torch
 from encoders.attention import AttentionContext, LocalConcept, cross_attention_layers, set_elite_processors
 from encoders.global_mapping import GlobalMapping
 from encoders.local_mapping import LocalMapping
-from encoders.run_config import ConfigError, parse_config_cli
+from encoders.run_config import ConfigError, keyed_field, parse_config_cli
 from encoders.text_injection import encode_text_with_words
 
-from .elite_common import EliteStageConfig, EliteStageTask, _help, export_fp32, resolve_mapping_folder
+from .elite_common import EliteStageConfig, EliteStageTask, export_fp32, resolve_mapping_folder
 from .loop import export_model, run_training
 
 logger = logging.getLogger(__name__)
@@ -42,11 +42,11 @@ logger = logging.getLogger(__name__)
 class LocalMappingConfig(EliteStageConfig):
     """Keys of `training.local_mapping` (shared keys: training/common_config.py, ELITE keys: elite_common.py)."""
 
-    global_mapping_path: str = _help("trained stage-1 global mapping: encoders folder, global_mapping/ folder or Hub repo", "")
-    learning_rate: float = _help("peak learning rate (paper: 1e-5; before scale_lr)", 1e-5)
-    local_l1_weight: float = _help("weight of mean |V_local| in the loss (paper: 1e-4)", 1e-4)
-    lam: float = _help("local-branch weight lambda during training (paper: 1)", 1.0)
-    weight_loss_by_valid_region: bool = _help(
+    global_mapping_path: str = keyed_field("trained stage-1 global mapping: encoders folder, global_mapping/ folder or Hub repo", "")
+    learning_rate: float = keyed_field("peak learning rate (paper: 1e-5; before scale_lr)", 1e-5)
+    local_l1_weight: float = keyed_field("weight of mean |V_local| in the loss (paper: 1e-4)", 1e-4)
+    lam: float = keyed_field("local-branch weight lambda during training (paper: 1)", 1.0)
+    weight_loss_by_valid_region: bool = keyed_field(
         "average the denoising error over the target's real pixels only (the loader's valid_mask)", True
     )
 

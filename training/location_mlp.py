@@ -17,41 +17,37 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from encoders.anchors import embed_words
 from encoders.location_mlp import LocationMLP
-from encoders.run_config import ConfigError, parse_config_cli
+from encoders.run_config import ConfigError, keyed_field, parse_config_cli
 
 from .common_config import TrainConfig
 from .loop import TrainingTask, export_model, run_training
 from .pairs_data import PairBatches, read_pair_shards, split_pairs
 
 
-def _help(text: str, default=None):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class LocationMLPConfig(TrainConfig):
     """Keys of `training.location_mlp` (shared keys: training/common_config.py)."""
 
-    output_dir: str = _help("run folder: config.yaml, checkpoint-N/, logs/, validation/", "outputs/location_mlp")
-    max_steps: int = _help("optimizer steps to train for", 5000)
-    train_batch_size: int = _help("pairs per device per micro-step", 64)
-    learning_rate: float = _help("peak learning rate", 1e-3)
-    checkpointing_steps: int = _help("save checkpoint-N/ every N optimizer steps (0: only at the end)", 1000)
-    hidden_dim: int = _help("width of the MLP", 256)
-    num_layers: int = _help("hidden layers of the box head", 3)
-    dropout: float = _help("dropout in the box head", 0.0)
-    min_box_size: float = _help("smallest box side the model can predict (fraction of the image)", 0.02)
-    l1_weight: float = _help("weight of the L1 box loss (DETR: 5)", 5.0)
-    giou_weight: float = _help("weight of the 1 - GIoU box loss (DETR: 2)", 2.0)
-    val_fraction: float = _help("pairs held out for the validation IoU (by key hash)", 0.1)
-    layout_flip: str = _help(
+    output_dir: str = keyed_field("run folder: config.yaml, checkpoint-N/, logs/, validation/", "outputs/location_mlp")
+    max_steps: int = keyed_field("optimizer steps to train for", 5000)
+    train_batch_size: int = keyed_field("pairs per device per micro-step", 64)
+    learning_rate: float = keyed_field("peak learning rate", 1e-3)
+    checkpointing_steps: int = keyed_field("save checkpoint-N/ every N optimizer steps (0: only at the end)", 1000)
+    hidden_dim: int = keyed_field("width of the MLP", 256)
+    num_layers: int = keyed_field("hidden layers of the box head", 3)
+    dropout: float = keyed_field("dropout in the box head", 0.0)
+    min_box_size: float = keyed_field("smallest box side the model can predict (fraction of the image)", 0.02)
+    l1_weight: float = keyed_field("weight of the L1 box loss (DETR: 5)", 5.0)
+    giou_weight: float = keyed_field("weight of the 1 - GIoU box loss (DETR: 2)", 2.0)
+    val_fraction: float = keyed_field("pairs held out for the validation IoU (by key hash)", 0.1)
+    layout_flip: str = keyed_field(
         "canonical: mirror each pair so the first word is on the left (one consistent arrangement); "
         "random: mirror half at random; none: as the data is", "canonical"
     )
