@@ -15,17 +15,9 @@ from encoders.global_mapping import GlobalMapping
 from encoders.local_mapping import LocalMapping
 from encoders.run_config import ConfigError, load_config
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +155,32 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_sd_path, tiny
         for i in a:
             assert all(torch.equal(a[i][k], b[i][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
     assert _weights_equal(second.global_mapping, full.global_mapping)
+
+
+def test_global_mapping_with_semantic_anchors_pulls_w0_towards_them(tmp_path, tiny_sd_path, tiny_image_encoder_path, shards):
+    from accelerate import Accelerator
+
+    keys = _keys(tiny_sd_path, tiny_image_encoder_path, shards, tmp_path / "anchors", max_steps=1, report_to="none",
+                 **{"anchors.enabled": "true", "anchors.max_active": 2, "anchors.weight": 1.0})
+    task = _global_task(keys)
+    task.setup(Accelerator(cpu=True), torch.float32)
+    models = task.trainable_models()
+    batch = next(iter(task.train_dataloader()))
+    loss, logs = task.training_step(models, batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(logs["anchor_loss"]) and logs["anchor_loss"] > 0
+    assert all(0 < len(code) <= 2 for code in task.anchors.last_code())  # at most c active anchors per sample
+
+    # the anchor term alone: a gradient step on the mapping lowers it (w0 moves towards its anchors)
+    mapping = models["global_mapping"]
+    feats = task.encode_frozen(batch, "clip_pixel_values", None)[1]
+    layers = [feats[layer] for layer in task.config.feature_layers]
+    optimizer = torch.optim.SGD(mapping.parameters(), lr=1e-3)
+    before = task.anchors(mapping(layers)[:, 0].float())
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = task.anchors(mapping(layers)[:, 0].float())
+    assert after < before
 
 
 def test_local_stage_single_process_with_validation_and_fresh_load(tmp_path, tiny_sd_path, tiny_image_encoder_path, shards):

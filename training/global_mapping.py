@@ -7,7 +7,9 @@ tower (once, without gradients); the global mapping turns the features into N wo
 placeholder's place in a random ImageNet template caption (the tail shifts right by N - 1); the
 frozen text encoder runs WITH gradients (they flow into the words, not its weights); the frozen
 UNet, whose cross-attention layers use the mapping's trainable K/V projections for the text,
-predicts the noise. Loss = epsilon-MSE + `word_l1_weight` (paper: 0.01) x mean |words|.
+predicts the noise. Loss = epsilon-MSE + `word_l1_weight` (paper: 0.01) x mean |words|, plus, with
+`anchors.enabled=true`, `anchors.weight` x L_anc of w0 (compositional inversion's semantic anchors:
+w0 is pulled towards a few sparse-coded real words, so it composes with the rest of a prompt).
 
 Trainable: `GlobalMapping` (MLPs + K/V), saved as `checkpoint-N/global_mapping/` and exported to
 `<export_dir>/global_mapping/`. Paper: batch 16 over 4 GPUs, lr 1e-6 (the reference scales it by
@@ -23,19 +25,29 @@ import torch
 
 from encoders.attention import AttentionContext, set_elite_processors
 from encoders.global_mapping import GlobalMapping
-from encoders.run_config import parse_config_cli
+from encoders.run_config import keyed_field, parse_config_cli
 from encoders.text_injection import encode_text_with_words
 
-from .elite_common import EliteStageConfig, EliteStageTask, _help, export_fp32
+from .common_config import AnchorsConfig
+from .elite_common import EliteStageConfig, EliteStageTask, export_fp32
 from .loop import run_training
+
+
+@dataclass
+class MappingAnchorsConfig(AnchorsConfig):
+    """Semantic anchors on the mapping's w0: loss += weight x L_anc (the sparse code is per sample)."""
+
+    weight: float = keyed_field("weight of L_anc(w0) added to the loss", 1.0)
 
 
 @dataclass
 class GlobalMappingConfig(EliteStageConfig):
     """Keys of `training.global_mapping` (shared keys: training/common_config.py, ELITE keys: elite_common.py)."""
 
-    learning_rate: float = _help("peak learning rate (paper: 1e-6; before scale_lr)", 1e-6)
-    word_l1_weight: float = _help("weight of mean |words| in the loss (paper: 0.01)", 0.01)
+    learning_rate: float = keyed_field("peak learning rate (paper: 1e-6; before scale_lr)", 1e-6)
+    word_l1_weight: float = keyed_field("weight of mean |words| in the loss (paper: 0.01)", 0.01)
+    anchors: MappingAnchorsConfig = keyed_field("semantic anchors on w0 (anchors.enabled, anchors.weight, ...)",
+                                                factory=lambda: MappingAnchorsConfig())
 
 
 class GlobalMappingTask(EliteStageTask):
@@ -46,6 +58,7 @@ class GlobalMappingTask(EliteStageTask):
         self.global_mapping = GlobalMapping.from_unet(self.sd.unet, **self.mapping_kwargs()).to(self.device)
         self.global_mapping.train()
         set_elite_processors(self.sd.unet, self.global_mapping)
+        self.anchors = self.config.anchors.build_regularizer(self.sd.tokenizer, self.sd.text_encoder, self.device)
 
     def trainable_models(self):
         return {"global_mapping": self.global_mapping}
@@ -59,7 +72,12 @@ class GlobalMappingTask(EliteStageTask):
                                   batch.get("valid_mask"))
         word_l1 = words.float().abs().mean()
         loss = mse + self.config.word_l1_weight * word_l1
-        return loss, {"mse": mse.detach(), "word_l1": word_l1.detach()}
+        logs = {"mse": mse.detach(), "word_l1": word_l1.detach()}
+        if self.anchors is not None:
+            anchor_loss = self.anchors(words[:, 0].float())
+            loss = loss + self.config.anchors.weight * anchor_loss
+            logs["anchor_loss"] = anchor_loss.detach()
+        return loss, logs
 
     @torch.no_grad()
     def concept_inputs(self, models, batch):
@@ -77,7 +95,10 @@ class GlobalMappingTask(EliteStageTask):
             "(w0 is the one to use), plus global K/V projections for every UNet cross-attention layer. "
             f"Trained {cfg.max_steps} steps, batch {cfg.train_batch_size} x accumulation "
             f"{cfg.gradient_accumulation_steps} per process, lr {cfg.learning_rate:g} (scale_lr={cfg.scale_lr}), "
-            f"word L1 {cfg.word_l1_weight:g}, {cfg.data.resolution} px.\n"
+            f"word L1 {cfg.word_l1_weight:g}, {cfg.data.resolution} px."
+            + (f" Semantic anchors on w0 ({cfg.anchors.vocabulary}, at most {cfg.anchors.max_active} active, "
+               f"weight {cfg.anchors.weight:g})." if cfg.anchors.enabled else "")
+            + "\n"
         )
 
 

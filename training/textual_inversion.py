@@ -33,11 +33,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from encoders.run_config import ConfigError, parse_config_cli
+from encoders.run_config import ConfigError, keyed_field, parse_config_cli
 from encoders.subspace import TextualSubspace
 from encoders.text_injection import add_placeholder_tokens, encode_text_with_words
 
-from .concept_data import ConceptFinetuneTask, FinetuneConfig, _help
+from .common_config import AnchorsConfig
+from .concept_data import ConceptFinetuneTask, FinetuneConfig
 from .loop import export_model, run_training
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
@@ -47,37 +48,32 @@ EMBEDDINGS_FILE = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME
 class SubspaceConfig:
     """BaTex: search the embedding in the span of nearby vocabulary words."""
 
-    enabled: bool = _help("learn weights over a textual subspace instead of a free vector (BaTex)", False)
-    distance: Literal["dot", "cosine", "l2"] = _help("vector distance that orders the vocabulary around the initializer", "dot")
-    dim: int = _help("subspace dimension d1: basis = top-M words for the smallest M with rank >= d1 (paper: 576 of 768)", 576)
+    enabled: bool = keyed_field("learn weights over a textual subspace instead of a free vector (BaTex)", False)
+    distance: Literal["dot", "cosine", "l2"] = keyed_field("vector distance that orders the vocabulary around the initializer", "dot")
+    dim: int = keyed_field("subspace dimension d1: basis = top-M words for the smallest M with rank >= d1 (paper: 576 of 768)", 576)
 
 
 @dataclass
-class AnchorsConfig:
-    """Semantic inversion: attract the embedding to a few sparse-coded real words."""
+class InversionAnchorsConfig(AnchorsConfig):
+    """Semantic inversion for Textual Inversion / BaTex: (1 - lambda) L_rec + lambda L_anc."""
 
-    enabled: bool = _help("add the anchor-attractor loss L_anc", False)
-    weight: float = _help("lambda in (1 - lambda) L_rec + lambda L_anc (paper: 0.95)", 0.95)
-    vocabulary: str = _help("anchor words: coco (80 names) or a word-list file", "coco")
-    max_active: int = _help("at most this many active anchors (c)", 3)
-    method: Literal["lasso", "omp"] = _help("sparse coding solver (see encoders.anchors)", "lasso")
-    refresh_every: int = _help("recompute the sparse code every N steps", 1)
+    weight: float = keyed_field("lambda in (1 - lambda) L_rec + lambda L_anc (paper: 0.95)", 0.95)
 
 
 @dataclass
 class TextualInversionConfig(FinetuneConfig):
     """Textual Inversion keys (defaults: the paper's recipe; BaTex and anchors off)."""
 
-    output_dir: str = _help("run folder: learned_embeds.safetensors, concept.json, checkpoints, logs", "outputs/textual_inversion")
-    max_steps: int = _help("optimizer steps (paper: 5000 for Textual Inversion, 500 for BaTex)", 5000)
-    train_batch_size: int = _help("photos per device per step", 4)
-    learning_rate: float = _help("base learning rate (paper: 0.005, scaled by the batch size)", 5e-3)
-    scale_lr: bool = _help("multiply learning_rate by batch x accumulation x processes (the paper does)", True)
-    adam_weight_decay: float = _help("AdamW weight decay on the embedding (BaTex: on the weights)", 0.0)
-    checkpointing_steps: int = _help("save checkpoint-N/ every N steps (0: only at the end)", 500)
-    append_class_word: bool = _help("caption with 'S* <class_word>' instead of 'S*' (compositional-inversion style)", False)
+    output_dir: str = keyed_field("run folder: learned_embeds.safetensors, concept.json, checkpoints, logs", "outputs/textual_inversion")
+    max_steps: int = keyed_field("optimizer steps (paper: 5000 for Textual Inversion, 500 for BaTex)", 5000)
+    train_batch_size: int = keyed_field("photos per device per step", 4)
+    learning_rate: float = keyed_field("base learning rate (paper: 0.005, scaled by the batch size)", 5e-3)
+    scale_lr: bool = keyed_field("multiply learning_rate by batch x accumulation x processes (the paper does)", True)
+    adam_weight_decay: float = keyed_field("AdamW weight decay on the embedding (BaTex: on the weights)", 0.0)
+    checkpointing_steps: int = keyed_field("save checkpoint-N/ every N steps (0: only at the end)", 500)
+    append_class_word: bool = keyed_field("caption with 'S* <class_word>' instead of 'S*' (compositional-inversion style)", False)
     subspace: SubspaceConfig = field(default_factory=SubspaceConfig)
-    anchors: AnchorsConfig = field(default_factory=AnchorsConfig)
+    anchors: InversionAnchorsConfig = field(default_factory=InversionAnchorsConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,18 +146,7 @@ class TextualInversionTask(ConceptFinetuneTask):
             self.word = LearnedEmbedding(vocab.shape[1], config.initializer_token).to(self.device)
             with torch.no_grad():
                 self.word.embedding.copy_(vocab[self.initializer_id])
-        self.anchors = None
-        if config.anchors.enabled:
-            from encoders.anchors import AnchorRegularizer
-
-            self.anchors = AnchorRegularizer.from_text_encoder(
-                sd.tokenizer,
-                sd.text_encoder,
-                words=config.anchors.vocabulary,
-                max_active=config.anchors.max_active,
-                method=config.anchors.method,
-                refresh_every=config.anchors.refresh_every,
-            ).to(self.device)
+        self.anchors = config.anchors.build_regularizer(sd.tokenizer, sd.text_encoder, self.device)
 
     def trainable_models(self):
         return {"learned_word": self.word}
