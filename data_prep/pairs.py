@@ -232,6 +232,8 @@ def _configure_pairs(parser) -> None:
     )
     gen.add_argument("--pipeline", default="CompVis/stable-diffusion-v1-4", help="diffusers text-to-image pipeline (folder or Hub id)")
     gen.add_argument("--detector", default="facebook/detr-resnet-50", help="transformers object detector (folder or Hub id)")
+    gen.add_argument("--detector-revision", default=None,
+                     help="Hub revision of the detector, e.g. no_timm for facebook/detr-resnet-50 without the timm package")
     gen.add_argument("--vocab", default="coco", help="noun list: 'coco' (80 classes), a YAML list or a text file (one per line)")
     gen.add_argument("--images-per-pair", type=int, default=4, help="images generated per noun pair (default 4)")
     gen.add_argument("--max-pairs", type=int, default=None, help="use only the first N noun pairs (quick runs)")
@@ -265,7 +267,7 @@ def _run_pairs(args) -> int:
     except (OSError, ValueError) as err:
         raise SourceError(f"--vocab: {err}") from None
     settings = GenerationSettings(
-        pipeline=args.pipeline, detector=args.detector, threshold=args.threshold, num_inference_steps=args.steps,
+        pipeline=args.pipeline, detector=args.detector, detector_revision=args.detector_revision, threshold=args.threshold, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, height=args.height, width=args.width, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype,
     )

@@ -128,6 +128,7 @@ def best_detections(logits, pred_boxes, label_ids: Sequence[int], no_object_clas
 class GenerationSettings:
     pipeline: str
     detector: str
+    detector_revision: str | None = None
     threshold: float = 0.7
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
@@ -153,7 +154,7 @@ def _load_models(settings: GenerationSettings):
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
     else:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
-    cache_key = (settings.pipeline, settings.detector, device, str(dtype))
+    cache_key = (settings.pipeline, settings.detector, settings.detector_revision, device, str(dtype))
     if cache_key not in _MODELS:
         from diffusers import DiffusionPipeline
         from transformers import AutoImageProcessor, AutoModelForObjectDetection
@@ -163,8 +164,9 @@ def _load_models(settings: GenerationSettings):
         pipe = DiffusionPipeline.from_pretrained(settings.pipeline, safety_checker=None, **dtype_kwargs(dtype))
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        detector = AutoModelForObjectDetection.from_pretrained(settings.detector).to(device).eval()
-        processor = AutoImageProcessor.from_pretrained(settings.detector)
+        revision = {"revision": settings.detector_revision} if settings.detector_revision else {}
+        detector = AutoModelForObjectDetection.from_pretrained(settings.detector, **revision).to(device).eval()
+        processor = AutoImageProcessor.from_pretrained(settings.detector, **revision)
         _MODELS.clear()
         _MODELS[cache_key] = (pipe, detector, processor, device)
     return _MODELS[cache_key]
@@ -274,7 +276,8 @@ def write_generated_pairs(
         raise ValueError(f"threshold must be in 0..1, got {settings.threshold}")
     if settings.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {settings.batch_size}")
-    detector_config = AutoConfig.from_pretrained(settings.detector)
+    revision = {"revision": settings.detector_revision} if settings.detector_revision else {}
+    detector_config = AutoConfig.from_pretrained(settings.detector, **revision)
     label_ids = match_labels(vocabulary, detector_config.id2label)
     items = plan_items(vocabulary, images_per_pair, seed, template, max_pairs)
     if not items:
