@@ -64,24 +64,6 @@ class KeyValueProjections:
     to_k: nn.ModuleDict
     to_v: nn.ModuleDict
 
-    def _build_mappings(self, input_dim: int, hidden_dim: int, output_dim: int, feature_layers: Sequence[int]) -> None:
-        """One CLS-token MLP and one patch-token MLP per tapped layer (the reference's layout)."""
-        n = len(feature_layers)
-        if n < 1:
-            raise ValueError("feature_layers must name at least one image-encoder layer")
-        self.cls_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in range(n))
-        self.patch_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in range(n))
-
-    @classmethod
-    def from_unet(cls, unet: nn.Module, input_dim: int, output_dim: int | None = None, **config):
-        """A fresh model whose K/V projections cover `unet`'s cross-attention layers, copied from it."""
-        layers = cross_attention_layers(unet)
-        if output_dim is None:
-            output_dim = next(iter(layers.values()))[0]
-        model = cls(input_dim=input_dim, output_dim=output_dim, kv_layers={k: list(v) for k, v in layers.items()}, **config)
-        model.init_kv_from_unet(unet)
-        return model
-
     def _build_kv(self, kv_layers: Mapping[str, Sequence[int]] | None) -> None:
         self.to_k = nn.ModuleDict()
         self.to_v = nn.ModuleDict()
@@ -133,8 +115,9 @@ def _check_features(features: Sequence[torch.Tensor], count: int, dim: int, who:
             raise ValueError(f"{who}: feature {i} must be [B, 1 + patches, {dim}], got {tuple(f.shape)}")
 
 
-class GlobalMapping(ModelMixin, ConfigMixin, KeyValueProjections):
-    """CLIP features of tapped layers -> words `[B, len(feature_layers), output_dim]`, plus global K/V."""
+class MappingModel(ModelMixin, ConfigMixin, KeyValueProjections):
+    """What both ELITE mappings are: per tapped CLIP layer a CLS-token MLP and a patch-token MLP (the
+    reference's layout), plus per-layer K/V projections; subclasses define `forward`."""
 
     config_name = "config.json"
 
@@ -150,8 +133,25 @@ class GlobalMapping(ModelMixin, ConfigMixin, KeyValueProjections):
         image_encoder_name_or_path: str | None = None,
     ) -> None:
         super().__init__()
-        self._build_mappings(input_dim, hidden_dim, output_dim, feature_layers)
+        if len(feature_layers) < 1:
+            raise ValueError("feature_layers must name at least one image-encoder layer")
+        self.cls_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in feature_layers)
+        self.patch_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in feature_layers)
         self._build_kv(kv_layers)
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, input_dim: int, output_dim: int | None = None, **config):
+        """A fresh model whose K/V projections cover `unet`'s cross-attention layers, copied from it."""
+        layers = cross_attention_layers(unet)
+        if output_dim is None:
+            output_dim = next(iter(layers.values()))[0]
+        model = cls(input_dim=input_dim, output_dim=output_dim, kv_layers={k: list(v) for k, v in layers.items()}, **config)
+        model.init_kv_from_unet(unet)
+        return model
+
+
+class GlobalMapping(MappingModel):
+    """CLIP features of tapped layers -> words `[B, len(feature_layers), output_dim]`, plus global K/V."""
 
     @property
     def num_words(self) -> int:

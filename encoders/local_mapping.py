@@ -27,12 +27,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from .clip_features import DEFAULT_LAYERS
-from .global_mapping import KeyValueProjections, _check_features
+from .global_mapping import MappingModel, _check_features
 
 
 @dataclass
@@ -59,25 +56,8 @@ def mask_to_patch_grid(mask: torch.Tensor, num_patches: int) -> torch.Tensor:
     return (grid.flatten(1) > 0.5).float()
 
 
-class LocalMapping(ModelMixin, ConfigMixin, KeyValueProjections):
+class LocalMapping(MappingModel):
     """CLIP features of the masked object (+ mask) -> local tokens `[B, P, output_dim]`, plus local K/V."""
-
-    config_name = "config.json"
-
-    @register_to_config
-    def __init__(
-        self,
-        input_dim: int = 1024,
-        output_dim: int = 768,
-        hidden_dim: int = 1024,
-        feature_layers: Sequence[int] = DEFAULT_LAYERS,
-        kv_layers: dict[str, list[int]] | None = None,
-        pretrained_model_name_or_path: str | None = None,
-        image_encoder_name_or_path: str | None = None,
-    ) -> None:
-        super().__init__()
-        self._build_mappings(input_dim, hidden_dim, output_dim, feature_layers)
-        self._build_kv(kv_layers)
 
     def forward(self, features: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> LocalMappingOutput:
         """`features`: one `[B, 1 + P, input_dim]` per tapped layer; `mask`: object mask or None (keep all)."""
