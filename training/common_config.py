@@ -87,12 +87,13 @@ class TrainConfig:
 class AnchorsConfig:
     """Semantic inversion (`encoders.anchors`): pull a learned word towards a few sparse-coded real words.
 
-    Each trainer adds its own `weight` (how L_anc enters its loss)."""
+    The code is a non-negative Lasso path with at most `max_active` anchors (L_anc needs weights >= 0).
+    Each trainer adds its own `weight` (how L_anc enters its loss).
+    """
 
     enabled: bool = keyed_field("add the anchor-attractor loss L_anc", False)
     vocabulary: str = keyed_field("anchor words: coco (80 names) or a word-list file", "coco")
     max_active: int = keyed_field("at most this many active anchors (c)", 3)
-    method: Literal["lasso", "omp"] = keyed_field("sparse coding solver (see encoders.anchors)", "lasso")
     refresh_every: int = keyed_field("recompute the sparse code every N steps", 1)
 
     def build_regularizer(self, tokenizer, text_encoder, device):
@@ -102,6 +103,5 @@ class AnchorsConfig:
         from encoders.anchors import AnchorRegularizer
 
         return AnchorRegularizer.from_text_encoder(
-            tokenizer, text_encoder, words=self.vocabulary, max_active=self.max_active, method=self.method,
-            refresh_every=self.refresh_every,
+            tokenizer, text_encoder, words=self.vocabulary, max_active=self.max_active, refresh_every=self.refresh_every,
         ).to(device)
