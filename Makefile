@@ -116,14 +116,19 @@ $(DEMO)/images/spatial_guidance.png: $(DEMO)/encoders/location_mlp/config.json
 FT_KEYS := $(TINY_KEYS) concept_dir=tests/data/concepts/dreambooth/teapot mask_dir=tests/data/concepts/masks \
 	class_word=teapot resolution=64 max_steps=12 train_batch_size=2 checkpointing_steps=6 validation_steps=12 \
 	validation_inference_steps=10
-demo-finetune: $(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors \
-	$(DEMO)/finetune/teapot_infusion/infusion/config.json
+demo-finetune: $(DEMO)/images/finetuned/settings.json
 $(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors: $(M)/.done
 	$(ONE_PROCESS) -m training.textual_inversion --config configs/finetune/textual_inversion.yaml $(FT_KEYS) \
 		initializer_token=teapot output_dir=$(DEMO)/finetune/teapot_textual_inversion
 $(DEMO)/finetune/teapot_infusion/infusion/config.json: $(M)/.done
 	$(ONE_PROCESS) -m training.infusion --config configs/finetune/infusion.yaml $(FT_KEYS) \
 		output_dir=$(DEMO)/finetune/teapot_infusion
+# ... and their results used through the inference command line (TI: its token S*; Infusion: the class word)
+$(DEMO)/images/finetuned/settings.json: $(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors \
+	$(DEMO)/finetune/teapot_infusion/infusion/config.json
+	$(PY) -m inference generate --base $(M)/sd --finetune $(DEMO)/finetune/teapot_textual_inversion \
+		--finetune $(DEMO)/finetune/teapot_infusion --prompt "a photo of S* on the beach" \
+		--prompt "a teapot in the snow" --steps 10 --num-images 2 --quiet --out $(DEMO)/images/finetuned
 
 # 8. one evaluation table: base, ELITE encoders, Textual Inversion, Infusion on the same prompts and seeds
 demo-eval: $(DEMO)/eval/results.md
