@@ -99,7 +99,10 @@ def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
             f"token {token!r} of {run.folder} is already in the tokenizer: give each run its own token (DIR=TOKEN)"
         )
     path = run.result_path()
-    pipe.load_textual_inversion(str(path.parent), token=token, weight_name=path.name)
+    try:
+        pipe.load_textual_inversion(str(path.parent), token=token, weight_name=path.name)
+    except ValueError as err:  # e.g. an embedding of another width: trained for another base model
+        raise FinetuneFolderError(f"{run.folder}: {err} (trained for {run.info.get('base_model', 'an unrecorded base model')})") from err
     return token
 
 
