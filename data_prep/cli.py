@@ -36,7 +36,7 @@ from encoders.run_config import ConfigError, describe_keys, load_config
 from .sources import SourceError
 from .writer import ShardJob, WriterError, merge_manifests
 
-SUBCOMMAND_MODULES = ("data_prep.crop_commands", "data_prep.inspect_shards", "data_prep.pairs")
+SUBCOMMAND_MODULES = ("data_prep.crop_commands", "data_prep.inspect_shards", "data_prep.latents", "data_prep.pairs")
 
 
 @dataclass

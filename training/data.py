@@ -21,7 +21,9 @@ Each sample becomes (R = `resolution`, f = the VAE's downsampling factor, passed
 * `object_mask_clip` [1, C, C]: the mask under the same flip/rotation;
 * `caption`: a random CLIP ImageNet template holding the placeholder ("a photo of a S*.");
   `input_ids` [L] when a tokenizer is given;
-* `box_in_crop` [4] (0..1, on the target), `category`, `key`.
+* `box_in_crop` [4] (0..1, on the target), `category`, `key`;
+* with `cached_latents`: `latent_moments` [2C, R/f, R/f] float16, the VAE posterior of the target
+  (`FrozenStableDiffusion.sample_latents` draws the latent from it).
 
 All randomness comes from RNGs seeded by (`seed`, epoch, rank, worker), so batches are the same
 on every run with the same seed and worker count (the training loop's exact resume relies on it).
@@ -82,6 +84,10 @@ class CropDataConfig:
     clip_blur_prob: float = keyed_field("probability of a Gaussian blur of the CLIP crop", 0.3)
     clip_blur_radius: tuple[float, float] = keyed_field("range of the blur radius in pixels", factory=lambda: (0.1, 1.5))
     templates: list[str] = keyed_field("caption templates with {c} for the placeholder (empty: the 80 CLIP ImageNet ones)", factory=list)
+    cached_latents: bool = keyed_field(
+        "read each crop's VAE posterior from KEY.latent.npy (shards from `python -m data_prep latents`) "
+        "instead of encoding the target every step; needs scale_prob=0", False
+    )
 
     def __post_init__(self) -> None:
         if self.resolution < 8:
@@ -91,6 +97,11 @@ class CropDataConfig:
             raise ValueError(f"data.scale_range must satisfy 0 < low <= high <= 1, got {self.scale_range}")
         if not 0 <= self.scale_prob <= 1:
             raise ValueError(f"data.scale_prob must be in [0, 1], got {self.scale_prob}")
+        if self.cached_latents and self.scale_prob > 0:
+            raise ValueError(
+                f"data.cached_latents=true needs data.scale_prob=0 (got {self.scale_prob}): "
+                "the cached latents are of the crop as it is, not of a scale-augmented target"
+            )
         if any("{c}" not in t for t in self.templates):
             raise ValueError("every entry of data.templates needs a {c} slot for the placeholder")
 
@@ -333,6 +344,55 @@ def decode_crop_sample(sample: dict) -> tuple[Image.Image, Image.Image, dict]:
     return image, mask, meta
 
 
+LATENT_MEMBER = "latent.npy"  # data_prep.latents.LATENT_MEMBER
+
+
+def decode_cached_latent(sample: dict, cells: int) -> torch.Tensor:
+    """The VAE posterior moments `[2C, cells, cells]` (float16) stored by `python -m data_prep latents`."""
+    where = f"{sample.get('__url__', '?')}: {sample.get('__key__', '?')}"
+    if LATENT_MEMBER not in sample:
+        raise ValueError(f"{where} has no {LATENT_MEMBER}: make the shards with `python -m data_prep latents` "
+                         "or set data.cached_latents=false")
+    moments = np.load(io.BytesIO(sample[LATENT_MEMBER]), allow_pickle=False)
+    if moments.ndim != 3 or moments.shape[0] % 2 or moments.shape[1:] != (cells, cells):
+        raise ValueError(
+            f"{where}: {LATENT_MEMBER} is {moments.shape}, expected [2C, {cells}, {cells}] "
+            "(latents made at another data.resolution or for a VAE with another factor?)"
+        )
+    return torch.from_numpy(moments)
+
+
+def cached_latents_models(urls: list[str]) -> set[str]:
+    """The base models whose VAE made the cached latents, as the shard folders' manifests record them."""
+    models = set()
+    for folder in sorted({str(Path(u).parent) for u in urls}):
+        path = Path(folder) / MANIFEST_NAME
+        if path.is_file():
+            settings = json.loads(path.read_text()).get("settings", {})
+            if settings.get("kind") == "crop-latents":
+                models.add(str(settings.get("model")))
+    return models
+
+
+def check_cached_latents(urls: list[str], cells: int) -> None:
+    """Fail before training when the first shard's first sample has no usable cached latent."""
+    import tarfile
+
+    with tarfile.open(urls[0]) as tar:
+        first = tar.next()
+        while first is not None and not first.isfile():
+            first = tar.next()
+        if first is None:
+            raise ValueError(f"{urls[0]} is empty")
+        key = Path(first.name).name.split(".", 1)[0]
+        sample = {"__url__": urls[0], "__key__": key}
+        for member in tar.getmembers():
+            if Path(member.name).name == f"{key}.{LATENT_MEMBER}":
+                sample[LATENT_MEMBER] = tar.extractfile(member).read()
+                break
+    decode_cached_latent(sample, cells)
+
+
 def stack_samples(samples: list[dict]) -> dict:
     """Stack tensors, keep strings as lists."""
     batch = {}
@@ -373,7 +433,10 @@ class _DecodeAndTransform:
         for sample in src:
             try:
                 image, mask, meta = decode_crop_sample(sample)
-                yield self.transform(image, mask, meta, rng)
+                out = self.transform(image, mask, meta, rng)
+                if self.transform.config.cached_latents:
+                    out["latent_moments"] = decode_cached_latent(sample, self.transform.config.resolution // self.transform.factor)
+                yield out
             except Exception as err:  # one bad sample must not stop training
                 logger.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), err)
 
@@ -437,6 +500,8 @@ class CropDataLoader:
         self.epoch = 0
         self.transform = CropSampleTransform(config, vae_scale_factor, tokenizer, clip_mean, clip_std)
         self.num_samples = count_manifest_samples(self.urls)
+        if config.cached_latents:
+            check_cached_latents(self.urls, config.resolution // int(vae_scale_factor))
         if not config.resampled:
             from webdataset.utils import pytorch_worker_info
 

@@ -62,6 +62,18 @@ class FrozenStableDiffusion:
         dist = self.vae.encode(pixel_values).latent_dist
         return dist.sample(generator=generator) * self.vae.config.scaling_factor
 
+    @torch.no_grad()
+    def sample_latents(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Cached posterior moments `[B, 2C, h, w]` (mean, log-variance) -> scaled latents.
+
+        The same draw `encode_images` makes from the VAE's output, without running the encoder
+        (shards from `python -m data_prep latents`, `data.cached_latents=true`).
+        """
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        moments = moments.to(device=self.vae.device, dtype=self.vae.dtype)
+        return DiagonalGaussianDistribution(moments).sample(generator=generator) * self.vae.config.scaling_factor
+
     def add_noise(
         self, latents: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

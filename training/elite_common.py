@@ -98,6 +98,21 @@ class EliteStageTask(TrainingTask):
         self.build_models(accelerator)
         self._validation_batch = None
         self.loader = self._make_loader(cfg.train_batch_size)
+        if cfg.data.cached_latents:
+            self._check_latents_model()
+
+    def _check_latents_model(self) -> None:
+        """Warn when the shards' cached latents were made with another base model's VAE."""
+        import os
+
+        from .data import cached_latents_models
+
+        base = self.config.pretrained_model_name_or_path
+        same = {os.path.abspath(base) if os.path.exists(base) else base}
+        recorded = {os.path.abspath(m) if os.path.exists(m) else m for m in cached_latents_models(self.loader.urls)}
+        if recorded and not recorded & same:
+            logger.warning("data.cached_latents: the shards' latents were made with %s, this run trains on %s",
+                           sorted(recorded), base)
 
     @abstractmethod
     def build_models(self, accelerator) -> None:
@@ -138,7 +153,10 @@ class EliteStageTask(TrainingTask):
     @torch.no_grad()
     def encode_frozen(self, batch: Mapping, clip_key: str, generator: torch.Generator) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Latents of the target and the tapped CLIP features {layer: [B, 1+P, D]} (no gradients)."""
-        latents = self.sd.encode_images(batch["pixel_values"], generator=generator)
+        if "latent_moments" in batch:  # data.cached_latents: the VAE ran once, in data_prep
+            latents = self.sd.sample_latents(batch["latent_moments"], generator=generator)
+        else:
+            latents = self.sd.encode_images(batch["pixel_values"], generator=generator)
         feats = self.clip(batch[clip_key].to(self.device, self.clip.dtype))
         return latents, dict(zip(self.clip.layers, feats))
 
