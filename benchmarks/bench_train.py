@@ -19,8 +19,9 @@ exactly what the training loop does: `task.training_step` (frozen encoders under
 text encoder, UNet, loss) + backward + AdamW step + zero_grad; batches are read from the shards
 beforehand and timed separately (data). "frozen" times the same frozen work alone on the same
 batches: VAE encode + CLIP (+ in the local stage w0 and the text encoder, which need no gradients
-there). VAE caching: the VAE encode time per step is what caching latents in the shards could save;
-reading a cached latent back (npy bytes -> tensor) is measured as its cost.
+there). VAE caching: the same steps are run again from cached posterior moments
+(`data.cached_latents=true`, shards from `python -m data_prep latents`), and reading a cached
+latent back (npy bytes -> tensor) is measured as its cost.
 """
 
 from __future__ import annotations
@@ -193,7 +194,12 @@ def run_worker(args) -> dict:
         static_gb = torch.cuda.memory_allocated() / 1024**3
         torch.cuda.reset_peak_memory_stats()
 
-    step_ms, frozen_ms, vae_ms, losses, optimizer_ms, mapping_ms = [], [], [], [], [], []
+    # posterior moments of every batch, for the same step with cached latents (data.cached_latents:
+    # shards from `python -m data_prep latents`), timed right after each plain step so drift hits both
+    with torch.no_grad():
+        moments = [task.sd.vae.encode(b["pixel_values"].to(task.sd.vae.dtype)).latent_dist.parameters.to(torch.float16)
+                   for b in batches]
+    step_ms, frozen_ms, vae_ms, losses, optimizer_ms, mapping_ms, cached_ms = [], [], [], [], [], [], []
     for i, batch in enumerate(batches):
         t0 = now()
         with accelerator.autocast():
@@ -224,15 +230,22 @@ def run_worker(args) -> dict:
         out.backward()
         t6 = now()
         optimizer.zero_grad(set_to_none=True)
+        t7 = now()
+        with accelerator.autocast():
+            cached_loss, _ = task.training_step(trainable, {**batch, "latent_moments": moments[i]}, generator)
+        cached_loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t8 = now()
         if i >= args.warmup:
             optimizer_ms.append(1e3 * (t1 - t_opt))
             mapping_ms.append(1e3 * (t6 - t5))
+            cached_ms.append(1e3 * (t8 - t7))
             step_ms.append(1e3 * (t1 - t0))
             frozen_ms.append(1e3 * (t4 - t2))
             vae_ms.append(1e3 * (t3 - t2))
             losses.append(float(loss))
 
-    # cost of reading a cached latent back instead of encoding (npy bytes per sample -> batch tensor)
     with torch.no_grad():
         latents = task.sd.encode_images(batches[0]["pixel_values"], generator=generator).float().cpu()
     blobs = []
@@ -255,6 +268,7 @@ def run_worker(args) -> dict:
         vae_encode_ms_median=med(vae_ms), vae_share=med(vae_ms) / med(step_ms),
         optimizer_ms_median=med(optimizer_ms), mapping_fwd_bwd_ms_median=med(mapping_ms),
         cached_latent_read_ms=read_ms, cached_latent_bytes_per_sample=len(blobs[0]),
+        cached_latents_step_ms_median=med(cached_ms), cached_latents_saving=1 - med(cached_ms) / med(step_ms),
         data_ms_median=med(data_ms[args.warmup:]),
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         losses=losses,
@@ -345,7 +359,7 @@ def main(argv=None) -> None:
                   file=sys.stderr, flush=True)
 
     header = (f"{'config':<6} {'stage':<15} {'batch':>5} {'gc':>3} {'step ms':>8} {'min':>7} {'ref ms':>7} {'x ref':>6} "
-              f"{'peak GB':>8} {'frozen':>7} {'map ms':>7} {'opt ms':>7} {'VAE ms':>7} {'VAE %':>6} {'cache rd ms':>11} {'data ms':>8}")
+              f"{'peak GB':>8} {'frozen':>7} {'map ms':>7} {'opt ms':>7} {'VAE ms':>7} {'VAE %':>6} {'cache rd ms':>11} {'cached ms':>9} {'data ms':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -356,10 +370,12 @@ def main(argv=None) -> None:
               f"{r['step_ms_median']:>8.1f} {r['step_ms_min']:>7.1f} {ref:>7} {speed:>6} {peak:>8.2f} "
               f"{100 * r['frozen_share']:>6.0f}% {r['mapping_fwd_bwd_ms_median']:>7.1f} {r['optimizer_ms_median']:>7.1f} "
               f"{r['vae_encode_ms_median']:>7.1f} {100 * r['vae_share']:>5.1f}% "
-              f"{r['cached_latent_read_ms']:>11.2f} {r['data_ms_median']:>8.1f}")
+              f"{r['cached_latent_read_ms']:>11.2f} {r.get('cached_latents_step_ms_median', float('nan')):>9.1f} "
+              f"{r['data_ms_median']:>8.1f}")
     print("peak GB: process peak RSS on CPU, torch.cuda.max_memory_allocated on GPU; frozen: share of the step in "
           "VAE + CLIP (+ w0 + text encoder in the local stage); map ms: the trainable mapping's forward + backward "
-          "alone; opt ms: AdamW step; x ref: reference ms / ours (target >= 2)")
+          "alone; opt ms: AdamW step; cached ms: the step with data.cached_latents (no VAE encode); "
+          "x ref: reference ms / ours (target >= 2)")
     result = dict(
         benchmark="bench_train",
         machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
