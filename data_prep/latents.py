@@ -116,6 +116,17 @@ def _latent_bytes(moments) -> bytes:
     return buf.getvalue()
 
 
+class _AllSkipped(dict):
+    """Results of a shard that could not be read: every key gets the same Skip."""
+
+    def __init__(self, skip: Skip):
+        super().__init__()
+        self.skip = skip
+
+    def get(self, key, default=None):
+        return self.skip
+
+
 class LatentSampleMaker:
     """`process(item)` for the writer: the input sample's members plus `latent.npy` (picklable)."""
 
@@ -160,7 +171,11 @@ class LatentSampleMaker:
     def __call__(self, item: LatentItem):
         if _SHARD_CACHE.get("shard") != item.shard:
             _SHARD_CACHE.clear()
-            _SHARD_CACHE.update(shard=item.shard, results=self._encode_shard(item.shard))
+            try:
+                results = self._encode_shard(item.shard)
+            except (OSError, tarfile.TarError) as err:  # the shard broke since it was planned: skip its samples
+                results = _AllSkipped(Skip("unreadable_shard", str(err)))
+            _SHARD_CACHE.update(shard=item.shard, results=results)
         result = _SHARD_CACHE["results"].get(item.key)
         if result is None:
             return Skip("missing_sample", "not found when the shard was read again")

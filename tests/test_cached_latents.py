@@ -76,6 +76,15 @@ def test_bad_inputs_are_clear_errors(crop_shards, tiny_sd_path, tmp_path, capsys
                            "--out", str(crop_shards / "coco")]) == 2
     assert "holds the input shards" in capsys.readouterr().err
 
+    # a shard that breaks after planning: each of its samples is skipped with the reason, the job goes on
+    from data_prep.latents import LatentItem, LatentSampleMaker, LatentSettings
+    from data_prep.writer import Skip
+
+    maker = LatentSampleMaker(LatentSettings(model=str(tiny_sd_path), resolution=64))
+    for key in ("a", "b"):
+        result = maker(LatentItem(str(tmp_path / "gone-000000.tar"), key))
+        assert isinstance(result, Skip) and result.reason == "unreadable_shard"
+
 
 def test_loader_yields_the_moments_and_refuses_what_cannot_work(crop_shards, latent_shards):
     cfg = CropDataConfig(resolution=64, shuffle_buffer=4, shuffle_initial=2, cached_latents=True)
