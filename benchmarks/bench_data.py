@@ -45,6 +45,7 @@ from data_prep.records import CropSettings  # noqa: E402
 from data_prep.sources.openimages import read_openimages  # noqa: E402
 from data_prep.writer import ShardJob, write_shards  # noqa: E402
 from training.data import CropDataConfig, CropDataLoader, CropSampleTransform, decode_crop_sample, stack_samples  # noqa: E402
+from results_io import write_results  # noqa: E402  (this folder: the script's own)
 
 DATA = REPO / "tests/data/openimages"
 RESULTS = REPO / "benchmarks/results/bench_data.json"
@@ -367,10 +368,7 @@ def main(argv=None) -> int:
     machine = _machine()
     print(f"(cpus {machine['cpus']}, {machine['cpu_affinity']} usable, load average {machine['load_average'][0]:.2f}; 512 px crops; "
           f"loaders: 1 torch thread, batch 8, best of {args.repeats} interleaved runs; cpu = this process's CPU time, wall = elapsed)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp_out, out)
+    write_results(results, out)
     print(f"wrote {out}")
     return 0
 

@@ -23,7 +23,6 @@ Writes `benchmarks/results/bench_finetune.json` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from results_io import write_results  # noqa: E402  (this folder: the script's own)
 
 CONFIGS = REPO / "configs" / "finetune"
 METHODS = {
@@ -240,10 +241,7 @@ def main(argv=None) -> dict:
         result["convergence"] = convergence(opts)
 
     print_table(result)
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = opts.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(opts.out)
+    write_results(result, opts.out)
     print(f"wrote {opts.out}")
     return result
 

@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from results_io import write_results  # noqa: E402  (this folder: the script's own)
+
 SD14_UNET = dict(
     sample_size=64,
     cross_attention_dim=768,
@@ -242,8 +244,7 @@ def main(argv=None) -> None:
     result = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", preset=args.preset,
                   torch=torch.__version__, build_models_s=build_s,
                   training=rows, inference=infer)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_results(result, args.out)
     print(f"\n{'stage':<16}{'batch':>6}{'ckpt':>6}{'step ms':>10}{'peak GB':>10}")
     for r in rows:
         if "error" in r:

@@ -18,7 +18,6 @@ model would.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -36,6 +35,7 @@ from data_prep.pairs_generate import GenerationSettings, write_generated_pairs  
 from data_prep.writer import ShardJob  # noqa: E402
 from encoders.tiny import build_tiny_models  # noqa: E402
 from inference.guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance  # noqa: E402
+from results_io import write_results  # noqa: E402  (this folder: the script's own)
 
 RESULTS = REPO / "benchmarks/results/bench_guidance.json"
 PROMPT = "a photo of a cat and a dog"
@@ -159,10 +159,7 @@ def main(argv=None) -> int:
     print(f"(device {args.device}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"load average {load_before[0]:.2f} at start; tiny models, 64 px)")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp_out, out)
+    write_results(results, out)
     print(f"wrote {out}")
     return 0
 

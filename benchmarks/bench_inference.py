@@ -28,7 +28,6 @@ regions stall and single runs take up to 10x longer.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from results_io import write_results  # noqa: E402  (this folder: the script's own)
 RESULTS = REPO / "benchmarks/results/bench_inference.json"
 DATA = REPO / "tests/data/concepts"
 PHOTO = DATA / "dreambooth/teapot/04.jpg"
@@ -271,10 +272,7 @@ def main(argv=None) -> None:
         print(f"  {name:<{width}}  {value}")
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_results(result, out)
     print(f"\nwrote {out}")
 
 

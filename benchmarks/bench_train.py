@@ -41,6 +41,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from results_io import write_results  # noqa: E402  (this folder: the script's own)
 RESULTS = REPO / "benchmarks/results/bench_train.json"
 REFERENCE_MS = {"global_mapping": 590.0, "local_mapping": 745.0}
 REFERENCE_PEAK_GB = {"global_mapping": 1.2, "local_mapping": 1.7}
@@ -391,10 +393,7 @@ def main(argv=None) -> None:
         fresh = {ident(r) for r in rows}
         kept = [r for r in json.loads(out.read_text()).get("rows", []) if ident(r) not in fresh]
         result["rows"] = kept + rows
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_results(result, out)
     print(f"wrote {out}")
 
 
