@@ -525,23 +525,9 @@ class CropDataLoader:
             yield self.transform.finalize_batch(batch)
 
 
-def build_crop_dataloader(
-    shards: str | Sequence[str],
-    config: CropDataConfig,
-    *,
-    batch_size: int,
-    vae_scale_factor: int,
-    tokenizer: Any = None,
-    clip_mean: Sequence[float] = CLIP_MEAN,
-    clip_std: Sequence[float] = CLIP_STD,
-    num_workers: int = 0,
-    seed: int = 0,
-) -> CropDataLoader:
-    """The loader trainers use: `build_crop_dataloader(cfg.train_shards, cfg.data, batch_size=cfg.train_batch_size,
-    vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1), tokenizer=tok, num_workers=cfg.dataloader_num_workers,
-    seed=cfg.seed)`."""
-    return CropDataLoader(
-        shards, config, batch_size=batch_size, vae_scale_factor=vae_scale_factor, tokenizer=tokenizer,
-        clip_mean=clip_mean, clip_std=clip_std, num_workers=num_workers, seed=seed,
-    )
+def build_crop_dataloader(shards: str | Sequence[str], config: CropDataConfig, **kwargs: Any) -> CropDataLoader:
+    """The loader trainers use (keyword arguments as `CropDataLoader`'s): `build_crop_dataloader(cfg.train_shards,
+    cfg.data, batch_size=cfg.train_batch_size, vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+    tokenizer=tok, num_workers=cfg.dataloader_num_workers, seed=cfg.seed)`."""
+    return CropDataLoader(shards, config, **kwargs)
 
