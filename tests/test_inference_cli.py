@@ -43,17 +43,6 @@ def _modules_before_and_after(tmp_path: Path, args: list[str]) -> tuple[set[str]
     return set(data["baseline"]), set(data["after"])
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread per test worker: with `-n 2` on 2 cores, more threads only fight each other."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 @pytest.fixture(scope="module")
 def concept_files(data_dir):
     root = data_dir / "concepts"

@@ -17,17 +17,6 @@ from inference.pipeline import check_encoders_fit, default_placeholders, load_en
 STEPS = 2
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread per test worker: with `-n 2` on 2 cores, more threads only fight each other."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 @pytest.fixture(scope="module")
 def elite(tiny_sd_path, tiny_encoders_path):
     pipe = ElitePipeline.from_pretrained(tiny_sd_path, encoders=tiny_encoders_path, device="cpu", dtype="float32")
