@@ -132,7 +132,8 @@ def convert_state_dict(
         ours[f"to_k.{kv_key(name)}.weight"] = pair["k"]
         ours[f"to_v.{kv_key(name)}.weight"] = pair["v"]
     config = dict(
-        input_dim=int(input_dim), output_dim=int(output_dim), hidden_dim=int(hidden_dim), kv_layers=kv_layers,
+        input_dim=int(input_dim), output_dim=int(output_dim), hidden_dim=int(hidden_dim),
+        kv_layers={name: kv_layers[name] for name in sorted(kv_layers)},
         num_layers=num,
     )
     return config, ours

@@ -65,9 +65,16 @@ class KeyValueProjections:
     to_v: nn.ModuleDict
 
     def _build_kv(self, kv_layers: Mapping[str, Sequence[int]] | None) -> None:
+        """One bias-free `to_k`/`to_v` pair per layer, registered in sorted name order.
+
+        The order is canonical on purpose: `config.json` is written with sorted keys, so a model
+        loaded from disk sees its layers sorted whatever order it was built with; registering them
+        sorted here gives a fresh and a loaded model the same parameter order (which optimizer
+        states, DeepSpeed partitions and checkpoints are keyed by).
+        """
         self.to_k = nn.ModuleDict()
         self.to_v = nn.ModuleDict()
-        for name, dims in (kv_layers or {}).items():
+        for name, dims in sorted((kv_layers or {}).items()):
             if len(dims) != 2:
                 raise ValueError(f"kv_layers[{name!r}] must be [context_dim, inner_dim], got {dims}")
             context_dim, inner_dim = int(dims[0]), int(dims[1])
@@ -145,7 +152,8 @@ class MappingModel(ModelMixin, ConfigMixin, KeyValueProjections):
         layers = cross_attention_layers(unet)
         if output_dim is None:
             output_dim = next(iter(layers.values()))[0]
-        model = cls(input_dim=input_dim, output_dim=output_dim, kv_layers={k: list(v) for k, v in layers.items()}, **config)
+        kv_layers = {k: list(layers[k]) for k in sorted(layers)}  # as config.json stores it (sorted keys)
+        model = cls(input_dim=input_dim, output_dim=output_dim, kv_layers=kv_layers, **config)
         model.init_kv_from_unet(unet)
         return model
 

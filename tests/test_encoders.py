@@ -399,7 +399,7 @@ def test_installed_processors_are_keyed_by_name_and_not_modules(parts, mappings,
 
 
 @pytest.mark.parametrize("cls_index", [0, 1])
-def test_save_load_round_trip_is_bit_identical(mappings, tmp_path, cls_index):
+def test_save_load_round_trip_keeps_weights_order_and_outputs(mappings, tmp_path, cls_index):
     model = mappings[cls_index]
     cls = type(model)
     model.register_to_config(pretrained_model_name_or_path="base/sd", image_encoder_name_or_path="base/clip")
@@ -411,17 +411,22 @@ def test_save_load_round_trip_is_bit_identical(mappings, tmp_path, cls_index):
     loaded = cls.from_pretrained(root, subfolder=sub)
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)  # stored bytes, read back
+    # the same parameters in the same order (optimizer states and DeepSpeed partitions follow it)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in loaded.named_parameters()]
+    assert list(loaded.to_k.keys()) == sorted(loaded.to_k.keys()) == list(model.to_k.keys())
     assert loaded.config.kv_layers == model.config.kv_layers
     assert loaded.config.pretrained_model_name_or_path == "base/sd"
     assert list(loaded.config.feature_layers) == list(model.config.feature_layers)
     feats = [torch.randn(1, 257, 32) for _ in range(5)]
     with torch.no_grad():
         out_a, out_b = model(feats), loaded(feats)
+    # two objects whose weights sit in differently allocated memory: BLAS kernels may round differently
+    # (seen on AMD EPYC at ~2e-7), so equal up to float rounding, not bit for bit
     if cls is GlobalMapping:
-        assert torch.equal(out_a, out_b)
+        torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
     else:
-        assert torch.equal(out_a.tokens, out_b.tokens)
+        torch.testing.assert_close(out_a.tokens, out_b.tokens, rtol=1e-5, atol=1e-6)
 
 
 def test_w0_only_matches_the_first_word(mappings):
