@@ -108,13 +108,13 @@ $(DEMO)/encoders/location_mlp/config.json: $(M)/.done $(DEMO)/encoders/local_map
 		train_shards=$(DEMO)/shards/pairs_coco output_dir=$(DEMO)/runs/location_mlp export_dir=$(DEMO)/encoders \
 		max_steps=150 train_batch_size=8 lr_warmup_steps=0 dropout=0 validation_steps=150 checkpointing_steps=150
 $(DEMO)/images/spatial_guidance.png: $(DEMO)/encoders/location_mlp/config.json
-	$(PY) -m inference.guidance --base $(M)/sd --location-mlp $(DEMO)/encoders \
+	$(PY) -m inference guide --base $(M)/sd --location-mlp $(DEMO)/encoders \
 		--prompt "a photo of a person and a bus" --words person bus --steps 10 --guidance-steps 5 --iterations 3 \
 		--step-size 1e5 --out $@
 
 # 7. per-concept baselines on the same photos: Textual Inversion and Infusion, a few steps each
-FT_KEYS := $(TINY_KEYS) concept_dir=tests/data/concepts/dreambooth/teapot mask_dir=tests/data/concepts/masks \
-	class_word=teapot resolution=64 max_steps=12 train_batch_size=2 checkpointing_steps=6 validation_steps=12 \
+FT_KEYS := $(TINY_KEYS) concept_dir=tests/data/concepts/dreambooth/teapot data.mask_dir=tests/data/concepts/masks \
+	class_word=teapot data.resolution=64 max_steps=12 train_batch_size=2 checkpointing_steps=6 validation_steps=12 \
 	validation_inference_steps=10
 demo-finetune: $(DEMO)/images/finetuned/settings.json
 $(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors: $(M)/.done

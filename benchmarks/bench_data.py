@@ -39,13 +39,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from results_io import write_results  # noqa: E402  (this folder: the script's own)
 
 from data_prep.objects import make_crop_sample, render_object  # noqa: E402
 from data_prep.records import CropSettings  # noqa: E402
 from data_prep.sources.openimages import read_openimages  # noqa: E402
 from data_prep.writer import ShardJob, write_shards  # noqa: E402
-from training.data import CropDataConfig, CropDataLoader, CropSampleTransform, decode_crop_sample, stack_samples  # noqa: E402
-from results_io import write_results  # noqa: E402  (this folder: the script's own)
+from training.crop_data import CropDataConfig, CropDataLoader, CropSampleTransform, decode_crop_sample, stack_samples  # noqa: E402
 
 DATA = REPO / "tests/data/openimages"
 RESULTS = REPO / "benchmarks/results/bench_data.json"

@@ -54,7 +54,7 @@ def _reset_accelerate() -> None:
 def _task(method: str, args: list[str]):
     import importlib
 
-    from encoders.run_config import load_config
+    from encoders.common.config import load_config
 
     module_name, config_file, _ = METHODS[method]
     module = importlib.import_module(module_name)

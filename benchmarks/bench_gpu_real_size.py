@@ -122,7 +122,7 @@ def bench_stage(stage: str, models: Path, shards: str, work: Path, batch: int, s
     import torch
     from accelerate import Accelerator
 
-    from encoders.run_config import load_config
+    from encoders.common.config import load_config
 
     keys = [f"pretrained_model_name_or_path={models / 'sd'}", f"image_encoder_name_or_path={models / 'image_encoder'}",
             f"train_shards={shards}", f"output_dir={work / ('run_' + stage)}", f"train_batch_size={batch}",
@@ -130,9 +130,11 @@ def bench_stage(stage: str, models: Path, shards: str, work: Path, batch: int, s
             "data.shuffle_buffer=16", "data.shuffle_initial=4", "scale_lr=false",
             f"gradient_checkpointing={str(gradient_checkpointing).lower()}"]
     if stage == "global_mapping":
-        from training.global_mapping import GlobalMappingConfig as Config, GlobalMappingTask as Task
+        from training.global_mapping import GlobalMappingConfig as Config
+        from training.global_mapping import GlobalMappingTask as Task
     else:
-        from training.local_mapping import LocalMappingConfig as Config, LocalMappingTask as Task
+        from training.local_mapping import LocalMappingConfig as Config
+        from training.local_mapping import LocalMappingTask as Task
         keys.append(f"global_mapping_path={global_path}")
     task = Task(load_config(Config, REPO / f"configs/train/{stage}.yaml", keys))
     accelerator = Accelerator(mixed_precision="bf16")

@@ -30,12 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from results_io import write_results  # noqa: E402  (this folder: the script's own)
 
 from data_prep.pairs_generate import GenerationSettings, write_generated_pairs  # noqa: E402
 from data_prep.writer import ShardJob  # noqa: E402
 from encoders.tiny import build_tiny_models  # noqa: E402
 from inference.guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance  # noqa: E402
-from results_io import write_results  # noqa: E402  (this folder: the script's own)
 
 RESULTS = REPO / "benchmarks/results/bench_guidance.json"
 PROMPT = "a photo of a cat and a dog"
@@ -83,8 +83,8 @@ def bench_guidance(sd: Path, steps: int, rounds: int, device: str) -> dict:
         "ratio_guidance_vs_off": round(on / off, 2),
         "loop_vs_stock": round(off / best["stock"], 2),
         "one_iteration_in_denoising_steps": round((on - off) / (guided * iterations) / step_s, 2),
-        "loc_loss_guided_steps": {"off": round(mean(outputs["off"].loc_losses[:guided]), 4),
-                                  "on": round(mean(outputs["on"].loc_losses[:guided]), 4)},
+        "loc_loss_guided_steps": {"off": round(mean(outputs["off"].location_losses[:guided]), 4),
+                                  "on": round(mean(outputs["on"].location_losses[:guided]), 4)},
     }
 
 

@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from results_io import write_results  # noqa: E402  (this folder: the script's own)
+
 RESULTS = REPO / "benchmarks/results/bench_inference.json"
 DATA = REPO / "tests/data/concepts"
 PHOTO = DATA / "dreambooth/teapot/04.jpg"

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from results_io import write_results  # noqa: E402  (this folder: the script's own)
+
 RESULTS = REPO / "benchmarks/results/bench_train.json"
 REFERENCE_MS = {"global_mapping": 590.0, "local_mapping": 745.0}
 REFERENCE_PEAK_GB = {"global_mapping": 1.2, "local_mapping": 1.7}
@@ -132,7 +133,7 @@ def build_shards(root: Path, resolution: int) -> str:
     if not (out / "manifest.json").is_file():
         from data_prep.crop_commands import build_coco_shards
         from data_prep.records import CropSettings
-        from encoders.run_config import load_config
+        from encoders.common.config import load_config
 
         settings = load_config(CropSettings, REPO / "configs/data/demo.yaml", [f"resolution={resolution}"])
         data = REPO / "tests/data/coco_sample"
@@ -145,7 +146,7 @@ def build_shards(root: Path, resolution: int) -> str:
 
 def _task(stage: str, models: Path, shards: str, resolution: int, batch: int, global_path: Path | None, out: Path,
           precision: str = "no", gradient_checkpointing: bool = False):
-    from encoders.run_config import load_config
+    from encoders.common.config import load_config
 
     keys = [f"pretrained_model_name_or_path={models / 'sd'}", f"image_encoder_name_or_path={models / 'image_encoder'}",
             f"train_shards={shards}", f"output_dir={out}", f"train_batch_size={batch}", f"mixed_precision={precision}",
@@ -153,9 +154,11 @@ def _task(stage: str, models: Path, shards: str, resolution: int, batch: int, gl
             "report_to=none", "dataloader_num_workers=0", f"data.resolution={resolution}", "data.shuffle_buffer=16",
             "data.shuffle_initial=4", "scale_lr=false"]
     if stage == "global_mapping":
-        from training.global_mapping import GlobalMappingConfig as Config, GlobalMappingTask as Task
+        from training.global_mapping import GlobalMappingConfig as Config
+        from training.global_mapping import GlobalMappingTask as Task
     else:
-        from training.local_mapping import LocalMappingConfig as Config, LocalMappingTask as Task
+        from training.local_mapping import LocalMappingConfig as Config
+        from training.local_mapping import LocalMappingTask as Task
         keys.append(f"global_mapping_path={global_path}")
     return Task(load_config(Config, REPO / f"configs/train/{stage}.yaml", keys))
 

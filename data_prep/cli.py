@@ -10,7 +10,7 @@ Adding a subcommand (this is how `pairs` plugs in):
         add_writer_arguments(parser, default_name="pairs")   # --out --name --shard-size --workers --node-rank ...
 
     @register_subcommand("pairs", help="location-pair shards", configure=_configure)
-    def run_pairs(args) -> int:              # return an exit code; raise SourceError/WriterError/ConfigError
+    def run_pairs(args) -> int:              # return an exit code; raise SourceError/WriterError/ShardSpecError/ConfigError
         job = shard_job_from_args(args)      # for clear one-line errors
         write_shards(items, process, job, settings=...)
         return 0
@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from encoders.run_config import ConfigError, describe_keys, load_config
+from encoders.common.config import ConfigError, describe_keys, load_config
+from encoders.common.processes import available_cpus
+from encoders.common.shards import ShardSpecError
 
 from .sources import SourceError
 from .writer import ShardJob, WriterError, merge_manifests
 
-SUBCOMMAND_MODULES = ("data_prep.crop_commands", "data_prep.inspect_shards", "data_prep.latents", "data_prep.pairs")
+SUBCOMMAND_MODULES = ("data_prep.crop_commands", "data_prep.inspect_shards", "data_prep.latents", "data_prep.pairs_cli")
 
 
 @dataclass
@@ -73,8 +73,7 @@ def register_subcommand(
 def registered_subcommands() -> dict[str, Subcommand]:
     """Every subcommand, after importing the modules that register them."""
     for module in SUBCOMMAND_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
+        importlib.import_module(module)
     return dict(_REGISTRY)
 
 
@@ -87,7 +86,8 @@ def add_writer_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     group.add_argument("--out", required=True, help="output folder for NAME-000000.tar ... and manifest.json")
     group.add_argument("--name", default=default_name, help=f"shard name prefix (default {default_name})")
     group.add_argument("--shard-size", type=int, default=1000, help="work items per shard (default 1000)")
-    group.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
+    group.add_argument("--workers", type=int, default=available_cpus(),
+                       help=f"worker processes (default: the cores this process may use, here {available_cpus()})")
     group.add_argument("--node-rank", type=int, default=0, help="this node's rank, e.g. $SLURM_ARRAY_TASK_ID (default 0)")
     group.add_argument("--num-nodes", type=int, default=1, help="nodes sharing the job, e.g. $SLURM_ARRAY_TASK_COUNT (default 1)")
     group.add_argument("--overwrite", action="store_true", help="delete this name's shards in --out first instead of resuming")
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args._run(args)
-    except (SourceError, WriterError, ConfigError) as err:
+    except (SourceError, WriterError, ShardSpecError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return int(code or 0)

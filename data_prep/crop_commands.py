@@ -12,7 +12,13 @@ import functools
 import logging
 import os
 
-from .cli import add_config_arguments, add_writer_arguments, register_subcommand, settings_from_args, shard_job_from_args
+from .cli import (
+    add_config_arguments,
+    add_writer_arguments,
+    register_subcommand,
+    settings_from_args,
+    shard_job_from_args,
+)
 from .objects import SAMPLE_SCHEMA, make_crop_sample
 from .records import CropSettings, ObjectRecord
 from .writer import ShardJob, SourceReport, write_shards

@@ -24,10 +24,12 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from encoders.common.shards import MANIFEST_NAME, ShardSpecError, expand_shard_spec, read_manifest
+
 from .cli import register_subcommand
 from .crops import box_iou
 from .images import mask_bbox
-from .writer import MANIFEST_NAME, WriterError, sha256_file, expand_shard_spec, read_manifest
+from .writer import sha256_file
 
 logger = logging.getLogger("data_prep")
 REQUIRED_MEMBERS = ("jpg", "mask.png", "json")
@@ -148,7 +150,7 @@ def inspect_shards(spec, max_tiles: int = 48, seed: int = 0, verify: bool = Fals
         if (Path(folder) / MANIFEST_NAME).exists():
             try:
                 manifests[folder] = read_manifest(folder)
-            except WriterError as err:
+            except ShardSpecError as err:
                 problems.append(str(err))
     skipped: Counter = Counter()
     for folder, manifest in manifests.items():

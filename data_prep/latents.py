@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .writer import Skip, expand_shard_spec, write_shards
+from encoders.common.shards import CROP_MEMBERS, LATENT_MEMBER, expand_shard_spec
 
-LATENT_MEMBER = "latent.npy"
-CROP_MEMBERS = ("jpg", "mask.png", "json")
+from .writer import Skip, write_shards
 
 
 @dataclass(frozen=True)
@@ -87,9 +86,7 @@ def _load_vae(settings: LatentSettings):
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
     cache_key = (settings.model, settings.subfolder, device, str(dtype))
     if cache_key not in _VAE:
-        from inference.loading import (
-            dtype_kwargs,  # `dtype` where diffusers has it, else `torch_dtype`
-        )
+        from encoders.common.device import dtype_kwargs
 
         vae = AutoencoderKL.from_pretrained(settings.model, subfolder=settings.subfolder or None, **dtype_kwargs(dtype))
         _VAE.clear()
@@ -210,7 +207,8 @@ def _configure(parser) -> None:
     from .cli import add_writer_arguments
 
     parser.add_argument("shards", help="input crop shards: a folder, glob or brace pattern")
-    parser.add_argument("--model", required=True, help="the Stable Diffusion pipeline the trainer uses (folder or Hub id)")
+    parser.add_argument("--base", "--model", dest="model", required=True,
+                        help="the Stable Diffusion pipeline the trainer uses (folder or Hub id; --model is the same option)")
     parser.add_argument("--subfolder", default="vae", help="the VAE's subfolder in --model (default vae; '' for a bare VAE)")
     parser.add_argument("--resolution", type=int, default=512, help="the trainer's data.resolution (default 512)")
     parser.add_argument("--batch-size", type=int, default=16, help="crops encoded together (default 16)")

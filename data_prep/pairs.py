@@ -7,10 +7,11 @@ instance (largest annotated `area`, the COCO instance size; ties go to the lower
 Crowd regions are groups, not instances, and are left out unless `--include-crowd`. Boxes are
 clipped to the image and normalised to 0..1.
 
-A pair sample (DESIGN.md §4, contract) is `KEY.json` with `words` [a, b] (category order), `boxes`
-[[x0, y0, x1, y1], ...] in 0..1 and `source` "coco" (here) or "generated" (`data_prep.pairs_generate`,
-which also writes `KEY.jpg`). Shards go through the generic writer (`data_prep.writer`): same
-determinism, resume, worker and node options as the crop shards.
+A pair sample (the contract of `encoders.common.shards`) is `KEY.json` with `words` [a, b]
+(category order), `boxes` [[x0, y0, x1, y1], ...] in 0..1 and `source` "coco" (here) or
+"generated" (`data_prep.pairs_generate`, which also writes `KEY.jpg`). Shards go through the
+generic writer (`data_prep.writer`): same determinism, resume, worker and node options as the crop
+shards. The command line is `data_prep.pairs_cli`.
 """
 
 from __future__ import annotations
@@ -22,32 +23,19 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Sequence
 
+from encoders.common.shards import PAIR_SCHEMA, check_pair_sample
+
 from .crops import clip_box, is_degenerate, xywh_to_xyxy
 from .records import safe_key_part
 from .sources import SourceError
 from .sources.coco import load_coco_json
 from .writer import ShardJob, SourceReport, write_shards
 
-PAIR_SCHEMA = "zsp-pair/1"
-
 
 def normalized_box(box_xyxy: Sequence[float], image_wh: tuple[int, int]) -> list[float]:
     """A pixel box (already inside the image) as [x0, y0, x1, y1] fractions of the image size."""
     w, h = image_wh
     return [box_xyxy[0] / w, box_xyxy[1] / h, box_xyxy[2] / w, box_xyxy[3] / h]
-
-
-def check_pair_sample(meta: dict, where: str = "pair sample") -> None:
-    """Raise ValueError naming `where` when a decoded pair JSON breaks the contract (readers call it)."""
-    words, boxes = meta.get("words"), meta.get("boxes")
-    if not (isinstance(words, list) and len(words) == 2 and all(isinstance(w, str) and w for w in words)):
-        raise ValueError(f"{where}: 'words' must be two non-empty strings, got {words!r}")
-    if not (isinstance(boxes, list) and len(boxes) == 2 and all(isinstance(b, list) and len(b) == 4 for b in boxes)):
-        raise ValueError(f"{where}: 'boxes' must be two [x0, y0, x1, y1] lists, got {boxes!r}")
-    for box in boxes:
-        x0, y0, x1, y1 = (float(v) for v in box)
-        if not (all(math.isfinite(v) for v in box) and 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-            raise ValueError(f"{where}: box {box} is not inside 0..1 with x0 < x1, y0 < y1")
 
 
 @dataclass(frozen=True)
@@ -204,89 +192,3 @@ def write_coco_pairs(
         source=report.to_dict(),
         source_skipped=report.skipped,
     )
-
-
-# ---- `python -m data_prep pairs coco|generate` ------------------------------------------------------
-
-
-def _configure_pairs(parser) -> None:
-    from .cli import add_writer_arguments
-
-    sources = parser.add_subparsers(dest="pairs_source", metavar="SOURCE", required=True)
-    coco = sources.add_parser(
-        "coco",
-        help="real layouts: COCO instance annotations -> pair shards (JSON only)",
-        description="One sample per unordered category pair of every COCO image with >= 2 categories, "
-        "each category's largest instance, boxes normalised to 0..1.",
-    )
-    coco.add_argument("--annotations", required=True, help="COCO instances JSON (e.g. instances_train2017.json)")
-    coco.add_argument("--include-crowd", action="store_true", help="let crowd regions stand for a category")
-    coco.add_argument("--min-area-fraction", type=float, default=0.0, help="ignore instances smaller than this fraction of the image")
-    add_writer_arguments(coco, default_name="pairs-coco")
-
-    gen = sources.add_parser(
-        "generate",
-        help="generated layouts: noun-pair prompts -> Stable Diffusion -> object detector -> pair shards (+ images)",
-        description="Generate images for prompts made of noun pairs, detect both nouns, keep the images where "
-        "both are found above --threshold, and write image + pair sample. Resumable per shard.",
-    )
-    gen.add_argument("--pipeline", default="CompVis/stable-diffusion-v1-4", help="diffusers text-to-image pipeline (folder or Hub id)")
-    gen.add_argument("--detector", default="facebook/detr-resnet-50", help="transformers object detector (folder or Hub id)")
-    gen.add_argument("--detector-revision", default=None,
-                     help="Hub revision of the detector, e.g. no_timm for facebook/detr-resnet-50 without the timm package")
-    gen.add_argument("--vocab", default="coco", help="noun list: 'coco' (80 classes), a YAML list or a text file (one per line)")
-    gen.add_argument("--images-per-pair", type=int, default=4, help="images generated per noun pair (default 4)")
-    gen.add_argument("--max-pairs", type=int, default=None, help="use only the first N noun pairs (quick runs)")
-    gen.add_argument("--template", default="a photo of {a} and {b}", help="prompt; {a}/{b} become 'a dog', 'an apple'")
-    gen.add_argument("--threshold", type=float, default=0.7, help="minimum detector probability for each noun (default 0.7)")
-    gen.add_argument("--batch-size", type=int, default=8, help="prompts generated and detected together (default 8)")
-    gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
-    gen.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
-    gen.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
-    gen.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it and its key")
-    gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    gen.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU")
-    add_writer_arguments(gen, default_name="pairs-gen")
-    gen.set_defaults(workers=1, shard_size=256)  # one pipeline per process; small shards resume finer
-
-
-def _run_pairs(args) -> int:
-    from encoders.anchors import load_vocabulary
-
-    from .cli import shard_job_from_args
-
-    job = shard_job_from_args(args, unit="pairs" if args.pairs_source == "coco" else "images")
-    if args.pairs_source == "coco":
-        write_coco_pairs(args.annotations, job, args.include_crowd, args.min_area_fraction)
-        return 0
-    from .pairs_generate import GenerationSettings, write_generated_pairs
-
-    try:
-        vocabulary = load_vocabulary(args.vocab)
-    except (OSError, ValueError) as err:
-        raise SourceError(f"--vocab: {err}") from None
-    settings = GenerationSettings(
-        pipeline=args.pipeline, detector=args.detector, detector_revision=args.detector_revision, threshold=args.threshold, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, height=args.height, width=args.width, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype,
-    )
-    try:
-        write_generated_pairs(vocabulary, settings, job, args.images_per_pair, args.seed, args.template, args.max_pairs)
-    except ValueError as err:  # a vocabulary the detector cannot detect, a bad template or threshold
-        raise SourceError(str(err)) from None
-    return 0
-
-
-def _register() -> None:
-    from .cli import register_subcommand
-
-    register_subcommand(
-        "pairs",
-        help="location-pair shards for the location MLP (from COCO layouts or generated + detected images)",
-        configure=_configure_pairs,
-        description="Location-pair shards (DESIGN.md §4): KEY.json with words [a, b], boxes in 0..1, source.",
-    )(_run_pairs)
-
-
-_register()

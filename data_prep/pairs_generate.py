@@ -1,6 +1,6 @@
 """Location pairs from generated images: `python -m data_prep pairs generate --pipeline ID --detector ID --vocab FILE --out DIR`.
 
-The paper's recipe for location-MLP data (papers/compositional_inversion.txt, "Spatial Inversion"):
+The recipe for location-MLP data of "Compositional Inversion for Stable Diffusion Models" (Zhang et al., AAAI 2024, "Spatial Inversion"):
 combine frequent nouns (COCO's 80 classes) in prompts, generate images with Stable Diffusion, detect
 the nouns with DETR, and keep the boxes as ground truth. Here:
 
@@ -13,7 +13,7 @@ the nouns with DETR, and keep the boxes as ground truth. Here:
   probability for that noun's label; kept when it is at least `--threshold` (with a threshold above
   0.5 a query can vouch for one label only). Rejected images are counted as `not_detected` in the
   manifest (`skipped`), never silently dropped;
-- a kept sample is `KEY.jpg` + `KEY.json` (DESIGN.md §4 pair contract, `source` "generated", plus
+- a kept sample is `KEY.jpg` + `KEY.json` (the pair contract of `encoders.common.shards`, `source` "generated", plus
   the prompt, seed, scores and the models used), written through the generic shard writer: whole
   shards are resumable, byte-identical on a rerun, split over `--workers` and `--node-rank/--num-nodes`.
 
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any, Sequence
 
-from .pairs import PAIR_SCHEMA, check_pair_sample
+from encoders.common.shards import PAIR_SCHEMA, check_pair_sample
+
 from .records import safe_key_part
 from .writer import ShardJob, Skip, write_shards
 
@@ -159,7 +160,7 @@ def _load_models(settings: GenerationSettings):
         from diffusers import DiffusionPipeline
         from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-        from inference.loading import dtype_kwargs  # `dtype` where diffusers has it, else `torch_dtype`
+        from encoders.common.device import dtype_kwargs
 
         pipe = DiffusionPipeline.from_pretrained(settings.pipeline, safety_checker=None, **dtype_kwargs(dtype))
         pipe.to(device)

@@ -39,11 +39,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-logger = logging.getLogger("data_prep")
+from encoders.common.files import atomic_write_json as _atomic_write_json
+from encoders.common.shards import (  # noqa: F401  (the shard contract, re-exported for the data_prep stages)
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA,
+    STATS_DIR,
+    ShardSpecError,
+    expand_shard_spec,
+    node_manifest_name,
+    read_manifest,
+    shard_file_name,
+)
 
-MANIFEST_SCHEMA = "zsp-shards/1"
-MANIFEST_NAME = "manifest.json"
-STATS_DIR = "_shard_stats"
+logger = logging.getLogger("data_prep")
 TAR_MTIME = 946684800  # 2000-01-01: fixed member mtime (reproducible, and GNU tar does not call it implausible)
 TAR_OWNER = "zsp"
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -92,14 +100,6 @@ class ShardJob:
             raise WriterError(f"node rank {self.node_rank} is not in 0..{self.num_nodes - 1}")
 
 
-def shard_file_name(name: str, index: int) -> str:
-    return f"{name}-{index:06d}.tar"
-
-
-def node_manifest_name(node_rank: int, num_nodes: int) -> str:
-    return f"manifest.node-{node_rank:05d}-of-{num_nodes:05d}.json"
-
-
 def shard_ranges(num_items: int, shard_size: int) -> list[tuple[int, int]]:
     """Item ranges [start, end) of the shards: shard i holds items[i*n:(i+1)*n]."""
     return [(start, min(start + shard_size, num_items)) for start in range(0, num_items, shard_size)]
@@ -125,11 +125,8 @@ def describe_item(item: Any) -> str:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON to a temp name and rename it, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Manifests and stats: JSON with sorted keys, written under a temporary name and renamed."""
+    _atomic_write_json(path, data, indent=1, sort_keys=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -525,22 +522,6 @@ def merge_manifests(out_dir: str | os.PathLike, verify: bool = False) -> dict:
     return merged
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a shard folder (or the file itself), with a clear error when it is not one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST_NAME
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WriterError(f"{path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise WriterError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
-        raise WriterError(f"{path} is not a shard manifest (schema {MANIFEST_SCHEMA!r})")
-    return data
-
-
 @dataclass
 class SourceReport:
     """What a source read and what it dropped before sharding, by reason (first few logged)."""
@@ -560,27 +541,3 @@ class SourceReport:
 
     def to_dict(self) -> dict:
         return {"files": dict(self.files), "counts": dict(self.counts)}
-
-
-
-def expand_shard_spec(spec: str | os.PathLike | Sequence) -> list[str]:
-    """Shard paths from a folder (every *.tar below it), a glob, a brace pattern
-    (`coco-{000000..000009}.tar`), a `::`-joined list, or a list of these; URLs pass through."""
-    import glob
-
-    import braceexpand
-
-    if isinstance(spec, (list, tuple)):
-        return [path for part in spec for path in expand_shard_spec(part)]
-    urls: list[str] = []
-    for part in str(spec).split("::"):
-        for pattern in braceexpand.braceexpand(part):
-            if os.path.isdir(pattern):
-                urls.extend(sorted(str(p) for p in Path(pattern).rglob("*.tar")))
-            elif any(c in pattern for c in "*?["):
-                urls.extend(sorted(glob.glob(pattern, recursive=True)))
-            else:
-                urls.append(pattern)
-    if not urls:
-        raise WriterError(f"no shards found for {spec!r} (a folder, glob, brace pattern or list of .tar files)")
-    return urls

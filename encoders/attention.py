@@ -4,9 +4,9 @@ Install with one call; per-call data travels as ONE object through `cross_attent
 `pipe(..., cross_attention_kwargs={"attention_context": ctx})` and `unet(..., cross_attention_kwargs=...)`
 both work, classifier-free-guidance batches included::
 
-    from encoders.attention import AttentionContext, LocalConcept, set_elite_processors, restore_default_processors
+    from encoders.attention import AttentionContext, LocalTokens, set_elite_processors, restore_default_processors
     set_elite_processors(unet, global_mapping, local_mapping)     # every attention layer gets a processor
-    ctx = AttentionContext(concepts=[LocalConcept(tokens=out.tokens, keep=out.keep, token_index=pos, lam=0.8)])
+    ctx = AttentionContext(local=[LocalTokens(tokens=out.tokens, keep=out.keep, token_index=pos, scale=0.8)])
     noise = unet(latents, t, text, cross_attention_kwargs={CONTEXT_KWARG: ctx}).sample
     restore_default_processors(unet)                              # stock AttnProcessor2_0 everywhere
 
@@ -18,9 +18,9 @@ What the processors do (cross-attention layers, `EliteAttnProcessor`):
   tokens; masked-out tokens (`keep` False) get no attention at all; the local attention output is
   re-weighted per query by the global attention map of concept k's w0 token (`token_index`),
   normalised by its max over query positions per sample and head (the reference used one max over
-  the whole batch), times `lam`, and added to the global output before `to_out`. A sample whose
+  the whole batch), times the `scale` (lambda), and added to the global output before `to_out`. A sample whose
   mask is empty gets no local contribution (never NaN).
-- `lam = 0` (or no concepts) gives exactly the stock processor's output.
+- `scale = 0` (or no concepts) gives exactly the stock processor's output.
 
 Batch alignment: a concept's tensors have the attention batch size B, or B/2, in which case they
 apply to the second half (the conditional half of diffusers' `[uncond, cond]` CFG batch) and the
@@ -55,6 +55,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 CONTEXT_KWARG = "attention_context"
@@ -115,34 +116,35 @@ class AttentionRecorder:
 
 
 @dataclass
-class LocalConcept:
+class LocalTokens:
     """One concept's local-branch inputs for a batch (`n` = attention batch or its conditional half).
 
     tokens: `[n, P, context_dim]` local tokens (`LocalMapping(...).tokens`).
     token_index: `[n]` (or an int for all) index of this concept's w0 in the text sequence; its global
         attention map re-weights the local branch.
     keep: `[n, P]` bool, False for tokens that must take no attention; None keeps all.
-    lam: fusion weight lambda, a float or a `[n]` tensor (paper: 1 in training, 0.8 generation, 0.6 editing).
+    scale: ELITE's lambda, the local branch's weight: a float or a `[n]` tensor (paper: 1 in training,
+        0.8 for generation, 0.6 for editing prompts).
     """
 
     tokens: torch.Tensor
     token_index: torch.Tensor | int
     keep: torch.Tensor | None = None
-    lam: float | torch.Tensor = 1.0
+    scale: float | torch.Tensor = 1.0
 
 
 @dataclass
 class AttentionContext:
     """Per-call data for the processors, passed as `cross_attention_kwargs={"attention_context": ctx}`.
 
-    concepts: local-branch inputs, one `LocalConcept` per concept in the prompt (K concepts per sample).
+    local: local-branch inputs, one `LocalTokens` per concept in the prompt (K concepts per sample).
     attention_store: optional `AttentionStore` receiving cross-attention probabilities.
     local_value_l1: when a list, each ELITE cross-attention processor appends mean |V_local| of its
         layer (per concept): the local stage's regulariser.
     extras: free-form per-call data for processors built on `ContextAttnProcessor` (e.g. Infusion).
     """
 
-    concepts: Sequence[LocalConcept] = ()
+    local: Sequence[LocalTokens] = ()
     attention_store: AttentionStore | None = None
     local_value_l1: list[torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
@@ -308,18 +310,18 @@ class EliteAttnProcessor(ContextAttnProcessor):
         return attn.to_k(context), attn.to_v(context)
 
     def extra_output(self, attn, query, key, hidden, probs, attention_mask, is_cross, ctx):
-        if not is_cross or ctx is None or not ctx.concepts or self.local_kv is None:
+        if not is_cross or ctx is None or not ctx.local or self.local_kv is None:
             return hidden
         batch, heads, queries, head_dim = query.shape
         to_k, to_v = self.local_kv
         text_probs = probs
-        for k, concept in enumerate(ctx.concepts):
+        for k, concept in enumerate(ctx.local):
             tokens = concept.tokens
             n = tokens.shape[0]
             offset = _concept_offset(n, batch, f"concept {k} local tokens")
-            scalar_lam = isinstance(concept.lam, (int, float))
-            if scalar_lam and concept.lam == 0 and ctx.local_value_l1 is None:
-                continue  # lambda 0: the branch adds exactly nothing
+            scalar_scale = isinstance(concept.scale, (int, float))
+            if scalar_scale and concept.scale == 0 and ctx.local_value_l1 is None:
+                continue  # scale 0: the branch adds exactly nothing
             if text_probs is None:
                 text_probs = attention_probs(attn, query, key, attention_mask)
             keep = concept.keep
@@ -352,10 +354,10 @@ class EliteAttnProcessor(ContextAttnProcessor):
                 -1, index.view(n, 1, 1, 1).expand(n, heads, queries, 1)
             ).squeeze(-1)  # [n, H, Q]
             w0_map = w0_map / w0_map.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(w0_map.dtype).tiny)
-            if scalar_lam:
-                row_weight = has_any.to(w0_map.dtype) * float(concept.lam)
+            if scalar_scale:
+                row_weight = has_any.to(w0_map.dtype) * float(concept.scale)
             else:
-                row_weight = _per_row(concept.lam, n, query.device, w0_map.dtype) * has_any.to(w0_map.dtype)
+                row_weight = _per_row(concept.scale, n, query.device, w0_map.dtype) * has_any.to(w0_map.dtype)
             weight = row_weight[:, None, None] * w0_map
             contribution = weight.unsqueeze(-1).to(local.dtype) * local
             if offset or n != batch:
@@ -395,6 +397,5 @@ def set_context_processors(unet: nn.Module, processor_class: type[ContextAttnPro
 
 def restore_default_processors(unet: nn.Module) -> None:
     """Put diffusers' stock `AttnProcessor2_0` back on every attention layer."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0())

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .clip_features import DEFAULT_LAYERS
+from .common.files import atomic_directory, atomic_write_text
 from .global_mapping import GlobalMapping, kv_key
 from .local_mapping import LocalMapping
 
@@ -197,9 +198,6 @@ def convert_reference(
     image_encoder_name_or_path: str | None = DEFAULT_IMAGE_ENCODER,
 ) -> list[Path]:
     """Write `out_dir/global_mapping/` and/or `out_dir/local_mapping/` (+ README.md); return the folders."""
-    import shutil
-    import tempfile
-
     if global_mapper is None and local_mapper is None:
         raise ValueError("give at least one of global_mapper / local_mapper")
     out_dir = Path(out_dir)
@@ -210,19 +208,11 @@ def convert_reference(
             continue
         model = convert_checkpoint(path, kind, feature_layers, pretrained_model_name_or_path, image_encoder_name_or_path)
         target = out_dir / f"{kind}_mapping"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=out_dir))
-        try:
+        with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         written.append(target)
         sources[target.name] = Path(path)
-    (out_dir / "README.md").write_text(
-        _model_card(out_dir, sources, pretrained_model_name_or_path, image_encoder_name_or_path)
-    )
+    atomic_write_text(out_dir / "README.md", _model_card(out_dir, sources, pretrained_model_name_or_path, image_encoder_name_or_path))
     return written
 
 

@@ -114,6 +114,10 @@ class KeyValueProjections:
             to_v.weight.copy_(attn.to_v.weight)
 
 
+class MappingFitError(ValueError):
+    """A mapping used with a base model or image encoder of other shapes than it was trained for."""
+
+
 def _check_features(features: Sequence[torch.Tensor], count: int, dim: int, who: str) -> None:
     if len(features) != count:
         raise ValueError(f"{who} expects {count} feature tensors (one per tapped layer), got {len(features)}")
@@ -145,6 +149,42 @@ class MappingModel(ModelMixin, ConfigMixin, KeyValueProjections):
         self.cls_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in feature_layers)
         self.patch_mappings = nn.ModuleList(mapping_mlp(input_dim, hidden_dim, output_dim) for _ in feature_layers)
         self._build_kv(kv_layers)
+
+    def check_fits(self, unet: nn.Module, text_dim: int | None = None, image_dim: int | None = None) -> None:
+        """Raise `MappingFitError` unless this mapping was made for these shapes.
+
+        Checks the word width against the text encoder's (`text_dim`), the feature width against
+        the image encoder's (`image_dim`), and that the K/V projections cover exactly the UNet's
+        cross-attention layers with their (context_dim, inner_dim): what a folder trained for
+        another base model gets wrong. The message says what it was made for.
+        """
+        made_for = self.config.pretrained_model_name_or_path or "an unrecorded base model"
+        who = type(self).__name__
+        if text_dim is not None and int(self.config.output_dim) != int(text_dim):
+            raise MappingFitError(
+                f"{who} makes word embeddings of size {self.config.output_dim} but the text encoder uses {text_dim}: "
+                f"it was trained for {made_for}"
+            )
+        if image_dim is not None and int(self.config.input_dim) != int(image_dim):
+            raise MappingFitError(
+                f"{who} reads image features of width {self.config.input_dim} but the image encoder gives {image_dim}: "
+                f"use the image encoder it was trained with ({self.config.image_encoder_name_or_path or 'unrecorded'})"
+            )
+        unet_layers = {name: tuple(dims) for name, dims in cross_attention_layers(unet).items()}
+        theirs = {name: tuple(int(d) for d in dims) for name, dims in (self.config.kv_layers or {}).items()}
+        missing, extra = sorted(set(unet_layers) - set(theirs)), sorted(set(theirs) - set(unet_layers))
+        if missing or extra:
+            raise MappingFitError(
+                f"{who} has K/V projections for {len(theirs)} cross-attention layers but this UNet has "
+                f"{len(unet_layers)} (missing e.g. {missing[:1]}, unknown e.g. {extra[:1]}); it was trained for {made_for}"
+            )
+        wrong = [(n, theirs[n], unet_layers[n]) for n in sorted(unet_layers) if theirs[n] != unet_layers[n]]
+        if wrong:
+            name, got, want = wrong[0]
+            raise MappingFitError(
+                f"{who} layer {name} projects {got[0]} -> {got[1]} but this UNet's layer is {want[0]} -> {want[1]}; "
+                f"it was trained for {made_for}"
+            )
 
     @classmethod
     def from_unet(cls, unet: nn.Module, input_dim: int, output_dim: int | None = None, **config):

@@ -1,6 +1,6 @@
 """Infusion: one residual value vector per cross-attention layer for a concept's class word.
 
-Infusion (papers/infusion.txt) keeps the base model intact and learns, for every cross-attention
+Infusion (Zeng et al., "Infusion: Preventing Customized Text-to-Image Diffusion from Overfitting") keeps the base model intact and learns, for every cross-attention
 layer i, a residual Delta_i (1 x d, d = that layer's value width) that is added to the *value* of the
 class word's token ("cat") only (Eq. 7):
 
@@ -20,7 +20,8 @@ Pieces:
   spatial guidance and the `AttentionContext` plumbing work as for ELITE); reads its per-call data
   from `AttentionContext.extras["infusion"]` (an `InfusionCall`).
 - `set_infusion_processors(unet, [residuals, ...])`: several concepts at once (multi-concept).
-- `class_token_mask(...)`, `infusion_call(...)`: where each concept's class word sits in a batch.
+- `class_token_mask(...)`, `infusion_call(...)`: where each concept's class word sits in a batch;
+  `dual_stream_call(...)`: the F and C rows of the dual stream (training, sampling, Fisher divergence).
 - `generate_with_infusion(pipe, prompts, [residuals, ...])`: a diffusers `StableDiffusionPipeline`
   call with the dual stream set up (CFG included); returns the customised images and the base ones.
 """
@@ -264,6 +265,19 @@ def infusion_call(
     return InfusionCall(token_masks=masks, map_source=map_source)
 
 
+def dual_stream_call(
+    tokenizer, prompts: Sequence[str], concepts: Sequence[InfusionResiduals], require_all: bool = False
+) -> InfusionCall:
+    """Infusion's dual stream as 2n rows of one batch: rows 0..n-1 are the foundational model F (no
+    residual, their own maps), rows n..2n-1 the customised model C (residuals on the class tokens,
+    cross-attention maps taken from their F twin). Run the UNet on `prompts + prompts`."""
+    n = len(prompts)
+    source = torch.cat([torch.arange(n), torch.arange(n)])
+    call = infusion_call(tokenizer, list(prompts) * 2, concepts, map_source=source, require_all=require_all)
+    call.token_masks = [None if m is None else torch.cat([torch.zeros_like(m[:n]), m[n:]]) for m in call.token_masks]
+    return call
+
+
 @dataclass
 class InfusionOutput:
     images: list  # customised (C stream)
@@ -303,9 +317,7 @@ def generate_with_infusion(
     if replace_maps:
         rows = prompts + prompts
         latents = torch.cat([latents, latents])
-        source = torch.cat([torch.arange(n), torch.arange(n)])  # C row n + i takes F row i's maps
-        call = infusion_call(pipe.tokenizer, rows, concepts, map_source=source)
-        call.token_masks = [None if m is None else torch.cat([torch.zeros_like(m[:n]), m[n:]]) for m in call.token_masks]
+        call = dual_stream_call(pipe.tokenizer, prompts, concepts)
     else:
         rows = prompts
         call = infusion_call(pipe.tokenizer, rows, concepts)

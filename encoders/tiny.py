@@ -12,13 +12,12 @@ takes. The shapes are fixed project-wide so benchmarks compare like with like.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .common.files import atomic_directory
 
 TINY_SEED = 0
 TINY_RESOLUTION = 64  # demo image size: 32x32 latents with the tiny VAE's factor of 2
@@ -224,16 +223,8 @@ def write_atomically(writer: Callable[[Path], Path], target: str | Path, force: 
     target = Path(target)
     if target.exists() and not force:
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         writer(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return True
 
 

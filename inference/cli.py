@@ -1,4 +1,4 @@
-"""Command line: `python -m inference generate ...` and `python -m inference encode ...`.
+"""Command line: `python -m inference generate|encode|guide ...`.
 
     # a concept photo (+ mask) and prompts with S*: zero optimisation steps
     python -m inference generate --base CompVis/stable-diffusion-v1-4 --encoders ORG/elite-encoders \\
@@ -18,6 +18,10 @@
     python -m inference generate --base PATH --finetune out/dog_ti --prompt "a photo of S* on the beach" --out out/
     python -m inference generate --base PATH --finetune out/dog_infusion --prompt "a dog on the beach" --out out/
 
+    # spatial guidance off | on for two words, boxes from the location MLP, drawn side by side
+    python -m inference guide --base PATH --location-mlp ORG/elite-encoders --prompt "a cat and a dog" \
+        --words cat dog --out cmp.png
+
 `generate` writes one PNG per image, `grid.png` (per prompt: input | outputs) and `settings.json`
 (every setting used, the files written, timings) into --out; each file is written under a
 temporary name and renamed, and settings.json is written last, so its presence means the run
@@ -33,11 +37,30 @@ import time
 import warnings
 from pathlib import Path
 
-from .inputs import ConceptInputError, ConceptInputWarning
+import diffusers
+import torch
+import transformers
+
+from encoders.common.files import atomic_write_json
+
+from .concept import Concept, ConceptFileError
+from .encoding import encode_concept_standalone
+from .finetuned import (
+    FinetuneFolderError,
+    generate_finetuned,
+    load_embedding,
+    load_infusion,
+    read_finetune,
+    seeded_latents,
+)
+from .guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance, predict_boxes
+from .inputs import ConceptInputError, ConceptInputWarning, find_placeholders, load_concept_image
+from .loading import SCHEDULERS, ModelLoadError, default_image_size, load_base_pipeline, load_location_mlp
+from .pictures import make_grid, mask_preview, render_comparison, save_image_atomic
+from .pipeline import DEFAULT_ELITE_SCALE, ElitePipeline, default_placeholders
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 5.0  # ELITE's classifier-free guidance scale
-DEFAULT_LAMBDA = 0.6  # ELITE's lambda for editing prompts (0.8 suits plain "a photo of S*")
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -135,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                          help="prompt; repeat for several prompts from one encode")
     prompts.add_argument("--negative-prompt", default=None, metavar="TEXT", help="negative prompt for guidance")
-    prompts.add_argument("--lam", type=float, default=DEFAULT_LAMBDA,
-                         help="weight of the local (detail) branch: 0 = global word only; "
-                         "ELITE uses 0.6 for editing prompts and 0.8 for 'a photo of S*'")
+    prompts.add_argument("--elite-scale", "--lam", dest="elite_scale", type=float, default=DEFAULT_ELITE_SCALE,
+                         help="lambda, the weight of ELITE's local (detail) branch: 0 = global word only; "
+                         "ELITE uses 0.6 for editing prompts and 0.8 for 'a photo of S*' (--lam is the same option)")
     prompts.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
     prompts.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
     prompts.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
@@ -145,8 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--height", type=int, default=None,
                          help="image height in px (default: the UNet's sample size x the VAE factor)")
     prompts.add_argument("--width", type=int, default=None, help="image width in px (default: as --height)")
-    from .loading import SCHEDULERS
-
     prompts.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
                          help="sampler (default: the base model's own; ELITE used lms, which needs scipy)")
     tuned = gen.add_argument_group("per-concept fine-tunes (instead of ELITE concepts)")
@@ -175,6 +196,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(enc, base_required=False)
     _add_concept_options(enc)
     enc.add_argument("--out", required=True, metavar="FILE", help="concept file to write (.safetensors)")
+
+    guide = sub.add_parser(
+        "guide", help="one two-object image with spatial guidance off and on (same seed), side by side",
+        description="Generate one two-object image with spatial guidance off and on (same seed) and save a "
+        "side-by-side picture with the boxes and each concept's cross-attention map, plus a .json of the numbers.",
+        formatter_class=_HelpFormatter,
+    )
+    models = guide.add_argument_group("models")
+    models.add_argument("--base", required=True, metavar="PATH_OR_ID", help="Stable Diffusion pipeline folder or Hub id")
+    models.add_argument("--location-mlp", metavar="PATH_OR_ID",
+                        help="encoders folder / Hub repo with location_mlp/ (boxes when --boxes is not given)")
+    models.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    models.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weights dtype (auto: float16 on CUDA, float32 elsewhere)")
+    what = guide.add_argument_group("prompt and boxes")
+    what.add_argument("--prompt", required=True, help='e.g. "a photo of a cat and a dog"')
+    what.add_argument("--words", nargs=2, required=True, metavar=("A", "B"), help="the two concept words of the prompt")
+    what.add_argument("--boxes", nargs=2, type=_boxes, metavar=("BOX_A", "BOX_B"), help="x0,y0,x1,y1 in 0..1 for each word")
+    sampling = guide.add_argument_group("sampling and guidance")
+    sampling.add_argument("--steps", type=int, default=50, help="reverse steps")
+    sampling.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    sampling.add_argument("--guidance-steps", type=int, default=10, help="reverse steps with latent updates (paper: 10)")
+    sampling.add_argument("--iterations", type=int, default=5, help="gradient iterations per guided step")
+    sampling.add_argument("--step-size", type=float, default=30.0,
+                          help="latent step scale, times (1 - alphabar_t) (layout guidance's for SD; "
+                          "the random tiny demo model needs ~1e5 to show a change)")
+    sampling.add_argument("--loss-threshold", type=float, default=0.2, help="stop a step's iterations below this L_loc")
+    sampling.add_argument("--seed", type=int, default=0, help="same seed for both images")
+    guide.add_argument("--out", required=True, metavar="FILE",
+                       help="PNG file for the side-by-side picture (a .json with the numbers is written beside it)")
     return parser
 
 
@@ -207,23 +258,14 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
 
 
 def _versions() -> dict[str, str]:
-    import diffusers
-    import torch
-    import transformers
 
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
 def _run_generate(args) -> dict:
     """Everything `generate` does after argument checks; returns the settings record it wrote."""
-    import torch
 
-    from .concept import Concept
-    from .finetuned import read_finetune
-    from .inputs import find_placeholders, load_concept_image
-    from .loading import default_image_size
-    from .outputs import make_grid, mask_preview, save_image_atomic, write_json_atomic
-    from .pipeline import ElitePipeline, default_placeholders
+
 
     # read and check every input before loading any model: a typo fails in a second, not after minutes
     masks = args.mask or [None] * len(args.image)
@@ -286,13 +328,18 @@ def _run_generate(args) -> dict:
     tick = time.perf_counter()
     for p, prompt in enumerate(args.prompt):
         if infusions:
-            result = _infusion_images(pipe, prompt, infusions, args, height, width)
+            images = generate_finetuned(
+                pipe, [prompt] * args.num_images, seeded_latents(pipe, range(args.seed, args.seed + args.num_images), height, width),
+                infusions=infusions, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                guidance_scale=args.guidance, height=height, width=width,
+            )
+            location_losses = None
         else:
             result = generator_api(
                 prompt,
                 concepts=concepts,
                 placeholders=placeholders,
-                lam=args.lam,
+                elite_scale=args.elite_scale,
                 negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
@@ -302,16 +349,17 @@ def _run_generate(args) -> dict:
                 width=width,
                 boxes=boxes,
             )
+            images, location_losses = result.images, result.location_losses
         names = []
-        for i, image in enumerate(result.images):
+        for i, image in enumerate(images):
             name = f"{p:02d}-{_slug(prompt)}-{i:02d}.png"
             save_image_atomic(image, out_dir / name)
             names.append(name)
         files.extend(names)
-        rows.append((prompt, inputs_shown, result.images))
+        rows.append((prompt, inputs_shown, images))
         record = {"prompt": prompt, "images": names, "seeds": [args.seed + i for i in range(args.num_images)]}
-        if hasattr(result, "loc_losses"):  # spatial guidance: how well attention stayed in the boxes, per step
-            record["location_loss_per_step"] = [round(v, 5) for v in result.loc_losses]
+        if location_losses is not None:  # spatial guidance: how well attention stayed in the boxes, per step
+            record["location_loss_per_step"] = [round(v, 5) for v in location_losses]
         prompt_records.append(record)
     generate_s = time.perf_counter() - tick
 
@@ -325,7 +373,7 @@ def _run_generate(args) -> dict:
         "placeholders": placeholders,
         "prompts": prompt_records,
         "negative_prompt": args.negative_prompt,
-        "lam": args.lam if concepts else None,
+        "elite_scale": args.elite_scale if concepts else None,
         "steps": args.steps,
         "guidance": args.guidance,
         "seed": args.seed,
@@ -343,7 +391,7 @@ def _run_generate(args) -> dict:
         "seconds": {"load": round(load_s, 3), "encode": round(encode_s, 3), "generate": round(generate_s, 3)},
         "versions": _versions(),
     }
-    write_json_atomic(settings, out_dir / "settings.json")
+    atomic_write_json(out_dir / "settings.json", settings)
     torch_threads = torch.get_num_threads()
     if not args.quiet:
         print(f"wrote {len(files)} images, grid.png and settings.json to {out_dir} "
@@ -353,7 +401,6 @@ def _run_generate(args) -> dict:
 
 def _apply_finetunes(pipe, finetunes, prompts: list[str]) -> tuple[list[dict], list]:
     """Load TI / BaTex embeddings into the pipeline and Infusion residuals; warn about prompts that use none."""
-    from .finetuned import load_embedding, load_infusion
 
     records, infusions = [], []
     for run, token in finetunes:
@@ -368,25 +415,7 @@ def _apply_finetunes(pipe, finetunes, prompts: list[str]) -> tuple[list[dict], l
     return records, infusions
 
 
-def _infusion_images(pipe, prompt: str, infusions: list, args, height: int, width: int):
-    """Infusion's dual-stream sampling of one prompt; image i starts from the noise of seed + i."""
-    import torch
-
-    from encoders.infusion import generate_with_infusion
-
-    factor = pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
-    latents = torch.cat([
-        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(args.seed + i)) for i in range(args.num_images)
-    ])
-    return generate_with_infusion(
-        pipe, [prompt] * args.num_images, infusions, latents=latents, negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps, guidance_scale=args.guidance, height=height, width=width,
-    )
-
-
 def _run_encode(args) -> Path:
-    from .pipeline import encode_concept_standalone
 
     masks = args.mask or [None]
     if len(args.image) != 1 or len(masks) != 1:
@@ -406,6 +435,46 @@ def _run_encode(args) -> Path:
     return path
 
 
+def _run_guide(args) -> Path:
+    """`guide`: the same seed with guidance off and on, drawn side by side (`inference.pictures`)."""
+
+
+
+    pipe = load_base_pipeline(args.base, device=args.device, dtype=args.dtype, safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    resolved = list(args.words)
+    if args.boxes:
+        boxes = [list(b) for b in args.boxes]
+    else:
+        predicted = predict_boxes(load_location_mlp(args.location_mlp, device=pipe.device), pipe, *args.words)
+        boxes, resolved = predicted["boxes"], predicted["resolved"]
+        print(f"location MLP boxes: {args.words[0]} -> {resolved[0]} {[round(v, 3) for v in boxes[0]]}, "
+              f"{args.words[1]} -> {resolved[1]} {[round(v, 3) for v in boxes[1]]}")
+    concepts = concepts_from_words(pipe.tokenizer, args.prompt, args.words, boxes)
+    runs = []
+    for label, steps in (("guidance off", 0), ("guidance on", args.guidance_steps)):
+        config = SpatialGuidanceConfig(steps, args.iterations, args.step_size, args.loss_threshold)
+        out = generate_with_spatial_guidance(
+            pipe, concepts, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+            generator=torch.Generator(device="cpu").manual_seed(args.seed), config=config,
+        )
+        runs.append((label, out))
+    out_path = Path(args.out)
+    save_image_atomic(render_comparison(runs, concepts, args.prompt), out_path)
+    guided = max(args.guidance_steps, 1)
+    summary = {
+        "prompt": args.prompt, "words": args.words, "resolved": resolved, "boxes": [list(c.box) for c in concepts],
+        "seed": args.seed, "steps": args.steps, "guidance_steps": args.guidance_steps, "iterations": args.iterations,
+        "step_size": args.step_size,
+        "mean_loc_loss": {label: sum(o.location_losses) / len(o.location_losses) for label, o in runs},
+        "mean_loc_loss_guided_steps": {label: sum(o.location_losses[:guided]) / guided for label, o in runs},
+    }
+    atomic_write_json(out_path.with_suffix(".json"), summary, indent=1)
+    print(f"wrote {out_path} (L_loc off {summary['mean_loc_loss']['guidance off']:.4f}, "
+          f"on {summary['mean_loc_loss']['guidance on']:.4f})")
+    return out_path
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Input notes as one readable line ("warning: ..."); other warnings in Python's usual form."""
     if issubclass(category, ConceptInputWarning):
@@ -422,14 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "encode" and not args.encoders:
         parser.error("encode needs --encoders")
     if getattr(args, "quiet", False):
-        import diffusers
-        import transformers
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    from .concept import ConceptFileError
-    from .finetuned import FinetuneFolderError
-    from .loading import ModelLoadError
 
     with warnings.catch_warnings():
         warnings.simplefilter("default")  # each note once
@@ -437,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command == "generate":
                 _run_generate(args)
+            elif args.command == "guide":
+                if not args.boxes and not args.location_mlp:
+                    parser.error("give --boxes or --location-mlp")
+                _run_guide(args)
             else:
                 _run_encode(args)
         except (ConceptInputError, ConceptFileError, ModelLoadError, FinetuneFolderError) as err:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .outputs import atomic_write
+from encoders.common.files import atomic_write
 
 CONCEPT_FORMAT = "zsp-concept/1"
 
@@ -104,7 +105,6 @@ class Concept:
 
     def preview_image(self):
         """The preview as a PIL image (None when the concept has none)."""
-        from PIL import Image
 
         return None if self.preview is None else Image.fromarray(self.preview.cpu().numpy())
 

@@ -34,24 +34,47 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
-from encoders.run_config import ConfigError, config_to_dict, keyed_field, parse_config_cli
+from encoders.attention import CONTEXT_KWARG, AttentionContext
+from encoders.common.config import ConfigError, config_to_dict, keyed_field, parse_config_cli
+from encoders.common.files import atomic_write_json, atomic_write_text
+from encoders.common.images import find_mask, list_photos
+from encoders.infusion import EXTRAS_KEY, dual_stream_call, set_infusion_processors
 
-from .finetuned import CONCEPT_FILE, FinetuneFolderError, FinetuneRun, load_embedding, load_infusion, read_finetune
+from .finetuned import (
+    CONCEPT_FILE,
+    FinetuneFolderError,
+    FinetuneRun,
+    generate_finetuned,
+    load_embedding,
+    load_infusion,
+    read_finetune,
+    seeded_latents,
+)
+from .loading import default_image_size, load_base_pipeline
 from .metrics import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_DETECTION_THRESHOLD,
     DEFAULT_DETECTOR_MODEL,
     DEFAULT_DINO_MODEL,
+    ClipScorer,
+    DinoScorer,
+    ObjectDetector,
+    cosine_matrix,
     gaussian_w2,
     latent_fisher_divergence,
+    paired_similarity,
 )
+from .pictures import make_grid, save_image_atomic
+from .pipeline import ElitePipeline
 
 METHODS = ("base", "elite", "textual_inversion", "batex", "infusion")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # DreamBooth's evaluation prompts (google/dreambooth dataset/prompts_and_classes.txt), "{}" = the concept.
 DREAMBOOTH_OBJECT_PROMPTS = (
@@ -100,6 +123,8 @@ GENERIC_PROMPTS = (
 class EvalConfig:
     """What to evaluate, on which prompts and seeds, with which scoring models."""
 
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {"elite_lambda": "elite_scale"}  # old key spellings
+
     base: str = keyed_field("base Stable Diffusion pipeline (folder or Hub id)", "CompVis/stable-diffusion-v1-4")
     out: str = keyed_field("output folder", "outputs/eval")
     runs: list[str] = keyed_field("fine-tune output folders (with concept.json): Textual Inversion, BaTex, Infusion", factory=list)
@@ -117,7 +142,7 @@ class EvalConfig:
     guidance_scale: float = keyed_field("classifier-free guidance scale", 7.5)
     scheduler: str = keyed_field("sampler for every method: ddim, lms, pndm, euler, euler_a, dpm", "ddim")
     resolution: Optional[int] = keyed_field("image size (default: the base model's)", None)
-    elite_lambda: float = keyed_field("ELITE's lambda for the local branch (paper: 0.6 for editing prompts)", 0.6)
+    elite_scale: float = keyed_field("ELITE's lambda, the local branch's weight (paper: 0.6 for editing prompts)", 0.6)
     elite_image: int = keyed_field("which concept photo (sorted by name) ELITE encodes", 0)
     mask_dir: Optional[str] = keyed_field(
         "folder of concept masks for ELITE (<stem>.png or <concept>_<stem>.png); default <concept>/masks/", None
@@ -155,33 +180,27 @@ class EvalConfig:
 
 
 @dataclass
-class EvalConcept:
+class ConceptFolder:
+    """A folder of photos of one concept (DreamBooth layout) and its class word."""
+
     name: str
     photos_dir: Path
     class_word: str
 
     @property
     def photos(self) -> list[Path]:
-        files = sorted(p for p in self.photos_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(".mask"))
-        if not files:
-            raise FileNotFoundError(f"concept folder {self.photos_dir} holds no images")
-        return files
+        return list_photos(self.photos_dir)
 
     def mask_for(self, photo: Path, mask_dir: str | Path | None = None) -> Path | None:
-        """The photo's mask, named like the fine-tunes find theirs (`training.concept_data.find_mask`)."""
-        folders = [Path(mask_dir)] if mask_dir else []
-        folders.append(self.photos_dir / "masks")
-        candidates = [f / name for f in folders for name in (f"{photo.stem}.png", f"{photo.stem}.mask.png",
-                                                              f"{photo.parent.name}_{photo.stem}.png")]
-        candidates.append(photo.with_name(f"{photo.stem}.mask.png"))
-        return next((c for c in candidates if c.is_file()), None)
+        """The photo's mask (`encoders.common.images.find_mask`, the rule the fine-tunes use too)."""
+        return find_mask(photo, mask_dir)
 
 
 @dataclass
 class Run(FinetuneRun):
     """A fine-tune to evaluate: its folder, method, concept.json and concept."""
 
-    concept: EvalConcept = None
+    concept: ConceptFolder = None
 
 
 @dataclass
@@ -201,11 +220,11 @@ def _class_from_name(folder: Path) -> str:
     raise ConfigError(f"concept {folder}: give its class word as {folder}=<class word>")
 
 
-def resolve_concepts_and_runs(config: EvalConfig) -> tuple[list[EvalConcept], list[Run]]:
+def resolve_concepts_and_runs(config: EvalConfig) -> tuple[list[ConceptFolder], list[Run]]:
     """Concepts from the runs' concept.json files and from `concepts`, deduplicated by photo folder."""
-    concepts: dict[Path, EvalConcept] = {}
+    concepts: dict[Path, ConceptFolder] = {}
 
-    def concept_for(folder: Path, class_word: str | None) -> EvalConcept:
+    def concept_for(folder: Path, class_word: str | None) -> ConceptFolder:
         folder = folder.resolve()
         if not folder.is_dir():
             raise FileNotFoundError(f"concept folder {folder} does not exist")
@@ -215,7 +234,7 @@ def resolve_concepts_and_runs(config: EvalConfig) -> tuple[list[EvalConcept], li
             suffix = 2
             while name in taken:
                 name, suffix = f"{folder.name}_{suffix}", suffix + 1
-            concepts[folder] = EvalConcept(name, folder, class_word or _class_from_name(folder))
+            concepts[folder] = ConceptFolder(name, folder, class_word or _class_from_name(folder))
         return concepts[folder]
 
     runs = []
@@ -233,7 +252,7 @@ def resolve_concepts_and_runs(config: EvalConfig) -> tuple[list[EvalConcept], li
     return list(concepts.values()), runs
 
 
-def prompt_specs(config: EvalConfig, concept: EvalConcept) -> list[PromptSpec]:
+def prompt_specs(config: EvalConfig, concept: ConceptFolder) -> list[PromptSpec]:
     """The prompt templates for a concept (DreamBooth's list or a file), then the CoI prompts."""
     if config.prompts == "dreambooth":
         templates = list(DREAMBOOTH_LIVE_PROMPTS if concept.class_word in LIVE_CLASSES else DREAMBOOTH_OBJECT_PROMPTS)
@@ -259,18 +278,10 @@ def prompt_specs(config: EvalConfig, concept: EvalConcept) -> list[PromptSpec]:
 # --------------------------------------------------------------------------------------------------
 
 
-def initial_latents(pipe, seed: int, height: int, width: int) -> torch.Tensor:
-    """The initial noise of one image, drawn on the CPU from `seed`: identical for every method."""
-    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
-
-
 class Evaluator:
     """Holds the pipeline and scoring models; `run()` does everything `python -m inference.evaluate` does."""
 
     def __init__(self, config: EvalConfig):
-        from .loading import default_image_size, load_base_pipeline
-
         self.config = config
         self.out = Path(config.out)
         self.pipe = load_base_pipeline(
@@ -289,24 +300,18 @@ class Evaluator:
     # ---- scoring models, loaded on first use ------------------------------------------------------
     @property
     def clip(self):
-        from .metrics import ClipScorer
-
         if self._clip is None:
             self._clip = ClipScorer(self.config.clip_model, device=self.pipe.device)
         return self._clip
 
     @property
     def dino(self):
-        from .metrics import DinoScorer
-
         if self._dino is None:
             self._dino = DinoScorer(self.config.dino_model, device=self.pipe.device)
         return self._dino
 
     @property
     def detector(self):
-        from .metrics import ObjectDetector
-
         if self._detector is None:
             self._detector = ObjectDetector(
                 self.config.detector_model, device=self.pipe.device, threshold=self.config.detection_threshold,
@@ -315,7 +320,7 @@ class Evaluator:
         return self._detector
 
     # ---- jobs ---------------------------------------------------------------------------------------
-    def jobs(self) -> list[tuple[str, str, EvalConcept, object]]:
+    def jobs(self) -> list[tuple[str, str, ConceptFolder, object]]:
         """(method, row label, concept, payload) for everything to generate, in table order."""
         methods = self.config.methods
         out = []
@@ -329,7 +334,7 @@ class Evaluator:
                     out.append((run.method, run.method, concept, run))
         return out
 
-    def _generator_for(self, method: str, concept: EvalConcept, payload) -> tuple[Callable, str]:
+    def _generator_for(self, method: str, concept: ConceptFolder, payload) -> tuple[Callable, str]:
         """A function (texts, latents) -> PIL images, and the phrase that fills the prompt templates."""
         cfg = self.config
         common = dict(
@@ -337,18 +342,16 @@ class Evaluator:
             height=self.height, width=self.width,
         )
         if method == "base":
-            return (lambda texts, latents: self.pipe(prompt=list(texts), latents=latents, **common).images), concept.class_word
+            return (lambda texts, latents: generate_finetuned(self.pipe, texts, latents, **common)), concept.class_word
         if method in ("textual_inversion", "batex"):
             token = self._load_embedding(payload)
             phrase = f"{token} {concept.class_word}" if cfg.append_class_word else token
-            return (lambda texts, latents: self.pipe(prompt=list(texts), latents=latents, **common).images), phrase
+            return (lambda texts, latents: generate_finetuned(self.pipe, texts, latents, **common)), phrase
         if method == "infusion":
-            from encoders.infusion import generate_with_infusion
-
             residuals = load_infusion(self.pipe, payload)
 
             def infuse(texts, latents):
-                return generate_with_infusion(self.pipe, list(texts), [residuals], latents=latents, **common).images
+                return generate_finetuned(self.pipe, texts, latents, infusions=[residuals], **common)
 
             return infuse, residuals.config.class_word
         if method == "elite":
@@ -359,7 +362,7 @@ class Evaluator:
             def generate(texts, latents):
                 images = []
                 for text, lat in zip(texts, latents.split(1)):
-                    images += elite(text, encoded, lam=cfg.elite_lambda, latents=lat, **common).images
+                    images += elite(text, encoded, elite_scale=cfg.elite_scale, latents=lat, **common).images
                 return images
 
             return generate, "S*"
@@ -373,10 +376,8 @@ class Evaluator:
         return self._ti_tokens[run.folder]
 
     def _elite_pipeline(self):
-        from .pipeline import ElitePipeline
-
         if self._elite is None:
-            self._elite = ElitePipeline(self.pipe, lam=self.config.elite_lambda)
+            self._elite = ElitePipeline(self.pipe, elite_scale=self.config.elite_scale)
             self._elite.load_encoders(self.config.encoders, image_encoder=self.config.image_encoder)
         elif self._elite.encoders is None:
             self._elite.load_encoders(self.config.encoders, image_encoder=self.config.image_encoder)
@@ -386,13 +387,8 @@ class Evaluator:
         if self._elite is not None and self._elite.encoders is not None:
             self._elite.unload_encoders()
 
-    def generate(self, method: str, label: str, concept: EvalConcept, payload, specs: list[PromptSpec]):
+    def generate(self, method: str, label: str, concept: ConceptFolder, payload, specs: list[PromptSpec]):
         """Generate (or reuse) every (prompt, seed) image of one row; returns [(spec, seed, path)]."""
-        from PIL import Image
-        from tqdm.auto import tqdm
-
-        from .outputs import save_image_atomic
-
         folder = self.out / "images" / _slug(label if payload is None else f"{label}-{payload.label}") / _slug(concept.name)
         todo, done = [], []
         for spec in specs:
@@ -405,8 +401,7 @@ class Evaluator:
             try:
                 for batch in tqdm(batches, desc=f"{label} / {concept.name}", leave=False):
                     texts = [spec.template.format(phrase) for spec, _, _ in batch]
-                    latents = torch.cat([initial_latents(self.pipe, seed, self.height, self.width) for _, seed, _ in batch])
-                    latents = latents.to(self.pipe.device, self.pipe.unet.dtype)
+                    latents = seeded_latents(self.pipe, [seed for _, seed, _ in batch], self.height, self.width)
                     with torch.no_grad():
                         images = generate(texts, latents)
                     for (spec, seed, path), image in zip(batch, images):
@@ -418,9 +413,7 @@ class Evaluator:
         return [(spec, seed, Image.open(path).convert("RGB")) for spec, seed, path in items]
 
     # ---- scoring ------------------------------------------------------------------------------------
-    def score(self, concept: EvalConcept, items, clip_refs, dino_refs) -> list[dict]:
-        from .metrics import cosine_matrix, paired_similarity
-
+    def score(self, concept: ConceptFolder, items, clip_refs, dino_refs) -> list[dict]:
         images = [image for _, _, image in items]
         texts = [spec.template.format(concept.class_word) for spec, _, _ in items]
         clip_images = self.clip.image_embeds(images)
@@ -449,7 +442,6 @@ class Evaluator:
     @torch.no_grad()
     def image_latents(self, images) -> torch.Tensor:
         """VAE posterior means of generated images (the latents the Gaussians are fitted to)."""
-        import numpy as np
 
         vae = self.pipe.vae
         out = []
@@ -467,9 +459,6 @@ class Evaluator:
         z0 are the base model's own images (VAE latents) standing in for generic data; prompts are
         captions without the class word; timesteps `fisher_timesteps`; noise from the first seed.
         """
-        from encoders.attention import CONTEXT_KWARG, AttentionContext
-        from encoders.infusion import EXTRAS_KEY, infusion_call, set_infusion_processors
-
         pipe = self.pipe
         residuals = load_infusion(pipe, run)
         prompts = [p for p in GENERIC_PROMPTS if residuals.config.class_word.lower() not in p.lower()]
@@ -483,8 +472,7 @@ class Evaluator:
                 ids = pipe.tokenizer([prompt] * 2, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                      truncation=True, return_tensors="pt").input_ids.to(pipe.device)
                 text = pipe.text_encoder(ids)[0]
-                call = infusion_call(pipe.tokenizer, [prompt] * 2, [residuals], map_source=torch.tensor([0, 0]))
-                call.token_masks = [None if m is None else torch.cat([torch.zeros_like(m[:1]), m[1:]]) for m in call.token_masks]
+                call = dual_stream_call(pipe.tokenizer, [prompt], [residuals])  # row 0 base, row 1 customised
                 ctx = {CONTEXT_KWARG: AttentionContext(extras={EXTRAS_KEY: call})}
                 for t in self.config.fisher_timesteps:
                     noise = torch.randn(z0.shape, generator=g)
@@ -500,8 +488,6 @@ class Evaluator:
 
     # ---- the whole evaluation --------------------------------------------------------------------------
     def run(self) -> dict:
-        from tqdm.auto import tqdm
-
         self.out.mkdir(parents=True, exist_ok=True)
         per_image: list[dict] = []
         summary: list[dict] = []
@@ -513,8 +499,6 @@ class Evaluator:
         base_latents: dict[str, torch.Tensor] = {}
         for method, label, concept, payload in tqdm(jobs, desc="evaluate"):
             if concept.name not in refs:
-                from PIL import Image
-
                 photos = [Image.open(p).convert("RGB") for p in concept.photos]
                 refs[concept.name] = (self.clip.image_embeds(photos), self.dino.image_embeds(photos), photos[0])
             clip_refs, dino_refs, first_photo = refs[concept.name]
@@ -552,21 +536,19 @@ class Evaluator:
         return {"summary": summary, "out": str(self.out)}
 
     def _write(self, per_image: list[dict], summary: list[dict], grids: dict[str, list]) -> None:
-        from .outputs import atomic_write, make_grid, save_image_atomic, write_json_atomic
-
         def write_csv(rows: list[dict], path: Path) -> None:
             keys = list(dict.fromkeys(k for row in rows for k in row))
             buffer = io.StringIO()
             writer = csv.DictWriter(buffer, fieldnames=keys)
             writer.writeheader()
             writer.writerows([{k: _fmt(row.get(k)) for k in keys} for row in rows])
-            atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8"))
+            atomic_write_text(path, buffer.getvalue())
 
         write_csv(per_image, self.out / "scores.csv")
         write_csv(summary, self.out / "summary.csv")
         table = markdown_table(summary)
-        atomic_write(self.out / "results.md", lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
-        write_json_atomic({"config": config_to_dict(self.config), "summary": summary}, self.out / "results.json")
+        atomic_write_text(self.out / "results.md", table)
+        atomic_write_json(self.out / "results.json", {"config": config_to_dict(self.config), "summary": summary})
         for name, rows in grids.items():
             save_image_atomic(make_grid(rows), self.out / "grids" / f"{_slug(name)}.png")
 

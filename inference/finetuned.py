@@ -1,88 +1,38 @@
 """Use the output folders of the per-concept fine-tunes (Textual Inversion, BaTex, Infusion) for generation.
 
-A fine-tune's `output_dir` holds `concept.json` (written by `training.textual_inversion` and
-`training.infusion`: method, placeholder token, class word, concept photos, and which file holds the
-result). This module reads it and applies the result to a diffusers `StableDiffusionPipeline`:
+A fine-tune's `output_dir` holds `concept.json` (the contract is `encoders.common.finetune_folder`:
+method, placeholder token, class word, concept photos, which file holds the result). This module
+applies the result to a diffusers `StableDiffusionPipeline` and generates with it, the one way both
+`python -m inference generate --finetune DIR` and `python -m inference.evaluate runs=...` do:
 
     run = read_finetune("out/dog_ti")
     token = load_embedding(pipe, run)                 # diffusers' own pipe.load_textual_inversion
-    pipe(f"a photo of {token} on the beach")
+    images = generate_finetuned(pipe, [f"a photo of {token} on the beach"], seeded_latents(pipe, [0]))
 
     run = read_finetune("out/dog_infusion")
     residuals = load_infusion(pipe, run)              # value residuals for the class word's tokens
-    generate_with_infusion(pipe, ["a dog on the beach"], [residuals])
+    images = generate_finetuned(pipe, ["a dog on the beach"], seeded_latents(pipe, [0]), infusions=[residuals])
 
-Used by `python -m inference generate --finetune DIR` and by `python -m inference.evaluate runs=...`.
 Needs only torch, diffusers, safetensors and `encoders` (no training stack).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Sequence
 
-CONCEPT_FILE = "concept.json"  # same name as training.concept_data.CONCEPT_FILE (inference never imports training)
-EMBEDDING_METHODS = ("textual_inversion", "batex")
-FINETUNE_METHODS = EMBEDDING_METHODS + ("infusion",)
+import torch
 
+from encoders.common.finetune_folder import (  # noqa: F401  (the contract's names, re-exported for callers)
+    CONCEPT_FILE,
+    EMBEDDING_METHODS,
+    FINETUNE_METHODS,
+    FinetuneFolderError,
+    FinetuneRun,
+    read_finetune,
+)
+from encoders.infusion import InfusionResiduals, generate_with_infusion
 
-class FinetuneFolderError(ValueError):
-    """A fine-tune folder is missing, unfinished, or not what its concept.json claims."""
-
-
-@dataclass
-class FinetuneRun:
-    """A finished fine-tune: its folder, method and what its concept.json records."""
-
-    method: str
-    folder: Path
-    info: dict
-
-    @property
-    def label(self) -> str:
-        return self.folder.name
-
-    @property
-    def placeholder_token(self) -> str:
-        return self.info.get("placeholder_token") or "S*"
-
-    @property
-    def class_word(self) -> str:
-        return self.info.get("class_word") or ""
-
-    def result_path(self) -> Path:
-        """The embeddings file (TI / BaTex) or the residuals folder (Infusion)."""
-        files = self.info.get("files", {})
-        if self.method in EMBEDDING_METHODS:
-            return self.folder / files.get("embeddings", "learned_embeds.safetensors")
-        return self.folder / files.get("residuals", "infusion")
-
-
-def read_finetune(folder: str | Path) -> FinetuneRun:
-    """Read `folder/concept.json`; errors name the folder and what is wrong with it."""
-    folder = Path(folder)
-    info_file = folder / CONCEPT_FILE
-    if not folder.is_dir():
-        raise FinetuneFolderError(f"fine-tune folder {folder} does not exist")
-    if not info_file.is_file():
-        raise FinetuneFolderError(
-            f"{folder} has no {CONCEPT_FILE}: is it the output_dir of a finished "
-            "training.textual_inversion / training.infusion run?"
-        )
-    try:
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FinetuneFolderError(f"{info_file} is not valid JSON: {err}") from err
-    method = info.get("method") if isinstance(info, dict) else None
-    if method not in FINETUNE_METHODS:
-        raise FinetuneFolderError(f"{info_file}: unknown method {method!r} (expected one of {', '.join(FINETUNE_METHODS)})")
-    run = FinetuneRun(method, folder, info)
-    if not run.result_path().exists():
-        raise FinetuneFolderError(f"{folder}: {run.result_path().name} named in {CONCEPT_FILE} is missing")
-    if method == "infusion" and not run.class_word:
-        raise FinetuneFolderError(f"{info_file}: an Infusion run needs its class_word")
-    return run
+from .loading import default_image_size
 
 
 def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
@@ -106,10 +56,8 @@ def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
     return token
 
 
-def load_infusion(pipe, run: FinetuneRun):
+def load_infusion(pipe, run: FinetuneRun) -> InfusionResiduals:
     """Infusion residuals of a run, on the pipeline's device, checked against its UNet."""
-    from encoders.infusion import InfusionResiduals
-
     if run.method != "infusion":
         raise FinetuneFolderError(f"{run.folder} is a {run.method} run, not Infusion")
     path = run.result_path()
@@ -119,3 +67,42 @@ def load_infusion(pipe, run: FinetuneRun):
     except ValueError as err:
         raise FinetuneFolderError(f"{run.folder}: {err}") from err
     return residuals
+
+
+def seeded_latents(pipe, seeds: Sequence[int], height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """The initial noise of one image per seed, each drawn on the CPU from its own seed.
+
+    The same noise every method starts from (and what the pipeline draws from
+    `torch.Generator("cpu").manual_seed(seed)`), so images of different methods compare.
+    """
+    default_h, default_w = default_image_size(pipe)
+    height, width = height or default_h, width or default_w
+    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def generate_finetuned(
+    pipe,
+    prompts: Sequence[str],
+    latents: torch.Tensor,
+    infusions: Sequence[InfusionResiduals] = (),
+    **pipe_kwargs,
+) -> list:
+    """Images of `prompts` (one per row of `latents`) with the fine-tunes applied to `pipe`.
+
+    Embeddings (Textual Inversion / BaTex) are already in the pipeline's tokenizer (`load_embedding`):
+    their token in a prompt is enough. Infusion residuals run through the dual stream
+    (`encoders.infusion.generate_with_infusion`). Other keyword arguments (steps, guidance, size,
+    negative prompt) go to the pipeline.
+    """
+    prompts = list(prompts)
+    if latents.shape[0] != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {latents.shape[0]} initial latents")
+    latents = latents.to(pipe.device, pipe.unet.dtype)
+    if infusions:
+        return generate_with_infusion(pipe, prompts, list(infusions), latents=latents, **pipe_kwargs).images
+    negative = pipe_kwargs.pop("negative_prompt", None)
+    if negative is not None:
+        pipe_kwargs["negative_prompt"] = [negative] * len(prompts)
+    return pipe(prompt=prompts, latents=latents, **pipe_kwargs).images

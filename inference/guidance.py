@@ -18,18 +18,26 @@ Entry point for the inference API: `generate_with_spatial_guidance(pipe, concept
 prompt_embeds=...)`, with concepts from `concepts_from_words` (plain words), from token indices (ELITE's
 S*, whose position `encoders.text_injection` knows) and boxes from the user or from a `LocationMLP`.
 Works with the StableDiffusionPipeline's components; it writes its own denoising loop (the pipeline's
-callbacks run after a step, too late to move the latent the step itself uses).
+callbacks run after a step, too late to move the latent the step itself uses). The picture of a run
+(guidance off / on, boxes, attention maps) is `inference.pictures.render_comparison`; the command
+line is `python -m inference guide` (`python -m inference.guidance` is the same command).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from encoders.anchors import embed_words
+from encoders.attention import CONTEXT_KWARG, AttentionContext, ContextAttnProcessor, set_context_processors
+
+from .outputs import EliteOutput
 
 Box = Sequence[float]  # (x0, y0, x1, y1) in 0..1 of the image
 
@@ -52,7 +60,7 @@ class SpatialGuidanceConfig:
 
 
 @dataclass
-class GuidedConcept:
+class BoxedTokens:
     """One concept of the prompt: its token positions (in the tokenized prompt, BOS = 0) and its box."""
 
     token_indices: list[int]
@@ -92,11 +100,11 @@ def find_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
     raise ValueError(f"word {word!r} is not in the prompt {prompt!r} (as tokens {word_ids})")
 
 
-def concepts_from_words(tokenizer, prompt: str, words: Sequence[str], boxes: Sequence[Box]) -> list[GuidedConcept]:
-    """`GuidedConcept`s for words of the prompt, one box each."""
+def concepts_from_words(tokenizer, prompt: str, words: Sequence[str], boxes: Sequence[Box]) -> list[BoxedTokens]:
+    """`BoxedTokens`s for words of the prompt, one box each."""
     if len(words) != len(boxes):
         raise ValueError(f"{len(words)} words but {len(boxes)} boxes")
-    return [GuidedConcept(find_token_indices(tokenizer, prompt, w), b, name=w) for w, b in zip(words, boxes)]
+    return [BoxedTokens(find_token_indices(tokenizer, prompt, w), b, name=w) for w, b in zip(words, boxes)]
 
 
 def box_mask(box: Box, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -155,7 +163,7 @@ class AttentionMapStore:
     def reset(self, rows: slice = slice(None)) -> None:
         self.rows, self.maps = rows, {}
 
-    def concept_maps(self, concepts: Sequence[GuidedConcept], latent_hw: tuple[int, int]) -> list[list[torch.Tensor]]:
+    def concept_maps(self, concepts: Sequence[BoxedTokens], latent_hw: tuple[int, int]) -> list[list[torch.Tensor]]:
         """Per layer, per concept: `[B, h, w]` maps (mean over the concept's tokens)."""
         if not self.maps:
             raise RuntimeError(
@@ -170,7 +178,7 @@ class AttentionMapStore:
 
 
 def location_loss(
-    store: AttentionMapStore, concepts: Sequence[GuidedConcept], latent_hw: tuple[int, int]
+    store: AttentionMapStore, concepts: Sequence[BoxedTokens], latent_hw: tuple[int, int]
 ) -> torch.Tensor:
     """L_loc averaged over the recorded layers and the batch: mean_i (1 - sum(M_i A_i) / sum(A_i))."""
     per_layer = []
@@ -205,16 +213,6 @@ def _alphabar(scheduler, timestep) -> float:
     return float(table[min(max(index, 0), len(table) - 1)])
 
 
-@dataclass
-class GuidedOutput:
-    """Images plus what guidance did: L_loc of the denoising pass at each step, and the maps people look at."""
-
-    images: Any
-    loc_losses: list[float]  # per reverse step, measured on the conditional maps of the actual denoising pass
-    guidance_losses: list[list[float]] = field(default_factory=list)  # per guided step, L_loc at each iteration
-    attention_maps: list[torch.Tensor] = field(default_factory=list)  # per concept `[B, h, w]`, mean over steps/layers
-
-
 def _upsample_mean(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     """Average `[B, h, w]` maps of different resolutions at the largest one."""
     size = max((m.shape[-2], m.shape[-1]) for m in maps)
@@ -229,8 +227,6 @@ def recording_processors(unet) -> Iterator[None]:
     otherwise the plain-word recording processors are installed for the duration and the UNet's own
     processors are put back afterwards.
     """
-    from encoders.attention import ContextAttnProcessor, set_context_processors
-
     current = dict(unet.attn_processors)
     if all(isinstance(p, ContextAttnProcessor) for p in current.values()):
         yield
@@ -247,10 +243,6 @@ def _context_kwargs(base: Any, store: AttentionMapStore, tee: bool = False) -> d
 
     With `tee`, the caller's own attention store (if it set one) receives the same maps (denoising passes).
     """
-    import dataclasses
-
-    from encoders.attention import CONTEXT_KWARG, AttentionContext
-
     if base is None:
         store.forward_to = None
         ctx = AttentionContext(attention_store=store)
@@ -268,7 +260,7 @@ def guide_latents(
     latents: torch.Tensor,
     timestep,
     cond_embeds: torch.Tensor,
-    concepts: Sequence[GuidedConcept],
+    concepts: Sequence[BoxedTokens],
     config: SpatialGuidanceConfig,
     store: AttentionMapStore,
     attention_context: Any = None,
@@ -305,7 +297,7 @@ def guide_latents(
 @torch.no_grad()
 def generate_with_spatial_guidance(
     pipe,
-    concepts: Sequence[GuidedConcept],
+    concepts: Sequence[BoxedTokens],
     prompt: str | list[str] | None = None,
     *,
     negative_prompt: str | list[str] | None = None,
@@ -322,10 +314,10 @@ def generate_with_spatial_guidance(
     config: SpatialGuidanceConfig | None = None,
     attention_context: Any = None,
     output_type: str = "pil",
-) -> GuidedOutput:
+) -> EliteOutput:
     """Text-to-image with spatial guidance, on a `StableDiffusionPipeline`'s components.
 
-    `concepts`: token positions + boxes (`concepts_from_words`, or `GuidedConcept(token_indices=[i], box=...)`
+    `concepts`: token positions + boxes (`concepts_from_words`, or `BoxedTokens(token_indices=[i], box=...)`
     for ELITE's S*). Give `prompt` or `prompt_embeds` (+ `negative_prompt_embeds`), as with the pipeline.
     `attention_context`: the `encoders.attention.AttentionContext` of ELITE's processors (local
     tokens), if they are installed; the attention store is added to it. `config.guidance_steps=0`
@@ -369,7 +361,7 @@ def generate_with_spatial_guidance(
     layers = list(config.layers) if config.layers is not None else default_guidance_layers(unet)
 
     store = AttentionMapStore(layers)
-    loc_losses: list[float] = []
+    location_losses: list[float] = []
     guidance_losses: list[list[float]] = []
     summed_maps: list[torch.Tensor] | None = None
     with recording_processors(unet):
@@ -386,7 +378,7 @@ def generate_with_spatial_guidance(
                 model_in, t, encoder_hidden_states=embeds,
                 cross_attention_kwargs=_context_kwargs(attention_context, store, tee=True),
             ).sample
-            loc_losses.append(float(location_loss(store, concepts, latent_hw)))
+            location_losses.append(float(location_loss(store, concepts, latent_hw)))
             step_maps = [_upsample_mean(per_layer) for per_layer in zip(*store.concept_maps(concepts, latent_hw))]
             summed_maps = step_maps if summed_maps is None else [a + b for a, b in zip(summed_maps, step_maps)]
             store.reset()
@@ -401,31 +393,19 @@ def generate_with_spatial_guidance(
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         images = pipe.image_processor.postprocess(decoded, output_type=output_type)
     maps = [m / len(timesteps) for m in (summed_maps or [])]
-    return GuidedOutput(images=images, loc_losses=loc_losses, guidance_losses=guidance_losses, attention_maps=maps)
+    return EliteOutput(
+        images=images, boxes=[list(c.box) for c in concepts], location_losses=location_losses,
+        guidance_losses=guidance_losses, attention_maps=maps,
+    )
 
 
 # ---- boxes from a trained location MLP ----------------------------------------------------------
-
-
-def load_location_mlp(path_or_repo: str, subfolder: str | None = "location_mlp", device=None):
-    """`LocationMLP` from an encoders folder / Hub repo (its `location_mlp/` subfolder) or a folder itself."""
-    from pathlib import Path
-
-    from encoders.location_mlp import LocationMLP
-
-    local = Path(path_or_repo)
-    if local.is_dir() and (local / "config.json").is_file() and not (local / (subfolder or "")).is_dir():
-        subfolder = None  # the location_mlp folder itself
-    model = LocationMLP.from_pretrained(path_or_repo, subfolder=subfolder)
-    return model.to(device) if device is not None else model
 
 
 def predict_boxes(location_mlp, pipe, concept_a: str | torch.Tensor, concept_b: str | torch.Tensor) -> dict:
     """Boxes for two concepts from a `LocationMLP`: each a word of the prompt or an input embedding
     (ELITE's w0, a Textual Inversion vector). Out-of-vocabulary concepts take their nearest noun's layout.
     Returns `{"boxes": [box_a, box_b], "resolved": [noun_a, noun_b]}`."""
-    from encoders.anchors import embed_words
-
     def embedding(concept) -> torch.Tensor:
         if isinstance(concept, str):
             return embed_words([concept], pipe.tokenizer, pipe.text_encoder)[0]
@@ -436,159 +416,14 @@ def predict_boxes(location_mlp, pipe, concept_a: str | torch.Tensor, concept_b: 
     return location_mlp.predict_for_embeddings(emb_a.to(device, torch.float32), emb_b.to(device, torch.float32))
 
 
-# ---- pictures -----------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m inference.guidance ...`: the same as `python -m inference guide ...`."""
+    import sys
 
-_BOX_COLOURS = [(255, 64, 64), (64, 160, 255), (80, 220, 80), (255, 200, 40)]
-_RAMP = [(0, 0, 4), (80, 18, 123), (182, 54, 121), (251, 136, 97), (252, 253, 191)]  # magma-like
+    from .cli import main as cli_main
 
-
-def _heatmap(values, size: int):
-    """A `[h, w]` map as a colour image, normalised to its own min..max (tiny models attend nearly uniformly)."""
-    import numpy as np
-    from PIL import Image
-
-    arr = values.detach().float().cpu().numpy()
-    span = float(arr.max() - arr.min())
-    norm = (arr - arr.min()) / span if span > 0 else np.zeros_like(arr)
-    stops = np.linspace(0, 1, len(_RAMP))
-    rgb = np.stack([np.interp(norm, stops, [c[k] for c in _RAMP]) for k in range(3)], axis=-1).astype("uint8")
-    return Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
-
-
-def _as_pil(image):
-    """A PIL image from a pipeline output item (PIL, or an `[H, W, 3]` array in 0..1)."""
-    import numpy as np
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    return Image.fromarray((arr.clip(0, 1) * 255).round().astype("uint8"))
-
-
-def _draw_box(draw, box: Box, size: int, colour, width: int = 2) -> None:
-    x0, y0, x1, y1 = box
-    draw.rectangle([x0 * size, y0 * size, x1 * size - 1, y1 * size - 1], outline=colour, width=width)
-
-
-def render_comparison(
-    runs: Sequence[tuple[str, GuidedOutput]], concepts: Sequence[GuidedConcept], prompt: str = "", tile: int = 192
-):
-    """One row per run (e.g. guidance off / on): the image with the boxes drawn, then each concept's
-    cross-attention map (mean over steps and guided layers) with its box, and the mean L_loc."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    header, label_w = 30, 150
-    cols = 1 + len(concepts)
-    sheet = Image.new("RGB", (label_w + cols * tile, header + len(runs) * (tile + 18)), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((6, 6), prompt[:120], fill="black", font=font)
-    for c, concept in enumerate(concepts):
-        draw.text((label_w + (c + 1) * tile + 4, header - 14), f"attention: {concept.name}", fill="black", font=font)
-    draw.text((label_w + 4, header - 14), "image + boxes", fill="black", font=font)
-    for r, (label, out) in enumerate(runs):
-        top = header + r * (tile + 18)
-        mean_loss = sum(out.loc_losses) / max(len(out.loc_losses), 1)
-        draw.text((6, top + tile // 2 - 12), label, fill="black", font=font)
-        draw.text((6, top + tile // 2 + 4), f"L_loc {mean_loss:.4f}", fill="black", font=font)
-        image = _as_pil(out.images[0]).resize((tile, tile), Image.NEAREST)
-        tile_draw = ImageDraw.Draw(image)
-        for k, concept in enumerate(concepts):
-            _draw_box(tile_draw, concept.box, tile, _BOX_COLOURS[k % len(_BOX_COLOURS)])
-        sheet.paste(image, (label_w, top))
-        for k, concept in enumerate(concepts):
-            heat = _heatmap(out.attention_maps[k][0], tile)
-            _draw_box(ImageDraw.Draw(heat), concept.box, tile, _BOX_COLOURS[k % len(_BOX_COLOURS)])
-            sheet.paste(heat, (label_w + (k + 1) * tile, top))
-        draw.text((label_w + 4, top + tile + 2), "maps: own min..max", fill="grey", font=font)
-    return sheet
-
-
-# ---- command line: one two-object image with guidance off and on --------------------------------
-
-
-def _parse_box(text: str) -> tuple[float, float, float, float]:
-    parts = [p for p in text.replace(" ", ",").split(",") if p]
-    return validate_box(parts if len(parts) == 4 else [text], f"--boxes {text!r}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-    import json
-    from pathlib import Path
-
-    parser = argparse.ArgumentParser(
-        prog="python -m inference.guidance",
-        description="Generate one two-object image with spatial guidance off and on (same seed) and save a "
-        "side-by-side picture with the boxes and each concept's cross-attention map.",
-    )
-    parser.add_argument("--base", required=True, help="Stable Diffusion pipeline folder or Hub id")
-    parser.add_argument("--prompt", required=True, help='e.g. "a photo of a cat and a dog"')
-    parser.add_argument("--words", nargs=2, required=True, metavar=("A", "B"), help="the two concept words of the prompt")
-    parser.add_argument("--boxes", nargs=2, metavar=("BOX_A", "BOX_B"), help="x0,y0,x1,y1 in 0..1 for each word")
-    parser.add_argument("--location-mlp", help="encoders folder / Hub repo with location_mlp/ (boxes when --boxes is not given)")
-    parser.add_argument("--out", required=True, help="PNG file for the side-by-side picture (a .json with the numbers is written beside it)")
-    parser.add_argument("--steps", type=int, default=50, help="reverse steps (default 50)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--guidance-steps", type=int, default=10, help="reverse steps with latent updates (paper: 10)")
-    parser.add_argument("--iterations", type=int, default=5, help="gradient iterations per guided step")
-    parser.add_argument("--step-size", type=float, default=30.0,
-                        help="latent step scale, times (1 - alphabar_t) (default 30, layout guidance's for SD; "
-                        "the random tiny demo model needs ~1e5 to show a change)")
-    parser.add_argument("--loss-threshold", type=float, default=0.2, help="stop a step's iterations below this L_loc")
-    parser.add_argument("--seed", type=int, default=0, help="same seed for both images")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    args = parser.parse_args(argv)
-
-    from diffusers import StableDiffusionPipeline
-
-    from .loading import dtype_kwargs
-
-    if not args.boxes and not args.location_mlp:
-        parser.error("give --boxes or --location-mlp")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.base, safety_checker=None, requires_safety_checker=False, **dtype_kwargs(dtype)
-    )
-    pipe.to(device)
-    resolved = list(args.words)
-    if args.boxes:
-        boxes = [_parse_box(b) for b in args.boxes]
-    else:
-        predicted = predict_boxes(load_location_mlp(args.location_mlp, device=device), pipe, *args.words)
-        boxes, resolved = predicted["boxes"], predicted["resolved"]
-        print(f"location MLP boxes: {args.words[0]} -> {resolved[0]} {[round(v, 3) for v in boxes[0]]}, "
-              f"{args.words[1]} -> {resolved[1]} {[round(v, 3) for v in boxes[1]]}")
-    concepts = concepts_from_words(pipe.tokenizer, args.prompt, args.words, boxes)
-    runs = []
-    for label, steps in (("guidance off", 0), ("guidance on", args.guidance_steps)):
-        config = SpatialGuidanceConfig(steps, args.iterations, args.step_size, args.loss_threshold)
-        out = generate_with_spatial_guidance(
-            pipe, concepts, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-            generator=torch.Generator(device=device).manual_seed(args.seed), config=config,
-        )
-        runs.append((label, out))
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    sheet = render_comparison(runs, concepts, args.prompt)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    sheet.save(tmp, format="PNG")
-    tmp.replace(out_path)
-    summary = {
-        "prompt": args.prompt, "words": args.words, "resolved": resolved, "boxes": [list(c.box) for c in concepts],
-        "seed": args.seed, "steps": args.steps, "guidance_steps": args.guidance_steps, "iterations": args.iterations,
-        "step_size": args.step_size,
-        "mean_loc_loss": {label: sum(o.loc_losses) / len(o.loc_losses) for label, o in runs},
-        "mean_loc_loss_guided_steps": {
-            label: sum(o.loc_losses[: max(args.guidance_steps, 1)]) / max(args.guidance_steps, 1) for label, o in runs
-        },
-    }
-    out_path.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {out_path} (L_loc off {summary['mean_loc_loss']['guidance off']:.4f}, "
-          f"on {summary['mean_loc_loss']['guidance on']:.4f})")
+    return cli_main(["guide", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,17 +1,31 @@
-"""Load the base Stable Diffusion pipeline (a diffusers folder or Hub id) for inference.
+"""Every model the inference package uses is loaded here: base pipelines, ELITE encoders, the location MLP.
 
-Device and dtype are chosen once here ("auto": CUDA if present, else Apple MPS, else CPU; fp16 on
-CUDA, fp32 elsewhere, since fp16 is not supported on CPU) and everything else follows the pipeline's
-`device` / `dtype`. Samplers can be picked by short name (`lms` is ELITE's) or swapped in by the user
-afterwards (`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`): nothing in this
-package assumes a particular scheduler.
+Base pipelines come from a diffusers folder or Hub id (`load_base_pipeline`), or are assembled from
+parts already in memory (`pipeline_from_parts`: the training stack's frozen models, so validation
+pictures are made by the same code users run). Device and dtype are chosen once
+(`encoders.common.device`: "auto" = CUDA, else MPS, else CPU; fp16 on CUDA, fp32 elsewhere) and
+everything else follows the pipeline's. Samplers can be picked by short name (`lms` is ELITE's) or
+swapped in afterwards (`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`).
+
+An encoders folder / Hub repo (`load_encoders`) holds `global_mapping/` (required), `local_mapping/`
+and `location_mlp/` (optional); the image encoder is the one its config records. `check_encoders_fit`
+refuses encoders made for another base model's shapes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import StableDiffusionPipeline
+
+from encoders.clip_features import CLIPFeatureExtractor
+from encoders.common.device import dtype_kwargs, resolve_device, resolve_dtype
+from encoders.global_mapping import GlobalMapping, MappingFitError
+from encoders.local_mapping import LocalMapping
+from encoders.location_mlp import LocationMLP
 
 # short name -> diffusers scheduler class name; built with `from_config(pipe.scheduler.config)`
 SCHEDULERS = {
@@ -23,56 +37,23 @@ SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
 }
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def dtype_kwargs(dtype: torch.dtype) -> dict:
-    """`from_pretrained` dtype keyword: `dtype` where diffusers has it (it deprecates `torch_dtype`)."""
-    try:
-        from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
-
 
 class ModelLoadError(RuntimeError):
     """A base model or encoders folder/Hub repo that cannot be loaded or does not fit; says which and why."""
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto"/None -> cuda if available, else mps, else cpu; anything else as given."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """"auto"/None -> fp16 on CUDA, fp32 elsewhere; fp16 on CPU is refused with a clear error."""
-    if isinstance(dtype, torch.dtype):
-        chosen = dtype
-    elif dtype is None or dtype == "auto":
-        chosen = torch.float16 if device.type == "cuda" else torch.float32
-    elif dtype in DTYPES:
-        chosen = DTYPES[dtype]
-    else:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
-    if device.type == "cpu" and chosen == torch.float16:
-        raise ValueError("float16 is not supported on CPU; use float32 or bfloat16 there")
-    return chosen
-
-
 def make_scheduler(name: str, base_config):
     """Build a diffusers scheduler by short name (see SCHEDULERS) from the pipeline's scheduler config."""
-    import diffusers
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     return getattr(diffusers, SCHEDULERS[name]).from_config(base_config)
+
+
+def _eval(pipe):
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        module.eval()
+    return pipe
 
 
 def load_base_pipeline(
@@ -87,7 +68,6 @@ def load_base_pipeline(
     `scheduler` replaces the folder's sampler by short name (None keeps it). `safety_checker=False`
     skips loading the model's safety checker (when it has one), as diffusers allows.
     """
-    from diffusers import StableDiffusionPipeline
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -104,9 +84,21 @@ def load_base_pipeline(
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.to(device)
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
-    pipe.vae.eval()
+    return _eval(pipe)
+
+
+def pipeline_from_parts(vae, text_encoder, tokenizer, unet, scheduler):
+    """A `StableDiffusionPipeline` over models already in memory (no safety checker, no progress bar).
+
+    The models are used as they are (device, dtype, processors): the training stack builds its
+    validation pictures with this, through the same `ElitePipeline` users run.
+    """
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -115,3 +107,132 @@ def default_image_size(pipe) -> tuple[int, int]:
     sample = pipe.unet.config.sample_size
     height, width = (sample, sample) if isinstance(sample, int) else tuple(sample)
     return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
+
+
+# ---- ELITE encoders --------------------------------------------------------------------------------
+
+
+@dataclass
+class EliteEncoders:
+    """What an encoders folder / Hub repo holds, loaded and ready: mappings, image encoder, origin."""
+
+    global_mapping: torch.nn.Module
+    local_mapping: torch.nn.Module | None
+    location_mlp: torch.nn.Module | None
+    feature_extractor: torch.nn.Module  # encoders.clip_features.CLIPFeatureExtractor
+    source: str
+    image_encoder_name: str
+    base_model_name: str | None
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.global_mapping.config.output_dim)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "EliteEncoders":
+        """Move the mappings and the image encoder (the location MLP keeps fp32); returns self."""
+        for model in (self.global_mapping, self.local_mapping, self.feature_extractor):
+            if model is not None:
+                model.to(device=device, dtype=dtype)
+        if self.location_mlp is not None:
+            self.location_mlp.to(device=device)
+        return self
+
+
+def _load_subfolder(cls, name_or_path: str, subfolder: str, required: bool, dtype: torch.dtype):
+    """`cls.from_pretrained(name_or_path, subfolder=...)`; None when optional and absent."""
+    local = Path(name_or_path)
+    if local.exists() and not (local / subfolder / "config.json").is_file():
+        if required:
+            raise ModelLoadError(f"encoders folder {local}: no {subfolder}/config.json (is this an encoders folder?)")
+        return None
+    try:
+        return cls.from_pretrained(str(name_or_path), subfolder=subfolder, **dtype_kwargs(dtype))
+    except (OSError, ValueError, EnvironmentError) as err:
+        if not required and not local.exists():
+            return None  # a Hub repo without the optional subfolder
+        raise ModelLoadError(f"cannot load {subfolder}/ from the encoders {name_or_path}: {err}") from err
+
+
+def load_encoders(
+    name_or_path: str | Path,
+    image_encoder: str | Path | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+) -> EliteEncoders:
+    """Load global_mapping/ (required), local_mapping/ and location_mlp/ (optional) and the image encoder.
+
+    The image encoder is the one recorded in the global mapping's config unless `image_encoder`
+    overrides it (e.g. a local copy of `openai/clip-vit-large-patch14`).
+    """
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    name = str(name_or_path)
+    global_mapping = _load_subfolder(GlobalMapping, name, "global_mapping", True, dtype)
+    local_mapping = _load_subfolder(LocalMapping, name, "local_mapping", False, dtype)
+    location_mlp = _load_subfolder(LocationMLP, name, "location_mlp", False, torch.float32)
+
+    image_encoder_name = str(image_encoder or global_mapping.config.image_encoder_name_or_path or "")
+    if not image_encoder_name:
+        raise ModelLoadError(
+            f"encoders {name}: global_mapping/config.json records no image_encoder_name_or_path; pass the CLIP "
+            "vision model it was trained with (--image-encoder / image_encoder=)"
+        )
+    # one CLIP pass taps every layer either mapping reads
+    layers = [int(v) for v in global_mapping.config.feature_layers]
+    if local_mapping is not None:
+        layers += [int(v) for v in local_mapping.config.feature_layers if int(v) not in layers]
+    try:
+        extractor = CLIPFeatureExtractor.from_pretrained(image_encoder_name, layers=tuple(layers), torch_dtype=dtype)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelLoadError(f"cannot load the image encoder {image_encoder_name} for the encoders {name}: {err}") from err
+    for label, model in (("global_mapping", global_mapping), ("local_mapping", local_mapping)):
+        if model is not None and int(model.config.input_dim) != extractor.hidden_size:
+            raise ModelLoadError(
+                f"encoders {name}: {label} reads image features of width {model.config.input_dim}, but the image "
+                f"encoder {image_encoder_name} gives {extractor.hidden_size}: pass the image encoder they were trained with"
+            )
+    for model in (global_mapping, local_mapping, location_mlp, extractor):
+        if model is not None:
+            model.to(device).eval().requires_grad_(False)
+    return EliteEncoders(
+        global_mapping=global_mapping,
+        local_mapping=local_mapping,
+        location_mlp=location_mlp,
+        feature_extractor=extractor,
+        source=name,
+        image_encoder_name=image_encoder_name,
+        base_model_name=global_mapping.config.pretrained_model_name_or_path,
+    )
+
+
+def check_encoders_fit(encoders: EliteEncoders, pipe) -> None:
+    """Raise `ModelLoadError` unless the encoders were made for this base model's shapes
+    (`MappingModel.check_fits` for each mapping; the location MLP's embedding width)."""
+
+    text_dim = int(pipe.text_encoder.config.hidden_size)
+    for label, model in (("global_mapping", encoders.global_mapping), ("local_mapping", encoders.local_mapping)):
+        if model is None:
+            continue
+        try:
+            model.check_fits(pipe.unet, text_dim=text_dim)
+        except MappingFitError as err:
+            raise ModelLoadError(f"encoders {encoders.source}: {label}: {err}") from err
+    if encoders.location_mlp is not None and int(encoders.location_mlp.config.embedding_dim) != text_dim:
+        raise ModelLoadError(
+            f"encoders {encoders.source}: location_mlp reads embeddings of size "
+            f"{encoders.location_mlp.config.embedding_dim}, this base model's are {text_dim}"
+        )
+
+
+def load_location_mlp(path_or_repo: str, subfolder: str | None = "location_mlp", device=None):
+    """`LocationMLP` from an encoders folder / Hub repo (its `location_mlp/` subfolder) or a folder itself."""
+
+    local = Path(path_or_repo)
+    if local.is_dir() and (local / "config.json").is_file() and not (local / (subfolder or "")).is_dir():
+        subfolder = None  # the location_mlp folder itself
+    try:
+        model = LocationMLP.from_pretrained(path_or_repo, subfolder=subfolder)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelLoadError(f"cannot load a location MLP from {path_or_repo}: {err}") from err
+    return model.to(device) if device is not None else model

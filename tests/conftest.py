@@ -100,7 +100,7 @@ def crop_shards(tmp_path_factory) -> Path:
     Pass the folder (or a glob of its .tar files) as `train_shards`."""
     from data_prep.crop_commands import build_coco_shards, build_openimages_shards
     from data_prep.records import CropSettings
-    from encoders.run_config import load_config
+    from encoders.common.config import load_config
 
     root = tmp_path_factory.mktemp("crop_shards")
     settings = load_config(CropSettings, REPO_ROOT / "configs/data/demo.yaml", ["resolution=64"])

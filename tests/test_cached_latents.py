@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_prep.cli import main as data_prep_main
-from training.data import CropDataConfig, build_crop_dataloader
+from training.crop_data import CropDataConfig, build_crop_dataloader
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -102,7 +102,7 @@ def test_loader_yields_the_moments_and_refuses_what_cannot_work(crop_shards, lat
 def test_training_step_from_cached_latents_matches_the_vae_path(latent_shards, tiny_sd_path, tiny_image_encoder_path, tmp_path):
     from accelerate import Accelerator
 
-    from encoders.run_config import load_config
+    from encoders.common.config import load_config
     from training.global_mapping import GlobalMappingConfig, GlobalMappingTask
 
     def task(cached: bool):

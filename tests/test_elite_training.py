@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from encoders.common.config import ConfigError, load_config
 from encoders.global_mapping import GlobalMapping
 from encoders.local_mapping import LocalMapping
-from encoders.run_config import ConfigError, load_config
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -211,7 +211,7 @@ def test_local_stage_single_process_with_validation_and_fresh_load(tmp_path, tin
     script = f"""
 import torch
 from diffusers import UNet2DConditionModel
-from encoders.attention import AttentionContext, LocalConcept, set_elite_processors
+from encoders.attention import AttentionContext, LocalTokens, set_elite_processors
 from encoders.global_mapping import GlobalMapping
 from encoders.local_mapping import LocalMapping
 gm = GlobalMapping.from_pretrained({str(tmp_path / 'encoders')!r}, subfolder="global_mapping")
@@ -220,7 +220,7 @@ unet = UNet2DConditionModel.from_pretrained(gm.config.pretrained_model_name_or_p
 set_elite_processors(unet, gm, lm)
 feats = [torch.randn(1, 257, 32) for _ in range(5)]
 local = lm(feats, torch.ones(1, 1, 8, 8))
-ctx = AttentionContext(concepts=[LocalConcept(local.tokens, 4, local.keep, 0.8)])
+ctx = AttentionContext(local=[LocalTokens(local.tokens, 4, local.keep, 0.8)])
 out = unet(torch.randn(1, 4, 32, 32), 10, torch.randn(1, 77, 32), cross_attention_kwargs=ctx.as_kwargs()).sample
 assert torch.isfinite(out).all() and gm(feats).shape == (1, 5, 32)
 print("ok")

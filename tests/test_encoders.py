@@ -13,7 +13,7 @@ from encoders.attention import (
     AttentionRecorder,
     ContextAttnProcessor,
     EliteAttnProcessor,
-    LocalConcept,
+    LocalTokens,
     cross_attention_layers,
     restore_default_processors,
     set_context_processors,
@@ -234,13 +234,13 @@ def test_lambda_zero_and_frozen_kv_equal_the_stock_processor(parts, mappings, un
         stock = _unet_out(unet, latents, text)
         set_elite_processors(unet, gm, lm)  # global K/V are exact copies of the frozen ones
         no_local = _unet_out(unet, latents, text, AttentionContext())
-        ctx = AttentionContext(concepts=[LocalConcept(local.tokens, token_index=3, keep=local.keep, lam=0.0)])
+        ctx = AttentionContext(local=[LocalTokens(local.tokens, token_index=3, keep=local.keep, scale=0.0)])
         lam0 = _unet_out(unet, latents, text, ctx)
         lam0_t = _unet_out(
             unet, latents, text,
-            AttentionContext(concepts=[LocalConcept(local.tokens, 3, local.keep, lam=torch.zeros(2))]),
+            AttentionContext(local=[LocalTokens(local.tokens, 3, local.keep, scale=torch.zeros(2))]),
         )
-        lam1 = _unet_out(unet, latents, text, AttentionContext(concepts=[LocalConcept(local.tokens, 3, local.keep, 1.0)]))
+        lam1 = _unet_out(unet, latents, text, AttentionContext(local=[LocalTokens(local.tokens, 3, local.keep, 1.0)]))
         plain = _unet_out(unet, latents, text)  # processors installed, no kwarg at all
     assert torch.equal(no_local, stock) and torch.equal(lam0, stock) and torch.equal(lam0_t, stock)
     assert torch.equal(plain, stock)
@@ -268,10 +268,10 @@ def test_masked_out_local_tokens_take_no_attention(parts, mappings, unet):
     garbage = local.tokens.clone()
     garbage[~local.keep] = 1e4 * torch.randn_like(garbage[~local.keep])
     with torch.no_grad():
-        a = _unet_out(unet, latents, text, AttentionContext(concepts=[LocalConcept(local.tokens, 5, local.keep)]))
-        b = _unet_out(unet, latents, text, AttentionContext(concepts=[LocalConcept(garbage, 5, local.keep)]))
+        a = _unet_out(unet, latents, text, AttentionContext(local=[LocalTokens(local.tokens, 5, local.keep)]))
+        b = _unet_out(unet, latents, text, AttentionContext(local=[LocalTokens(garbage, 5, local.keep)]))
         # without the keep-mask the garbage tokens would be attended
-        c = _unet_out(unet, latents, text, AttentionContext(concepts=[LocalConcept(garbage, 5, None)]))
+        c = _unet_out(unet, latents, text, AttentionContext(local=[LocalTokens(garbage, 5, None)]))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c, atol=1e-3)
 
@@ -284,7 +284,7 @@ def test_empty_mask_sample_gets_no_local_branch_and_no_nan(parts, mappings, unet
     set_elite_processors(unet, gm, lm)
     with torch.no_grad():
         stock = _unet_out(unet, latents, text, AttentionContext())
-        out = _unet_out(unet, latents, text, AttentionContext(concepts=[LocalConcept(local.tokens, 5, keep)]))
+        out = _unet_out(unet, latents, text, AttentionContext(local=[LocalTokens(local.tokens, 5, keep)]))
     assert torch.isfinite(out).all()
     assert torch.equal(out[1], stock[1]) and not torch.allclose(out[0], stock[0], atol=1e-5)
 
@@ -298,7 +298,7 @@ def test_reweighting_is_per_sample(parts, mappings, unet):
     idx = torch.tensor([5, 7])
 
     def run(lat, txt, toks, keep):
-        ctx = AttentionContext(concepts=[LocalConcept(toks, idx, keep)])
+        ctx = AttentionContext(local=[LocalTokens(toks, idx, keep)])
         with torch.no_grad():
             return _unet_out(unet, lat, txt, ctx)
 
@@ -319,13 +319,13 @@ def test_cfg_batch_local_branch_applies_to_conditional_half(parts, mappings, une
     lat2, txt2 = torch.cat([latents, latents]), torch.cat([text, text])
     with torch.no_grad():
         stock = _unet_out(unet, lat2, txt2, AttentionContext())
-        cfg = _unet_out(unet, lat2, txt2, AttentionContext(concepts=[LocalConcept(local.tokens, 5, local.keep)]))
-        direct = _unet_out(unet, latents, text, AttentionContext(concepts=[LocalConcept(local.tokens, 5, local.keep)]))
+        cfg = _unet_out(unet, lat2, txt2, AttentionContext(local=[LocalTokens(local.tokens, 5, local.keep)]))
+        direct = _unet_out(unet, latents, text, AttentionContext(local=[LocalTokens(local.tokens, 5, local.keep)]))
     assert torch.equal(cfg[:2], stock[:2])
     assert torch.allclose(cfg[2:], direct, atol=1e-5)
     with pytest.raises(ValueError, match="attention batch"):
         _unet_out(unet, torch.cat([lat2, latents[:1]]), torch.cat([txt2, text[:1]]),
-                  AttentionContext(concepts=[LocalConcept(local.tokens, 5, local.keep)]))
+                  AttentionContext(local=[LocalTokens(local.tokens, 5, local.keep)]))
 
 
 def test_two_concepts_each_through_its_own_token(parts, mappings, unet):
@@ -333,11 +333,11 @@ def test_two_concepts_each_through_its_own_token(parts, mappings, unet):
     latents, text, local = _scene(parts, mappings)
     _, _, other = _scene(parts, mappings, seed=3)
     set_elite_processors(unet, gm, lm)
-    first = LocalConcept(local.tokens, 4, local.keep, lam=1.0)
+    first = LocalTokens(local.tokens, 4, local.keep, scale=1.0)
     with torch.no_grad():
-        one = _unet_out(unet, latents, text, AttentionContext(concepts=[first]))
-        second_off = _unet_out(unet, latents, text, AttentionContext(concepts=[first, LocalConcept(other.tokens, 9, other.keep, 0.0)]))
-        both = _unet_out(unet, latents, text, AttentionContext(concepts=[first, LocalConcept(other.tokens, 9, other.keep, 1.0)]))
+        one = _unet_out(unet, latents, text, AttentionContext(local=[first]))
+        second_off = _unet_out(unet, latents, text, AttentionContext(local=[first, LocalTokens(other.tokens, 9, other.keep, 0.0)]))
+        both = _unet_out(unet, latents, text, AttentionContext(local=[first, LocalTokens(other.tokens, 9, other.keep, 1.0)]))
     assert torch.equal(one, second_off)
     assert not torch.allclose(both, one, atol=1e-5)
 
@@ -366,7 +366,7 @@ def test_self_attention_layers_take_the_kwarg_without_warning(parts, mappings, u
 
     gm, lm = mappings
     latents, text, local = _scene(parts, mappings)
-    ctx = AttentionContext(concepts=[LocalConcept(local.tokens, 5, local.keep)])
+    ctx = AttentionContext(local=[LocalTokens(local.tokens, 5, local.keep)])
     with mock.patch.object(ap.logger, "warning") as warn, torch.no_grad():
         set_elite_processors(unet, gm, lm)
         _unet_out(unet, latents, text, ctx)

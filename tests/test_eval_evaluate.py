@@ -32,11 +32,11 @@ def test_shipped_prompts_match_dreambooth(data_dir):
 
 def test_prompt_specs_choose_list_and_add_coi(tmp_path):
     cfg = evaluate.EvalConfig(num_prompts=3, coi=True, coi_objects=["dog", "car"])
-    dog = evaluate.EvalConcept("dog", tmp_path, "dog")
+    dog = evaluate.ConceptFolder("dog", tmp_path, "dog")
     specs = evaluate.prompt_specs(cfg, dog)
     assert [s.template for s in specs[:3]] == list(evaluate.DREAMBOOTH_LIVE_PROMPTS[:3])
     assert [(s.template, s.coi_target) for s in specs[3:]] == [("a photo of {} and a car", "car")]  # not its own class
-    pot = evaluate.EvalConcept("teapot", tmp_path, "teapot")
+    pot = evaluate.ConceptFolder("teapot", tmp_path, "teapot")
     cfg = evaluate.EvalConfig(num_prompts=25)
     assert [s.template for s in evaluate.prompt_specs(cfg, pot)][-5:] == list(evaluate.DREAMBOOTH_OBJECT_PROMPTS[-5:])
     bad = tmp_path / "p.txt"
@@ -155,7 +155,7 @@ def test_evaluation_imports_no_training_stack():
 
 
 def test_elite_mask_lookup(data_dir):
-    teapot = evaluate.EvalConcept("teapot", data_dir / "concepts" / "dreambooth" / "teapot", "teapot")
+    teapot = evaluate.ConceptFolder("teapot", data_dir / "concepts" / "dreambooth" / "teapot", "teapot")
     masks = data_dir / "concepts" / "masks"
     assert teapot.mask_for(teapot.photos[4], masks) == masks / "teapot_04.png"
     assert teapot.mask_for(teapot.photos[0], masks) is None

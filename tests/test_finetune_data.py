@@ -7,7 +7,9 @@ import shutil
 import pytest
 import torch
 
-from training.concept_data import OBJECT_TEMPLATES, ConceptBatches, list_concept_images, load_concept_photos
+from encoders.common.images import list_photos
+from training.concept_data import ConceptBatches, load_concept_photos
+from training.templates import OBJECT_TEMPLATES
 
 
 def test_photos_load_square_and_normalised(data_dir):
@@ -40,8 +42,8 @@ def test_bad_photos_are_skipped_and_named(data_dir, tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no images"):
-        list_concept_images(empty)
+    with pytest.raises(FileNotFoundError, match="holds no photos"):
+        list_photos(empty)
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     (only_bad / "a.png").write_bytes(b"xx")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from encoders.run_config import ConfigError, load_config
+from encoders.common.config import ConfigError, load_config
 from encoders.subspace import TextualSubspace, matrix_rank, vocabulary_order
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -30,7 +30,7 @@ def common_args(sd_path, concept_dir, out_dir, steps=3):
         f"pretrained_model_name_or_path={sd_path}",
         f"concept_dir={concept_dir}",
         f"output_dir={out_dir}",
-        f"resolution={RES}",
+        f"data.resolution={RES}",
         f"max_steps={steps}",
         "train_batch_size=2",
         "checkpointing_steps=0",

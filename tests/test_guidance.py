@@ -9,7 +9,7 @@ import torch
 
 from inference.guidance import (
     AttentionMapStore,
-    GuidedConcept,
+    BoxedTokens,
     SpatialGuidanceConfig,
     box_mask,
     concepts_from_words,
@@ -18,8 +18,8 @@ from inference.guidance import (
     generate_with_spatial_guidance,
     location_loss,
     map_shape,
-    render_comparison,
 )
+from inference.pictures import render_comparison
 
 
 def test_box_mask_cells_and_never_empty():
@@ -54,7 +54,7 @@ def test_location_loss_matches_the_formula():
     a1[:2, :2] = 1.0 / 4
     probs[0, :, :, 1] = a1.flatten()
     store = _store_with({"mid_block.attn2.processor": probs})
-    concepts = [GuidedConcept([1], (0, 0, 0.5, 0.5), "a"), GuidedConcept([3], (0, 0, 1, 0.5), "b")]
+    concepts = [BoxedTokens([1], (0, 0, 0.5, 0.5), "a"), BoxedTokens([3], (0, 0, 1, 0.5), "b")]
     loss = location_loss(store, concepts, (16, 16))
     # token 1: all its mass is in the box -> 0; token 3: uniform, box covers half -> 0.5
     assert loss.item() == pytest.approx((0.0 + 0.5) / 2, abs=1e-6)
@@ -70,7 +70,7 @@ def test_location_loss_multi_token_concept_and_cfg_rows():
     store = AttentionMapStore()
     store.reset(rows=slice(1, 2))
     store.record("x.attn2", probs, is_cross=True)
-    concept = GuidedConcept([1, 2], (0, 0, 1, 0.5))
+    concept = BoxedTokens([1, 2], (0, 0, 1, 0.5))
     a = probs[1, 0, :, 1:3].mean(-1).reshape(2, 2)
     expected = 1 - a[0].sum() / a.sum()
     assert location_loss(store, [concept], (8, 8)).item() == pytest.approx(expected.item(), rel=1e-5)
@@ -125,8 +125,8 @@ def test_guidance_lowers_location_loss_against_the_same_seed(tiny_pipe):
     for losses in on.guidance_losses:
         assert losses[-1] < losses[0]
     # the denoising passes of the guided steps see lower L_loc than the unguided run with the same seed
-    assert on.loc_losses[0] < off.loc_losses[0] - 1e-3
-    assert np.mean(on.loc_losses[:2]) < np.mean(off.loc_losses[:2]) - 1e-3
+    assert on.location_losses[0] < off.location_losses[0] - 1e-3
+    assert np.mean(on.location_losses[:2]) < np.mean(off.location_losses[:2]) - 1e-3
     assert on.images.shape == off.images.shape == (1, 64, 64, 3)
     assert not np.allclose(on.images, off.images)
     assert len(on.attention_maps) == 2 and on.attention_maps[0].shape == (1, 32, 32)
@@ -172,7 +172,7 @@ def test_elite_context_and_processors_are_kept(tiny_pipe):
     pipe.set_progress_bar_config(disable=True)
     installed = set_context_processors(pipe.unet)
     recorder = AttentionRecorder(keep_grad=False)
-    concepts = [GuidedConcept([5], BOXES[0], "cat")]  # a token position, as ELITE's S* gives it
+    concepts = [BoxedTokens([5], BOXES[0], "cat")]  # a token position, as ELITE's S* gives it
     try:
         out = generate_with_spatial_guidance(
             pipe, concepts, PROMPT, num_inference_steps=2, guidance_scale=1.0, output_type="latent",
@@ -185,7 +185,7 @@ def test_elite_context_and_processors_are_kept(tiny_pipe):
         cross = [n for n in pipe.unet.attn_processors if "attn2" in n]
         passes = len(pipe.scheduler.timesteps)  # PNDM runs one step more than asked
         assert set(recorder.maps) == set(cross) and all(len(v) == passes for v in recorder.maps.values())
-        assert out.images.shape == (1, 4, 32, 32) and len(out.loc_losses) == passes
+        assert out.images.shape == (1, 4, 32, 32) and len(out.location_losses) == passes
     finally:
         from encoders.attention import restore_default_processors
 
@@ -193,4 +193,4 @@ def test_elite_context_and_processors_are_kept(tiny_pipe):
     with pytest.raises(TypeError, match="AttentionContext"):
         generate_with_spatial_guidance(pipe, concepts, PROMPT, num_inference_steps=1, attention_context={"x": 1})
     with pytest.raises(ValueError, match="beyond the 77 text tokens"):
-        generate_with_spatial_guidance(pipe, [GuidedConcept([80], BOXES[0])], PROMPT, num_inference_steps=1)
+        generate_with_spatial_guidance(pipe, [BoxedTokens([80], BOXES[0])], PROMPT, num_inference_steps=1)

@@ -73,7 +73,7 @@ def test_generate_with_a_concept_writes_everything_and_imports_no_training_stack
     assert sorted(settings["files"] + ["concept_0.safetensors", "settings.json"]) == written
     assert [p["prompt"] for p in settings["prompts"]] == ["a photo of S* on the beach", "S* in the snow"]
     assert all(p["seeds"] == [7, 8] and len(p["images"]) == 2 for p in settings["prompts"])
-    assert settings["lam"] == 0.6 and settings["steps"] == 1 and (settings["height"], settings["width"]) == (32, 32)
+    assert settings["elite_scale"] == 0.6 and settings["steps"] == 1 and (settings["height"], settings["width"]) == (32, 32)
     assert settings["placeholders"] == ["S*"] and settings["scheduler"] == "PNDMScheduler"
     assert settings["concepts"][0]["mask_source"] == "teapot_04.png"
     assert settings["concepts"][0]["encoders"] == str(tiny_encoders_path)
@@ -105,7 +105,7 @@ def test_plain_base_pipeline_uses_the_models_default_size(tmp_path, tiny_sd_path
                  "--quiet", "--out", str(out)]) == 0
     settings = json.loads((out / "settings.json").read_text())
     assert (settings["height"], settings["width"]) == (64, 64)  # UNet sample_size 32 x VAE factor 2, not 8
-    assert settings["concepts"] == [] and settings["lam"] is None
+    assert settings["concepts"] == [] and settings["elite_scale"] is None
     with Image.open(out / settings["prompts"][0]["images"][0]) as picture:
         assert picture.size == (64, 64)
 
@@ -174,7 +174,7 @@ def test_inconsistent_arguments_are_usage_errors(argv, message, capsys):
 def test_help_explains_every_option():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subparsers) == {"generate", "encode"}
+    assert set(subparsers) == {"generate", "encode", "guide"}
     for name, sub in subparsers.items():
         text = sub.format_help()
         for action in sub._actions:
@@ -182,7 +182,7 @@ def test_help_explains_every_option():
                 continue
             assert action.help, f"{name} {action.option_strings} has no help text"
             assert action.option_strings[0] in text
-    assert "--lam" in subparsers["generate"].format_help() and "0.6" in subparsers["generate"].format_help()
+    assert "--elite-scale" in subparsers["generate"].format_help() and "--lam" in subparsers["generate"].format_help() and "0.6" in subparsers["generate"].format_help()
 
 
 def test_demo_report_lists_parts_and_fails_on_a_missing_stage(tmp_path, capsys):

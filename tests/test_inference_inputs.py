@@ -7,17 +7,18 @@ import pytest
 import torch
 from PIL import Image
 
+from encoders.common.files import atomic_write_json
 from inference.concept import Concept, ConceptFileError
 from inference.inputs import (
+    LETTERBOX_RGB,
     ConceptInputError,
     ConceptInputWarning,
     find_placeholders,
     load_concept_image,
-    LETTERBOX_RGB,
     prepare_concept_image,
     square_box_around,
 )
-from inference.outputs import make_grid, mask_preview, save_image_atomic, write_json_atomic
+from inference.pictures import make_grid, mask_preview, save_image_atomic
 
 
 def _photo(size=(80, 60), seed=0) -> Image.Image:
@@ -229,7 +230,7 @@ def test_grid_layout_and_atomic_writes(tmp_path):
     np.testing.assert_array_equal(preview[0, 0], (original[0, 0] * np.float32(0.35)).astype(int))  # outside: dimmed
 
     path = save_image_atomic(grid, tmp_path / "grid.png")
-    write_json_atomic({"a": 1}, tmp_path / "settings.json")
+    atomic_write_json(tmp_path / "settings.json", {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "settings.json"]
     assert Image.open(path).size == grid.size
     assert (path.stat().st_mode & 0o644) == 0o644  # readable like any other file, not mkstemp's 0600

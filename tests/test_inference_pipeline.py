@@ -12,7 +12,8 @@ import torch
 from encoders.attention import ContextAttnProcessor, EliteAttnProcessor
 from inference import Concept, ElitePipeline, ModelLoadError
 from inference.inputs import ConceptInputError
-from inference.pipeline import check_encoders_fit, default_placeholders, load_encoders
+from inference.loading import check_encoders_fit, load_encoders
+from inference.pipeline import default_placeholders
 
 STEPS = 2
 
@@ -96,14 +97,14 @@ def test_seeded_runs_are_reproducible(elite, teapot):
 
 def test_lambda_zero_equals_the_global_only_path(elite, teapot):
     global_only = Concept(w0=teapot.w0, metadata=teapot.metadata)  # no local tokens at all
-    lam0 = _run(elite, "a photo of S* in the snow", teapot, lam=0.0)
+    lam0 = _run(elite, "a photo of S* in the snow", teapot, elite_scale=0.0)
     np.testing.assert_array_equal(lam0, _run(elite, "a photo of S* in the snow", global_only))
-    with_local = _run(elite, "a photo of S* in the snow", teapot, lam=1.0)
+    with_local = _run(elite, "a photo of S* in the snow", teapot, elite_scale=1.0)
     assert not np.array_equal(lam0, with_local)  # the local branch does change the picture
 
 
 def test_set_elite_scale_is_the_default_lambda(elite, teapot):
-    explicit = _run(elite, "S* on a table", teapot, lam=1.0)
+    explicit = _run(elite, "S* on a table", teapot, elite_scale=1.0)
     elite.set_elite_scale(1.0)
     try:
         np.testing.assert_array_equal(_run(elite, "S* on a table", teapot), explicit)
@@ -129,10 +130,10 @@ def test_w0_is_injected_at_the_placeholder(elite):
     tokenizer, text_encoder = elite.pipe.tokenizer, elite.pipe.text_encoder
     dog_id = tokenizer("dog", add_special_tokens=False).input_ids[0]
     dog_word = text_encoder.get_input_embeddings().weight[dog_id].detach().clone()
-    injected, positions = elite.encode_prompt("a photo of a S* on grass", [Concept(w0=dog_word)], ["S*"])
+    cond = elite.conditioning("a photo of a S* on grass", [Concept(w0=dog_word)], ["S*"])
     typed = elite._plain_text("a photo of a dog on grass")
-    torch.testing.assert_close(injected, typed, rtol=0, atol=1e-5)
-    assert positions == [5]  # <bos> a photo of a S*
+    torch.testing.assert_close(cond.prompt_embeds, typed, rtol=0, atol=1e-5)
+    assert cond.word_positions[0].tolist() == [5]  # <bos> a photo of a S*
 
 
 def test_two_concepts_each_at_its_own_token(elite, dog_and_cat):
@@ -140,17 +141,18 @@ def test_two_concepts_each_at_its_own_token(elite, dog_and_cat):
     table = text_encoder.get_input_embeddings().weight
     words = {w: table[tokenizer(w, add_special_tokens=False).input_ids[0]].detach().clone() for w in ("dog", "cat")}
     prompt = "S1 playing with S2 in a garden"
-    hidden, positions = elite.encode_prompt(prompt, [Concept(w0=words["dog"]), Concept(w0=words["cat"])], ["S1", "S2"])
-    torch.testing.assert_close(hidden, elite._plain_text("dog playing with cat in a garden"), rtol=0, atol=1e-5)
+    cond = elite.conditioning(prompt, [Concept(w0=words["dog"]), Concept(w0=words["cat"])], ["S1", "S2"])
+    torch.testing.assert_close(cond.prompt_embeds, elite._plain_text("dog playing with cat in a garden"), rtol=0, atol=1e-5)
     ids = tokenizer(prompt).input_ids
     s1, s2 = tokenizer.convert_tokens_to_ids(["S1", "S2"])
-    assert positions == [ids.index(s1), ids.index(s2)] == [1, 4]
+    assert cond.word_positions[0].tolist() == [ids.index(s1), ids.index(s2)] == [1, 4]
 
     # each concept's local tokens are routed through its own token's attention map
     dog, cat = dog_and_cat
-    context = elite._attention_context([dog, cat], positions, [0.6, 0.8], num_images=3, attention_store=None)
-    (first, second) = context.concepts
-    assert (first.token_index, second.token_index) == (1, 4) and (first.lam, second.lam) == (0.6, 0.8)
+    context = elite.conditioning(prompt, [dog, cat], ["S1", "S2"], [0.6, 0.8], num_images=3).context
+    (first, second) = context.local
+    assert (first.token_index.tolist(), second.token_index.tolist()) == ([1] * 3, [4] * 3)
+    assert (first.scale, second.scale) == (0.6, 0.8)
     assert first.tokens.shape == (3, 256, 32) and torch.equal(first.tokens[2], dog.local_tokens)
     assert torch.equal(second.tokens[0], cat.local_tokens) and torch.equal(second.keep[1], cat.local_keep)
 
@@ -167,8 +169,8 @@ def test_bad_prompts_and_concepts_are_clear_errors(elite, teapot):
         elite("S1 and S2", [teapot, teapot], placeholders=["S1"], num_inference_steps=1)
     with pytest.raises(ConceptInputError, match="w0 of size 16"):
         elite("S* on a table", Concept(w0=torch.zeros(16)), num_inference_steps=1)
-    with pytest.raises(ValueError, match="1 lambda values for 2 concepts"):
-        elite("S1 and S2", [teapot, teapot], lam=[0.5], num_inference_steps=1)
+    with pytest.raises(ValueError, match="1 elite_scale values for 2 concepts"):
+        elite("S1 and S2", [teapot, teapot], elite_scale=[0.5], num_inference_steps=1)
 
 
 def test_any_scheduler_users_swap_in(elite, teapot):
@@ -225,7 +227,7 @@ def test_encoders_for_another_base_model_are_refused(tiny_sd_path, tiny_encoders
                   pretrained_model_name_or_path="other/base",
                   image_encoder_name_or_path=str(tiny_image_encoder_path)).save_pretrained(wide / "global_mapping")
     encoders = load_encoders(wide, device="cpu", dtype="float32")
-    with pytest.raises(ModelLoadError, match="size 48 .* uses 32: they were trained for other/base"):
+    with pytest.raises(ModelLoadError, match="size 48 but the text encoder uses 32: it was trained for other/base"):
         check_encoders_fit(encoders, pipe)
 
     # the same width but other cross-attention layers
@@ -236,7 +238,7 @@ def test_encoders_for_another_base_model_are_refused(tiny_sd_path, tiny_encoders
     from encoders.local_mapping import LocalMapping
 
     LocalMapping(input_dim=32, output_dim=32, hidden_dim=8, kv_layers=kv).save_pretrained(other / "local_mapping")
-    with pytest.raises(ModelLoadError, match="local_mapping has K/V projections for"):
+    with pytest.raises(ModelLoadError, match="local_mapping: LocalMapping has K/V projections for"):
         ElitePipeline(pipe).load_encoders(other)
 
     # not an encoders folder at all; an image encoder of another width than the mappings read
@@ -279,7 +281,7 @@ def test_spatial_guidance_hook_with_boxes_and_with_the_location_mlp(tiny_sd_path
     left_right = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
     guided = elite(prompt, [dog, cat], boxes=left_right, guidance_config=config, num_inference_steps=STEPS,
                    seed=0, height=16, width=16, output_type="latent")
-    assert len(guided.loc_losses) == len(elite.scheduler.timesteps) and len(guided.attention_maps) == 2
+    assert len(guided.location_losses) == len(elite.scheduler.timesteps) and len(guided.attention_maps) == 2
     assert len(guided.guidance_losses) == 1  # one guided reverse step
     assert guided.images.shape == plain.shape and not np.array_equal(guided.images.numpy(), plain)
 

@@ -159,7 +159,7 @@ def test_trainer_exports_resumes_exactly_and_records_the_base_model(tmp_path, pa
 
 
 def test_trainer_config_errors(tmp_path, tiny_sd_path):
-    from encoders.run_config import ConfigError
+    from encoders.common.config import ConfigError
 
     with pytest.raises(ConfigError, match="train_shards is required"):
         LocationMLPConfig(output_dir=str(tmp_path))

@@ -191,8 +191,9 @@ def test_generated_pairs_keep_only_detected_nouns(tmp_path, tiny_sd_path, plante
     assert manifest["items"] == 6 and manifest["samples"] == 2 and manifest["skipped"] == {"not_detected": 4}
     samples = _read_samples(tmp_path / "gen")
     assert set(samples) == {"gen_cat__dog__0000", "gen_cat__dog__0001"}
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     for key, sample in samples.items():
         meta = json.loads(sample["json"])

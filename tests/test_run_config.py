@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from encoders.run_config import ConfigError, load_config, parse_config_cli, save_config
+from encoders.common.config import ConfigError, load_config, parse_config_cli, save_config
 
 
 @dataclass

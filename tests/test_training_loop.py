@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+
 import pytest
 import torch
 from toy_trainer import ToyConfig, ToyRegressor, ToyTask
-from training.loop import list_checkpoints, run_training
+
+from training.checkpoints import list_checkpoints
+from training.loop import run_training
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -109,7 +112,7 @@ def test_two_process_deepspeed_zero2_resumes_exactly(tmp_path):
 
 
 def test_model_card_keeps_each_trainers_notes(tmp_path):
-    from training.loop import write_model_card
+    from training.export import write_model_card
 
     cfg = ToyConfig(output_dir=str(tmp_path))
     write_model_card(tmp_path, cfg, "## global\nglobal notes", section="global_mapping")

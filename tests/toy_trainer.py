@@ -12,9 +12,10 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from encoders.run_config import parse_config_cli
+from encoders.common.config import parse_config_cli
 from training.common_config import TrainConfig
-from training.loop import TrainingTask, export_model, run_training
+from training.export import export_model
+from training.loop import TrainingTask, run_training
 
 
 class ToyRegressor(ModelMixin, ConfigMixin):

@@ -1,15 +1,17 @@
-"""The keys every trainer accepts (DESIGN.md §4), as one dataclass that each trainer extends.
+"""The keys every trainer accepts, as one dataclass that each trainer extends.
 
 `accelerate launch -m training.<trainer> --config FILE [key=value ...]`: the trainer's dataclass
-subclasses `TrainConfig`, adds its own keys, and `encoders.run_config.parse_config_cli` fills it.
+subclasses `TrainConfig`, adds its own keys, and `encoders.common.config.parse_config_cli` fills it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from encoders.run_config import ConfigError, keyed_field
+from encoders.anchors import AnchorRegularizer
+from encoders.common.config import ConfigError, keyed_field
 
 
 @dataclass
@@ -41,14 +43,19 @@ class TrainConfig:
     adam_weight_decay: float = keyed_field("AdamW weight decay", 1e-2)
     adam_epsilon: float = keyed_field("AdamW epsilon", 1e-8)
     max_grad_norm: float = keyed_field("gradient clipping norm (0 disables)", 1.0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = keyed_field(
-        "autocast precision; frozen models are stored in it too. bf16 works on CPU and recent GPUs; fp16 needs a GPU",
-        "no",
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = keyed_field(
+        "autocast precision; frozen models are stored in it too (unset: `accelerate launch --mixed_precision` or "
+        "the accelerate config decides). bf16 works on CPU and recent GPUs; fp16 needs a GPU",
+        None,
     )
     gradient_checkpointing: bool = keyed_field("recompute the frozen UNet's activations in backward to save memory", False)
     checkpointing_steps: int = keyed_field("save checkpoint-N/ every N optimizer steps (0: only at the end)", 500)
     checkpoints_total_limit: Optional[int] = keyed_field("keep at most this many checkpoints (oldest removed)", None)
     resume_from_checkpoint: Optional[str] = keyed_field("'latest' or a checkpoint-N folder to continue from", None)
+    resume_overrides: list[str] = keyed_field(
+        "settings that may differ from the checkpoint's when resuming (e.g. learning_rate); others must match",
+        factory=list,
+    )
     seed: int = keyed_field("seed for model init, noise, timesteps and data order", 0)
     report_to: Literal["tensorboard", "none"] = keyed_field("experiment tracker (through accelerate)", "tensorboard")
     tracker_project_name: Optional[str] = keyed_field("tracker run name (default: the trainer's name)", None)
@@ -78,8 +85,6 @@ class TrainConfig:
 
     @property
     def resolved_export_dir(self) -> str:
-        import os
-
         return self.export_dir or os.path.join(self.output_dir, "encoders")
 
 
@@ -100,7 +105,6 @@ class AnchorsConfig:
         """The `AnchorRegularizer` over this vocabulary's input embeddings, or None when disabled."""
         if not self.enabled:
             return None
-        from encoders.anchors import AnchorRegularizer
 
         return AnchorRegularizer.from_text_encoder(
             tokenizer, text_encoder, words=self.vocabulary, max_active=self.max_active, refresh_every=self.refresh_every,

@@ -4,8 +4,8 @@ Textual Inversion / BaTex and Infusion learn from the same thing: 3-5 photos of 
 shown with a neutral caption from CLIP's ImageNet templates ("a photo of a {}"), horizontally flipped
 at random, optionally with a mask that restricts the loss to the object. This module holds:
 
-- `FinetuneConfig`: the keys every fine-tune takes on top of `TrainConfig` (DESIGN.md §4:
-  `concept_dir`, `placeholder_token`, `initializer_token`, `class_word`; resolution, flips, masks...).
+- `FinetuneConfig`: the keys every fine-tune takes on top of `TrainConfig` (`concept_dir`,
+  `placeholder_token`, `initializer_token`, `class_word`; resolution, flips, masks...).
 - `load_concept_photos`: the photos (and masks) of a folder as square tensors; unreadable files are
   skipped with a warning that names them, an empty folder is an error that names it.
 - `ConceptBatches`: an endless, seeded stream of dict batches (photo index, flip, caption) that
@@ -18,86 +18,64 @@ at random, optionally with a mask that restricts the loss to the object. This mo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from encoders.run_config import ConfigError, keyed_field
+from encoders.common.config import ConfigError, keyed_field
+from encoders.common.finetune_folder import write_concept_info
+from encoders.common.images import find_mask, list_photos
+from inference.loading import pipeline_from_parts
 
 from .common_config import TrainConfig
 from .diffusion import FrozenStableDiffusion, denoising_loss
 from .loop import TrainingTask
+from .templates import TEMPLATES
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CONCEPT_FILE = "concept.json"  # what a fine-tune's output folder says about itself (read by inference.evaluate)
 
-# Textual Inversion's neutral captions (its "imagenet_templates_small", from CLIP's ImageNet templates).
-OBJECT_TEMPLATES = (
-    "a photo of a {}",
-    "a rendering of a {}",
-    "a cropped photo of the {}",
-    "the photo of a {}",
-    "a photo of a clean {}",
-    "a photo of a dirty {}",
-    "a dark photo of the {}",
-    "a photo of my {}",
-    "a photo of the cool {}",
-    "a close-up photo of a {}",
-    "a bright photo of the {}",
-    "a cropped photo of a {}",
-    "a photo of the {}",
-    "a good photo of the {}",
-    "a photo of one {}",
-    "a close-up photo of the {}",
-    "a rendition of the {}",
-    "a photo of the clean {}",
-    "a rendition of a {}",
-    "a photo of a nice {}",
-    "a good photo of a {}",
-    "a photo of the nice {}",
-    "a photo of the small {}",
-    "a photo of the weird {}",
-    "a photo of the large {}",
-    "a photo of a cool {}",
-    "a photo of a small {}",
-)
-STYLE_TEMPLATES = (
-    "a painting in the style of {}",
-    "a rendering in the style of {}",
-    "a cropped painting in the style of {}",
-    "the painting in the style of {}",
-    "a clean painting in the style of {}",
-    "a dirty painting in the style of {}",
-    "a dark painting in the style of {}",
-    "a picture in the style of {}",
-    "a cool painting in the style of {}",
-    "a close-up painting in the style of {}",
-    "a bright painting in the style of {}",
-    "a good painting in the style of {}",
-    "a close-up painting in the style of {}",
-    "a rendition in the style of {}",
-    "a nice painting in the style of {}",
-    "a small painting in the style of {}",
-    "a weird painting in the style of {}",
-    "a large painting in the style of {}",
-)
-TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+@dataclass
+class ConceptDataConfig:
+    """How the concept photos become training samples; fine-tunes nest it as `data` (`data.resolution=64`)."""
+
+    resolution: int = keyed_field("training image size in pixels (square)", 512)
+    center_crop: bool = keyed_field("crop non-square photos to their centre square before resizing (else pad-free squash)", True)
+    flip_p: float = keyed_field("probability of a horizontal flip per sample", 0.5)
+    templates: str = keyed_field("caption templates: object, style or imagenet (training.templates)", "object")
+    mask_dir: Optional[str] = keyed_field(
+        "folder of concept masks named like the photos (<stem>.png); default <concept_dir>/masks when present", None
+    )
+    use_masks: bool = keyed_field("weight the loss by the mask of each photo that has one", True)
+
+    def __post_init__(self) -> None:
+        if self.templates not in TEMPLATES:
+            raise ConfigError(f"data.templates must be one of {', '.join(TEMPLATES)}, got {self.templates!r}")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise ConfigError(f"data.flip_p must be within [0, 1], got {self.flip_p}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
     """Keys shared by the per-concept fine-tunes (Textual Inversion / BaTex, Infusion)."""
+
+    # the photo settings used to be top-level keys; they are `data.*` as in the ELITE trainers
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {
+        name: f"data.{name}" for name in ("resolution", "center_crop", "flip_p", "templates", "mask_dir", "use_masks")
+    }
 
     concept_dir: str = keyed_field("folder with the 3-5 photos of the concept (jpg/png/webp)", "")
     placeholder_token: str = keyed_field("the new word that will stand for the concept (Textual Inversion)", "S*")
@@ -105,14 +83,8 @@ class FinetuneConfig(TrainConfig):
     class_word: str = keyed_field(
         "the concept's class noun (e.g. cat): Infusion's token; evaluation replaces S* by it for CLIP-T", ""
     )
-    resolution: int = keyed_field("training image size in pixels (square)", 512)
-    center_crop: bool = keyed_field("crop non-square photos to their centre square before resizing (else pad-free squash)", True)
-    flip_p: float = keyed_field("probability of a horizontal flip per sample", 0.5)
-    templates: str = keyed_field("caption templates: object or style", "object")
-    mask_dir: Optional[str] = keyed_field(
-        "folder of concept masks named like the photos (<stem>.png); default <concept_dir>/masks when present", None
-    )
-    use_masks: bool = keyed_field("weight the loss by the mask of each photo that has one", True)
+    data: ConceptDataConfig = keyed_field("how the photos become samples (data.resolution, data.flip_p, ...)",
+                                          factory=ConceptDataConfig)
     validation_prompt: str = keyed_field("validation caption; {} is replaced by the concept's phrase", "a photo of a {} on the beach")
     num_validation_images: int = keyed_field("images rendered per validation", 2)
     validation_inference_steps: int = keyed_field("sampling steps for validation images", 25)
@@ -122,12 +94,6 @@ class FinetuneConfig(TrainConfig):
         super().__post_init__()
         if not self.concept_dir:
             raise ConfigError("concept_dir is required: the folder with the photos of the concept")
-        if self.templates not in TEMPLATES:
-            raise ConfigError(f"templates must be one of {', '.join(TEMPLATES)}, got {self.templates!r}")
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise ConfigError(f"flip_p must be within [0, 1], got {self.flip_p}")
-        if self.resolution < 8 or self.resolution % 8:
-            raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}")
 
     @property
     def resolved_export_dir(self) -> str:
@@ -154,20 +120,6 @@ class ConceptPhotos:
         return len(self.files)
 
 
-def list_concept_images(concept_dir: str | os.PathLike) -> list[Path]:
-    """Image files directly inside `concept_dir`, sorted by name (mask files excluded)."""
-    folder = Path(concept_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"concept_dir {folder} is not a folder")
-    files = sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(".mask")
-    )
-    if not files:
-        raise FileNotFoundError(f"concept_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
 def _square(image, resolution: int, center_crop: bool, resample):
 
     if center_crop and image.width != image.height:
@@ -177,18 +129,6 @@ def _square(image, resolution: int, center_crop: bool, resample):
     return image.resize((resolution, resolution), resample)
 
 
-def find_mask(image_file: Path, mask_dir: Path | None) -> Path | None:
-    """`<mask_dir>/<stem>.png` (or `<stem>.mask.png`, `<folder>_<stem>.png`) beside a photo, if any."""
-    candidates = [image_file.with_name(f"{image_file.stem}.mask.png")]
-    if mask_dir is not None:
-        candidates = [
-            mask_dir / f"{image_file.stem}.png",
-            mask_dir / f"{image_file.stem}.mask.png",
-            mask_dir / f"{image_file.parent.name}_{image_file.stem}.png",
-        ] + candidates
-    return next((c for c in candidates if c.is_file()), None)
-
-
 def load_concept_photos(
     concept_dir: str | os.PathLike,
     resolution: int,
@@ -196,14 +136,13 @@ def load_concept_photos(
     mask_dir: str | os.PathLike | None = None,
     use_masks: bool = True,
 ) -> ConceptPhotos:
-    """Read every photo (EXIF-rotated, RGB) and its optional mask, as square tensors at `resolution`."""
-    import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """Read every photo (EXIF-rotated, RGB) and its optional mask, as square tensors at `resolution`.
 
+    Photos and masks are found by the project's one rule (`encoders.common.images`: mask files are not
+    photos; `<mask_dir>/NAME.png`, `<concept_dir>/masks/NAME.png`, `NAME.mask.png`, `NAME_bg.png`...).
+    """
     folder = Path(concept_dir)
-    files = list_concept_images(folder)
-    if mask_dir is None and (folder / "masks").is_dir():
-        mask_dir = folder / "masks"
+    files = list_photos(folder)
     mask_root = Path(mask_dir) if mask_dir is not None else None
     if mask_root is not None and not mask_root.is_dir():
         raise FileNotFoundError(f"mask_dir {mask_root} is not a folder")
@@ -304,7 +243,7 @@ class ConceptFinetuneTask(TrainingTask):
             config.pretrained_model_name_or_path, self.device, weight_dtype, config.gradient_checkpointing
         )
         self.photos = load_concept_photos(
-            config.concept_dir, config.resolution, config.center_crop, config.mask_dir, config.use_masks
+            config.concept_dir, config.data.resolution, config.data.center_crop, config.data.mask_dir, config.data.use_masks
         )
         accelerator.print(
             f"[{self.name}] {len(self.photos)} photos from {config.concept_dir}"
@@ -342,8 +281,8 @@ class ConceptFinetuneTask(TrainingTask):
             len(self.photos),
             self.config.train_batch_size,
             self.concept_phrase(),
-            TEMPLATES[self.config.templates],
-            self.config.flip_p,
+            TEMPLATES[self.config.data.templates],
+            self.config.data.flip_p,
             seed=self.config.seed * 1000 + 7919 * rank + 1,
         )
 
@@ -376,20 +315,10 @@ class ConceptFinetuneTask(TrainingTask):
 
     def pipeline(self):
         """A `StableDiffusionPipeline` over the frozen parts (DDIM sampler), for validation images."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=self.sd.vae,
-            text_encoder=self.sd.text_encoder,
-            tokenizer=self.sd.tokenizer,
-            unet=self.sd.unet,
-            scheduler=DDIMScheduler.from_config(self.sd.noise_scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        return pipeline_from_parts(
+            self.sd.vae, self.sd.text_encoder, self.sd.tokenizer, self.sd.unet,
+            DDIMScheduler.from_config(self.sd.noise_scheduler.config),
         )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     def validation_images(self, models, step: int):
         prompt = self.config.validation_prompt.format(self.concept_phrase())
@@ -409,11 +338,7 @@ class ConceptFinetuneTask(TrainingTask):
             "max_steps": config.max_steps,
             "files": dict(files),
         }
-        path = Path(export_dir) / CONCEPT_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, path)
-        return CONCEPT_FILE
+        return write_concept_info(export_dir, info)
 
     card_tags: tuple[str, ...] = ()
 
@@ -433,7 +358,7 @@ tags:
 {self.model_card_notes()}
 ## Training
 
-- {photos} photos from `{c.concept_dir}`{f" ({masks} with masks)" if masks else ""}, {c.resolution} px, horizontal flips p={c.flip_p}, {c.templates} caption templates
+- {photos} photos from `{c.concept_dir}`{f" ({masks} with masks)" if masks else ""}, {c.data.resolution} px, horizontal flips p={c.data.flip_p}, {c.data.templates} caption templates
 - {c.max_steps} steps, batch {c.train_batch_size} x accumulation {c.gradient_accumulation_steps}, learning rate {c.learning_rate:g}{" (scaled by the batch)" if c.scale_lr else ""}, {c.mixed_precision} precision, seed {c.seed}
 - base model `{c.pretrained_model_name_or_path}`; every setting in `training_config_{self.name}.yaml`
 - `concept.json` describes the concept for `python -m inference.evaluate runs=<this folder>`

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from transformers import CLIPTextModel, CLIPTokenizer
 
 
 @dataclass
@@ -33,8 +36,6 @@ class FrozenStableDiffusion:
         gradient_checkpointing: bool = False,
     ) -> "FrozenStableDiffusion":
         """Load each component with `from_pretrained(name_or_path, subfolder=...)` (a folder or a Hub id)."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder")
@@ -69,7 +70,6 @@ class FrozenStableDiffusion:
         The same draw `encode_images` makes from the VAE's output, without running the encoder
         (shards from `python -m data_prep latents`, `data.cached_latents=true`).
         """
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         moments = moments.to(device=self.vae.device, dtype=self.vae.dtype)
         return DiagonalGaussianDistribution(moments).sample(generator=generator) * self.vae.config.scaling_factor

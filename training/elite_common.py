@@ -4,31 +4,36 @@
 trainable model and loss. Set-up loads, frozen and without gradients: the Stable Diffusion parts
 (`training.diffusion.FrozenStableDiffusion`, in the run's precision) and the CLIP vision tower
 (`encoders.clip_features`), and adds the placeholder token to the tokenizer. Batches come from the
-crop-shard loader (`training.data`); per step the frozen encoders run once, under `torch.no_grad()`.
+crop-shard loader (`training.crop_data`); per step the frozen encoders run once, under `torch.no_grad()`.
 
 Validation (every `validation_steps`): for the first `num_validation_samples` crops of the shards,
-the crop followed by one image per `validation_prompts` entry, generated with the models as they
-are (w0 at the placeholder, plus the local branch in the local stage at `validation_lam`).
+the crop followed by one image per `validation_prompts` entry, made by `inference.ElitePipeline`
+with the mappings as they are (w0 at the placeholder, plus the local branch in the local stage at
+`validation_elite_scale`): the same encoding and generation code users run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import ClassVar, Mapping, Optional
 
 import torch
+from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 
 from encoders.clip_features import DEFAULT_LAYERS, CLIPFeatureExtractor, load_clip_normalization
-from encoders.run_config import ConfigError, keyed_field
-from encoders.text_injection import add_placeholder_tokens, encode_text_with_words
+from encoders.common.config import ConfigError, keyed_field
+from encoders.text_injection import add_placeholder_tokens
+from inference.loading import EliteEncoders, pipeline_from_parts
+from inference.pipeline import ElitePipeline
 
 from .common_config import TrainConfig
-from .data import CropDataConfig, build_crop_dataloader
-from .diffusion import FrozenStableDiffusion
+from .crop_data import CropDataConfig, build_crop_dataloader, cached_latents_models, first_crop_samples
+from .diffusion import FrozenStableDiffusion, denoising_loss
 from .loop import TrainingTask
 
 logger = logging.getLogger(__name__)
@@ -36,7 +41,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EliteStageConfig(TrainConfig):
-    """Keys both ELITE stages add to the shared ones (`data.*` are the loader's, see training/data.py)."""
+    """Keys both ELITE stages add to the shared ones (`data.*` are the loader's, see training/crop_data.py)."""
+
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {"validation_lam": "validation_elite_scale"}  # old key spellings
 
     data: CropDataConfig = keyed_field("crop-shard loader settings (data.resolution, data.scale_prob, ...)", factory=CropDataConfig)
     feature_layers: list[int] = keyed_field(
@@ -53,7 +60,7 @@ class EliteStageConfig(TrainConfig):
     num_validation_samples: int = keyed_field("crops from the shards to render validation images for", 2)
     validation_inference_steps: int = keyed_field("sampler steps for validation images", 25)
     validation_guidance_scale: float = keyed_field("classifier-free guidance for validation images (paper: 5)", 5.0)
-    validation_lam: float = keyed_field("local-branch weight lambda for validation images (paper: 0.8)", 0.8)
+    validation_elite_scale: float = keyed_field("lambda, the local branch's weight, for validation images (paper: 0.8)", 0.8)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,17 +103,13 @@ class EliteStageTask(TrainingTask):
         (self.placeholder_id,) = add_placeholder_tokens(self.sd.tokenizer, [cfg.data.placeholder_token])
         self.text_dim = int(self.sd.text_encoder.config.hidden_size)
         self.build_models(accelerator)
-        self._validation_batch = None
+        self._validation_crops = None
         self.loader = self._make_loader(cfg.train_batch_size)
         if cfg.data.cached_latents:
             self._check_latents_model()
 
     def _check_latents_model(self) -> None:
         """Warn when the shards' cached latents were made with another base model's VAE."""
-        import os
-
-        from .data import cached_latents_models
-
         base = self.config.pretrained_model_name_or_path
         same = {os.path.abspath(base) if os.path.exists(base) else base}
         recorded = {os.path.abspath(m) if os.path.exists(m) else m for m in cached_latents_models(self.loader.urls)}
@@ -162,8 +165,6 @@ class EliteStageTask(TrainingTask):
 
     def diffusion_loss(self, latents, text, generator, cross_attention_kwargs, valid_mask=None) -> torch.Tensor:
         """Noise the latents, run the frozen UNet with the ELITE processors, compare with the target."""
-        from .diffusion import denoising_loss
-
         noisy, target, timesteps = self.sd.add_noise(latents, generator)
         pred = self.sd.unet(
             noisy, timesteps, text.to(self.sd.unet.dtype), cross_attention_kwargs=cross_attention_kwargs
@@ -171,100 +172,48 @@ class EliteStageTask(TrainingTask):
         weight = valid_mask if self.config.weight_loss_by_valid_region else None
         return denoising_loss(pred, target, weight)
 
-    def encode_prompt_ids(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.sd.tokenizer
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(self.device)
-
     # ---- validation -----------------------------------------------------------------------------
     @abstractmethod
-    def concept_inputs(self, models: Mapping[str, nn.Module], batch: Mapping) -> tuple[torch.Tensor, object]:
-        """(w0 `[n, 1, D]`, local-branch output or None) for validation crops."""
+    def validation_mappings(self, models: Mapping[str, nn.Module]) -> tuple[nn.Module, nn.Module | None]:
+        """(global mapping, local mapping or None) as they are now, for the validation pictures."""
 
-    def _pipeline(self):
-        if getattr(self, "_pipe", None) is None:
-            from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-            self._pipe = StableDiffusionPipeline(
-                vae=self.sd.vae,
-                text_encoder=self.sd.text_encoder,
-                tokenizer=self.sd.tokenizer,
-                unet=self.sd.unet,
-                scheduler=DPMSolverMultistepScheduler.from_config(self.sd.noise_scheduler.config),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-            self._pipe.set_progress_bar_config(disable=True)
-        return self._pipe
+    def _validation_pipeline(self, models: Mapping[str, nn.Module]):
+        """`inference.ElitePipeline` over the frozen parts and the mappings being trained: the pictures are
+        made by the code users run (encode the crop, inject w0, the local branch at `validation_elite_scale`)."""
+        cfg = self.config
+        pipe = pipeline_from_parts(
+            self.sd.vae, self.sd.text_encoder, self.sd.tokenizer, self.sd.unet,
+            DPMSolverMultistepScheduler.from_config(self.sd.noise_scheduler.config),
+        )
+        global_mapping, local_mapping = self.validation_mappings(models)
+        encoders = EliteEncoders(
+            global_mapping=global_mapping, local_mapping=local_mapping, location_mlp=None,
+            feature_extractor=self.clip, source=f"{cfg.output_dir} (training)",
+            image_encoder_name=cfg.image_encoder_name_or_path, base_model_name=cfg.pretrained_model_name_or_path,
+        )
+        return ElitePipeline(pipe, encoders, elite_scale=cfg.validation_elite_scale)
 
     def validation_images(self, models: Mapping[str, nn.Module], step: int) -> list | None:
-        from PIL import Image
-
-        from encoders.attention import AttentionContext, LocalConcept
-
         cfg = self.config
         if not cfg.validation_prompts or cfg.num_validation_samples <= 0:
             return None
-        if self._validation_batch is None:  # a separate stream: the training data order is untouched
-            loader = self._make_loader(cfg.num_validation_samples, scale_prob=0.0, clip_flip_prob=0.0,
-                                       clip_rotation_degrees=0.0, clip_blur_prob=0.0)
-            self._validation_batch = next(iter(loader))
-        batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in self._validation_batch.items()}
-        pipe = self._pipeline()
-        images = []
+        if self._validation_crops is None:  # read apart from the training stream: its order is untouched
+            self._validation_crops = first_crop_samples(self.loader.urls, cfg.num_validation_samples)
+        elite = self._validation_pipeline(models)
         res = cfg.data.resolution
+        images = []
         with self.accelerator.autocast():
-            w0, local = self.concept_inputs(models, batch)
-            for i in range(w0.shape[0]):
-                crop = ((batch["pixel_values"][i].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-                images.append(Image.fromarray(crop))
+            for image, mask, _ in self._validation_crops:
+                concept = elite.encode_concept(image, mask=mask)
+                images.append(image.resize((res, res)))
                 for prompt in cfg.validation_prompts:
-                    ids = self.encode_prompt_ids([prompt])
-                    text = encode_text_with_words(self.sd.text_encoder, ids, self.placeholder_id, w0[i : i + 1])
-                    ctx = AttentionContext()
-                    if local is not None:
-                        ctx = AttentionContext(concepts=[LocalConcept(
-                            local.tokens[i : i + 1], text.word_positions[:, 0], local.keep[i : i + 1], cfg.validation_lam
-                        )])
-                    out = pipe(
-                        prompt_embeds=text.hidden_states.to(self.sd.unet.dtype),
-                        height=res,
-                        width=res,
-                        num_inference_steps=cfg.validation_inference_steps,
-                        guidance_scale=cfg.validation_guidance_scale,
-                        generator=torch.Generator(device=self.device).manual_seed(cfg.seed),
-                        cross_attention_kwargs=ctx.as_kwargs(),
+                    out = elite(
+                        prompt, concept, placeholders=[cfg.data.placeholder_token],
+                        num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
+                        seed=cfg.seed, height=res, width=res,
                     )
                     images.append(out.images[0])
         return images
-
-
-def export_fp32(module: nn.Module, name: str, export_dir: Path, output_dir: str | Path) -> str:
-    """Export `module` as `export_dir/name/` in fp32.
-
-    Under DeepSpeed with bf16/fp16 the module holds 16-bit copies of the weights; the fp32 master
-    weights live (sharded) in the optimizer states, so they are rebuilt from the run's last
-    checkpoint (which the loop writes right before the export) with DeepSpeed's zero_to_fp32.
-    """
-    import copy
-
-    from .loop import export_model, list_checkpoints
-
-    if all(p.dtype == torch.float32 for p in module.parameters()):
-        return export_model(module, export_dir, name)
-    fp32 = copy.deepcopy(module).float()
-    checkpoints = list_checkpoints(output_dir)
-    if checkpoints and (checkpoints[-1] / "pytorch_model").is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # our own checkpoint, written by this run a moment ago
-        full = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints[-1]))
-        prefix = f"models.{name}."
-        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-        fp32.load_state_dict(state, strict=True)
-    else:
-        logger.warning("%s: no DeepSpeed checkpoint with fp32 master weights; exporting the 16-bit weights as fp32", name)
-    return export_model(fp32, export_dir, name)
 
 
 def resolve_mapping_folder(path_or_repo: str, subfolder: str) -> tuple[str, Optional[str]]:

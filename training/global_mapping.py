@@ -21,15 +21,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-import torch
-
-from encoders.attention import AttentionContext, set_elite_processors
+from encoders.attention import set_elite_processors
+from encoders.common.config import keyed_field, parse_config_cli
+from encoders.conditioning import elite_conditioning
 from encoders.global_mapping import GlobalMapping
-from encoders.run_config import keyed_field, parse_config_cli
-from encoders.text_injection import encode_text_with_words
 
 from .common_config import AnchorsConfig
-from .elite_common import EliteStageConfig, EliteStageTask, export_fp32
+from .elite_common import EliteStageConfig, EliteStageTask
+from .export import export_fp32
 from .loop import run_training
 
 
@@ -67,9 +66,8 @@ class GlobalMappingTask(EliteStageTask):
         mapping = models["global_mapping"]
         latents, feats = self.encode_frozen(batch, "clip_pixel_values", generator)
         words = mapping([feats[layer] for layer in self.config.feature_layers])
-        text = encode_text_with_words(self.sd.text_encoder, batch["input_ids"], self.placeholder_id, words)
-        mse = self.diffusion_loss(latents, text.hidden_states, generator, AttentionContext().as_kwargs(),
-                                  batch.get("valid_mask"))
+        cond = elite_conditioning(self.sd.text_encoder, batch["input_ids"], [self.placeholder_id], [words])
+        mse = self.diffusion_loss(latents, cond.prompt_embeds, generator, cond.context.as_kwargs(), batch.get("valid_mask"))
         word_l1 = words.float().abs().mean()
         loss = mse + self.config.word_l1_weight * word_l1
         logs = {"mse": mse.detach(), "word_l1": word_l1.detach()}
@@ -79,10 +77,8 @@ class GlobalMappingTask(EliteStageTask):
             logs["anchor_loss"] = anchor_loss.detach()
         return loss, logs
 
-    @torch.no_grad()
-    def concept_inputs(self, models, batch):
-        feats = self.clip(batch["clip_pixel_values"].to(self.device, self.clip.dtype))
-        return models["global_mapping"](feats[:1], num_words=1), None
+    def validation_mappings(self, models):
+        return models["global_mapping"], None
 
     def export(self, models, export_dir):
         return [export_fp32(models["global_mapping"], "global_mapping", export_dir, self.config.output_dir)]

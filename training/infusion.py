@@ -24,13 +24,20 @@ from pathlib import Path
 import torch
 
 from encoders.attention import CONTEXT_KWARG, AttentionContext
-from encoders.infusion import EXTRAS_KEY, InfusionResiduals, generate_with_infusion, infusion_call, set_infusion_processors
-from encoders.run_config import ConfigError, keyed_field, parse_config_cli
+from encoders.common.config import ConfigError, keyed_field, parse_config_cli
+from encoders.common.finetune_folder import RESIDUALS_FOLDER
+from encoders.infusion import (
+    EXTRAS_KEY,
+    InfusionResiduals,
+    dual_stream_call,
+    generate_with_infusion,
+    infusion_call,
+    set_infusion_processors,
+)
 
 from .concept_data import ConceptFinetuneTask, FinetuneConfig
-from .loop import export_model, run_training
-
-RESIDUALS_FOLDER = "infusion"
+from .export import export_model
+from .loop import run_training
 
 
 @dataclass
@@ -83,11 +90,7 @@ class InfusionTask(ConceptFinetuneTask):
             text = self.sd.text_encoder(self.tokenize(prompts))[0]
         n = len(prompts)
         if self.config.replace_maps:
-            rows = prompts + prompts
-            call = infusion_call(self.sd.tokenizer, rows, [models["infusion"]], require_all=True)
-            mask = call.token_masks[0]
-            call.token_masks = [torch.cat([torch.zeros_like(mask[:n]), mask[n:]])]  # residual on the C rows only
-            call.map_source = torch.cat([torch.arange(n), torch.arange(n)])
+            call = dual_stream_call(self.sd.tokenizer, prompts, [models["infusion"]], require_all=True)
             noisy, timesteps, text = torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([text, text])
         else:
             call = infusion_call(self.sd.tokenizer, prompts, [models["infusion"]], require_all=True)
@@ -109,8 +112,8 @@ class InfusionTask(ConceptFinetuneTask):
             generator=generator,
             num_inference_steps=self.config.validation_inference_steps,
             guidance_scale=self.config.validation_guidance_scale,
-            height=self.config.resolution,
-            width=self.config.resolution,
+            height=self.config.data.resolution,
+            width=self.config.data.resolution,
         )
         return out.base_images + out.images  # top row: base model, bottom row: with the concept
 

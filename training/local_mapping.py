@@ -23,17 +23,19 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from encoders.attention import AttentionContext, LocalConcept, cross_attention_layers, set_elite_processors
-from encoders.global_mapping import GlobalMapping
+from encoders.attention import set_elite_processors
+from encoders.common.config import ConfigError, keyed_field, parse_config_cli
+from encoders.conditioning import elite_conditioning
+from encoders.global_mapping import GlobalMapping, MappingFitError
 from encoders.local_mapping import LocalMapping
-from encoders.run_config import ConfigError, keyed_field, parse_config_cli
-from encoders.text_injection import encode_text_with_words
 
-from .elite_common import EliteStageConfig, EliteStageTask, export_fp32, resolve_mapping_folder
-from .loop import export_model, run_training
+from .elite_common import EliteStageConfig, EliteStageTask, resolve_mapping_folder
+from .export import export_fp32, export_model
+from .loop import run_training
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +44,12 @@ logger = logging.getLogger(__name__)
 class LocalMappingConfig(EliteStageConfig):
     """Keys of `training.local_mapping` (shared keys: training/common_config.py, ELITE keys: elite_common.py)."""
 
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {"lam": "elite_scale"}  # old key spellings
+
     global_mapping_path: str = keyed_field("trained stage-1 global mapping: encoders folder, global_mapping/ folder or Hub repo", "")
     learning_rate: float = keyed_field("peak learning rate (paper: 1e-5; before scale_lr)", 1e-5)
     local_l1_weight: float = keyed_field("weight of mean |V_local| in the loss (paper: 1e-4)", 1e-4)
-    lam: float = keyed_field("local-branch weight lambda during training (paper: 1)", 1.0)
+    elite_scale: float = keyed_field("lambda, the local branch's weight, during training (paper: 1)", 1.0)
     weight_loss_by_valid_region: bool = keyed_field(
         "average the denoising error over the target's real pixels only (the loader's valid_mask)", True
     )
@@ -75,19 +79,13 @@ class LocalMappingTask(EliteStageTask):
     def build_models(self, accelerator) -> None:
         cfg = self.config
         gm = self._load_global().to(self.device).eval().requires_grad_(False)  # frozen, kept in fp32
-        expected = {k: list(v) for k, v in cross_attention_layers(self.sd.unet).items()}
-        problems = []
-        if gm.config.input_dim != self.clip.hidden_size:
-            problems.append(f"input_dim {gm.config.input_dim} != image encoder width {self.clip.hidden_size}")
-        if gm.config.output_dim != self.text_dim:
-            problems.append(f"output_dim {gm.config.output_dim} != text width {self.text_dim}")
-        if {k: list(v) for k, v in (gm.config.kv_layers or {}).items()} != expected:
-            problems.append("its K/V layers do not match the UNet's cross-attention layers")
-        if problems:
+        try:
+            gm.check_fits(self.sd.unet, text_dim=self.text_dim, image_dim=self.clip.hidden_size)
+        except MappingFitError as err:
             raise ConfigError(
                 f"global_mapping_path={cfg.global_mapping_path} does not fit {cfg.pretrained_model_name_or_path} + "
-                f"{cfg.image_encoder_name_or_path}: " + "; ".join(problems)
-            )
+                f"{cfg.image_encoder_name_or_path}: {err}"
+            ) from err
         for key, ours in (("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path),
                           ("image_encoder_name_or_path", cfg.image_encoder_name_or_path)):
             theirs = gm.config.get(key) if hasattr(gm.config, "get") else getattr(gm.config, key, None)
@@ -109,25 +107,19 @@ class LocalMappingTask(EliteStageTask):
     def training_step(self, models, batch, generator):
         mapping = models["local_mapping"]
         latents, feats = self.encode_frozen(batch, "clip_object_pixel_values", generator)
-        with torch.no_grad():
-            text = encode_text_with_words(self.sd.text_encoder, batch["input_ids"], self.placeholder_id, self._w0(feats))
         local = mapping([feats[layer] for layer in self.config.feature_layers], batch["object_mask_clip"])
-        ctx = AttentionContext(
-            concepts=[LocalConcept(local.tokens, text.word_positions[:, 0], local.keep, self.config.lam)],
-            local_value_l1=[],
+        cond = elite_conditioning(
+            self.sd.text_encoder, batch["input_ids"], [self.placeholder_id], [self._w0(feats)],
+            local=[(local.tokens, local.keep)], scale=self.config.elite_scale, local_value_l1=[],
         )
-        mse = self.diffusion_loss(latents, text.hidden_states, generator, ctx.as_kwargs(), batch.get("valid_mask"))
-        value_l1 = torch.stack(ctx.local_value_l1).mean()
+        mse = self.diffusion_loss(latents, cond.prompt_embeds, generator, cond.context.as_kwargs(), batch.get("valid_mask"))
+        value_l1 = torch.stack(cond.context.local_value_l1).mean()
         loss = mse + self.config.local_l1_weight * value_l1
         return loss, {"mse": mse.detach(), "local_value_l1": value_l1.detach(),
                       "kept_tokens": local.keep.float().mean().detach()}
 
-    @torch.no_grad()
-    def concept_inputs(self, models, batch):
-        feats = dict(zip(self.clip.layers, self.clip(batch["clip_object_pixel_values"].to(self.device, self.clip.dtype))))
-        w0 = self._w0(feats)
-        local = models["local_mapping"]([feats[layer] for layer in self.config.feature_layers], batch["object_mask_clip"])
-        return w0, local
+    def validation_mappings(self, models):
+        return self.global_mapping, models["local_mapping"]
 
     def export(self, models, export_dir):
         return [

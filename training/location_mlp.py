@@ -21,13 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from encoders.anchors import embed_words
+from encoders.common.config import ConfigError, keyed_field, parse_config_cli
 from encoders.location_mlp import LocationMLP
-from encoders.run_config import ConfigError, keyed_field, parse_config_cli
 
 from .common_config import TrainConfig
-from .loop import TrainingTask, export_model, run_training
+from .export import export_model
+from .loop import TrainingTask, run_training
 from .pairs_data import PairBatches, read_pair_shards, split_pairs
 
 
@@ -90,8 +93,6 @@ class LocationMLPTask(TrainingTask):
     config: LocationMLPConfig
 
     def setup(self, accelerator, weight_dtype) -> None:
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         cfg = self.config
         self.accelerator = accelerator
         examples, bad = read_pair_shards(cfg.train_shards)
@@ -200,7 +201,6 @@ _COLOURS = [(220, 40, 40), (30, 110, 230)]
 
 def draw_pair(words, true_boxes, pred_boxes, size: int = 160):
     """A tile with the true (thin) and predicted (thick) boxes of a pair, coloured per word."""
-    from PIL import Image, ImageDraw
 
     tile = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(tile)

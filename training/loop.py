@@ -4,20 +4,27 @@ A trainer describes only what varies — its models, data, loss, validation pict
 a `TrainingTask`; `run_training(task)` does the rest the same way for all of them:
 
 - `Accelerator` set-up from `accelerate launch` (1 process, DDP, DeepSpeed ZeRO-2, multi-node);
-  the gloo backend when there is no GPU; bf16/fp16 autocast; gradient accumulation and clipping;
-  AdamW + a diffusers LR schedule (optionally scaled by batch x accumulation x processes).
+  the gloo backend when there is no GPU; bf16/fp16 autocast (`mixed_precision` unset by default, so
+  the launcher's `--mixed_precision` or accelerate config decides); gradient accumulation and
+  clipping; AdamW + a diffusers LR schedule (optionally scaled by batch x accumulation x processes).
 - Frozen models stay outside `accelerator.prepare` (no DDP wrapping, no ZeRO partitioning): the
   task loads them in `setup`. The trainable models are gathered in one `TrainableBundle` whose
   `forward` runs the task's `training_step`, so DDP/DeepSpeed see exactly one forward per backward.
-- `checkpoint-N/` every `checkpointing_steps` (written under a temporary name, renamed when
-  complete): one `save_pretrained` folder per trainable model, the optimizer/scheduler/RNG states
-  and each rank's noise generator, `trainer_state.json`. `resume_from_checkpoint=latest|PATH` restores
-  all of it and fast-forwards the data stream, so a resumed run continues with the same batches,
-  noise and next loss as an uninterrupted one.
-- TensorBoard logging through accelerate's trackers, a tqdm progress bar, optional validation
-  images every `validation_steps`, the resolved config saved as `<output_dir>/config.yaml`.
-- At the end: `task.export(...)` into the encoders folder (atomically, per subfolder), a model
-  card listing what the folder holds, and an optional `push_to_hub`.
+- `checkpoint-N/` every `checkpointing_steps` (`training.checkpoints`): models, optimizer, scheduler,
+  RNG, each rank's noise generator and data position. `resume_from_checkpoint=latest|PATH` restores
+  all of it; a loader with `state_dict()`/`load_state_dict()` (all the project's loaders) restarts at
+  its recorded position without reading what came before, so a resumed run continues with the same
+  batches, noise and next loss as an uninterrupted one, at the same cost at step 10 and 150,000.
+  Settings that change the training (learning rate, data, batch...) must match the checkpoint's,
+  unless named in `resume_overrides`.
+- Preemption: SIGUSR1 or SIGTERM (SLURM's warning before a time limit, a requeue, `kill`) makes every
+  rank finish its current optimizer step, write a complete checkpoint and `preempted.json`, and exit
+  with status 75 (`EXIT_PREEMPTED`); `resume_from_checkpoint=latest` continues there.
+- TensorBoard logging through accelerate's trackers, a tqdm progress bar (main process), optional
+  validation images every `validation_steps`, the resolved config saved as `<output_dir>/config.yaml`.
+  Only the main process logs at INFO; the others log errors only (no N-times repeated lines).
+- At the end: `task.export(...)` into the encoders folder, a model card, an optional `push_to_hub`
+  (`training.export`).
 
 A trainer module then reads like::
 
@@ -27,7 +34,7 @@ A trainer module then reads like::
         def trainable_models(self): return {"location_mlp": self.mlp}
         def train_dataloader(self): return make_loader(self.config)   # an iterable of dict batches
         def training_step(self, models, batch, generator): return loss, {"iou": iou}
-        def export(self, models, export_dir): models["location_mlp"].save_pretrained(export_dir / "location_mlp")
+        def export(self, models, export_dir): return [export_model(models["location_mlp"], export_dir, "location_mlp")]
 
     def main(argv=None):
         run_training(MyTask(parse_config_cli(MyConfig, argv, prog="training.location_mlp")))
@@ -41,28 +48,45 @@ after freezing and casting the frozen model, so they stay trainable and in fp32.
 
 from __future__ import annotations
 
-import json
-from abc import ABC, abstractmethod
 import logging
 import math
 import os
-import re
-import shutil
+import signal
+import threading
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
-from encoders.run_config import config_to_dict, save_config
+from encoders.common.config import ConfigError, config_to_dict, save_config
+from encoders.common.device import mixed_precision_dtype
+from encoders.common.files import atomic_write, atomic_write_json, atomic_write_text
 
+from .checkpoints import Checkpointer, read_trainer_state, resolve_checkpoint
 from .common_config import TrainConfig
+from .export import push_folder_to_hub, write_model_card
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE = "trainer_state.json"
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on a signal, checkpoint written, run again to continue
+PREEMPTED_FILE = "preempted.json"
+STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
+# Keys that may differ between a checkpoint and the run resuming it: they do not change what is trained.
+RESUME_FREE_KEYS = {
+    "max_steps", "resume_from_checkpoint", "resume_overrides", "checkpointing_steps", "checkpoints_total_limit",
+    "logging_steps", "report_to", "tracker_project_name", "push_to_hub", "hub_model_id", "hub_private",
+    "export_dir", "output_dir",
+}
 
 
 class TrainingTask(ABC):
@@ -83,7 +107,11 @@ class TrainingTask(ABC):
 
     @abstractmethod
     def train_dataloader(self) -> Iterable[Mapping[str, Any]]:
-        """An iterable of dict batches for this process (already split by node/worker). Restarted when exhausted."""
+        """An iterable of dict batches for this process (already split by node/worker). Restarted when exhausted.
+
+        When it has `state_dict()` / `load_state_dict(state)` (JSON-able), checkpoints record its
+        position and a resumed run restarts it there directly; otherwise the loop replays batches.
+        """
 
     @abstractmethod
     def training_step(
@@ -121,70 +149,72 @@ class TrainableBundle(nn.Module):
         return self._task.training_step(self.models, batch, generator)
 
 
-def _generator_file(folder: str | os.PathLike, rank: int) -> Path:
-    return Path(folder) / f"noise_generator_rank{rank}.safetensors"
+class TrainingPreempted(SystemExit):
+    """Raised (as exit status 75) after a stop signal, once the checkpoint is written."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(EXIT_PREEMPTED)
+        self.step, self.signal_name = step, signal_name
 
 
-def save_generator_state(generator: torch.Generator, folder: str | os.PathLike, rank: int) -> None:
-    """Each rank keeps its own noise generator state (safetensors, no pickle)."""
-    from safetensors.torch import save_file
+class StopSignals:
+    """While active, SIGUSR1 / SIGTERM only set a flag the loop checks after each optimizer step."""
 
-    save_file({"rng_state": generator.get_state()}, str(_generator_file(folder, rank)))
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
 
+    def _handler(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
 
-def load_generator_state(generator: torch.Generator, folder: str | os.PathLike, rank: int) -> None:
-    from safetensors.torch import load_file
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self._previous[sig] = signal.signal(sig, self._handler)
+        return self
 
-    path = _generator_file(folder, rank)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: was the checkpoint written by a run with as many processes?")
-    generator.set_state(load_file(str(path))["rng_state"])
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete `checkpoint-N` folders of a run, oldest first (temporary ones are ignored)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
-        if m and p.is_dir() and (p / TRAINER_STATE).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def resolve_checkpoint(config: TrainConfig) -> Path | None:
-    """The checkpoint to resume from, or None. `latest` with no checkpoint yet starts fresh."""
-    choice = config.resume_from_checkpoint
-    if not choice:
-        return None
-    if choice == "latest":
-        found = list_checkpoints(config.output_dir)
-        return found[-1] if found else None
-    path = Path(choice)
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint={choice}: no {TRAINER_STATE} there; is it a checkpoint-N folder?")
-    return path
+    def agreed(self, accelerator) -> bool:
+        """True on every rank as soon as one rank received a stop signal (one tiny all-reduce per step)."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def _make_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     handlers = []
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     if distributed and not torch.cuda.is_available():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # NCCL needs GPUs
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
+        mixed_precision=config.mixed_precision,  # None: accelerate launch / its config file decides
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
         ),
         kwargs_handlers=handlers,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no")
+    return accelerator
+
+
+def _quiet_other_ranks(accelerator) -> None:
+    """INFO logs from the main process only; the other ranks report errors (no N x repeated lines)."""
+    level = logging.INFO if accelerator.is_local_main_process else logging.ERROR
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    if not accelerator.is_local_main_process:
+        for name in ("transformers", "diffusers", "DeepSpeed", "deepspeed", "accelerate"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _fill_deepspeed_auto(accelerator, config: TrainConfig) -> None:
@@ -209,39 +239,29 @@ def _fill_deepspeed_auto(accelerator, config: TrainConfig) -> None:
         )
 
 
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+def _flat(prefix: str, value) -> dict:
+    """A nested config dict as {dotted key: value}."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(f"{prefix}{k}.", v))
+        return out
+    return {prefix[:-1]: value}
 
 
 def _flat_for_tracker(cfg: TrainConfig) -> dict:
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            key = prefix[:-1]
-            flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", config_to_dict(cfg))
-    return flat
+    """The config as trackers take it: dotted keys, scalar values (lists as their text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat("", config_to_dict(cfg)).items()}
 
 
-def _forever(task: TrainingTask) -> Iterator[Mapping[str, Any]]:
-    epoch = 0
-    while True:
-        produced = False
-        for batch in task.train_dataloader():
-            produced = True
-            yield batch
-        if not produced:
-            raise RuntimeError(
-                f"{task.name}: the training data produced no batch (train_shards={task.config.train_shards!r}); "
-                "check the path/pattern and that the shards hold samples"
-            )
-        epoch += 1
-        logger.info("data stream restarted (epoch %d)", epoch)
+def changed_settings(saved: Mapping, current: Mapping, free: Iterable[str] = ()) -> dict[str, tuple]:
+    """Keys (dotted) whose value differs between a checkpoint's config and this run's, except free ones."""
+    a, b = _flat("", dict(saved)), _flat("", dict(current))
+    free = set(RESUME_FREE_KEYS) | set(free)
+    return {
+        k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in free and not k.startswith(("validation_", "num_validation"))
+    }
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict:
@@ -249,7 +269,6 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict:
 
 
 def _grid(images: list, columns: int | None = None):
-    from PIL import Image
 
     columns = columns or len(images)
     rows = math.ceil(len(images) / columns)
@@ -260,144 +279,114 @@ def _grid(images: list, columns: int | None = None):
     return sheet
 
 
-_NOTES_BLOCK = re.compile(r"<!-- notes:(?P<name>[\w.-]+) -->\n(?P<body>.*?)\n<!-- /notes:(?P=name) -->", re.S)
+class _DataStream:
+    """The task's batches, epoch after epoch, with the position of the last batch handed out."""
+
+    def __init__(self, task: TrainingTask):
+        self.task = task
+        self.loader = task.train_dataloader()
+        self.stateful = callable(getattr(self.loader, "state_dict", None)) and callable(
+            getattr(self.loader, "load_state_dict", None))
+        self._iter: Iterator | None = None
+
+    def restore(self, state: dict | None, batches_before: int) -> None:
+        """Continue from a checkpoint's data position (stateful loaders) or by replaying batches."""
+        if self.stateful and state is not None:
+            self.loader.load_state_dict(state)
+            return
+        if batches_before:
+            logger.warning("%s: its loader keeps no position; replaying %d batches to resume", self.task.name, batches_before)
+            for _ in range(batches_before):
+                next(self)
+
+    def state(self) -> dict | None:
+        return self.loader.state_dict() if self.stateful else None
+
+    def __next__(self):
+        for attempt in range(2):
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+                self.loader = self.task.train_dataloader()  # a new epoch (our loaders count their epochs)
+                if attempt:
+                    break
+        raise RuntimeError(
+            f"{self.task.name}: the training data produced no batch (train_shards={self.task.config.train_shards!r}); "
+            "check the path/pattern and that the shards hold samples"
+        )
 
 
-def write_model_card(export_dir: Path, config: TrainConfig, notes: str = "", section: str = "train") -> Path:
-    """(Re)write `README.md` of an encoders folder from the subfolders it holds and their configs.
+class _Run:
+    """One training run of a task: set-up, resume, the step loop, export (see the module docstring)."""
 
-    Several trainers export into one folder (global, local, location MLP): each one's `notes` are kept
-    as their own section, so a later export replaces its own section and leaves the others in place.
-    """
-    export_dir = Path(export_dir)
-    sections: dict[str, str] = {}
-    old = export_dir / "README.md"
-    if old.is_file():
-        sections = {m["name"]: m["body"] for m in _NOTES_BLOCK.finditer(old.read_text())}
-    sections[section] = notes.strip()
-    notes_md = "\n\n".join(
-        f"<!-- notes:{name} -->\n{body}\n<!-- /notes:{name} -->" for name, body in sorted(sections.items()) if body
-    )
-    parts = []
-    for sub in sorted(p for p in export_dir.iterdir() if p.is_dir() and (p / "config.json").is_file()):
-        cfg = json.loads((sub / "config.json").read_text())
-        size = sum(f.stat().st_size for f in sub.glob("*.safetensors"))
-        parts.append(f"| `{sub.name}/` | {cfg.get('_class_name', '?')} | {size / 1e6:.2f} MB |")
-    card = f"""---
-library_name: diffusers
-tags:
-- zero-step-personalization
-- elite
-- stable-diffusion
-base_model: {config.pretrained_model_name_or_path}
----
+    def __init__(self, task: TrainingTask):
+        self.task = task
+        config = self.config = task.config
+        self.accelerator = acc = _make_accelerator(config)
+        _quiet_other_ranks(acc)
+        self.output_dir = Path(config.output_dir)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / PREEMPTED_FILE).unlink(missing_ok=True)
+        set_seed(config.seed)  # same trainable init on every rank
 
-# Zero-step personalization encoders
+        self.weight_dtype = mixed_precision_dtype(acc.mixed_precision)
+        task.setup(acc, self.weight_dtype)
+        models = task.trainable_models()
+        for name, module in models.items():
+            if not hasattr(module, "save_pretrained"):
+                raise TypeError(f"{task.name}: trainable model {name!r} needs save_pretrained (use diffusers ModelMixin)")
+        bundle = TrainableBundle(models, task)
+        self.params = [p for p in bundle.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{task.name}: no trainable parameters")
 
-Encoders that turn one photo of an object (and its mask) into a word and local features for
-Stable Diffusion, with no per-concept optimization (ELITE; compositional inversion's location MLP).
+        self.lr = config.learning_rate
+        if config.scale_lr:
+            self.lr *= config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
+        # the fused kernel: ~9x faster than the per-tensor loop on CPU for ELITE's 11-48M trainable parameters
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in self.params)
+        optimizer = torch.optim.AdamW(
+            self.params, lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=fused or None,
+        )
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=config.lr_warmup_steps * acc.num_processes,
+            num_training_steps=config.max_steps * acc.num_processes,
+        )
+        _fill_deepspeed_auto(acc, config)
+        self.bundle, self.optimizer, self.lr_scheduler = acc.prepare(bundle, optimizer, lr_scheduler)
+        self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.generator = torch.Generator(device=acc.device).manual_seed(config.seed + acc.process_index)
+        acc.register_save_state_pre_hook(self._save_models_hook)
+        acc.register_load_state_pre_hook(self._load_models_hook)
+        self.checkpoints = Checkpointer(acc, self.output_dir, task.name, config, self.generator,
+                                        config.checkpoints_total_limit)
+        if acc.is_main_process:
+            save_config(config, self.output_dir / "config.yaml")
 
-- Base model: `{config.pretrained_model_name_or_path}`
-- Image encoder: `{config.image_encoder_name_or_path}`
+    # ---- models in checkpoints ---------------------------------------------------------------
+    def models(self) -> dict[str, nn.Module]:
+        return dict(self.accelerator.unwrap_model(self.bundle).models.items())
 
-| subfolder | class | size |
-|---|---|---|
-{chr(10).join(parts)}
-
-Each subfolder loads with `from_pretrained(path_or_repo, subfolder=...)`.
-
-```bash
-python -m inference generate --base {config.pretrained_model_name_or_path} --encoders PATH_OR_REPO \\
-    --image dog.jpg --mask dog_mask.png --prompt "a photo of S* on the beach" --out out/
-```
-
-{notes_md}
-"""
-    path = export_dir / "README.md"
-    tmp = export_dir / ".README.md.tmp"
-    tmp.write_text(card)
-    os.replace(tmp, path)
-    return path
-
-
-def push_folder_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
-    """Create the Hub repo if needed and upload `folder` (uses the user's saved token)."""
-    from huggingface_hub import create_repo, upload_folder
-
-    create_repo(repo_id, private=private, exist_ok=True)
-    upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload encoders")
-    return repo_id
-
-
-def run_training(task: TrainingTask) -> Path:
-    """Train `task` to `config.max_steps` (resuming if asked) and export it. Returns the export folder."""
-    from accelerate.utils import DistributedType, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    config = task.config
-    accelerator = _make_accelerator(config)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.yaml")
-    set_seed(config.seed)  # same trainable init on every rank
-
-    weight_dtype = _weight_dtype(config.mixed_precision)
-    task.setup(accelerator, weight_dtype)
-    models = task.trainable_models()
-    for name, module in models.items():
-        if not hasattr(module, "save_pretrained"):
-            raise TypeError(f"{task.name}: trainable model {name!r} needs save_pretrained (use diffusers ModelMixin)")
-    bundle = TrainableBundle(models, task)
-    params = [p for p in bundle.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{task.name}: no trainable parameters")
-
-    lr = config.learning_rate
-    if config.scale_lr:
-        lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    # the fused kernel: ~9x faster than the per-tensor loop on CPU for ELITE's 11-48M trainable parameters
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=lr,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-        fused=fused or None,
-    )
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_steps * accelerator.num_processes,
-    )
-    _fill_deepspeed_auto(accelerator, config)
-    bundle, optimizer, lr_scheduler = accelerator.prepare(bundle, optimizer, lr_scheduler)
-    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-
-    def unwrapped() -> dict[str, nn.Module]:
-        return dict(accelerator.unwrap_model(bundle).models.items())
-
-    generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
-
-    def save_models_hook(hook_models, weights, out_dir):
-        if accelerator.is_main_process:
-            for name, module in unwrapped().items():
+    def _save_models_hook(self, hook_models, weights, out_dir) -> None:
+        if self.accelerator.is_main_process:
+            for name, module in self.models().items():
                 module.save_pretrained(os.path.join(out_dir, name), safe_serialization=True)
-        if not is_deepspeed:
+        if not self.is_deepspeed:
             weights.clear()  # the save_pretrained folders replace accelerate's model.safetensors
 
-    def load_models_hook(hook_models, in_dir):
-        if is_deepspeed:
+    def _load_models_hook(self, hook_models, in_dir) -> None:
+        if self.is_deepspeed:
             return  # DeepSpeed restores its own model states
-        from safetensors.torch import load_file
 
-        for name, module in unwrapped().items():
-            folder = Path(in_dir) / name
-            files = sorted(folder.glob("*.safetensors"))
+        for name, module in self.models().items():
+            files = sorted((Path(in_dir) / name).glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"checkpoint {in_dir} has no {name}/*.safetensors")
             state = {}
@@ -406,165 +395,176 @@ def run_training(task: TrainingTask) -> Path:
             module.load_state_dict(state)
         hook_models.clear()
 
-    accelerator.register_save_state_pre_hook(save_models_hook)
-    accelerator.register_load_state_pre_hook(load_models_hook)
-
-    global_step = 0
-    resume_path = resolve_checkpoint(config)
-    if config.resume_from_checkpoint and resume_path is None:
-        accelerator.print(f"resume_from_checkpoint={config.resume_from_checkpoint}: no checkpoint yet, starting fresh")
-    if resume_path is not None:
-        accelerator.print(f"resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        load_generator_state(generator, resume_path, accelerator.process_index)
-        global_step = int(json.loads((resume_path / TRAINER_STATE).read_text())["global_step"])
-
-    if accelerator.is_main_process and config.report_to != "none":
-        accelerator.init_trackers(config.tracker_project_name or task.name, config=_flat_for_tracker(config))
-
-    total_batch = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    accelerator.print(
-        f"[{task.name}] {accelerator.num_processes} process(es) on {accelerator.device} "
-        f"({accelerator.distributed_type.value}), batch {config.train_batch_size} x accumulation "
-        f"{config.gradient_accumulation_steps} x processes = {total_batch}, lr {lr:g}, "
-        f"{sum(p.numel() for p in params):,} trainable parameters, steps {global_step}->{config.max_steps}"
-    )
-
-    def save_checkpoint(step: int) -> None:
-        final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        save_generator_state(generator, tmp, accelerator.process_index)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = {"global_step": step, "task": task.name, "config": config_to_dict(config)}
-            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            if config.checkpoints_total_limit:
-                for old in list_checkpoints(output_dir)[: -config.checkpoints_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    stream = _forever(task)
-    skip = global_step * config.gradient_accumulation_steps
-    if skip:
-        for _ in tqdm(range(skip), desc="fast-forwarding data", disable=not accelerator.is_local_main_process):
-            next(stream)
-
-    progress = tqdm(
-        total=config.max_steps,
-        initial=global_step,
-        desc=task.name,
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
-    sums: dict[str, float] = {}
-    count = 0
-    step_start = time.perf_counter()
-    last_saved = global_step if resume_path is not None else -1
-    while global_step < config.max_steps:
-        batch = _to_device(next(stream), accelerator.device)
-        with accelerator.accumulate(bundle):
-            with accelerator.autocast():
-                loss, logs = bundle(batch, generator)
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"{task.name}: loss became {loss.item()} at step {global_step + 1}")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0 and not is_deepspeed:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        for k, v in {"loss": loss, **logs}.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach().float().item() if isinstance(v, torch.Tensor) else v)
-        count += 1
-        if not accelerator.sync_gradients:
-            continue
-
-        global_step += 1
-        progress.update(1)
-        now = time.perf_counter()
-        means = {k: v / count for k, v in sums.items()}
-        means["lr"] = lr_scheduler.get_last_lr()[0]
-        means["step_time_s"] = now - step_start
-        step_start = now
-        progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
-        if global_step % config.logging_steps == 0 or global_step == config.max_steps:
-            reduced = accelerator.reduce(
-                torch.tensor([means[k] for k in sorted(means)], device=accelerator.device), reduction="mean"
+    # ---- resume --------------------------------------------------------------------------------
+    def resume(self, stream: _DataStream) -> int:
+        """Restore the checkpoint `resume_from_checkpoint` names; returns the step to continue from."""
+        config, acc = self.config, self.accelerator
+        path = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+        if path is None:
+            if config.resume_from_checkpoint:
+                acc.print(f"resume_from_checkpoint={config.resume_from_checkpoint}: no checkpoint yet, starting fresh")
+            return 0
+        saved = read_trainer_state(path).get("config", {})
+        changed = changed_settings(saved, config_to_dict(config), free=config.resume_overrides)
+        if changed:
+            lines = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changed.items())
+            raise ConfigError(
+                f"resuming {path} with other settings than it was trained with ({lines}). Resume with the same "
+                f"settings, or name the keys to change: resume_overrides={','.join(changed)}"
             )
-            if config.report_to != "none":
-                accelerator.log(dict(zip(sorted(means), reduced.tolist())), step=global_step)
-        sums, count = {}, 0
+        acc.print(f"resuming from {path}")
+        resumed = self.checkpoints.resume(path)
+        overridden = set(config.resume_overrides) & {"learning_rate", "scale_lr", "train_batch_size",
+                                                     "gradient_accumulation_steps"}
+        if overridden:
+            self._set_learning_rate(self.lr)
+        stream.restore(resumed.data_state, resumed.step * config.gradient_accumulation_steps)
+        return resumed.step
 
-        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-            save_checkpoint(global_step)
-            last_saved = global_step
-        if config.validation_steps and global_step % config.validation_steps == 0:
-            _validate(task, accelerator, unwrapped(), global_step, output_dir)
-    progress.close()
+    def _set_learning_rate(self, lr: float) -> None:
+        """A learning rate named in `resume_overrides` replaces the one the optimizer state brought back."""
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = lr
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+        factors = [f(scheduler.last_epoch) for f in scheduler.lr_lambdas] if hasattr(scheduler, "lr_lambdas") else None
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = lr * (factors[i] if factors else 1.0)
 
-    if last_saved != global_step:
-        save_checkpoint(global_step)
-    export_dir = Path(config.resolved_export_dir)
-    if accelerator.is_main_process:
-        export_dir.mkdir(parents=True, exist_ok=True)
-        written = task.export(unwrapped(), export_dir)
-        save_config(config, export_dir / f"training_config_{task.name}.yaml")
-        card = task.model_card()
-        if card is None:
-            write_model_card(export_dir, config, task.model_card_notes(), section=task.name)
-        else:
-            (export_dir / ".README.md.tmp").write_text(card)
-            os.replace(export_dir / ".README.md.tmp", export_dir / "README.md")
-        accelerator.print(f"[{task.name}] exported {', '.join(written)} to {export_dir}")
-        if config.push_to_hub:
-            push_folder_to_hub(export_dir, config.hub_model_id, private=config.hub_private)
-            accelerator.print(f"[{task.name}] pushed {export_dir} to https://huggingface.co/{config.hub_model_id}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return export_dir
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self) -> None:
+        task, config, acc = self.task, self.config, self.accelerator
+        stream = _DataStream(task)
+        global_step = self.resume(stream)
+        if acc.is_main_process and config.report_to != "none":
+            acc.init_trackers(config.tracker_project_name or task.name, config=_flat_for_tracker(config))
+        total_batch = config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
+        acc.print(
+            f"[{task.name}] {acc.num_processes} process(es) on {acc.device} ({acc.distributed_type.value}, "
+            f"{acc.mixed_precision} precision), batch {config.train_batch_size} x accumulation "
+            f"{config.gradient_accumulation_steps} x processes = {total_batch}, lr {self.lr:g}, "
+            f"{sum(p.numel() for p in self.params):,} trainable parameters, steps {global_step}->{config.max_steps}"
+        )
+        progress = tqdm(total=config.max_steps, initial=global_step, desc=task.name,
+                        disable=not acc.is_local_main_process, dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        count = 0
+        step_start = time.perf_counter()
+        last_saved = global_step
+        with StopSignals() as stop:
+            while global_step < config.max_steps:
+                batch = _to_device(next(stream), acc.device)
+                with acc.accumulate(self.bundle):
+                    with acc.autocast():
+                        loss, logs = self.bundle(batch, self.generator)
+                    if not torch.isfinite(loss.detach()):
+                        raise FloatingPointError(f"{task.name}: loss became {loss.item()} at step {global_step + 1}")
+                    acc.backward(loss)
+                    if acc.sync_gradients and config.max_grad_norm > 0 and not self.is_deepspeed:
+                        acc.clip_grad_norm_(self.params, config.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                for k, v in {"loss": loss, **logs}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach().float().item() if isinstance(v, torch.Tensor) else v)
+                count += 1
+                if not acc.sync_gradients:
+                    continue
+
+                global_step += 1
+                progress.update(1)
+                now = time.perf_counter()
+                means = {k: v / count for k, v in sums.items()}
+                means["lr"] = self.lr_scheduler.get_last_lr()[0]
+                means["step_time_s"] = now - step_start
+                step_start = now
+                progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
+                if global_step % config.logging_steps == 0 or global_step == config.max_steps:
+                    reduced = acc.reduce(torch.tensor([means[k] for k in sorted(means)], device=acc.device), reduction="mean")
+                    if config.report_to != "none":
+                        acc.log(dict(zip(sorted(means), reduced.tolist())), step=global_step)
+                sums, count = {}, 0
+
+                if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                    self.checkpoints.save(global_step, stream.state())
+                    last_saved = global_step
+                if config.validation_steps and global_step % config.validation_steps == 0:
+                    self._validate(global_step)
+                if stop.agreed(acc) and global_step < config.max_steps:
+                    progress.close()
+                    self._stop(global_step, stream, last_saved, stop.received or "a signal on another rank")
+        progress.close()
+        if last_saved != global_step:
+            self.checkpoints.save(global_step, stream.state())
+
+    def _stop(self, step: int, stream: _DataStream, last_saved: int, signal_name: str) -> None:
+        """Checkpoint (unless this step has one), mark the run preempted, exit with `EXIT_PREEMPTED`."""
+        acc = self.accelerator
+        if last_saved != step:
+            self.checkpoints.save(step, stream.state())
+        if acc.is_main_process:
+            atomic_write_json(self.output_dir / PREEMPTED_FILE, {
+                "step": step, "signal": signal_name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "resume": "run the same command with resume_from_checkpoint=latest",
+            })
+            acc.print(f"[{self.task.name}] {signal_name}: stopped after step {step} with a checkpoint; "
+                      f"exit status {EXIT_PREEMPTED} (resume_from_checkpoint=latest continues)")
+        acc.wait_for_everyone()
+        acc.end_training()
+        raise TrainingPreempted(step, signal_name)
+
+    def _validate(self, step: int) -> None:
+        acc = self.accelerator
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+            return
+        models = self.models()
+        was_training = {n: m.training for n, m in models.items()}
+        for m in models.values():
+            m.eval()
+        with torch.no_grad():
+            images = self.task.validation_images(models, step)
+        for n, m in models.items():
+            m.train(was_training[n])
+        if images:
+            sheet = _grid(images)
+            atomic_write(self.output_dir / "validation" / f"step-{step:06d}.png", lambda tmp: sheet.save(tmp, format="PNG"))
+            try:
+
+                tracker = acc.get_tracker("tensorboard", unwrap=True)
+                tracker.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
+            except (ValueError, AttributeError, ImportError):
+                logger.debug("no tensorboard tracker for validation images")
+        acc.wait_for_everyone()
+
+    # ---- export ---------------------------------------------------------------------------------
+    def export(self) -> Path:
+        task, config, acc = self.task, self.config, self.accelerator
+        export_dir = Path(config.resolved_export_dir)
+        if acc.is_main_process:
+            export_dir.mkdir(parents=True, exist_ok=True)
+            written = task.export(self.models(), export_dir)
+            save_config(config, export_dir / f"training_config_{task.name}.yaml")
+            card = task.model_card()
+            if card is None:
+                write_model_card(export_dir, config, task.model_card_notes(), section=task.name)
+            else:
+                atomic_write_text(export_dir / "README.md", card)
+            acc.print(f"[{task.name}] exported {', '.join(written)} to {export_dir}")
+            if config.push_to_hub:
+                push_folder_to_hub(export_dir, config.hub_model_id, private=config.hub_private)
+                acc.print(f"[{task.name}] pushed {export_dir} to https://huggingface.co/{config.hub_model_id}")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return export_dir
 
 
-def _validate(task: TrainingTask, accelerator, models: Mapping[str, nn.Module], step: int, output_dir: Path) -> None:
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return
-    was_training = {n: m.training for n, m in models.items()}
-    for m in models.values():
-        m.eval()
-    with torch.no_grad():
-        images = task.validation_images(models, step)
-    for n, m in models.items():
-        m.train(was_training[n])
-    if images:
-        sheet = _grid(images)
-        folder = output_dir / "validation"
-        folder.mkdir(parents=True, exist_ok=True)
-        sheet.save(folder / f"step-{step:06d}.png")
-        try:
-            import numpy as np
+def run_training(task: TrainingTask) -> Path:
+    """Train `task` to `config.max_steps` (resuming if asked) and export it. Returns the export folder.
 
-            tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-            tracker.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
-        except (ValueError, AttributeError, ImportError):
-            logger.debug("no tensorboard tracker for validation images")
-    accelerator.wait_for_everyone()
-
-
-def export_model(module: nn.Module, export_dir: Path, subfolder: str) -> str:
-    """`save_pretrained` into `export_dir/subfolder` atomically (temp folder, then rename)."""
-    target = Path(export_dir) / subfolder
-    tmp = Path(export_dir) / f".{subfolder}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    module.save_pretrained(tmp, safe_serialization=True)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    return subfolder
+    On SIGUSR1 / SIGTERM it raises `TrainingPreempted` (a `SystemExit` with status 75) once the
+    checkpoint is written.
+    """
+    run = _Run(task)
+    run.train()
+    return run.export()

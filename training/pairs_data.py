@@ -31,8 +31,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from data_prep.pairs import check_pair_sample
-from data_prep.writer import expand_shard_spec
+from encoders.common.shards import check_pair_sample, expand_shard_spec
 
 logger = logging.getLogger(__name__)
 

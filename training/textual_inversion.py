@@ -7,7 +7,7 @@ Everything else is frozen. The learned word v replaces S*'s token embedding befo
 (`encoders.text_injection`, no resized embedding table, no patched class), and the loss is the
 masked epsilon-MSE of `training.concept_data`. Variants, by config keys:
 
-- plain Textual Inversion (papers/textual_inversion.txt): v is a free vector initialised with the
+- plain Textual Inversion (Gal et al., "An Image is Worth One Word"): v is a free vector initialised with the
   initializer word's embedding (paper: base lr 0.005 scaled by the batch size, 5000 steps);
 - `subspace.enabled=true`: BaTex (`encoders.subspace`), v = w @ V_M over the vocabulary words chosen
   by the rank rule (`subspace.distance`, `subspace.dim`), w one-hot on the initializer at start
@@ -22,7 +22,6 @@ with `pipe.load_textual_inversion(output_dir, token="S*")`, `concept.json` (what
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +32,16 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from encoders.run_config import ConfigError, keyed_field, parse_config_cli
+from encoders.common.config import ConfigError, keyed_field, parse_config_cli
+from encoders.common.files import atomic_write
+from encoders.common.finetune_folder import EMBEDDINGS_FILE, SUBSPACE_FOLDER
 from encoders.subspace import TextualSubspace
 from encoders.text_injection import add_placeholder_tokens, encode_text_with_words
 
 from .common_config import AnchorsConfig
 from .concept_data import ConceptFinetuneTask, FinetuneConfig
-from .loop import export_model, run_training
-
-EMBEDDINGS_FILE = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
+from .export import export_model
+from .loop import run_training
 
 
 @dataclass
@@ -182,8 +182,8 @@ class TextualInversionTask(ConceptFinetuneTask):
             negative_prompt_embeds=uncond,
             num_inference_steps=self.config.validation_inference_steps,
             guidance_scale=self.config.validation_guidance_scale,
-            height=self.config.resolution,
-            width=self.config.resolution,
+            height=self.config.data.resolution,
+            width=self.config.data.resolution,
             generator=generator,
         ).images
 
@@ -193,14 +193,13 @@ class TextualInversionTask(ConceptFinetuneTask):
         export_dir = Path(export_dir)
         word = models["learned_word"]
         vector = word().detach().float().cpu()[None]
-        tmp = export_dir / f".{EMBEDDINGS_FILE}.tmp"
-        save_file({self.config.placeholder_token: vector.contiguous()}, str(tmp))
-        os.replace(tmp, export_dir / EMBEDDINGS_FILE)
+        atomic_write(export_dir / EMBEDDINGS_FILE,
+                     lambda tmp: save_file({self.config.placeholder_token: vector.contiguous()}, str(tmp)))
         written = [EMBEDDINGS_FILE]
         files = {"embeddings": EMBEDDINGS_FILE}
         if isinstance(word, TextualSubspace):
-            written.append(export_model(word, export_dir, "subspace"))
-            files["subspace"] = "subspace"
+            written.append(export_model(word, export_dir, SUBSPACE_FOLDER))
+            files["subspace"] = SUBSPACE_FOLDER
         method = "batex" if self.config.subspace.enabled else "textual_inversion"
         written.append(self.write_concept_file(export_dir, method, files))
         return written

@@ -6,7 +6,7 @@ dataclasses: `subspace.dim=8`), converts each value to the field's type, and fai
 that names the key and the file when a key is unknown or a value does not fit. `save_config` writes
 the resolved config next to a run's outputs so every result says how it was made.
 
-It lives in `encoders` because that is the one package every other part may import.
+It lives on the ground floor (`encoders.common`): every part of the project may import it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
+
+from .files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -43,6 +45,39 @@ def keyed_field(help: str, default: Any = None, factory: Any = None) -> Any:
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _aliases(cls: type) -> dict[str, str]:
+    """Old key spellings a config class still accepts: its `CONFIG_ALIASES` {old: new}, base classes' too."""
+    merged: dict[str, str] = {}
+    for klass in reversed(getattr(cls, "__mro__", (cls,))):
+        merged.update(getattr(klass, "__dict__", {}).get("CONFIG_ALIASES", {}))
+    return merged
+
+
+def _canonical_keys(cls: type, data: dict) -> dict:
+    """`data` with aliased keys renamed to their current names; an alias may name a nested key
+    (`resolution` -> `data.resolution`). An alias and its key together is an error."""
+    aliases = _aliases(cls)
+    if not aliases:
+        return data
+    out: dict = {}
+    for key, value in data.items():
+        name = aliases.get(key, key)
+        *parents, leaf = name.split(".")
+        node = out
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                child = node[part] = config_to_dict(child) if dataclasses.is_dataclass(child) else {}
+            node = child
+        if leaf not in node:
+            node[leaf] = value
+        elif isinstance(node[leaf], dict) and isinstance(value, dict):
+            node[leaf].update(value)  # a group given both as `data: {...}` and through an old flat key
+        else:
+            raise ConfigError(f"config key {name!r} is given twice (also as {key!r})")
+    return out
 
 
 def _unknown_key(key: str, known: list[str], origin: str) -> ConfigError:
@@ -151,10 +186,11 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
 
 def _coerce_fields(cls: type, data: dict, origin: str, prefix: str = "") -> dict:
     """Check every key of `data` against `cls`'s fields and convert its value to the field's type."""
+    data = _canonical_keys(cls, data)
     types_ = _field_types(cls)
     for key in data:
         if key not in types_:
-            raise _unknown_key(prefix + key, [prefix + k for k in types_], origin)
+            raise _unknown_key(prefix + key, [prefix + k for k in [*types_, *_aliases(cls)]], origin)
     return {k: _coerce(v, types_[k], prefix + k, origin) for k, v in data.items()}
 
 
@@ -194,21 +230,28 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _check_path(cls: type, key: str, origin: str) -> None:
+def _check_path(cls: type, key: str, origin: str) -> str:
+    """The dotted `key` with each part's alias resolved; an unknown part is an error naming the key."""
     node: Any = cls
     walked = []
     for part in key.split("."):
         if not dataclasses.is_dataclass(node):
             raise _unknown_key(key, [".".join(walked)], origin)
         types_ = _field_types(node)
+        *hops, part = _aliases(node).get(part, part).split(".")  # an alias may lead into a nested group
+        for hop in hops:
+            walked.append(hop)
+            node = types_[hop]
+            types_ = _field_types(node)
         if part not in types_:
             prefix = ".".join(walked + [""]) if walked else ""
-            raise _unknown_key(key, [prefix + k for k in types_], origin)
+            raise _unknown_key(key, [prefix + k for k in [*types_, *_aliases(node)]], origin)
         walked.append(part)
         node = types_[part]
         if get_origin(node) in (Union, types.UnionType):
             inner = [a for a in get_args(node) if dataclasses.is_dataclass(a)]
             node = inner[0] if inner else node
+    return ".".join(walked)
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
@@ -229,9 +272,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         data = loaded
     origin = str(path) if path is not None else "the defaults"
     _coerce_fields(cls, data, origin)  # check the file alone first, so its errors name the file
+    data = _canonical_keys(cls, data)
     for key, value in parse_overrides(overrides or []):
-        _check_path(cls, key, "the command line")
-        _merge(data, key, value)
+        _merge(data, _check_path(cls, key, "the command line"), value)
     return _build(cls, data, "the command line" if overrides else origin)
 
 
@@ -254,12 +297,7 @@ def config_to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically: temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def describe_keys(cls: type, prefix: str = "") -> list[str]:

@@ -54,10 +54,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_prep.writer import MANIFEST_NAME, expand_shard_spec
 from encoders.clip_features import CLIP_MEAN, CLIP_STD
-
-from encoders.run_config import keyed_field
+from encoders.common.config import keyed_field
+from encoders.common.shards import LATENT_MEMBER, MANIFEST_NAME, expand_shard_spec
 
 from .templates import IMAGENET_TEMPLATES, fill_template
 
@@ -83,7 +82,7 @@ class CropDataConfig:
     clip_rotation_degrees: float = keyed_field("CLIP inputs are rotated by up to this many degrees", 10.0)
     clip_blur_prob: float = keyed_field("probability of a Gaussian blur of the CLIP crop", 0.3)
     clip_blur_radius: tuple[float, float] = keyed_field("range of the blur radius in pixels", factory=lambda: (0.1, 1.5))
-    templates: list[str] = keyed_field("caption templates with {c} for the placeholder (empty: the 80 CLIP ImageNet ones)", factory=list)
+    templates: list[str] = keyed_field("caption templates with {} for the placeholder (empty: the 80 CLIP ImageNet ones)", factory=list)
     cached_latents: bool = keyed_field(
         "read each crop's VAE posterior from KEY.latent.npy (shards from `python -m data_prep latents`) "
         "instead of encoding the target every step; needs scale_prob=0", False
@@ -102,8 +101,8 @@ class CropDataConfig:
                 f"data.cached_latents=true needs data.scale_prob=0 (got {self.scale_prob}): "
                 "the cached latents are of the crop as it is, not of a scale-augmented target"
             )
-        if any("{c}" not in t for t in self.templates):
-            raise ValueError("every entry of data.templates needs a {c} slot for the placeholder")
+        if any("{}" not in t for t in self.templates):
+            raise ValueError("every entry of data.templates needs a {} slot for the placeholder")
 
 
 def _seed(*parts: int) -> int:
@@ -344,7 +343,34 @@ def decode_crop_sample(sample: dict) -> tuple[Image.Image, Image.Image, dict]:
     return image, mask, meta
 
 
-LATENT_MEMBER = "latent.npy"  # data_prep.latents.LATENT_MEMBER
+def first_crop_samples(urls: Sequence[str], count: int) -> list[tuple[Image.Image, Image.Image, dict]]:
+    """The first `count` readable crop samples of the shards, in shard order: (RGB crop, L mask, metadata).
+
+    Read apart from the training stream (validation pictures), so the training data order is untouched.
+    """
+    import tarfile
+
+    found: list[tuple[Image.Image, Image.Image, dict]] = []
+    for url in urls:
+        try:
+            with tarfile.open(url) as tar:
+                samples: dict[str, dict] = {}
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = Path(member.name).name.partition(".")
+                    samples.setdefault(key, {"__key__": key, "__url__": url})[ext] = tar.extractfile(member).read()
+        except (OSError, tarfile.TarError) as err:
+            logger.warning("validation crops: skipping %s: %s", url, err)
+            continue
+        for sample in samples.values():
+            try:
+                found.append(decode_crop_sample(sample))
+            except (ValueError, OSError) as err:
+                logger.warning("validation crops: skipping a sample: %s", err)
+            if len(found) >= count:
+                return found
+    return found
 
 
 def decode_cached_latent(sample: dict, cells: int) -> torch.Tensor:

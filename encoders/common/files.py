@@ -1,0 +1,105 @@
+"""Atomic writes: a file (or folder) appears under its name only once it is complete.
+
+Every writer of the project goes through here: the content is written to a hidden temporary sibling
+(`.NAME.tmp-XXXX`) and renamed into place, so an interrupted job never leaves a half-written file
+that looks finished, and readers never see one. The result gets the permissions a plain `open()`
+would have given it (0666 / 0777 minus the umask): temporary files are created private (0600), and
+outputs that stayed that way could not be read by colleagues on a shared cluster.
+
+    atomic_write_json(out / "settings.json", settings)
+    atomic_write(out / "image.png", lambda tmp: image.save(tmp, format="PNG"))
+    with atomic_directory(export_dir / "global_mapping") as tmp:
+        model.save_pretrained(tmp)              # renamed to global_mapping/ when the block ends
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
+def _publish_permissions(path: Path) -> None:
+    """Give a finished temporary file or folder tree the permissions an ordinary write would have."""
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, DIR_MODE)
+            for name in files:
+                os.chmod(os.path.join(root, name), FILE_MODE)
+    else:
+        os.chmod(path, FILE_MODE)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp)` on a temporary sibling of `path`, then rename it to `path`; returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        _publish_permissions(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:
+    """JSON with a final newline; non-JSON values (paths, numpy scalars) become strings.
+
+    Non-finite floats are refused (`allow_nan=False`): a bare `NaN` is not JSON and breaks readers.
+    """
+    text = json.dumps(data, indent=indent, sort_keys=sort_keys, default=str, allow_nan=False) + "\n"
+    return atomic_write_text(path, text)
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `target`; when the block ends without error it replaces `target`.
+
+    A folder that already exists at `target` is removed only once the new one is complete.
+    On error the temporary folder is deleted and `target` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _publish_permissions(tmp)
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
