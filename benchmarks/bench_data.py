@@ -12,7 +12,7 @@ symlinked photo, so nothing is shared between copies but the OS page cache). Two
 the photos as bundled (640 px) and upscaled 2x (1280 px, nearer to full-size OpenImages photos,
 whose masks are also at another resolution than the photo). Crops are 512 px, the training default.
 
-Targets (issue 3): shard loader >= 3x the on-the-fly baseline; 2 writer workers >= 1.7x one.
+Targets: shard loader >= 3x the on-the-fly baseline; 2 writer workers >= 1.7x one.
 Both loaders run in the main process with one torch thread (per-core throughput) and produce the
 same tensors through the same `CropSampleTransform`; only the JPEG round trip differs (reported).
 """
@@ -35,17 +35,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from results_io import write_results  # noqa: E402  (this folder: the script's own)
+import torch
+from PIL import Image
+from results_io import write_results  # this folder's own helper (the script's folder is on sys.path)
 
-from data_prep.objects import make_crop_sample, render_object  # noqa: E402
-from data_prep.records import CropSettings  # noqa: E402
-from data_prep.sources.openimages import read_openimages  # noqa: E402
-from data_prep.writer import ShardJob, write_shards  # noqa: E402
-from training.crop_data import CropDataConfig, CropDataLoader, CropSampleTransform, decode_crop_sample, stack_samples  # noqa: E402
+from data_prep.objects import make_crop_sample, render_object
+from data_prep.records import CropSettings
+from data_prep.sources.openimages import read_openimages
+from data_prep.writer import ShardJob, write_shards
+from training.crop_data import CropDataConfig, CropDataLoader, CropSampleTransform, decode_crop_sample, stack_samples
 
 DATA = REPO / "tests/data/openimages"
 RESULTS = REPO / "benchmarks/results/bench_data.json"

@@ -25,14 +25,12 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from results_io import write_results  # noqa: E402  (this folder: the script's own)
+from results_io import write_results  # this folder's own helper (the script's folder is on sys.path)
 
 CONFIGS = REPO / "configs" / "finetune"
 METHODS = {

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from results_io import write_results  # noqa: E402  (this folder: the script's own)
+from results_io import write_results  # this folder's own helper (the script's folder is on sys.path)
 
 SD14_UNET = dict(
     sample_size=64,
@@ -173,7 +171,7 @@ def bench_stage(stage: str, models: Path, shards: str, work: Path, batch: int, s
         step_ms_median=statistics.median(step_ms), step_ms_all=[round(x, 1) for x in step_ms],
         peak_cuda_gb=_peak_gb(), losses=losses,
     )
-    del task, trainable, optimizer
+    task = trainable = optimizer = None  # free the GPU memory before the next stage
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result, export

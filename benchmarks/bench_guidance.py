@@ -27,15 +27,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from results_io import write_results  # noqa: E402  (this folder: the script's own)
+import torch
+from results_io import write_results  # this folder's own helper (the script's folder is on sys.path)
 
-from data_prep.pairs_generate import GenerationSettings, write_generated_pairs  # noqa: E402
-from data_prep.writer import ShardJob  # noqa: E402
-from encoders.tiny import build_tiny_models  # noqa: E402
-from inference.guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance  # noqa: E402
+from data_prep.pairs_generate import GenerationSettings, write_generated_pairs
+from data_prep.writer import ShardJob
+from encoders.tiny import build_tiny_models
+from inference.guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance
 
 RESULTS = REPO / "benchmarks/results/bench_guidance.json"
 PROMPT = "a photo of a cat and a dog"

@@ -7,9 +7,9 @@ writes benchmarks/results/bench_train.json.
 
 Configs (random-init models in the real on-disk formats, trained through the real task code):
 - tiny: `encoders.tiny` (UNet with cross-attention dim 32, 24-layer CLIP vision width 32), 64 px,
-  mapping MLPs at the paper's 1024 width; the shapes of the issue's reference measurement
-  (reference ELITE: ~590 ms per global step, ~745 ms per local step, peak 1.2 / 1.7 GB, batch 2,
-  2 threads; target: at most half).
+  mapping MLPs at the paper's 1024 width: the shapes the official ELITE code was timed at on this
+  machine (~590 ms per global step, ~745 ms per local step, peak 1.2 / 1.7 GB, batch 2, 2 threads;
+  target: at most half).
 - small: a 3-level UNet (64/128/256 channels, cross-attention dim 128, 4-level VAE down to 1/4),
   a 4-layer width-128 text encoder, a 24-layer width-128 CLIP vision tower, 128 px.
 
@@ -40,9 +40,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from results_io import write_results  # noqa: E402  (this folder: the script's own)
+from results_io import write_results  # this folder's own helper (the script's folder is on sys.path)
 
 RESULTS = REPO / "benchmarks/results/bench_train.json"
 REFERENCE_MS = {"global_mapping": 590.0, "local_mapping": 745.0}

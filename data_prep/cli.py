@@ -33,8 +33,9 @@ from encoders.common.config import ConfigError, describe_keys, load_config
 from encoders.common.processes import available_cpus
 from encoders.common.shards import ShardSpecError
 
+from .manifests import merge_manifests
 from .sources import SourceError
-from .writer import ShardJob, WriterError, merge_manifests
+from .writer import ShardJob, WriterError
 
 SUBCOMMAND_MODULES = ("data_prep.crop_commands", "data_prep.inspect_shards", "data_prep.latents", "data_prep.pairs_cli")
 

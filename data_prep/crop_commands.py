@@ -21,7 +21,8 @@ from .cli import (
 )
 from .objects import SAMPLE_SCHEMA, make_crop_sample
 from .records import CropSettings, ObjectRecord
-from .writer import ShardJob, SourceReport, write_shards
+from .sources import SourceReport
+from .writer import ShardJob, write_shards
 
 logger = logging.getLogger("data_prep")
 

@@ -36,7 +36,8 @@ class CropGeometry:
 
 @dataclass(frozen=True)
 class BoxFilters:
-    """Which objects are worth a training sample (ELITE-like defaults; see DESIGN.md §2)."""
+    """Which objects are worth a training sample (ELITE's filters by default: boxes of 2-80% of the image,
+    >= 100 px on the short side, aspect ratio <= 2)."""
 
     min_area_fraction: float = 0.02  # box area / image area
     max_area_fraction: float = 0.8

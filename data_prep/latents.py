@@ -76,18 +76,14 @@ _SHARD_CACHE: dict = {}  # per process: the input shard being encoded -> {key: s
 
 
 def _load_vae(settings: LatentSettings):
-    import torch
     from diffusers import AutoencoderKL
 
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if settings.dtype == "auto":
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    else:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
-    cache_key = (settings.model, settings.subfolder, device, str(dtype))
-    if cache_key not in _VAE:
-        from encoders.common.device import dtype_kwargs
+    from encoders.common.device import dtype_kwargs, resolve_device, resolve_dtype
 
+    device = resolve_device(settings.device or "auto")
+    dtype = resolve_dtype(settings.dtype, device)
+    cache_key = (settings.model, settings.subfolder, str(device), str(dtype))
+    if cache_key not in _VAE:
         vae = AutoencoderKL.from_pretrained(settings.model, subfolder=settings.subfolder or None, **dtype_kwargs(dtype))
         _VAE.clear()
         _VAE[cache_key] = vae.to(device).eval().requires_grad_(False)

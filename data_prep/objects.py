@@ -1,7 +1,7 @@
 """One object record -> one square crop, its mask and its metadata (the pixel stage).
 
 `render_object` returns PIL images (the training benchmark's on-the-fly baseline calls it
-directly); `make_crop_sample` encodes them into the shard sample of DESIGN.md §4:
+directly); `make_crop_sample` encodes them into the crop sample of the shard contract (`encoders.common.shards`):
 `KEY.jpg` (RGB, square), `KEY.mask.png` (L, 0/255, same size), `KEY.json` (metadata).
 The last decoded source image is cached per process, so the objects of one image (sources
 sort records by image) decode it once.

@@ -27,9 +27,9 @@ from encoders.common.shards import PAIR_SCHEMA, check_pair_sample
 
 from .crops import clip_box, is_degenerate, xywh_to_xyxy
 from .records import safe_key_part
-from .sources import SourceError
+from .sources import SourceError, SourceReport
 from .sources.coco import load_coco_json
-from .writer import ShardJob, SourceReport, write_shards
+from .writer import ShardJob, write_shards
 
 
 def normalized_box(box_xyxy: Sequence[float], image_wh: tuple[int, int]) -> list[float]:

@@ -148,19 +148,14 @@ _MODELS: dict = {}  # per process: (pipeline, detector, device, dtype) -> (pipe,
 
 
 def _load_models(settings: GenerationSettings):
-    import torch
+    from encoders.common.device import dtype_kwargs, resolve_device, resolve_dtype
 
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if settings.dtype == "auto":
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    else:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
-    cache_key = (settings.pipeline, settings.detector, settings.detector_revision, device, str(dtype))
+    device = resolve_device(settings.device or "auto")
+    dtype = resolve_dtype(settings.dtype, device)
+    cache_key = (settings.pipeline, settings.detector, settings.detector_revision, str(device), str(dtype))
     if cache_key not in _MODELS:
         from diffusers import DiffusionPipeline
         from transformers import AutoImageProcessor, AutoModelForObjectDetection
-
-        from encoders.common.device import dtype_kwargs
 
         pipe = DiffusionPipeline.from_pretrained(settings.pipeline, safety_checker=None, **dtype_kwargs(dtype))
         pipe.to(device)

@@ -1,6 +1,7 @@
 """Semantic anchors: a noun vocabulary, sparse coding over its embeddings, and the L_anc regulariser.
 
-Compositional inversion (papers/compositional_inversion.txt, "Semantic Inversion") keeps a learned
+Compositional inversion (Zhang et al., "Compositional Inversion for Stable Diffusion Models", AAAI
+2024, "Semantic Inversion") keeps a learned
 word embedding e near the core of the embedding space by attracting it to a few real words:
 
     L_anc = 1/K * sum_i delta_i * ||e - e_i||^2,   ||delta||_0 <= c
@@ -181,7 +182,7 @@ def sparse_code(
 
 
 def anchor_loss(embedding: torch.Tensor, anchor_embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """L_anc = mean over the batch of 1/K * sum_i delta_i ||e - e_i||^2 (DESIGN.md §2).
+    """L_anc = mean over the batch of 1/K * sum_i delta_i ||e - e_i||^2 (the paper's Eq. 6).
 
     `embedding` `[B, D]` or `[D]` (differentiable), `anchor_embeddings` `[K, D]`, `weights` `[B, K]` or `[K]`
     (non-negative; typically `sparse_code(...)` of the detached embedding). Returns a scalar tensor.

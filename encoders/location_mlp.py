@@ -1,6 +1,7 @@
 """Location MLP: two concept token embeddings in, one box per concept out (spatial inversion).
 
-Compositional inversion (papers/compositional_inversion.txt, Eq. 8) predicts where two concepts of a
+Compositional inversion (Zhang et al., "Compositional Inversion for Stable Diffusion Models", AAAI
+2024, Eq. 8) predicts where two concepts of a
 prompt should be attended, `l_i, l_j = MLP(e_i, e_j)`, and turns the boxes into attention masks for
 spatial guidance (`inference/guidance.py`). The paper's code ships constants instead of a trained
 model; this one is trained by `training/location_mlp.py` on COCO pairs and detector boxes.

@@ -1,6 +1,7 @@
 """BaTex textual subspace: learn a word embedding as a weighted sum of real vocabulary embeddings.
 
-BaTex (papers/batex_textual_subspace.txt) replaces Textual Inversion's free 768-d vector with
+BaTex (Du et al., "Efficient Personalized Text-to-image Generation by Leveraging Textual
+Subspace") replaces Textual Inversion's free 768-d vector with
 v = sum_i w_i v_i over M basis words chosen from the text encoder's vocabulary:
 
 1. Order the vocabulary by vector distance F(u, v_i) to the initializer word's embedding u

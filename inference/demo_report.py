@@ -1,6 +1,6 @@
 """Print what `make demo` made and where: `python -m inference.demo_report --demo outputs/demo`.
 
-One line per part of the demo folder (DESIGN.md §4: models/sd, models/image_encoder, shards,
+One line per part of the demo folder (models/sd, models/image_encoder, shards,
 encoders, images/<run>), saying whether it is there, how many files and bytes it holds, and for each
 generation run its prompts and the grid to look at. `--stage NAME` reports only the parts whose
 name contains NAME (e.g. `--stage base` -> images/base). Exit status 1 when a requested part is

@@ -162,12 +162,8 @@ class ClipScorer:
 
     @torch.no_grad()
     def image_embeds(self, images) -> torch.Tensor:
-        images = _as_rgb_list(images)
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=images[i : i + self.batch_size], return_tensors="pt")["pixel_values"]
-            out.append(_features(self.model.get_image_features(pixel_values=pixels.to(self.device))).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.model.config.projection_dim)
+        return _embed_images(self, images, self.model.config.projection_dim,
+                             lambda pixels: _features(self.model.get_image_features(pixel_values=pixels)))
 
     @torch.no_grad()
     def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
@@ -188,6 +184,16 @@ class ClipScorer:
         return paired_similarity(self.image_embeds(generated), self.text_embeds(prompts)).mean().item()
 
 
+def _embed_images(scorer, images, dim: int, embed) -> torch.Tensor:
+    """`[N, dim]` float32 CPU embeddings of `images`, `scorer.batch_size` at a time through its processor."""
+    images = _as_rgb_list(images)
+    out = []
+    for i in range(0, len(images), scorer.batch_size):
+        pixels = scorer.processor(images=images[i : i + scorer.batch_size], return_tensors="pt")["pixel_values"]
+        out.append(embed(pixels.to(scorer.device)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, dim)
+
+
 class DinoScorer:
     """DINO ViT CLS embeddings for DINO-I."""
 
@@ -201,13 +207,8 @@ class DinoScorer:
 
     @torch.no_grad()
     def image_embeds(self, images) -> torch.Tensor:
-        images = _as_rgb_list(images)
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=images[i : i + self.batch_size], return_tensors="pt")["pixel_values"]
-            hidden = self.model(pixel_values=pixels.to(self.device)).last_hidden_state
-            out.append(hidden[:, 0].float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.model.config.hidden_size)
+        return _embed_images(self, images, self.model.config.hidden_size,
+                             lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0])
 
     def dino_i(self, generated, references) -> float:
         return mean_pairwise_similarity(self.image_embeds(generated), self.image_embeds(references))

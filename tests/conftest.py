@@ -49,11 +49,11 @@ def tiny_image_encoder_path(tiny_models) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_eval_models(tmp_path_factory) -> Path:
-    """Folder with the metric models `eval_clip/`, `dino/` (and `detector/` once registered), from `encoders.tiny`."""
-    from encoders.tiny import TINY_MODELS, build_tiny_models
+    """Folder with the metric models `eval_clip/`, `dino/` and `detector/`, from `encoders.tiny`."""
+    from encoders.tiny import build_tiny_models
 
     root = tmp_path_factory.mktemp("tiny_eval_models")
-    build_tiny_models(root, [n for n in ("eval_clip", "dino", "detector") if n in TINY_MODELS])
+    build_tiny_models(root, ["eval_clip", "dino", "detector"])
     return root
 
 

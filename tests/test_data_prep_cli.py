@@ -1,4 +1,4 @@
-"""The command lines of DESIGN.md §4 as a new user runs them on the bundled samples: shards that open
+"""The data_prep command lines as a new user runs them on the bundled samples: shards that open
 with plain `tar` and with webdataset, a multi-node run merged, and `inspect` with its contact sheet."""
 
 from __future__ import annotations

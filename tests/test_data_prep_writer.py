@@ -15,10 +15,11 @@ from PIL import Image
 
 from data_prep.crops import box_iou
 from data_prep.images import mask_bbox
+from data_prep.manifests import merge_manifests
 from data_prep.objects import make_crop_sample
 from data_prep.records import CropSettings
 from data_prep.sources.coco import read_coco
-from data_prep.writer import ShardJob, Skip, WriterError, merge_manifests, node_shards, shard_ranges, write_shards
+from data_prep.writer import ShardJob, Skip, WriterError, node_shards, shard_ranges, write_shards
 
 SETTINGS = CropSettings(resolution=48, min_area_fraction=0.002, min_side=10, max_aspect_ratio=4.0, jpeg_quality=90)
 

@@ -7,6 +7,33 @@ single bad rows and annotations are dropped and counted in a `SourceReport` inst
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("data_prep")
+
 
 class SourceError(ValueError):
     """An annotation file that cannot be used at all; the message names the file and the problem."""
+
+
+@dataclass
+class SourceReport:
+    """What a source read and what it dropped before sharding, by reason (first few logged)."""
+
+    name: str
+    files: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+    log_first: int = 5
+    _logged: int = 0
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        if self._logged < self.log_first:
+            logger.warning("%s: skipped (%s): %s", self.name, reason, where)
+            self._logged += 1
+
+    def to_dict(self) -> dict:
+        return {"files": dict(self.files), "counts": dict(self.counts)}

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from ..crops import check_box, clip_box, is_degenerate, xywh_to_xyxy
 from ..records import CropSettings, ObjectRecord, safe_key_part
-from ..writer import SourceReport
-from . import SourceError
+from . import SourceError, SourceReport
 
 
 def _sortable(value) -> tuple:

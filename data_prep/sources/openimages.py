@@ -24,8 +24,7 @@ from typing import Iterator
 
 from ..crops import is_degenerate
 from ..records import CropSettings, ObjectRecord, safe_key_part
-from ..writer import SourceReport
-from . import SourceError
+from . import SourceError, SourceReport
 
 BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 SEGMENTATION_COLUMNS = ("MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")
