@@ -294,7 +294,7 @@ def run_writer(records, work: Path, label: str, repeats: int, rows: list) -> lis
 
 
 def run_loader(records, shards: Path, label: str, args, rows: list) -> dict:
-    cfg = CropDataConfig(resolution=512, shuffle_buffer=64, shuffle_initial=16)
+    cfg = CropDataConfig(resolution=512)
     transform = CropSampleTransform(cfg, vae_scale_factor=8)
     timings = end_to_end({"shards": shard_batches(shards, cfg, 8), "on_the_fly": baseline_batches(records, transform, 8)},
                          args.batches, 8, args.repeats)

@@ -125,7 +125,7 @@ def bench_stage(stage: str, models: Path, shards: str, work: Path, batch: int, s
     keys = [f"pretrained_model_name_or_path={models / 'sd'}", f"image_encoder_name_or_path={models / 'image_encoder'}",
             f"train_shards={shards}", f"output_dir={work / ('run_' + stage)}", f"train_batch_size={batch}",
             "mixed_precision=bf16", "report_to=none", "dataloader_num_workers=2", f"data.resolution={resolution}",
-            "data.shuffle_buffer=16", "data.shuffle_initial=4", "scale_lr=false",
+            "scale_lr=false",
             f"gradient_checkpointing={str(gradient_checkpointing).lower()}"]
     if stage == "global_mapping":
         from training.global_mapping import GlobalMappingConfig as Config

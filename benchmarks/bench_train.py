@@ -150,8 +150,8 @@ def _task(stage: str, models: Path, shards: str, resolution: int, batch: int, gl
     keys = [f"pretrained_model_name_or_path={models / 'sd'}", f"image_encoder_name_or_path={models / 'image_encoder'}",
             f"train_shards={shards}", f"output_dir={out}", f"train_batch_size={batch}", f"mixed_precision={precision}",
             f"gradient_checkpointing={gradient_checkpointing}",
-            "report_to=none", "dataloader_num_workers=0", f"data.resolution={resolution}", "data.shuffle_buffer=16",
-            "data.shuffle_initial=4", "scale_lr=false"]
+            "report_to=none", "dataloader_num_workers=0", f"data.resolution={resolution}",
+            "scale_lr=false"]
     if stage == "global_mapping":
         from training.global_mapping import GlobalMappingConfig as Config
         from training.global_mapping import GlobalMappingTask as Task

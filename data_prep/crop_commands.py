@@ -12,6 +12,8 @@ import functools
 import logging
 import os
 
+from encoders.common.shards import CROP_SCHEMA
+
 from .cli import (
     add_config_arguments,
     add_writer_arguments,
@@ -19,7 +21,7 @@ from .cli import (
     settings_from_args,
     shard_job_from_args,
 )
-from .objects import SAMPLE_SCHEMA, make_crop_sample
+from .objects import make_crop_sample
 from .records import CropSettings, ObjectRecord
 from .sources import SourceReport
 from .writer import ShardJob, write_shards
@@ -37,7 +39,7 @@ def write_crop_shards(records: list[ObjectRecord], report: SourceReport, setting
         records,
         functools.partial(make_crop_sample, settings=settings),
         job,
-        settings={"sample_schema": SAMPLE_SCHEMA, "source": report.name, **settings.to_dict()},
+        settings={"sample_schema": CROP_SCHEMA, "source": report.name, **settings.to_dict()},
         source=report.to_dict(),
         source_skipped=report.skipped,
     )

@@ -120,7 +120,8 @@ def inspect_shards(spec, max_tiles: int = 48, seed: int = 0, verify: bool = Fals
                 sources[meta.get("source", "?")] += 1
                 categories[meta.get("category", "?")] += 1
                 mask_sources[meta.get("mask_source", "?")] += 1
-                notes.update(meta.get("notes", []))
+                raw_notes = meta.get("notes", "")  # a comma-separated string (zsp-crop/2) or a list (zsp-crop/1)
+                notes.update(n for n in (raw_notes.split(",") if isinstance(raw_notes, str) else raw_notes) if n)
                 resolutions[meta.get("resolution", 0)] += 1
                 x0, y0, x1, y1 = meta["bbox_xyxy"]
                 short_sides.append(min(x1 - x0, y1 - y0))

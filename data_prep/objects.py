@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from encoders.common.shards import CROP_SCHEMA, crop_flags
+
 from .crops import Box, box_iou, check_box, clip_box, rotate_normalized_box, square_crop, valid_pixel_box
 from .images import load_rgb, mask_bbox, mask_from_coco, mask_from_png
 from .records import CropSettings, ObjectRecord
 from .writer import Skip
 
-SAMPLE_SCHEMA = "zsp-crop/1"
 # Letterbox fill: CLIP's mean colour, so filled borders are ~0 after CLIP normalisation.
 FILL_RGB = (122, 116, 104)
 _ROTATE = {90: Image.ROTATE_90, 180: Image.ROTATE_180, 270: Image.ROTATE_270}
@@ -159,14 +160,14 @@ def render_object(record: ObjectRecord, settings: CropSettings, use_cache: bool 
         raise Skip("mask_box_mismatch", f"mask box {tight} vs object box {_rounded((bx0, by0, bx1, by1), 1)} (IoU {iou:.2f})")
 
     meta = {
-        "schema": SAMPLE_SCHEMA,
+        "schema": CROP_SCHEMA,
         "key": record.key,
         "source": record.source,
-        "image_id": record.image_id,
-        "annotation_id": record.annotation_id,
+        "image_id": str(record.image_id),
+        "annotation_id": str(record.annotation_id),
         "image_file": record.image_file,
         "category": record.category,
-        "category_id": record.category_id,
+        "category_id": str(record.category_id),
         "image_size": [size[0], size[1]],
         "bbox_xyxy": _rounded(box, 2),
         "crop_xyxy": _rounded(geometry.crop_xyxy, 2),
@@ -176,8 +177,8 @@ def render_object(record: ObjectRecord, settings: CropSettings, use_cache: bool 
         "mask_source": record.mask_kind,
         "mask_box_iou": round(iou, 4),
         "area_fraction": round((box[2] - box[0]) * (box[3] - box[1]) / (size[0] * size[1]), 5),
-        "flags": dict(record.flags),
-        "notes": sorted(set(notes)),
+        "flags": crop_flags(record.flags),
+        "notes": ",".join(sorted(set(notes))),  # a string: an empty list has no type for Arrow readers
     }
     return RenderedObject(crop, Image.fromarray(mask, "L"), meta)
 
@@ -202,5 +203,5 @@ def make_crop_sample(record: ObjectRecord, settings: CropSettings) -> dict:
         "jpg": encode_jpeg(rendered.image, settings.jpeg_quality),
         "mask.png": encode_png(rendered.mask),
         "json": json.dumps(rendered.meta, sort_keys=True, separators=(",", ":")).encode("utf-8"),
-        "__notes__": rendered.meta["notes"],
+        "__notes__": [n for n in rendered.meta["notes"].split(",") if n],
     }

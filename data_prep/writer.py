@@ -40,12 +40,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from encoders.common.files import atomic_write_json as _atomic_write_json
+from encoders.common.files import atomic_write_text
 from encoders.common.shards import (  # noqa: F401  (the shard contract, re-exported for the data_prep stages)
+    INDEX_FIELDS,
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
     STATS_DIR,
     ShardSpecError,
     expand_shard_spec,
+    index_file_name,
     node_manifest_name,
     read_manifest,
     shard_file_name,
@@ -199,6 +202,20 @@ class _ShardTask:
     log_first: int
 
 
+def _index_line(key: str, sample: dict, members: dict[str, list[int]]) -> str:
+    """One line of the shard index: the key, the `INDEX_FIELDS` of the sample's JSON, member offsets."""
+    row: dict[str, Any] = {"key": key}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (ValueError, TypeError):
+            meta = {}
+        if isinstance(meta, dict):
+            row.update({k: meta[k] for k in INDEX_FIELDS if k in meta})
+    row["members"] = members
+    return json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n"
+
+
 def _write_shard(task: _ShardTask) -> dict:
     """Write one shard: temp file, stats file, rename. Returns the shard's stats."""
     final = task.out_dir / shard_file_name(task.name, task.index)
@@ -214,6 +231,7 @@ def _write_shard(task: _ShardTask) -> dict:
         if len(errors) < task.log_first:
             errors.append(message)
 
+    index_lines: list[str] = []
     try:
         with open(tmp, "wb") as stream, tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for item in task.items:
@@ -228,8 +246,12 @@ def _write_shard(task: _ShardTask) -> dict:
                         raise Skip("duplicate_key", key)
                     note_list = result.pop("__notes__", ())
                     members = _members(result)
+                    where = {}
                     for info, data in members:
+                        header = len(info.tobuf(tar.format, tar.encoding, tar.errors))
+                        where[info.name.split(".", 1)[1]] = [tar.offset + header, info.size]
                         tar.addfile(info, io.BytesIO(data))
+                    index_lines.append(_index_line(key, result, where))
                 except Skip as bad:
                     detail = f": {bad.detail}" if bad.detail else ""
                     skip(bad.reason, f"{bad.reason}: {describe_item(item)}{detail}")
@@ -253,6 +275,7 @@ def _write_shard(task: _ShardTask) -> dict:
             "sha256": sha256_file(tmp),
             "fingerprint": task.fingerprint,
         }
+        atomic_write_text(index_file_name(final), "".join(index_lines))
         atomic_write_json(task.out_dir / STATS_DIR / final.with_suffix(".json").name, stats)
         os.replace(tmp, final)
         return {**stats, "errors": errors}
@@ -294,6 +317,9 @@ def _check_output_folder(job: ShardJob, num_shards: int, fingerprints: list[str]
         if not stats_path.exists():
             logger.warning("%s has no stats file; writing it again", tar)
             continue
+        if not index_file_name(tar).is_file():
+            logger.warning("%s has no index (%s); writing it again", tar, index_file_name(tar).name)
+            continue
         stats = json.loads(stats_path.read_text())
         if stats.get("fingerprint") != fingerprints[index]:
             raise WriterError(
@@ -312,12 +338,13 @@ def _remove_old_outputs(job: ShardJob, num_shards: int) -> None:
     its own shards (of this plan) and its own node manifest, never another node's finished work."""
     out = job.out_dir
     if job.num_nodes == 1:
-        pattern = re.compile(rf"^\.?{re.escape(job.name)}-\d{{6}}\.(tar|tar\.tmp-\d+)$")
+        pattern = re.compile(rf"^\.?{re.escape(job.name)}-\d{{6}}\.(tar|tar\.tmp-\d+|index\.jsonl(\.tmp-\w+)?)$")
         doomed = [p for p in out.iterdir() if pattern.match(p.name) or p.name == MANIFEST_NAME or p.name.startswith("manifest.node-")]
         doomed += list((out / STATS_DIR).glob(f"{job.name}-*.json"))
     else:
         names = [shard_file_name(job.name, i) for i in node_shards(num_shards, job.node_rank, job.num_nodes)]
         doomed = [out / n for n in names] + [out / STATS_DIR / n.replace(".tar", ".json") for n in names]
+        doomed += [index_file_name(out / n) for n in names]
         doomed += [out / MANIFEST_NAME, out / node_manifest_name(job.node_rank, job.num_nodes)]
     for p in doomed:
         p.unlink(missing_ok=True)
@@ -326,7 +353,8 @@ def _remove_old_outputs(job: ShardJob, num_shards: int) -> None:
 def _remove_stale_temp_files(job: ShardJob, shard_indices: Iterable[int]) -> None:
     """Temp files of this node's shards are leftovers of a killed run (other nodes' are theirs)."""
     mine = {shard_file_name(job.name, i) for i in shard_indices}
-    for p in job.out_dir.glob(f".{job.name}-*.tar.tmp-*"):
+    mine |= {index_file_name(name).name for name in mine}
+    for p in job.out_dir.glob(f".{job.name}-*.tmp-*"):
         if p.name[1:].split(".tmp-")[0] in mine:
             logger.info("removing %s, left by an interrupted run", p)
             p.unlink()

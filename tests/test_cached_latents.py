@@ -87,7 +87,7 @@ def test_bad_inputs_are_clear_errors(crop_shards, tiny_sd_path, tmp_path, capsys
 
 
 def test_loader_yields_the_moments_and_refuses_what_cannot_work(crop_shards, latent_shards):
-    cfg = CropDataConfig(resolution=64, shuffle_buffer=4, shuffle_initial=2, cached_latents=True)
+    cfg = CropDataConfig(resolution=64, cached_latents=True)
     batch = next(iter(build_crop_dataloader(latent_shards, cfg, batch_size=3, vae_scale_factor=2, seed=0)))
     assert batch["latent_moments"].shape == (3, 8, 32, 32) and batch["latent_moments"].dtype == torch.float16
     assert batch["pixel_values"].shape == (3, 3, 64, 64)
@@ -108,8 +108,8 @@ def test_training_step_from_cached_latents_matches_the_vae_path(latent_shards, t
     def task(cached: bool):
         keys = [f"pretrained_model_name_or_path={tiny_sd_path}", f"image_encoder_name_or_path={tiny_image_encoder_path}",
                 f"train_shards={latent_shards}", f"output_dir={tmp_path / str(cached)}", "train_batch_size=2",
-                "mapping_hidden_dim=64", "report_to=none", "data.resolution=64", "data.shuffle_buffer=4",
-                "data.shuffle_initial=2", f"data.cached_latents={str(cached).lower()}"]
+                "mapping_hidden_dim=64", "report_to=none", "data.resolution=64",
+                f"data.cached_latents={str(cached).lower()}"]
         t = GlobalMappingTask(load_config(GlobalMappingConfig, None, keys))
         t.setup(Accelerator(cpu=True), torch.float32)
         return t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -39,7 +40,7 @@ def _keys(tiny_sd_path, tiny_image_encoder_path, shards, out, **extra) -> list[s
         logging_steps=1,
         report_to="tensorboard",
         dataloader_num_workers=0,
-        **{"data.resolution": 64, "data.shuffle_buffer": 8, "data.shuffle_initial": 2},
+        **{"data.resolution": 64},
     )
     keys.update(extra)
     return [f"{k}={v}" for k, v in keys.items()]
@@ -147,6 +148,9 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_sd_path, tiny
 
     assert len(first.losses) == 2 and len(second.losses) == 2  # resumed at step 2, ran steps 3 and 4
     assert first.losses + second.losses == full.losses
+    # the data position is part of the checkpoint: the resumed loader started there, reading nothing before it
+    data_state = json.loads((tmp_path / "split" / "checkpoint-2" / "data_state_rank0.json").read_text())
+    assert data_state["epoch"] == 0 and data_state["positions"][0] >= 2 * 2
     assert len(set(full.losses)) > 1
     # the optimizer state the resumed run started from, and the one it ended with, equal the uninterrupted run's
     for step in (2, 4):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from encoders.clip_features import CLIP_MEAN, CLIP_STD
+from encoders.common.shards import CROP_FLAGS, index_file_name
 from encoders.tokenizer import build_clip_tokenizer
 from training.crop_data import (
     CropDataConfig,
@@ -44,7 +45,7 @@ def _all_keys(folder) -> set[str]:
 @pytest.mark.parametrize("factor", [2, 4])
 def test_batch_shapes_and_ranges(crop_shards, factor):
     tokenizer = build_clip_tokenizer()
-    cfg = CropDataConfig(resolution=64, shuffle_buffer=8, shuffle_initial=2)
+    cfg = CropDataConfig(resolution=64)
     loader = build_crop_dataloader(crop_shards, cfg, batch_size=3, vae_scale_factor=factor, tokenizer=tokenizer, seed=0)
     batch = next(iter(loader))
     latent = 64 // factor
@@ -87,7 +88,7 @@ def _batches(loader, n):
 
 
 def test_seeded_batches_are_reproducible(crop_shards):
-    cfg = CropDataConfig(resolution=32, clip_size=32, shuffle_buffer=8, shuffle_initial=4, scale_prob=0.5)
+    cfg = CropDataConfig(resolution=32, clip_size=32, shuffle_shards=2, scale_prob=0.5)
     make = lambda seed: build_crop_dataloader(crop_shards, cfg, batch_size=2, vae_scale_factor=2, seed=seed)  # noqa: E731
     a, b, c = _batches(make(0), 4), _batches(make(0), 4), _batches(make(1), 4)
     for x, y in zip(a, b):
@@ -100,7 +101,7 @@ def test_seeded_batches_are_reproducible(crop_shards):
 
 
 def test_one_pass_without_resampling_sees_every_sample_once(crop_shards):
-    cfg = CropDataConfig(resolution=32, clip_size=32, resampled=False, shuffle_buffer=4, shuffle_initial=2)
+    cfg = CropDataConfig(resolution=32, clip_size=32, resampled=False, shuffle_shards=2)
     loader = build_crop_dataloader(crop_shards, cfg, batch_size=1, vae_scale_factor=2, seed=3)
     first = [b["key"][0] for b in loader]
     assert sorted(first) == sorted(_all_keys(crop_shards)) and len(first) == loader.num_samples
@@ -109,14 +110,14 @@ def test_one_pass_without_resampling_sees_every_sample_once(crop_shards):
 
 
 def test_two_workers_split_the_shards(crop_shards):
-    cfg = CropDataConfig(resolution=32, clip_size=32, resampled=False, shuffle_buffer=0)
+    cfg = CropDataConfig(resolution=32, clip_size=32, resampled=False, shuffle_shards=0)
     loader = build_crop_dataloader(crop_shards, cfg, batch_size=1, vae_scale_factor=2, num_workers=2, seed=0)
     keys = [b["key"][0] for b in loader]
     assert sorted(keys) == sorted(_all_keys(crop_shards))
 
 
 def test_scale_augmentation_marks_the_canvas_invalid(crop_shards):
-    cfg = CropDataConfig(resolution=64, clip_size=32, scale_prob=1.0, scale_range=(0.5, 0.5), shuffle_buffer=0)
+    cfg = CropDataConfig(resolution=64, clip_size=32, scale_prob=1.0, scale_range=(0.5, 0.5), shuffle_shards=0)
     batch = next(iter(build_crop_dataloader(crop_shards, cfg, batch_size=4, vae_scale_factor=4, seed=0)))
     valid = batch["valid_mask"]
     assert (valid.flatten(1).sum(1) == 8 * 8).all()  # a 32 px object on a 64 px canvas = 8x8 latent cells of 16x16
@@ -142,7 +143,7 @@ def test_letterboxed_crop_keeps_fill_out_of_the_loss():
 def test_bad_shard_is_skipped_not_fatal(crop_shards, tmp_path, caplog):
     (tmp_path / "broken.tar").write_bytes(b"\x00" * 100 + b"definitely not a tar" * 50)
     shards = sorted(str(p) for p in crop_shards.rglob("*.tar")) + [str(tmp_path / "broken.tar")]
-    cfg = CropDataConfig(resolution=32, clip_size=32, resampled=False, shuffle_buffer=0)
+    cfg = CropDataConfig(resolution=32, clip_size=32, resampled=False, shuffle_shards=0)
     keys = [b["key"][0] for b in build_crop_dataloader(shards, cfg, batch_size=1, vae_scale_factor=2)]
     assert sorted(keys) == sorted(_all_keys(crop_shards))
     assert "broken.tar" in caplog.text
@@ -156,13 +157,20 @@ def test_templates_are_the_clip_imagenet_ones(data_dir):
 def test_shards_open_with_hf_datasets(crop_shards, tmp_path):
     import datasets
 
-    files = sorted(str(p) for p in (crop_shards / "coco").glob("*.tar"))
+    # COCO and OpenImages shards together: one schema (ids as strings, a fixed set of flags, notes as text)
+    files = sorted(str(p) for p in crop_shards.rglob("*.tar"))
     ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train", cache_dir=str(tmp_path / "hf"))
-    manifest = json.loads((crop_shards / "coco" / "manifest.json").read_text())
-    assert len(ds) == manifest["samples"]
+    manifests = [json.loads(m.read_text()) for m in crop_shards.glob("*/manifest.json")]
+    assert len(ds) == sum(m["samples"] for m in manifests)
     row = ds[0]
     assert row["jpg"].size == (64, 64) and row["mask.png"].size == (64, 64)
-    assert row["json"]["source"] == "coco" and len(row["json"]["box_in_crop"]) == 4
+    assert {r["json"]["source"] for r in ds} == {"coco", "openimages"}
+    assert all(len(r["json"]["box_in_crop"]) == 4 and isinstance(r["json"]["image_id"], str) for r in ds)
+    assert set(ds.features["json"]["flags"]) == set(CROP_FLAGS)
+    # the index beside each shard lets a reader filter without opening the tar
+    index = [json.loads(line) for f in files for line in index_file_name(f).read_text().splitlines()]
+    assert len(index) == len(ds) and {r["source"] for r in index} == {"coco", "openimages"}
+    assert all(set(r["members"]) == {"jpg", "mask.png", "json"} and r["category"] for r in index)
 
 
 def _photo(data_dir, size: int) -> Image.Image:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
@@ -31,12 +33,15 @@ class ToyRegressor(ModelMixin, ConfigMixin):
 @dataclass
 class ToyConfig(TrainConfig):
     dim: int = 4
+    step_sleep: float = 0.0  # seconds per step, so a test can signal a run in the middle
 
 
 class ToyTask(TrainingTask):
     name = "toy"
 
     def setup(self, accelerator, weight_dtype):
+        self.rank = accelerator.process_index
+        self.weight_dtype = weight_dtype
         self.model = ToyRegressor(self.config.dim)
         self.initial_weight = self.model.linear.weight.detach().clone().squeeze(0)
         self.true_w = torch.arange(1, self.config.dim + 1, dtype=torch.float32)
@@ -56,6 +61,9 @@ class ToyTask(TrainingTask):
         pred = models["toy"](batch["x"]).squeeze(-1)
         loss = ((pred - batch["y"] - noise) ** 2).mean()
         self.losses.append(loss.item())
+        if self.config.step_sleep:
+            time.sleep(self.config.step_sleep)
+            Path(self.config.output_dir, f"progress-rank{self.rank}.txt").write_text(str(len(self.losses)))
         return loss, {"abs_err": (pred - batch["y"]).abs().mean()}
 
     def export(self, models, export_dir):
@@ -64,10 +72,14 @@ class ToyTask(TrainingTask):
 
 def main(argv=None):
     task = ToyTask(parse_config_cli(ToyConfig, argv, prog="toy_trainer"))
-    run_training(task)
-    rank = int(os.environ.get("RANK", "0"))
-    with open(os.path.join(task.config.output_dir, f"losses-rank{rank}.json"), "w") as f:
-        json.dump(task.losses, f)
+    try:
+        run_training(task)
+    finally:  # also when a stop signal ends the run: the test compares the losses either way
+        rank = int(os.environ.get("RANK", "0"))
+        with open(os.path.join(task.config.output_dir, f"losses-rank{rank}.json"), "w") as f:
+            json.dump(task.losses, f)
+        with open(os.path.join(task.config.output_dir, f"dtype-rank{rank}.txt"), "w") as f:
+            f.write(str(getattr(task, "weight_dtype", "")))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from inference.loading import pipeline_from_parts
 from .common_config import TrainConfig
 from .diffusion import FrozenStableDiffusion, denoising_loss
 from .loop import TrainingTask
+from .shard_reader import mix_seed
 from .templates import TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -190,9 +191,10 @@ def load_concept_photos(
 class ConceptBatches:
     """Endless batches over a concept's photos: shuffled epochs, random flips, random captions.
 
-    Everything random comes from its own generator, so the stream is the same on every run with the
-    same seed (the loop fast-forwards it on resume). Each batch: `index` [B] long, `flip` [B] bool,
-    `prompt` list of B captions.
+    Sample position p is photo `perm_e[p % N]` of epoch e = p // N (each epoch's permutation seeded by
+    (seed, e)); the flips and captions of batch b are seeded by (seed, b). So the stream is a function of
+    the seed and the batch number: `load_state_dict` restarts it at any batch without replaying. Each
+    batch: `index` [B] long, `flip` [B] bool, `prompt` list of B captions.
     """
 
     def __init__(self, num_photos: int, batch_size: int, phrase: str, templates: Sequence[str], flip_p: float, seed: int):
@@ -201,22 +203,34 @@ class ConceptBatches:
         self.phrase = phrase
         self.templates = list(templates)
         self.flip_p = flip_p
-        self.generator = torch.Generator().manual_seed(seed)
-        self._order: list[int] = []
+        self.seed = seed
+        self.batches = 0  # batches handed out so far: the stream's position
+        self._perm: tuple[int, list[int]] | None = None
 
-    def _next_index(self) -> int:
-        if not self._order:
-            self._order = torch.randperm(self.num_photos, generator=self.generator).tolist()
-        return self._order.pop(0)
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = int(state["batches"])
+
+    def _photo(self, position: int) -> int:
+        epoch = position // self.num_photos
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5045))
+            self._perm = (epoch, torch.randperm(self.num_photos, generator=g).tolist())
+        return self._perm[1][position % self.num_photos]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        index = torch.tensor([self._next_index() for _ in range(self.batch_size)])
-        flip = torch.rand(self.batch_size, generator=self.generator) < self.flip_p
-        picks = torch.randint(len(self.templates), (self.batch_size,), generator=self.generator).tolist()
+        b = self.batches
+        index = torch.tensor([self._photo(b * self.batch_size + j) for j in range(self.batch_size)])
+        g = torch.Generator().manual_seed(mix_seed(self.seed, b, 0x4241))
+        flip = torch.rand(self.batch_size, generator=g) < self.flip_p
+        picks = torch.randint(len(self.templates), (self.batch_size,), generator=g).tolist()
         prompts = [self.templates[i].format(self.phrase) for i in picks]
+        self.batches = b + 1
         return {"index": index, "flip": flip, "prompt": prompts}
 
 
@@ -239,6 +253,7 @@ class ConceptFinetuneTask(TrainingTask):
         self.accelerator = accelerator
         self.device = accelerator.device
         self.weight_dtype = weight_dtype
+        list_photos(config.concept_dir)  # a mistyped concept_dir stops here, before any model loads
         self.sd = FrozenStableDiffusion.load(
             config.pretrained_model_name_or_path, self.device, weight_dtype, config.gradient_checkpointing
         )

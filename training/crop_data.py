@@ -1,11 +1,14 @@
 """The crop-shard loader for both ELITE stages: WebDataset shards from `data_prep` -> dict batches.
 
-An open_clip-style chain, one readable stage per line:
+One readable stage per line (`training.shard_reader` explains the order and why it is not WebDataset's
+streaming pipeline: a resumed run restarts at its position without reading what came before):
 
-    shard list (path / glob / brace pattern)
-      -> resampled shards (endless, seeded per rank and worker)  |  shuffled shards -> split_by_node -> split_by_worker
-      -> tarfile_to_samples (a broken shard or member is logged and skipped, never fatal)
-      -> shuffle buffer (seeded) -> decode + augment (seeded, a bad sample is logged and skipped) -> batched
+    shard list (path / glob / brace pattern; a missing file or a set of unreadable shards stops at start-up)
+      -> one reader per rank and DataLoader worker: rounds of `shuffle_shards` shards, resampled (endless)
+         or one pass per epoch split by node and worker, their samples in a seeded permutation
+      -> read the sample's members by their offsets -> decode + augment (seeded by the sample's position;
+         a bad sample is logged, counted and skipped; `max_consecutive_failures` in a row is an error)
+      -> batched per reader; the loader remembers each reader's position (`state_dict`)
 
 Each sample becomes (R = `resolution`, f = the VAE's downsampling factor, passed in, never assumed):
 
@@ -25,8 +28,9 @@ Each sample becomes (R = `resolution`, f = the VAE's downsampling factor, passed
 * with `cached_latents`: `latent_moments` [2C, R/f, R/f] float16, the VAE posterior of the target
   (`FrozenStableDiffusion.sample_latents` draws the latent from it).
 
-All randomness comes from RNGs seeded by (`seed`, epoch, rank, worker), so batches are the same
-on every run with the same seed and worker count (the training loop's exact resume relies on it).
+All randomness comes from RNGs seeded by (`seed`, epoch, rank, worker, position), so batches are the
+same on every run with the same seed and worker count, and a resumed run continues with exactly the
+batches an uninterrupted one would have had.
 Per sample (in the DataLoader workers) there is only PIL decoding, the random draws, a 2x box
 filter for the CLIP source and the tiny latent masks; samples stay uint8 until a whole batch is
 stacked. `CropSampleTransform.finalize_batch` then does the float work once per batch, in the
@@ -44,6 +48,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +61,9 @@ from PIL import Image
 
 from encoders.clip_features import CLIP_MEAN, CLIP_STD
 from encoders.common.config import keyed_field
-from encoders.common.shards import LATENT_MEMBER, MANIFEST_NAME, expand_shard_spec
+from encoders.common.shards import LATENT_MEMBER, MANIFEST_NAME
 
+from .shard_reader import ReaderPlan, ShardSet, reader_positions
 from .templates import IMAGENET_TEMPLATES, fill_template
 
 logger = logging.getLogger(__name__)
@@ -73,8 +79,12 @@ class CropDataConfig:
     resolution: int = keyed_field("side of the diffusion target in pixels (crops are resized to it)", 512)
     placeholder_token: str = keyed_field("the pseudo-word put into the caption templates", "S*")
     resampled: bool = keyed_field("sample shards with replacement, endlessly (multi-node friendly); else one pass per epoch", True)
-    shuffle_buffer: int = keyed_field("samples held for shuffling (0: no sample shuffle)", 1000)
-    shuffle_initial: int = keyed_field("samples gathered before the first is returned", 100)
+    shuffle_shards: int = keyed_field(
+        "shards whose samples are shuffled together, per round of a reader (0: shard order, no sample shuffle)", 4
+    )
+    max_consecutive_failures: int = keyed_field(
+        "stop with an error after this many unreadable samples in a row (broken shards never make training spin)", 64
+    )
     scale_prob: float = keyed_field("probability of the target's scale augmentation (object shrunk onto a canvas)", 0.0)
     scale_range: tuple[float, float] = keyed_field("range of the shrink factor", factory=lambda: (0.5, 1.0))
     clip_size: int = keyed_field("side of the CLIP inputs (the image encoder's image_size)", 224)
@@ -103,22 +113,8 @@ class CropDataConfig:
             )
         if any("{}" not in t for t in self.templates):
             raise ValueError("every entry of data.templates needs a {} slot for the placeholder")
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes, unlike hash())."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value * 6364136223846793005 + (int(part) & 0xFFFFFFFFFFFFFFFF) + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
-    return value >> 1
-
-
-def _worker_info() -> tuple[int, int]:
-    """(rank, worker id) of the current process, as WebDataset's node/worker split sees them."""
-    from webdataset.utils import pytorch_worker_info
-
-    rank, _, worker, _ = pytorch_worker_info()
-    return rank, worker
+        if self.shuffle_shards < 0 or self.max_consecutive_failures < 1:
+            raise ValueError("data.shuffle_shards must be >= 0 and data.max_consecutive_failures >= 1")
 
 
 def _any_pixel_cells(mask: Image.Image, f: int) -> np.ndarray:
@@ -343,29 +339,16 @@ def decode_crop_sample(sample: dict) -> tuple[Image.Image, Image.Image, dict]:
     return image, mask, meta
 
 
-def first_crop_samples(urls: Sequence[str], count: int) -> list[tuple[Image.Image, Image.Image, dict]]:
+def first_crop_samples(shards: ShardSet, count: int) -> list[tuple[Image.Image, Image.Image, dict]]:
     """The first `count` readable crop samples of the shards, in shard order: (RGB crop, L mask, metadata).
 
     Read apart from the training stream (validation pictures), so the training data order is untouched.
     """
-    import tarfile
-
     found: list[tuple[Image.Image, Image.Image, dict]] = []
-    for url in urls:
-        try:
-            with tarfile.open(url) as tar:
-                samples: dict[str, dict] = {}
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = Path(member.name).name.partition(".")
-                    samples.setdefault(key, {"__key__": key, "__url__": url})[ext] = tar.extractfile(member).read()
-        except (OSError, tarfile.TarError) as err:
-            logger.warning("validation crops: skipping %s: %s", url, err)
-            continue
-        for sample in samples.values():
+    for shard in range(len(shards.urls)):
+        for index in range(shards.count(shard)):
             try:
-                found.append(decode_crop_sample(sample))
+                found.append(decode_crop_sample(shards.read(shard, index)))
             except (ValueError, OSError) as err:
                 logger.warning("validation crops: skipping a sample: %s", err)
             if len(found) >= count:
@@ -400,23 +383,9 @@ def cached_latents_models(urls: list[str]) -> set[str]:
     return models
 
 
-def check_cached_latents(urls: list[str], cells: int) -> None:
-    """Fail before training when the first shard's first sample has no usable cached latent."""
-    import tarfile
-
-    with tarfile.open(urls[0]) as tar:
-        first = tar.next()
-        while first is not None and not first.isfile():
-            first = tar.next()
-        if first is None:
-            raise ValueError(f"{urls[0]} is empty")
-        key = Path(first.name).name.split(".", 1)[0]
-        sample = {"__url__": urls[0], "__key__": key}
-        for member in tar.getmembers():
-            if Path(member.name).name == f"{key}.{LATENT_MEMBER}":
-                sample[LATENT_MEMBER] = tar.extractfile(member).read()
-                break
-    decode_cached_latent(sample, cells)
+def check_cached_latents(shards: ShardSet, cells: int) -> None:
+    """Fail before training when the first sample has no usable cached latent."""
+    decode_cached_latent(shards.read(0, 0), cells)
 
 
 def stack_samples(samples: list[dict]) -> dict:
@@ -426,63 +395,6 @@ def stack_samples(samples: list[dict]) -> dict:
         values = [s[key] for s in samples]
         batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
-
-
-def _log_and_continue(exn: Exception) -> bool:
-    logger.warning("skipping bad shard data: %r", exn)
-    return True
-
-
-class _SeededShuffle:
-    """WebDataset's shuffle buffer with an RNG seeded by (seed, epoch, rank, worker)."""
-
-    def __init__(self, bufsize: int, initial: int, seed: int, epoch: int):
-        self.bufsize, self.initial, self.seed, self.epoch = bufsize, initial, seed, epoch
-
-    def __call__(self, src: Iterator) -> Iterator:
-        import webdataset as wds
-
-        rank, worker = _worker_info()
-        rng = random.Random(_seed(self.seed, self.epoch, rank, worker, 1))
-        return wds.shuffle(self.bufsize, initial=self.initial, rng=rng)(src)
-
-
-class _DecodeAndTransform:
-    """Decode and transform each sample with a seeded RNG; a sample that fails is logged and skipped."""
-
-    def __init__(self, transform: CropSampleTransform, seed: int, epoch: int):
-        self.transform, self.seed, self.epoch = transform, seed, epoch
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        rank, worker = _worker_info()
-        rng = random.Random(_seed(self.seed, self.epoch, rank, worker, 2))
-        for sample in src:
-            try:
-                image, mask, meta = decode_crop_sample(sample)
-                out = self.transform(image, mask, meta, rng)
-                if self.transform.config.cached_latents:
-                    out["latent_moments"] = decode_cached_latent(sample, self.transform.config.resolution // self.transform.factor)
-                yield out
-            except Exception as err:  # one bad sample must not stop training
-                logger.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), err)
-
-
-def build_crop_pipeline(
-    urls: list[str], config: CropDataConfig, transform: CropSampleTransform, batch_size: int, seed: int = 0, epoch: int = 0
-):
-    """The WebDataset pipeline (an IterableDataset of batches); see the module docstring."""
-    import webdataset as wds
-
-    if config.resampled:
-        stages: list[Any] = [wds.ResampledShards(urls, seed=_seed(seed, epoch) % (2**31), deterministic=True)]
-    else:
-        stages = [wds.SimpleShardList(urls, seed=_seed(seed, epoch) % (2**31)), wds.split_by_node, wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=_log_and_continue))
-    if config.shuffle_buffer > 0:
-        stages.append(_SeededShuffle(config.shuffle_buffer, config.shuffle_initial, seed, epoch))
-    stages.append(_DecodeAndTransform(transform, seed, epoch))
-    stages.append(wds.batched(batch_size, collation_fn=stack_samples, partial=False))
-    return wds.DataPipeline(*stages)
 
 
 def count_manifest_samples(urls: list[str]) -> int | None:
@@ -498,16 +410,69 @@ def count_manifest_samples(urls: list[str]) -> int | None:
     return total
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed when it is up, else RANK / WORLD_SIZE."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class _ReaderBatches(torch.utils.data.IterableDataset):
+    """Raw (uint8, stacked) batches of one reader per DataLoader worker, each tagged with the reader and
+    the position after it; `first_reader` rotates which reader worker 0 serves (resume mid-cycle)."""
+
+    def __init__(self, shards: ShardSet, transform: CropSampleTransform, plans: list[ReaderPlan], batch_size: int,
+                 epoch: int, starts: list[int], first_reader: int):
+        self.shards, self.transform, self.plans = shards, transform, plans
+        self.batch_size, self.epoch, self.starts, self.first_reader = batch_size, epoch, starts, first_reader
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        reader = ((info.id if info is not None else 0) + self.first_reader) % len(self.plans)
+        plan, cfg = self.plans[reader], self.transform.config
+        cells = cfg.resolution // self.transform.factor
+        samples, failures, skipped = [], 0, 0
+        for position, shard, index in reader_positions(self.shards, plan, self.epoch, self.starts[reader]):
+            try:
+                raw = self.shards.read(shard, index)
+                image, mask, meta = decode_crop_sample(raw)
+                out = self.transform(image, mask, meta, random.Random(plan.sample_seed(self.epoch, position)))
+                if cfg.cached_latents:
+                    out["latent_moments"] = decode_cached_latent(raw, cells)
+            except Exception as err:  # one bad sample must not stop training; a run of them must
+                failures, skipped = failures + 1, skipped + 1
+                where = f"{self.shards.urls[shard]}: sample {index}"
+                if skipped <= 5:
+                    logger.warning("skipping %s: %s", where, err)
+                if failures >= cfg.max_consecutive_failures:
+                    raise RuntimeError(
+                        f"{failures} crop samples in a row could not be read (last: {where}: {err}); "
+                        "are the shards crop shards of `python -m data_prep`, and intact?"
+                    ) from err
+                continue
+            failures = 0
+            samples.append(out)
+            if len(samples) == self.batch_size:
+                batch = stack_samples(samples)
+                batch["_reader"], batch["_next"], batch["_skipped"] = reader, position + 1, skipped
+                samples, skipped = [], 0
+                yield batch
+
+
 class CropDataLoader:
     """Iterable of dict batches of crop shards; each `iter()` is a new epoch (new shuffles).
 
     With `resampled` (default) one iteration never ends, as `max_steps` training wants; without it,
-    one iteration is one pass over this node's share of the shards.
+    one iteration is one pass over this node's share of the shards. `state_dict()` is the position after
+    the last batch handed out; `load_state_dict(state)` makes the next iteration continue from there
+    without reading anything before it (the training loop checkpoints it).
     """
 
     def __init__(
         self,
-        shards: str | Sequence[str],
+        shards: str | Sequence[str] | ShardSet,
         config: CropDataConfig,
         *,
         batch_size: int,
@@ -518,40 +483,71 @@ class CropDataLoader:
         num_workers: int = 0,
         seed: int = 0,
     ):
-        self.urls = expand_shard_spec(shards)
+        self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
+        self.urls = self.shards.urls
         self.config = config
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.epoch = 0
         self.transform = CropSampleTransform(config, vae_scale_factor, tokenizer, clip_mean, clip_std)
         self.num_samples = count_manifest_samples(self.urls)
         if config.cached_latents:
-            check_cached_latents(self.urls, config.resolution // int(vae_scale_factor))
-        if not config.resampled:
-            from webdataset.utils import pytorch_worker_info
+            check_cached_latents(self.shards, config.resolution // int(vae_scale_factor))
+        rank, world = _rank_and_world()
+        self.num_readers = max(1, num_workers)
+        self.plans = [
+            ReaderPlan(seed, rank, world, reader, self.num_readers, config.shuffle_shards, config.resampled)
+            for reader in range(self.num_readers)
+        ]
+        if not config.resampled and len(self.urls) < world * self.num_readers:
+            logger.warning(
+                "%d shard(s) for %d node(s) x %d worker(s): some get no data; use data.resampled=true or more shards",
+                len(self.urls), world, self.num_readers,
+            )
+        self.epoch = 0
+        self.positions = [0] * self.num_readers
+        self.next_reader = 0
+        self.skipped = 0
+        self._fresh = True  # the next iteration continues the current epoch (start, or just restored)
 
-            _, world_size, _, _ = pytorch_worker_info()
-            if len(self.urls) < world_size * max(1, num_workers):
-                logger.warning(
-                    "%d shard(s) for %d node(s) x %d worker(s): some get no data; use data.resampled=true or more shards",
-                    len(self.urls), world_size, max(1, num_workers),
-                )
+    def state_dict(self) -> dict:
+        """Where the next batch comes from: epoch, each reader's next position, which reader is next."""
+        return {"epoch": self.epoch, "positions": list(self.positions), "next_reader": self.next_reader,
+                "num_workers": self.num_workers, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = int(state.get("num_workers", 0))
+        if max(1, saved) != self.num_readers:
+            raise ValueError(
+                f"the data position was saved with dataloader_num_workers={saved}, this run has {self.num_workers}: "
+                f"resume with dataloader_num_workers={saved} (each worker reads a stream of its own)"
+            )
+        self.epoch = int(state["epoch"])
+        self.positions = [int(p) for p in state["positions"]]
+        self.next_reader = int(state.get("next_reader", 0))
+        self.skipped = int(state.get("skipped", 0))
+        self._fresh = True
 
     def __iter__(self) -> Iterator[dict]:
-        pipeline = build_crop_pipeline(self.urls, self.config, self.transform, self.batch_size, self.seed, self.epoch)
-        self.epoch += 1
+        if not self._fresh:  # the previous iteration ran to its end: a new epoch
+            self.epoch += 1
+            self.positions, self.next_reader = [0] * self.num_readers, 0
+        self._fresh = False
+        dataset = _ReaderBatches(self.shards, self.transform, self.plans, self.batch_size, self.epoch,
+                                 list(self.positions), self.next_reader)
         if self.num_workers == 0:
-            batches = iter(pipeline)
+            batches = iter(dataset)
         else:
-            import webdataset as wds
-
-            batches = iter(wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers, persistent_workers=False))
+            batches = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
         for batch in batches:
+            reader = batch.pop("_reader")
+            self.positions[reader] = batch.pop("_next")
+            self.skipped += batch.pop("_skipped")
+            self.next_reader = (reader + 1) % self.num_readers
             yield self.transform.finalize_batch(batch)
 
 
-def build_crop_dataloader(shards: str | Sequence[str], config: CropDataConfig, **kwargs: Any) -> CropDataLoader:
+def build_crop_dataloader(shards: str | Sequence[str] | ShardSet, config: CropDataConfig, **kwargs: Any) -> CropDataLoader:
     """The loader trainers use (keyword arguments as `CropDataLoader`'s): `build_crop_dataloader(cfg.train_shards,
     cfg.data, batch_size=cfg.train_batch_size, vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
     tokenizer=tok, num_workers=cfg.dataloader_num_workers, seed=cfg.seed)`."""

@@ -35,6 +35,7 @@ from .common_config import TrainConfig
 from .crop_data import CropDataConfig, build_crop_dataloader, cached_latents_models, first_crop_samples
 from .diffusion import FrozenStableDiffusion, denoising_loss
 from .loop import TrainingTask
+from .shard_reader import ShardSet
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class EliteStageTask(TrainingTask):
         self.accelerator = accelerator
         self.device = accelerator.device
         self.weight_dtype = weight_dtype
+        # the shards first: a mistyped train_shards stops here in a second, before any model loads
+        self.shards = ShardSet.open(cfg.train_shards)
         self.sd = FrozenStableDiffusion.load(
             cfg.pretrained_model_name_or_path, accelerator.device, weight_dtype, cfg.gradient_checkpointing
         )
@@ -138,7 +141,7 @@ class EliteStageTask(TrainingTask):
         mean, std = load_clip_normalization(cfg.image_encoder_name_or_path)
         data_cfg = cfg.data if not overrides else CropDataConfig(**{**vars(cfg.data), **overrides})
         return build_crop_dataloader(
-            cfg.train_shards,
+            self.shards,
             data_cfg,
             batch_size=batch_size,
             vae_scale_factor=self.sd.vae_scale_factor,
@@ -198,7 +201,7 @@ class EliteStageTask(TrainingTask):
         if not cfg.validation_prompts or cfg.num_validation_samples <= 0:
             return None
         if self._validation_crops is None:  # read apart from the training stream: its order is untouched
-            self._validation_crops = first_crop_samples(self.loader.urls, cfg.num_validation_samples)
+            self._validation_crops = first_crop_samples(self.loader.shards, cfg.num_validation_samples)
         elite = self._validation_pipeline(models)
         res = cfg.data.resolution
         images = []

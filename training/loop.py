@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
@@ -451,6 +452,7 @@ class _Run:
         count = 0
         step_start = time.perf_counter()
         last_saved = global_step
+        first_step = global_step + 1
         with StopSignals() as stop:
             while global_step < config.max_steps:
                 batch = _to_device(next(stream), acc.device)
@@ -473,6 +475,10 @@ class _Run:
 
                 global_step += 1
                 progress.update(1)
+                if global_step == first_step:
+                    started = psutil.Process(os.getpid()).create_time()
+                    acc.print(f"[{task.name}] {'resumed at' if first_step > 1 else 'started'} step {first_step - 1}: "
+                              f"first step done {time.time() - started:.1f} s after the process started")
                 now = time.perf_counter()
                 means = {k: v / count for k, v in sums.items()}
                 means["lr"] = self.lr_scheduler.get_last_lr()[0]

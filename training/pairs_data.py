@@ -5,7 +5,7 @@ members only; generated pairs' images are skipped, never decoded) and batches ar
 there. That keeps the reader short and makes every batch a pure function of (seed, epoch, rank):
 
     shard spec (path / glob / brace / `a::b` list; COCO and generated shards mix freely)
-      -> WebDataset tar reading (a broken shard or member is logged and skipped)
+      -> tar reading by the shards' index (`training.shard_reader`; a broken shard or member is logged and skipped)
       -> JSON check against the pair contract (a bad sample is counted and skipped)
       -> hold-out split by key hash (`val_fraction`), stable across runs and shard orders
       -> epochs of seeded permutations for this rank (endless) -> layout flip -> batches
@@ -24,14 +24,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
-from encoders.common.shards import check_pair_sample, expand_shard_spec
+from encoders.common.shards import check_pair_sample
+
+from .shard_reader import ShardSet, mix_seed
 
 logger = logging.getLogger(__name__)
 
@@ -44,40 +45,44 @@ class PairExample:
     source: str
 
 
-def _log_and_continue(exn: Exception) -> bool:
-    logger.warning("skipping bad pair shard data: %r", exn)
-    return True
-
-
 def read_pair_shards(spec: str | Sequence[str]) -> tuple[list[PairExample], Counter]:
     """Every valid pair sample of the shards (sorted by key, duplicates dropped) and the bad ones by reason."""
-    import webdataset as wds
-
-    urls = expand_shard_spec(spec)
+    shards = ShardSet.open(spec)
     bad: Counter = Counter()
     found: dict[str, PairExample] = {}
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=_log_and_continue))
-    for sample in pipeline:
-        key = sample.get("__key__", "?")
-        where = f"{sample.get('__url__', '?')}:{key}"
-        raw = sample.get("json")
-        if raw is None:
-            bad["no_json"] += 1
-            continue
-        try:
-            meta = json.loads(raw)
-            check_pair_sample(meta, where)
-        except (ValueError, TypeError) as err:
-            bad["invalid_pair"] += 1
-            if bad["invalid_pair"] <= 5:
-                logger.warning("skipping %s", err)
-            continue
-        if key in found:
-            bad["duplicate_key"] += 1
-            continue
-        boxes = tuple(tuple(float(v) for v in b) for b in meta["boxes"])
-        found[key] = PairExample(key, (meta["words"][0], meta["words"][1]), boxes, str(meta.get("source", "?")))
+    for shard in range(len(shards.urls)):
+        for index in range(shards.count(shard)):
+            try:
+                sample = shards.read(shard, index, exts=["json"])
+            except OSError as err:
+                bad["unreadable"] += 1
+                logger.warning("skipping a pair sample of %s: %s", shards.urls[shard], err)
+                continue
+            _add_pair(sample, found, bad)
     return [found[k] for k in sorted(found)], bad
+
+
+def _add_pair(sample: dict, found: dict[str, PairExample], bad: Counter) -> None:
+    """Check one raw pair sample against the contract; keep it in `found` or count why it is bad."""
+    key = sample.get("__key__", "?")
+    where = f"{sample.get('__url__', '?')}:{key}"
+    raw = sample.get("json")
+    if raw is None:
+        bad["no_json"] += 1
+        return
+    try:
+        meta = json.loads(raw)
+        check_pair_sample(meta, where)
+    except (ValueError, TypeError) as err:
+        bad["invalid_pair"] += 1
+        if bad["invalid_pair"] <= 5:
+            logger.warning("skipping %s", err)
+        return
+    if key in found:
+        bad["duplicate_key"] += 1
+        return
+    boxes = tuple(tuple(float(v) for v in b) for b in meta["boxes"])
+    found[key] = PairExample(key, (meta["words"][0], meta["words"][1]), boxes, str(meta.get("source", "?")))
 
 
 def is_holdout(key: str, val_fraction: float) -> bool:
@@ -121,10 +126,10 @@ def canonical_layout(boxes: torch.Tensor) -> torch.Tensor:
 class PairBatches:
     """Endless iterable of batches `{"index_a", "index_b": [B] long, "boxes": [B, 2, 4]}` over `examples`.
 
-    `word_index` maps each word to its row in the trainer's embedding table. Epochs of seeded
-    permutations follow each other (a set smaller than a batch is repeated within the batch); the
-    whole stream is a function of (seed, rank), so a resumed run that skips N batches continues
-    exactly. `epoch_batches()` gives one pass in order (validation).
+    `word_index` maps each word to its row in the trainer's embedding table. Sample position p of the
+    stream is pair `perm_e[p % N]` of epoch e = p // N, each epoch's permutation seeded by (seed, rank,
+    e), and the random layout flips of batch b are seeded by (seed, rank, b): the stream is a function of
+    (seed, rank) and the batch number, so `load_state_dict` restarts it at any batch without replaying.
     """
 
     def __init__(self, examples: Sequence[PairExample], word_index: dict[str, int], batch_size: int,
@@ -140,17 +145,35 @@ class PairBatches:
         boxes = torch.tensor([e.boxes for e in examples], dtype=torch.float32)
         self.boxes = canonical_layout(boxes) if layout_flip == "canonical" else boxes
         self.batch_size, self.seed, self.rank, self.layout_flip = batch_size, seed, rank, layout_flip
+        self.batches = 0  # batches handed out so far: the stream's position
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = int(state["batches"])
+
+    def _generator(self, *parts: int) -> torch.Generator:
+        return torch.Generator().manual_seed(mix_seed(self.seed, self.rank, *parts))
+
+    def _indices(self, start: int, count: int) -> torch.Tensor:
+        n = len(self.boxes)
+        out = []
+        for p in range(start, start + count):
+            epoch = p // n
+            if self._perm is None or self._perm[0] != epoch:
+                self._perm = (epoch, torch.randperm(n, generator=self._generator(epoch, 0x5045)))
+            out.append(int(self._perm[1][p % n]))
+        return torch.tensor(out, dtype=torch.long)
 
     def __iter__(self) -> Iterator[dict]:
-        g = torch.Generator().manual_seed(random.Random(f"{self.seed}:{self.rank}").getrandbits(63))
-        n = len(self.boxes)
-        pending = torch.empty(0, dtype=torch.long)
         while True:
-            while len(pending) < self.batch_size:
-                pending = torch.cat([pending, torch.randperm(n, generator=g)])
-            idx, pending = pending[: self.batch_size], pending[self.batch_size :]
+            b = self.batches
+            idx = self._indices(b * self.batch_size, self.batch_size)
             boxes = self.boxes[idx].clone()
             if self.layout_flip == "random":
-                flip = torch.rand(len(idx), generator=g) < 0.5
+                flip = torch.rand(len(idx), generator=self._generator(b, 0x464C)) < 0.5
                 boxes[flip] = flip_boxes(boxes[flip])
+            self.batches = b + 1
             yield {"index_a": self.index_a[idx], "index_b": self.index_b[idx], "boxes": boxes}

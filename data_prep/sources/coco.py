@@ -150,7 +150,7 @@ def read_coco(annotations: str | Path, images_dir: str | Path, settings: CropSet
                 mask_kind=kind,
                 mask=segmentation,
                 declared_size=(width, height),
-                flags={"iscrowd": crowd},
+                flags={"is_crowd": int(bool(crowd)), "box_matched": 1},
             )
         )
     records.sort(key=lambda r: (_sortable(r.image_id), _sortable(r.annotation_id)))

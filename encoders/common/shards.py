@@ -4,16 +4,17 @@ Writers and readers import their names from here, so a member or file name is de
 
 Folders. A shard folder holds `NAME-000000.tar`, `NAME-000001.tar`, ... (each written under a
 temporary name and renamed when complete), one index per shard `NAME-000000.index.jsonl` (one JSON
-line per sample: `key`, `source`, `category`, `image_size`, `mask_source`, `resolution` and the
-byte offset and size of each member in the tar, so readers can filter or read any sample without
-opening the tar's other members), the per-shard stats the writer resumes from (`_shard_stats/`),
+line per sample, in tar order: `key`, the `INDEX_FIELDS` its JSON holds (`source`, `category`,
+`image_size`, `mask_source`, ...) and `members`, each member's byte offset and size in the tar, so
+readers can filter, or read any sample by seeking, without opening the tar), the per-shard stats the writer resumes from (`_shard_stats/`),
 and `manifest.json` (`MANIFEST_SCHEMA`: samples, per-shard counts and sha256, skipped by reason,
 the settings and files read). A multi-node job writes `manifest.node-R-of-K.json` until merged.
 
 Crop samples (`CROP_SCHEMA`): `KEY.jpg` (RGB, square), `KEY.mask.png` (mode L, 0/255, same size),
 `KEY.json` with one schema for every source (so `datasets.load_dataset("webdataset")` reads COCO and
 OpenImages shards together): strings for `image_id`, `annotation_id`, `category_id`; a fixed set of
-`flags` (`CROP_FLAGS`, each 1, 0, or -1 where the source does not say); `box_in_crop` and
+`flags` (`CROP_FLAGS`, each 1, 0, or -1 where the source does not say); `notes` a string (the repairs
+made, comma-separated, "" for none); `box_in_crop` and
 `valid_in_crop` in 0..1 of the crop, `bbox_xyxy` / `crop_xyxy` in source-image pixels.
 `python -m data_prep latents` adds `KEY.latent.npy` (`LATENT_MEMBER`: the VAE posterior moments).
 
@@ -43,10 +44,21 @@ CROP_SCHEMAS_READ = ("zsp-crop/1", CROP_SCHEMA)  # readers accept the first layo
 CROP_MEMBERS = ("jpg", "mask.png", "json")
 LATENT_MEMBER = "latent.npy"
 # Object flags every crop sample carries, whatever its source: 1 yes, 0 no, -1 not recorded by the source.
-CROP_FLAGS = ("is_crowd", "is_depiction", "is_group_of", "is_inside", "is_occluded", "is_truncated")
+# box_matched: the mask was matched to an annotated box (always 1 for COCO; OpenImages joins two CSVs).
+CROP_FLAGS = ("box_matched", "is_crowd", "is_depiction", "is_group_of", "is_inside", "is_occluded", "is_truncated")
 FLAG_UNKNOWN = -1
 
+
+def crop_flags(flags: dict) -> dict[str, int]:
+    """A source's flags as the fixed set of `CROP_FLAGS` (ints; -1 where the source does not say)."""
+    unknown = sorted(set(flags) - set(CROP_FLAGS))
+    if unknown:
+        raise ValueError(f"flags {unknown} are not in the crop contract ({', '.join(CROP_FLAGS)})")
+    return {name: FLAG_UNKNOWN if flags.get(name) is None else int(flags[name]) for name in CROP_FLAGS}
+
 PAIR_SCHEMA = "zsp-pair/1"
+# Fields of a sample's JSON that the shard index repeats (when present), so readers can filter without the tar.
+INDEX_FIELDS = ("source", "category", "category_id", "image_id", "image_size", "mask_source", "resolution", "words")
 
 
 class ShardSpecError(ValueError):
