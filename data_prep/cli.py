@@ -27,6 +27,7 @@ import importlib
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from encoders.common.config import ConfigError, describe_keys, load_config
@@ -35,7 +36,7 @@ from encoders.common.shards import ShardSpecError
 
 from .manifests import merge_manifests
 from .sources import SourceError
-from .writer import ShardJob, WriterError
+from .writer import ShardJob, WriterError, check_output_folder
 
 SUBCOMMAND_MODULES = ("data_prep.crop_commands", "data_prep.inspect_shards", "data_prep.latents", "data_prep.pairs_cli")
 
@@ -97,6 +98,8 @@ def add_writer_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
 
 
 def shard_job_from_args(args: argparse.Namespace, unit: str = "items") -> ShardJob:
+    """The `ShardJob` of the writer options; `--out` is checked writable here, before any input is read."""
+    check_output_folder(Path(args.out))
     return ShardJob(
         out_dir=args.out, name=args.name, shard_size=args.shard_size, workers=args.workers,
         node_rank=args.node_rank, num_nodes=args.num_nodes, overwrite=args.overwrite,

@@ -14,15 +14,10 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .writer import Skip
+from encoders.common.images import MODE_NAMES, apply_orientation, exif_orientation
+from encoders.common.images import to_rgb as common_to_rgb
 
-EXIF_ORIENTATION = 0x0112
-# Modes PIL converts to RGB faithfully; each conversion is noted as converted_<name>.
-_MODE_NOTES = {
-    "L": "grayscale", "1": "grayscale", "LA": "grayscale_alpha", "P": "palette", "PA": "palette",
-    "RGBA": "rgba", "RGBa": "rgba", "RGBX": "rgbx", "CMYK": "cmyk", "YCbCr": "ycbcr", "LAB": "lab", "HSV": "hsv",
-    "I;16": "16bit", "I;16L": "16bit", "I;16B": "16bit", "I;16N": "16bit", "I": "32bit_int", "F": "float",
-}
+from .writer import Skip
 
 
 def open_image(path: str | os.PathLike, missing: str = "missing_image", corrupt: str = "corrupt_image") -> Image.Image:
@@ -46,37 +41,18 @@ def open_image(path: str | os.PathLike, missing: str = "missing_image", corrupt:
     return image
 
 
-def _alpha_on_white(image: Image.Image) -> Image.Image:
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
 def to_rgb(image: Image.Image, convert: bool = True) -> tuple[Image.Image, list[str]]:
-    """8-bit RGB pixels of any PIL image, with the conversion noted; `convert=False` skips instead."""
-    mode = image.mode
-    if mode == "RGB":
+    """8-bit RGB pixels of any PIL image (`encoders.common.images.to_rgb`), the conversion noted;
+    `convert=False` skips non-RGB images instead."""
+    if image.mode == "RGB":
         return image, []
-    name = _MODE_NOTES.get(mode)
+    name = MODE_NAMES.get(image.mode)
     if name is None:
-        raise Skip("unsupported_image_mode", f"mode {mode}")
+        raise Skip("unsupported_image_mode", f"mode {image.mode}")
     if not convert:
-        raise Skip(f"image_mode_{name}", f"mode {mode} (convert_modes is off)")
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        values = np.asarray(image).astype(np.float64)
-        top = 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB"), [f"converted_{name}"]
-    if mode == "P" and "transparency" in image.info or mode in ("PA", "LA", "RGBA", "RGBa"):
-        return _alpha_on_white(image), [f"converted_{name}"]
-    return image.convert("RGB"), [f"converted_{name}"]
-
-
-def exif_orientation(image: Image.Image) -> int:
-    try:
-        return int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
-    except Exception:  # a broken EXIF block is no reason to lose the pixels
-        return 1
+        raise Skip(f"image_mode_{name}", f"mode {image.mode} (convert_modes is off)")
+    rgb, _ = common_to_rgb(image)
+    return rgb, [f"converted_{name}"]
 
 
 def mask_from_png(path: str | os.PathLike, size: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
@@ -141,20 +117,8 @@ def load_rgb(path: str | os.PathLike, *, exif_transpose: bool, convert_modes: bo
     if orientation != 1:
         if exif_transpose:
             raw = image
-            image = _transpose(image, orientation)
+            image = apply_orientation(image, orientation)
             notes.append("exif_transposed")
         else:
             notes.append("exif_ignored")
     return image, raw, notes
-
-
-_TRANSPOSE = {
-    2: [Image.FLIP_LEFT_RIGHT], 3: [Image.ROTATE_180], 4: [Image.FLIP_TOP_BOTTOM],
-    5: [Image.TRANSPOSE], 6: [Image.ROTATE_270], 7: [Image.TRANSVERSE], 8: [Image.ROTATE_90],
-}
-
-
-def _transpose(image: Image.Image, orientation: int) -> Image.Image:
-    for op in _TRANSPOSE.get(orientation, []):
-        image = image.transpose(op)
-    return image

@@ -175,6 +175,16 @@ class LatentSampleMaker:
         return result if isinstance(result, Skip) else dict(result)
 
 
+def check_vae(settings: LatentSettings) -> None:
+    """Fail before any shard when the model has no loadable VAE (a typo'd --base must not give empty shards)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        AutoencoderKL.load_config(settings.model, subfolder=settings.subfolder or None)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ValueError(f"--base {settings.model}: no VAE to load ({settings.subfolder or 'no'} subfolder): {err}") from None
+
+
 def write_latent_shards(shards_spec: str, settings: LatentSettings, job) -> dict:
     """Plan the samples of the input shards and write the copies with latents (this node's shards)."""
     if settings.resolution < 8 or settings.batch_size < 1:
@@ -186,6 +196,7 @@ def write_latent_shards(shards_spec: str, settings: LatentSettings, job) -> dict
     items = plan_items(shards)
     if not items:
         raise ValueError(f"the shards {shards_spec!r} hold no samples")
+    check_vae(settings)
     return write_shards(
         items,
         LatentSampleMaker(settings),

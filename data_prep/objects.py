@@ -67,7 +67,7 @@ def _load_source(record: ObjectRecord, settings: CropSettings, use_cache: bool) 
     return loaded
 
 
-def _object_box(record: ObjectRecord, size: tuple[int, int], notes: list[str], rotate: bool) -> Box:
+def _object_box(record: ObjectRecord, size: tuple[int, int], notes: list[str], rotate: bool, rescale: bool = False) -> Box:
     """The record's box in pixels of the loaded image (COCO boxes rescaled when the file was resized)."""
     w, h = size
     if record.box_normalized:
@@ -78,8 +78,9 @@ def _object_box(record: ObjectRecord, size: tuple[int, int], notes: list[str], r
     if record.declared_size is None or tuple(record.declared_size) == (w, h):
         return record.box
     dw, dh = record.declared_size
-    if abs(dw / dh - w / h) > 0.01 * (w / h):
-        raise Skip("image_size_mismatch", f"{record.image_path} is {w}x{h}, the annotations say {dw}x{dh}")
+    if not rescale or abs(dw / dh - w / h) > 0.01 * (w / h):
+        hint = "" if rescale else " (rescale_annotations=true scales the annotations to resized copies)"
+        raise Skip("image_size_mismatch", f"{record.image_path} is {w}x{h}, the annotations say {dw}x{dh}{hint}")
     sx, sy = w / dw, h / dh
     notes.append("annotation_rescaled")
     b = record.box
@@ -129,7 +130,7 @@ def render_object(record: ObjectRecord, settings: CropSettings, use_cache: bool 
     notes = list(source.notes)
     size = image.size
     rotate = settings.apply_rotation
-    raw_box = _object_box(record, size, notes, rotate)
+    raw_box = _object_box(record, size, notes, rotate, settings.rescale_annotations)
     box = clip_box(raw_box, size)
     if box is None:
         raise Skip("box_outside_image", f"box {_rounded(raw_box, 1)} on a {size[0]}x{size[1]} image")

@@ -74,6 +74,11 @@ class CropSettings:
     exif_transpose: bool = field(default=True, metadata={"help": "turn images upright by their EXIF orientation"})
     convert_modes: bool = field(default=True, metadata={"help": "convert CMYK/palette/16-bit/grey/alpha images to RGB (else skip them)"})
     apply_rotation: bool = field(default=True, metadata={"help": "OpenImages: apply the Rotation column of --image-info"})
+    rescale_annotations: bool = field(default=False, metadata={
+        "help": "COCO: an image whose pixels differ in size from the JSON's width/height (same aspect ratio) gets its "
+                "annotations scaled to it (resized copies of COCO); off: such images are skipped (image_size_mismatch)"})
+    allow_outside_images: bool = field(default=False, metadata={
+        "help": "read annotation file names that are absolute or lead out of --images (../); off: skipped (path_outside_images)"})
     jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of the crops"})
 
     def __post_init__(self) -> None:

@@ -32,15 +32,19 @@ import logging
 import multiprocessing
 import os
 import re
+import socket
 import tarfile
+import threading
+import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from encoders.common.files import OutputPathError, atomic_write_text, check_writable_folder
 from encoders.common.files import atomic_write_json as _atomic_write_json
-from encoders.common.files import atomic_write_text
 from encoders.common.shards import (  # noqa: F401  (the shard contract, re-exported for the data_prep stages)
     INDEX_FIELDS,
     MANIFEST_NAME,
@@ -150,9 +154,18 @@ def _fingerprint(*parts: Any) -> str:
 _progress_counter: Any = None  # multiprocessing.Value in pool workers; a callable in the main process
 
 
-def _init_worker(counter: Any) -> None:
+def _init_worker(counter: Any, parent: int | None = None) -> None:
     global _progress_counter
     _progress_counter = counter
+    if parent is not None:  # a pool worker: leave when the main process is gone (killed), never idle on
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def _tick() -> None:
@@ -364,6 +377,47 @@ def _summarize(counter: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
 
 
+def check_output_folder(out: Path) -> None:
+    """Before any work: `out` can be written, and nothing the writer deletes or writes inside it is a
+    symbolic link (an `--overwrite` must never delete or write files outside `--out`)."""
+    try:
+        check_writable_folder(out, "--out")
+    except OutputPathError as err:
+        raise WriterError(str(err)) from err
+    stats = out / STATS_DIR
+    if stats.is_symlink() or (stats.exists() and not stats.is_dir()):
+        raise WriterError(f"{stats} is a symbolic link or a file: the writer keeps its stats there and deletes them on "
+                          "--overwrite, and never works through links; remove it or use another --out")
+
+
+@contextmanager
+def output_lock(job: ShardJob) -> Iterator[None]:
+    """One job at a time per shard name and node in `--out`: a second job stops at once with a clear message
+    (it would delete the first one's files in progress). The lock goes with the process, also when killed."""
+    import fcntl
+
+    path = job.out_dir / f".lock-{job.name}-node{job.node_rank}"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise WriterError(
+            f"another data_prep job ({holder}) is writing {job.name} shards into {job.out_dir}; wait for it to "
+            "finish or use another --out"
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
 def write_shards(
     items: Sequence,
     process: Callable[[Any], Any],
@@ -379,10 +433,16 @@ def write_shards(
     `process` must be picklable (a module-level function or a `functools.partial` of one) when
     `job.workers > 1`. `settings` (JSON-able) and the item keys make the fingerprint that guards
     resume; `source` (what was read) and `source_skipped` (records dropped before sharding, by
-    reason) go into the manifest as they are.
+    reason) go into the manifest as they are. The output folder is checked (`check_output_folder`)
+    and locked (`output_lock`) for the whole job.
     """
+    check_output_folder(job.out_dir)
+    with output_lock(job):
+        return _write_node_shards(items, process, job, settings, source, source_skipped, item_key)
+
+
+def _write_node_shards(items, process, job: ShardJob, settings, source, source_skipped, item_key) -> dict:
     out = job.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     (out / STATS_DIR).mkdir(exist_ok=True)
     keys = [item_key(item) for item in items]
     if len(set(keys)) != len(keys):
@@ -433,7 +493,8 @@ def write_shards(
         else:
             ctx = multiprocessing.get_context()
             counter = ctx.Value("q", 0)
-            with ProcessPoolExecutor(job.workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
+            with ProcessPoolExecutor(job.workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(counter, os.getpid())) as pool:
                 pending: set[Future] = {pool.submit(_write_shard, task) for task in tasks}
                 try:
                     while pending:

@@ -31,6 +31,8 @@ finished. Errors about inputs name the file or prompt and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import re
 import sys
 import time
@@ -41,7 +43,7 @@ import diffusers
 import torch
 import transformers
 
-from encoders.common.files import atomic_write_json
+from encoders.common.files import OutputPathError, atomic_write_json, check_writable_file, check_writable_folder
 
 from .concept import Concept, ConceptFileError
 from .encoding import encode_concept_standalone
@@ -76,6 +78,34 @@ def _boxes(text: str) -> tuple[float, float, float, float]:
     if len(values) != 4 or not (0 <= values[0] < values[2] <= 1 and 0 <= values[1] < values[3] <= 1):
         raise argparse.ArgumentTypeError(f"box {text!r}: expected x0,y0,x1,y1 with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1")
     return values
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, multiple: int | None = None):
+    """An argparse type: an int or float, finite, within [low, high], a multiple of `multiple`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"between {low:g} and {high:g}" if low is not None and high is not None else (
+                f"at least {low:g}" if low is not None else f"at most {high:g}")
+            raise argparse.ArgumentTypeError(f"{text} must be {span}")
+        if multiple and value % multiple:
+            raise argparse.ArgumentTypeError(f"{text} must be a multiple of {multiple}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+SIZE_PX = _number(int, 8, 8192, multiple=8)  # Stable Diffusion's VAE and UNet need multiples of 8
+ELITE_SCALE = _number(float, 0.0, 2.0)  # lambda: ELITE uses 0.6-1
+NONNEGATIVE = _number(float, 0.0)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -158,16 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                          help="prompt; repeat for several prompts from one encode")
     prompts.add_argument("--negative-prompt", default=None, metavar="TEXT", help="negative prompt for guidance")
-    prompts.add_argument("--elite-scale", "--lam", dest="elite_scale", type=float, default=DEFAULT_ELITE_SCALE,
+    prompts.add_argument("--elite-scale", "--lam", dest="elite_scale", type=ELITE_SCALE, default=DEFAULT_ELITE_SCALE,
                          help="lambda, the weight of ELITE's local (detail) branch: 0 = global word only; "
                          "ELITE uses 0.6 for editing prompts and 0.8 for 'a photo of S*' (--lam is the same option)")
-    prompts.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
-    prompts.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    prompts.add_argument("--steps", type=POSITIVE_INT, default=DEFAULT_STEPS, help="denoising steps")
+    prompts.add_argument("--guidance", type=NONNEGATIVE, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
     prompts.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
-    prompts.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    prompts.add_argument("--height", type=int, default=None,
+    prompts.add_argument("--num-images", type=POSITIVE_INT, default=1, help="images per prompt")
+    prompts.add_argument("--height", type=SIZE_PX, default=None,
                          help="image height in px (default: the UNet's sample size x the VAE factor)")
-    prompts.add_argument("--width", type=int, default=None, help="image width in px (default: as --height)")
+    prompts.add_argument("--width", type=SIZE_PX, default=None, help="image width in px, a multiple of 8 (default: as --height)")
     prompts.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
                          help="sampler (default: the base model's own; ELITE used lms, which needs scipy)")
     tuned = gen.add_argument_group("per-concept fine-tunes (instead of ELITE concepts)")
@@ -215,14 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--words", nargs=2, required=True, metavar=("A", "B"), help="the two concept words of the prompt")
     what.add_argument("--boxes", nargs=2, type=_boxes, metavar=("BOX_A", "BOX_B"), help="x0,y0,x1,y1 in 0..1 for each word")
     sampling = guide.add_argument_group("sampling and guidance")
-    sampling.add_argument("--steps", type=int, default=50, help="reverse steps")
-    sampling.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
-    sampling.add_argument("--guidance-steps", type=int, default=10, help="reverse steps with latent updates (paper: 10)")
-    sampling.add_argument("--iterations", type=int, default=5, help="gradient iterations per guided step")
-    sampling.add_argument("--step-size", type=float, default=30.0,
+    sampling.add_argument("--steps", type=POSITIVE_INT, default=50, help="reverse steps")
+    sampling.add_argument("--guidance-scale", type=NONNEGATIVE, default=7.5, help="classifier-free guidance scale")
+    sampling.add_argument("--guidance-steps", type=_number(int, 0), default=10, help="reverse steps with latent updates (paper: 10)")
+    sampling.add_argument("--iterations", type=_number(int, 0), default=5, help="gradient iterations per guided step")
+    sampling.add_argument("--step-size", type=NONNEGATIVE, default=30.0,
                           help="latent step scale, times (1 - alphabar_t) (layout guidance's for SD; "
                           "the random tiny demo model needs ~1e5 to show a change)")
-    sampling.add_argument("--loss-threshold", type=float, default=0.2, help="stop a step's iterations below this L_loc")
+    sampling.add_argument("--loss-threshold", type=NONNEGATIVE, default=0.2, help="stop a step's iterations below this L_loc")
     sampling.add_argument("--seed", type=int, default=0, help="same seed for both images")
     guide.add_argument("--out", required=True, metavar="FILE",
                        help="PNG file for the side-by-side picture (a .json with the numbers is written beside it)")
@@ -249,12 +279,10 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--box and --spatial-guidance both choose boxes: give one of them")
     if args.finetune and n_concepts:
         parser.error("--finetune applies a per-concept fine-tune; give it without --image/--concept")
-    if args.num_images < 1 or args.steps < 1:
-        parser.error("--num-images and --steps must be at least 1")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and value < 8:
-            parser.error(f"--{name} must be at least 8 px")
+    try:
+        check_writable_folder(args.out, "--out")
+    except OutputPathError as err:
+        parser.error(str(err))
 
 
 def _versions() -> dict[str, str]:
@@ -317,10 +345,13 @@ def _run_generate(args) -> dict:
     width = width or (args.height if args.height else default_w)
 
     boxes = [list(b) for b in args.box] or None
+    box_nouns = None
     if args.spatial_guidance:
-        boxes = generator_api.predict_boxes(concepts)
+        predicted = generator_api.predict_boxes(concepts)
+        boxes, box_nouns = predicted["boxes"], predicted["resolved"]
         if not args.quiet:
-            print("location MLP boxes: " + ", ".join(f"{p} {[round(v, 3) for v in b]}" for p, b in zip(placeholders, boxes)))
+            print("location MLP boxes: " + ", ".join(
+                f"{p} (as {noun!r}) {[round(v, 3) for v in b]}" for p, noun, b in zip(placeholders, box_nouns, boxes)))
 
     finetune_records, infusions = _apply_finetunes(pipe, finetunes, args.prompt)
 
@@ -384,6 +415,7 @@ def _run_generate(args) -> dict:
         "finetunes": finetune_records,
         "boxes": boxes,
         "boxes_from": "location_mlp" if args.spatial_guidance else ("--box" if boxes else None),
+        "box_nouns": box_nouns,
         "crop": not args.no_crop,
         "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype).replace("torch.", ""),
@@ -488,10 +520,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         _check_generate_args(parser, args)
-    elif args.command == "encode" and not args.encoders:
-        parser.error("encode needs --encoders")
+    else:
+        if args.command == "encode" and not args.encoders:
+            parser.error("encode needs --encoders")
+        if args.command == "guide" and not args.boxes and not args.location_mlp:
+            parser.error("give --boxes or --location-mlp")
+        try:
+            check_writable_file(args.out, "--out")
+        except OutputPathError as err:
+            parser.error(str(err))
     if getattr(args, "quiet", False):
-
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
 
@@ -502,12 +540,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "generate":
                 _run_generate(args)
             elif args.command == "guide":
-                if not args.boxes and not args.location_mlp:
-                    parser.error("give --boxes or --location-mlp")
                 _run_guide(args)
             else:
                 _run_encode(args)
-        except (ConceptInputError, ConceptFileError, ModelLoadError, FinetuneFolderError) as err:
+        except (ConceptInputError, ConceptFileError, ModelLoadError, FinetuneFolderError, OutputPathError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except OSError as err:  # a full disk or a folder made read-only while running: never half a file
+            if err.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+                print(f"error: cannot write {err.filename or 'the output'}: {err.strerror}", file=sys.stderr)
+                return 2
+            raise
     return 0

@@ -100,12 +100,14 @@ class Concept:
         if header.pop("format", None) != CONCEPT_FORMAT or "w0" not in tensors:
             raise ConceptFileError(f"concept file {path}: not a concept file (expected format {CONCEPT_FORMAT!r})")
         keep = tensors.get("local_keep")
-        return cls(tensors["w0"], tensors.get("local_tokens"), None if keep is None else keep.bool(), header,
-                   tensors.get("preview"))
+        try:
+            return cls(tensors["w0"], tensors.get("local_tokens"), None if keep is None else keep.bool(), header,
+                       tensors.get("preview"))
+        except ValueError as err:  # a hand-edited file whose tensors do not fit together
+            raise ConceptFileError(f"concept file {path}: {err}") from err
 
     def preview_image(self):
         """The preview as a PIL image (None when the concept has none)."""
-
         return None if self.preview is None else Image.fromarray(self.preview.cpu().numpy())
 
     def describe(self) -> str:

@@ -442,7 +442,6 @@ class Evaluator:
     @torch.no_grad()
     def image_latents(self, images) -> torch.Tensor:
         """VAE posterior means of generated images (the latents the Gaussians are fitted to)."""
-
         vae = self.pipe.vae
         out = []
         for i in range(0, len(images), 8):

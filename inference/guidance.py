@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from encoders.anchors import embed_words
 from encoders.attention import CONTEXT_KWARG, AttentionContext, ContextAttnProcessor, set_context_processors
 
+from .inputs import ConceptInputWarning
 from .outputs import EliteOutput
 
 Box = Sequence[float]  # (x0, y0, x1, y1) in 0..1 of the image
@@ -400,6 +402,31 @@ def generate_with_spatial_guidance(
 
 
 # ---- boxes from a trained location MLP ----------------------------------------------------------
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two xyxy boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def warn_if_boxes_coincide(predicted: dict, iou: float = 0.9) -> bool:
+    """Warn (and return True) when the location MLP gave two concepts the same place: both resolved to
+    the same noun, or boxes overlapping by more than `iou`. Guidance then cannot tell them apart."""
+    (a, b), nouns = predicted["boxes"], predicted.get("resolved") or [None, None]
+    same_noun = nouns[0] is not None and nouns[0] == nouns[1]
+    overlap = box_iou(a, b)
+    if same_noun or overlap > iou:
+        why = f"both took the layout of the noun {nouns[0]!r}" if same_noun else f"their boxes overlap (IoU {overlap:.2f})"
+        warnings.warn(
+            f"the location MLP put both concepts in nearly the same place: {why}; spatial guidance cannot separate "
+            "them. Give boxes yourself (--box x0,y0,x1,y1 per concept)", ConceptInputWarning, stacklevel=3,
+        )
+        return True
+    return False
 
 
 def predict_boxes(location_mlp, pipe, concept_a: str | torch.Tensor, concept_b: str | torch.Tensor) -> dict:

@@ -1,14 +1,20 @@
 """Read a concept photo and its object mask, the way users hand them over, and check them.
 
 A concept is one photo of the user's object plus a mask of where the object is. The mask may come
-as a separate file (any mode; >= 128 is object), as the photo's alpha channel (an RGBA cut-out), or
-not at all (then the whole photo is the object, with a warning). Everything that can go wrong with
-these files gets a clear error that names the file, or a warning that says what was done about it:
+as a separate file, as the photo's alpha channel (an RGBA cut-out), or not at all (then the whole
+photo is the object, with a warning). Pixels are read as `data_prep` reads them
+(`encoders.common.images`): any photo mode becomes 8-bit RGB (16-bit grey scaled from its full range),
+and a mask pixel is object where its brightest channel is >= 128 (white, grey, or any bright colour),
+or by its alpha when a flat-coloured mask has transparency. Everything that can go wrong with these
+files gets a clear error that names the file, or a warning that says what was done about it:
 
-- unreadable photo or mask           -> `ConceptInputError` naming the file and the reason
-- mask of another size than the photo -> resized (nearest) with a warning
-- empty mask                          -> `ConceptInputError`
-- no mask and no alpha                -> whole photo, with a warning
+- unreadable photo or mask            -> `ConceptInputError` naming the file and the reason
+- photo under 16 px, object under 8 px -> `ConceptInputError` (too small to encode)
+- EXIF-rotated photo                   -> turned upright; its mask turned with it when the mask has the
+                                          size of the photo's stored (unrotated) pixels, with a warning
+- mask of another size than the photo  -> resized (nearest) with a warning
+- empty mask                           -> `ConceptInputError`
+- no mask and no alpha                 -> whole photo, with a warning
 
 `prepare_concept_image` then crops a square around the mask (the encoders were trained on object
 crops with a small margin, as `data_prep` makes them) so a small object in a big photo still fills
@@ -17,13 +23,16 @@ the image encoder's view.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from encoders.common.images import apply_orientation, exif_orientation, mask_to_binary, to_rgb
 
 ImageLike = Union[str, Path, Image.Image]
 
@@ -73,30 +82,53 @@ def _describe(source: ImageLike) -> str:
     return f"<in-memory {type(source).__name__} {getattr(source, 'size', '')}>"
 
 
+MIN_PHOTO_SIDE = 16  # px: a smaller photo holds too little to encode
+MIN_OBJECT_SIDE = 8  # px: the object's box in the mask must be at least this on each side
+
+
 def _open_image(source: ImageLike, what: str) -> Image.Image:
-    """Open and fully decode an image (so a truncated file fails here, with its name)."""
+    """Open and fully decode an image (so a truncated file fails here, with its name); EXIF not applied."""
     if isinstance(source, Image.Image):
-        image = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConceptInputError(f"{what} {path}: no such file")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            raise ConceptInputError(f"{what} {path}: cannot be read as an image ({err})") from err
-    # Photos from phones carry their rotation in EXIF; show the object the way the user sees it.
-    return ImageOps.exif_transpose(image)
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise ConceptInputError(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ConceptInputError(f"{what} {path}: cannot be read as an image ({err})") from err
 
 
 def _binary_mask(mask: Image.Image) -> Image.Image:
-    """Any-mode mask -> mode "L", values 0/255 (>= 128 is object; mode "1" keeps its bits)."""
-    if mask.mode in ("RGBA", "LA"):
-        mask = mask.getchannel("A") if mask.getextrema()[-1][0] < 255 else mask.convert("L")
-    gray = np.asarray(mask.convert("L"))
-    return Image.fromarray(np.where(gray >= 128, 255, 0).astype(np.uint8), mode="L")
+    """Any-mode mask -> mode "L", values 0/255 (`encoders.common.images.mask_to_binary`'s rule)."""
+    return Image.fromarray(mask_to_binary(mask).astype(np.uint8) * 255, mode="L")
+
+
+def _upright_mask(mask: Image.Image, photo_orientation: int, stored_size: tuple[int, int], upright_size: tuple[int, int],
+                  mask_name: str, photo_name: str) -> Image.Image:
+    """The mask in the upright photo's frame: its own EXIF applied, then the photo's turn when the mask
+    has the size of the photo's stored pixels (drawn on the file as stored, not as shown)."""
+    own = exif_orientation(mask)
+    if own != 1:
+        return apply_orientation(mask, own)
+    if photo_orientation == 1 or mask.size == upright_size and stored_size != upright_size:
+        return mask
+    if mask.size == stored_size and stored_size != upright_size:
+        warnings.warn(
+            f"mask {mask_name} is {mask.size[0]}x{mask.size[1]}, the size of {photo_name} as stored, but the photo "
+            f"is shown turned (EXIF orientation {photo_orientation}): turning the mask with it",
+            ConceptInputWarning, stacklevel=3,
+        )
+        return apply_orientation(mask, photo_orientation)
+    if mask.size == stored_size:  # a square photo: the mask fits both frames
+        warnings.warn(
+            f"{photo_name} is shown turned (EXIF orientation {photo_orientation}); reading the mask {mask_name} "
+            "on the photo as shown. If it was drawn on the stored pixels, save it upright (or with the same EXIF tag)",
+            ConceptInputWarning, stacklevel=3,
+        )
+    return mask
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -109,13 +141,23 @@ def load_concept_image(image: ImageLike, mask: ImageLike | None = None) -> Conce
     `mask` wins over an alpha channel when both are there (with a warning, so nobody is surprised).
     """
     name = _describe(image)
-    photo = _open_image(image, "concept image")
+    stored = _open_image(image, "concept image")
+    orientation = exif_orientation(stored)
+    # photos from phones carry their rotation in EXIF: show the object the way the user sees it
+    photo = apply_orientation(stored, orientation)
+    if min(photo.size) < MIN_PHOTO_SIDE:
+        raise ConceptInputError(f"concept image {name} is {photo.size[0]}x{photo.size[1]} px: too small to encode "
+                                f"(at least {MIN_PHOTO_SIDE} px on each side)")
     alpha = photo.convert("RGBA").getchannel("A") if _has_alpha(photo) else None
-    rgb = photo.convert("RGB")
+    try:
+        rgb, _ = to_rgb(photo)
+    except ValueError as err:
+        raise ConceptInputError(f"concept image {name}: {err}") from err
 
     if mask is not None:
         mask_name = _describe(mask)
-        binary = _binary_mask(_open_image(mask, "mask"))
+        mask_image = _upright_mask(_open_image(mask, "mask"), orientation, stored.size, photo.size, mask_name, name)
+        binary = _binary_mask(mask_image)
         mask_source = mask_name
         if alpha is not None and np.asarray(alpha).min() < 255:
             warnings.warn(
@@ -144,8 +186,16 @@ def load_concept_image(image: ImageLike, mask: ImageLike | None = None) -> Conce
         binary = Image.new("L", rgb.size, 255)
         mask_name, mask_source = "whole image", "whole image"
 
-    if not np.asarray(binary).any():
-        raise ConceptInputError(f"{mask_name}: the mask is empty (no object pixels), so there is nothing to encode")
+    pixels = np.asarray(binary) > 0
+    if not pixels.any():
+        raise ConceptInputError(
+            f"{mask_name}: the mask is empty (no pixel with a channel >= 128), so there is nothing to encode"
+        )
+    ys, xs = np.nonzero(pixels)
+    width, height = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+    if min(width, height) < MIN_OBJECT_SIDE:
+        raise ConceptInputError(f"{mask_name}: the object is only {width}x{height} px in the mask; ELITE needs at least "
+                                f"{MIN_OBJECT_SIDE} px on each side to encode it")
     return ConceptImage(rgb, binary, name, mask_source, (0, 0, rgb.size[0], rgb.size[1]))
 
 
@@ -203,12 +253,18 @@ def prepare_concept_image(concept: ConceptImage, crop: bool = True, margin: floa
     )
 
 
+def placeholder_in(prompt: str, placeholder: str) -> bool:
+    """Whether `placeholder` is a word of `prompt` on its own (not glued to letters or digits: "S12"
+    holds neither S1 nor S2; "S*'s" holds S*)."""
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(placeholder)}(?![A-Za-z0-9])", prompt) is not None
+
+
 def find_placeholders(prompt: str, placeholders: list[str]) -> None:
-    """Raise `ConceptInputError` unless every placeholder occurs in `prompt` (as written)."""
-    missing = [p for p in placeholders if p not in prompt]
+    """Raise `ConceptInputError` unless every placeholder occurs in `prompt` as a word of its own."""
+    missing = [p for p in placeholders if not placeholder_in(prompt, p)]
     if missing:
         names = ", ".join(repr(p) for p in missing)
         raise ConceptInputError(
-            f"prompt {prompt!r} does not contain the placeholder {names}; write it where the concept goes, "
+            f"prompt {prompt!r} does not contain the placeholder {names} as a word of its own; write it where the concept goes, "
             f"e.g. {('a photo of ' + missing[0] + ' on the beach')!r}"
         )

@@ -34,8 +34,8 @@ from encoders.text_injection import DEFAULT_PLACEHOLDER, add_placeholder_tokens
 
 from .concept import Concept
 from .encoding import encode_with
-from .guidance import BoxedTokens, generate_with_spatial_guidance, predict_boxes
-from .inputs import ConceptImage, ConceptInputError, ImageLike, find_placeholders
+from .guidance import BoxedTokens, generate_with_spatial_guidance, predict_boxes, warn_if_boxes_coincide
+from .inputs import ConceptImage, ConceptInputError, ConceptInputWarning, ImageLike, find_placeholders, placeholder_in
 from .loading import EliteEncoders, ModelLoadError, check_encoders_fit, load_base_pipeline, load_encoders
 from .outputs import EliteOutput
 
@@ -48,11 +48,26 @@ def default_placeholders(count: int) -> list[str]:
 
 
 def _same_source(a: str, b: str) -> bool:
-    """Whether two encoders names point at the same folder (or are the same Hub id)."""
+    """Whether two model names point at the same folder (or are the same Hub id)."""
     if a == b:
         return True
     pa, pb = Path(a), Path(b)
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _pipeline_name(pipe) -> str:
+    """What the base pipeline was loaded from (a folder or Hub id), or "" when it was built in memory."""
+    return str(getattr(pipe.config, "_name_or_path", "") or getattr(pipe, "name_or_path", "") or "")
+
+
+def _base_model_note(what: str, recorded: str | None, pipe) -> str | None:
+    """A warning when `what` records another base model than the pipeline was loaded from (same shapes:
+    the fit checks passed), or None when they agree or one of them is unknown."""
+    loaded = _pipeline_name(pipe)
+    if not recorded or not loaded or _same_source(recorded, loaded) or Path(recorded).name == Path(loaded).name:
+        return None
+    return (f"{what} was made for the base model {recorded}, but this pipeline is {loaded} (the same shapes): "
+            "results are only meaningful if it is a copy or a fine-tune of that model")
 
 
 class ElitePipeline:
@@ -118,6 +133,14 @@ class ElitePipeline:
 
     def _install(self, encoders: EliteEncoders) -> None:
         check_encoders_fit(encoders, self.pipe)
+        note = _base_model_note(f"the encoders {encoders.source}", encoders.base_model_name, self.pipe)
+        if note:
+            warnings.warn(note, ConceptInputWarning, stacklevel=3)
+        if encoders.local_mapping is None:
+            warnings.warn(
+                f"the encoders {encoders.source} have no local_mapping/: images come from the global word w0 alone "
+                "and elite_scale (lambda, --elite-scale) has no effect", ConceptInputWarning, stacklevel=3,
+            )
         set_elite_processors(self.pipe.unet, encoders.global_mapping, encoders.local_mapping)
         self.encoders = encoders
 
@@ -171,8 +194,12 @@ class ElitePipeline:
         if made_with and self.encoders is not None and not _same_source(made_with, self.encoders.source):
             warnings.warn(
                 f"concept {k} was encoded with the encoders {made_with}, generating with {self.encoders.source}",
-                stacklevel=3,
+                ConceptInputWarning, stacklevel=3,
             )
+        note = _base_model_note(f"concept {k} ({concept.metadata.get('source_image', '?')})",
+                                concept.metadata.get("base_model"), self.pipe)
+        if note:
+            warnings.warn(note, ConceptInputWarning, stacklevel=3)
 
     def _token_ids(self, prompt: str) -> torch.Tensor:
         tokenizer = self.pipe.tokenizer
@@ -281,7 +308,7 @@ class ElitePipeline:
                 if self.encoders is not None and attention_store is not None:
                     context = AttentionContext(attention_store=attention_store)
             negative = negative_prompt or ""
-            in_negative = [p in negative for p in placeholders] if concept_list else []
+            in_negative = [placeholder_in(negative, p) for p in placeholders] if concept_list else []
             if any(in_negative):
                 negative_embeds = self.conditioning(
                     negative, [c for c, hit in zip(concept_list, in_negative) if hit],
@@ -319,9 +346,10 @@ class ElitePipeline:
             raise ValueError(f"elite_scale (lambda) must be finite and >= 0, got {values}")
         return values
 
-    def predict_boxes(self, concepts: Sequence[Concept]) -> list[list[float]]:
-        """Boxes (x0, y0, x1, y1 in 0..1) for two concepts from the encoders' location MLP, fed their w0."""
-
+    def predict_boxes(self, concepts: Sequence[Concept]) -> dict:
+        """Boxes (x0, y0, x1, y1 in 0..1) for two concepts from the encoders' location MLP, fed their w0:
+        `{"boxes": [a, b], "resolved": [noun_a, noun_b]}` (the nouns whose layout each took). Two concepts
+        that resolve to the same noun get the same box: that is warned about (give boxes yourself)."""
         encoders = self._require_encoders()
         if encoders.location_mlp is None:
             raise ModelLoadError(
@@ -329,13 +357,16 @@ class ElitePipeline:
             )
         if len(concepts) != 2:
             raise ConceptInputError(f"the location MLP places two concepts, got {len(concepts)}")
-        return predict_boxes(encoders.location_mlp, self.pipe, concepts[0].w0, concepts[1].w0)["boxes"]
+        predicted = predict_boxes(encoders.location_mlp, self.pipe, concepts[0].w0, concepts[1].w0)
+        warn_if_boxes_coincide(predicted)
+        return predicted
 
     def _guided_call(self, call: dict, concepts, positions, placeholders, boxes, guidance_config) -> EliteOutput:
         """Run the prompt through `inference.guidance` (its own denoising loop) with boxes per concept."""
-
+        nouns = None
         if boxes is None:
-            boxes = self.predict_boxes(concepts)
+            predicted = self.predict_boxes(concepts)
+            boxes, nouns = predicted["boxes"], predicted["resolved"]
         if len(boxes) != len(concepts):
             raise ConceptInputError(f"give one box per concept ({len(concepts)}), got {len(boxes)}")
         context = call.pop("cross_attention_kwargs", {}).get("attention_context")
@@ -349,6 +380,6 @@ class ElitePipeline:
             BoxedTokens(token_indices=[int(position)], box=box, name=placeholder)
             for position, box, placeholder in zip(positions, boxes, placeholders)
         ]
-        return generate_with_spatial_guidance(
-            self.pipe, guided, attention_context=context, config=guidance_config, **call
-        )
+        out = generate_with_spatial_guidance(self.pipe, guided, attention_context=context, config=guidance_config, **call)
+        out.box_nouns = nouns
+        return out

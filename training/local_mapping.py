@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -122,10 +123,15 @@ class LocalMappingTask(EliteStageTask):
         return self.global_mapping, models["local_mapping"]
 
     def export(self, models, export_dir):
-        return [
-            export_fp32(models["local_mapping"], "local_mapping", export_dir, self.config.output_dir),
-            export_model(self.global_mapping, export_dir, "global_mapping"),
-        ]
+        """`local_mapping/`, and the global mapping it was trained with unless that is the folder's own
+        `global_mapping/` already (then it stays as it is: nothing to copy, and its files keep their dates)."""
+        written = [export_fp32(models["local_mapping"], "local_mapping", export_dir, self.config.output_dir)]
+        path, sub = resolve_mapping_folder(self.config.global_mapping_path, "global_mapping")
+        source = Path(path) / sub if sub else Path(path)
+        target = Path(export_dir) / "global_mapping"
+        if source.exists() and target.exists() and source.resolve() == target.resolve():
+            return written
+        return written + [export_model(self.global_mapping, export_dir, "global_mapping")]
 
     def model_card_notes(self) -> str:
         cfg = self.config

@@ -191,6 +191,9 @@ class StopSignals:
 
 def _make_accelerator(config: TrainConfig):
 
+    precision = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision == "fp16" and not torch.cuda.is_available():  # checked before any process state exists
+        raise ConfigError("mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no")
     handlers = []
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     if distributed and not torch.cuda.is_available():
@@ -204,7 +207,7 @@ def _make_accelerator(config: TrainConfig):
         ),
         kwargs_handlers=handlers,
     )
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # set by a config file
         raise ConfigError("mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no")
     return accelerator
 

@@ -50,6 +50,15 @@ def _mask_kind(segmentation) -> str | None:
     return None
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path` (resolved, links followed) lies under `root`: a file_name of "../x" or "/etc/x" does not."""
+    try:
+        path.resolve().relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
 def read_coco(annotations: str | Path, images_dir: str | Path, settings: CropSettings, log_first: int = 5) -> tuple[list[ObjectRecord], SourceReport]:
     """Records of the usable objects, sorted by image then annotation id, and what was dropped."""
     annotations, images_dir = Path(annotations), Path(images_dir)
@@ -58,6 +67,7 @@ def read_coco(annotations: str | Path, images_dir: str | Path, settings: CropSet
     data = load_coco_json(annotations)
     report = SourceReport("coco", files={"annotations": str(annotations), "images": str(images_dir)}, log_first=log_first)
     where = annotations.name
+    images_root = images_dir.resolve()
 
     images: dict = {}
     for entry in data["images"]:
@@ -113,6 +123,10 @@ def read_coco(annotations: str | Path, images_dir: str | Path, settings: CropSet
             report.skip("crowd", f"{where}: annotation {ann_id}")
             continue
         file_name, width, height = images[image_id]
+        image_path = images_dir / file_name
+        if not settings.allow_outside_images and not _inside(image_path, images_root):
+            report.skip("path_outside_images", f"{where}: image {image_id} file_name {file_name!r} leads out of {images_dir}")
+            continue
         box = xywh_to_xyxy((x, y, w, h))
         if is_degenerate(box):
             report.skip("degenerate_box", f"{where}: annotation {ann_id} bbox {ann['bbox']}")
@@ -139,7 +153,7 @@ def read_coco(annotations: str | Path, images_dir: str | Path, settings: CropSet
             ObjectRecord(
                 key=f"coco_{safe_key_part(image_id)}_{safe_key_part(ann_id)}",
                 source="coco",
-                image_path=str(images_dir / file_name),
+                image_path=str(image_path),
                 image_file=file_name,
                 image_id=image_id,
                 annotation_id=ann_id,

@@ -17,6 +17,7 @@ the job with an error naming the file.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from pathlib import Path
@@ -30,6 +31,7 @@ BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 SEGMENTATION_COLUMNS = ("MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")
 FLAG_COLUMNS = {"IsOccluded": "is_occluded", "IsTruncated": "is_truncated", "IsGroupOf": "is_group_of",
                 "IsDepiction": "is_depiction", "IsInside": "is_inside"}
+logger = logging.getLogger("data_prep")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -294,7 +296,18 @@ def read_openimages(
         else:
             unique[r.key] = r
     records = list(unique.values())
+    labels = {r.category_id for r in records}
+    unnamed = sorted(label for label in labels if label not in names)
+    if labels and len(unnamed) == len(labels):
+        raise SourceError(
+            f"OpenImages classes CSV {classes} names none of the {len(labels)} labels of the annotations "
+            f"(e.g. {unnamed[0]}): is it the class list of this dataset (class-descriptions-boxable.csv)?"
+        )
+    if unnamed:
+        logger.warning("openimages: %d label(s) have no name in %s; their category is the label id (e.g. %s)",
+                       len(unnamed), classes, ", ".join(unnamed[:3]))
     report.counts.update({
+        "labels_without_name": len(unnamed),
         "classes": len(names), "box_rows": box_rows, "mask_rows": len(seen_masks),
         "images_indexed": len(image_index), "masks_indexed": len(mask_index),
         "images_with_rotation": sum(1 for v in rotations.values() if v), "records": len(records),

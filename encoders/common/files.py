@@ -103,3 +103,34 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written; the message names it and says why."""
+
+
+def check_writable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `path` (and its parents) if needed and prove a file can be written there, before any work.
+
+    Raises `OutputPathError` naming `what` and the path when it is a file, read-only, or cannot be made.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputPathError(f"{what} {path} cannot be written: {err.strerror or err}") from err
+    return path
+
+
+def check_writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """`path` can be written as a file: not a folder, and its folder writable (made if needed)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{what} {path} is a folder, not a file name")
+    check_writable_folder(path.parent if str(path.parent) else Path("."), f"the folder of {what}")
+    return path
