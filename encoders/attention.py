@@ -15,11 +15,14 @@ What the processors do (cross-attention layers, `EliteAttnProcessor`):
   global mapping's projections (`GlobalMapping.key_value(name)`), or the frozen `to_k`/`to_v` when no
   global mapping is given; `softmax(QK^T/sqrt(d)) V`.
 - local branch, per concept k and sample b: K/V from the local mapping's projections over the local
-  tokens; masked-out tokens (`keep` False) get no attention at all; the local attention output is
-  re-weighted per query by the global attention map of concept k's w0 token (`token_index`),
-  normalised by its max over query positions per sample and head (the reference used one max over
-  the whole batch), times the `scale` (lambda), and added to the global output before `to_out`. A sample whose
-  mask is empty gets no local contribution (never NaN).
+  tokens; masked-out tokens (`keep` False) are zero keys and values that stay in the softmax (the
+  paper's K_l = W_K(e * m), `local_mask_mode="zero_tokens"`) or take no attention at all
+  ("exclude"); the local attention output is re-weighted per query by the global attention map of
+  concept k's w0 token (`token_index`), divided by its max over heads and query positions of the
+  sample (`w0_map_norm="sample"`; "sample_head": per sample and head; the official code takes one
+  max over its whole batch, the same at its inference batch of 1), times the `scale` (lambda), and
+  added to the global output before `to_out`. The two settings come from the local mapping's
+  config. A sample whose mask is empty gets no local contribution (never NaN).
 - `scale = 0` (or no concepts) gives exactly the stock processor's output.
 
 Batch alignment: a concept's tensors have the attention batch size B, or B/2, in which case they
@@ -122,7 +125,8 @@ class LocalTokens:
     tokens: `[n, P, context_dim]` local tokens (`LocalMapping(...).tokens`).
     token_index: `[n]` (or an int for all) index of this concept's w0 in the text sequence; its global
         attention map re-weights the local branch.
-    keep: `[n, P]` bool, False for tokens that must take no attention; None keeps all.
+    keep: `[n, P]` bool, False for masked-out tokens (zeroed, or excluded: the processor's
+        `local_mask_mode`); None keeps all.
     scale: ELITE's lambda, the local branch's weight: a float or a `[n]` tensor (paper: 1 in training,
         0.8 for generation, 0.6 for editing prompts).
     """
@@ -298,10 +302,18 @@ class EliteAttnProcessor(ContextAttnProcessor):
         name: str | None = None,
         global_kv: tuple[nn.Linear, nn.Linear] | None = None,
         local_kv: tuple[nn.Linear, nn.Linear] | None = None,
+        w0_map_norm: str = "sample",
+        local_mask_mode: str = "zero_tokens",
     ):
         super().__init__(name)
+        if w0_map_norm not in ("sample", "sample_head"):
+            raise ValueError(f"w0_map_norm must be 'sample' or 'sample_head', got {w0_map_norm!r}")
+        if local_mask_mode not in ("zero_tokens", "exclude"):
+            raise ValueError(f"local_mask_mode must be 'zero_tokens' or 'exclude', got {local_mask_mode!r}")
         self.global_kv = global_kv
         self.local_kv = local_kv
+        self.w0_map_norm = w0_map_norm
+        self.local_mask_mode = local_mask_mode
 
     def key_value(self, attn, context, is_cross, ctx):
         if is_cross and self.global_kv is not None:
@@ -332,10 +344,14 @@ class EliteAttnProcessor(ContextAttnProcessor):
             if keep.shape != tokens.shape[:2]:
                 raise ValueError(f"concept {k}: keep {tuple(keep.shape)} does not match tokens {tuple(tokens.shape[:2])}")
             keep = keep.to(query.device)
-            has_any = keep.any(dim=-1)  # an empty mask must not give an all -inf softmax row
-            attend = keep | ~has_any[:, None]
-
             context = tokens.to(query.device)
+            if self.local_mask_mode == "zero_tokens":
+                # masked-out tokens are zeros that take softmax weight (bias-free projections: zero K and V)
+                context = context * keep.unsqueeze(-1).to(context.dtype)
+                has_any, attend = None, None
+            else:
+                has_any = keep.any(dim=-1)  # an empty mask must not give an all -inf softmax row
+                attend = (keep | ~has_any[:, None])[:, None, None, :]
             key_l = _project(to_k, context).to(query.dtype)
             value_l = _project(to_v, context).to(query.dtype)
             if ctx.local_value_l1 is not None:
@@ -343,7 +359,7 @@ class EliteAttnProcessor(ContextAttnProcessor):
             key_l = key_l.view(n, -1, heads, head_dim).transpose(1, 2)
             value_l = value_l.view(n, -1, heads, head_dim).transpose(1, 2)
             local = F.scaled_dot_product_attention(
-                query[offset : offset + n], key_l, value_l, attn_mask=attend[:, None, None, :], dropout_p=0.0
+                query[offset : offset + n], key_l, value_l, attn_mask=attend, dropout_p=0.0
             )
 
             index = _per_row(concept.token_index, n, query.device, torch.long)
@@ -353,11 +369,14 @@ class EliteAttnProcessor(ContextAttnProcessor):
             w0_map = text_probs[offset : offset + n].gather(
                 -1, index.view(n, 1, 1, 1).expand(n, heads, queries, 1)
             ).squeeze(-1)  # [n, H, Q]
-            w0_map = w0_map / w0_map.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(w0_map.dtype).tiny)
+            peak_dims = (1, 2) if self.w0_map_norm == "sample" else (2,)
+            w0_map = w0_map / w0_map.amax(dim=peak_dims, keepdim=True).clamp_min(torch.finfo(w0_map.dtype).tiny)
             if scalar_scale:
-                row_weight = has_any.to(w0_map.dtype) * float(concept.scale)
+                row_weight = torch.full((n,), float(concept.scale), device=query.device, dtype=w0_map.dtype)
             else:
-                row_weight = _per_row(concept.scale, n, query.device, w0_map.dtype) * has_any.to(w0_map.dtype)
+                row_weight = _per_row(concept.scale, n, query.device, w0_map.dtype)
+            if has_any is not None:
+                row_weight = row_weight * has_any.to(w0_map.dtype)
             weight = row_weight[:, None, None] * w0_map
             contribution = weight.unsqueeze(-1).to(local.dtype) * local
             if offset or n != batch:
@@ -372,8 +391,11 @@ def set_elite_processors(unet: nn.Module, global_mapping=None, local_mapping=Non
     """Install `EliteAttnProcessor` on every cross-attention layer and `ContextAttnProcessor` elsewhere.
 
     `global_mapping` / `local_mapping`: objects with `key_value(name)` (GlobalMapping / LocalMapping)
-    or None. Returns the installed processors by processor name.
+    or None; the local branch's `w0_map_norm` and `local_mask_mode` come from the local mapping's
+    config. Returns the installed processors by processor name.
     """
+    config = getattr(local_mapping, "config", None) or {}
+    settings = {key: config[key] for key in ("w0_map_norm", "local_mask_mode") if key in config}
     processors: dict[str, ContextAttnProcessor] = {}
     for name, attn in attention_modules(unet).items():
         if getattr(attn, "is_cross_attention", False):
@@ -381,6 +403,7 @@ def set_elite_processors(unet: nn.Module, global_mapping=None, local_mapping=Non
                 name,
                 global_kv=global_mapping.key_value(name) if global_mapping is not None else None,
                 local_kv=local_mapping.key_value(name) if local_mapping is not None else None,
+                **settings,
             )
         else:
             processors[name] = ContextAttnProcessor(name)

@@ -60,6 +60,7 @@ from .inputs import ConceptInputError, ConceptInputWarning, find_placeholders, l
 from .loading import SCHEDULERS, ModelLoadError, default_image_size, load_base_pipeline, load_location_mlp
 from .pictures import make_grid, mask_preview, render_comparison, save_image_atomic
 from .pipeline import DEFAULT_ELITE_SCALE, ElitePipeline, default_placeholders
+from .presets import PRESETS, paper_elite_scale, preset_settings
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 5.0  # ELITE's classifier-free guidance scale
@@ -154,9 +155,11 @@ def _add_concept_options(parser: argparse.ArgumentParser, generate: bool = False
         "'-' for none); without a mask the whole photo is the object",
     )
     group.add_argument(
-        "--no-crop", action="store_true",
-        help="encode the whole photo instead of a square crop around the mask (the encoders saw object crops)",
+        "--crop", choices=("none", "square"), default=None,
+        help="what the image encoder sees: the whole photo (none, the official ELITE inference) or a square "
+        "around the mask (square, as data_prep crops); default: the encoders' concept_crop setting",
     )
+    group.add_argument("--no-crop", dest="crop", action="store_const", const="none", help="the same as --crop none")
     if generate:
         group.add_argument(
             "--concept", action="append", default=[], metavar="FILE",
@@ -188,18 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                          help="prompt; repeat for several prompts from one encode")
     prompts.add_argument("--negative-prompt", default=None, metavar="TEXT", help="negative prompt for guidance")
-    prompts.add_argument("--elite-scale", "--lam", dest="elite_scale", type=ELITE_SCALE, default=DEFAULT_ELITE_SCALE,
-                         help="lambda, the weight of ELITE's local (detail) branch: 0 = global word only; "
-                         "ELITE uses 0.6 for editing prompts and 0.8 for 'a photo of S*' (--lam is the same option)")
-    prompts.add_argument("--steps", type=POSITIVE_INT, default=DEFAULT_STEPS, help="denoising steps")
-    prompts.add_argument("--guidance", type=NONNEGATIVE, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    prompts.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                         help="paper: ELITE's sampling (its LMS sampler, 100 steps, guidance 5, lambda 0.8 for prompts "
+                         "that only describe the concept and 0.6 for the others); options given explicitly win")
+    prompts.add_argument("--elite-scale", "--lam", dest="elite_scale", type=ELITE_SCALE, default=None,
+                         help=f"lambda, the weight of ELITE's local (detail) branch: 0 = global word only (default "
+                         f"{DEFAULT_ELITE_SCALE}; ELITE uses 0.6 for editing prompts and 0.8 for 'a photo of S*'; --lam is "
+                         "the same option)")
+    prompts.add_argument("--steps", type=POSITIVE_INT, default=None, help=f"denoising steps (default {DEFAULT_STEPS})")
+    prompts.add_argument("--guidance", type=NONNEGATIVE, default=None,
+                         help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
     prompts.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
     prompts.add_argument("--num-images", type=POSITIVE_INT, default=1, help="images per prompt")
     prompts.add_argument("--height", type=SIZE_PX, default=None,
                          help="image height in px (default: the UNet's sample size x the VAE factor)")
     prompts.add_argument("--width", type=SIZE_PX, default=None, help="image width in px, a multiple of 8 (default: as --height)")
     prompts.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
-                         help="sampler (default: the base model's own; ELITE used lms, which needs scipy)")
+                         help="sampler (default: the base model's own; lms is ELITE's: LMS with SD v1's published "
+                         "noise schedule, which needs scipy)")
     tuned = gen.add_argument_group("per-concept fine-tunes (instead of ELITE concepts)")
     tuned.add_argument(
         "--finetune", action="append", default=[], metavar="DIR[=TOKEN]",
@@ -286,18 +295,32 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
 
 
 def _versions() -> dict[str, str]:
-
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def _crop(args) -> bool | None:
+    """`--crop` as `encode_concept`'s `crop`: None leaves it to the encoders' setting."""
+    return None if args.crop is None else args.crop == "square"
+
+
+def _resolve_sampling(args) -> None:
+    """Fill --steps, --guidance, --scheduler from --preset (or the defaults); --elite-scale stays None
+    under the paper preset, which picks it per prompt."""
+    preset = preset_settings(args.preset)
+    args.steps = args.steps or preset.get("num_inference_steps", DEFAULT_STEPS)
+    args.guidance = preset.get("guidance_scale", DEFAULT_GUIDANCE) if args.guidance is None else args.guidance
+    args.scheduler = args.scheduler or preset.get("scheduler")
+    if args.elite_scale is None and args.preset is None:
+        args.elite_scale = DEFAULT_ELITE_SCALE
 
 
 def _run_generate(args) -> dict:
     """Everything `generate` does after argument checks; returns the settings record it wrote."""
-
-
-
+    _resolve_sampling(args)
     # read and check every input before loading any model: a typo fails in a second, not after minutes
-    masks = args.mask or [None] * len(args.image)
-    photos = [load_concept_image(image, None if mask in (None, "-") else mask) for image, mask in zip(args.image, masks)]
+    # (with the most permissive mask rule; the encoders read each photo again with their own)
+    masks = [None if mask in (None, "-") else mask for mask in (args.mask or [None] * len(args.image))]
+    photos = [load_concept_image(image, mask, mask_threshold=0) for image, mask in zip(args.image, masks)]
     loaded_concepts = [Concept.load(path) for path in args.concept]
     placeholders = args.placeholder or default_placeholders(len(photos) + len(loaded_concepts))
     if photos or loaded_concepts:
@@ -323,13 +346,15 @@ def _run_generate(args) -> dict:
 
     concepts, inputs_shown, concept_records = [], [], []
     encode_s = 0.0
-    for k, (photo, image, mask) in enumerate(zip(photos, args.image, masks)):
+    for k, (image, mask) in enumerate(zip(args.image, masks)):
         tick = time.perf_counter()
-        concept, prepared = generator_api.encode_concept(photo, crop=not args.no_crop, return_input=True)
+        with warnings.catch_warnings():  # said once already, when the inputs were checked
+            warnings.simplefilter("ignore", ConceptInputWarning)
+            concept, prepared = generator_api.encode_concept(image, mask, crop=_crop(args), return_input=True)
         encode_s += time.perf_counter() - tick
         concepts.append(concept)
         inputs_shown.append(mask_preview(prepared.image, prepared.mask))
-        record = {"image": image, "mask": mask if mask not in (None, "-") else None, **concept.metadata}
+        record = {"image": image, "mask": mask, **concept.metadata}
         if args.save_concepts:
             record["saved"] = concept.save(out_dir / f"concept_{k}.safetensors").name
         concept_records.append(record)
@@ -366,11 +391,14 @@ def _run_generate(args) -> dict:
             )
             location_losses = None
         else:
+            elite_scale = args.elite_scale
+            if elite_scale is None:  # the paper preset: by prompt
+                elite_scale = paper_elite_scale(prompt, placeholders)
             result = generator_api(
                 prompt,
                 concepts=concepts,
                 placeholders=placeholders,
-                elite_scale=args.elite_scale,
+                elite_scale=elite_scale,
                 negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
@@ -389,6 +417,8 @@ def _run_generate(args) -> dict:
         files.extend(names)
         rows.append((prompt, inputs_shown, images))
         record = {"prompt": prompt, "images": names, "seeds": [args.seed + i for i in range(args.num_images)]}
+        if concepts and not infusions:
+            record["elite_scale"] = elite_scale
         if location_losses is not None:  # spatial guidance: how well attention stayed in the boxes, per step
             record["location_loss_per_step"] = [round(v, 5) for v in location_losses]
         prompt_records.append(record)
@@ -404,7 +434,8 @@ def _run_generate(args) -> dict:
         "placeholders": placeholders,
         "prompts": prompt_records,
         "negative_prompt": args.negative_prompt,
-        "elite_scale": args.elite_scale if concepts else None,
+        "preset": args.preset,
+        "elite_scale": (args.elite_scale if args.elite_scale is not None else "by prompt (paper preset)") if concepts else None,
         "steps": args.steps,
         "guidance": args.guidance,
         "seed": args.seed,
@@ -416,7 +447,7 @@ def _run_generate(args) -> dict:
         "boxes": boxes,
         "boxes_from": "location_mlp" if args.spatial_guidance else ("--box" if boxes else None),
         "box_nouns": box_nouns,
-        "crop": not args.no_crop,
+        "crop": args.crop or "encoders' setting",
         "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype).replace("torch.", ""),
         "files": files + ["grid.png"],
@@ -460,7 +491,7 @@ def _run_encode(args) -> Path:
         image_encoder=args.image_encoder,
         device=args.device,
         dtype=args.dtype,
-        crop=not args.no_crop,
+        crop=_crop(args),
     )
     path = concept.save(args.out)
     print(f"wrote {path}: {concept.describe()}")

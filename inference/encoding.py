@@ -1,9 +1,13 @@
 """Encode a concept photo with loaded ELITE encoders: one forward pass, no optimisation.
 
-`encode_with(encoders, photo, mask)` reads the photo and mask (`inference.inputs`), crops a square
-around the object, runs the CLIP vision tower once per view it needs and the mappings once, and
-returns a `Concept`: w0 (from the view the last training stage read it from), the local tokens and
-their keep-mask, metadata about its origin, and a small preview of what was encoded.
+`encode_with(encoders, photo, mask)` reads the photo and mask (`inference.inputs`), runs the CLIP
+vision tower once per view it needs and the mappings once, and returns a `Concept`: w0, the local
+tokens and their keep-mask, metadata about its origin, and a small preview of what was encoded.
+
+How is the local mapping's (`encoders.local_mapping`, stored in its `config.json`); the defaults
+are the official ELITE inference: the whole photo and the photo times its mask, each resized to
+the encoder's 224 px with PIL's bicubic filter; w0 from the whole photo; the mask (object: any pixel
+above 0) to the 16 x 16 patch grid by torch's nearest resize through 128 x 128.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from PIL import Image
 
 from encoders.clip_features import mask_background
+from encoders.local_mapping import REFERENCE_SETTINGS
 
 from .concept import Concept
 from .inputs import ConceptImage, ImageLike, load_concept_image, prepare_concept_image
@@ -22,6 +27,7 @@ from .loading import EliteEncoders, check_encoders_fit, load_base_pipeline, load
 from .pictures import mask_preview
 
 PREVIEW_SIZE = 96  # side of the picture a concept file keeps of what was encoded (for grids)
+_W0_ALIASES = {"crop": "image"}  # the earlier name of the unmasked view
 
 
 def _image_tensor(image, size: int, device, resample) -> torch.Tensor:
@@ -32,53 +38,70 @@ def _image_tensor(image, size: int, device, resample) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None].to(device)
 
 
+def _mask_tensor(mask: Image.Image, device) -> torch.Tensor:
+    """A 0/255 L mask at its own size -> `[1, 1, H, W]` float 0/1."""
+    return torch.from_numpy(np.asarray(mask) > 0).float()[None, None].to(device)
+
+
 def _file_name(source: str) -> str:
     """A photo's file name for metadata (no local directories); descriptions stay as they are."""
     return source if source.startswith("<") or source in ("alpha channel", "whole image") else Path(source).name
 
 
-def _w0_source(encoders: EliteEncoders, w0_from: str | None) -> str:
-    """Which view of the photo w0 is read from: as the last training stage did, unless told otherwise.
-
-    The local stage computes w0 from the object on black (the view its local tokens come from), the
-    global stage from the whole crop; so "object" with a local mapping, "crop" without one.
-    """
-    if w0_from is None:
-        return "object" if encoders.local_mapping is not None else "crop"
-    if w0_from not in ("object", "crop"):
-        raise ValueError(f"w0_from must be 'object' or 'crop', got {w0_from!r}")
-    return w0_from
+def encoding_settings(encoders: EliteEncoders, crop: bool | None = None, w0_from: str | None = None) -> dict:
+    """The settings an encoding uses: the local mapping's (the official ones without a local mapping),
+    with `crop` (True: "square", False: "none") and `w0_from` ("image" / "object") overriding them."""
+    lm = encoders.local_mapping
+    settings = dict(REFERENCE_SETTINGS)
+    if lm is not None:
+        settings.update({k: lm.config[k] for k in REFERENCE_SETTINGS if k in lm.config})
+    if crop is not None:
+        settings["concept_crop"] = "square" if crop else "none"
+    if w0_from is not None:
+        w0_from = _W0_ALIASES.get(w0_from, w0_from)
+        if w0_from not in ("image", "object"):
+            raise ValueError(f"w0_from must be 'image' or 'object', got {w0_from!r}")
+        settings["w0_source"] = w0_from
+    return settings
 
 
 def encode_with(
     encoders: EliteEncoders,
     image: ImageLike | ConceptImage,
     mask: ImageLike | None = None,
-    crop: bool = True,
+    crop: bool | None = None,
     return_input: bool = False,
     w0_from: str | None = None,
 ):
     """Encode a concept photo with loaded encoders (see `ElitePipeline.encode_concept`)."""
-    loaded = image if isinstance(image, ConceptImage) else load_concept_image(image, mask)
-    prepared = prepare_concept_image(loaded, crop=crop)
-    source = _w0_source(encoders, w0_from)
+    settings = encoding_settings(encoders, crop, w0_from)
+    loaded = image if isinstance(image, ConceptImage) else load_concept_image(image, mask, settings["mask_threshold"])
+    prepared = prepare_concept_image(loaded, crop=settings["concept_crop"] == "square")
     extractor = encoders.feature_extractor
     device = extractor.image_mean.device
     size = extractor.image_size
     w0_layer = int(encoders.global_mapping.config.feature_layers[0])
+    local_mapping = encoders.local_mapping
     with torch.inference_mode():
         pixels = _image_tensor(prepared.image, size, device, Image.BICUBIC)
-        mask_t = (_image_tensor(prepared.mask, size, device, Image.NEAREST) > 0.5).float()
         views = {}
-        if source == "crop":
-            views["crop"] = dict(zip(extractor.layers, extractor.encode(pixels)))
-        if source == "object" or encoders.local_mapping is not None:
-            views["object"] = dict(zip(extractor.layers, extractor.encode(mask_background(pixels, mask_t))))
-        w0 = encoders.global_mapping([views[source][w0_layer]], num_words=1)[0, 0].float().cpu()
+        if settings["w0_source"] == "image":
+            views["image"] = dict(zip(extractor.layers, extractor.encode(pixels)))
+        if settings["w0_source"] == "object" or local_mapping is not None:
+            if settings["object_view"] == "mask_then_resize":  # x * m at full size, then resized
+                object_pixels = _image_tensor(prepared.masked_image(), size, device, Image.BICUBIC)
+            else:
+                small_mask = _mask_tensor(prepared.mask.resize((size, size), Image.NEAREST), device)
+                object_pixels = mask_background(pixels, small_mask)
+            views["object"] = dict(zip(extractor.layers, extractor.encode(object_pixels)))
+        w0 = encoders.global_mapping([views[settings["w0_source"]][w0_layer]], num_words=1)[0, 0].float().cpu()
         tokens = keep = None
-        if encoders.local_mapping is not None:
-            feats = [views["object"][int(layer)] for layer in encoders.local_mapping.config.feature_layers]
-            out = encoders.local_mapping(feats, mask_t)
+        if local_mapping is not None:
+            via = int(settings["mask_grid_via"])
+            mask_t = _mask_tensor(prepared.mask, device) if via else _mask_tensor(
+                prepared.mask.resize((size, size), Image.NEAREST), device)
+            feats = [views["object"][int(layer)] for layer in local_mapping.config.feature_layers]
+            out = local_mapping(feats, mask_t, grid_via=via)
             tokens, keep = out.tokens[0].float().cpu(), out.keep[0].cpu()
     metadata = {
         "encoders": encoders.source,
@@ -88,7 +111,9 @@ def encode_with(
         "mask_source": _file_name(prepared.mask_source),
         "crop_xyxy": ",".join(str(v) for v in prepared.crop_xyxy),
         "mask_fraction": f"{prepared.mask_fraction:.4f}",
-        "w0_from": source,
+        "w0_from": settings["w0_source"],
+        "concept_crop": settings["concept_crop"],
+        "object_view": settings["object_view"],
     }
     thumb = mask_preview(prepared.image, prepared.mask).resize((PREVIEW_SIZE, PREVIEW_SIZE), Image.BICUBIC)
     preview = torch.from_numpy(np.asarray(thumb, dtype=np.uint8).copy())
@@ -104,7 +129,7 @@ def encode_concept_standalone(
     image_encoder: str | Path | None = None,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
-    crop: bool = True,
+    crop: bool | None = None,
 ) -> Concept:
     """Encode without a UNet in memory (only the image encoder and mappings); with `base`, check the
     encoders fit it first (loads the base pipeline's configs and weights)."""

@@ -4,8 +4,9 @@ A concept is one photo of the user's object plus a mask of where the object is. 
 as a separate file, as the photo's alpha channel (an RGBA cut-out), or not at all (then the whole
 photo is the object, with a warning). Pixels are read as `data_prep` reads them
 (`encoders.common.images`): any photo mode becomes 8-bit RGB (16-bit grey scaled from its full range),
-and a mask pixel is object where its brightest channel is >= 128 (white, grey, or any bright colour),
-or by its alpha when a flat-coloured mask has transparency. Everything that can go wrong with these
+and a mask pixel is object where its brightest channel is above a threshold (white, grey, or any
+colour; 127 by default, the encoders' `mask_threshold` when they encode, 0 for official ELITE
+settings), or by its alpha when a flat-coloured mask has transparency. Everything that can go wrong with these
 files gets a clear error that names the file, or a warning that says what was done about it:
 
 - unreadable photo or mask            -> `ConceptInputError` naming the file and the reason
@@ -16,9 +17,9 @@ files gets a clear error that names the file, or a warning that says what was do
 - empty mask                           -> `ConceptInputError`
 - no mask and no alpha                 -> whole photo, with a warning
 
-`prepare_concept_image` then crops a square around the mask (the encoders were trained on object
-crops with a small margin, as `data_prep` makes them) so a small object in a big photo still fills
-the image encoder's view.
+`prepare_concept_image` can then crop a square around the mask (`concept_crop="square"`: object
+crops with a small margin, as `data_prep` makes them, so a small object in a big photo fills the
+image encoder's view); the official ELITE inference encodes the whole photo.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ ImageLike = Union[str, Path, Image.Image]
 # Fraction of the object box added on each side when cropping around the mask: data_prep's crop
 # padding (configs/data/crops.yaml), so the encoders see objects framed as in training.
 DEFAULT_CROP_MARGIN = 0.1
+# Default object threshold of `load_concept_image`: a brightest channel of 128 and up is object.
+DEFAULT_MASK_THRESHOLD = 127
 # Letterbox fill when an object is longer than the photo's short side: CLIP's mean colour, as data_prep.
 LETTERBOX_RGB = (122, 116, 104)
 
@@ -101,9 +104,10 @@ def _open_image(source: ImageLike, what: str) -> Image.Image:
         raise ConceptInputError(f"{what} {path}: cannot be read as an image ({err})") from err
 
 
-def _binary_mask(mask: Image.Image) -> Image.Image:
-    """Any-mode mask -> mode "L", values 0/255 (`encoders.common.images.mask_to_binary`'s rule)."""
-    return Image.fromarray(mask_to_binary(mask).astype(np.uint8) * 255, mode="L")
+def _binary_mask(mask: Image.Image, threshold: int) -> Image.Image:
+    """Any-mode mask -> mode "L", values 0/255: object where the brightest channel (or the alpha of a
+    flat-coloured mask) is above `threshold` (`encoders.common.images.mask_to_binary`'s rule)."""
+    return Image.fromarray(mask_to_binary(mask, threshold + 1).astype(np.uint8) * 255, mode="L")
 
 
 def _upright_mask(mask: Image.Image, photo_orientation: int, stored_size: tuple[int, int], upright_size: tuple[int, int],
@@ -135,10 +139,12 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
-def load_concept_image(image: ImageLike, mask: ImageLike | None = None) -> ConceptImage:
+def load_concept_image(image: ImageLike, mask: ImageLike | None = None, mask_threshold: int = DEFAULT_MASK_THRESHOLD) -> ConceptImage:
     """Read a concept photo and its mask, with the checks listed in the module docstring.
 
     `mask` wins over an alpha channel when both are there (with a warning, so nobody is surprised).
+    A mask pixel is object where its brightest channel (or alpha) is above `mask_threshold` (default
+    127; encoders pass their own, the official ELITE value being 0: any pixel that is not black).
     """
     name = _describe(image)
     stored = _open_image(image, "concept image")
@@ -157,7 +163,7 @@ def load_concept_image(image: ImageLike, mask: ImageLike | None = None) -> Conce
     if mask is not None:
         mask_name = _describe(mask)
         mask_image = _upright_mask(_open_image(mask, "mask"), orientation, stored.size, photo.size, mask_name, name)
-        binary = _binary_mask(mask_image)
+        binary = _binary_mask(mask_image, mask_threshold)
         mask_source = mask_name
         if alpha is not None and np.asarray(alpha).min() < 255:
             warnings.warn(
@@ -174,7 +180,7 @@ def load_concept_image(image: ImageLike, mask: ImageLike | None = None) -> Conce
             )
             binary = binary.resize(rgb.size, Image.NEAREST)
     elif alpha is not None and np.asarray(alpha).min() < 255:
-        binary = _binary_mask(alpha)
+        binary = _binary_mask(alpha, mask_threshold)
         mask_name, mask_source = f"alpha channel of {name}", "alpha channel"
     else:
         warnings.warn(
@@ -189,7 +195,7 @@ def load_concept_image(image: ImageLike, mask: ImageLike | None = None) -> Conce
     pixels = np.asarray(binary) > 0
     if not pixels.any():
         raise ConceptInputError(
-            f"{mask_name}: the mask is empty (no pixel with a channel >= 128), so there is nothing to encode"
+            f"{mask_name}: the mask is empty (no pixel with a channel above {mask_threshold}), so there is nothing to encode"
         )
     ys, xs = np.nonzero(pixels)
     width, height = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)

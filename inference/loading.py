@@ -27,9 +27,11 @@ from encoders.global_mapping import GlobalMapping, MappingFitError
 from encoders.local_mapping import LocalMapping
 from encoders.location_mlp import LocationMLP
 
+from .presets import elite_lms_scheduler
+
 # short name -> diffusers scheduler class name; built with `from_config(pipe.scheduler.config)`
 SCHEDULERS = {
-    "lms": "LMSDiscreteScheduler",  # ELITE's sampler (100 steps, guidance 5 in the paper)
+    "lms": "LMSDiscreteScheduler",  # ELITE's sampler, with SD v1's published betas (100 steps, guidance 5 in the paper)
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",  # SD v1-4's default
     "euler": "EulerDiscreteScheduler",
@@ -43,10 +45,12 @@ class ModelLoadError(RuntimeError):
 
 
 def make_scheduler(name: str, base_config):
-    """Build a diffusers scheduler by short name (see SCHEDULERS) from the pipeline's scheduler config."""
-
+    """Build a diffusers scheduler by short name (see SCHEDULERS) from the pipeline's scheduler config;
+    `lms` is ELITE's own (`inference.presets.elite_lms_scheduler`: SD v1's published betas)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if name == "lms":
+        return elite_lms_scheduler(base_config)
     return getattr(diffusers, SCHEDULERS[name]).from_config(base_config)
 
 

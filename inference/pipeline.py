@@ -38,6 +38,7 @@ from .guidance import BoxedTokens, generate_with_spatial_guidance, predict_boxes
 from .inputs import ConceptImage, ConceptInputError, ConceptInputWarning, ImageLike, find_placeholders, placeholder_in
 from .loading import EliteEncoders, ModelLoadError, check_encoders_fit, load_base_pipeline, load_encoders
 from .outputs import EliteOutput
+from .presets import elite_lms_scheduler, paper_elite_scale, preset_settings
 
 DEFAULT_ELITE_SCALE = 0.6  # ELITE's lambda for editing prompts; 0.8 suits plain "a photo of S*"
 
@@ -167,17 +168,18 @@ class ElitePipeline:
         self,
         image: ImageLike | ConceptImage,
         mask: ImageLike | None = None,
-        crop: bool = True,
+        crop: bool | None = None,
         return_input: bool = False,
         w0_from: str | None = None,
     ):
         """Photo (+ mask) -> `Concept` (w0, local tokens, keep-mask, metadata). One forward pass, no optimisation.
 
-        `image` may also be a ready `ConceptImage`. `crop=False` encodes the whole photo instead of a
-        square around the mask. `w0_from`: "object" (the object on black, as the local training stage
-        reads it; the default with a local mapping) or "crop" (with background, as the global stage;
-        the default without). With `return_input=True` returns `(concept, prepared ConceptImage)`, the
-        crop the encoders saw (for grids).
+        Encoded the way the local mapping's config says (`inference.encoding`; the official ELITE
+        inference by default). `image` may also be a ready `ConceptImage`. `crop=True` encodes a
+        square around the mask instead of the whole photo (`False`: the whole photo; None: the
+        encoders' `concept_crop`). `w0_from`: "image" (the unmasked photo, official) or "object" (the
+        object on black); None: the encoders' `w0_source`. With `return_input=True` returns
+        `(concept, prepared ConceptImage)`, what the encoders saw (for grids).
         """
         encoders = self._require_encoders()
         return encode_with(encoders, image, mask, crop=crop, return_input=return_input, w0_from=w0_from)
@@ -251,8 +253,8 @@ class ElitePipeline:
         placeholders: Sequence[str] | None = None,
         elite_scale: float | Sequence[float] | None = None,
         negative_prompt: str | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         seed: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -262,6 +264,7 @@ class ElitePipeline:
         spatial_guidance: bool = False,
         guidance_config=None,
         attention_store=None,
+        preset: str | None = None,
         **pipe_kwargs,
     ) -> EliteOutput:
         """Generate images of `prompt`, a string in which each concept's placeholder stands for it.
@@ -276,6 +279,9 @@ class ElitePipeline:
             reverse steps by `inference.guidance` (`guidance_config`: its `SpatialGuidanceConfig`). The
             output then also carries the boxes, the location loss per step and the attention maps.
         attention_store: receives the cross-attention maps (`record(name, probs, is_cross)`), e.g. for pictures.
+        num_inference_steps / guidance_scale: 50 / 5 unless a preset says otherwise.
+        preset: "paper" = ELITE's sampling (`inference.presets`: its LMS sampler for this call, 100 steps,
+            guidance 5, lambda 0.8 or 0.6 by prompt); what you pass explicitly wins.
         Other keyword arguments go to the diffusers pipeline (`output_type`, `callback_on_step_end`...).
         """
         concept_list = [] if concepts is None else [concepts] if isinstance(concepts, Concept) else list(concepts)
@@ -290,7 +296,25 @@ class ElitePipeline:
             find_placeholders(prompt, placeholders)
         for k, concept in enumerate(concept_list):
             self._check_concept(concept, k)
+        settings = preset_settings(preset)
+        num_inference_steps = num_inference_steps or settings.get("num_inference_steps", 50)
+        guidance_scale = settings.get("guidance_scale", 5.0) if guidance_scale is None else guidance_scale
+        if preset == "paper" and elite_scale is None:
+            elite_scale = paper_elite_scale(prompt, placeholders)
         scales = self._scales(elite_scale, len(concept_list))
+        user_scheduler = self.pipe.scheduler
+        if settings.get("scheduler") == "lms":  # for this call only
+            self.pipe.scheduler = elite_lms_scheduler(user_scheduler.config)
+        try:
+            return self._generate(prompt, concept_list, placeholders, scales, negative_prompt, num_inference_steps,
+                                  guidance_scale, num_images_per_prompt, seed, generator, height, width, boxes,
+                                  spatial_guidance, guidance_config, attention_store, pipe_kwargs)
+        finally:
+            self.pipe.scheduler = user_scheduler
+
+    def _generate(self, prompt, concept_list, placeholders, scales, negative_prompt, num_inference_steps, guidance_scale,
+                  num_images_per_prompt, seed, generator, height, width, boxes, spatial_guidance, guidance_config,
+                  attention_store, pipe_kwargs) -> EliteOutput:
         if generator is None and seed is not None:
             generator = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(num_images_per_prompt)]
         use_guidance = bool(boxes) or spatial_guidance

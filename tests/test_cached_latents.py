@@ -95,8 +95,8 @@ def test_loader_yields_the_moments_and_refuses_what_cannot_work(crop_shards, lat
         build_crop_dataloader(crop_shards / "coco", cfg, batch_size=3, vae_scale_factor=2)
     with pytest.raises(ValueError, match=r"expected \[2C, 16, 16\]"):
         build_crop_dataloader(latent_shards, cfg, batch_size=3, vae_scale_factor=4)
-    with pytest.raises(ValueError, match="needs data.scale_prob=0"):
-        CropDataConfig(cached_latents=True, scale_prob=0.5)
+    with pytest.raises(ValueError, match="needs data.scale_augment=none"):
+        CropDataConfig(cached_latents=True, scale_augment="shrink", scale_prob=0.5)
 
 
 def test_training_step_from_cached_latents_matches_the_vae_path(latent_shards, tiny_sd_path, tiny_image_encoder_path, tmp_path):

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from encoders.attention import ContextAttnProcessor, EliteAttnProcessor
 from inference import Concept, ElitePipeline, ModelLoadError
@@ -59,7 +60,7 @@ def _run(elite, prompt, concepts, **kwargs):
     return images if isinstance(images, np.ndarray) else images.float().cpu().numpy()
 
 
-def test_encoding_gives_a_concept_with_its_origin(elite, teapot, tiny_encoders_path, tiny_image_encoder_path):
+def test_encoding_gives_a_concept_with_its_origin(elite, teapot, photos, tiny_encoders_path, tiny_image_encoder_path):
     assert teapot.w0.shape == (32,) and teapot.local_tokens.shape == (256, 32)
     kept = int(teapot.local_keep.sum())
     assert 0 < kept < 256  # the mask removes background patches
@@ -67,18 +68,22 @@ def test_encoding_gives_a_concept_with_its_origin(elite, teapot, tiny_encoders_p
     assert teapot.metadata["encoders"] == str(tiny_encoders_path)
     assert teapot.metadata["image_encoder"] == str(tiny_image_encoder_path)
     assert teapot.metadata["source_image"] == "04.jpg" and teapot.metadata["mask_source"] == "teapot_04.png"
-    assert teapot.metadata["w0_from"] == "object"  # as the local training stage reads w0
+    assert teapot.metadata["w0_from"] == "image"  # the official default: w0 from the unmasked photo
     assert teapot.preview.shape == (96, 96, 3) and teapot.preview.dtype == torch.uint8  # what was encoded, for grids
     x0, y0, x1, y1 = (int(v) for v in teapot.metadata["crop_xyxy"].split(","))
-    assert x1 - x0 == y1 - y0 and 0 <= x0 and x1 <= 1073  # a square crop inside the photo
+    assert (x0, y0, x1, y1) == (0, 0, *Image.open(photos["teapot"][0]).size)  # the whole photo, as official
+    assert teapot.metadata["concept_crop"] == "none"
+    square = elite.encode_concept(*photos["teapot"], crop=True)
+    sx0, sy0, sx1, sy1 = (int(v) for v in square.metadata["crop_xyxy"].split(","))
+    assert sx1 - sx0 == sy1 - sy0 and 0 <= sx0 and sx1 <= x1 and (sx0, sy0, sx1, sy1) != (x0, y0, x1, y1)
 
 
 def test_same_image_gives_the_same_concept(elite, photos, teapot):
     again = elite.encode_concept(*photos["teapot"])
     assert torch.equal(again.w0, teapot.w0)
-    from_crop = elite.encode_concept(*photos["teapot"], w0_from="crop")  # background included: another w0
-    assert not torch.equal(from_crop.w0, teapot.w0) and torch.equal(from_crop.local_tokens, teapot.local_tokens)
-    assert not torch.equal(elite.encode_concept(*photos["teapot"], crop=False).w0, teapot.w0)
+    from_object = elite.encode_concept(*photos["teapot"], w0_from="object")  # no background: another w0
+    assert not torch.equal(from_object.w0, teapot.w0) and torch.equal(from_object.local_tokens, teapot.local_tokens)
+    assert not torch.equal(elite.encode_concept(*photos["teapot"], crop=True).w0, teapot.w0)
     assert torch.equal(again.local_tokens, teapot.local_tokens) and torch.equal(again.local_keep, teapot.local_keep)
     assert again.metadata == teapot.metadata
 
@@ -256,7 +261,7 @@ def test_encoders_without_local_mapping_still_generate(tiny_sd_path, tiny_encode
     elite = ElitePipeline.from_pretrained(tiny_sd_path, encoders=only_global, device="cpu")
     assert elite.encoders.local_mapping is None and elite.encoders.location_mlp is None
     concept = elite.encode_concept(*photos["teapot"])
-    assert concept.local_tokens is None and concept.metadata["w0_from"] == "crop"  # as the global stage
+    assert concept.local_tokens is None and concept.metadata["w0_from"] == "image"  # as the global stage
     assert _run(elite, "S* on a table", concept).shape == (1, 4, 8, 8)
 
 

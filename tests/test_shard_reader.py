@@ -53,7 +53,7 @@ def test_a_reader_restarted_at_p_continues_exactly(crop_shards, resampled):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_restored_loader_continues_with_the_same_batches(crop_shards, workers):
-    cfg = CropDataConfig(resolution=32, clip_size=32, shuffle_shards=2, scale_prob=0.5)
+    cfg = CropDataConfig(resolution=32, clip_size=32, shuffle_shards=2, scale_augment="shrink", scale_prob=0.5)
 
     def make():
         return build_crop_dataloader(crop_shards, cfg, batch_size=2, vae_scale_factor=2, num_workers=workers, seed=5)

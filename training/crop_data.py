@@ -64,7 +64,7 @@ from encoders.common.config import keyed_field
 from encoders.common.shards import LATENT_MEMBER, MANIFEST_NAME
 
 from .shard_reader import ReaderPlan, ShardSet, reader_positions
-from .templates import IMAGENET_TEMPLATES, fill_template
+from .templates import OBJECT_TEMPLATES, TEMPLATES, fill_template
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +72,24 @@ logger = logging.getLogger(__name__)
 _TO_UNIT = float(np.nextafter(np.float32(2.0 / 255.0), np.float32(0.0)))
 
 
+SCALE_AUGMENTS = ("none", "shrink", "elite")
+CAPTION_PREFIX_RULES = ("first_char", "first_word")
+BLUR_KINDS = ("box", "gaussian")
+BORDERS = ("reflect", "mean")
+OBJECT_VIEWS = ("mask_then_resize", "resize_then_mask")
+# The caption prefixes of ELITE's stage-2 scale augmentation ("a" when the target keeps its scale).
+SHRINK_PREFIXES = ("a far away", "very small")
+ZOOM_PREFIXES = ("zoomed in", "close up")
+
+
 @dataclass
 class CropDataConfig:
-    """Loader settings; trainers nest it as `data` (`data.resolution=64`, `data.scale_prob=0.5`)."""
+    """Loader settings; trainers nest it as `data` (`data.resolution=64`, `data.scale_augment=elite`).
+
+    The defaults are the official ELITE data pipeline's where it has one (each ELITE stage's own
+    defaults are set by its trainer: stage 2 turns on the scale augmentation and leaves the image
+    view unaugmented); the other values are this repository's options.
+    """
 
     resolution: int = keyed_field("side of the diffusion target in pixels (crops are resized to it)", 512)
     placeholder_token: str = keyed_field("the pseudo-word put into the caption templates", "S*")
@@ -85,36 +100,99 @@ class CropDataConfig:
     max_consecutive_failures: int = keyed_field(
         "stop with an error after this many unreadable samples in a row (broken shards never make training spin)", 64
     )
-    scale_prob: float = keyed_field("probability of the target's scale augmentation (object shrunk onto a canvas)", 0.0)
-    scale_range: tuple[float, float] = keyed_field("range of the shrink factor", factory=lambda: (0.5, 1.0))
+    scale_augment: str = keyed_field(
+        "the target's scale augmentation: none; elite (official stage 2: with p 2/3 a side drawn from R/3..R, objects "
+        "under 0.6 R shrunk onto a grey canvas with 'a far away' / 'very small' captions, else 1.2-1.4 R zoomed in "
+        "with 'zoomed in' / 'close up'); shrink (scale_prob, scale_range, no caption change)", "none"
+    )
+    scale_prob: float = keyed_field("scale_augment=shrink: probability of shrinking the object onto a canvas", 0.0)
+    scale_range: tuple[float, float] = keyed_field("scale_augment=shrink: range of the shrink factor", factory=lambda: (0.5, 1.0))
+    caption_prefix_rule: str = keyed_field(
+        "how the scale prefix ('a' without one) starts the caption: first_char (official: prefix + caption[1:], so "
+        "'the photo of a S*' reads 'ahe photo of a S*'), first_word (the prefix replaces a leading a/an/the)", "first_char"
+    )
+    templates: list[str] = keyed_field(
+        "caption templates with {} for the placeholder; empty: the 27 of ELITE and Textual Inversion; [imagenet]: the "
+        "80 CLIP ImageNet ones", factory=list
+    )
     clip_size: int = keyed_field("side of the CLIP inputs (the image encoder's image_size)", 224)
-    clip_flip_prob: float = keyed_field("probability of a horizontal flip of the CLIP inputs", 0.5)
-    clip_rotation_degrees: float = keyed_field("CLIP inputs are rotated by up to this many degrees", 10.0)
-    clip_blur_prob: float = keyed_field("probability of a Gaussian blur of the CLIP crop", 0.3)
-    clip_blur_radius: tuple[float, float] = keyed_field("range of the blur radius in pixels", factory=lambda: (0.1, 1.5))
-    templates: list[str] = keyed_field("caption templates with {} for the placeholder (empty: the 80 CLIP ImageNet ones)", factory=list)
+    # the image view (clip_pixel_values): official stage 1 = albumentations 1.3 Resize, HorizontalFlip,
+    # Rotate(limit=20), Blur(p=0.3), ElasticTransform(p=0.3)
+    clip_flip_prob: float = keyed_field("image view: probability of a horizontal flip", 0.5)
+    clip_rotation_prob: float = keyed_field("image view: probability of a rotation", 0.5)
+    clip_rotation_degrees: float = keyed_field("image view: rotations are drawn from -this..this degrees", 20.0)
+    clip_blur_prob: float = keyed_field("image view: probability of a blur", 0.3)
+    clip_blur: str = keyed_field("image view: box (official: cv2 box filter of 3, 5 or 7 px) or gaussian", "box")
+    clip_blur_box_sizes: tuple[int, int] = keyed_field("image view: odd box sizes drawn from this range (at 224 px)",
+                                                       factory=lambda: (3, 7))
+    clip_blur_radius: tuple[float, float] = keyed_field("image view: gaussian sigma range in pixels", factory=lambda: (0.1, 1.5))
+    clip_affine_prob: float = keyed_field(
+        "image view: probability of ElasticTransform's random affine (albumentations 1.3 alpha_affine: three control "
+        "points moved by up to clip_affine_shift px; its elastic field at alpha=1 moves pixels by well under 0.1 px "
+        "and is left out)", 0.3
+    )
+    clip_affine_shift: float = keyed_field("image view: the control points' largest shift, in px at 224", 50.0)
+    clip_border: str = keyed_field("image view: outside the photo, reflect (official) or mean (CLIP's mean colour)", "reflect")
+    # the object view (clip_object_pixel_values, object_mask_clip): official stage 2's aug_cv2, the mask jointly
+    object_view: str = keyed_field(
+        "object view: mask_then_resize (official: x * m at the crop's size, then resized) or resize_then_mask", "mask_then_resize"
+    )
+    object_resize_crop_prob: float = keyed_field("object view: probability of a resize to 224..object_resize_max px and a random 224 px crop", 0.5)
+    object_resize_max: int = keyed_field("object view: the largest resize, in px at 224", 256)
+    object_rotation_prob: float = keyed_field("object view: probability of a rotation", 0.5)
+    object_rotation_degrees: int = keyed_field("object view: whole degrees drawn from -this..this", 30)
+    object_translate_prob: float = keyed_field("object view: probability of a shift", 0.5)
+    object_translate_px: int = keyed_field("object view: shifts drawn from -this..this px (at 224) on each axis", 60)
     cached_latents: bool = keyed_field(
         "read each crop's VAE posterior from KEY.latent.npy (shards from `python -m data_prep latents`) "
-        "instead of encoding the target every step; needs scale_prob=0", False
+        "instead of encoding the target every step; needs scale_augment=none", False
     )
 
     def __post_init__(self) -> None:
         if self.resolution < 8:
             raise ValueError(f"data.resolution must be >= 8, got {self.resolution}")
+        choices = {"scale_augment": SCALE_AUGMENTS, "caption_prefix_rule": CAPTION_PREFIX_RULES,
+                   "clip_blur": BLUR_KINDS, "clip_border": BORDERS, "object_view": OBJECT_VIEWS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"data.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         lo, hi = self.scale_range
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.scale_range must satisfy 0 < low <= high <= 1, got {self.scale_range}")
-        if not 0 <= self.scale_prob <= 1:
-            raise ValueError(f"data.scale_prob must be in [0, 1], got {self.scale_prob}")
-        if self.cached_latents and self.scale_prob > 0:
+        probabilities = ("scale_prob", "clip_flip_prob", "clip_rotation_prob", "clip_blur_prob", "clip_affine_prob",
+                         "object_resize_crop_prob", "object_rotation_prob", "object_translate_prob")
+        for key in probabilities:
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"data.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.scale_prob > 0 and self.scale_augment != "shrink":
+            raise ValueError(f"data.scale_prob={self.scale_prob} needs data.scale_augment=shrink (it is {self.scale_augment})")
+        if self.cached_latents and self.scale_augment != "none":
             raise ValueError(
-                f"data.cached_latents=true needs data.scale_prob=0 (got {self.scale_prob}): "
+                f"data.cached_latents=true needs data.scale_augment=none (got {self.scale_augment}): "
                 "the cached latents are of the crop as it is, not of a scale-augmented target"
             )
-        if any("{}" not in t for t in self.templates):
-            raise ValueError("every entry of data.templates needs a {} slot for the placeholder")
+        lo_box, hi_box = self.clip_blur_box_sizes
+        if lo_box < 1 or hi_box < lo_box or not lo_box % 2 or not hi_box % 2:
+            raise ValueError(f"data.clip_blur_box_sizes must be odd sizes low <= high, got {self.clip_blur_box_sizes}")
+        if self.object_resize_max < 224:
+            raise ValueError(f"data.object_resize_max must be >= 224 (px at 224), got {self.object_resize_max}")
+        if not (len(self.templates) == 1 and self.templates[0] in TEMPLATES) and any("{}" not in t for t in self.templates):
+            raise ValueError("every entry of data.templates needs a {} slot for the placeholder (or name one set: "
+                             f"{', '.join(TEMPLATES)})")
         if self.shuffle_shards < 0 or self.max_consecutive_failures < 1:
             raise ValueError("data.shuffle_shards must be >= 0 and data.max_consecutive_failures >= 1")
+
+
+def caption_with_prefix(caption: str, prefix: str, rule: str = "first_char") -> str:
+    """ELITE's captions: the scale prefix ("a" when none) starts the filled template.
+
+    "first_char" is the official `prefix + caption[1:]` (exact for templates that start with "a ");
+    "first_word" replaces a leading article ("a", "an", "the") with the prefix, or puts it before.
+    """
+    if rule == "first_char":
+        return prefix + caption[1:]
+    first, _, rest = caption.partition(" ")
+    return f"{prefix} {rest}" if first.lower() in ("a", "an", "the") and rest else f"{prefix} {caption}"
 
 
 def _any_pixel_cells(mask: Image.Image, f: int) -> np.ndarray:
@@ -137,22 +215,91 @@ def _planar(image: Image.Image) -> torch.Tensor:
     return out
 
 
-def clip_view_grids(flip: torch.Tensor, angle_degrees: torch.Tensor, size: int) -> torch.Tensor:
-    """Sampling grids [B, size, size, 2] of the CLIP views: mirrored where `flip`, rotated about the centre.
+def affine_grids(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Sampling grids [B, size, size, 2] of 2x3 maps `theta` [B, 2, 3] from output to source coordinates.
 
-    The same as `F.affine_grid(theta, (B, 1, size, size), align_corners=False)` with theta =
-    R(angle) @ diag(mirror, 1) (y down, PIL's affine convention), built as one broadcast sum.
-    Coordinates are normalised, so one grid samples a view from a square source of any size.
+    The same as `F.affine_grid(theta, (B, 1, size, size), align_corners=False)`, built as one broadcast
+    sum. Coordinates are normalised (-1..1 over the image, pixel centres at (2i + 1) / size - 1), so one
+    grid samples a view from a square source of any size.
     """
-    a = torch.deg2rad(angle_degrees.double())
-    cos, sin = torch.cos(a), torch.sin(a)
-    mirror = 1.0 - 2.0 * flip.double()
-    col_x = torch.stack([cos * mirror, -sin * mirror], -1).float()  # d(source x, y) / d(output x)
-    col_y = torch.stack([sin, cos], -1).float()  # d(source x, y) / d(output y)
-    centres = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres in [-1, 1]
-    along_x = centres[None, :, None] * col_x[:, None, :]  # [B, W, 2]
-    along_y = centres[None, :, None] * col_y[:, None, :]  # [B, H, 2]
-    return along_y[:, :, None, :] + along_x[:, None, :, :]
+    theta = theta.float()
+    centres = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1
+    along_x = centres[None, :, None] * theta[:, None, :, 0]  # [B, W, 2]: d(source) / d(output x)
+    along_y = centres[None, :, None] * theta[:, None, :, 1]  # [B, H, 2]
+    return along_y[:, :, None, :] + along_x[:, None, :, :] + theta[:, None, None, :, 2]
+
+
+def _flip_rotation(flip: bool, angle_degrees: float) -> np.ndarray:
+    """3x3 output -> source map (normalised coordinates) of a view mirrored when `flip`, rotated about the
+    centre (y down, PIL's affine convention)."""
+    a = math.radians(angle_degrees)
+    m = -1.0 if flip else 1.0
+    return np.array([[math.cos(a) * m, math.sin(a), 0.0], [-math.sin(a) * m, math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+
+
+def _pixels_to_normalised(size: int) -> np.ndarray:
+    """3x3 map from pixel coordinates (pixel centres at i) to normalised ones ((2i + 1) / size - 1)."""
+    return np.array([[2.0 / size, 0.0, 1.0 / size - 1.0], [0.0, 2.0 / size, 1.0 / size - 1.0], [0.0, 0.0, 1.0]])
+
+
+def _sampling_theta(forward_pixels: np.ndarray, size: int) -> np.ndarray:
+    """The 3x3 output -> source map in normalised coordinates of a warp given as its forward (source ->
+    output) map in pixel coordinates of a size x size image (cv2's convention)."""
+    to_norm = _pixels_to_normalised(size)
+    return to_norm @ np.linalg.inv(forward_pixels) @ np.linalg.inv(to_norm)
+
+
+def clip_view_grids(flip: torch.Tensor, angle_degrees: torch.Tensor, size: int) -> torch.Tensor:
+    """Sampling grids [B, size, size, 2] of views mirrored where `flip`, rotated about the centre."""
+    theta = torch.tensor(np.stack([_flip_rotation(bool(f), float(a))[:2] for f, a in zip(flip, angle_degrees)]))
+    return affine_grids(theta, size)
+
+
+def elastic_affine(rng: random.Random, size: int, shift: float) -> np.ndarray:
+    """The random affine of albumentations 1.3's ElasticTransform as a forward 3x3 pixel map: the three
+    points centre + (s, s), (s, -s), (-s, -s) (s = size // 3) each moved by U(-shift, shift) per axis."""
+    c, half = size // 2, size // 3
+    src = np.array([[c + half, c + half], [c + half, c - half], [c - half, c - half]], dtype=np.float64)
+    dst = src + np.array([[rng.uniform(-shift, shift) for _ in range(2)] for _ in range(3)])
+    solved = np.linalg.solve(np.hstack([src, np.ones((3, 1))]), dst)  # [3, 2]: dst = [x, y, 1] @ solved
+    return np.vstack([solved.T, [0.0, 0.0, 1.0]])
+
+
+def object_view_warp(rng: random.Random, cfg: "CropDataConfig", size: int) -> np.ndarray:
+    """Forward 3x3 pixel map of official ELITE stage 2's object-view augmentation (its `aug_cv2`), at
+    `size` px (amounts given at 224 px are scaled): each with p 0.5 a resize to 224..256 and a random
+    224 crop, a rotation by whole degrees about the centre, a shift by whole pixels."""
+    unit = size / 224.0
+    warp = np.eye(3)
+    if rng.random() < cfg.object_resize_crop_prob:
+        new = rng.randint(size, max(size, int(round(cfg.object_resize_max * unit))))
+        start_row, start_col = rng.randint(0, new - size), rng.randint(0, new - size)
+        k = new / size  # cv2.resize's pixel-centre mapping, then the crop
+        warp = np.array([[k, 0.0, 0.5 * k - 0.5 - start_col], [0.0, k, 0.5 * k - 0.5 - start_row], [0.0, 0.0, 1.0]]) @ warp
+    if rng.random() < cfg.object_rotation_prob:
+        angle = math.radians(rng.randint(-cfg.object_rotation_degrees, cfg.object_rotation_degrees))
+        cx = cy = size / 2.0  # cv2.getRotationMatrix2D((112, 112), angle, 1) at 224 px
+        cos, sin = math.cos(angle), math.sin(angle)
+        warp = np.array([[cos, sin, (1 - cos) * cx - sin * cy], [-sin, cos, sin * cx + (1 - cos) * cy], [0.0, 0.0, 1.0]]) @ warp
+    if rng.random() < cfg.object_translate_prob:
+        px = int(round(cfg.object_translate_px * unit))
+        tx, ty = rng.randint(-px, px), rng.randint(-px, px)
+        warp = np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]]) @ warp
+    return warp
+
+
+def box_blur(images: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """`images` [N, C, H, W] each blurred by a box filter of its own odd size (cv2.blur: edges reflect
+    without repeating the border pixel); one separable depthwise convolution over all planes."""
+    n, c, h, w = images.shape
+    radius = max(sizes) // 2
+    taps = torch.arange(-radius, radius + 1)
+    kernel = (taps.abs()[None] <= torch.tensor(sizes)[:, None] // 2).to(images.dtype)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, k]
+    x = F.pad(images.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel[:, None, :, None], groups=n * c)
+    x = F.conv2d(x, kernel[:, None, None, :], groups=n * c)
+    return x.reshape(n, c, h, w)
 
 
 def gaussian_blur(images: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
@@ -204,9 +351,39 @@ class CropSampleTransform:
         self.clip_scale = 1.0 / (255.0 * std)  # uint8 -> (x / 255 - mean) / std = x * scale - shift
         self.clip_shift = mean / std
         self._minus_one = torch.tensor(-1.0)
-        self.templates = tuple(config.templates) or IMAGENET_TEMPLATES
+        if len(config.templates) == 1 and config.templates[0] in TEMPLATES:
+            self.templates = TEMPLATES[config.templates[0]]
+        else:
+            self.templates = tuple(config.templates) or OBJECT_TEMPLATES
         self._token_cache: dict[str, list[int]] = {}
         self._token_cache_vocab = -1
+
+    def _placement(self, rng: random.Random) -> tuple[int, int, int, str, bool]:
+        """The target's scale augmentation: (side, x offset, y offset, caption prefix, shrink cells) of the
+        crop resized to side x side and placed at the offset of the R x R target (negative: zoomed in)."""
+        cfg, f, size = self.config, self.factor, self.config.resolution
+        if cfg.scale_augment == "shrink" and rng.random() < cfg.scale_prob:
+            side = max(f, int(round(size * rng.uniform(*cfg.scale_range) / f)) * f)  # on the latent grid
+            ox = rng.randrange(0, (size - side) // f + 1) * f
+            oy = rng.randrange(0, (size - side) // f + 1) * f
+            return side, ox, oy, "a", False
+        if cfg.scale_augment == "elite":  # official stage 2's custom_aug, draw for draw
+            if rng.randrange(3) < 2:
+                side = rng.randrange(size // 3, size + 1)
+            else:
+                side = rng.randrange(int(1.2 * size), int(1.4 * size))
+            side += side % 2
+            if side < 0.6 * size:
+                prefix = rng.choice(SHRINK_PREFIXES)
+                row = rng.randrange(side // 2, size - side // 2 + 1)
+                col = rng.randrange(side // 2, size - side // 2 + 1)
+                return side, col - side // 2, row - side // 2, prefix, True
+            if side > size:
+                prefix = rng.choice(ZOOM_PREFIXES)
+                row = rng.randrange(size // 2, side - size // 2 + 1)
+                col = rng.randrange(size // 2, side - size // 2 + 1)
+                return side, size // 2 - col, size // 2 - row, prefix, False
+        return size, 0, 0, "a", False
 
     def __call__(self, image: Image.Image, mask: Image.Image, meta: dict, rng: random.Random) -> dict:
         cfg, f = self.config, self.factor
@@ -217,55 +394,77 @@ class CropSampleTransform:
         if mask.size != (size, size):
             mask = mask.resize((size, size), Image.NEAREST)
 
-        # The diffusion target, optionally shrunk onto a grey canvas; sizes and offsets sit on the
-        # latent grid, so the latent-resolution masks below are exact.
-        side, ox, oy = size, 0, 0
-        if cfg.scale_prob > 0 and rng.random() < cfg.scale_prob:
-            scale = rng.uniform(*cfg.scale_range)
-            side = max(f, int(round(size * scale / f)) * f)
-            ox = rng.randrange(0, (size - side) // f + 1) * f
-            oy = rng.randrange(0, (size - side) // f + 1) * f
-        if side == size:
-            pixels = _planar(image)  # [3, R, R] uint8; made float per batch
+        # The diffusion target: the crop, or (scale augmentation) resized to side x side and placed at
+        # (ox, oy) on a grey canvas, or zoomed in (negative offsets crop it).
+        side, ox, oy, prefix, shrink_cells = self._placement(rng)
+        canvas = (max(ox, 0), max(oy, 0), min(ox + side, size), min(oy + side, size))
+        if (side, ox, oy) == (size, 0, 0):
+            pixels, placed_mask = _planar(image), mask  # [3, R, R] uint8; made float per batch
         else:
-            pixels = torch.full((3, size, size), 128, dtype=torch.uint8)  # the grey canvas (0 after finalize)
-            pixels[:, oy : oy + side, ox : ox + side] = _planar(image.resize((side, side), Image.BICUBIC))
-        placed_mask = mask if side == size else mask.resize((side, side), Image.NEAREST)
-        object_latent = np.zeros((1, cells, cells), np.float32)  # a latent cell holding any object pixel
-        object_latent[0, oy // f : (oy + side) // f, ox // f : (ox + side) // f] = _any_pixel_cells(placed_mask, f)
+            placed = Image.new("RGB", (size, size), (128, 128, 128))  # the grey canvas (0 after finalize)
+            placed.paste(image.resize((side, side), Image.BICUBIC), (ox, oy))
+            pixels = _planar(placed)
+            placed_mask = Image.new("L", (size, size), 0)
+            placed_mask.paste(mask.resize((side, side), Image.NEAREST), (ox, oy))
+        object_latent = _any_pixel_cells(placed_mask, f)[None]  # a latent cell holding any object pixel
         vx0, vy0, vx1, vy1 = meta.get("valid_in_crop", (0.0, 0.0, 1.0, 1.0))
-        px0, py0 = ox + int(round(vx0 * side)), oy + int(round(vy0 * side))
-        px1, py1 = ox + int(round(vx1 * side)), oy + int(round(vy1 * side))
+        px0, py0 = max(ox + int(round(vx0 * side)), canvas[0]), max(oy + int(round(vy0 * side)), canvas[1])
+        px1, py1 = min(ox + int(round(vx1 * side)), canvas[2]), min(oy + int(round(vy1 * side)), canvas[3])
         valid_latent = np.zeros((1, cells, cells), np.float32)  # a latent cell made only of real pixels
-        valid_latent[0, -(-py0 // f) : py1 // f, -(-px0 // f) : px1 // f] = 1.0
+        valid_latent[0, -(-py0 // f) : max(py1 // f, 0), -(-px0 // f) : max(px1 // f, 0)] = 1.0
+        if shrink_cells:  # the official loss mask leaves out one latent cell along each edge of the shrunk crop
+            keep = np.zeros_like(valid_latent)
+            keep[0, oy // f + 1 : (oy + side) // f - 1, ox // f + 1 : (ox + side) // f - 1] = 1.0
+            valid_latent *= keep
         bx0, by0, bx1, by1 = meta["box_in_crop"]
-        box = torch.tensor([(bx0 * side + ox) / size, (by0 * side + oy) / size, (bx1 * side + ox) / size, (by1 * side + oy) / size])
+        box = torch.tensor([(bx0 * side + ox) / size, (by0 * side + oy) / size,
+                            (bx1 * side + ox) / size, (by1 * side + oy) / size]).clamp(0.0, 1.0)
 
-        # The CLIP views' random flip, rotation and blur are drawn here and applied per batch
-        # (`finalize_batch`) to a copy of the crop box-filtered to no less than the view (its
-        # antialiasing) and the mask subsampled as much (nearest, as the view samples it).
-        flip = rng.random() < cfg.clip_flip_prob
-        angle = rng.uniform(-cfg.clip_rotation_degrees, cfg.clip_rotation_degrees) if cfg.clip_rotation_degrees > 0 else 0.0
-        blur = rng.uniform(*cfg.clip_blur_radius) if rng.random() < cfg.clip_blur_prob else 0.0
+        # The CLIP views are sampled per batch (`finalize_batch`) from copies box-filtered to no less than
+        # the view (their antialiasing); here only their random warps and blur are drawn.
         reduce = 1
         while size // (2 * reduce) >= cfg.clip_size:
             reduce *= 2
         small_image = image.reduce(reduce) if reduce > 1 else image
         small_mask = mask.resize(small_image.size, Image.NEAREST) if reduce > 1 else mask
 
-        return {
+        flip = rng.random() < cfg.clip_flip_prob
+        angle = rng.uniform(-cfg.clip_rotation_degrees, cfg.clip_rotation_degrees) if rng.random() < cfg.clip_rotation_prob else 0.0
+        blur = 0.0
+        if rng.random() < cfg.clip_blur_prob:
+            if cfg.clip_blur == "box":
+                lo, hi = cfg.clip_blur_box_sizes
+                blur = float(rng.choice(range(lo, hi + 1, 2)))
+            else:
+                blur = rng.uniform(*cfg.clip_blur_radius)
+        clip_theta = _flip_rotation(flip, angle)
+        affine = rng.random() < cfg.clip_affine_prob
+        if affine:
+            shift = cfg.clip_affine_shift * cfg.clip_size / 224.0
+            clip_theta = clip_theta @ _sampling_theta(elastic_affine(rng, cfg.clip_size, shift), cfg.clip_size)
+        object_theta = _sampling_theta(object_view_warp(rng, cfg, cfg.clip_size), cfg.clip_size)
+
+        out = {
             "pixel_values": pixels,  # uint8 [3, R, R] until finalize_batch
-            "canvas": torch.tensor([ox, oy, ox + side, oy + side]),
+            "canvas": torch.tensor(canvas),
             "valid_mask": torch.from_numpy(valid_latent),
             "object_mask_latent": torch.from_numpy(object_latent),
             "clip_source": _planar(small_image),  # uint8 [3, S, S], C <= S < 2C
             "clip_source_mask": torch.from_numpy(np.asarray(small_mask) > 127)[None],  # bool [1, S, S]
-            "clip_aug": torch.tensor([float(flip), angle, blur]),
-            "caption": fill_template(rng.choice(self.templates), cfg.placeholder_token),
+            "clip_theta": torch.from_numpy(clip_theta[:2]).float(),
+            "object_theta": torch.from_numpy(object_theta[:2]).float(),
+            "clip_aug": torch.tensor([float(flip), angle, blur, float(affine)]),
+            "caption": caption_with_prefix(fill_template(rng.choice(self.templates), cfg.placeholder_token),
+                                           prefix, cfg.caption_prefix_rule),
             "box_in_crop": box,
             "category": str(meta.get("category", "")),
             "key": str(meta.get("key", "")),
         }
+        if cfg.object_view == "mask_then_resize":  # x * m at the crop's size, then reduced: edges blend with black
+            black = Image.new("RGB", image.size, (0, 0, 0))
+            masked = Image.composite(image, black, mask.point(lambda v: 255 if v > 127 else 0))
+            out["object_source"] = _planar(masked.reduce(reduce) if reduce > 1 else masked)
+        return out
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
         """[B, L] ids of `captions`; the few distinct captions (one per template) are tokenised once."""
@@ -296,22 +495,39 @@ class CropSampleTransform:
                 pixels[i, :, :, :x0] = 0.0
                 pixels[i, :, :, x1:] = 0.0
 
-        # CLIP views: normalise the box-filtered crop, then one bilinear grid_sample for the whole
-        # batch (outside the photo: 0, CLIP's mean colour); the mask through the same grids (nearest).
+        # The object view first (its source is raw pixels, so outside the warped image is black): one
+        # bilinear grid_sample for the whole batch, the mask through the same grids (nearest).
+        size = self.config.clip_size
+        object_grids = affine_grids(batch.pop("object_theta"), size)
+        source_mask = batch.pop("clip_source_mask").to(torch.float32)  # 0/1; nearest sampling keeps it 0/1
+        mask = F.grid_sample(source_mask, object_grids, mode="nearest", padding_mode="zeros", align_corners=False)
+        object_source = batch.pop("object_source", None)
+        raw = batch.pop("clip_source").to(torch.float32)
+        sampled = F.grid_sample(raw if object_source is None else object_source.to(torch.float32), object_grids,
+                                mode="bilinear", padding_mode="zeros", align_corners=False)
+        objects = sampled.mul_(self.clip_scale).sub_(self.clip_shift)
+        if object_source is None:  # resize_then_mask: the view first, then black outside its mask
+            # clip * m + black * (1 - m), exact on both sides of the mask
+            objects = torch.addcmul(self.black * (1.0 - mask), objects, mask)
+
+        # The image view: normalised first, so a "mean" border is CLIP's mean colour (0).
         aug = batch.pop("clip_aug")
-        grids = clip_view_grids(aug[:, 0] > 0.5, aug[:, 1], self.config.clip_size)
-        clip = batch.pop("clip_source").to(torch.float32).mul_(self.clip_scale).sub_(self.clip_shift)
-        clip = F.grid_sample(clip, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
-        blurred = [i for i, sigma in enumerate(aug[:, 2].tolist()) if sigma > 0]
+        clip = raw.mul_(self.clip_scale).sub_(self.clip_shift)
+        padding = "reflection" if self.config.clip_border == "reflect" else "zeros"
+        clip = F.grid_sample(clip, affine_grids(batch.pop("clip_theta"), size), mode="bilinear",
+                             padding_mode=padding, align_corners=False)
+        blurred = [i for i, value in enumerate(aug[:, 2].tolist()) if value > 0]
         if blurred:
-            clip[blurred] = gaussian_blur(clip[blurred], aug[blurred, 2].tolist())
-        mask = batch.pop("clip_source_mask").to(torch.float32)  # 0/1; nearest sampling keeps it 0/1
-        mask = F.grid_sample(mask, grids, mode="nearest", padding_mode="zeros", align_corners=False)
+            values = aug[blurred, 2].tolist()
+            if self.config.clip_blur == "box":
+                unit = size / 224.0  # box sizes are given at 224 px
+                sizes = [max(1, int(round(v * unit)) | 1) for v in values]
+                clip[blurred] = box_blur(clip[blurred], sizes)
+            else:
+                clip[blurred] = gaussian_blur(clip[blurred], values)
         batch["pixel_values"] = pixels
         batch["clip_pixel_values"] = clip
-        # the object on black: clip * m + black * (1 - m), exact on both sides of the mask (and 3x
-        # faster than torch.where broadcasting a [B, 1] mask over the channels)
-        batch["clip_object_pixel_values"] = torch.addcmul(self.black * (1.0 - mask), clip, mask)
+        batch["clip_object_pixel_values"] = objects
         batch["object_mask_clip"] = mask
         if self.tokenizer is not None:
             batch["input_ids"] = self.token_ids(batch["caption"])

@@ -97,13 +97,20 @@ class FrozenStableDiffusion:
         return noisy, target, timesteps
 
 
-def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def denoising_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, sum_channels: bool = False
+) -> torch.Tensor:
     """Mean squared error per sample, averaged over the batch.
 
     With `weight` (e.g. the valid-region mask at latent resolution, [B, 1, h, w]) each sample's error
     is averaged over the weighted cells only, so padding added by scale augmentation does not count.
+    `sum_channels=True` sums the error over the latent channels before that average (official ELITE
+    stage 2: `(mse * mask).sum([1, 2, 3]) / mask.sum([1, 2, 3])` with a one-channel mask, i.e. C x
+    the per-element mean).
     """
     err = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if sum_channels:
+        err = err.sum(dim=1, keepdim=True)
     if weight is None:
         return err.mean(dim=tuple(range(1, err.ndim))).mean()
     weight = weight.to(err.dtype).expand_as(err)

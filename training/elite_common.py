@@ -163,17 +163,23 @@ class EliteStageTask(TrainingTask):
             latents = self.sd.sample_latents(batch["latent_moments"], generator=generator)
         else:
             latents = self.sd.encode_images(batch["pixel_values"], generator=generator)
-        feats = self.clip(batch[clip_key].to(self.device, self.clip.dtype))
-        return latents, dict(zip(self.clip.layers, feats))
+        return latents, self.clip_features(batch, clip_key)
 
-    def diffusion_loss(self, latents, text, generator, cross_attention_kwargs, valid_mask=None) -> torch.Tensor:
+    @torch.no_grad()
+    def clip_features(self, batch: Mapping, clip_key: str) -> dict[int, torch.Tensor]:
+        """The tapped CLIP features {layer: [B, 1+P, D]} of one of the batch's views (no gradients)."""
+        feats = self.clip(batch[clip_key].to(self.device, self.clip.dtype))
+        return dict(zip(self.clip.layers, feats))
+
+    def diffusion_loss(self, latents, text, generator, cross_attention_kwargs, valid_mask=None,
+                       sum_channels: bool = False) -> torch.Tensor:
         """Noise the latents, run the frozen UNet with the ELITE processors, compare with the target."""
         noisy, target, timesteps = self.sd.add_noise(latents, generator)
         pred = self.sd.unet(
             noisy, timesteps, text.to(self.sd.unet.dtype), cross_attention_kwargs=cross_attention_kwargs
         ).sample
         weight = valid_mask if self.config.weight_loss_by_valid_region else None
-        return denoising_loss(pred, target, weight)
+        return denoising_loss(pred, target, weight, sum_channels=sum_channels)
 
     # ---- validation -----------------------------------------------------------------------------
     @abstractmethod

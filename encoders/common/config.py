@@ -194,8 +194,21 @@ def _coerce_fields(cls: type, data: dict, origin: str, prefix: str = "") -> dict
     return {k: _coerce(v, types_[k], prefix + k, origin) for k, v in data.items()}
 
 
+def _with_nested_defaults(cls: type, data: dict) -> dict:
+    """`data` with each nested config it names laid over that field's own default (a subclass may give a
+    nested config other defaults through its factory: `data.resolution=64` keeps them)."""
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        value = out.get(f.name)
+        if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+            if dataclasses.is_dataclass(default):
+                out[f.name] = {**config_to_dict(default), **_canonical_keys(type(default), value)}
+    return out
+
+
 def _build(cls: type[T], data: dict, origin: str, prefix: str = "") -> T:
-    kwargs = _coerce_fields(cls, data, origin, prefix)
+    kwargs = _coerce_fields(cls, _with_nested_defaults(cls, _canonical_keys(cls, data)), origin, prefix)
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -300,8 +313,9 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def describe_keys(cls: type, prefix: str = "") -> list[str]:
-    """One line per key: name, type, default and the field's `help` metadata (for --help)."""
+def describe_keys(cls: type, prefix: str = "", instance: Any = None) -> list[str]:
+    """One line per key: name, type, default and the field's `help` metadata (for --help); nested
+    configs show the defaults their field gives them (`instance`)."""
     lines = []
     types_ = _field_types(cls)
     for f in dataclasses.fields(cls):
@@ -309,9 +323,14 @@ def describe_keys(cls: type, prefix: str = "") -> list[str]:
             continue
         tp = types_[f.name]
         if dataclasses.is_dataclass(tp):
-            lines.extend(describe_keys(tp, prefix=f"{prefix}{f.name}."))
+            nested = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            if instance is not None:
+                nested = getattr(instance, f.name)
+            lines.extend(describe_keys(tp, prefix=f"{prefix}{f.name}.", instance=nested))
             continue
-        if f.default is not dataclasses.MISSING:
+        if instance is not None:
+            default = getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
