@@ -7,6 +7,13 @@ word embedding e near the core of the embedding space by attracting it to a few 
     L_anc = 1/K * sum_i delta_i * ||e - e_i||^2,   ||delta||_0 <= c
 
 where e_1..e_K are the anchor words' token embeddings and delta is a sparse code of e over them.
+The official code's anchor loss is `F.mse_loss` of the prompt's input embeddings [77, D] against the
+same prompt with the anchor word in the placeholder's place: the squared distance of the one
+differing row averaged over 77 x D elements. Its weight (lambda = 0.95 against 0.05 for the
+denoising loss) was tuned for that scale, so the default normalisation here is the official one,
+sum_i delta_i ||e - e_i||^2 / (L * D) with L the tokenizer's length (`normalisation="official"`;
+with one anchor of weight 1 it is the official loss exactly); "paper" divides by K as written above
+(for K = 80 anchors and SD v1's 77 x 768, about 740 times stronger).
 The paper names sparse coding but ships none (its code uses one class word); here the code comes
 from scikit-learn: a non-negative Lasso path (`sklearn.linear_model.lars_path`, "lasso", the default
 and the regulariser's) picks at most c anchors and `scipy.optimize.nnls` fits their non-negative
@@ -181,12 +188,19 @@ def sparse_code(
     return code / norms[None, :]
 
 
-def anchor_loss(embedding: torch.Tensor, anchor_embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """L_anc = mean over the batch of 1/K * sum_i delta_i ||e - e_i||^2 (the paper's Eq. 6).
+NORMALISATIONS = ("official", "paper")
+
+
+def anchor_loss(embedding: torch.Tensor, anchor_embeddings: torch.Tensor, weights: torch.Tensor,
+                normalisation: str = "official", sequence_length: int = 77) -> torch.Tensor:
+    """L_anc = mean over the batch of sum_i delta_i ||e - e_i||^2, divided by `sequence_length` x D
+    ("official", the official code's MSE over a prompt's input embeddings) or by K ("paper", Eq. 6).
 
     `embedding` `[B, D]` or `[D]` (differentiable), `anchor_embeddings` `[K, D]`, `weights` `[B, K]` or `[K]`
     (non-negative; typically `sparse_code(...)` of the detached embedding). Returns a scalar tensor.
     """
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
     e = embedding.reshape(-1, embedding.shape[-1])
     w = torch.as_tensor(weights, dtype=e.dtype, device=e.device).reshape(e.shape[0], -1)
     a = anchor_embeddings.to(device=e.device, dtype=e.dtype)
@@ -195,7 +209,8 @@ def anchor_loss(embedding: torch.Tensor, anchor_embeddings: torch.Tensor, weight
     if bool((w < 0).any()):
         raise ValueError("anchor weights must be non-negative (use sparse_code(..., positive=True))")
     sq_dist = ((e[:, None, :] - a[None, :, :]) ** 2).sum(dim=-1)  # [B, K]
-    return (w * sq_dist).sum(dim=1).div(a.shape[0]).mean()
+    scale = a.shape[0] if normalisation == "paper" else sequence_length * e.shape[-1]
+    return (w * sq_dist).sum(dim=1).div(scale).mean()
 
 
 class AnchorRegularizer(torch.nn.Module):
@@ -214,8 +229,14 @@ class AnchorRegularizer(torch.nn.Module):
         max_active: int = 3,
         method: str = "lasso",
         refresh_every: int = 1,
+        normalisation: str = "official",
+        sequence_length: int = 77,
     ):
         super().__init__()
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
+        self.normalisation = normalisation
+        self.sequence_length = int(sequence_length)
         if len(words) != anchor_embeddings.shape[0]:
             raise ValueError(f"{len(words)} anchor words but {anchor_embeddings.shape[0]} anchor embeddings")
         if refresh_every < 1:
@@ -236,8 +257,10 @@ class AnchorRegularizer(torch.nn.Module):
     def from_text_encoder(
         cls, tokenizer, text_encoder, words: Iterable[str] | str | Path | None = None, **kwargs
     ) -> "AnchorRegularizer":
-        """Anchors = input embeddings of `words` (a list, a vocabulary file, or None for COCO's 80 names)."""
+        """Anchors = input embeddings of `words` (a list, a vocabulary file, or None for COCO's 80 names);
+        the official normalisation's L is the tokenizer's length."""
         vocab = list(words) if words is not None and not isinstance(words, (str, Path)) else load_vocabulary(words)
+        kwargs.setdefault("sequence_length", int(getattr(tokenizer, "model_max_length", 77)))
         return cls(vocab, embed_words(vocab, tokenizer, text_encoder).float(), **kwargs)
 
     def code(self, embedding: torch.Tensor) -> torch.Tensor:
@@ -251,7 +274,7 @@ class AnchorRegularizer(torch.nn.Module):
         if stale or self._calls % self.refresh_every == 0:
             self._weights = self.code(rows)
         self._calls += 1
-        return anchor_loss(rows, self.anchor_embeddings, self._weights)
+        return anchor_loss(rows, self.anchor_embeddings, self._weights, self.normalisation, self.sequence_length)
 
     def last_code(self, top: int | None = None) -> list[list[tuple[str, float]]]:
         """Active anchors and weights of the latest code, per embedding, strongest first."""

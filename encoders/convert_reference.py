@@ -6,7 +6,10 @@ module path: `mapping_{i}.{0,1,3,4,6}.{weight,bias}` (the per-layer CLS MLPs),
 `{module name with '.' -> '_'}_to_k.weight` / `_to_v.weight`. This turns them into
 `global_mapping/` and `local_mapping/` folders (`config.json` + safetensors) that
 `GlobalMapping.from_pretrained(out, subfolder="global_mapping")` loads, so users of the original
-weights keep them. Files are read with `torch.load(weights_only=True)`: no code is unpickled.
+weights keep them; `local_mapping/config.json` holds the official computation settings
+(`encoders.local_mapping.REFERENCE_SETTINGS`), so encoding and generating with the converted folder
+reproduce the official inference. Files are read with `torch.load(weights_only=True)`: no code is
+unpickled.
 
     python -m encoders.convert_reference --global-mapper global_mapper.pt --local-mapper local_mapper.pt \\
         --out encoders/elite-official [--base CompVis/stable-diffusion-v1-4] \\
@@ -28,7 +31,7 @@ import torch
 from .clip_features import DEFAULT_LAYERS
 from .common.files import atomic_directory, atomic_write_text
 from .global_mapping import GlobalMapping, kv_key
-from .local_mapping import LocalMapping
+from .local_mapping import REFERENCE_SETTINGS, LocalMapping
 
 DEFAULT_BASE = "CompVis/stable-diffusion-v1-4"
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
@@ -157,11 +160,13 @@ def convert_checkpoint(
         raise ReferenceCheckpointError(
             f"{path}: holds {num} per-layer mappings but {len(feature_layers)} feature layers were given ({list(feature_layers)})"
         )
+    settings = dict(REFERENCE_SETTINGS) if kind == "local" else {}  # the official computation, written out
     model = cls(
         feature_layers=tuple(feature_layers),
         pretrained_model_name_or_path=pretrained_model_name_or_path,
         image_encoder_name_or_path=image_encoder_name_or_path,
         **config,
+        **settings,
     )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model
@@ -179,6 +184,9 @@ tags: [elite, personalization, stable-diffusion]
 
 Base model: `{base}`. Image encoder: `{image_encoder}`.
 Converted with `python -m encoders.convert_reference`; weights unchanged (fp32 safetensors).
+`local_mapping/config.json` records the official computation (whole photo, w0 from the unmasked image,
+the object masked before resizing, masked local tokens as zeros in the softmax, w0's attention map
+normalised by one max per sample); `--preset paper` samples as the official inference does.
 
 ```python
 from encoders.global_mapping import GlobalMapping

@@ -45,6 +45,7 @@ import transformers
 
 from encoders.common.files import OutputPathError, atomic_write_json, check_writable_file, check_writable_folder
 
+from .composition import default_words, parse_token_box, plan_guidance
 from .concept import Concept, ConceptFileError
 from .encoding import encode_concept_standalone
 from .finetuned import (
@@ -56,7 +57,7 @@ from .finetuned import (
     seeded_latents,
 )
 from .guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance, predict_boxes
-from .inputs import ConceptInputError, ConceptInputWarning, find_placeholders, load_concept_image
+from .inputs import ConceptInputError, ConceptInputWarning, find_placeholders, load_concept_image, placeholder_in
 from .loading import SCHEDULERS, ModelLoadError, default_image_size, load_base_pipeline, load_location_mlp
 from .pictures import make_grid, mask_preview, render_comparison, save_image_atomic
 from .pipeline import DEFAULT_ELITE_SCALE, ElitePipeline, default_placeholders
@@ -69,6 +70,13 @@ DEFAULT_GUIDANCE = 5.0  # ELITE's classifier-free guidance scale
 def _slug(text: str, limit: int = 40) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return slug[:limit].rstrip("-") or "prompt"
+
+
+def _token_box(text: str):
+    try:
+        return parse_token_box(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _boxes(text: str) -> tuple[float, float, float, float]:
@@ -215,11 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="output_dir of training.textual_inversion (TI or BaTex: write its placeholder token, or TOKEN, in the "
         "prompt) or of training.infusion (write its class word in the prompt); repeatable",
     )
-    layout = gen.add_argument_group("spatial guidance (two concepts)")
-    layout.add_argument("--box", action="append", default=[], type=_boxes, metavar="X0,Y0,X1,Y1",
-                        help="where concept k should go (0..1, repeat once per concept): steers its attention")
+    layout = gen.add_argument_group("spatial guidance (compositional inversion)")
+    layout.add_argument("--box", action="append", default=[], type=_token_box, metavar="[TOKEN=]X0,Y0,X1,Y1",
+                        help="where a token should go (0..1): TOKEN=x0,y0,x1,y1 for any placed token (S*, a fine-tune's "
+                        "token, a --guide-word), or x0,y0,x1,y1 once per ELITE concept in order; steers its attention")
+    layout.add_argument("--guide-word", action="append", default=[], metavar="WORD",
+                        help="an ordinary word of the prompt to place too (e.g. dog); default with --spatial-guidance: "
+                        "the prompt's nouns the location MLP knows, as many as make two placed tokens")
     layout.add_argument("--spatial-guidance", action="store_true",
-                        help="predict the boxes with the encoders' location MLP (location_mlp/)")
+                        help="predict the boxes of the two placed tokens without --box with the location MLP")
+    layout.add_argument("--location-mlp", default=None, metavar="PATH_OR_ID",
+                        help="encoders folder / Hub repo with location_mlp/ (default: the --encoders' own)")
     out = gen.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="folder for images, grid.png and settings.json")
     out.add_argument("--save-concepts", action="store_true", help="also write each encoded concept as safetensors")
@@ -280,12 +294,13 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--concept needs --encoders (for the attention processors that read its local tokens)")
     if args.placeholder and len(args.placeholder) != n_concepts:
         parser.error(f"{len(args.placeholder)} --placeholder for {n_concepts} concepts: give one per concept")
-    if args.box and len(args.box) != n_concepts:
-        parser.error(f"{len(args.box)} --box for {n_concepts} concepts: give one per concept")
-    if args.spatial_guidance and n_concepts != 2:
-        parser.error(f"--spatial-guidance places two concepts (the location MLP's input), got {n_concepts}")
-    if args.box and args.spatial_guidance:
-        parser.error("--box and --spatial-guidance both choose boxes: give one of them")
+    plain_boxes = [box for token, box in args.box if token is None]
+    if plain_boxes and len(plain_boxes) != n_concepts:
+        parser.error(f"{len(plain_boxes)} --box x0,y0,x1,y1 for {n_concepts} ELITE concepts: give one per concept, "
+                     "or name the token (--box TOKEN=x0,y0,x1,y1)")
+    if plain_boxes and args.spatial_guidance:
+        parser.error("--box x0,y0,x1,y1 per concept and --spatial-guidance both choose the concepts' boxes: give one "
+                     "of them (--box TOKEN=... may go with --spatial-guidance)")
     if args.finetune and n_concepts:
         parser.error("--finetune applies a per-concept fine-tune; give it without --image/--concept")
     try:
@@ -312,6 +327,19 @@ def _resolve_sampling(args) -> None:
     args.scheduler = args.scheduler or preset.get("scheduler")
     if args.elite_scale is None and args.preset is None:
         args.elite_scale = DEFAULT_ELITE_SCALE
+
+
+def _placed_tokens(args, prompt: str, personalized: dict, placeholders: list[str], location_mlp, pipe) -> list:
+    """The tokens guidance places in `prompt` (`inference.composition`), with their boxes."""
+    named = {token: box for token, box in args.box if token is not None}
+    plain = [box for token, box in args.box if token is None]
+    named.update(zip(placeholders, plain))
+    words = list(args.guide_word) + [t for t in named if t not in personalized and t not in args.guide_word]
+    if args.spatial_guidance and not args.guide_word:
+        present = [t for t in personalized if placeholder_in(prompt, t)]
+        candidates = default_words(prompt, location_mlp.vocabulary, exclude=present) if location_mlp.vocabulary else []
+        words += [w for w in candidates if w not in words][: max(0, 2 - len(present) - len(words))]
+    return plan_guidance(prompt, personalized, words, named, location_mlp, pipe)
 
 
 def _run_generate(args) -> dict:
@@ -369,20 +397,29 @@ def _run_generate(args) -> dict:
     height = height or (width if width else default_h)
     width = width or (args.height if args.height else default_w)
 
-    boxes = [list(b) for b in args.box] or None
-    box_nouns = None
-    if args.spatial_guidance:
-        predicted = generator_api.predict_boxes(concepts)
-        boxes, box_nouns = predicted["boxes"], predicted["resolved"]
-        if not args.quiet:
-            print("location MLP boxes: " + ", ".join(
-                f"{p} (as {noun!r}) {[round(v, 3) for v in b]}" for p, noun, b in zip(placeholders, box_nouns, boxes)))
-
     finetune_records, infusions = _apply_finetunes(pipe, finetunes, args.prompt)
+    guided = bool(args.box) or args.spatial_guidance or bool(args.guide_word)
+    if guided and infusions:
+        raise ConceptInputError("spatial guidance with an Infusion fine-tune is not supported: Infusion's two-stream "
+                                "attention and guidance's map recording both replace the attention processors")
+    location_mlp = None
+    if args.spatial_guidance:
+        location_mlp = (load_location_mlp(args.location_mlp, device=pipe.device) if args.location_mlp
+                        else generator_api.encoders.location_mlp if generator_api.encoders is not None else None)
+        if location_mlp is None:
+            raise ConceptInputError("--spatial-guidance needs a location MLP: --encoders with location_mlp/, or --location-mlp")
+    personalized = ({p: c.w0 for p, c in zip(placeholders, concepts)} if concepts
+                    else {r["prompt_word"]: None for r in finetune_records})
 
     rows, files, prompt_records = [], [], []
     tick = time.perf_counter()
     for p, prompt in enumerate(args.prompt):
+        placed = _placed_tokens(args, prompt, personalized, placeholders, location_mlp, pipe) if guided else []
+        by_token = {t.name: list(t.box) for t in placed}
+        if placed and not args.quiet:
+            print(f"{prompt!r}: " + ", ".join(
+                f"{t.name} {[round(v, 3) for v in t.box]}" + (f" (as {t.resolved!r})" if t.resolved else "") for t in placed))
+        guidance_losses = None
         if infusions:
             images = generate_finetuned(
                 pipe, [prompt] * args.num_images, seeded_latents(pipe, range(args.seed, args.seed + args.num_images), height, width),
@@ -390,6 +427,14 @@ def _run_generate(args) -> dict:
                 guidance_scale=args.guidance, height=height, width=width,
             )
             location_losses = None
+        elif placed and not concepts:  # fine-tune tokens and plain words: guidance on the plain prompt
+            result = generate_with_spatial_guidance(
+                pipe, concepts_from_words(pipe.tokenizer, prompt, list(by_token), list(by_token.values())), prompt=prompt,
+                negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                height=height, width=width, num_images_per_prompt=args.num_images,
+                generator=[torch.Generator("cpu").manual_seed(args.seed + i) for i in range(args.num_images)],
+            )
+            images, location_losses, guidance_losses = result.images, result.location_losses, result.guidance_losses
         else:
             elite_scale = args.elite_scale
             if elite_scale is None:  # the paper preset: by prompt
@@ -406,9 +451,10 @@ def _run_generate(args) -> dict:
                 seed=args.seed,
                 height=height,
                 width=width,
-                boxes=boxes,
+                boxes=[by_token[p] for p in placeholders] if placed else None,
+                word_boxes={t: b for t, b in by_token.items() if t not in placeholders} or None,
             )
-            images, location_losses = result.images, result.location_losses
+            images, location_losses, guidance_losses = result.images, result.location_losses, result.guidance_losses
         names = []
         for i, image in enumerate(images):
             name = f"{p:02d}-{_slug(prompt)}-{i:02d}.png"
@@ -419,8 +465,12 @@ def _run_generate(args) -> dict:
         record = {"prompt": prompt, "images": names, "seeds": [args.seed + i for i in range(args.num_images)]}
         if concepts and not infusions:
             record["elite_scale"] = elite_scale
+        if placed:
+            record["placed"] = [t.record() for t in placed]
         if location_losses is not None:  # spatial guidance: how well attention stayed in the boxes, per step
             record["location_loss_per_step"] = [round(v, 5) for v in location_losses]
+        if guidance_losses:  # at each guided step: the loss before the latent updates, and after the last one
+            record["location_loss_guided_steps"] = [{"before": round(g[0], 5), "after": round(g[-1], 5)} for g in guidance_losses]
         prompt_records.append(record)
     generate_s = time.perf_counter() - tick
 
@@ -444,9 +494,8 @@ def _run_generate(args) -> dict:
         "width": width,
         "scheduler": type(pipe.scheduler).__name__,
         "finetunes": finetune_records,
-        "boxes": boxes,
-        "boxes_from": "location_mlp" if args.spatial_guidance else ("--box" if boxes else None),
-        "box_nouns": box_nouns,
+        "spatial_guidance": {"boxes_given": [{"token": t, "box": list(b)} for t, b in args.box],
+                             "location_mlp": bool(location_mlp is not None), "guide_words": args.guide_word} if guided else None,
         "crop": args.crop or "encoders' setting",
         "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype).replace("torch.", ""),
@@ -464,7 +513,6 @@ def _run_generate(args) -> dict:
 
 def _apply_finetunes(pipe, finetunes, prompts: list[str]) -> tuple[list[dict], list]:
     """Load TI / BaTex embeddings into the pipeline and Infusion residuals; warn about prompts that use none."""
-
     records, infusions = [], []
     for run, token in finetunes:
         if run.method == "infusion":
@@ -479,7 +527,6 @@ def _apply_finetunes(pipe, finetunes, prompts: list[str]) -> tuple[list[dict], l
 
 
 def _run_encode(args) -> Path:
-
     masks = args.mask or [None]
     if len(args.image) != 1 or len(masks) != 1:
         raise ConceptInputError("encode takes exactly one --image (and at most one --mask); run it once per concept")
@@ -500,9 +547,6 @@ def _run_encode(args) -> Path:
 
 def _run_guide(args) -> Path:
     """`guide`: the same seed with guidance off and on, drawn side by side (`inference.pictures`)."""
-
-
-
     pipe = load_base_pipeline(args.base, device=args.device, dtype=args.dtype, safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     resolved = list(args.words)

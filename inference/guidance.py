@@ -1,9 +1,20 @@
 """Spatial guidance (compositional inversion's spatial inversion): steer concept tokens into boxes.
 
 Each concept token i of the prompt gets a box; the box becomes a mask M_i at the resolution of the
-cross-attention map A_i of the chosen UNet layers, and
+cross-attention map A_i of the chosen UNet layers. The default loss (`loss="official"`) is the official
+code's (Zhang et al., "Compositional Inversion for Stable Diffusion Models", AAAI 2024; its
+`utils/layout_control.py`, from layout guidance, Chen et al. 2023): per layer, concept and token and
+per attention head h, a_h = sum(M_i * A_ih) / sum(A_ih), and
 
-    L_loc = 1/N * sum_i (1 - sum(M_i * A_i) / sum(A_i))                       (paper Eq. 9)
+    L = mean over layers and concepts of mean over the concept's tokens of mean_h (1 - a_h)^2
+
+with M_i the cells [int(y0 H), int(y1 H)) x [int(x0 W), int(x1 W)) and, as the official code's
+`chunk(2)[1]` of a conditional-only pass, the second half of the heads. Its step size 30 and stop
+threshold 0.2 were tuned for this squared loss. `loss="paper"` is Eq. 9 as printed, linear, on
+head-averaged maps averaged over the concept's tokens, box cells by their centres:
+
+    L_loc = 1/N * sum_i (1 - sum(M_i * A_i) / sum(A_i))
+(its default threshold is sqrt(0.2) ~ 0.447, the same attention share as 0.2 squared).
 
 During the first `guidance_steps` reverse steps (paper: 10) the latent is moved down the gradient of
 L_loc for a few iterations before the normal denoising step, as in layout guidance (Chen et al.
@@ -42,6 +53,7 @@ from .inputs import ConceptInputWarning
 from .outputs import EliteOutput
 
 Box = Sequence[float]  # (x0, y0, x1, y1) in 0..1 of the image
+LOSS_FORMS = ("official", "paper")
 
 
 @dataclass
@@ -51,14 +63,19 @@ class SpatialGuidanceConfig:
     guidance_steps: int = 10
     iterations: int = 5
     step_size: float = 30.0
-    loss_threshold: float = 0.2
+    loss_threshold: float | None = None  # None: 0.2 for the official loss, sqrt(0.2) for the paper's linear one
     layers: Sequence[str] | None = None  # substrings of cross-attention processor names; None = `default_guidance_layers`
+    loss: str = "official"  # "official" (per head, squared) or "paper" (Eq. 9, linear); see the module docstring
 
     def __post_init__(self) -> None:
         if self.guidance_steps < 0 or self.iterations < 0:
             raise ValueError("guidance_steps and iterations must be >= 0")
         if self.step_size < 0:
             raise ValueError(f"step_size must be >= 0, got {self.step_size}")
+        if self.loss not in LOSS_FORMS:
+            raise ValueError(f"loss must be one of {', '.join(LOSS_FORMS)}, got {self.loss!r}")
+        if self.loss_threshold is None:
+            self.loss_threshold = 0.2 if self.loss == "official" else math.sqrt(0.2)
 
 
 @dataclass
@@ -122,6 +139,16 @@ def box_mask(box: Box, height: int, width: int, device=None, dtype=torch.float32
     return inside.to(dtype)
 
 
+def official_box_mask(box: Box, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The official code's mask: cells [int(y0 H), int(y1 H)) x [int(x0 W), int(x1 W)) (never empty here:
+    at least the cell holding the box's corner)."""
+    x0, y0, x1, y1 = validate_box(box)
+    mask = torch.zeros(height, width, device=device, dtype=dtype)
+    r0, c0 = min(int(y0 * height), height - 1), min(int(x0 * width), width - 1)
+    mask[r0 : max(int(y1 * height), r0 + 1), c0 : max(int(x1 * width), c0 + 1)] = 1
+    return mask
+
+
 def map_shape(num_queries: int, latent_height: int, latent_width: int) -> tuple[int, int]:
     """(h, w) of an attention map with `num_queries` pixels for a latent of the given size."""
     factor = math.sqrt(latent_height * latent_width / num_queries)
@@ -160,7 +187,7 @@ class AttentionMapStore:
             return
         if probs.ndim != 4:
             raise ValueError(f"{processor_name}: expected probabilities [batch, heads, queries, tokens], got {tuple(probs.shape)}")
-        self.maps[processor_name] = probs[self.rows].float().mean(dim=1)  # [B, Q, T], heads averaged, fp32
+        self.maps[processor_name] = probs[self.rows].float()  # [B, H, Q, T], fp32
 
     def reset(self, rows: slice = slice(None)) -> None:
         self.rows, self.maps = rows, {}
@@ -174,15 +201,21 @@ class AttentionMapStore:
             )
         out = []
         for probs in self.maps.values():
-            h, w = map_shape(probs.shape[1], *latent_hw)
-            out.append([probs[:, :, c.token_indices].mean(dim=-1).reshape(-1, h, w) for c in concepts])
+            averaged = probs.mean(dim=1)  # [B, Q, T], heads averaged
+            h, w = map_shape(averaged.shape[1], *latent_hw)
+            out.append([averaged[:, :, c.token_indices].mean(dim=-1).reshape(-1, h, w) for c in concepts])
         return out
 
 
 def location_loss(
-    store: AttentionMapStore, concepts: Sequence[BoxedTokens], latent_hw: tuple[int, int]
+    store: AttentionMapStore, concepts: Sequence[BoxedTokens], latent_hw: tuple[int, int], form: str = "official"
 ) -> torch.Tensor:
-    """L_loc averaged over the recorded layers and the batch: mean_i (1 - sum(M_i A_i) / sum(A_i))."""
+    """The location loss averaged over the recorded layers and the batch: the official per-head squared
+    form (default) or the paper's Eq. 9 (`form="paper"`); see the module docstring."""
+    if form == "official":
+        return _official_location_loss(store, concepts, latent_hw)
+    if form != "paper":
+        raise ValueError(f"form must be one of {', '.join(LOSS_FORMS)}, got {form!r}")
     per_layer = []
     for maps in store.concept_maps(concepts, latent_hw):
         terms = []
@@ -191,6 +224,27 @@ def location_loss(
             inside = (a * m).sum(dim=(1, 2))
             terms.append(1.0 - inside / a.sum(dim=(1, 2)).clamp_min(1e-12))
         per_layer.append(torch.stack(terms).mean(dim=0))  # [B]
+    return torch.stack(per_layer).mean()
+
+
+def _official_location_loss(store: AttentionMapStore, concepts: Sequence[BoxedTokens], latent_hw: tuple[int, int]):
+    if not store.maps:
+        store.concept_maps(concepts, latent_hw)  # raises the no-maps error
+    per_layer = []
+    for probs in store.maps.values():  # [B, H, Q, T]
+        heads = probs.shape[1]
+        probs = probs[:, heads // 2 :] if heads > 1 else probs  # the official chunk(2)[1] of a conditional-only pass
+        h, w = map_shape(probs.shape[2], *latent_hw)
+        terms = []
+        for concept in concepts:
+            m = official_box_mask(concept.box, h, w, device=probs.device, dtype=probs.dtype).flatten()
+            per_token = []
+            for index in concept.token_indices:
+                a = probs[..., index]  # [B, H', Q]
+                share = (a * m).sum(dim=-1) / a.sum(dim=-1).clamp_min(1e-12)
+                per_token.append(((1.0 - share) ** 2).mean(dim=1))  # [B], mean over heads
+            terms.append(torch.stack(per_token).mean(dim=0))
+        per_layer.append(torch.stack(terms).mean(dim=0))
     return torch.stack(per_layer).mean()
 
 
@@ -283,7 +337,7 @@ def guide_latents(
             model_in = scheduler.scale_model_input(latents, timestep).detach().requires_grad_(True)
             store.reset()
             unet(model_in, timestep, encoder_hidden_states=cond_embeds, cross_attention_kwargs=kwargs)
-            loss = location_loss(store, concepts, latent_hw)
+            loss = location_loss(store, concepts, latent_hw, config.loss)
             losses.append(float(loss.detach()))
             if iteration == config.iterations or losses[-1] < config.loss_threshold:
                 break
@@ -380,7 +434,7 @@ def generate_with_spatial_guidance(
                 model_in, t, encoder_hidden_states=embeds,
                 cross_attention_kwargs=_context_kwargs(attention_context, store, tee=True),
             ).sample
-            location_losses.append(float(location_loss(store, concepts, latent_hw)))
+            location_losses.append(float(location_loss(store, concepts, latent_hw, config.loss)))
             step_maps = [_upsample_mean(per_layer) for per_layer in zip(*store.concept_maps(concepts, latent_hw))]
             summed_maps = step_maps if summed_maps is None else [a + b for a, b in zip(summed_maps, step_maps)]
             store.reset()

@@ -34,7 +34,13 @@ from encoders.text_injection import DEFAULT_PLACEHOLDER, add_placeholder_tokens
 
 from .concept import Concept
 from .encoding import encode_with
-from .guidance import BoxedTokens, generate_with_spatial_guidance, predict_boxes, warn_if_boxes_coincide
+from .guidance import (
+    BoxedTokens,
+    find_token_indices,
+    generate_with_spatial_guidance,
+    predict_boxes,
+    warn_if_boxes_coincide,
+)
 from .inputs import ConceptImage, ConceptInputError, ConceptInputWarning, ImageLike, find_placeholders, placeholder_in
 from .loading import EliteEncoders, ModelLoadError, check_encoders_fit, load_base_pipeline, load_encoders
 from .outputs import EliteOutput
@@ -265,6 +271,7 @@ class ElitePipeline:
         guidance_config=None,
         attention_store=None,
         preset: str | None = None,
+        word_boxes: dict[str, Sequence[float]] | None = None,
         **pipe_kwargs,
     ) -> EliteOutput:
         """Generate images of `prompt`, a string in which each concept's placeholder stands for it.
@@ -280,6 +287,8 @@ class ElitePipeline:
             output then also carries the boxes, the location loss per step and the attention maps.
         attention_store: receives the cross-attention maps (`record(name, probs, is_cross)`), e.g. for pictures.
         num_inference_steps / guidance_scale: 50 / 5 unless a preset says otherwise.
+        word_boxes: boxes for ordinary words of the prompt, steered with the concepts ("S* playing with a
+            dog": `{"dog": (0.5, 0.3, 1, 1)}`); needs `boxes` or `spatial_guidance` for the concepts.
         preset: "paper" = ELITE's sampling (`inference.presets`: its LMS sampler for this call, 100 steps,
             guidance 5, lambda 0.8 or 0.6 by prompt); what you pass explicitly wins.
         Other keyword arguments go to the diffusers pipeline (`output_type`, `callback_on_step_end`...).
@@ -308,18 +317,20 @@ class ElitePipeline:
         try:
             return self._generate(prompt, concept_list, placeholders, scales, negative_prompt, num_inference_steps,
                                   guidance_scale, num_images_per_prompt, seed, generator, height, width, boxes,
-                                  spatial_guidance, guidance_config, attention_store, pipe_kwargs)
+                                  spatial_guidance, guidance_config, attention_store, pipe_kwargs, word_boxes or {})
         finally:
             self.pipe.scheduler = user_scheduler
 
     def _generate(self, prompt, concept_list, placeholders, scales, negative_prompt, num_inference_steps, guidance_scale,
                   num_images_per_prompt, seed, generator, height, width, boxes, spatial_guidance, guidance_config,
-                  attention_store, pipe_kwargs) -> EliteOutput:
+                  attention_store, pipe_kwargs, word_boxes) -> EliteOutput:
         if generator is None and seed is not None:
             generator = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(num_images_per_prompt)]
-        use_guidance = bool(boxes) or spatial_guidance
-        if use_guidance and len(concept_list) < 1:
-            raise ConceptInputError("spatial guidance needs concepts (boxes steer the concepts' attention)")
+        use_guidance = bool(boxes) or spatial_guidance or bool(word_boxes)
+        if word_boxes and not (boxes or spatial_guidance) and concept_list:
+            raise ConceptInputError("word_boxes steer words with the concepts: give the concepts boxes too (or spatial_guidance)")
+        if use_guidance and not concept_list and not word_boxes:
+            raise ConceptInputError("spatial guidance needs concepts or word_boxes (boxes steer their attention)")
 
         grad_mode = torch.no_grad() if use_guidance else torch.inference_mode()
         with grad_mode:
@@ -354,7 +365,8 @@ class ElitePipeline:
             if context is not None:
                 call["cross_attention_kwargs"] = context.as_kwargs()
             if use_guidance:
-                return self._guided_call(call, concept_list, positions, placeholders, boxes, guidance_config)
+                return self._guided_call(call, concept_list, positions, placeholders, boxes, guidance_config,
+                                         prompt, word_boxes)
             return EliteOutput(images=self.pipe(**call).images)
 
     def _scales(self, elite_scale, count: int) -> list[float]:
@@ -385,12 +397,15 @@ class ElitePipeline:
         warn_if_boxes_coincide(predicted)
         return predicted
 
-    def _guided_call(self, call: dict, concepts, positions, placeholders, boxes, guidance_config) -> EliteOutput:
-        """Run the prompt through `inference.guidance` (its own denoising loop) with boxes per concept."""
+    def _guided_call(self, call: dict, concepts, positions, placeholders, boxes, guidance_config, prompt="",
+                     word_boxes=None) -> EliteOutput:
+        """Run the prompt through `inference.guidance` (its own denoising loop) with boxes per concept
+        (and per ordinary word of `word_boxes`)."""
         nouns = None
-        if boxes is None:
+        if boxes is None and concepts:
             predicted = self.predict_boxes(concepts)
             boxes, nouns = predicted["boxes"], predicted["resolved"]
+        boxes = list(boxes or [])
         if len(boxes) != len(concepts):
             raise ConceptInputError(f"give one box per concept ({len(concepts)}), got {len(boxes)}")
         context = call.pop("cross_attention_kwargs", {}).get("attention_context")
@@ -404,6 +419,8 @@ class ElitePipeline:
             BoxedTokens(token_indices=[int(position)], box=box, name=placeholder)
             for position, box, placeholder in zip(positions, boxes, placeholders)
         ]
+        for word, box in (word_boxes or {}).items():
+            guided.append(BoxedTokens(find_token_indices(self.pipe.tokenizer, prompt, word), box, name=word))
         out = generate_with_spatial_guidance(self.pipe, guided, attention_context=context, config=guidance_config, **call)
         out.box_nouns = nouns
         return out

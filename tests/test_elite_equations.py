@@ -23,7 +23,6 @@ from encoders.local_mapping import REFERENCE_SETTINGS, LocalMapping
 from training.diffusion import denoising_loss
 
 
-
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():

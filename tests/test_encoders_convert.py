@@ -75,6 +75,9 @@ def test_convert_global_and_local_checkpoints(tmp_path, tiny_sd_path):
     assert gm.config.pretrained_model_name_or_path == str(tiny_sd_path)
     assert gm.config.image_encoder_name_or_path == "tiny/clip"
     assert list(gm.config.feature_layers) == [24, 4, 8, 12, 16]
+    from encoders.local_mapping import REFERENCE_SETTINGS
+
+    assert lm.settings == REFERENCE_SETTINGS  # the official computation, written into local_mapping/config.json
 
     feats = [torch.randn(2, 257, IN) for _ in range(5)]
     with torch.no_grad():

@@ -3,6 +3,8 @@ with guidance than without (same seed), the loop equals the pipeline when guidan
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -55,7 +57,7 @@ def test_location_loss_matches_the_formula():
     probs[0, :, :, 1] = a1.flatten()
     store = _store_with({"mid_block.attn2.processor": probs})
     concepts = [BoxedTokens([1], (0, 0, 0.5, 0.5), "a"), BoxedTokens([3], (0, 0, 1, 0.5), "b")]
-    loss = location_loss(store, concepts, (16, 16))
+    loss = location_loss(store, concepts, (16, 16), "paper")
     # token 1: all its mass is in the box -> 0; token 3: uniform, box covers half -> 0.5
     assert loss.item() == pytest.approx((0.0 + 0.5) / 2, abs=1e-6)
     # self-attention and unwanted layers are ignored
@@ -73,7 +75,35 @@ def test_location_loss_multi_token_concept_and_cfg_rows():
     concept = BoxedTokens([1, 2], (0, 0, 1, 0.5))
     a = probs[1, 0, :, 1:3].mean(-1).reshape(2, 2)
     expected = 1 - a[0].sum() / a.sum()
-    assert location_loss(store, [concept], (8, 8)).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert location_loss(store, [concept], (8, 8), "paper").item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_official_location_loss_is_per_head_squared_on_the_second_half_of_the_heads():
+    """layout_control.compute_ca_loss: per layer, object and token, mean over heads of (1 - share)^2 with the
+    [int(y0 H), int(y1 H)) x [int(x0 W), int(x1 W)) mask; heads from chunk(2)[1]; / (objects x layers)."""
+    g = torch.Generator().manual_seed(0)
+    layers = {"mid_block.attn2.processor": torch.rand(1, 4, 16, 6, generator=g).softmax(-1),
+              "up_blocks.1.attn2.processor": torch.rand(1, 4, 64, 6, generator=g).softmax(-1)}
+    store = _store_with(layers)
+    concepts = [BoxedTokens([1, 2], (0.1, 0.3, 0.6, 0.9), "a"), BoxedTokens([4], (0.5, 0.0, 1.0, 0.55), "b")]
+    loss = location_loss(store, concepts, (8, 8))
+    total = 0.0
+    for probs in layers.values():
+        heads = probs[0, 2:]  # chunk(2)[1] of the 4 heads of a conditional-only pass
+        side = int(math.sqrt(probs.shape[2]))
+        for c in concepts:
+            x0, y0, x1, y1 = c.box
+            mask = torch.zeros(side, side)
+            mask[int(y0 * side): int(y1 * side), int(x0 * side): int(x1 * side)] = 1
+            obj = 0.0
+            for t in c.token_indices:
+                maps = heads[:, :, t].reshape(-1, side, side)
+                share = (maps * mask).sum(dim=(1, 2)) / maps.sum(dim=(1, 2))
+                obj += float(((1 - share) ** 2).mean())
+            total += obj / len(c.token_indices)
+    assert loss.item() == pytest.approx(total / (len(concepts) * len(layers)), rel=1e-5)
+    assert SpatialGuidanceConfig().loss_threshold == 0.2
+    assert SpatialGuidanceConfig(loss="paper").loss_threshold == pytest.approx(math.sqrt(0.2))
 
 
 def test_token_indices_from_the_tokenizer(tiny_sd_path):

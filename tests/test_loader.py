@@ -78,7 +78,7 @@ def test_batch_shapes_and_ranges(crop_shards, factor):
 def _unaugmented(**extra) -> CropDataConfig:
     off = dict(clip_flip_prob=0, clip_rotation_prob=0, clip_blur_prob=0, clip_affine_prob=0,
                object_resize_crop_prob=0, object_rotation_prob=0, object_translate_prob=0)
-    return CropDataConfig(resolution=64, **{**off, **extra})
+    return CropDataConfig(**{"resolution": 64, **off, **extra})
 
 
 def test_the_object_view_is_the_object_on_black_in_both_orders(crop_shards):
@@ -311,3 +311,61 @@ def test_token_ids_are_the_tokenizers_and_follow_added_tokens():
     ids = transform.token_ids(captions[:1])[0].tolist()
     assert tokenizer.convert_tokens_to_ids("S*") in ids
     assert ids == tokenizer(captions[:1], padding="max_length", max_length=tokenizer.model_max_length).input_ids[0]
+
+
+def test_elite_scale_augmentation_is_the_official_draw():
+    """custom_aug: 2/3 of draws a side in R/3..R (under 0.6 R: shrunk, 'a far away' / 'very small', the loss
+    mask one latent cell inside the crop), 1/3 zoomed 1.2-1.4 R ('zoomed in' / 'close up', all valid)."""
+    from training.crop_data import caption_with_prefix
+
+    cfg = _unaugmented(resolution=64, scale_augment="elite")
+    transform = CropSampleTransform(cfg, vae_scale_factor=8)
+    image, mask = Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("L", (64, 64), 255)
+    meta = {"box_in_crop": [0.0, 0.0, 1.0, 1.0], "key": "k"}
+    kinds = {"shrunk": 0, "zoomed": 0, "kept": 0}
+    for seed in range(300):
+        out = transform(image, mask, meta, random.Random(seed))
+        caption, valid = out["caption"], out["valid_mask"][0]
+        x0, y0, x1, y1 = out["canvas"].tolist()
+        if caption.startswith(("a far away", "very small")):
+            kinds["shrunk"] += 1
+            side = x1 - x0
+            assert side < 0.6 * 64 and side % 2 == 0 and (y1 - y0) == side
+            rows = valid.amax(dim=1).nonzero().flatten().tolist()
+            cols = list(range(x0 // 8 + 1, x1 // 8 - 1))  # one cell in from each edge, as the official mask
+            assert rows == (list(range(y0 // 8 + 1, y1 // 8 - 1)) if cols else [])  # (at 64 px it can vanish)
+        elif caption.startswith(("zoomed in", "close up")):
+            kinds["zoomed"] += 1
+            assert valid.min() == 1 and (x0, y0, x1, y1) == (0, 0, 64, 64)
+        else:
+            kinds["kept"] += 1
+            assert caption.startswith(("a ", "ahe ")) and valid.min() == 1  # "the photo of a S*" -> "ahe photo of a S*"
+    assert abs(kinds["zoomed"] / 300 - 1 / 3) < 0.08 and abs(kinds["shrunk"] / 300 - 0.267) < 0.08
+    assert caption_with_prefix("the photo of a S*", "a") == "ahe photo of a S*"  # the official rule, as it is
+    assert caption_with_prefix("the photo of a S*", "very small", "first_word") == "very small photo of a S*"
+    assert caption_with_prefix("a photo of a S*", "a far away") == "a far away photo of a S*"
+
+
+def test_box_blur_is_a_per_sample_box_filter():
+    from training.crop_data import box_blur
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 12, 12, generator=g)
+    out = box_blur(x, [3, 5])
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    for b, size in ((0, 3), (1, 5)):
+        o = 2 - size // 2
+        expected = torch.stack([torch.stack([padded[b, :, o + i: o + i + size, o + j: o + j + size].mean(dim=(1, 2))
+                                             for j in range(12)], -1) for i in range(12)], -2)
+        assert torch.allclose(out[b], expected, atol=1e-6)
+
+
+def test_the_elastic_affine_moves_its_control_points():
+    from training.crop_data import elastic_affine
+
+    warp = elastic_affine(random.Random(1), 224, 50.0)
+    assert warp.shape == (3, 3) and np.allclose(warp[2], [0, 0, 1])
+    c, s = 112, 74
+    moved = warp @ np.array([[c + s, c + s, 1.0], [c + s, c - s, 1.0], [c - s, c - s, 1.0]]).T
+    shift = moved[:2].T - np.array([[c + s, c + s], [c + s, c - s], [c - s, c - s]])
+    assert np.abs(shift).max() <= 50.0 and np.abs(shift).max() > 5.0

@@ -100,6 +100,14 @@ class AnchorsConfig:
     vocabulary: str = keyed_field("anchor words: coco (80 names) or a word-list file", "coco")
     max_active: int = keyed_field("at most this many active anchors (c)", 3)
     refresh_every: int = keyed_field("recompute the sparse code every N steps", 1)
+    normalisation: str = keyed_field(
+        "official: sum_i delta_i ||e - e_i||^2 / (77 x D), the official code's MSE over the prompt's input embeddings, "
+        "for which its lambda 0.95 was tuned; paper: / K, Eq. 6 as printed (~740x stronger for 80 anchors)", "official"
+    )
+
+    def __post_init__(self) -> None:
+        if self.normalisation not in ("official", "paper"):
+            raise ConfigError(f"anchors.normalisation must be official or paper, got {self.normalisation!r}")
 
     def build_regularizer(self, tokenizer, text_encoder, device):
         """The `AnchorRegularizer` over this vocabulary's input embeddings, or None when disabled."""
@@ -108,4 +116,5 @@ class AnchorsConfig:
 
         return AnchorRegularizer.from_text_encoder(
             tokenizer, text_encoder, words=self.vocabulary, max_active=self.max_active, refresh_every=self.refresh_every,
+            normalisation=self.normalisation,
         ).to(device)

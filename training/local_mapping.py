@@ -40,7 +40,7 @@ from encoders.attention import set_elite_processors
 from encoders.common.config import ConfigError, keyed_field, parse_config_cli
 from encoders.conditioning import elite_conditioning
 from encoders.global_mapping import GlobalMapping, MappingFitError
-from encoders.local_mapping import LocalMapping, check_local_settings
+from encoders.local_mapping import REFERENCE_SETTINGS, LocalMapping, check_local_settings
 
 from .crop_data import CropDataConfig
 from .elite_common import EliteStageConfig, EliteStageTask, resolve_mapping_folder
@@ -179,7 +179,11 @@ class LocalMappingTask(EliteStageTask):
             "(paper: 0.8 for generation, 0.6 for editing prompts). "
             f"Trained on top of `{cfg.global_mapping_path}` for {cfg.max_steps} steps, batch {cfg.train_batch_size} x "
             f"accumulation {cfg.gradient_accumulation_steps} per process, lr {cfg.learning_rate:g} "
-            f"(scale_lr={cfg.scale_lr}), V_local L1 {cfg.local_l1_weight:g}, {cfg.data.resolution} px.\n\n"
+            f"(scale_lr={cfg.scale_lr}), V_local L1 {cfg.local_l1_weight:g}, {cfg.data.resolution} px, loss "
+            f"{cfg.mse_reduction}, scale augmentation {cfg.data.scale_augment}.\n\n"
+            "Computation settings (stored in `local_mapping/config.json`; the official ELITE ones unless noted): "
+            + ", ".join(f"`{k}={v}`" + ("" if REFERENCE_SETTINGS[k] == v else " (option)")
+                        for k, v in self.local_mapping.settings.items()) + ".\n\n"
             "## global_mapping\n\n"
             f"The frozen ELITE global mapping this stage was trained with (CLIP layers "
             f"{list(self.global_mapping.config.feature_layers)}; use w0), with its global K/V projections.\n"

@@ -69,7 +69,10 @@ class TextualInversionConfig(FinetuneConfig):
     train_batch_size: int = keyed_field("photos per device per step", 4)
     learning_rate: float = keyed_field("base learning rate (paper: 0.005, scaled by the batch size)", 5e-3)
     scale_lr: bool = keyed_field("multiply learning_rate by batch x accumulation x processes (the paper does)", True)
-    adam_weight_decay: float = keyed_field("AdamW weight decay on the embedding (BaTex: on the weights)", 0.0)
+    adam_weight_decay: float = keyed_field(
+        "AdamW weight decay on the embedding (BaTex: on the weights); 1e-2 as diffusers' textual_inversion.py and "
+        "BaTex's official regression.sh", 1e-2
+    )
     checkpointing_steps: int = keyed_field("save checkpoint-N/ every N steps (0: only at the end)", 500)
     append_class_word: bool = keyed_field("caption with 'S* <class_word>' instead of 'S*' (compositional-inversion style)", False)
     subspace: SubspaceConfig = field(default_factory=SubspaceConfig)

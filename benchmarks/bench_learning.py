@@ -1,0 +1,416 @@
+"""Learning benchmark: do ELITE's two trained stages help on crops they never saw?
+
+    .venv/bin/python benchmarks/bench_learning.py [--out results.json] [--steps-global N] [--steps-local N]
+        [--eval-shards SPEC] [--options all|none]        # ~20 minutes on 2 cores with the defaults
+
+Tiny models (random init, fixed seed), CPU, fp32; the tiny VAE gets a near-point posterior and unit-
+variance latents first (`calibrate_latent_scale`: a random VAE's posterior noise buries the images).
+Crops: the bundled COCO sample and the DreamBooth
+concept photos (each photo one object, its box the central 80 %), split by image into a training and
+a held-out set (`--eval-shards` replaces the held-out set). Stage 1 and stage 2 are trained by their
+trainers (`python -m training.global_mapping`, `training.local_mapping`: the official defaults,
+64 px, batch 4), then every held-out crop is denoised at `--draws` (noise, timestep) draws, each draw
+under every condition (paired), with the caption "a photo of a S*":
+
+- stage 1: the crop's own w0 vs. another held-out crop's w0 (shuffled) vs. the class word typed, and
+  the same for the mapping before training;
+- stage 2: the local branch with the crop's own local tokens (lambda 1) vs. without it (lambda 0)
+  vs. another crop's local tokens;
+- each named stage-2 option (`--options all`) trained the same way: its loss with own tokens minus
+  the reference's, and its own-vs-shuffled gain.
+
+Each row is a mean difference of the denoising loss (epsilon MSE) with a paired bootstrap 95 %
+interval over the draws; "learned" means the interval excludes zero. Prints a table, writes JSON
+(default benchmarks/results/bench_learning.json).
+
+What it shows on these models: both stages learn conditioning that lowers the held-out loss a lot
+(trained vs. initialised, lambda 1 vs. 0), but not yet crop-specific conditioning (own vs. shuffled
+words or tokens: the interval straddles 0, even on the training crops after 900 steps). With a
+frozen random UNet and random CLIP tower, the crop's content is not something the mappings can turn
+into a better noise prediction in a CPU budget; that row needs pretrained weights (`--base
+CompVis/stable-diffusion-v1-4 --image-encoder openai/clip-vit-large-patch14 --resolution 512` on a GPU
+machine that has them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+from results_io import write_results  # this folder's own helper (the script's folder is on sys.path)
+
+RESULTS = REPO / "benchmarks/results/bench_learning.json"
+DATA = REPO / "tests/data"
+CAPTION = "a photo of a S*"
+EVAL_EVERY = 3  # every third DreamBooth photo of each concept, and the COCO images with an odd id, are held out
+# Stage-2 options that depart from the official computation: (name, key=value overrides of the trainer).
+OPTIONS = [
+    ("w0_map_norm=sample_head", ["w0_map_norm=sample_head"]),
+    ("local_mask_mode=exclude", ["local_mask_mode=exclude"]),
+    ("w0_source=object", ["w0_source=object"]),
+    ("data.object_view=resize_then_mask", ["data.object_view=resize_then_mask"]),
+    ("mse_reduction=mean", ["mse_reduction=mean"]),
+]
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+
+def _coco_split(work: Path) -> dict[str, Path]:
+    """The COCO sample's annotations split by image id (odd ids held out)."""
+    full = json.loads((DATA / "coco_sample/annotations.json").read_text())
+    out = {}
+    for split, keep in (("train", lambda i: i % 2 == 0), ("eval", lambda i: i % 2 == 1)):
+        images = [im for im in full["images"] if keep(im["id"])]
+        ids = {im["id"] for im in images}
+        part = dict(full, images=images, annotations=[a for a in full["annotations"] if a["image_id"] in ids])
+        out[split] = work / f"coco_{split}.json"
+        out[split].write_text(json.dumps(part))
+    return out
+
+
+def _dreambooth_split(work: Path) -> dict[str, Path]:
+    """COCO-format annotations of the DreamBooth photos: one object per photo, the central 80 % box."""
+    from PIL import Image
+
+    root = DATA / "concepts/dreambooth"
+    concepts = sorted(p for p in root.iterdir() if p.is_dir())
+    splits = {"train": {"images": [], "annotations": []}, "eval": {"images": [], "annotations": []}}
+    categories = [{"id": k + 1, "name": c.name.replace("_", " ")} for k, c in enumerate(concepts)]
+    next_id = 1
+    for k, concept in enumerate(concepts):
+        for n, photo in enumerate(sorted(concept.glob("*.jpg"))):
+            with Image.open(photo) as im:
+                width, height = im.size
+            x0, y0, w, h = 0.1 * width, 0.1 * height, 0.8 * width, 0.8 * height
+            split = splits["eval" if n % EVAL_EVERY == 0 else "train"]
+            split["images"].append({"id": next_id, "file_name": f"{concept.name}/{photo.name}", "width": width, "height": height})
+            split["annotations"].append({
+                "id": next_id, "image_id": next_id, "category_id": k + 1, "bbox": [x0, y0, w, h], "area": w * h,
+                "iscrowd": 0, "segmentation": [[x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]],
+            })
+            next_id += 1
+    out = {}
+    for name, split in splits.items():
+        out[name] = work / f"dreambooth_{name}.json"
+        out[name].write_text(json.dumps({**split, "categories": categories}))
+    return out
+
+
+def build_inputs(work: Path, base: str | None = None, image_encoder: str | None = None,
+                 resolution: int = 64) -> tuple[str, str, str, str]:
+    """Models (the tiny ones unless `base` / `image_encoder` are given) and the training / held-out crop
+    shards under `work`."""
+    from data_prep.crop_commands import build_coco_shards
+    from data_prep.records import CropSettings
+    from encoders.common.config import load_config
+    from encoders.tiny import build_tiny_models
+
+    models = {} if base else build_tiny_models(work / "models", ["sd", "image_encoder"])
+    settings = load_config(CropSettings, REPO / "configs/data/demo.yaml", [f"resolution={max(128, resolution)}"])
+    job = dict(shard_size=16, workers=1, progress=False)
+    coco, dreambooth = _coco_split(work), _dreambooth_split(work)
+    specs = {}
+    for split in ("train", "eval"):
+        build_coco_shards(coco[split], DATA / "coco_sample/images", work / f"shards/{split}/coco", settings, **job)
+        build_coco_shards(dreambooth[split], DATA / "concepts/dreambooth", work / f"shards/{split}/dreambooth", settings, **job)
+        specs[split] = f"{work / f'shards/{split}/coco'}::{work / f'shards/{split}/dreambooth'}"
+    if base:
+        return base, image_encoder or "openai/clip-vit-large-patch14", specs["train"], specs["eval"]
+    calibrate_latent_scale(models["sd"], specs["train"])
+    return str(models["sd"]), str(models["image_encoder"]), specs["train"], specs["eval"]
+
+
+def calibrate_latent_scale(sd_path: Path, train_spec: str) -> float:
+    """Give the random tiny VAE the two properties a trained one has and the comparison depends on: a
+    posterior that is nearly a point (its random init draws log-variances around 0, i.e. posterior noise
+    of std 1 that buries every image's content; here the log-variance half of `quant_conv` is set to a
+    constant -10) and latents of unit variance (`scaling_factor` = 1 / their std over the training
+    crops, the way SD v1's 0.18215 was chosen). Saved back in place; returns the factor."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from training.crop_data import CropDataConfig, build_crop_dataloader
+
+    vae = AutoencoderKL.from_pretrained(sd_path, subfolder="vae").eval()
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:] = 0.0
+        vae.quant_conv.bias[channels:] = -10.0
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        cfg = CropDataConfig(resolution=64, resampled=False, shuffle_shards=0)
+        latents = torch.cat([vae.encode(b["pixel_values"]).latent_dist.mean
+                             for b in build_crop_dataloader(train_spec, cfg, batch_size=8, vae_scale_factor=factor)])
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    vae.save_pretrained(Path(sd_path) / "vae")
+    return scale
+
+
+# ---- training -------------------------------------------------------------------------------------------
+
+def train(stage: str, out: Path, keys: list[str], log: Path) -> Path:
+    """Run a trainer in its own process (its own accelerate state); returns its encoders folder."""
+    command = [sys.executable, "-m", f"training.{stage}", "--config", str(REPO / f"configs/train/{stage}.yaml"), *keys,
+               f"output_dir={out}", f"export_dir={out / 'encoders'}"]
+    with open(log, "w") as handle:
+        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if done.returncode:
+        raise SystemExit(f"{stage} training failed (exit {done.returncode}); see {log}")
+    return out / "encoders"
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+
+class Evaluator:
+    """Held-out denoising losses of one set of frozen models under several conditions, paired by draw."""
+
+    def __init__(self, sd_path, image_encoder, eval_spec: str, draws: int, seed: int = 0, resolution: int = 64):
+        import torch
+
+        from encoders.clip_features import CLIPFeatureExtractor, load_clip_normalization
+        from encoders.text_injection import add_placeholder_tokens
+        from training.crop_data import CropDataConfig, build_crop_dataloader
+        from training.diffusion import FrozenStableDiffusion
+
+        torch.manual_seed(seed)
+        self.torch = torch
+        self.sd = FrozenStableDiffusion.load(str(sd_path), torch.device("cpu"), torch.float32, False)
+        (self.placeholder_id,) = add_placeholder_tokens(self.sd.tokenizer, ["S*"])
+        self.clip = CLIPFeatureExtractor.from_pretrained(str(image_encoder), layers=(24, 4, 8, 12, 16))
+        mean, std = load_clip_normalization(str(image_encoder))
+        self.batches = {}
+        for order in ("mask_then_resize", "resize_then_mask"):  # the object view as each model was trained
+            cfg = CropDataConfig(resolution=resolution, resampled=False, shuffle_shards=0, templates=[CAPTION.replace("S*", "{}")],
+                                 caption_prefix_rule="first_char", clip_flip_prob=0, clip_rotation_prob=0, clip_blur_prob=0,
+                                 clip_affine_prob=0, object_resize_crop_prob=0, object_rotation_prob=0,
+                                 object_translate_prob=0, object_view=order)
+            loader = build_crop_dataloader(eval_spec, cfg, batch_size=1, vae_scale_factor=self.sd.vae_scale_factor,
+                                           tokenizer=self.sd.tokenizer, clip_mean=mean, clip_std=std, seed=seed)
+            self.batches[order] = [b for b in loader]
+        first = self.batches["mask_then_resize"]
+        self.count = len(first)
+        if self.count < 3:
+            raise SystemExit(f"the held-out shards hold {self.count} crops; the comparison needs at least 3")
+        self.categories = [b["category"][0] for b in first]
+        self.shuffle = [(i + 1) % self.count for i in range(self.count)]  # each crop gets its neighbour's words
+        # one fixed (latent, noise, timestep) per crop and draw, shared by every condition and model
+        self.draws = []
+        for i, b in enumerate(first):
+            g = torch.Generator().manual_seed(seed * 100_003 + i)
+            latents = self.sd.encode_images(b["pixel_values"], generator=g)
+            for _ in range(draws):
+                noisy, target, t = self.sd.add_noise(latents, g)
+                self.draws.append((i, noisy, target, t))
+
+    def features(self, key: str, order: str = "mask_then_resize") -> list[dict]:
+        with self.torch.no_grad():
+            return [dict(zip(self.clip.layers, self.clip(b[key]))) for b in self.batches[order]]
+
+    def losses(self, conditioning) -> np.ndarray:
+        """Per-draw losses; `conditioning(i)` -> (prompt_embeds [1, L, D], cross_attention_kwargs) for crop i."""
+        torch = self.torch
+        out = []
+        with torch.no_grad():
+            cache = {}
+            for i, noisy, target, t in self.draws:
+                if i not in cache:
+                    cache[i] = conditioning(i)
+                text, kwargs = cache[i]
+                pred = self.sd.unet(noisy, t, text, cross_attention_kwargs=kwargs).sample
+                out.append(float(((pred - target) ** 2).mean()))
+        return np.array(out)
+
+    def ids(self, i: int):
+        return self.batches["mask_then_resize"][i]["input_ids"]
+
+    def plain_text(self, words: str):
+        tok = self.sd.tokenizer
+        ids = tok(words, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        return self.sd.text_encoder(ids)[0]
+
+
+def bootstrap(diff: np.ndarray, samples: int = 4000, seed: int = 0) -> dict:
+    """Mean of paired differences with a 95 % percentile bootstrap interval over the draws."""
+    rng = np.random.default_rng(seed)
+    means = rng.choice(diff, size=(samples, diff.size), replace=True).mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(diff.mean()), "ci95": [float(lo), float(hi)], "n": int(diff.size),
+            "excludes_zero": bool(lo > 0 or hi < 0)}
+
+
+def evaluate_global(ev: Evaluator, encoders: Path) -> dict:
+    """Losses with own w0, shuffled w0 and the class word, through the mapping's global K/V."""
+    from encoders.attention import set_elite_processors
+    from encoders.conditioning import elite_conditioning
+    from encoders.global_mapping import GlobalMapping
+
+    gm = GlobalMapping.from_pretrained(encoders, subfolder="global_mapping").eval()
+    set_elite_processors(ev.sd.unet, gm)
+    feats = ev.features("clip_pixel_values")
+    with ev.torch.no_grad():
+        w0 = [gm([f[24]], num_words=1) for f in feats]
+
+    def with_words(source):
+        def cond(i):
+            c = elite_conditioning(ev.sd.text_encoder, ev.ids(i), [ev.placeholder_id], [w0[source(i)]])
+            return c.prompt_embeds, None
+        return cond
+
+    own = ev.losses(with_words(lambda i: i))
+    shuffled = ev.losses(with_words(lambda i: ev.shuffle[i]))
+    typed = ev.losses(lambda i: (ev.plain_text(CAPTION.replace("S*", ev.categories[i])), None))
+    return {"own": own, "shuffled": shuffled, "class_word": typed}
+
+
+def evaluate_local(ev: Evaluator, encoders: Path) -> dict:
+    """Losses with the local branch on own tokens (lambda 1), off (lambda 0), and on shuffled tokens."""
+    from encoders.attention import set_elite_processors
+    from encoders.conditioning import elite_conditioning
+    from encoders.global_mapping import GlobalMapping
+    from encoders.local_mapping import LocalMapping
+
+    gm = GlobalMapping.from_pretrained(encoders, subfolder="global_mapping").eval()
+    lm = LocalMapping.from_pretrained(encoders, subfolder="local_mapping").eval()
+    set_elite_processors(ev.sd.unet, gm, lm)
+    order = lm.config.object_view
+    objects = ev.features("clip_object_pixel_values", order)
+    w0_view = ev.features("clip_pixel_values") if lm.config.w0_source == "image" else objects
+    with ev.torch.no_grad():
+        w0 = [gm([f[24]], num_words=1) for f in w0_view]
+        local = [lm([f[layer] for layer in lm.config.feature_layers], b["object_mask_clip"])
+                 for f, b in zip(objects, ev.batches[order])]
+
+    def with_local(source, scale):
+        def cond(i):
+            j = source(i)
+            c = elite_conditioning(ev.sd.text_encoder, ev.ids(i), [ev.placeholder_id], [w0[i]],
+                                   local=[(local[j].tokens, local[j].keep)], scale=scale)
+            return c.prompt_embeds, c.context.as_kwargs()
+        return cond
+
+    return {"own": ev.losses(with_local(lambda i: i, 1.0)), "off": ev.losses(with_local(lambda i: i, 0.0)),
+            "shuffled": ev.losses(with_local(lambda i: ev.shuffle[i], 1.0))}
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+
+def run(args) -> dict:
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_learning_"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    sd, image_encoder, train_spec, eval_spec = build_inputs(work, args.base, args.image_encoder, args.resolution)
+    eval_spec = args.eval_shards or eval_spec
+    common = [f"pretrained_model_name_or_path={sd}", f"image_encoder_name_or_path={image_encoder}",
+              f"train_shards={train_spec}", f"data.resolution={args.resolution}", "train_batch_size=4", "scale_lr=false",
+              "mixed_precision=no", "report_to=none", "validation_steps=0", "dataloader_num_workers=0",
+              f"seed={args.seed}", *([] if args.base else ["mapping_hidden_dim=256"])]  # the paper's 1024 for real models
+    timings = {}
+    tick = time.time()
+    # the initialisation: one step at a learning rate too small to move any weight
+    untrained = train("global_mapping", work / "global_0", [*common, "max_steps=1", "learning_rate=1e-12"], work / "global_0.log")
+    stage1 = train("global_mapping", work / "global", [*common, f"max_steps={args.steps_global}",
+                                                       f"learning_rate={args.lr_global}"], work / "global.log")
+    timings["train_global_s"] = round(time.time() - tick, 1)
+
+    ev = Evaluator(sd, image_encoder, eval_spec, args.draws, args.seed, args.resolution)
+    g0, g1 = evaluate_global(ev, untrained), evaluate_global(ev, stage1)
+    results = {
+        "stage1": {
+            "trained": {"own_vs_shuffled": bootstrap(g1["shuffled"] - g1["own"]),
+                        "own_vs_class_word": bootstrap(g1["class_word"] - g1["own"]),
+                        "mean_loss_own": float(g1["own"].mean())},
+            "untrained": {"own_vs_shuffled": bootstrap(g0["shuffled"] - g0["own"]),
+                          "own_vs_class_word": bootstrap(g0["class_word"] - g0["own"]),
+                          "mean_loss_own": float(g0["own"].mean())},
+            "trained_vs_untrained_own": bootstrap(g0["own"] - g1["own"]),
+        },
+        "stage2": {},
+    }
+    local_keys = [*common, f"global_mapping_path={stage1}", f"max_steps={args.steps_local}", f"learning_rate={args.lr_local}"]
+    tick = time.time()
+    reference = train("local_mapping", work / "local", local_keys, work / "local.log")
+    timings["train_local_s"] = round(time.time() - tick, 1)
+    ref = evaluate_local(ev, reference)
+    results["stage2"]["reference"] = {
+        "own_vs_off": bootstrap(ref["off"] - ref["own"]),
+        "own_vs_shuffled": bootstrap(ref["shuffled"] - ref["own"]),
+        "mean_loss_own": float(ref["own"].mean()),
+    }
+    if args.options == "all":
+        for name, keys in OPTIONS:
+            folder = train("local_mapping", work / f"local_{len(results['stage2'])}", [*local_keys, *keys],
+                           work / f"local_{len(results['stage2'])}.log")
+            opt = evaluate_local(ev, folder)
+            results["stage2"][name] = {
+                "own_vs_off": bootstrap(opt["off"] - opt["own"]),
+                "own_vs_shuffled": bootstrap(opt["shuffled"] - opt["own"]),
+                "mean_loss_own": float(opt["own"].mean()),
+                "vs_reference": bootstrap(opt["own"] - ref["own"]),  # < 0: the option denoises better
+            }
+    results["settings"] = {
+        "steps_global": args.steps_global, "steps_local": args.steps_local, "lr_global": args.lr_global,
+        "lr_local": args.lr_local, "draws_per_crop": args.draws, "held_out_crops": ev.count,
+        "eval_shards": eval_spec, "train_shards": train_spec, "resolution": args.resolution, "batch": 4, "seed": args.seed,
+        "base": sd, "image_encoder": image_encoder,
+    }
+    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    results["seconds"] = {**timings, "total": round(time.time() - started, 1)}
+    return results
+
+
+def table(results: dict) -> str:
+    def row(name, r):
+        lo, hi = r["ci95"]
+        return f"| {name} | {r['mean']:+.5f} | [{lo:+.5f}, {hi:+.5f}] | {'yes' if r['excludes_zero'] else 'no'} |"
+
+    s1, s2 = results["stage1"], results["stage2"]
+    lines = ["| comparison (loss of the worse - loss of own; > 0: own helps) | mean | 95 % CI | excludes 0 |",
+             "|---|---|---|---|",
+             row("stage 1 trained: shuffled w0 - own w0", s1["trained"]["own_vs_shuffled"]),
+             row("stage 1 trained: class word - own w0", s1["trained"]["own_vs_class_word"]),
+             row("stage 1 untrained: shuffled w0 - own w0", s1["untrained"]["own_vs_shuffled"]),
+             row("stage 1: untrained own - trained own", s1["trained_vs_untrained_own"])]
+    for name, r in s2.items():
+        lines.append(row(f"stage 2 {name}: lambda 0 - lambda 1", r["own_vs_off"]))
+        lines.append(row(f"stage 2 {name}: shuffled tokens - own tokens", r["own_vs_shuffled"]))
+        if "vs_reference" in r:
+            lines.append(row(f"stage 2 {name} - reference (own tokens; < 0: option better)", r["vs_reference"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(RESULTS), help="results JSON")
+    parser.add_argument("--work", default=None, help="working folder (default: a new temporary one)")
+    parser.add_argument("--eval-shards", default=None, help="held-out crop shards (default: the split made here)")
+    parser.add_argument("--steps-global", type=int, default=300)
+    parser.add_argument("--steps-local", type=int, default=300)
+    parser.add_argument("--lr-global", type=float, default=1e-3)
+    parser.add_argument("--lr-local", type=float, default=1e-3)
+    parser.add_argument("--draws", type=int, default=8, help="(noise, timestep) draws per held-out crop")
+    parser.add_argument("--options", choices=("all", "none"), default="all", help="also train each stage-2 option")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default=None, help="a Stable Diffusion folder / Hub id instead of the tiny one")
+    parser.add_argument("--image-encoder", default=None, help="a CLIP vision folder / Hub id (with --base)")
+    parser.add_argument("--resolution", type=int, default=64, help="training and evaluation resolution")
+    args = parser.parse_args(argv)
+    results = run(args)
+    print(table(results))
+    path = write_results(results, args.out)
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
