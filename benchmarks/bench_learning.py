@@ -303,6 +303,116 @@ def evaluate_local(ev: Evaluator, encoders: Path) -> dict:
             "shuffled": ev.losses(with_local(lambda i: ev.shuffle[i], 1.0))}
 
 
+# ---- per-concept fine-tunes -----------------------------------------------------------------------------
+
+FINETUNE_CONCEPTS = (("dog", "dog"), ("cat", "cat"), ("teapot", "teapot"))  # (DreamBooth folder, initializer / class word)
+
+
+def _photo_latents(ev: Evaluator, photo: Path, resolution: int, draws: int, seed: int):
+    """Draws (noisy, target, t) of one photo: centre square, resized, through the evaluator's VAE."""
+    import torch
+    from PIL import Image
+
+    from encoders.common.images import to_rgb
+
+    with Image.open(photo) as im:
+        image, _ = to_rgb(im)
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    g = torch.Generator().manual_seed(seed)
+    latents = ev.sd.encode_images(pixels, generator=g)
+    return [ev.sd.add_noise(latents, g) for _ in range(draws)]
+
+
+def _text(pipe, prompt: str):
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    return ids, pipe.text_encoder(ids)[0]
+
+
+def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict:
+    """Textual Inversion, BaTex and Infusion per concept: trained on all photos but the held-out ones
+    (every third), evaluated on those; TI / BaTex with the learned token vs. the initializer word they
+    start from, Infusion with vs. without its residuals on a class-word prompt, and on a prompt without
+    the class word (where it must change nothing)."""
+    import shutil
+
+    import torch
+
+    from encoders.attention import AttentionContext, restore_default_processors
+    from encoders.infusion import InfusionResiduals, dual_stream_call, set_infusion_processors
+    from inference.finetuned import load_embedding, read_finetune
+    from inference.loading import pipeline_from_parts
+
+    keys = [k for k in common if not k.startswith(("train_shards=", "image_encoder_name_or_path=", "mapping_hidden_dim="))]
+    pipe = pipeline_from_parts(ev.sd.vae, ev.sd.text_encoder, ev.sd.tokenizer, ev.sd.unet, ev.sd.noise_scheduler)
+    restore_default_processors(ev.sd.unet)
+    diffs: dict[str, list[np.ndarray]] = {"textual_inversion": [], "batex": [], "infusion": []}
+    untouched = 0.0
+    for folder, word in FINETUNE_CONCEPTS[: args.finetune_concepts]:
+        photos = sorted((DATA / "concepts/dreambooth" / folder).glob("*.jpg"))
+        held_out = photos[::EVAL_EVERY]
+        train_dir = work / f"concept_{folder}"
+        train_dir.mkdir(parents=True, exist_ok=True)
+        for photo in photos:
+            if photo not in held_out:
+                shutil.copy(photo, train_dir / photo.name)
+        draws = [d for k, photo in enumerate(held_out) for d in _photo_latents(ev, photo, args.resolution, args.draws, args.seed + k)]
+        runs = {}
+        batex = ["subspace.enabled=true"] + ([] if args.base else ["subspace.dim=24"])  # the paper's 576 of 768, scaled to 32
+        for method, extra in (("textual_inversion", []), ("batex", batex), ("infusion", [])):
+            stage = "infusion" if method == "infusion" else "textual_inversion"
+            config = "infusion" if method == "infusion" else ("batex" if method == "batex" else "textual_inversion")
+            out = work / f"{method}_{folder}"
+            command = [sys.executable, "-m", f"training.{stage}", "--config", str(REPO / f"configs/finetune/{config}.yaml"),
+                       *keys, f"concept_dir={train_dir}", f"output_dir={out}", f"max_steps={args.steps_finetune}",
+                       *([f"class_word={word}"] if method == "infusion" else [f"initializer_token={word}", f"class_word={word}"]),
+                       *extra]
+            with open(work / f"{method}_{folder}.log", "w") as handle:
+                done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "PYTHONPATH": str(REPO)})
+            if done.returncode:
+                raise SystemExit(f"{method} on {folder} failed (exit {done.returncode}); see {work / f'{method}_{folder}.log'}")
+            runs[method] = out
+
+        def losses(text, kwargs=None, row=None):
+            out = []
+            with torch.no_grad():
+                for noisy, target, t in draws:
+                    x, tt = (torch.cat([noisy, noisy]), torch.cat([t, t])) if row is not None else (noisy, t)
+                    pred = ev.sd.unet(x, tt, text, cross_attention_kwargs=kwargs).sample
+                    pred = pred[row:row + 1] if row is not None else pred
+                    out.append(float(((pred - target) ** 2).mean()))
+            return np.array(out)
+
+        with torch.no_grad():
+            start = losses(_text(pipe, f"a photo of {word}")[1])
+            for method in ("textual_inversion", "batex"):
+                token = load_embedding(pipe, read_finetune(runs[method]), token=f"<{method}-{folder}>")
+                diffs[method].append(start - losses(_text(pipe, f"a photo of {token}")[1]))
+            residuals = InfusionResiduals.from_pretrained(runs["infusion"], subfolder="infusion").eval()
+            set_infusion_processors(ev.sd.unet, [residuals])
+            for prompt, key in ((f"a photo of a {word}", "with"), ("a photo of a bicycle", "without")):
+                _, text = _text(pipe, prompt)
+                ctx = AttentionContext(extras={"infusion": dual_stream_call(pipe.tokenizer, [prompt], [residuals])})
+                base = losses(torch.cat([text, text]), ctx.as_kwargs(), row=0)
+                tuned = losses(torch.cat([text, text]), ctx.as_kwargs(), row=1)
+                if key == "with":
+                    diffs["infusion"].append(base - tuned)
+                else:
+                    untouched = max(untouched, float(np.abs(base - tuned).max()))
+            restore_default_processors(ev.sd.unet)
+    return {
+        "textual_inversion_token_vs_initializer": bootstrap(np.concatenate(diffs["textual_inversion"])),
+        "batex_token_vs_initializer": bootstrap(np.concatenate(diffs["batex"])),
+        "batex_minus_textual_inversion": bootstrap(np.concatenate(diffs["batex"]) - np.concatenate(diffs["textual_inversion"])),
+        "infusion_with_vs_without_residuals": bootstrap(np.concatenate(diffs["infusion"])),
+        "infusion_no_class_word_max_abs_change": untouched,
+        "steps": args.steps_finetune, "concepts": [c for c, _ in FINETUNE_CONCEPTS[: args.finetune_concepts]],
+    }
+
+
 # ---- the run --------------------------------------------------------------------------------------------
 
 def run(args) -> dict:
@@ -316,16 +426,35 @@ def run(args) -> dict:
               "mixed_precision=no", "report_to=none", "validation_steps=0", "dataloader_num_workers=0",
               f"seed={args.seed}", *([] if args.base else ["mapping_hidden_dim=256"])]  # the paper's 1024 for real models
     timings = {}
+    ev = Evaluator(sd, image_encoder, eval_spec, args.draws, args.seed, args.resolution)
+    results: dict = {"stage1": None, "stage2": {}}
+    if "elite" in args.parts:
+        elite_results(args, work, common, ev, results, timings)
+    if "finetunes" in args.parts and args.finetune_concepts:
+        tick = time.time()
+        results["finetunes"] = finetune_results(args, work, common, ev)
+        timings["finetunes_s"] = round(time.time() - tick, 1)
+    results["settings"] = {
+        "steps_global": args.steps_global, "steps_local": args.steps_local, "lr_global": args.lr_global,
+        "lr_local": args.lr_local, "draws_per_crop": args.draws, "held_out_crops": ev.count, "parts": args.parts,
+        "eval_shards": eval_spec, "train_shards": train_spec, "resolution": args.resolution, "batch": 4, "seed": args.seed,
+        "base": sd, "image_encoder": image_encoder,
+    }
+    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    results["seconds"] = {**timings, "total": round(time.time() - started, 1)}
+    return results
+
+
+def elite_results(args, work: Path, common: list[str], ev: Evaluator, results: dict, timings: dict) -> None:
+    """Both ELITE stages (and each stage-2 option) trained and evaluated; fills `results`."""
     tick = time.time()
     # the initialisation: one step at a learning rate too small to move any weight
     untrained = train("global_mapping", work / "global_0", [*common, "max_steps=1", "learning_rate=1e-12"], work / "global_0.log")
     stage1 = train("global_mapping", work / "global", [*common, f"max_steps={args.steps_global}",
                                                        f"learning_rate={args.lr_global}"], work / "global.log")
     timings["train_global_s"] = round(time.time() - tick, 1)
-
-    ev = Evaluator(sd, image_encoder, eval_spec, args.draws, args.seed, args.resolution)
     g0, g1 = evaluate_global(ev, untrained), evaluate_global(ev, stage1)
-    results = {
+    results.update({
         "stage1": {
             "trained": {"own_vs_shuffled": bootstrap(g1["shuffled"] - g1["own"]),
                         "own_vs_class_word": bootstrap(g1["class_word"] - g1["own"]),
@@ -336,7 +465,7 @@ def run(args) -> dict:
             "trained_vs_untrained_own": bootstrap(g0["own"] - g1["own"]),
         },
         "stage2": {},
-    }
+    })
     local_keys = [*common, f"global_mapping_path={stage1}", f"max_steps={args.steps_local}", f"learning_rate={args.lr_local}"]
     tick = time.time()
     reference = train("local_mapping", work / "local", local_keys, work / "local.log")
@@ -358,15 +487,6 @@ def run(args) -> dict:
                 "mean_loss_own": float(opt["own"].mean()),
                 "vs_reference": bootstrap(opt["own"] - ref["own"]),  # < 0: the option denoises better
             }
-    results["settings"] = {
-        "steps_global": args.steps_global, "steps_local": args.steps_local, "lr_global": args.lr_global,
-        "lr_local": args.lr_local, "draws_per_crop": args.draws, "held_out_crops": ev.count,
-        "eval_shards": eval_spec, "train_shards": train_spec, "resolution": args.resolution, "batch": 4, "seed": args.seed,
-        "base": sd, "image_encoder": image_encoder,
-    }
-    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
-    results["seconds"] = {**timings, "total": round(time.time() - started, 1)}
-    return results
 
 
 def table(results: dict) -> str:
@@ -376,16 +496,24 @@ def table(results: dict) -> str:
 
     s1, s2 = results["stage1"], results["stage2"]
     lines = ["| comparison (loss of the worse - loss of own; > 0: own helps) | mean | 95 % CI | excludes 0 |",
-             "|---|---|---|---|",
-             row("stage 1 trained: shuffled w0 - own w0", s1["trained"]["own_vs_shuffled"]),
-             row("stage 1 trained: class word - own w0", s1["trained"]["own_vs_class_word"]),
-             row("stage 1 untrained: shuffled w0 - own w0", s1["untrained"]["own_vs_shuffled"]),
-             row("stage 1: untrained own - trained own", s1["trained_vs_untrained_own"])]
+             "|---|---|---|---|"]
+    if s1:
+        lines += [row("stage 1 trained: shuffled w0 - own w0", s1["trained"]["own_vs_shuffled"]),
+                  row("stage 1 trained: class word - own w0", s1["trained"]["own_vs_class_word"]),
+                  row("stage 1 untrained: shuffled w0 - own w0", s1["untrained"]["own_vs_shuffled"]),
+                  row("stage 1: untrained own - trained own", s1["trained_vs_untrained_own"])]
     for name, r in s2.items():
         lines.append(row(f"stage 2 {name}: lambda 0 - lambda 1", r["own_vs_off"]))
         lines.append(row(f"stage 2 {name}: shuffled tokens - own tokens", r["own_vs_shuffled"]))
         if "vs_reference" in r:
             lines.append(row(f"stage 2 {name} - reference (own tokens; < 0: option better)", r["vs_reference"]))
+    f = results.get("finetunes")
+    if f:
+        lines.append(row("Textual Inversion: initializer word - learned token", f["textual_inversion_token_vs_initializer"]))
+        lines.append(row("BaTex: initializer word - learned token", f["batex_token_vs_initializer"]))
+        lines.append(row("BaTex gain - Textual Inversion gain (same steps)", f["batex_minus_textual_inversion"]))
+        lines.append(row("Infusion: without - with residuals (class-word prompt)", f["infusion_with_vs_without_residuals"]))
+        lines.append(f"| Infusion on a prompt without the class word: largest change | {f['infusion_no_class_word_max_abs_change']:.2e} | | |")
     return "\n".join(lines)
 
 
@@ -401,6 +529,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draws", type=int, default=8, help="(noise, timestep) draws per held-out crop")
     parser.add_argument("--options", choices=("all", "none"), default="all", help="also train each stage-2 option")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parts", default="elite,finetunes", help="what to train and measure: elite, finetunes or both")
+    parser.add_argument("--steps-finetune", type=int, default=100, help="steps of each per-concept fine-tune")
+    parser.add_argument("--finetune-concepts", type=int, default=2, help="DreamBooth concepts for the fine-tunes (0: skip)")
     parser.add_argument("--base", default=None, help="a Stable Diffusion folder / Hub id instead of the tiny one")
     parser.add_argument("--image-encoder", default=None, help="a CLIP vision folder / Hub id (with --base)")
     parser.add_argument("--resolution", type=int, default=64, help="training and evaluation resolution")

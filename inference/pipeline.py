@@ -22,6 +22,7 @@ returns an `inference.outputs.EliteOutput`.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -87,6 +88,7 @@ class ElitePipeline:
     def __init__(self, pipe, encoders: EliteEncoders | None = None, elite_scale: float = DEFAULT_ELITE_SCALE):
         self.pipe = pipe
         self.encoders: EliteEncoders | None = None
+        self._tokenizer, self._tokenizer_of = None, None  # ELITE's copy of the pipe's tokenizer (see placeholder_tokenizer)
         self.set_elite_scale(elite_scale)
         if encoders is not None:
             self._install(encoders)
@@ -157,9 +159,22 @@ class ElitePipeline:
             raise ValueError(f"elite_scale (lambda) must be a finite number >= 0, got {elite_scale}")
         self.elite_scale = float(elite_scale)
 
+    def placeholder_tokenizer(self, placeholders: Sequence[str]) -> tuple:
+        """(tokenizer, ids): a private copy of the pipe's tokenizer with the placeholders added.
+
+        The pipe's own tokenizer is never changed, so `pipe("a photo of S*")` stays a plain prompt and
+        `pipe.load_textual_inversion(..., token="S*")` still works. The copy is remade when the pipe's
+        tokenizer grows (a Textual Inversion token loaded since), so prompts may use both.
+        """
+        base = self.pipe.tokenizer
+        key = (id(base), len(base))
+        if self._tokenizer is None or self._tokenizer_of != key:
+            self._tokenizer, self._tokenizer_of = copy.deepcopy(base), key
+        return self._tokenizer, add_placeholder_tokens(self._tokenizer, list(placeholders))
+
     def unload_encoders(self) -> None:
-        """Put diffusers' stock attention processors back and drop the encoders (placeholder tokens stay
-        in the tokenizer: they are unused by any prompt without them)."""
+        """Put diffusers' stock attention processors back and drop the encoders (the pipe's tokenizer was
+        never changed: placeholders live in ELITE's own copy)."""
         restore_default_processors(self.pipe.unet)
         self.encoders = None
 
@@ -209,8 +224,8 @@ class ElitePipeline:
         if note:
             warnings.warn(note, ConceptInputWarning, stacklevel=3)
 
-    def _token_ids(self, prompt: str) -> torch.Tensor:
-        tokenizer = self.pipe.tokenizer
+    def _token_ids(self, prompt: str, tokenizer=None) -> torch.Tensor:
+        tokenizer = tokenizer or self.pipe.tokenizer
         return tokenizer(
             prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
@@ -226,9 +241,9 @@ class ElitePipeline:
     ):
         """`encoders.conditioning.EliteConditioning` of `prompt` with each concept at its placeholder:
         the prompt embeddings `[1, L, D]`, each concept's w0 position, and the processors' context."""
-        tokenizer, text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
-        token_ids = add_placeholder_tokens(tokenizer, list(placeholders))
-        ids = self._token_ids(prompt)
+        text_encoder = self.pipe.text_encoder
+        tokenizer, token_ids = self.placeholder_tokenizer(placeholders)
+        ids = self._token_ids(prompt, tokenizer)
         for placeholder, token_id in zip(placeholders, token_ids):
             if not bool((ids == token_id).any()):
                 raise ConceptInputError(
@@ -420,7 +435,8 @@ class ElitePipeline:
             for position, box, placeholder in zip(positions, boxes, placeholders)
         ]
         for word, box in (word_boxes or {}).items():
-            guided.append(BoxedTokens(find_token_indices(self.pipe.tokenizer, prompt, word), box, name=word))
+            tokenizer, _ = self.placeholder_tokenizer(placeholders)
+            guided.append(BoxedTokens(find_token_indices(tokenizer, prompt, word), box, name=word))
         out = generate_with_spatial_guidance(self.pipe, guided, attention_context=context, config=guidance_config, **call)
         out.box_nouns = nouns
         return out

@@ -291,10 +291,11 @@ def test_paper_preset_on_converted_official_weights_is_the_official_inference(tm
     seg = F.interpolate(torch.from_numpy(mask).float()[None, None], (128, 128), mode="nearest")
     local = local * F.interpolate(seg, (16, 16), mode="nearest")[:, 0].reshape(1, -1, 1)
 
-    tokenizer, text_encoder = elite.pipe.tokenizer, elite.pipe.text_encoder
+    tokenizer, (placeholder_id,) = elite.placeholder_tokenizer(["S*"])  # the official scripts add it to theirs
+    text_encoder = elite.pipe.text_encoder
     ids = tokenizer("a photo of S*", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    index = (ids[0] == tokenizer.convert_tokens_to_ids("S*")).nonzero()[0]
-    text = encode_text_with_words(text_encoder, ids, [tokenizer.convert_tokens_to_ids("S*")], [w0]).hidden_states
+    index = (ids[0] == placeholder_id).nonzero()[0]
+    text = encode_text_with_words(text_encoder, ids, [placeholder_id], [w0]).hidden_states
     uncond = text_encoder(tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                                     return_tensors="pt").input_ids)[0]
     processors = {name: OfficialCrossAttention(name[: -len(".processor")], gsd, lsd)

@@ -148,8 +148,9 @@ def test_two_concepts_each_at_its_own_token(elite, dog_and_cat):
     prompt = "S1 playing with S2 in a garden"
     cond = elite.conditioning(prompt, [Concept(w0=words["dog"]), Concept(w0=words["cat"])], ["S1", "S2"])
     torch.testing.assert_close(cond.prompt_embeds, elite._plain_text("dog playing with cat in a garden"), rtol=0, atol=1e-5)
-    ids = tokenizer(prompt).input_ids
-    s1, s2 = tokenizer.convert_tokens_to_ids(["S1", "S2"])
+    elite_tokenizer, (s1, s2) = elite.placeholder_tokenizer(["S1", "S2"])  # ELITE's own copy holds the placeholders
+    ids = elite_tokenizer(prompt).input_ids
+    assert "S1" not in tokenizer.get_vocab()
     assert cond.word_positions[0].tolist() == [ids.index(s1), ids.index(s2)] == [1, 4]
 
     # each concept's local tokens are routed through its own token's attention map
@@ -211,8 +212,14 @@ def test_unload_restores_the_base_pipeline(tiny_sd_path, tiny_encoders_path, tea
     assert elite.device == base.device and elite.dtype == base.unet.dtype
     _run(elite, "S* on a table", teapot)
 
+    # ELITE's placeholders live in its own tokenizer copy: the plain pipe still takes "S*" as text, and a
+    # Textual Inversion can be loaded as S*
+    assert "S*" not in base.tokenizer.get_vocab()
+    base("a photo of S*", num_inference_steps=1, guidance_scale=5.0, output_type="latent", height=16, width=16)
     elite.unload_encoders()
     assert not any(isinstance(p, ContextAttnProcessor) for p in elite.pipe.unet.attn_processors.values())
+    base.load_textual_inversion({"S*": torch.zeros(32)}, token="S*")
+    assert "S*" in base.tokenizer.get_vocab()
     again = _run(elite, "a photo of a teapot", None)
     np.testing.assert_allclose(again, reference, atol=1e-6)  # stock processors, the plain base model again
     with pytest.raises(RuntimeError, match="load_encoders"):

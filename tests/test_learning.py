@@ -1,5 +1,7 @@
 """The learning benchmark's direction on a short run: both ELITE stages, trained by their trainers on
-training crops, lower the denoising loss of held-out crops (paired bootstrap interval above zero).
+training crops, lower the denoising loss of held-out crops (paired bootstrap interval above zero);
+Textual Inversion's token beats its initializer word on held-out photos of its concept, and Infusion
+leaves prompts without its class word as they were.
 
 `benchmarks/bench_learning.py` with few steps; its full run (and the table the README quotes) is the
 benchmark itself.
@@ -20,9 +22,14 @@ def test_both_stages_help_on_held_out_crops(tmp_path):
     finally:
         sys.path.pop(0)
     results = main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "learning.json"), "--steps-global", "60",
-                    "--steps-local", "40", "--options", "none", "--draws", "4"])
+                    "--steps-local", "40", "--options", "none", "--draws", "4", "--steps-finetune", "30",
+                    "--finetune-concepts", "1"])
     stage1 = results["stage1"]["trained_vs_untrained_own"]  # untrained loss - trained loss, own words
     assert stage1["mean"] > 0 and stage1["excludes_zero"], stage1
     stage2 = results["stage2"]["reference"]["own_vs_off"]  # loss without the local branch - with it
     assert stage2["mean"] > 0 and stage2["excludes_zero"], stage2
     assert results["settings"]["held_out_crops"] >= 8 and (tmp_path / "learning.json").is_file()
+    tuned = results["finetunes"]  # on held-out photos of the concept: the learned token beats its initializer
+    assert tuned["textual_inversion_token_vs_initializer"]["mean"] > 0
+    assert tuned["textual_inversion_token_vs_initializer"]["excludes_zero"]
+    assert tuned["infusion_no_class_word_max_abs_change"] < 1e-6  # prompts without the class word: untouched
