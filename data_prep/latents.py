@@ -8,7 +8,7 @@ them (`training.diffusion.FrozenStableDiffusion.sample_latents`, the same draw `
 instead of running the VAE encoder every step. What it saves, measured in benchmarks/bench_train.py:
 5-6% of a tiny CPU step, 13-26% of an SD v1-4-size step on an H100. The price: a shard grows by
 2 x 4 x (R/f)^2 x 2 bytes (64 KB at 512 px), and the target cannot be scale-augmented (the loader
-refuses `data.scale_prob > 0` with cached latents).
+refuses `data.scale_augment` other than none with cached latents).
 
 Same writer as the crop shards (data_prep.writer): deterministic, resumable, `--workers`,
 `--node-rank/--num-nodes`, a bad sample is counted and skipped. Each process encodes one input

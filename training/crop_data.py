@@ -12,17 +12,18 @@ streaming pipeline: a resumed run restarts at its position without reading what 
 
 Each sample becomes (R = `resolution`, f = the VAE's downsampling factor, passed in, never assumed):
 
-* `pixel_values` [3, R, R] in [-1, 1]: the diffusion target, the crop; with `scale_prob` > 0 the
-  crop is shrunk by a factor from `scale_range` and placed at a random spot of a grey canvas;
+* `pixel_values` [3, R, R] in [-1, 1]: the diffusion target, the crop; `scale_augment=elite` (ELITE
+  stage 2) shrinks it onto a grey canvas or zooms into it, `shrink` shrinks it by `scale_range`;
 * `valid_mask` [1, R/f, R/f]: 1 where the target holds real pixels (not the scale-augmentation
   canvas, not the letterbox fill of crops cut at an image edge); weight the loss with it;
 * `object_mask_latent` [1, R/f, R/f]: the object's mask on the target (any pixel set -> 1);
-* `clip_pixel_values` [3, C, C]: the crop for the global stage, CLIP-normalised, augmented with a
-  flip, a small rotation and a blur; C = `clip_size` (224 for ViT-L/14);
-* `clip_object_pixel_values` [3, C, C]: the object on black (x * m, same flip/rotation), CLIP-normalised,
-  for the local stage (as `encoders.clip_features.mask_background` does at inference);
-* `object_mask_clip` [1, C, C]: the mask under the same flip/rotation;
-* `caption`: a random CLIP ImageNet template holding the placeholder ("a photo of a S*.");
+* `clip_pixel_values` [3, C, C]: the image view (w0's input), CLIP-normalised, with the `clip_*`
+  augmentation (ELITE stage 1's: flip, rotation, box blur, random affine); C = `clip_size`;
+* `clip_object_pixel_values` [3, C, C]: the object view, the crop times its mask (before resizing by
+  default: `object_view`) with the `object_*` warps (ELITE stage 2's), black outside the object;
+* `object_mask_clip` [1, C, C]: the mask under the object view's warps;
+* `caption`: a random template holding the placeholder ("a photo of a S*"), started by the scale
+  augmentation's prefix (`caption_prefix_rule`);
   `input_ids` [L] when a tokenizer is given;
 * `box_in_crop` [4] (0..1, on the target), `category`, `key`;
 * with `cached_latents`: `latent_moments` [2C, R/f, R/f] float16, the VAE posterior of the target
@@ -34,10 +35,10 @@ batches an uninterrupted one would have had.
 Per sample (in the DataLoader workers) there is only PIL decoding, the random draws, a 2x box
 filter for the CLIP source and the tiny latent masks; samples stay uint8 until a whole batch is
 stacked. `CropSampleTransform.finalize_batch` then does the float work once per batch, in the
-main process (4x less data between workers): uint8 -> [-1, 1], the CLIP views of every sample by
-one `grid_sample` (flip + rotation + resize, the mask through the same grids), the blur as one
-depthwise convolution with per-sample kernels, the normalisation, and the tokens (each template's
-ids are computed once). The shard path thus costs little more than decoding one JPEG and one PNG.
+main process (4x less data between workers): uint8 -> [-1, 1], each CLIP view of every sample by
+one `grid_sample` (all its warps and the resize as one affine map; the mask through the object
+view's grids), the blur as one depthwise convolution with per-sample kernels, the normalisation,
+and the tokens (each template's ids are computed once). The shard path thus costs little more than decoding one JPEG and one PNG.
 Do not pass the loader through `accelerator.prepare`: it splits shards by node itself (RANK /
 WORLD_SIZE or torch.distributed), and accelerate would dispatch rank 0's batches instead.
 """

@@ -46,7 +46,7 @@ class EliteStageConfig(TrainConfig):
 
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {"validation_lam": "validation_elite_scale"}  # old key spellings
 
-    data: CropDataConfig = keyed_field("crop-shard loader settings (data.resolution, data.scale_prob, ...)", factory=CropDataConfig)
+    data: CropDataConfig = keyed_field("crop-shard loader settings (data.resolution, data.scale_augment, ...)", factory=CropDataConfig)
     feature_layers: list[int] = keyed_field(
         "CLIP vision layers tapped, in word order (the first gives w0)", factory=lambda: list(DEFAULT_LAYERS)
     )
