@@ -169,7 +169,13 @@ def attention_probs(
 
 
 def _project(linear: nn.Linear, states: torch.Tensor) -> torch.Tensor:
-    """Apply a (possibly fp32, trainable) projection to states of another dtype; output in the states' dtype."""
+    """Apply a (possibly fp32, trainable) projection to states of another dtype; output in the states' dtype.
+
+    When the projection sits on another device than the states (the pipeline was moved after the
+    mappings were installed, or is offloaded), the mapping's weights follow the states there once.
+    """
+    if linear.weight.device != states.device:
+        linear.to(states.device)
     return linear(states.to(linear.weight.dtype)).to(states.dtype)
 
 
@@ -387,8 +393,16 @@ class EliteAttnProcessor(ContextAttnProcessor):
         return hidden
 
 
-def set_elite_processors(unet: nn.Module, global_mapping=None, local_mapping=None) -> dict[str, ContextAttnProcessor]:
+STOCK_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")  # diffusers' plain attention: ContextAttnProcessor computes the same
+
+
+def set_elite_processors(
+    unet: nn.Module, global_mapping=None, local_mapping=None, keep_custom: bool = False
+) -> dict[str, ContextAttnProcessor]:
     """Install `EliteAttnProcessor` on every cross-attention layer and `ContextAttnProcessor` elsewhere.
+
+    `keep_custom=True` leaves a self-attention layer's processor alone unless it is diffusers' stock
+    one (xformers, a custom processor stay); the cross-attention layers always get ELITE's.
 
     `global_mapping` / `local_mapping`: objects with `key_value(name)` (GlobalMapping / LocalMapping)
     or None; the local branch's `w0_map_norm` and `local_mask_mode` come from the local mapping's
@@ -396,7 +410,8 @@ def set_elite_processors(unet: nn.Module, global_mapping=None, local_mapping=Non
     """
     config = getattr(local_mapping, "config", None) or {}
     settings = {key: config[key] for key in ("w0_map_norm", "local_mask_mode") if key in config}
-    processors: dict[str, ContextAttnProcessor] = {}
+    current = unet.attn_processors
+    processors: dict = {}
     for name, attn in attention_modules(unet).items():
         if getattr(attn, "is_cross_attention", False):
             processors[name] = EliteAttnProcessor(
@@ -405,6 +420,9 @@ def set_elite_processors(unet: nn.Module, global_mapping=None, local_mapping=Non
                 local_kv=local_mapping.key_value(name) if local_mapping is not None else None,
                 **settings,
             )
+        elif keep_custom and type(current[name]).__name__ not in STOCK_PROCESSORS and not isinstance(
+                current[name], ContextAttnProcessor):
+            processors[name] = current[name]
         else:
             processors[name] = ContextAttnProcessor(name)
     unet.set_attn_processor(dict(processors))  # diffusers pops from the dict it is given

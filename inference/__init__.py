@@ -4,6 +4,8 @@ Needs torch, diffusers, transformers, safetensors, huggingface_hub, PIL, numpy a
 (never the training stack). Entry points:
 
 - `ElitePipeline` (`inference.pipeline`): load a base pipeline + encoders, `encode_concept`, generate.
+- `load_elite(pipe, encoders)` / `set_elite_scale(pipe, lam)` / `unload_elite(pipe)`: the same on a stock
+  diffusers pipeline, as `load_ip_adapter` does (unloading restores the processors that were there).
 - `Concept` (`inference.concept`): an encoded concept that saves to / loads from safetensors.
 - `python -m inference generate|encode ...` (`inference.cli`).
 
@@ -17,6 +19,9 @@ import importlib
 _EXPORTS = {
     "ElitePipeline": "inference.pipeline",
     "load_encoders": "inference.pipeline",
+    "load_elite": "inference.pipeline",
+    "set_elite_scale": "inference.pipeline",
+    "unload_elite": "inference.pipeline",
     "Concept": "inference.concept",
     "ConceptInputError": "inference.inputs",
     "ConceptInputWarning": "inference.inputs",

@@ -11,8 +11,9 @@ those fields are None, so callers test `out.location_losses is not None`, never 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 
@@ -25,3 +26,17 @@ class EliteOutput(BaseOutput):
     location_losses: list[float] | None = None
     guidance_losses: list[list[float]] | None = None
     attention_maps: list[torch.Tensor] | None = None
+    per_prompt: list["EliteOutput"] | None = None  # several prompts in one call: each prompt's own output
+
+    @classmethod
+    def join(cls, outputs: Sequence["EliteOutput"]) -> "EliteOutput":
+        """One output for several prompts: the images in prompt order; each prompt's output (boxes,
+        losses, maps) in `per_prompt`."""
+        images = [o.images for o in outputs]
+        if all(isinstance(i, torch.Tensor) for i in images):
+            joined = torch.cat(images)
+        elif all(isinstance(i, np.ndarray) for i in images):
+            joined = np.concatenate(images)
+        else:
+            joined = [image for group in images for image in group]
+        return cls(images=joined, per_prompt=list(outputs))

@@ -88,6 +88,7 @@ class ElitePipeline:
     def __init__(self, pipe, encoders: EliteEncoders | None = None, elite_scale: float = DEFAULT_ELITE_SCALE):
         self.pipe = pipe
         self.encoders: EliteEncoders | None = None
+        self._saved_processors: dict | None = None  # the UNet's processors before ELITE's, put back by unload
         self._tokenizer, self._tokenizer_of = None, None  # ELITE's copy of the pipe's tokenizer (see placeholder_tokenizer)
         self.set_elite_scale(elite_scale)
         if encoders is not None:
@@ -150,7 +151,9 @@ class ElitePipeline:
                 f"the encoders {encoders.source} have no local_mapping/: images come from the global word w0 alone "
                 "and elite_scale (lambda, --elite-scale) has no effect", ConceptInputWarning, stacklevel=3,
             )
-        set_elite_processors(self.pipe.unet, encoders.global_mapping, encoders.local_mapping)
+        if self._saved_processors is None:
+            self._saved_processors = dict(self.pipe.unet.attn_processors)
+        set_elite_processors(self.pipe.unet, encoders.global_mapping, encoders.local_mapping, keep_custom=True)
         self.encoders = encoders
 
     def set_elite_scale(self, elite_scale: float) -> None:
@@ -173,9 +176,14 @@ class ElitePipeline:
         return self._tokenizer, add_placeholder_tokens(self._tokenizer, list(placeholders))
 
     def unload_encoders(self) -> None:
-        """Put diffusers' stock attention processors back and drop the encoders (the pipe's tokenizer was
-        never changed: placeholders live in ELITE's own copy)."""
-        restore_default_processors(self.pipe.unet)
+        """Put back exactly the attention processors the UNet had before ELITE (stock, xformers, an
+        IP-Adapter's, ...) and drop the encoders (the pipe's tokenizer was never changed: the
+        placeholders live in ELITE's own copy)."""
+        if self._saved_processors is not None:
+            self.pipe.unet.set_attn_processor(dict(self._saved_processors))
+        else:
+            restore_default_processors(self.pipe.unet)
+        self._saved_processors = None
         self.encoders = None
 
     # ---- encoding --------------------------------------------------------------------------
@@ -203,6 +211,8 @@ class ElitePipeline:
         `(concept, prepared ConceptImage)`, what the encoders saw (for grids).
         """
         encoders = self._require_encoders()
+        if encoders.feature_extractor.image_mean.device != torch.device(self.device):  # the pipe was moved since
+            encoders.to(self.device)
         return encode_with(encoders, image, mask, crop=crop, return_input=return_input, w0_from=w0_from)
 
     # ---- generation --------------------------------------------------------------------------
@@ -269,7 +279,7 @@ class ElitePipeline:
 
     def __call__(
         self,
-        prompt: str,
+        prompt: str | Sequence[str],
         concepts: Concept | Sequence[Concept] | None = None,
         placeholders: Sequence[str] | None = None,
         elite_scale: float | Sequence[float] | None = None,
@@ -289,7 +299,8 @@ class ElitePipeline:
         word_boxes: dict[str, Sequence[float]] | None = None,
         **pipe_kwargs,
     ) -> EliteOutput:
-        """Generate images of `prompt`, a string in which each concept's placeholder stands for it.
+        """Generate images of `prompt`, a string in which each concept's placeholder stands for it (or a list
+        of prompts: one call each, images joined in order, each prompt's output in `per_prompt`).
 
         concepts: one `Concept` or a list (order = placeholders); None runs the plain base model.
         placeholders: default S* for one concept, S1, S2, ... for several.
@@ -308,6 +319,13 @@ class ElitePipeline:
             guidance 5, lambda 0.8 or 0.6 by prompt); what you pass explicitly wins.
         Other keyword arguments go to the diffusers pipeline (`output_type`, `callback_on_step_end`...).
         """
+        if not isinstance(prompt, str):  # a list of prompts: one call each, the images joined in order
+            return EliteOutput.join([
+                self.__call__(p, concepts, placeholders, elite_scale, negative_prompt, num_inference_steps, guidance_scale,
+                              num_images_per_prompt, seed, generator, height, width, boxes, spatial_guidance,
+                              guidance_config, attention_store, preset, word_boxes, **pipe_kwargs)
+                for p in prompt
+            ])
         concept_list = [] if concepts is None else [concepts] if isinstance(concepts, Concept) else list(concepts)
         if concept_list:
             self._require_encoders()
@@ -440,3 +458,33 @@ class ElitePipeline:
         out = generate_with_spatial_guidance(self.pipe, guided, attention_context=context, config=guidance_config, **call)
         out.box_nouns = nouns
         return out
+
+
+def load_elite(pipe, encoders: str | Path, image_encoder: str | Path | None = None,
+               elite_scale: float = DEFAULT_ELITE_SCALE) -> ElitePipeline:
+    """ELITE on a stock diffusers `StableDiffusionPipeline`, in the shape of `pipe.load_ip_adapter`:
+    loads the encoders (folder or Hub repo) onto the pipe's device and dtype and installs the processors
+    (keeping any custom self-attention processor); returns the `ElitePipeline` for encoding and
+    generating, also kept as `pipe.elite`. `unload_elite(pipe)` puts back exactly what was there."""
+    elite = ElitePipeline(pipe, elite_scale=elite_scale).load_encoders(encoders, image_encoder=image_encoder)
+    pipe.elite = elite
+    return elite
+
+
+def set_elite_scale(pipe, elite_scale: float) -> None:
+    """Lambda of the ELITE loaded by `load_elite` (the weight of the local detail branch)."""
+    _loaded(pipe).set_elite_scale(elite_scale)
+
+
+def unload_elite(pipe) -> None:
+    """Undo `load_elite`: the pipe's attention processors exactly as they were before, no ELITE state left."""
+    _loaded(pipe).unload_encoders()
+    del pipe.elite
+
+
+def _loaded(pipe) -> ElitePipeline:
+    elite = getattr(pipe, "elite", None)
+    if not isinstance(elite, ElitePipeline):
+        raise RuntimeError("no ELITE on this pipeline: call inference.load_elite(pipe, encoders) first")
+    return elite
+

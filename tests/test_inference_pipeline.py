@@ -316,3 +316,42 @@ def test_spatial_guidance_hook_with_boxes_and_with_the_location_mlp(tiny_sd_path
     no_mlp = ElitePipeline.from_pretrained(tiny_sd_path, encoders=tiny_encoders_path, device="cpu")
     with pytest.raises(ModelLoadError, match="no location_mlp"):
         no_mlp(prompt, [dog, cat], spatial_guidance=True, num_inference_steps=1)
+
+
+def test_load_elite_on_a_stock_pipeline_restores_its_own_processors(tiny_sd_path, tiny_encoders_path, teapot):
+    """Custom self-attention processors stay while ELITE is loaded; every processor that was there (an
+    IP-Adapter's on cross-attention, say) is back, the same object, after unload_elite."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.attention_processor import AttnProcessor, IPAdapterAttnProcessor2_0
+
+    from inference import load_elite, set_elite_scale, unload_elite
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    pipe.set_progress_bar_config(disable=True)
+
+    class Custom(AttnProcessor):
+        pass
+
+    names = list(pipe.unet.attn_processors)
+    self_name = next(n for n in names if ".attn1." in n)
+    cross_name = next(n for n in names if ".attn2." in n)
+    attn = pipe.unet.get_submodule(cross_name[: -len(".processor")])
+    mine = {self_name: Custom(), cross_name: IPAdapterAttnProcessor2_0(hidden_size=attn.to_q.out_features,
+                                                                       cross_attention_dim=32, num_tokens=(4,))}
+    pipe.unet.set_attn_processor({n: mine.get(n, p) for n, p in pipe.unet.attn_processors.items()})
+    before = dict(pipe.unet.attn_processors)
+
+    elite = load_elite(pipe, tiny_encoders_path)
+    during = pipe.unet.attn_processors
+    assert during[self_name] is mine[self_name]  # a custom self-attention processor is kept
+    assert isinstance(during[cross_name], EliteAttnProcessor)  # cross-attention is ELITE's while loaded
+    set_elite_scale(pipe, 0.8)
+    assert pipe.elite is elite and elite.elite_scale == 0.8
+    out = elite(["a photo of S*", "S* on a table"], teapot, num_inference_steps=1, height=16, width=16,
+                output_type="latent", seed=0)  # a list of prompts: one call each, joined
+    assert out.images.shape[0] == 2 and len(out.per_prompt) == 2
+    unload_elite(pipe)
+    after = pipe.unet.attn_processors
+    assert all(after[n] is before[n] for n in names) and not hasattr(pipe, "elite")
+    with pytest.raises(RuntimeError, match="load_elite"):
+        unload_elite(pipe)
