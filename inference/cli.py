@@ -47,7 +47,7 @@ from encoders.common.files import OutputPathError, atomic_write_json, check_writ
 
 from .composition import default_words, parse_token_box, plan_guidance
 from .concept import Concept, ConceptFileError
-from .encoding import encode_concept_standalone
+from .encoding import concept_photos, encode_concept_standalone
 from .finetuned import (
     FinetuneFolderError,
     generate_finetuned,
@@ -154,8 +154,11 @@ def _add_model_options(parser: argparse.ArgumentParser, base_required: bool) -> 
 def _add_concept_options(parser: argparse.ArgumentParser, generate: bool = False) -> None:
     group = parser.add_argument_group("concept input")
     group.add_argument(
-        "--image", action="append", default=[], metavar="FILE",
-        help="photo of the concept (repeat for a second concept); an RGBA image's alpha is its mask",
+        "--image", action="append", default=[], metavar="FILE_OR_DIR",
+        help=("photo of the concept, or a concept folder (its photos and masks/: one concept from all); repeat for a "
+              "second concept; an RGBA image's alpha is its mask") if generate else
+             "photo of the concept, or a concept folder; repeat for several photos of the one concept (w0 averaged, "
+             "local tokens side by side); an RGBA image's alpha is its mask",
     )
     group.add_argument(
         "--mask", action="append", default=[], metavar="FILE",
@@ -348,7 +351,8 @@ def _run_generate(args) -> dict:
     # read and check every input before loading any model: a typo fails in a second, not after minutes
     # (with the most permissive mask rule; the encoders read each photo again with their own)
     masks = [None if mask in (None, "-") else mask for mask in (args.mask or [None] * len(args.image))]
-    photos = [load_concept_image(image, mask, mask_threshold=0) for image, mask in zip(args.image, masks)]
+    photos = [[load_concept_image(img, m, mask_threshold=0) for img, m in concept_photos(image, mask)]
+              for image, mask in zip(args.image, masks)]  # a folder is one concept of several photos
     loaded_concepts = [Concept.load(path) for path in args.concept]
     placeholders = args.placeholder or default_placeholders(len(photos) + len(loaded_concepts))
     if photos or loaded_concepts:
@@ -527,13 +531,14 @@ def _apply_finetunes(pipe, finetunes, prompts: list[str]) -> tuple[list[dict], l
 
 
 def _run_encode(args) -> Path:
-    masks = args.mask or [None]
-    if len(args.image) != 1 or len(masks) != 1:
-        raise ConceptInputError("encode takes exactly one --image (and at most one --mask); run it once per concept")
+    masks = [None if m in (None, "-") else m for m in (args.mask or [None] * len(args.image))]
+    if len(masks) != len(args.image):
+        raise ConceptInputError(f"{len(masks)} --mask for {len(args.image)} --image: one per photo ('-' for none)")
+    photos = args.image[0] if len(args.image) == 1 else list(args.image)  # several photos: one concept
     concept = encode_concept_standalone(
         args.encoders,
-        args.image[0],
-        None if masks[0] in (None, "-") else masks[0],
+        photos,
+        masks[0] if len(args.image) == 1 else masks,
         base=args.base,
         image_encoder=args.image_encoder,
         device=args.device,

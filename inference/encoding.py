@@ -8,6 +8,12 @@ How is the local mapping's (`encoders.local_mapping`, stored in its `config.json
 are the official ELITE inference: the whole photo and the photo times its mask, each resized to
 the encoder's 224 px with PIL's bicubic filter; w0 from the whole photo; the mask (object: any pixel
 above 0) to the 16 x 16 patch grid by torch's nearest resize through 128 x 128.
+
+Several photos of one concept (`encode_photos`, or a concept folder: its photos and the masks in its
+`masks/`): each photo is encoded as above, then w0 is their mean (the word the photos share) and the
+local tokens are all photos' tokens side by side (the local branch attends over every photo's detail
+and takes from each what the query needs; a position-wise mean would blur objects that are not
+aligned). The official ELITE encodes one photo; with one photo the result is exactly that.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from PIL import Image
 
 from encoders.clip_features import mask_background
+from encoders.common.images import find_mask, list_photos
 from encoders.local_mapping import REFERENCE_SETTINGS
 
 from .concept import Concept
@@ -121,6 +128,47 @@ def encode_with(
     return (concept, prepared) if return_input else concept
 
 
+def concept_photos(image, mask=None) -> list[tuple]:
+    """(photo, mask) pairs of what a user handed over: one photo (+ mask), a list of photos (+ a list of
+    masks or None), or a concept folder (its photos, each with the mask `find_mask` finds or none)."""
+    if isinstance(image, (list, tuple)):
+        masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * len(image) if mask is None else None
+        if masks is None or len(masks) != len(image):
+            raise ValueError(f"{len(image)} photos but masks {mask!r}: give one mask per photo (None for none)")
+        return [pair for img, m in zip(image, masks) for pair in concept_photos(img, m)]
+    if isinstance(image, (str, Path)) and Path(image).is_dir():
+        if mask is not None:
+            raise ValueError(f"{image} is a concept folder: its masks come from {Path(image) / 'masks'}, not from mask=")
+        return [(photo, find_mask(photo)) for photo in list_photos(image)]
+    return [(image, mask)]
+
+
+def combine_concepts(concepts: list[Concept]) -> Concept:
+    """One concept from several photos' encodings: w0 averaged, local tokens and keep-masks concatenated."""
+    if len(concepts) == 1:
+        return concepts[0]
+    w0 = torch.stack([c.w0 for c in concepts]).mean(dim=0)
+    tokens = keep = None
+    if all(c.local_tokens is not None for c in concepts):
+        tokens = torch.cat([c.local_tokens for c in concepts])
+        keep = torch.cat([c.local_keep for c in concepts])
+    first = concepts[0].metadata
+    metadata = {**first, "source_image": ",".join(c.metadata.get("source_image", "?") for c in concepts),
+                "mask_source": ",".join(c.metadata.get("mask_source", "?") for c in concepts),
+                "crop_xyxy": ";".join(c.metadata.get("crop_xyxy", "") for c in concepts),
+                "photos": str(len(concepts)), "combined": "w0 mean, local tokens concatenated"}
+    return Concept(w0=w0, local_tokens=tokens, local_keep=keep, metadata=metadata, preview=concepts[0].preview)
+
+
+def encode_photos(encoders: EliteEncoders, image, mask=None, crop: bool | None = None, return_input: bool = False,
+                  w0_from: str | None = None):
+    """Encode one photo, several photos of one concept, or a concept folder into one `Concept`."""
+    pairs = concept_photos(image, mask)
+    encoded = [encode_with(encoders, img, m, crop=crop, return_input=True, w0_from=w0_from) for img, m in pairs]
+    concept = combine_concepts([c for c, _ in encoded])
+    return (concept, encoded[0][1]) if return_input else concept
+
+
 def encode_concept_standalone(
     encoders: str | Path,
     image: ImageLike,
@@ -136,5 +184,5 @@ def encode_concept_standalone(
     loaded = load_encoders(encoders, image_encoder=image_encoder, device=device, dtype=dtype)
     if base is not None:
         check_encoders_fit(loaded, load_base_pipeline(base, device="cpu", dtype="float32", safety_checker=False))
-    return encode_with(loaded, image, mask, crop=crop)
+    return encode_photos(loaded, image, mask, crop=crop)
 

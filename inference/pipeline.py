@@ -34,7 +34,7 @@ from encoders.conditioning import elite_conditioning
 from encoders.text_injection import DEFAULT_PLACEHOLDER, add_placeholder_tokens
 
 from .concept import Concept
-from .encoding import encode_with
+from .encoding import encode_photos
 from .guidance import (
     BoxedTokens,
     find_token_indices,
@@ -204,7 +204,9 @@ class ElitePipeline:
         """Photo (+ mask) -> `Concept` (w0, local tokens, keep-mask, metadata). One forward pass, no optimisation.
 
         Encoded the way the local mapping's config says (`inference.encoding`; the official ELITE
-        inference by default). `image` may also be a ready `ConceptImage`. `crop=True` encodes a
+        inference by default). `image` may also be a ready `ConceptImage`, a list of photos of one
+        concept (`mask` then a list too, or None), or a concept folder (its `masks/` are used): w0 is
+        their mean, the local tokens all photos' side by side. `crop=True` encodes a
         square around the mask instead of the whole photo (`False`: the whole photo; None: the
         encoders' `concept_crop`). `w0_from`: "image" (the unmasked photo, official) or "object" (the
         object on black); None: the encoders' `w0_source`. With `return_input=True` returns
@@ -213,7 +215,7 @@ class ElitePipeline:
         encoders = self._require_encoders()
         if encoders.feature_extractor.image_mean.device != torch.device(self.device):  # the pipe was moved since
             encoders.to(self.device)
-        return encode_with(encoders, image, mask, crop=crop, return_input=return_input, w0_from=w0_from)
+        return encode_photos(encoders, image, mask, crop=crop, return_input=return_input, w0_from=w0_from)
 
     # ---- generation --------------------------------------------------------------------------
     def _check_concept(self, concept: Concept, k: int) -> None:

@@ -120,6 +120,20 @@ def test_encode_command_writes_a_concept_file(tmp_path, tiny_encoders_path, tiny
     concept = Concept.load(path)
     assert concept.has_local and concept.metadata["source_image"] == "04.jpg"
     assert "teapot.safetensors" in capsys.readouterr().out
+    # several photos of one concept: one file, w0 averaged, tokens side by side; a folder as a generate --image
+    two = tmp_path / "two.safetensors"
+    assert main(["encode", "--encoders", str(tiny_encoders_path), "--image", str(image), "--mask", str(mask),
+                 "--image", str(image), "--mask", "-", "--out", str(two)]) == 0
+    combined = Concept.load(two)
+    assert combined.metadata["photos"] == "2" and combined.local_tokens.shape[0] == 2 * concept.local_tokens.shape[0]
+    folder = tmp_path / "concept"
+    (folder / "masks").mkdir(parents=True)
+    folder.joinpath("04.jpg").write_bytes(image.read_bytes())
+    folder.joinpath("masks", "04.png").write_bytes(mask.read_bytes())
+    out = tmp_path / "gen"
+    assert main(["generate", "--base", str(tiny_sd_path), "--encoders", str(tiny_encoders_path), "--image", str(folder),
+                 "--prompt", "a photo of S*", "--steps", "1", "--height", "16", "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "settings.json").read_text())["concepts"][0]["mask_source"] == "04.png"
 
 
 @pytest.mark.parametrize(

@@ -355,3 +355,27 @@ def test_load_elite_on_a_stock_pipeline_restores_its_own_processors(tiny_sd_path
     assert all(after[n] is before[n] for n in names) and not hasattr(pipe, "elite")
     with pytest.raises(RuntimeError, match="load_elite"):
         unload_elite(pipe)
+
+
+def test_several_photos_or_a_folder_make_one_concept(elite, photos, data_dir, tmp_path):
+    """w0 is the photos' mean, the local tokens all photos' side by side; a folder is read with its masks/."""
+    dog = data_dir / "concepts" / "dreambooth" / "dog"
+    singles = [elite.encode_concept(p) for p in sorted(dog.glob("*.jpg"))[:2]]
+    both = elite.encode_concept(sorted(dog.glob("*.jpg"))[:2])
+    torch.testing.assert_close(both.w0, (singles[0].w0 + singles[1].w0) / 2)
+    assert torch.equal(both.local_tokens, torch.cat([s.local_tokens for s in singles]))
+    assert both.metadata["photos"] == "2" and both.local_keep.shape == (512,)
+    both.save(tmp_path / "two.safetensors")
+    from inference import Concept
+
+    again = Concept.load(tmp_path / "two.safetensors")
+    out = elite("a photo of S*", again, num_inference_steps=1, height=16, width=16, output_type="latent", seed=0)
+    assert torch.isfinite(out.images).all()
+    folder = tmp_path / "teapot"
+    (folder / "masks").mkdir(parents=True)
+    photo, mask = photos["teapot"]
+    shutil.copy(photo, folder / "04.jpg")
+    shutil.copy(mask, folder / "masks" / "04.png")
+    from_folder = elite.encode_concept(folder)
+    assert from_folder.metadata["mask_source"] == "04.png"  # found in masks/
+    torch.testing.assert_close(from_folder.w0, elite.encode_concept(photo, mask).w0)
