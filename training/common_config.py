@@ -64,6 +64,8 @@ class TrainConfig:
     dataloader_num_workers: int = keyed_field("data loading worker processes per training process", 0)
     push_to_hub: bool = keyed_field("upload the exported folder to the Hub at the end", False)
     hub_model_id: Optional[str] = keyed_field("Hub repo id for push_to_hub (user/name)", None)
+    license: str = keyed_field("the model card's license (Stable Diffusion v1 derivatives: creativeml-openrail-m)",
+                               "creativeml-openrail-m")
     hub_private: bool = keyed_field("create the Hub repo as private", False)
 
     def __post_init__(self) -> None:

@@ -40,6 +40,7 @@ from inference.loading import pipeline_from_parts
 
 from .common_config import TrainConfig
 from .diffusion import FrozenStableDiffusion, denoising_loss
+from .export import card_header, copy_samples, describe_source
 from .loop import TrainingTask
 from .shard_reader import mix_seed
 from .templates import TEMPLATES
@@ -360,22 +361,19 @@ class ConceptFinetuneTask(TrainingTask):
     def model_card(self) -> str:
         """The run folder's README: what was learned, how to use it (`model_card_notes`), how it was trained."""
         c = self.config
-        tags = "\n".join(f"- {t}" for t in (*self.card_tags, "stable-diffusion", "zero-step-personalization"))
         masks = int(self.photos.has_mask.sum()) if hasattr(self, "photos") else 0
         photos = len(self.photos) if hasattr(self, "photos") else "?"
-        return f"""---
-library_name: diffusers
-base_model: {c.pretrained_model_name_or_path}
-tags:
-{tags}
----
-
+        samples = copy_samples(c.output_dir, c.resolved_export_dir)
+        header = card_header(c, [*self.card_tags, "stable-diffusion", "zero-step-personalization"])
+        header = header.replace("---\n", "---\nlibrary_name: diffusers\n", 1)  # loads with diffusers' own loaders
+        return header + f"""
 {self.model_card_notes()}
+{chr(10) + "![validation samples](" + samples + ")" + chr(10) if samples else ""}
 ## Training
 
-- {photos} photos from `{c.concept_dir}`{f" ({masks} with masks)" if masks else ""}, {c.data.resolution} px, horizontal flips p={c.data.flip_p}, {c.data.templates} caption templates
+- {photos} photos from `{Path(c.concept_dir).name}`{f" ({masks} with masks)" if masks else ""}, {c.data.resolution} px, horizontal flips p={c.data.flip_p}, {c.data.templates} caption templates
 - {c.max_steps} steps, batch {c.train_batch_size} x accumulation {c.gradient_accumulation_steps}, learning rate {c.learning_rate:g}{" (scaled by the batch)" if c.scale_lr else ""}, {c.mixed_precision} precision, seed {c.seed}
-- base model `{c.pretrained_model_name_or_path}`; every setting in `training_config_{self.name}.yaml`
+- base model {describe_source(c.pretrained_model_name_or_path)}; every setting in `training_config_{self.name}.yaml`
 - `concept.json` describes the concept for `python -m inference.evaluate runs=<this folder>`
 """
 

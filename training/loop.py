@@ -85,7 +85,7 @@ STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 # Keys that may differ between a checkpoint and the run resuming it: they do not change what is trained.
 RESUME_FREE_KEYS = {
     "max_steps", "resume_from_checkpoint", "resume_overrides", "checkpointing_steps", "checkpoints_total_limit",
-    "logging_steps", "report_to", "tracker_project_name", "push_to_hub", "hub_model_id", "hub_private",
+    "logging_steps", "report_to", "tracker_project_name", "push_to_hub", "hub_model_id", "hub_private", "license",
     "export_dir", "output_dir",
 }
 
