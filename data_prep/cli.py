@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from encoders.common.config import ConfigError, describe_keys, load_config
+from encoders.common.config import ConfigError, describe_keys, load_config, program_name
 from encoders.common.processes import available_cpus
 from encoders.common.shards import ShardSpecError
 
@@ -143,7 +145,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep",
+        prog=program_name("python -m data_prep"),
         description="Offline data pipelines: object crops with masks and boxes into WebDataset shards, and tools to check them.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
@@ -156,9 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SETTING = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def _rescue_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`key=value` written after an option that takes several files (`--boxes a.csv b.csv mask_from_box=true`)
+    is a setting, not a file: move it to the overrides, or stop with an error where the command has none."""
+    for name, value in vars(args).items():
+        if name == "overrides" or not isinstance(value, list):
+            continue
+        settings = [item for item in value if isinstance(item, str) and _SETTING.match(item) and not os.path.exists(item)]
+        if not settings:
+            continue
+        if not hasattr(args, "overrides"):
+            parser.error(f"{settings[0]!r} looks like a setting, but {args.command} takes no key=value settings")
+        kept = [item for item in value if item not in settings]
+        if not kept:
+            parser.error(f"--{name.replace('_', '-')} names no file, only settings: {' '.join(settings)}")
+        setattr(args, name, kept)
+        args.overrides = [*args.overrides, *settings]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _rescue_settings(args, parser)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args._run(args)

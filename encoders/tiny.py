@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from .common.config import program_name
 from .common.files import atomic_directory
 
 TINY_SEED = 0
@@ -244,7 +245,7 @@ def build_tiny_models(out_root: str | Path, names: list[str] | None = None, forc
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m encoders.tiny",
+        prog=program_name("python -m encoders.tiny"),
         description="Build the offline tiny models (random init, fixed seed) in their Hub on-disk formats.",
     )
     parser.add_argument("--out", default="outputs/demo/models", help="folder that receives one subfolder per model")

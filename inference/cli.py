@@ -43,6 +43,7 @@ import diffusers
 import torch
 import transformers
 
+from encoders.common.config import program_name
 from encoders.common.files import OutputPathError, atomic_write_json, check_writable_file, check_writable_folder
 
 from .composition import default_words, parse_token_box, plan_guidance
@@ -184,7 +185,7 @@ def _add_concept_options(parser: argparse.ArgumentParser, generate: bool = False
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m inference",
+        prog=program_name("python -m inference"),
         description="Zero-step personalized text-to-image generation with ELITE encoders (no fine-tuning).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

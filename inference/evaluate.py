@@ -123,7 +123,8 @@ GENERIC_PROMPTS = (
 class EvalConfig:
     """What to evaluate, on which prompts and seeds, with which scoring models."""
 
-    CONFIG_ALIASES: ClassVar[dict[str, str]] = {"elite_lambda": "elite_scale"}  # old key spellings
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {  # other spellings of the same keys
+        "elite_lambda": "elite_scale", "pretrained_model_name_or_path": "base"}
 
     base: str = keyed_field("base Stable Diffusion pipeline (folder or Hub id)", "CompVis/stable-diffusion-v1-4")
     out: str = keyed_field("output folder", "outputs/eval")

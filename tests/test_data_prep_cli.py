@@ -98,3 +98,20 @@ def test_inspect_reports_a_manifest_that_lies(crop_shards, tmp_path, capsys):
 def test_cli_errors_are_one_line(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_setting_after_a_list_of_files_is_not_taken_for_a_file(tmp_path, capsys):
+    from data_prep.cli import _rescue_settings, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["openimages", "--images", "i", "--classes", "c.csv", "--out", str(tmp_path),
+                              "--boxes", "a.csv", "b.csv", "resolution=48", "mask_from_box=true"])
+    _rescue_settings(args, parser)
+    assert args.boxes == ["a.csv", "b.csv"] and args.overrides == ["resolution=48", "mask_from_box=true"]
+    with pytest.raises(SystemExit):
+        args = parser.parse_args(["openimages", "--images", "i", "--classes", "c", "--out", "o", "--boxes", "resolution=48"])
+        _rescue_settings(args, parser)
+    assert "--boxes names no file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["inspect", str(tmp_path), "verify=true"])
+    assert "takes no key=value settings" in capsys.readouterr().err

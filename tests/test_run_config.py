@@ -84,3 +84,28 @@ def test_cli_error_exits_with_message(capsys):
     with pytest.raises(SystemExit):
         parse_config_cli(ExampleConfig, ["bogus=1"], prog="x")
     assert "bogus" in capsys.readouterr().err
+
+
+def test_cli_accepts_dashed_keys_like_diffusers_scripts():
+    cfg = parse_config_cli(
+        ExampleConfig, ["--learning-rate=3e-4", "--max_steps", "4", "--push_to_hub", "--subspace.dim", "2", "layers=1"]
+    )
+    assert cfg.learning_rate == 3e-4 and cfg.max_steps == 4 and cfg.push_to_hub is True
+    assert cfg.subspace.dim == 2 and cfg.layers == (1,)
+
+
+def test_cli_dashed_unknown_key_still_named(capsys):
+    with pytest.raises(SystemExit):
+        parse_config_cli(ExampleConfig, ["--max-stepz", "3"], prog="x")
+    assert "max_stepz" in capsys.readouterr().err
+
+
+def test_trainers_take_base_like_every_other_command(tmp_path):
+    from training.common_config import TrainConfig
+
+    assert parse_config_cli(TrainConfig, ["--base", "some/model"]).pretrained_model_name_or_path == "some/model"
+    assert load_config(TrainConfig, None, ["base=x"]).pretrained_model_name_or_path == "x"
+    both = tmp_path / "both.yaml"
+    both.write_text("base: x\npretrained_model_name_or_path: y\n")
+    with pytest.raises(ConfigError, match="base"):
+        load_config(TrainConfig, both)

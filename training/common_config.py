@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
+
+from accelerate.utils import LoggerType
 
 from encoders.anchors import AnchorRegularizer
 from encoders.common.config import ConfigError, keyed_field
@@ -17,6 +19,9 @@ from encoders.common.config import ConfigError, keyed_field
 @dataclass
 class TrainConfig:
     """Settings shared by all trainers: models, data, optimisation, checkpoints, logging, export."""
+
+    # `base` is the name every other command uses for the base pipeline (`--base X` works too)
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {"base": "pretrained_model_name_or_path"}
 
     pretrained_model_name_or_path: str = keyed_field(
         "base Stable Diffusion pipeline: a diffusers folder or Hub id", "CompVis/stable-diffusion-v1-4"
@@ -57,7 +62,10 @@ class TrainConfig:
         factory=list,
     )
     seed: int = keyed_field("seed for model init, noise, timesteps and data order", 0)
-    report_to: Literal["tensorboard", "none"] = keyed_field("experiment tracker (through accelerate)", "tensorboard")
+    report_to: str = keyed_field(
+        "experiment trackers through accelerate, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, "
+        "clearml, dvclive, trackio, swanlab, all (every installed one) or none; validation images go to each "
+        "tracker that takes images", "tensorboard")
     tracker_project_name: Optional[str] = keyed_field("tracker run name (default: the trainer's name)", None)
     logging_steps: int = keyed_field("log averaged metrics every N optimizer steps", 10)
     validation_steps: int = keyed_field("render validation images every N optimizer steps (0 disables)", 0)
@@ -82,6 +90,12 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub=true needs hub_model_id=<user/name>")
+        self.report_to = ",".join(name.strip() for name in self.report_to.split(",") if name.strip()) or "none"
+        known = {"none", *(kind.value for kind in LoggerType)}
+        unknown = [name for name in self.report_to.split(",") if name not in known]
+        if unknown or ("none" in self.report_to.split(",") and self.report_to != "none"):
+            raise ConfigError(f"report_to: unknown tracker {', '.join(unknown) or 'none with others'}; "
+                              f"use none or a comma-separated list of {', '.join(sorted(known - {'none'}))}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(f"checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
 

@@ -201,7 +201,7 @@ def _make_accelerator(config: TrainConfig):
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,  # None: accelerate launch / its config file decides
-        log_with=None if config.report_to == "none" else config.report_to,
+        log_with=None if config.report_to == "none" else config.report_to.split(","),
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
         ),
@@ -251,6 +251,23 @@ def _flat(prefix: str, value) -> dict:
             out.update(_flat(f"{prefix}{k}.", v))
         return out
     return {prefix[:-1]: value}
+
+
+def log_validation_sheet(trackers, sheet, step: int) -> list[str]:
+    """The validation sheet to every tracker that takes images (accelerate's `log_images`: tensorboard,
+    wandb, aim, clearml, swanlab, ...); returns the names it went to. A tracker that fails is logged, not fatal."""
+    sent = []
+    for tracker in trackers:
+        if not callable(getattr(tracker, "log_images", None)):
+            continue
+        kwargs = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}  # SummaryWriter wants the layout
+        images = [np.asarray(sheet)] if tracker.name == "tensorboard" else [sheet]
+        try:
+            tracker.log_images({"validation": np.stack(images) if kwargs else images}, step=step, **kwargs)
+            sent.append(tracker.name)
+        except Exception as err:  # noqa: BLE001 - a tracker's own failure must not end a training run
+            logger.warning("could not log validation images to %s: %s", tracker.name, err)
+    return sent
 
 
 def _flat_for_tracker(cfg: TrainConfig) -> dict:
@@ -538,12 +555,7 @@ class _Run:
         if images:
             sheet = _grid(images)
             atomic_write(self.output_dir / "validation" / f"step-{step:06d}.png", lambda tmp: sheet.save(tmp, format="PNG"))
-            try:
-
-                tracker = acc.get_tracker("tensorboard", unwrap=True)
-                tracker.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
-            except (ValueError, AttributeError, ImportError):
-                logger.debug("no tensorboard tracker for validation images")
+            log_validation_sheet(acc.trackers, sheet, step)
         acc.wait_for_everyone()
 
     # ---- export ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -76,7 +77,8 @@ def _canonical_keys(cls: type, data: dict) -> dict:
         elif isinstance(node[leaf], dict) and isinstance(value, dict):
             node[leaf].update(value)  # a group given both as `data: {...}` and through an old flat key
         else:
-            raise ConfigError(f"config key {name!r} is given twice (also as {key!r})")
+            spellings = sorted({key, name, *(old for old, new in aliases.items() if new == name)})
+            raise ConfigError(f"config key {name!r} is given twice (as {' and '.join(map(repr, spellings))}: keep one)")
     return out
 
 
@@ -342,8 +344,48 @@ def describe_keys(cls: type, prefix: str = "", instance: Any = None) -> list[str
     return lines
 
 
+def program_name(module_form: str) -> str:
+    """The name a usage line should show: the console script when the command was started as one
+    (`zsp generate ...`), otherwise its `python -m` form."""
+    started_as = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if started_as and not started_as.endswith(".py"):
+        from importlib.metadata import entry_points
+
+        package = module_form.replace("python -m ", "").split(".")[0]
+        for script in entry_points(group="console_scripts"):
+            if script.name == started_as and script.value.split(".")[0] == package:
+                return started_as
+    return module_form
+
+
+def dashed_overrides(argv: list[str]) -> list[str]:
+    """`--key=value`, `--key value` and a bare `--flag` (how diffusers' and the papers' scripts are called)
+    as `key=value` / `flag=true`; dashes inside the name become underscores. `--config`, `-h`/`--help`
+    and plain `key=value` pass through unchanged."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name = token[2:].split("=", 1)[0]
+        if not token.startswith("--") or name in ("config", "help") or not name:
+            out.append(token)
+            i += 1
+            continue
+        key = name.replace("-", "_")
+        if "=" in token:
+            out.append(f"{key}={token.split('=', 1)[1]}")
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--") and "=" not in argv[i + 1]:
+            out.append(f"{key}={argv[i + 1]}")
+            i += 1
+        else:
+            out.append(f"{key}=true")
+        i += 1
+    return out
+
+
 def parse_config_cli(cls: type[T], argv: list[str] | None = None, prog: str | None = None, description: str = "") -> T:
-    """Command-line entry for a config: `[--config FILE] [key=value ...]`; `--help` lists every key."""
+    """Command-line entry for a config: `[--config FILE] [key=value ...]` (also `--key=value`, `--key value`);
+    `--help` lists every key."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -351,8 +393,9 @@ def parse_config_cli(cls: type[T], argv: list[str] | None = None, prog: str | No
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file with keys to set; key=value arguments override it")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to set")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config keys to set (--key=value and --key value work too)")
+    args = parser.parse_args(dashed_overrides(list(sys.argv[1:] if argv is None else argv)))
     try:
         return load_config(cls, args.config, args.overrides)
     except ConfigError as err:
