@@ -87,8 +87,9 @@ class Concept:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "Concept":
-        """Read a concept written by `save`; a clear `ConceptFileError` for anything else."""
-        path = Path(path)
+        """Read a concept written by `save` (a file, or `user/repo/path/in/repo.safetensors` on the Hub);
+        a clear `ConceptFileError` for anything else."""
+        path = _fetch_concept_file(path)
         if not path.is_file():
             raise ConceptFileError(f"concept file {path}: no such file")
         try:
@@ -115,3 +116,18 @@ class Concept:
         local = f", {int(self.local_keep.sum())}/{self.local_tokens.shape[0]} local tokens" if self.has_local else ""
         origin = self.metadata.get("source_image", "?")
         return f"concept from {origin}: w0[{self.text_dim}]{local}"
+
+
+def _fetch_concept_file(path: str | Path) -> Path:
+    """A local path as it is; `user/repo/file.safetensors` (no such local file) from the Hub, cached."""
+    local = Path(path)
+    parts = str(path).split("/")
+    if local.exists() or len(parts) < 3 or str(path).startswith((".", "/", "~")):
+        return local
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise ConceptFileError(f"concept file {path}: not a local file, and not found on the Hub ({err})") from err

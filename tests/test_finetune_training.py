@@ -106,6 +106,7 @@ def test_textual_inversion_trains_and_loads_with_diffusers(tiny_sd_path, data_di
     assert list(saved) == ["S*"] and saved["S*"].shape == (1, 32)
     info = json.loads((out / "concept.json").read_text())
     assert info["method"] == "textual_inversion" and info["class_word"] == "dog"
+    assert info["semantic_inversion"] is False
     card = (out / "README.md").read_text()
     assert "load_textual_inversion" in card and "textual_inversion" in card.split("---")[1]
     assert "encoders" not in card.split("\n# ")[1].split("\n")[0]  # its own card, not the encoders folder's
@@ -168,7 +169,8 @@ def test_batex_with_anchors_stays_in_the_span_of_its_basis(tiny_sd_path, data_di
     assert matrix_rank(sub.basis) >= 24 > matrix_rank(sub.basis[:-1])
     assert sub.basis_ids[0].item() == cat
     assert not torch.allclose(v.float(), vocab[cat])  # trained away from the one-hot start
-    assert json.loads((out / "concept.json").read_text())["method"] == "batex"
+    info = json.loads((out / "concept.json").read_text())
+    assert info["method"] == "batex" and info["semantic_inversion"] is True  # trained with anchors
 
 
 def test_infusion_trains_and_changes_only_class_word_prompts(tiny_sd_path, data_dir, tmp_path):

@@ -48,3 +48,52 @@ def test_push_uploads_only_what_loads(tmp_path, monkeypatch):
         assert any(fnmatch.fnmatch(path, pattern) for pattern in ignored), path
     for path in ("local_mapping/config.json", "learned_embeds.safetensors", "README.md", "samples.png", "concept.json"):
         assert not any(fnmatch.fnmatch(path, pattern) for pattern in ignored), path
+
+
+def _hub_cache(monkeypatch, tmp_path, repo: str, files: dict) -> None:
+    """A Hugging Face cache holding `repo` at main, as `snapshot_download` / `hf_hub_download` leave it
+    (the tests run offline: what the loaders read is the cache)."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    for name, write in files.items():
+        path = root / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+
+def test_fine_tunes_and_concept_files_load_from_hub_ids(tmp_path, monkeypatch, tiny_sd_path):
+    import torch
+
+    from encoders.common.finetune_folder import FinetuneFolderError, read_finetune
+    from inference.concept import Concept
+    from inference.finetuned import load_embedding
+    from inference.loading import load_base_pipeline
+
+    pipe = load_base_pipeline(str(tiny_sd_path), device="cpu", dtype="float32", safety_checker=False)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    concept = Concept(torch.randn(width), None, None, {"source": "test"})
+    _hub_cache(monkeypatch, tmp_path, "someone/cat-toy", {
+        # the sd-concepts-library layout: a pickled dict, its token in a text file, no concept.json
+        "learned_embeds.bin": lambda p: torch.save({"<cat-toy>": torch.randn(width)}, p),
+        "token_identifier.txt": lambda p: p.write_text("<cat-toy>\n"),
+        "type_of_concept.txt": lambda p: p.write_text("object"),
+        "concepts/teapot.safetensors": lambda p: concept.save(p),
+    })
+    run = read_finetune("someone/cat-toy")
+    assert run.method == "textual_inversion" and run.placeholder_token == "<cat-toy>"
+    assert load_embedding(pipe, run) == "<cat-toy>" and "<cat-toy>" in pipe.tokenizer.get_vocab()
+    loaded = Concept.load("someone/cat-toy/concepts/teapot.safetensors")
+    torch.testing.assert_close(loaded.w0, concept.w0)
+    for missing in ("someone/absent", "someone/absent/x.safetensors"):
+        try:
+            (read_finetune if missing.count("/") == 1 else Concept.load)(missing)
+        except (FinetuneFolderError, ValueError) as err:
+            assert "absent" in str(err)
+        else:
+            raise AssertionError(f"{missing} loaded")

@@ -341,8 +341,9 @@ class ConceptFinetuneTask(TrainingTask):
         generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
         return self.sample(models, [prompt] * self.config.num_validation_images, generator)
 
-    def write_concept_file(self, export_dir: Path, method: str, files: Mapping[str, str]) -> str:
-        """`concept.json`: what was learned, from which photos, for which base model (for evaluation)."""
+    def write_concept_file(self, export_dir: Path, method: str, files: Mapping[str, str], **extra) -> str:
+        """`concept.json`: what was learned, from which photos, for which base model (for evaluation);
+        `extra` keys are recorded too (e.g. `semantic_inversion`)."""
         config = self.config
         info = {
             "method": method,
@@ -353,6 +354,7 @@ class ConceptFinetuneTask(TrainingTask):
             "base_model": config.pretrained_model_name_or_path,
             "max_steps": config.max_steps,
             "files": dict(files),
+            **extra,
         }
         return write_concept_info(export_dir, info)
 

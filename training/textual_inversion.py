@@ -204,7 +204,8 @@ class TextualInversionTask(ConceptFinetuneTask):
             written.append(export_model(word, export_dir, SUBSPACE_FOLDER))
             files["subspace"] = SUBSPACE_FOLDER
         method = "batex" if self.config.subspace.enabled else "textual_inversion"
-        written.append(self.write_concept_file(export_dir, method, files))
+        written.append(self.write_concept_file(export_dir, method, files,
+                                               semantic_inversion=bool(self.config.anchors.enabled)))
         return written
 
     def model_card_notes(self) -> str:

@@ -53,6 +53,11 @@ class FinetuneRun:
     def class_word(self) -> str:
         return self.info.get("class_word") or ""
 
+    @property
+    def semantic_inversion(self) -> bool:
+        """Trained with the anchor-attractor loss (compositional inversion's semantic half)."""
+        return bool(self.info.get("semantic_inversion", False))
+
     def result_path(self) -> Path:
         """The embeddings file (TI / BaTex) or the residuals folder (Infusion)."""
         files = self.info.get("files", {})
@@ -69,12 +74,54 @@ def write_concept_info(folder: str | os.PathLike, info: Mapping[str, Any]) -> st
     return CONCEPT_FILE
 
 
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
+
+
+def fetch_finetune(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local fine-tune folder as it is, or a Hub repo id (`user/name`) downloaded with
+    `huggingface_hub.snapshot_download` (cached; offline mode reads the cache)."""
+    folder = Path(source)
+    if folder.exists() or not _looks_like_repo_id(str(source)):
+        return folder
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(source), revision=revision))
+    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise FinetuneFolderError(f"{source} is neither a local fine-tune folder nor a Hub repo that can be downloaded: {err}") from err
+
+
+def _concepts_library_embedding(folder: Path) -> Path | None:
+    for name in (EMBEDDINGS_FILE, "learned_embeds.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _concepts_library_run(folder: Path) -> FinetuneRun:
+    """A Textual Inversion repo in the sd-concepts-library layout (`learned_embeds.bin` or `.safetensors`,
+    `token_identifier.txt`, `type_of_concept.txt`; no concept.json): usable for generation, not for
+    evaluation (it names no concept photos)."""
+    embedding = _concepts_library_embedding(folder)
+    token_file = folder / "token_identifier.txt"
+    info: dict[str, Any] = {"method": "textual_inversion", "files": {"embeddings": embedding.name},
+                            "layout": "sd-concepts-library"}
+    if token_file.is_file():
+        info["placeholder_token"] = token_file.read_text(encoding="utf-8").strip()
+    return FinetuneRun("textual_inversion", folder, info)
+
+
 def read_finetune(folder: str | os.PathLike) -> FinetuneRun:
-    """Read `folder/concept.json`; errors name the folder and what is wrong with it."""
-    folder = Path(folder)
+    """Read `folder/concept.json` (a local folder or a Hub repo id); errors name the folder and what is wrong."""
+    folder = fetch_finetune(folder)
     info_file = folder / CONCEPT_FILE
     if not folder.is_dir():
         raise FinetuneFolderError(f"fine-tune folder {folder} does not exist")
+    if not info_file.is_file() and _concepts_library_embedding(folder) is not None:
+        return _concepts_library_run(folder)
     if not info_file.is_file():
         raise FinetuneFolderError(
             f"{folder} has no {CONCEPT_FILE}: is it the output_dir of a finished "
