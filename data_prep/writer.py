@@ -57,6 +57,7 @@ from encoders.common.shards import (  # noqa: F401  (the shard contract, re-expo
     read_manifest,
     shard_file_name,
 )
+from encoders.common.version import package_version
 
 logger = logging.getLogger("data_prep")
 TAR_MTIME = 946684800  # 2000-01-01: fixed member mtime (reproducible, and GNU tar does not call it implausible)
@@ -534,6 +535,7 @@ def _write_node_shards(items, process, job: ShardJob, settings, source, source_s
         "fingerprint": run_fingerprint,
         "settings": dict(settings),
         "source": dict(source or {}),
+        "package_version": package_version(),
     }
     target = out / (MANIFEST_NAME if job.num_nodes == 1 else node_manifest_name(job.node_rank, job.num_nodes))
     atomic_write_json(target, manifest)

@@ -45,6 +45,7 @@ import transformers
 
 from encoders.common.config import program_name
 from encoders.common.files import OutputPathError, atomic_write_json, check_writable_file, check_writable_folder
+from encoders.common.version import DISTRIBUTION, package_version
 
 from .composition import default_words, parse_token_box, plan_guidance
 from .concept import Concept, ConceptFileError
@@ -314,7 +315,8 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
 
 
 def _versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    return {DISTRIBUTION: package_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
 
 
 def _crop(args) -> bool | None:

@@ -45,6 +45,7 @@ from encoders.attention import CONTEXT_KWARG, AttentionContext
 from encoders.common.config import ConfigError, config_to_dict, keyed_field, parse_config_cli
 from encoders.common.files import atomic_write_json, atomic_write_text
 from encoders.common.images import find_mask, list_photos
+from encoders.common.version import package_version
 from encoders.infusion import EXTRAS_KEY, dual_stream_call, set_infusion_processors
 
 from .finetuned import (
@@ -548,7 +549,8 @@ class Evaluator:
         write_csv(summary, self.out / "summary.csv")
         table = markdown_table(summary)
         atomic_write_text(self.out / "results.md", table)
-        atomic_write_json(self.out / "results.json", {"config": config_to_dict(self.config), "summary": summary})
+        atomic_write_json(self.out / "results.json", {"config": config_to_dict(self.config), "package_version": package_version(),
+                                                          "summary": summary})
         for name, rows in grids.items():
             save_image_atomic(make_grid(rows), self.out / "grids" / f"{_slug(name)}.png")
 

@@ -106,7 +106,7 @@ def test_textual_inversion_trains_and_loads_with_diffusers(tiny_sd_path, data_di
     assert list(saved) == ["S*"] and saved["S*"].shape == (1, 32)
     info = json.loads((out / "concept.json").read_text())
     assert info["method"] == "textual_inversion" and info["class_word"] == "dog"
-    assert info["semantic_inversion"] is False
+    assert info["semantic_inversion"] is False and info["package_version"]
     card = (out / "README.md").read_text()
     assert "load_textual_inversion" in card and "textual_inversion" in card.split("---")[1]
     assert "encoders" not in card.split("\n# ")[1].split("\n")[0]  # its own card, not the encoders folder's

@@ -68,6 +68,7 @@ def test_generate_with_a_concept_writes_everything_and_imports_no_training_stack
     assert {"inference", "encoders", "diffusers"} <= loaded
 
     settings = json.loads((out / "settings.json").read_text())
+    assert settings["versions"]["zero-step-personalization"] not in ("", None)  # the package version is recorded
     written = sorted(p.name for p in out.iterdir())
     assert not [name for name in written if name.startswith(".") or name.endswith(".tmp")]
     assert sorted(settings["files"] + ["concept_0.safetensors", "settings.json"]) == written

@@ -10,4 +10,5 @@ Nothing here imports another part of the project (not even the rest of `encoders
 - `shards`: the shard contract: file names, manifest, shard specs, crop / pair / latent members.
 - `finetune_folder`: what a per-concept fine-tune's output folder holds (`concept.json`, result files).
 - `images`: image file suffixes, a folder's photos and the mask beside each photo.
+- `version`: this project's installed version, recorded in what it writes.
 """

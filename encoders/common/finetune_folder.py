@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .files import atomic_write_json
+from .version import package_version
 
 CONCEPT_FILE = "concept.json"
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
@@ -70,7 +71,7 @@ def write_concept_info(folder: str | os.PathLike, info: Mapping[str, Any]) -> st
     """Write `folder/concept.json` (atomically); returns its file name."""
     if info.get("method") not in FINETUNE_METHODS:
         raise ValueError(f"concept.json needs a method among {', '.join(FINETUNE_METHODS)}, got {info.get('method')!r}")
-    atomic_write_json(Path(folder) / CONCEPT_FILE, dict(info))
+    atomic_write_json(Path(folder) / CONCEPT_FILE, {**info, "package_version": package_version()})
     return CONCEPT_FILE
 
 
