@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from encoders.common.files import atomic_write
+from encoders.common.hub import HubFetchError, local_or_hub
 
 CONCEPT_FORMAT = "zsp-concept/1"
 
@@ -118,16 +119,12 @@ class Concept:
         return f"concept from {origin}: w0[{self.text_dim}]{local}"
 
 
+
 def _fetch_concept_file(path: str | Path) -> Path:
     """A local path as it is; `user/repo/file.safetensors` (no such local file) from the Hub, cached."""
-    local = Path(path)
-    parts = str(path).split("/")
-    if local.exists() or len(parts) < 3 or str(path).startswith((".", "/", "~")):
-        return local
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
+    if len(str(path).split("/")) < 3 or str(path).startswith("/"):
+        return Path(path)
     try:
-        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
-    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        return local_or_hub(path)
+    except HubFetchError as err:
         raise ConceptFileError(f"concept file {path}: not a local file, and not found on the Hub ({err})") from err

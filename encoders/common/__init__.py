@@ -11,4 +11,5 @@ Nothing here imports another part of the project (not even the rest of `encoders
 - `finetune_folder`: what a per-concept fine-tune's output folder holds (`concept.json`, result files).
 - `images`: image file suffixes, a folder's photos and the mask beside each photo.
 - `version`: this project's installed version, recorded in what it writes.
+- `hub`: a local path or a Hub id (repo or file), resolved one way everywhere.
 """

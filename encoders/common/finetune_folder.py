@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .files import atomic_write_json
+from .hub import HubFetchError, local_or_hub
 from .version import package_version
 
 CONCEPT_FILE = "concept.json"
@@ -75,23 +76,11 @@ def write_concept_info(folder: str | os.PathLike, info: Mapping[str, Any]) -> st
     return CONCEPT_FILE
 
 
-def _looks_like_repo_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
-
-
 def fetch_finetune(source: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local fine-tune folder as it is, or a Hub repo id (`user/name`) downloaded with
-    `huggingface_hub.snapshot_download` (cached; offline mode reads the cache)."""
-    folder = Path(source)
-    if folder.exists() or not _looks_like_repo_id(str(source)):
-        return folder
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
+    """A local fine-tune folder as it is, or a Hub repo id (`user/name`) downloaded (`hub.local_or_hub`)."""
     try:
-        return Path(snapshot_download(str(source), revision=revision))
-    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        return local_or_hub(source, revision)
+    except HubFetchError as err:
         raise FinetuneFolderError(f"{source} is neither a local fine-tune folder nor a Hub repo that can be downloaded: {err}") from err
 
 
