@@ -260,10 +260,12 @@ def log_validation_sheet(trackers, sheet, step: int) -> list[str]:
     for tracker in trackers:
         if not callable(getattr(tracker, "log_images", None)):
             continue
-        kwargs = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}  # SummaryWriter wants the layout
-        images = [np.asarray(sheet)] if tracker.name == "tensorboard" else [sheet]
+        if tracker.name == "tensorboard":  # SummaryWriter.add_images wants one array and its layout
+            images, kwargs = np.asarray(sheet)[None], {"dataformats": "NHWC"}
+        else:
+            images, kwargs = [sheet], {}
         try:
-            tracker.log_images({"validation": np.stack(images) if kwargs else images}, step=step, **kwargs)
+            tracker.log_images({"validation": images}, step=step, **kwargs)
             sent.append(tracker.name)
         except Exception as err:  # noqa: BLE001 - a tracker's own failure must not end a training run
             logger.warning("could not log validation images to %s: %s", tracker.name, err)
