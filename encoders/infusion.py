@@ -284,13 +284,20 @@ class InfusionOutput:
     base_images: list  # the foundational model's images from the same noise (F stream); [] without replacement
 
 
+def _same_state(generator: torch.Generator) -> torch.Generator:
+    """A new generator in the same state (it will draw the same numbers)."""
+    twin = torch.Generator(generator.device)
+    twin.set_state(generator.get_state())
+    return twin
+
+
 @torch.no_grad()
 def generate_with_infusion(
     pipe,
     prompts: str | Sequence[str],
     concepts: Sequence[InfusionResiduals],
     replace_maps: bool = True,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     negative_prompt: str | None = None,
     **pipe_kwargs,
 ) -> InfusionOutput:
@@ -309,8 +316,11 @@ def generate_with_infusion(
     shape = (n, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     latents = pipe_kwargs.pop("latents", None)
     if latents is None:
-        device = generator.device if generator is not None else torch.device("cpu")
-        latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        if isinstance(generator, (list, tuple)):  # one generator per prompt, as diffusers takes them
+            latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator])
+        else:
+            device = generator.device if generator is not None else torch.device("cpu")
+            latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     latents = latents.to(pipe.device, pipe.unet.dtype)
 
     concepts = [c.to(pipe.device) for c in concepts]
@@ -318,6 +328,8 @@ def generate_with_infusion(
         rows = prompts + prompts
         latents = torch.cat([latents, latents])
         call = dual_stream_call(pipe.tokenizer, prompts, concepts)
+        if isinstance(generator, (list, tuple)):  # a stochastic sampler: both streams of a prompt draw the same noise
+            generator = [_same_state(g) for g in generator] + list(generator)
     else:
         rows = prompts
         call = infusion_call(pipe.tokenizer, rows, concepts)

@@ -75,10 +75,19 @@ def seeded_latents(pipe, seeds: Sequence[int], height: int | None = None, width:
     The same noise every method starts from (and what the pipeline draws from
     `torch.Generator("cpu").manual_seed(seed)`), so images of different methods compare.
     """
+    return seeded_noise(pipe, seeds, height, width)[0]
+
+
+def seeded_noise(pipe, seeds: Sequence[int], height: int | None = None, width: int | None = None):
+    """`(latents, generators)`: the initial noise of one image per seed and each seed's CPU generator
+    after drawing it, as diffusers leaves them when given `generator=[...]` and no latents. A
+    stochastic sampler (DDPM) given these generators draws each image's step noise as the pipeline
+    would, so every method and a re-run see the same noise."""
     default_h, default_w = default_image_size(pipe)
     height, width = height or default_h, width or default_w
     shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    return torch.cat([torch.randn(shape, generator=g) for g in generators]), generators
 
 
 @torch.no_grad()

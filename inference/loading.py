@@ -34,6 +34,7 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",  # ELITE's sampler, with SD v1's published betas (100 steps, guidance 5 in the paper)
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",  # SD v1-4's default
+    "ddpm": "DDPMScheduler",  # ancestral; Compositional Inversion's evaluation sampler (50 steps)
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler",
