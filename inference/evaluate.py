@@ -1,46 +1,59 @@
 """One command that generates with every method on the same concepts, prompts and seeds, and scores them.
 
     python -m inference.evaluate base=CompVis/stable-diffusion-v1-4 \\
-        runs=out/dog_ti,out/dog_batex,out/cat_infusion encoders=ORG/elite-encoders out=eval/
+        runs=out/dog_ti,out/dog_batex,out/cat_infusion encoders=ORG/elite-encoders out=eval/ protocol=all
 
 Methods (rows of the table), each on every concept it has, with the same initial noise per seed:
 - `base`: the base model with the class word ("a dog in the jungle"), the reference;
 - `elite`: the ELITE encoders (`inference.ElitePipeline`), one photo (+ its mask when found) -> S*;
 - `textual_inversion` / `batex`: a fine-tune's `learned_embeds.safetensors`, loaded with diffusers'
-  own `load_textual_inversion`;
-- `infusion`: a fine-tune's `infusion/` residuals (`encoders.infusion.generate_with_infusion`).
-Fine-tune folders are found by their `concept.json` (written by `training.textual_inversion` and
-`training.infusion`), which names the concept photos and class word; `concepts=DIR[=class]` adds
-concepts for `base` / `elite` alone.
+  own `load_textual_inversion` (labelled "+ semantic" when trained with the anchor loss);
+- `infusion`: a fine-tune's `infusion/` residuals (`encoders.infusion.generate_with_infusion`);
+- "+ spatial" rows: the same concept with the location MLP's boxes for the learned token and the
+  other object steering the first steps (`inference.guidance`), in the compositional protocol.
+Fine-tune folders (or Hub repos) are found by their `concept.json`, which names the concept photos
+and class word; `concepts=DIR[=class]` adds concepts for `base` / `elite` alone.
 
-Prompts: DreamBooth's 25 editing prompts (the live-subject list for cats and dogs, the object list
-otherwise; shipped here), or a text file with one prompt per line and `{}` for the concept. With
-`coi=true`, "a photo of {} and a <object>" prompts measure the CoI likelihood (does the detector find
-the other object?). Scores (`inference.metrics`): CLIP-T with S* replaced by the class word, CLIP-I
-and DINO-I against the concept photos, CoI likelihood; with `infusion_measures=true` also the latent
-2-Wasserstein distance to the base model's images and, for Infusion, the latent Fisher divergence.
+`protocol` picks what is generated and how (`inference.protocols`): `elite`, `compositional` and
+`infusion` each reproduce their paper's evaluation (prompts, images per prompt, each method's sampler
+and guidance, metrics), `all` runs the three into `out/<protocol>/` with one combined `results.md`;
+`custom` (the default) runs the keys below as given. Quick CPU runs keep a protocol and shrink it
+with `num_prompts`, `seeds`, `num_inference_steps` (which then apply to every method).
 
-Writes under `out`: `images/<method>/<concept>/<prompt>_s<seed>.png` (reused on a re-run, so an
+Prompts (custom): DreamBooth's 25 editing prompts (the live-subject list for cats and dogs, the
+object list otherwise; shipped here), or a text file with one prompt per line and `{}` for the
+concept; `coi=true` adds "a photo of {} and a <object>" prompts. Scores (`inference.metrics`): CLIP-T
+with S* replaced by the class word, CLIP-I and DINO-I against the concept photos, CoI likelihood (does
+the detector find the other object?); with `infusion_measures=true` (the infusion protocol) also, for
+every method against the base model, the latent Fisher divergence of the noise predictions on
+non-customised prompts and on class-word prompts, and the latent 2-Wasserstein distance between
+their images on the same two kinds of prompts.
+
+Writes under `out`: `images/<row>/<concept>/<prompt>_s<seed>.png` (reused on a re-run, so an
 interrupted evaluation resumes), `scores.csv` (one row per image), `summary.csv`, `results.md` (the
-table), `results.json`, and `grids/<concept>.png` (one row per method).
+table), `results.json` (the exact settings of every row), and `grids/<concept>.png` (one row per method).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
+from encoders.anchors import coco_class_names
 from encoders.attention import CONTEXT_KWARG, AttentionContext
 from encoders.common.config import ConfigError, config_to_dict, keyed_field, parse_config_cli
 from encoders.common.files import atomic_write_json, atomic_write_text
@@ -48,6 +61,7 @@ from encoders.common.images import find_mask, list_photos
 from encoders.common.version import package_version
 from encoders.infusion import EXTRAS_KEY, dual_stream_call, set_infusion_processors
 
+from .composition import plan_guidance
 from .finetuned import (
     CONCEPT_FILE,
     FinetuneFolderError,
@@ -56,9 +70,10 @@ from .finetuned import (
     load_embedding,
     load_infusion,
     read_finetune,
-    seeded_latents,
+    seeded_noise,
 )
-from .loading import default_image_size, load_base_pipeline
+from .guidance import concepts_from_words, generate_with_spatial_guidance
+from .loading import ModelLoadError, default_image_size, load_base_pipeline, load_location_mlp, make_scheduler
 from .metrics import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_DETECTION_THRESHOLD,
@@ -74,8 +89,12 @@ from .metrics import (
 )
 from .pictures import make_grid, save_image_atomic
 from .pipeline import ElitePipeline
+from .presets import paper_elite_scale
+from .protocols import CUSTOM_SAMPLING, PROTOCOLS, Protocol, Sampling, protocols_for
 
 METHODS = ("base", "elite", "textual_inversion", "batex", "infusion")
+SPATIAL_METHODS = ("elite", "textual_inversion", "batex")  # Infusion's two streams and guidance's recording both own the processors
+ELITE_PLACEHOLDER = "S*"
 
 # DreamBooth's evaluation prompts (google/dreambooth dataset/prompts_and_classes.txt), "{}" = the concept.
 DREAMBOOTH_OBJECT_PROMPTS = (
@@ -120,6 +139,7 @@ GENERIC_PROMPTS = (
 )
 
 
+
 @dataclass
 class EvalConfig:
     """What to evaluate, on which prompts and seeds, with which scoring models."""
@@ -129,27 +149,44 @@ class EvalConfig:
 
     base: str = keyed_field("base Stable Diffusion pipeline (folder or Hub id)", "CompVis/stable-diffusion-v1-4")
     out: str = keyed_field("output folder", "outputs/eval")
+    protocol: str = keyed_field(
+        f"custom (the keys as given), {', '.join(PROTOCOLS)} (each paper's evaluation) or all", "custom"
+    )
     runs: list[str] = keyed_field("fine-tune output folders (with concept.json): Textual Inversion, BaTex, Infusion", factory=list)
     encoders: Optional[str] = keyed_field("ELITE encoders folder or Hub repo (enables the elite method)", None)
     image_encoder: Optional[str] = keyed_field("image encoder for the ELITE encoders (default: the one they record)", None)
+    location_mlp: Optional[str] = keyed_field(
+        "location MLP for the '+ spatial' rows (folder or Hub repo; default: the encoders' location_mlp/)", None
+    )
     concepts: list[str] = keyed_field("extra concept photo folders for base/elite: DIR or DIR=class word", factory=list)
     methods: list[str] = keyed_field(f"methods to run, among {', '.join(METHODS)}", factory=lambda: list(METHODS))
-    prompts: str = keyed_field("dreambooth, or a text file with one prompt per line ({} = the concept)", "dreambooth")
-    num_prompts: Optional[int] = keyed_field("use only the first N prompts (quick runs)", None)
-    seeds: list[int] = keyed_field("one image per prompt and seed (papers: 5 per prompt)", factory=lambda: [0, 1, 2, 3, 4])
-    coi: bool = keyed_field("add 'a photo of {} and a <object>' prompts and score the CoI likelihood with the detector", False)
-    coi_objects: list[str] = keyed_field("objects for the CoI prompts (detector label names)", factory=lambda: list(COI_OBJECTS))
-    append_class_word: bool = keyed_field("prompt learned tokens as 'S* dog' instead of 'S*'", False)
-    num_inference_steps: int = keyed_field("sampling steps", 50)
-    guidance_scale: float = keyed_field("classifier-free guidance scale", 7.5)
-    scheduler: str = keyed_field("sampler for every method: ddim, lms, pndm, euler, euler_a, dpm", "ddim")
+    prompts: str = keyed_field("custom protocol: dreambooth, or a text file with one prompt per line ({} = the concept)", "dreambooth")
+    num_prompts: Optional[int] = keyed_field("use only the first N prompts of each kind (quick runs)", None)
+    seeds: Optional[list[int]] = keyed_field(
+        "one image per prompt and seed (default: 0-4, or the protocol's count: ELITE 5, Compositional 10, Infusion 5)", None
+    )
+    coi: bool = keyed_field("custom protocol: add 'a photo of {} and a <object>' prompts and score the CoI likelihood", False)
+    coi_objects: Optional[list[str]] = keyed_field(
+        "objects for the CoI prompts (detector label names; default: 10 common ones, COCO's 80 in the compositional protocol)", None
+    )
+    append_class_word: bool = keyed_field("prompt learned tokens as 'S* dog' instead of 'S*' (compositional: always)", False)
+    num_inference_steps: Optional[int] = keyed_field("sampling steps for every method (default: 50, or each method's paper's)", None)
+    guidance_scale: Optional[float] = keyed_field("classifier-free guidance for every method (default: 7.5, or each paper's)", None)
+    scheduler: Optional[str] = keyed_field(
+        "sampler for every method: ddim, lms, pndm, ddpm, euler, euler_a, dpm (default: ddim, or each paper's)", None
+    )
     resolution: Optional[int] = keyed_field("image size (default: the base model's)", None)
-    elite_scale: float = keyed_field("ELITE's lambda, the local branch's weight (paper: 0.6 for editing prompts)", 0.6)
+    elite_scale: Optional[float] = keyed_field(
+        "ELITE's lambda, the local branch's weight (default: its paper's rule, 0.8 for 'a photo of S*', else 0.6)", None
+    )
     elite_image: int = keyed_field("which concept photo (sorted by name) ELITE encodes", 0)
     mask_dir: Optional[str] = keyed_field(
         "folder of concept masks for ELITE (<stem>.png or <concept>_<stem>.png); default <concept>/masks/", None
     )
-    infusion_measures: bool = keyed_field("also compute latent W2 to the base model and Infusion's latent Fisher divergence", False)
+    infusion_measures: bool = keyed_field(
+        "also the latent Fisher divergence and W2 against the base model, on non-customised and class-word prompts "
+        "(infusion protocol: always)", False,
+    )
     fisher_timesteps: list[int] = keyed_field("timesteps for the latent Fisher divergence", factory=lambda: [100, 300, 500, 700, 900])
     clip_model: str = keyed_field("CLIP for CLIP-T / CLIP-I", DEFAULT_CLIP_MODEL)
     dino_model: str = keyed_field("DINO ViT for DINO-I", DEFAULT_DINO_MODEL)
@@ -168,12 +205,37 @@ class EvalConfig:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ConfigError(f"unknown methods {unknown}; choose among {', '.join(METHODS)}")
-        if not self.seeds:
+        if self.protocol != "custom":
+            try:
+                protocols_for(self.protocol)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        if self.seeds is not None and not self.seeds:
             raise ConfigError("seeds must list at least one seed")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ConfigError(f"num_prompts must be positive, got {self.num_prompts}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        if self.scheduler is not None:
+            try:
+                make_scheduler(self.scheduler, DDPMScheduler().config)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+
+
+def protocol_config(config: EvalConfig, protocol: Protocol) -> EvalConfig:
+    """The settings one paper's protocol runs with: its prompts, image count and measures, in out/<name>/;
+    what the user set for quick runs (num_prompts, seeds, steps, ...) still applies."""
+    return replace(
+        config,
+        out=str(Path(config.out) / protocol.name),
+        protocol=protocol.name,
+        prompts=protocol.prompts,
+        seeds=config.seeds if config.seeds is not None else list(range(protocol.seeds)),
+        coi=False,
+        append_class_word=config.append_class_word or protocol.append_class_word,
+        infusion_measures=config.infusion_measures or protocol.overfitting,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,9 +269,34 @@ class Run(FinetuneRun):
 
 @dataclass
 class PromptSpec:
+    """One prompt template ("{}" = the concept). kind: `concept` (about the concept), `coi` (the concept
+    and another object the detector looks for) or `generic` (no concept: what customisation must not change)."""
+
     index: int
-    template: str  # "{}" = the concept
+    template: str
     coi_target: str | None = None
+    kind: str = "concept"
+
+
+@dataclass
+class Row:
+    """One row of the table: a method on a concept, with the sampling it is generated with."""
+
+    method: str
+    label: str
+    concept: ConceptFolder
+    payload: Run | None
+    sampling: Sampling
+    spatial: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.label if self.payload is None else f"{self.label} ({self.payload.label})"
+
+    def record(self) -> dict:
+        return {"row": self.name, "method": self.method, "concept": self.concept.name,
+                "run": None if self.payload is None else str(self.payload.folder), "spatial_guidance": self.spatial,
+                "sampling": asdict(self.sampling)}
 
 
 def _slug(text: str) -> str:
@@ -255,8 +342,12 @@ def resolve_concepts_and_runs(config: EvalConfig) -> tuple[list[ConceptFolder], 
 
 
 def prompt_specs(config: EvalConfig, concept: ConceptFolder) -> list[PromptSpec]:
-    """The prompt templates for a concept (DreamBooth's list or a file), then the CoI prompts."""
-    if config.prompts == "dreambooth":
+    """The prompts of a concept: DreamBooth's list or a file (or the composition prompts), the CoI
+    prompts with `coi`, and the generic prompts when the overfitting measures are on."""
+    limit = config.num_prompts
+    if config.prompts == "composition":
+        templates = []
+    elif config.prompts == "dreambooth":
         templates = list(DREAMBOOTH_LIVE_PROMPTS if concept.class_word in LIVE_CLASSES else DREAMBOOTH_OBJECT_PROMPTS)
     else:
         path = Path(config.prompts)
@@ -266,13 +357,21 @@ def prompt_specs(config: EvalConfig, concept: ConceptFolder) -> list[PromptSpec]
         bad = [t for t in templates if t.count("{}") != 1]
         if bad or not templates:
             raise ValueError(f"prompts file {path}: every line needs exactly one {{}} for the concept (bad: {bad[:2]})")
-    if config.num_prompts:
-        templates = templates[: config.num_prompts]
-    specs = [PromptSpec(i, t) for i, t in enumerate(templates)]
-    if config.coi:
-        objects = [o for o in config.coi_objects if o != concept.class_word]
-        specs += [PromptSpec(len(specs) + k, COI_TEMPLATE.format("{}", obj), obj) for k, obj in enumerate(objects)]
+    specs = [PromptSpec(i, t) for i, t in enumerate(templates[:limit])]
+    if config.coi or config.prompts == "composition":
+        default = coco_class_names() if config.prompts == "composition" else COI_OBJECTS
+        objects = [o for o in (config.coi_objects or default) if o != concept.class_word]
+        if config.prompts == "composition":
+            objects = objects[:limit]
+        specs += [PromptSpec(len(specs) + k, COI_TEMPLATE.format("{}", obj), obj, "coi") for k, obj in enumerate(objects)]
+    if config.infusion_measures:
+        generic = [p for p in GENERIC_PROMPTS if not _mentions(p, concept.class_word)][:limit]
+        specs += [PromptSpec(len(specs) + k, text, None, "generic") for k, text in enumerate(generic)]
     return specs
+
+
+def _mentions(text: str, word: str) -> bool:
+    return re.search(rf"(?<![a-z0-9]){re.escape(word.lower())}(?![a-z0-9])", text.lower()) is not None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,23 +380,35 @@ def prompt_specs(config: EvalConfig, concept: ConceptFolder) -> list[PromptSpec]
 
 
 class Evaluator:
-    """Holds the pipeline and scoring models; `run()` does everything `python -m inference.evaluate` does."""
+    """Holds the pipeline and scoring models; `run()` does one protocol's evaluation (`evaluate()` all of them).
 
-    def __init__(self, config: EvalConfig):
+    `reuse`: an Evaluator of an earlier protocol whose pipeline and scoring models are taken over.
+    """
+
+    def __init__(self, config: EvalConfig, protocol: Protocol | None = None, reuse: "Evaluator | None" = None):
         self.config = config
+        self.protocol = protocol
         self.out = Path(config.out)
-        self.pipe = load_base_pipeline(
-            config.base, device=config.device, dtype=config.dtype, scheduler=config.scheduler, safety_checker=False
-        )
-        self.pipe.set_progress_bar_config(disable=True)
+        self.seeds = list(config.seeds) if config.seeds is not None else [0, 1, 2, 3, 4]
+        if reuse is not None:
+            self.pipe, self._scheduler_config = reuse.pipe, reuse._scheduler_config
+            self._elite, self._ti_tokens = reuse._elite, reuse._ti_tokens
+            self._clip, self._dino, self._detector = reuse._clip, reuse._dino, reuse._detector
+            self._location_mlp = reuse._location_mlp
+        else:
+            self.pipe = load_base_pipeline(config.base, device=config.device, dtype=config.dtype, safety_checker=False)
+            self.pipe.set_progress_bar_config(disable=True)
+            self._scheduler_config = self.pipe.scheduler.config
+            self._elite = None
+            self._ti_tokens: dict[Path, str] = {}
+            self._clip = self._dino = self._detector = None
+            self._location_mlp = False  # not looked for yet
+        self._coi_by_text: dict[str, list] = {}
         if config.resolution:
             self.height = self.width = int(config.resolution)
         else:
             self.height, self.width = default_image_size(self.pipe)
         self.concepts, self.runs = resolve_concepts_and_runs(config)
-        self._elite = None
-        self._ti_tokens: dict[Path, str] = {}
-        self._clip = self._dino = self._detector = None
 
     # ---- scoring models, loaded on first use ------------------------------------------------------
     @property
@@ -321,54 +432,132 @@ class Evaluator:
             )
         return self._detector
 
-    # ---- jobs ---------------------------------------------------------------------------------------
-    def jobs(self) -> list[tuple[str, str, ConceptFolder, object]]:
-        """(method, row label, concept, payload) for everything to generate, in table order."""
+    @property
+    def location_mlp(self):
+        """The location MLP of `location_mlp=`, else the encoders' `location_mlp/`, else None."""
+        if self._location_mlp is False:
+            source, self._location_mlp = self.config.location_mlp, None
+            if source:
+                self._location_mlp = load_location_mlp(source, device=self.pipe.device)
+            elif self.config.encoders:
+                try:
+                    self._location_mlp = load_location_mlp(self.config.encoders, device=self.pipe.device)
+                except ModelLoadError:
+                    pass
+        return self._location_mlp
+
+    # ---- rows ---------------------------------------------------------------------------------------
+    def sampling_for(self, method: str) -> Sampling:
+        """The method's sampler, steps and guidance: the protocol's (or the custom defaults), with what
+        the user set for every method on top."""
+        cfg = self.config
+        paper = self.protocol.sampling_for(method) if self.protocol is not None else CUSTOM_SAMPLING
+        given = [k for k, v in (("scheduler", cfg.scheduler), ("steps", cfg.num_inference_steps),
+                                ("guidance", cfg.guidance_scale)) if v is not None]
+        return Sampling(
+            cfg.scheduler or paper.scheduler,
+            cfg.num_inference_steps or paper.steps,
+            paper.guidance if cfg.guidance_scale is None else float(cfg.guidance_scale),
+            paper.source + (f"; {', '.join(given)} set for every method" if given and self.protocol is not None else ""),
+        )
+
+    def jobs(self) -> list[Row]:
+        """Every row to generate, in table order: per concept its base row(s), then each method's."""
         methods = self.config.methods
+        spatial = self.protocol is not None and self.protocol.spatial_rows
+        if spatial and self.location_mlp is None:
+            warnings.warn("no location MLP (location_mlp=, or encoders with location_mlp/): the '+ spatial' rows are left out",
+                          stacklevel=2)
+            spatial = False
         out = []
         for concept in self.concepts:
-            if "base" in methods or self.config.infusion_measures:
-                out.append(("base", "base", concept, None))
-            if "elite" in methods and self.config.encoders:
-                out.append(("elite", "elite", concept, None))
-            for run in self.runs:
-                if run.concept is concept and run.method in methods:
-                    out.append((run.method, run.method, concept, run))
+            rows = []
+            candidates = [("elite", None)] if "elite" in methods and self.config.encoders else []
+            candidates += [(run.method, run) for run in self.runs if run.concept is concept and run.method in methods]
+            for method, run in candidates:
+                label = method + (" + semantic" if run is not None and run.semantic_inversion else "")
+                rows.append(Row(method, label, concept, run, self.sampling_for(method)))
+                if spatial and method in SPATIAL_METHODS:
+                    rows.append(Row(method, f"{label} + spatial", concept, run, self.sampling_for(method), spatial=True))
+            if self.config.infusion_measures:  # a reference for each sampling the rows use
+                samplings = list(dict.fromkeys(r.sampling for r in rows)) or [self.sampling_for("base")]
+                base = [Row("base", "base" if len(samplings) == 1 else f"base [{s.key}]", concept, None, s) for s in samplings]
+            else:
+                base = [Row("base", "base", concept, None, self.sampling_for("base"))] if "base" in methods else []
+            out += base + rows
         return out
 
-    def _generator_for(self, method: str, concept: ConceptFolder, payload) -> tuple[Callable, str]:
-        """A function (texts, latents) -> PIL images, and the phrase that fills the prompt templates."""
-        cfg = self.config
-        common = dict(
-            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-            height=self.height, width=self.width,
-        )
-        if method == "base":
-            return (lambda texts, latents: generate_finetuned(self.pipe, texts, latents, **common)), concept.class_word
-        if method in ("textual_inversion", "batex"):
+    def _base_row_for(self, row: Row, rows: Sequence[Row]) -> Row | None:
+        return next((r for r in rows if r.method == "base" and r.concept is row.concept and r.sampling == row.sampling), None)
+
+    def _generator_for(self, row: Row) -> tuple[Callable, str]:
+        """A function (texts, latents, generators) -> [(PIL image, extra record)], and the phrase that fills the templates."""
+        cfg, concept, payload, sampling = self.config, row.concept, row.payload, row.sampling
+        common = dict(num_inference_steps=sampling.steps, guidance_scale=sampling.guidance, height=self.height, width=self.width)
+
+        def plain(texts, latents, generators, infusions=()):
+            return [(im, {}) for im in generate_finetuned(self.pipe, texts, latents, infusions=infusions,
+                                                             generator=generators, **common)]
+
+        if row.method == "base":
+            return plain, concept.class_word
+        if row.method in ("textual_inversion", "batex"):
             token = self._load_embedding(payload)
             phrase = f"{token} {concept.class_word}" if cfg.append_class_word else token
-            return (lambda texts, latents: generate_finetuned(self.pipe, texts, latents, **common)), phrase
-        if method == "infusion":
+            if not row.spatial:
+                return plain, phrase
+
+            def guided(texts, latents, generators):
+                out = []
+                for text, lat, gen in zip(texts, latents.split(1), generators):
+                    if token not in text:
+                        out += plain([text], lat, [gen])
+                        continue
+                    placed = self._placed(text, {token: None})
+                    result = generate_with_spatial_guidance(
+                        self.pipe, concepts_from_words(self.pipe.tokenizer, text, [p.name for p in placed], [p.box for p in placed]),
+                        prompt=text, latents=lat.to(self.pipe.device, self.pipe.unet.dtype), generator=[gen], **common,
+                    )
+                    out.append((result.images[0], _guidance_record(placed, result)))
+                return out
+
+            return guided, phrase
+        if row.method == "infusion":
             residuals = load_infusion(self.pipe, payload)
-
-            def infuse(texts, latents):
-                return generate_finetuned(self.pipe, texts, latents, infusions=[residuals], **common)
-
-            return infuse, residuals.config.class_word
-        if method == "elite":
+            return (lambda texts, latents, generators: plain(texts, latents, generators, [residuals])), residuals.config.class_word
+        if row.method == "elite":
             elite = self._elite_pipeline()
             photo = concept.photos[min(cfg.elite_image, len(concept.photos) - 1)]
             encoded = elite.encode_concept(photo, mask=concept.mask_for(photo, cfg.mask_dir))
 
-            def generate(texts, latents):
-                images = []
-                for text, lat in zip(texts, latents.split(1)):
-                    images += elite(text, encoded, elite_scale=cfg.elite_scale, latents=lat, **common).images
-                return images
+            def generate(texts, latents, generators):
+                out = []
+                for text, lat, gen in zip(texts, latents.split(1), generators):
+                    if ELITE_PLACEHOLDER not in text:  # ELITE's global K/V act on every prompt: its model, no concept
+                        out += plain([text], lat, [gen])
+                        continue
+                    scale = cfg.elite_scale if cfg.elite_scale is not None else paper_elite_scale(text, [ELITE_PLACEHOLDER])
+                    extra: dict = {"elite_scale": scale}
+                    kwargs = {}
+                    if row.spatial:
+                        placed = self._placed(text, {ELITE_PLACEHOLDER: encoded.w0})
+                        boxes = {p.name: list(p.box) for p in placed}
+                        kwargs = dict(boxes=[boxes.pop(ELITE_PLACEHOLDER)], word_boxes=boxes or None)
+                    result = elite(text, encoded, elite_scale=scale, latents=lat, generator=[gen], **kwargs, **common)
+                    if row.spatial:
+                        extra.update(_guidance_record(placed, result))
+                    out.append((result.images[0], extra))
+                return out
 
-            return generate, "S*"
-        raise ValueError(f"unknown method {method!r}")
+            return generate, ELITE_PLACEHOLDER
+        raise ValueError(f"unknown method {row.method!r}")
+
+    def _placed(self, text: str, personalized: dict) -> list:
+        """Boxes for the learned token and the prompt's other object, from the location MLP."""
+        target = next((obj for obj in (self._coi_by_text or {}).get(text, []) if obj), None)
+        if target is None:
+            raise ValueError(f"{text!r}: spatial guidance places the learned token and a CoI object; this prompt has none")
+        return plan_guidance(text, personalized, [target], {}, self.location_mlp, self.pipe)
 
     def _load_embedding(self, run: Run) -> str:
         """Load a Textual Inversion / BaTex file once under a token of its own (several runs may use S*)."""
@@ -379,9 +568,8 @@ class Evaluator:
 
     def _elite_pipeline(self):
         if self._elite is None:
-            self._elite = ElitePipeline(self.pipe, elite_scale=self.config.elite_scale)
-            self._elite.load_encoders(self.config.encoders, image_encoder=self.config.image_encoder)
-        elif self._elite.encoders is None:
+            self._elite = ElitePipeline(self.pipe)
+        if self._elite.encoders is None:
             self._elite.load_encoders(self.config.encoders, image_encoder=self.config.image_encoder)
         return self._elite
 
@@ -389,55 +577,78 @@ class Evaluator:
         if self._elite is not None and self._elite.encoders is not None:
             self._elite.unload_encoders()
 
-    def generate(self, method: str, label: str, concept: ConceptFolder, payload, specs: list[PromptSpec]):
-        """Generate (or reuse) every (prompt, seed) image of one row; returns [(spec, seed, path)]."""
-        folder = self.out / "images" / _slug(label if payload is None else f"{label}-{payload.label}") / _slug(concept.name)
+    def _use_sampler(self, sampling: Sampling) -> None:
+        self.pipe.scheduler = make_scheduler(sampling.scheduler, self._scheduler_config)
+
+    def generate(self, row: Row, specs: list[PromptSpec]):
+        """Generate (or reuse) every (prompt, seed) image of one row; returns [(spec, seed, image, extra)]."""
+        folder = self.out / "images" / _slug(row.name) / _slug(row.concept.name)
         todo, done = [], []
         for spec in specs:
-            for seed in self.config.seeds:
+            for seed in self.seeds:
                 path = folder / f"{spec.index:02d}_s{seed}.png"
                 (done if path.is_file() and not self.config.regenerate else todo).append((spec, seed, path))
         if todo:
-            generate, phrase = self._generator_for(method, concept, payload)
+            self._use_sampler(row.sampling)
+            generate, phrase = self._generator_for(row)
+            self._coi_by_text = {s.template.format(phrase): [s.coi_target] for s in specs if s.coi_target}
             batches = [todo[i : i + self.config.batch_size] for i in range(0, len(todo), self.config.batch_size)]
             try:
-                for batch in tqdm(batches, desc=f"{label} / {concept.name}", leave=False):
+                for batch in tqdm(batches, desc=f"{row.name} / {row.concept.name}", leave=False):
                     texts = [spec.template.format(phrase) for spec, _, _ in batch]
-                    latents = seeded_latents(self.pipe, [seed for _, seed, _ in batch], self.height, self.width)
+                    latents, generators = seeded_noise(self.pipe, [seed for _, seed, _ in batch], self.height, self.width)
                     with torch.no_grad():
-                        images = generate(texts, latents)
-                    for (spec, seed, path), image in zip(batch, images):
+                        outputs = generate(texts, latents, generators)
+                    for (spec, seed, path), (image, extra) in zip(batch, outputs):
+                        if extra:
+                            atomic_write_json(path.with_suffix(".json"), extra)
                         save_image_atomic(image, path)
             finally:
-                if method == "elite":
+                if row.method == "elite":
                     self._release_elite()
         items = sorted(todo + done, key=lambda item: (item[0].index, item[1]))
-        return [(spec, seed, Image.open(path).convert("RGB")) for spec, seed, path in items]
+        out = []
+        for spec, seed, path in items:
+            side = path.with_suffix(".json")
+            extra = json.loads(side.read_text()) if side.is_file() else {}
+            out.append((spec, seed, Image.open(path).convert("RGB"), extra))
+        return out
 
     # ---- scoring ------------------------------------------------------------------------------------
-    def score(self, concept: ConceptFolder, items, clip_refs, dino_refs) -> list[dict]:
-        images = [image for _, _, image in items]
-        texts = [spec.template.format(concept.class_word) for spec, _, _ in items]
+    def score(self, row: Row, items, clip_refs, dino_refs) -> list[dict]:
+        """Per image: CLIP-T against its prompt with the class word for the concept, CLIP-I / DINO-I against
+        the concept photos (prompts about the concept only), the CoI hit, and guidance's record."""
+        concept = row.concept
+        images = [image for _, _, image, _ in items]
+        texts = [spec.template.format(concept.class_word) for spec, _, _, _ in items]
         clip_images = self.clip.image_embeds(images)
         clip_t = paired_similarity(clip_images, self.clip.text_embeds(texts))
-        clip_i = cosine_matrix(clip_images, clip_refs).mean(dim=1)
-        dino_i = cosine_matrix(self.dino.image_embeds(images), dino_refs).mean(dim=1)
+        about = [k for k, (spec, _, _, _) in enumerate(items) if spec.kind != "generic"]
+        clip_i = dino_i = {}
+        if about:
+            chosen = [images[k] for k in about]
+            clip_i = dict(zip(about, cosine_matrix(clip_images[about], clip_refs).mean(dim=1).tolist()))
+            dino_i = dict(zip(about, cosine_matrix(self.dino.image_embeds(chosen), dino_refs).mean(dim=1).tolist()))
         coi = {}
-        targets = [(k, spec.coi_target) for k, (spec, _, _) in enumerate(items) if spec.coi_target]
+        targets = [(k, spec.coi_target) for k, (spec, _, _, _) in enumerate(items) if spec.coi_target]
         if targets:
             found = self.detector.detect([images[k] for k, _ in targets])
             coi = {k: float(t.lower() in {f.lower() for f in labels}) for (k, t), labels in zip(targets, found)}
         rows = []
-        for k, (spec, seed, _) in enumerate(items):
+        for k, (spec, seed, _, extra) in enumerate(items):
             rows.append({
                 "prompt_index": spec.index,
+                "kind": spec.kind,
                 "prompt": texts[k],
                 "seed": seed,
-                "clip_t": None if spec.coi_target else clip_t[k].item(),
-                "clip_i": clip_i[k].item(),
-                "dino_i": dino_i[k].item(),
+                "clip_t": clip_t[k].item(),
+                "clip_i": clip_i.get(k),
+                "dino_i": dino_i.get(k),
                 "coi_target": spec.coi_target or "",
                 "coi_hit": coi.get(k),
+                "elite_scale": extra.get("elite_scale"),
+                "location_loss_first": extra.get("location_loss_first"),
+                "location_loss_last": extra.get("location_loss_last"),
             })
         return rows
 
@@ -454,37 +665,56 @@ class Evaluator:
         return torch.cat(out)
 
     @torch.no_grad()
-    def fisher_divergence(self, run: Run, base_latents: torch.Tensor) -> float:
-        """Infusion's latent Fisher divergence on non-customised prompts: base vs customised noise predictions.
+    def fisher_divergence(self, row: Row, z0: torch.Tensor, prompts: Sequence[str]) -> float:
+        """The latent Fisher divergence between the base and the customised model (Infusion's measure):
+        mean squared difference of their noise predictions on the same noisy latents, prompts and timesteps.
 
-        z0 are the base model's own images (VAE latents) standing in for generic data; prompts are
-        captions without the class word; timesteps `fisher_timesteps`; noise from the first seed.
+        z0 are the base model's own images of `prompts` (VAE latents, one per prompt, standing in for
+        data), noised with DDPM's forward process at `fisher_timesteps` from the first seed's noise.
+        The customised model of each method: Textual Inversion / BaTex the base UNet with the token loaded
+        (the prompts have none of it: the text is the same); ELITE the UNet with its cross-attention K/V
+        (which every prompt goes through); Infusion the residual stream of its dual call (row 1; row 0 is
+        the base stream). 0 for the base row.
         """
+        if row.method == "base":
+            return 0.0
         pipe = self.pipe
-        residuals = load_infusion(pipe, run)
-        prompts = [p for p in GENERIC_PROMPTS if residuals.config.class_word.lower() not in p.lower()]
-        previous = pipe.unet.attn_processors
-        set_infusion_processors(pipe.unet, [residuals])
-        g = torch.Generator("cpu").manual_seed(int(self.config.seeds[0]))
+        noising = DDPMScheduler.from_config(self._scheduler_config)
+        generator = torch.Generator("cpu").manual_seed(int(self.seeds[0]))
+        saved = dict(pipe.unet.attn_processors)
+        residuals = load_infusion(pipe, row.payload) if row.method == "infusion" else None
+        if row.method in ("textual_inversion", "batex"):
+            self._load_embedding(row.payload)
+
+        def text_embeds(prompt: str, rows: int) -> torch.Tensor:
+            ids = pipe.tokenizer([prompt] * rows, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+            return pipe.text_encoder(ids)[0]
+
+        inputs = []  # (noisy latent, timestep, prompt), the same for every method
+        for z, prompt in zip(z0.split(1), prompts):
+            for t in self.config.fisher_timesteps:
+                timestep = torch.tensor([int(t)])
+                noisy = noising.add_noise(z, torch.randn(z.shape, generator=generator), timestep)
+                inputs.append((noisy.to(pipe.device, pipe.unet.dtype), timestep.to(pipe.device), prompt))
         eps_base, eps_custom = [], []
         try:
-            for i, z0 in enumerate(base_latents.split(1)):
-                prompt = prompts[i % len(prompts)]
-                ids = pipe.tokenizer([prompt] * 2, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt").input_ids.to(pipe.device)
-                text = pipe.text_encoder(ids)[0]
-                call = dual_stream_call(pipe.tokenizer, [prompt], [residuals])  # row 0 base, row 1 customised
-                ctx = {CONTEXT_KWARG: AttentionContext(extras={EXTRAS_KEY: call})}
-                for t in self.config.fisher_timesteps:
-                    noise = torch.randn(z0.shape, generator=g)
-                    timestep = torch.tensor([int(t)])
-                    noisy = pipe.scheduler.add_noise(z0, noise, timestep) if hasattr(pipe.scheduler, "add_noise") else z0
-                    noisy = torch.cat([noisy, noisy]).to(pipe.device, pipe.unet.dtype)
-                    pred = pipe.unet(noisy, timestep.repeat(2).to(pipe.device), text, cross_attention_kwargs=ctx).sample
+            if residuals is not None:  # one dual call: row 0 the base stream, row 1 the residual stream
+                set_infusion_processors(pipe.unet, [residuals])
+                for noisy, step, prompt in inputs:
+                    ctx = AttentionContext(extras={EXTRAS_KEY: dual_stream_call(pipe.tokenizer, [prompt], [residuals])})
+                    pred = pipe.unet(torch.cat([noisy, noisy]), step.repeat(2), text_embeds(prompt, 2),
+                                     cross_attention_kwargs={CONTEXT_KWARG: ctx}).sample
                     eps_base.append(pred[:1].float().cpu())
                     eps_custom.append(pred[1:].float().cpu())
+            else:
+                eps_base = [pipe.unet(noisy, step, text_embeds(prompt, 1)).sample.float().cpu() for noisy, step, prompt in inputs]
+                if row.method == "elite":
+                    self._elite_pipeline()
+                eps_custom = [pipe.unet(noisy, step, text_embeds(prompt, 1)).sample.float().cpu() for noisy, step, prompt in inputs]
         finally:
-            pipe.unet.set_attn_processor(previous)
+            self._release_elite()
+            pipe.unet.set_attn_processor(dict(saved))
         return latent_fisher_divergence(torch.cat(eps_base), torch.cat(eps_custom))
 
     # ---- the whole evaluation --------------------------------------------------------------------------
@@ -497,46 +727,65 @@ class Evaluator:
         if not jobs:
             raise ConfigError(f"nothing to run: methods={self.config.methods} match no run/encoders/concept given")
         refs: dict[str, tuple] = {}
-        base_latents: dict[str, torch.Tensor] = {}
-        for method, label, concept, payload in tqdm(jobs, desc="evaluate"):
+        base_latents: dict[tuple, dict] = {}  # (concept, sampling) -> {kind: latents}
+        fisher_data: dict[str, dict] = {}  # concept -> {kind: (z0, prompts)}
+        for row in tqdm(jobs, desc=f"evaluate ({self.config.protocol})"):
+            concept = row.concept
             if concept.name not in refs:
                 photos = [Image.open(p).convert("RGB") for p in concept.photos]
                 refs[concept.name] = (self.clip.image_embeds(photos), self.dino.image_embeds(photos), photos[0])
             clip_refs, dino_refs, first_photo = refs[concept.name]
             specs = prompt_specs(self.config, concept)
-            items = self.generate(method, label, concept, payload, specs)
-            rows = self.score(concept, items, clip_refs, dino_refs)
-            row_label = label if payload is None else f"{label} ({payload.label})"
-            for row in rows:
-                per_image.append({"method": method, "run": "" if payload is None else str(payload.folder), "concept": concept.name, **row})
-            entry = {"method": row_label, "concept": concept.name, "images": len(rows), **_means(rows)}
+            items = self.generate(row, specs)
+            scores = self.score(row, items, clip_refs, dino_refs)
+            for record in scores:
+                per_image.append({"row": row.name, "method": row.method, "run": "" if row.payload is None else str(row.payload.folder),
+                                  "concept": concept.name, **record})
+            entry = {"method": row.name, "concept": concept.name, "sampling": row.sampling.describe(), "images": len(scores),
+                     **_means(scores)}
             if self.config.infusion_measures:
-                plain = [image for spec, _, image in items if not spec.coi_target]
-                latents = self.image_latents(plain)
-                if method == "base":
-                    base_latents[concept.name] = latents
-                    entry["latent_w2_vs_base"] = 0.0
-                elif concept.name in base_latents and len(latents) >= 2:
-                    entry["latent_w2_vs_base"] = gaussian_w2(base_latents[concept.name], latents)
-                if method == "infusion" and concept.name in base_latents:
-                    entry["latent_fisher"] = self.fisher_divergence(payload, base_latents[concept.name])
-            if method != "base" or "base" in self.config.methods:
+                entry.update(self._overfitting(row, items, base_latents, fisher_data))
+            if row.method != "base" or "base" in self.config.methods:
                 summary.append(entry)
-                first_seed = self.config.seeds[0]
-                shown = [(spec, image) for spec, seed, image in items if seed == first_seed and not spec.coi_target]
+                first_seed = self.seeds[0]
+                shown = [(spec, image) for spec, seed, image, _ in items if seed == first_seed and spec.kind != "generic"]
                 shown = shown[: self.config.grid_prompts]
                 columns = " | ".join(spec.template.format("*") for spec, _ in shown)
-                same_method = sum(1 for m, _, c, _ in jobs if m == method and c is concept) > 1
-                caption = f"{row_label if same_method else label}: {columns}"
                 fits = (len(shown) + 1) * (max(96, self.width) + 4) // 6  # the default font is ~6 px a character
                 rows_for_grid.setdefault(concept.name, []).append(
-                    (caption[:fits], [first_photo], [image for _, image in shown])
+                    (f"{row.name}: {columns}"[:fits], [first_photo], [image for _, image in shown])
                 )
         summary = _with_overall(summary)
-        self._write(per_image, summary, rows_for_grid)
-        return {"summary": summary, "out": str(self.out)}
+        self._write(per_image, summary, rows_for_grid, jobs)
+        return {"summary": summary, "out": str(self.out), "protocol": self.config.protocol}
 
-    def _write(self, per_image: list[dict], summary: list[dict], grids: dict[str, list]) -> None:
+    def _overfitting(self, row: Row, items, base_latents: dict, fisher_data: dict) -> dict:
+        """Latent W2 to the base model with the same sampling, on class-word and generic prompts; latent
+        Fisher divergence on the same two kinds of prompts."""
+        concept = row.concept
+        by_kind = {kind: [image for spec, _, image, _ in items if spec.kind == kind] for kind in ("concept", "generic")}
+        latents = {kind: self.image_latents(images) for kind, images in by_kind.items() if images}
+        if row.method == "base":
+            base_latents[(concept.name, row.sampling)] = latents
+            if concept.name not in fisher_data:  # the first seed's images of each prompt stand in for data
+                first = [(spec, image) for spec, seed, image, _ in items if seed == self.seeds[0]]
+                fisher_data[concept.name] = {
+                    kind: (self.image_latents([im for spec, im in first if spec.kind == kind]),
+                           [spec.template.format(concept.class_word) for spec, _ in first if spec.kind == kind])
+                    for kind in ("concept", "generic") if any(spec.kind == kind for spec, _ in first)
+                }
+        reference = base_latents.get((concept.name, row.sampling), {})
+        out = {}
+        for kind, key in (("generic", "w2_generic"), ("concept", "w2_concept")):
+            if kind in latents and kind in reference and len(latents[kind]) >= 2:
+                out[key] = 0.0 if row.method == "base" else gaussian_w2(reference[kind], latents[kind])
+        for kind, key in (("generic", "fisher_generic"), ("concept", "fisher_class")):
+            if kind in fisher_data.get(concept.name, {}):
+                z0, prompts = fisher_data[concept.name][kind]
+                out[key] = self.fisher_divergence(row, z0, prompts)
+        return out
+
+    def _write(self, per_image: list[dict], summary: list[dict], grids: dict[str, list], jobs: Sequence[Row]) -> None:
         def write_csv(rows: list[dict], path: Path) -> None:
             keys = list(dict.fromkeys(k for row in rows for k in row))
             buffer = io.StringIO()
@@ -547,20 +796,53 @@ class Evaluator:
 
         write_csv(per_image, self.out / "scores.csv")
         write_csv(summary, self.out / "summary.csv")
-        table = markdown_table(summary)
-        atomic_write_text(self.out / "results.md", table)
-        atomic_write_json(self.out / "results.json", {"config": config_to_dict(self.config), "package_version": package_version(),
-                                                          "summary": summary})
+        atomic_write_text(self.out / "results.md", self.report(summary))
+        atomic_write_json(self.out / "results.json", {
+            "config": config_to_dict(self.config), "protocol": None if self.protocol is None else asdict(self.protocol),
+            "seeds": self.seeds, "rows": [row.record() for row in jobs], "package_version": package_version(),
+            "summary": summary,
+        })
         for name, rows in grids.items():
             save_image_atomic(make_grid(rows), self.out / "grids" / f"{_slug(name)}.png")
 
+    def report(self, summary: Sequence[dict]) -> str:
+        """The markdown table, headed by the protocol and its settings when it is a paper's."""
+        if self.protocol is None:
+            return markdown_table(summary)
+        p = self.protocol
+        lines = [f"## {p.name}: {p.paper}", "",
+                 f"{len(self.seeds)} images per prompt (seeds {', '.join(map(str, self.seeds))}); "
+                 f"each row's sampler in its `sampling` column.", ""]
+        return "\n".join(lines) + markdown_table(summary)
+
+
+def _guidance_record(placed, result) -> dict:
+    """What a guided image records: the boxes and where they came from, L_loc at the first and last step."""
+    losses = result.location_losses or []
+    return {
+        "placed": [p.record() for p in placed],
+        "location_loss_first": losses[0] if losses else None,
+        "location_loss_last": losses[-1] if losses else None,
+    }
+
 
 def _means(rows: list[dict]) -> dict:
-    def mean(key):
+    """Row means: CLIP-T over the prompts about the concept (the CoI prompts where there are no others),
+    CLIP-I / DINO-I over every prompt with the concept, CoI over the CoI prompts; generic prompts only
+    feed the overfitting measures."""
+    about = [r for r in rows if r["kind"] != "generic"]
+    plain = [r for r in about if r["kind"] == "concept"] or about
+
+    def mean(rows, key):
         values = [r[key] for r in rows if r.get(key) is not None]
         return sum(values) / len(values) if values else None
 
-    return {"clip_t": mean("clip_t"), "clip_i": mean("clip_i"), "dino_i": mean("dino_i"), "coi_likelihood": mean("coi_hit")}
+    out = {"clip_t": mean(plain, "clip_t"), "clip_i": mean(about, "clip_i"), "dino_i": mean(about, "dino_i"),
+           "coi_likelihood": mean(about, "coi_hit")}
+    guided = mean(about, "location_loss_last")
+    if guided is not None:
+        out["location_loss"] = guided
+    return out
 
 
 def _with_overall(summary: list[dict]) -> list[dict]:
@@ -571,7 +853,8 @@ def _with_overall(summary: list[dict]) -> list[dict]:
     out = list(summary)
     for method in dict.fromkeys(row["method"] for row in summary):
         rows = [r for r in summary if r["method"] == method]
-        overall = {"method": method, "concept": "all", "images": sum(r["images"] for r in rows)}
+        overall = {"method": method, "concept": "all", "sampling": rows[0].get("sampling"),
+                   "images": sum(r["images"] for r in rows)}
         for key in rows[0]:
             if key in overall or key == "concept":
                 continue
@@ -590,9 +873,11 @@ def _fmt(value) -> str:
 
 
 COLUMNS = (
-    ("method", "method"), ("concept", "concept"), ("images", "images"), ("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"),
-    ("dino_i", "DINO-I"), ("coi_likelihood", "CoI likelihood"), ("latent_w2_vs_base", "latent W2 vs base"),
-    ("latent_fisher", "latent Fisher"),
+    ("method", "method"), ("concept", "concept"), ("sampling", "sampling"), ("images", "images"), ("clip_t", "CLIP-T"),
+    ("clip_i", "CLIP-I"), ("dino_i", "DINO-I"), ("coi_likelihood", "CoI likelihood"),
+    ("location_loss", "L_loc (last step)"), ("fisher_generic", "latent Fisher, generic prompts"),
+    ("fisher_class", "latent Fisher, class-word prompts"), ("w2_generic", "latent W2, generic prompts"),
+    ("w2_concept", "latent W2, concept prompts"),
 )
 
 
@@ -605,21 +890,40 @@ def markdown_table(summary: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evaluate(config: EvalConfig) -> dict:
+    """Run `config.protocol`: the custom evaluation, one paper's, or all three (one pipeline, scoring
+    models loaded once; `out/<protocol>/` each and one combined `out/results.md`)."""
+    if config.protocol == "custom":
+        return Evaluator(config).run()
+    results, reports, evaluator = {}, [], None
+    for protocol in protocols_for(config.protocol):
+        evaluator = Evaluator(protocol_config(config, protocol), protocol, reuse=evaluator)
+        results[protocol.name] = evaluator.run()
+        reports.append(evaluator.report(results[protocol.name]["summary"]))
+    atomic_write_text(Path(config.out) / "results.md", "# Evaluation\n\n" + "\n".join(reports))
+    return {"protocols": results, "out": config.out}
+
+
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config_cli(
         EvalConfig,
         argv,
         prog="python -m inference.evaluate",
         description="Generate with base / ELITE / Textual Inversion / BaTex / Infusion on the same concepts, "
-        "prompts and seeds, and score CLIP-T, CLIP-I, DINO-I and CoI likelihood.",
+        "prompts and seeds, and score them (CLIP-T, CLIP-I, DINO-I, CoI likelihood, latent Fisher and W2); "
+        "protocol=elite|compositional|infusion|all reproduces each paper's evaluation.",
     )
     try:
-        result = Evaluator(config).run()
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+        result = evaluate(config)
+    except (ConfigError, FileNotFoundError, ValueError, ModelLoadError) as err:
         print(f"python -m inference.evaluate: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
-    print(markdown_table(result["summary"]))
-    print(f"wrote {config.out}/results.md, summary.csv, scores.csv, results.json, grids/ and images/")
+    if "summary" in result:
+        print(markdown_table(result["summary"]))
+        print(f"wrote {config.out}/results.md, summary.csv, scores.csv, results.json, grids/ and images/")
+    else:
+        print((Path(config.out) / "results.md").read_text(encoding="utf-8"))
+        print(f"wrote {config.out}/results.md and, per protocol, {config.out}/<protocol>/ (tables, scores, grids, images)")
     return result
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import math
 import re
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from inference import evaluate
@@ -93,31 +95,43 @@ def test_evaluate_all_methods_end_to_end(tiny_sd_path, tiny_eval_models, tiny_en
     summary = {row["method"]: row for row in result["summary"]}
     assert set(summary) == {"base", "elite", "textual_inversion (ti_dog)", "infusion (inf_dog)"}
     for row in summary.values():
-        assert row["images"] == 3  # 2 DreamBooth prompts + 1 CoI prompt, 1 seed
+        assert row["images"] == 5  # 2 DreamBooth prompts + 1 CoI prompt + 2 generic prompts, 1 seed
         assert -1 <= row["clip_t"] <= 1 and -1 <= row["clip_i"] <= 1 and -1 <= row["dino_i"] <= 1
         assert row["coi_likelihood"] in (0.0, 1.0)
+        assert row["sampling"] == "DDIM 2 steps, guidance 7.5"
+        for key in ("fisher_generic", "fisher_class", "w2_generic", "w2_concept"):
+            assert row[key] >= 0 and math.isfinite(row[key]), (row["method"], key)
 
     # same seeds, same noise: an embedding equal to the word "dog" reproduces the base model exactly
     base, ti_row = summary["base"], summary["textual_inversion (ti_dog)"]
     for key in ("clip_t", "clip_i", "dino_i", "coi_likelihood"):
         assert ti_row[key] == pytest.approx(base[key], abs=1e-6)
-    assert ti_row["latent_w2_vs_base"] == pytest.approx(0.0, abs=1e-3)
-    # Infusion keeps the base model on prompts without its class word: zero latent Fisher divergence
-    assert summary["infusion (inf_dog)"]["latent_fisher"] == 0.0
-    assert summary["infusion (inf_dog)"]["latent_w2_vs_base"] > 1e-3  # but its dog images differ
+    for key in ("w2_generic", "w2_concept", "fisher_generic", "fisher_class"):
+        assert ti_row[key] == pytest.approx(0.0, abs=1e-3)  # the token changes nothing the prompts do not name
+    # Infusion keeps the base model on prompts without its class word (its base stream, bit for bit) ...
+    infusion = summary["infusion (inf_dog)"]
+    assert infusion["fisher_generic"] == 0.0
+    assert infusion["w2_generic"] == pytest.approx(0.0, abs=1e-3)
+    # ... and changes it where the class word is: noise predictions and images
+    assert infusion["fisher_class"] > 1e-6
+    assert infusion["w2_concept"] > 1e-3
 
     with open(out / "scores.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 12
+    assert len(rows) == 20
     assert all("S*" not in r["prompt"] and "<" not in r["prompt"] for r in rows)  # CLIP-T text says "dog"
-    assert {r["prompt"] for r in rows} == {"a dog in the jungle", "a dog in the snow", "a photo of dog and a car"}
+    assert {r["prompt"] for r in rows} == {"a dog in the jungle", "a dog in the snow", "a photo of dog and a car",
+                                           *evaluate.GENERIC_PROMPTS[:2]}
+    assert {r["kind"] for r in rows if r["prompt"] in evaluate.GENERIC_PROMPTS} == {"generic"}
+    assert all(r["clip_i"] == "" for r in rows if r["kind"] == "generic")
     assert (out / "results.md").read_text().startswith("| method | concept |")
     assert (out / "grids" / "dog.png").is_file()
-    assert json.loads((out / "results.json").read_text())["summary"]
+    recorded = json.loads((out / "results.json").read_text())
+    assert recorded["summary"] and {r["sampling"]["scheduler"] for r in recorded["rows"]} == {"ddim"}
 
     # a re-run reuses the images on disk (resume) and gives the same table
     stamps = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
-    assert len(stamps) == 12
+    assert len(stamps) == 20
     again = evaluate.main(args)
     assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == stamps
     assert again["summary"] == result["summary"]
@@ -160,3 +174,101 @@ def test_elite_mask_lookup(data_dir):
     assert teapot.mask_for(teapot.photos[4], masks) == masks / "teapot_04.png"
     assert teapot.mask_for(teapot.photos[0], masks) is None
     assert teapot.mask_for(teapot.photos[4]) is None  # no masks/ folder beside the photos
+
+
+@pytest.fixture(scope="module")
+def encoders_with_location_mlp(tmp_path_factory, tiny_sd_path, tiny_encoders_path):
+    """The tiny encoders plus a location MLP knowing a few nouns (random weights, a non-zero box head)."""
+    import shutil
+
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from encoders.anchors import embed_words
+    from encoders.location_mlp import LocationMLP
+
+    root = tmp_path_factory.mktemp("eval_location_mlp") / "encoders"
+    shutil.copytree(tiny_encoders_path, root)
+    vocabulary = ["dog", "cat", "person", "teddy bear"]
+    torch.manual_seed(0)
+    mlp = LocationMLP(embedding_dim=32, hidden_dim=16, vocabulary=vocabulary)
+    with torch.no_grad():
+        mlp.box_out.weight.normal_(0, 1.0)
+        tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(tiny_sd_path, subfolder="text_encoder")
+        mlp.set_vocabulary_embeddings(embed_words(vocabulary, tokenizer, text_encoder))
+    mlp.save_pretrained(root / "location_mlp")
+    return root
+
+
+def test_protocol_all_reproduces_each_papers_setup(tiny_sd_path, tiny_eval_models, encoders_with_location_mlp, data_dir, tmp_path):
+    concept_dir = data_dir / "concepts" / "dreambooth" / "dog"
+    ti, inf = make_runs(tmp_path, tiny_sd_path, concept_dir)
+    info = json.loads((ti / "concept.json").read_text())
+    (ti / "concept.json").write_text(json.dumps({**info, "semantic_inversion": True}))  # trained with anchors
+    out = tmp_path / "eval"
+    result = evaluate.main([
+        f"base={tiny_sd_path}", f"runs={ti},{inf}", f"encoders={encoders_with_location_mlp}", f"out={out}",
+        "protocol=all", "num_prompts=1", "seeds=0,1", "num_inference_steps=2", "resolution=32",
+        "fisher_timesteps=500", "detection_threshold=0.0",
+        f"clip_model={tiny_eval_models / 'eval_clip'}", f"dino_model={tiny_eval_models / 'dino'}",
+        f"detector_model={tiny_eval_models / 'detector'}",
+    ])
+    tables = {name: {row["method"]: row for row in r["summary"]} for name, r in result["protocols"].items()}
+    assert list(tables) == ["elite", "compositional", "infusion"]
+    combined = (out / "results.md").read_text()
+    assert all(f"## {name}:" in combined for name in tables)
+
+    # ELITE's protocol: each method with its own paper's sampler and guidance; lambda by prompt kind
+    elite = tables["elite"]
+    assert elite["elite"]["sampling"] == "LMS 2 steps, guidance 5"
+    assert elite["textual_inversion + semantic (ti_dog)"]["sampling"] == "PNDM 2 steps, guidance 7.5"
+    assert elite["infusion (inf_dog)"]["sampling"] == "DDIM 2 steps, guidance 8"
+    with open(out / "elite" / "scores.csv") as f:
+        scores = list(csv.DictReader(f))
+    assert {r["elite_scale"] for r in scores if r["method"] == "elite"} == {"0.6000"}  # "a S* in the jungle": editing
+
+    # Compositional Inversion's Table 1: TI (+ semantic) with and without spatial guidance, DDPM for all,
+    # on "a photo of S* dog and a <COCO class>" prompts, CLIP-T and the CoI likelihood
+    comp = tables["compositional"]
+    assert {"textual_inversion + semantic (ti_dog)", "textual_inversion + semantic + spatial (ti_dog)",
+            "elite", "elite + spatial", "infusion (inf_dog)"} <= set(comp)
+    for row in comp.values():
+        assert row["sampling"] == "DDPM 2 steps, guidance 7.5"
+        assert row["coi_likelihood"] in (0.0, 1.0) and -1 <= row["clip_t"] <= 1
+    assert comp["elite + spatial"]["location_loss"] >= 0
+    with open(out / "compositional" / "scores.csv") as f:
+        scores = list(csv.DictReader(f))
+    assert {r["prompt"] for r in scores} == {"a photo of dog and a person"}  # COCO's first class; S* read as "dog"
+    guided = [r for r in scores if r["row"].endswith("+ spatial")]
+    assert guided and all(r["location_loss_first"] and r["location_loss_last"] for r in guided)
+    sidecar = next((out / "compositional" / "images").glob("textual_inversion_semantic_spatial_ti_dog/dog/*.json"))
+    placed = json.loads(sidecar.read_text())["placed"]
+    assert [p["from"] for p in placed] == ["location_mlp", "location_mlp"] and placed[1]["token"] == "person"
+    # guided and unguided images differ; same seed, same DDPM noise otherwise
+    plain = Image.open(next((out / "compositional" / "images" / "elite" / "dog").glob("*_s0.png")))
+    steered = Image.open(next((out / "compositional" / "images" / "elite_spatial" / "dog").glob("*_s0.png")))
+    assert plain.tobytes() != steered.tobytes()
+
+    # Infusion's protocol: Fisher and W2 for every method, against a base row with the same sampling
+    inf_table = tables["infusion"]
+    assert {"base [lms-2-g5]", "base [pndm-2-g7.5]", "base [ddim-2-g8]"} <= set(inf_table)
+    for row in inf_table.values():
+        for key in ("fisher_generic", "fisher_class", "w2_generic", "w2_concept"):
+            assert math.isfinite(row[key]) and row[key] >= 0
+    assert inf_table["infusion (inf_dog)"]["fisher_generic"] == 0.0 < inf_table["infusion (inf_dog)"]["fisher_class"]
+    recorded = json.loads((out / "infusion" / "results.json").read_text())
+    assert recorded["protocol"]["name"] == "infusion" and recorded["seeds"] == [0, 1]
+
+
+def test_protocol_errors_and_sampling_overrides():
+    with pytest.raises(Exception, match="unknown protocol"):
+        evaluate.EvalConfig(protocol="dreambooth")
+    with pytest.raises(Exception, match="unknown scheduler"):
+        evaluate.EvalConfig(scheduler="heun2")
+    from inference.protocols import PROTOCOL_TABLE
+
+    cfg = evaluate.protocol_config(evaluate.EvalConfig(out="o"), PROTOCOL_TABLE["compositional"])
+    assert cfg.seeds == list(range(10)) and cfg.append_class_word and cfg.prompts == "composition"
+    assert cfg.out.endswith("compositional")
+    cfg = evaluate.protocol_config(evaluate.EvalConfig(out="o", seeds=[3]), PROTOCOL_TABLE["infusion"])
+    assert cfg.seeds == [3] and cfg.infusion_measures
