@@ -38,6 +38,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import diffusers
 import torch
@@ -462,18 +463,26 @@ def _run_generate(args) -> dict:
                 word_boxes={t: b for t, b in by_token.items() if t not in placeholders} or None,
             )
             images, location_losses, guidance_losses = result.images, result.location_losses, result.guidance_losses
-        names = []
+        maps = result.attention_maps if placed else None
+        map_names = list(by_token) if not concepts else placeholders + [t for t in by_token if t not in placeholders]
+        names, map_files = [], []
         for i, image in enumerate(images):
             name = f"{p:02d}-{_slug(prompt)}-{i:02d}.png"
             save_image_atomic(image, out_dir / name)
             names.append(name)
-        files.extend(names)
+            if maps:  # beside each guided image: its boxes and each token's cross-attention map
+                sheet = _attention_sheet(prompt, image, location_losses, [m[i : i + 1] for m in maps], map_names, by_token)
+                map_files.append(name.replace(".png", "-attention.png"))
+                save_image_atomic(sheet, out_dir / map_files[-1])
+        files.extend(names + map_files)
         rows.append((prompt, inputs_shown, images))
         record = {"prompt": prompt, "images": names, "seeds": [args.seed + i for i in range(args.num_images)]}
         if concepts and not infusions:
             record["elite_scale"] = elite_scale
         if placed:
             record["placed"] = [t.record() for t in placed]
+        if map_files:
+            record["attention_maps"] = map_files
         if location_losses is not None:  # spatial guidance: how well attention stayed in the boxes, per step
             record["location_loss_per_step"] = [round(v, 5) for v in location_losses]
         if guidance_losses:  # at each guided step: the loss before the latent updates, and after the last one
@@ -516,6 +525,14 @@ def _run_generate(args) -> dict:
         print(f"wrote {len(files)} images, grid.png and settings.json to {out_dir} "
               f"({generate_s:.1f}s generating, {torch_threads} threads)")
     return settings
+
+
+def _attention_sheet(prompt: str, image, location_losses, maps, names: list[str], boxes: dict):
+    """One row: the image with the boxes drawn, then each placed token's cross-attention map (mean over
+    the steps and guided layers) with its box, and the mean L_loc (`render_comparison`'s layout)."""
+    shown = SimpleNamespace(images=[image], location_losses=location_losses or [], attention_maps=maps)
+    tokens = [SimpleNamespace(name=name, box=boxes[name]) for name in names]
+    return render_comparison([("guided", shown)], tokens, prompt)
 
 
 def _apply_finetunes(pipe, finetunes, prompts: list[str]) -> tuple[list[dict], list]:

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from inference.cli import main as inference_main
@@ -88,6 +89,10 @@ def test_a_textual_inversion_token_and_a_word_placed_by_the_location_mlp(tmp_pat
     steps = record["location_loss_guided_steps"]
     assert steps and all(set(s) == {"before", "after"} for s in steps) and steps[0]["after"] < steps[0]["before"]
     assert len(record["location_loss_per_step"]) == len(steps)  # every step of this short run is guided
+    # beside the image: the image with both boxes, then S*'s and the dog's attention maps
+    sheet = Image.open(tmp_path / "out" / record["attention_maps"][0])
+    assert record["attention_maps"] == [record["images"][0].replace(".png", "-attention.png")]
+    assert sheet.width == 150 + 3 * 192 and record["attention_maps"][0] in settings["files"]
 
 
 def test_two_elite_concepts_and_a_word_with_given_boxes(tmp_path, tiny_sd_path, tiny_encoders_path, data_dir):
@@ -101,6 +106,7 @@ def test_two_elite_concepts_and_a_word_with_given_boxes(tmp_path, tiny_sd_path, 
     placed = settings["prompts"][0]["placed"]
     assert [(p["token"], p["from"]) for p in placed] == [("S1", "given"), ("S2", "given"), ("person", "given")]
     assert placed[2]["box"] == [0.8, 0.0, 1.0, 1.0] and settings["prompts"][0]["location_loss_guided_steps"]
+    assert Image.open(tmp_path / "out" / settings["prompts"][0]["attention_maps"][0]).width == 150 + 4 * 192  # 3 maps
 
 
 def test_guidance_with_infusion_is_refused_clearly(tmp_path, tiny_sd_path):
