@@ -205,6 +205,30 @@ def save_tiny_detector(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
     return out_dir
 
 
+# Automatic masks: a CLIPSeg (text-prompted segmentation, `CIDAS/clipseg-rd64-refined`'s layout) at 64 px.
+CLIPSEG_VISION_KWARGS = dict(
+    hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=16
+)
+CLIPSEG_KWARGS = dict(projection_dim=32, extract_layers=[1, 2, 3], reduce_dim=16, decoder_num_attention_heads=2,
+                      decoder_intermediate_size=32)
+
+
+def save_tiny_clipseg(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
+    """Write a tiny `CLIPSegForImageSegmentation` and its `CLIPSegProcessor` (shipped tokenizer, 64 px)."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor
+
+    from .tokenizer import build_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    config = CLIPSegConfig(text_config=dict(TEXT_KWARGS), vision_config=CLIPSEG_VISION_KWARGS, **CLIPSEG_KWARGS)
+    CLIPSegForImageSegmentation(config).save_pretrained(out_dir, safe_serialization=True)
+    image_processor = ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.485, 0.456, 0.406],
+                                        image_std=[0.229, 0.224, 0.225])
+    CLIPSegProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(out_dir)
+    return out_dir
+
+
 # name -> writer. Other parts of the project register their tiny models here (detector, eval CLIP...).
 TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "sd": save_tiny_sd_pipeline,
@@ -212,6 +236,7 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "eval_clip": save_tiny_eval_clip,
     "dino": save_tiny_dino,
     "detector": save_tiny_detector,
+    "clipseg": save_tiny_clipseg,
 }
 
 

@@ -62,6 +62,7 @@ from .finetuned import (
 from .guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance, predict_boxes
 from .inputs import ConceptInputError, ConceptInputWarning, find_placeholders, load_concept_image, placeholder_in
 from .loading import SCHEDULERS, ModelLoadError, default_image_size, load_base_pipeline, load_location_mlp
+from .masking import DEFAULT_MASK_MODEL, DEFAULT_MASK_PROMPT, auto_masker_or_none, fill_masks, has_own_alpha
 from .pictures import make_grid, mask_preview, render_comparison, save_image_atomic
 from .pipeline import DEFAULT_ELITE_SCALE, ElitePipeline, default_placeholders
 from .presets import PRESETS, paper_elite_scale, preset_settings
@@ -166,8 +167,17 @@ def _add_concept_options(parser: argparse.ArgumentParser, generate: bool = False
     group.add_argument(
         "--mask", action="append", default=[], metavar="FILE",
         help="object mask for the --image at the same position (white = object; resized if its size differs; "
-        "'-' for none); without a mask the whole photo is the object",
+        "'-' for none); without one an automatic mask is made (below)",
     )
+    group.add_argument(
+        "--auto-mask", metavar="WORD", default=None,
+        help="segment photos that have no mask with the mask model prompted by WORD (e.g. the class word: dog); "
+        f"by default photos without a mask are segmented as {DEFAULT_MASK_PROMPT!r} when the mask model loads, "
+        "else used whole with a warning. The masks used are saved beside the outputs",
+    )
+    group.add_argument("--no-auto-mask", action="store_true", help="photos without a mask are the object as a whole")
+    group.add_argument("--mask-model", default=DEFAULT_MASK_MODEL, metavar="ID_OR_DIR",
+                       help=f"CLIPSeg model for automatic masks (default: {DEFAULT_MASK_MODEL})")
     group.add_argument(
         "--crop", choices=("none", "square"), default=None,
         help="what the image encoder sees: the whole photo (none, the official ELITE inference) or a square "
@@ -355,8 +365,8 @@ def _run_generate(args) -> dict:
     # read and check every input before loading any model: a typo fails in a second, not after minutes
     # (with the most permissive mask rule; the encoders read each photo again with their own)
     masks = [None if mask in (None, "-") else mask for mask in (args.mask or [None] * len(args.image))]
-    photos = [[load_concept_image(img, m, mask_threshold=0) for img, m in concept_photos(image, mask)]
-              for image, mask in zip(args.image, masks)]  # a folder is one concept of several photos
+    pairs = [concept_photos(image, mask) for image, mask in zip(args.image, masks)]  # a folder: one concept, several photos
+    photos = [[load_concept_image(img, m, mask_threshold=0) for img, m in concept] for concept in pairs]
     loaded_concepts = [Concept.load(path) for path in args.concept]
     placeholders = args.placeholder or default_placeholders(len(photos) + len(loaded_concepts))
     if photos or loaded_concepts:
@@ -366,6 +376,7 @@ def _run_generate(args) -> dict:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = [_with_auto_masks(args, concept, out_dir, f"mask-{k}") for k, concept in enumerate(pairs)]
     started = time.perf_counter()
     generator_api = ElitePipeline.from_pretrained(
         args.base,
@@ -386,11 +397,13 @@ def _run_generate(args) -> dict:
         tick = time.perf_counter()
         with warnings.catch_warnings():  # said once already, when the inputs were checked
             warnings.simplefilter("ignore", ConceptInputWarning)
-            concept, prepared = generator_api.encode_concept(image, mask, crop=_crop(args), return_input=True)
+            concept, prepared = generator_api.encode_concept(
+                [p for p, _ in pairs[k]], [m for _, m in pairs[k]], crop=_crop(args), return_input=True)
         encode_s += time.perf_counter() - tick
         concepts.append(concept)
         inputs_shown.append(mask_preview(prepared.image, prepared.mask))
-        record = {"image": image, "mask": mask, **concept.metadata}
+        made = [str(m.name) for _, m in pairs[k] if isinstance(m, Path) and m.parent == out_dir]
+        record = {"image": image, "mask": mask, **({"auto_masks": made} if made else {}), **concept.metadata}
         if args.save_concepts:
             record["saved"] = concept.save(out_dir / f"concept_{k}.safetensors").name
         concept_records.append(record)
@@ -527,6 +540,18 @@ def _run_generate(args) -> dict:
     return settings
 
 
+def _with_auto_masks(args, pairs: list[tuple], out_dir: Path, stem: str) -> list[tuple]:
+    """Photos without a mask get an automatic one (`inference.masking`), saved as out_dir/<stem>-<k>.png,
+    unless --no-auto-mask; with --auto-mask WORD a mask model that does not load is an error."""
+    missing = [p for p, m in pairs if m is None and not has_own_alpha(p)]
+    if args.no_auto_mask or not missing:
+        return pairs
+    masker = auto_masker_or_none(args.mask_model, "cpu", required=args.auto_mask is not None)
+    if masker is None:
+        return pairs
+    return fill_masks(pairs, masker, args.auto_mask or DEFAULT_MASK_PROMPT, out_dir, stem)
+
+
 def _attention_sheet(prompt: str, image, location_losses, maps, names: list[str], boxes: dict):
     """One row: the image with the boxes drawn, then each placed token's cross-attention map (mean over
     the steps and guided layers) with its box, and the mean L_loc (`render_comparison`'s layout)."""
@@ -554,11 +579,13 @@ def _run_encode(args) -> Path:
     masks = [None if m in (None, "-") else m for m in (args.mask or [None] * len(args.image))]
     if len(masks) != len(args.image):
         raise ConceptInputError(f"{len(masks)} --mask for {len(args.image)} --image: one per photo ('-' for none)")
-    photos = args.image[0] if len(args.image) == 1 else list(args.image)  # several photos: one concept
+    pairs = [pair for image, mask in zip(args.image, masks) for pair in concept_photos(image, mask)]
+    out = Path(args.out)
+    pairs = _with_auto_masks(args, pairs, out.parent, f"{out.stem}.mask")
     concept = encode_concept_standalone(
         args.encoders,
-        photos,
-        masks[0] if len(args.image) == 1 else masks,
+        [p for p, _ in pairs],
+        [m for _, m in pairs],
         base=args.base,
         image_encoder=args.image_encoder,
         device=args.device,

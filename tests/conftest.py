@@ -68,6 +68,16 @@ def tiny_detector_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_clipseg_path(tmp_path_factory) -> Path:
+    """A tiny `CLIPSegForImageSegmentation` + processor (automatic masks), from `encoders.tiny`."""
+    from encoders.tiny import build_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny_clipseg")
+    build_tiny_models(root, ["clipseg"])
+    return root / "clipseg"
+
+
+@pytest.fixture(scope="session")
 def tiny_encoders_path(tmp_path_factory, tiny_sd_path, tiny_image_encoder_path) -> Path:
     """An ELITE encoders folder (`global_mapping/`, `local_mapping/`) for the tiny bundle: random init
     (fixed seed), saved with `save_pretrained`, recording the tiny base model and image encoder. For
