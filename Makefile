@@ -28,7 +28,7 @@ TINY_KEYS := pretrained_model_name_or_path=$(M)/sd image_encoder_name_or_path=$(
 	report_to=none mixed_precision=no resume_from_checkpoint=latest dataloader_num_workers=0
 ONE_PROCESS := $(ACCELERATE) launch --config_file configs/accelerate/single_process.yaml --cpu
 
-.PHONY: help install test demo bench clean-demo clean \
+.PHONY: help install test browser demo bench clean-demo clean \
 	demo-models demo-base demo-shards demo-elite demo-generate demo-compose demo-finetune demo-eval
 
 help:
@@ -44,8 +44,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# The web demo's test drives a real browser: Debian's chromium + chromium-driver, installed here when
+# missing and apt-get can (as root); otherwise that test is skipped with the reason.
+browser:
+	@if [ -x /usr/bin/chromedriver ] || command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium + chromium-driver (the web demo's browser test)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "could not install chromium: the browser test will be skipped"; \
+	else echo "no chromedriver, and apt-get needs root: the browser test will be skipped"; fi
 
 # ------------------------------------------------------------------------------------------ demo
 demo: demo-models demo-base demo-shards demo-elite demo-generate demo-compose demo-finetune demo-eval

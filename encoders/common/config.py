@@ -269,13 +269,80 @@ def _check_path(cls: type, key: str, origin: str) -> str:
     return ".".join(walked)
 
 
+PACKAGED_CONFIGS = "zsp_configs"  # the repository's configs/ as installed from a wheel
+
+
+def packaged_configs() -> Path | None:
+    """The folder of the installed copy of `configs/` (None when the package is not installed)."""
+    from importlib.util import find_spec
+
+    try:
+        spec = find_spec(PACKAGED_CONFIGS)
+    except (ImportError, ValueError):
+        return None
+    # a namespace package (no __init__.py): its folder is the first real directory of its path
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        if Path(location).is_dir():
+            return Path(location)
+    return None
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """`path` itself when it exists; else `configs/<rest>` read from the installed package, so the
+    commands' documented `--config configs/train/global_mapping.yaml` works from a wheel install in
+    any folder. A missing file is a ConfigError naming both places."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    parts = path.parts
+    if not path.is_absolute() and parts and parts[0] == "configs" and (root := packaged_configs()) is not None:
+        packaged = root.joinpath(*parts[1:])
+        if packaged.is_file():
+            return packaged
+        raise ConfigError(f"config file {path} does not exist (nor {packaged} in the installed package)")
+    raise ConfigError(f"config file {path} does not exist")
+
+
+def write_configs(out_dir: str | os.PathLike, force: bool = False) -> list[Path]:
+    """Copy the installed `configs/` to `out_dir/configs/` to edit; existing files are kept unless `force`."""
+    root = packaged_configs()
+    if root is None:
+        raise ConfigError(f"the configs are not installed with the package ({PACKAGED_CONFIGS} not found)")
+    written = []
+    for source in sorted(root.rglob("*")):
+        if not source.is_file() or source.suffix not in (".yaml", ".json", ".sbatch"):
+            continue
+        target = Path(out_dir) / "configs" / source.relative_to(root)
+        if target.exists() and not force:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+        written.append(target)
+    return written
+
+
+def write_configs_main(argv: list[str] | None = None) -> int:
+    """`zsp-configs [--out DIR]`: write the example configs out of an installed package."""
+    parser = argparse.ArgumentParser(prog=program_name("python -m encoders.common.config"),
+                                     description="Copy the installed example configs to DIR/configs/ to edit.")
+    parser.add_argument("--out", default=".", help="folder that receives configs/ (default: here)")
+    parser.add_argument("--force", action="store_true", help="overwrite files that exist")
+    args = parser.parse_args(argv)
+    try:
+        written = write_configs(args.out, args.force)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} files under {Path(args.out) / 'configs'}")
+    return 0
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of `cls`, updated by the YAML file at `path`, then by `key=value` overrides."""
+    """Defaults of `cls`, updated by the YAML file at `path` (`resolve_config_path`: the installed copy
+    of `configs/...` when there is no such file here), then by `key=value` overrides."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
@@ -401,3 +468,7 @@ def parse_config_cli(cls: type[T], argv: list[str] | None = None, prog: str | No
     except ConfigError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
+
+
+if __name__ == "__main__":
+    sys.exit(write_configs_main())
