@@ -357,6 +357,25 @@ def test_load_elite_on_a_stock_pipeline_restores_its_own_processors(tiny_sd_path
         unload_elite(pipe)
 
 
+def test_load_elite_then_model_cpu_offload_gives_the_same_images(tiny_sd_path, tiny_encoders_path, teapot):
+    """diffusers' enable_model_cpu_offload (accelerate hooks) after load_elite: the mappings follow the
+    execution device and the images are those of the plain pipeline."""
+    pytest.importorskip("accelerate")
+    from diffusers import StableDiffusionPipeline
+
+    from inference import load_elite
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    pipe.set_progress_bar_config(disable=True)
+    elite = load_elite(pipe, tiny_encoders_path)
+    kwargs = dict(num_inference_steps=2, height=16, width=16, output_type="latent", seed=0)
+    plain = elite("a photo of S*", teapot, **kwargs).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    offloaded = elite(["a photo of S*", "S* in the snow"], teapot, **kwargs)
+    assert str(elite.device).startswith("cpu") and offloaded.images.shape[0] == 2
+    assert torch.allclose(offloaded.images[:1], plain, atol=1e-5)  # the same computation, hooks around it
+
+
 def test_several_photos_or_a_folder_make_one_concept(elite, photos, data_dir, tmp_path):
     """w0 is the photos' mean, the local tokens all photos' side by side; a folder is read with its masks/."""
     dog = data_dir / "concepts" / "dreambooth" / "dog"
