@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -331,25 +332,68 @@ def _text(pipe, prompt: str):
     return ids, pipe.text_encoder(ids)[0]
 
 
+def _checkpoint_vector(folder: Path):
+    """The word a Textual Inversion / BaTex checkpoint holds (`checkpoint-N/learned_word/`)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "learned_word" / "diffusion_pytorch_model.safetensors"))
+    if "embedding" in weights:  # Textual Inversion's free vector
+        return weights["embedding"]
+    return weights["weights"] @ weights["basis"]  # BaTex: weights over its vocabulary basis
+
+
+def _run_finetune(work: Path, method: str, config: str, keys: list[str]) -> Path:
+    stage = "infusion" if method.startswith("infusion") else "textual_inversion"
+    out = work / method
+    command = [sys.executable, "-m", f"training.{stage}", "--config", str(REPO / f"configs/finetune/{config}.yaml"),
+               *keys, f"output_dir={out}"]
+    with open(work / f"{method}.log", "w") as handle:
+        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if done.returncode:
+        raise SystemExit(f"{method} failed (exit {done.returncode}); see {work / f'{method}.log'}")
+    return out
+
+
 def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict:
     """Textual Inversion, BaTex and Infusion per concept: trained on all photos but the held-out ones
     (every third), evaluated on those; TI / BaTex with the learned token vs. the initializer word they
-    start from, Infusion with vs. without its residuals on a class-word prompt, and on a prompt without
-    the class word (where it must change nothing)."""
+    start from, at each quarter of training (checkpoints) to see which gets there first; Infusion with
+    vs. without its residuals on a class-word prompt, and on a prompt without the class word (where it
+    must change nothing); Textual Inversion with the anchor loss vs. without, same seeds: L_anc of the
+    final word (how far it sits from its sparse-coded anchors) and its held-out gain."""
     import shutil
 
     import torch
 
     from encoders.attention import AttentionContext, restore_default_processors
     from encoders.infusion import InfusionResiduals, dual_stream_call, set_infusion_processors
-    from inference.finetuned import load_embedding, read_finetune
     from inference.loading import pipeline_from_parts
+    from training.textual_inversion import InversionAnchorsConfig
 
-    keys = [k for k in common if not k.startswith(("train_shards=", "image_encoder_name_or_path=", "mapping_hidden_dim="))]
+    keys = [k for k in common if not k.startswith(("train_shards=", "image_encoder_name_or_path=", "mapping_hidden_dim=", "seed="))]
     pipe = pipeline_from_parts(ev.sd.vae, ev.sd.text_encoder, ev.sd.tokenizer, ev.sd.unet, ev.sd.noise_scheduler)
     restore_default_processors(ev.sd.unet)
-    diffs: dict[str, list[np.ndarray]] = {"textual_inversion": [], "batex": [], "infusion": []}
+    steps = args.steps_finetune
+    quarter = max(1, steps // 4)
+    checkpoints = [quarter * k for k in range(1, 5) if quarter * k <= steps]  # the trainers' checkpoint-N/
+    curves: dict[str, dict[int, list[np.ndarray]]] = {m: {c: [] for c in checkpoints} for m in ("textual_inversion", "batex")}
+    infusion_gain: list[np.ndarray] = []
+    anchored_gain: list[np.ndarray] = []
+    anchor_pull: list[float] = []  # L_anc(plain word) - L_anc(anchored word), per concept and seed
+    anchor_values: list[dict] = []
     untouched = 0.0
+    seeds = [args.seed + k for k in range(args.anchor_seeds)]
+    regularizer = InversionAnchorsConfig(enabled=True).build_regularizer(pipe.tokenizer, pipe.text_encoder, "cpu")
+    sequence_scale = regularizer.sequence_length * pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    n_tokens = 0
+
+    def new_token(vector) -> str:
+        nonlocal n_tokens
+        n_tokens += 1
+        token = f"<bench-{n_tokens}>"
+        pipe.load_textual_inversion({token: vector.reshape(1, -1).float()}, token=token)
+        return token
+
     for folder, word in FINETUNE_CONCEPTS[: args.finetune_concepts]:
         photos = sorted((DATA / "concepts/dreambooth" / folder).glob("*.jpg"))
         held_out = photos[::EVAL_EVERY]
@@ -359,22 +403,20 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
             if photo not in held_out:
                 shutil.copy(photo, train_dir / photo.name)
         draws = [d for k, photo in enumerate(held_out) for d in _photo_latents(ev, photo, args.resolution, args.draws, args.seed + k)]
-        runs = {}
+        concept_keys = [*keys, f"concept_dir={train_dir}", f"max_steps={steps}", f"class_word={word}"]
+        word_keys = [*concept_keys, f"initializer_token={word}", f"checkpointing_steps={quarter}"]
         batex = ["subspace.enabled=true"] + ([] if args.base else ["subspace.dim=24"])  # the paper's 576 of 768, scaled to 32
-        for method, extra in (("textual_inversion", []), ("batex", batex), ("infusion", [])):
-            stage = "infusion" if method == "infusion" else "textual_inversion"
-            config = "infusion" if method == "infusion" else ("batex" if method == "batex" else "textual_inversion")
-            out = work / f"{method}_{folder}"
-            command = [sys.executable, "-m", f"training.{stage}", "--config", str(REPO / f"configs/finetune/{config}.yaml"),
-                       *keys, f"concept_dir={train_dir}", f"output_dir={out}", f"max_steps={args.steps_finetune}",
-                       *([f"class_word={word}"] if method == "infusion" else [f"initializer_token={word}", f"class_word={word}"]),
-                       *extra]
-            with open(work / f"{method}_{folder}.log", "w") as handle:
-                done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "PYTHONPATH": str(REPO)})
-            if done.returncode:
-                raise SystemExit(f"{method} on {folder} failed (exit {done.returncode}); see {work / f'{method}_{folder}.log'}")
-            runs[method] = out
+        runs = {
+            "textual_inversion": _run_finetune(work, f"textual_inversion_{folder}", "textual_inversion", [*word_keys, f"seed={args.seed}"]),
+            "batex": _run_finetune(work, f"batex_{folder}", "batex", [*word_keys, *batex, f"seed={args.seed}"]),
+            "infusion": _run_finetune(work, f"infusion_{folder}", "infusion", [*concept_keys, f"seed={args.seed}"]),
+        }
+        for seed in seeds:  # the anchor loss on and off, same seed
+            plain = runs["textual_inversion"] if seed == args.seed else _run_finetune(
+                work, f"textual_inversion_{folder}_s{seed}", "textual_inversion", [*word_keys, f"seed={seed}"])
+            anchored = _run_finetune(work, f"textual_inversion_anchors_{folder}_s{seed}", "textual_inversion",
+                                     [*word_keys, f"seed={seed}", "anchors.enabled=true"])
+            runs[("plain", seed)], runs[("anchored", seed)] = plain, anchored
 
         def losses(text, kwargs=None, row=None):
             out = []
@@ -386,11 +428,22 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
                     out.append(float(((pred - target) ** 2).mean()))
             return np.array(out)
 
+        def gain_of(vector) -> np.ndarray:
+            return start - losses(_text(pipe, f"a photo of {new_token(vector)}")[1])
+
         with torch.no_grad():
             start = losses(_text(pipe, f"a photo of {word}")[1])
             for method in ("textual_inversion", "batex"):
-                token = load_embedding(pipe, read_finetune(runs[method]), token=f"<{method}-{folder}>")
-                diffs[method].append(start - losses(_text(pipe, f"a photo of {token}")[1]))
+                for step in checkpoints:
+                    curves[method][step].append(gain_of(_checkpoint_vector(runs[method] / f"checkpoint-{step}")))
+            for seed in seeds:
+                plain = _checkpoint_vector(runs[("plain", seed)] / f"checkpoint-{checkpoints[-1]}")
+                anchored = _checkpoint_vector(runs[("anchored", seed)] / f"checkpoint-{checkpoints[-1]}")
+                l_plain, l_anchored = (float(regularizer(v[None].float())) * sequence_scale for v in (plain, anchored))
+                anchor_pull.append(l_plain - l_anchored)
+                anchor_values.append({"concept": folder, "seed": seed, "plain": l_plain, "anchored": l_anchored,
+                                      "anchors": regularizer.last_code(top=3)[0]})
+                anchored_gain.append(gain_of(anchored))
             residuals = InfusionResiduals.from_pretrained(runs["infusion"], subfolder="infusion").eval()
             set_infusion_processors(ev.sd.unet, [residuals])
             for prompt, key in ((f"a photo of a {word}", "with"), ("a photo of a bicycle", "without")):
@@ -399,17 +452,30 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
                 base = losses(torch.cat([text, text]), ctx.as_kwargs(), row=0)
                 tuned = losses(torch.cat([text, text]), ctx.as_kwargs(), row=1)
                 if key == "with":
-                    diffs["infusion"].append(base - tuned)
+                    infusion_gain.append(base - tuned)
                 else:
                     untouched = max(untouched, float(np.abs(base - tuned).max()))
             restore_default_processors(ev.sd.unet)
+
+    final = checkpoints[-1]
+    curve = {m: {step: bootstrap(np.concatenate(g)) for step, g in by_step.items()} for m, by_step in curves.items()}
+    ti_final = curve["textual_inversion"][final]["mean"]
+    reached = [step for step in checkpoints if curve["batex"][step]["mean"] >= ti_final]
     return {
-        "textual_inversion_token_vs_initializer": bootstrap(np.concatenate(diffs["textual_inversion"])),
-        "batex_token_vs_initializer": bootstrap(np.concatenate(diffs["batex"])),
-        "batex_minus_textual_inversion": bootstrap(np.concatenate(diffs["batex"]) - np.concatenate(diffs["textual_inversion"])),
-        "infusion_with_vs_without_residuals": bootstrap(np.concatenate(diffs["infusion"])),
+        "textual_inversion_token_vs_initializer": curve["textual_inversion"][final],
+        "batex_token_vs_initializer": curve["batex"][final],
+        "batex_minus_textual_inversion": bootstrap(
+            np.concatenate(curves["batex"][final]) - np.concatenate(curves["textual_inversion"][final])),
+        "curve": {m: {str(step): r for step, r in by_step.items()} for m, by_step in curve.items()},
+        "batex_steps_to_textual_inversion_final": reached[0] if reached else None,
+        "infusion_with_vs_without_residuals": bootstrap(np.concatenate(infusion_gain)),
         "infusion_no_class_word_max_abs_change": untouched,
-        "steps": args.steps_finetune, "concepts": [c for c, _ in FINETUNE_CONCEPTS[: args.finetune_concepts]],
+        "anchor_pull": bootstrap(np.array(anchor_pull)),
+        "anchor_relative_pull": float(np.mean([1 - v["anchored"] / v["plain"] for v in anchor_values])),
+        "anchor_values": anchor_values,
+        "anchored_token_vs_initializer": bootstrap(np.concatenate(anchored_gain)),
+        "steps": steps, "checkpoints": checkpoints, "anchor_seeds": seeds,
+        "concepts": [c for c, _ in FINETUNE_CONCEPTS[: args.finetune_concepts]],
     }
 
 
@@ -476,6 +542,8 @@ def elite_results(args, work: Path, common: list[str], ev: Evaluator, results: d
         "own_vs_shuffled": bootstrap(ref["shuffled"] - ref["own"]),
         "mean_loss_own": float(ref["own"].mean()),
     }
+    if "multiphoto" in args.parts:
+        results["multiphoto"] = multiphoto_results(args, reference, ev)
     if args.options == "all":
         for name, keys in OPTIONS:
             folder = train("local_mapping", work / f"local_{len(results['stage2'])}", [*local_keys, *keys],
@@ -487,6 +555,54 @@ def elite_results(args, work: Path, common: list[str], ev: Evaluator, results: d
                 "mean_loss_own": float(opt["own"].mean()),
                 "vs_reference": bootstrap(opt["own"] - ref["own"]),  # < 0: the option denoises better
             }
+
+
+MULTIPHOTO_CONCEPTS = ("backpack", "berry_bowl", "cat", "dog", "pink_sunglasses", "teapot")
+
+
+def multiphoto_results(args, encoders: Path, ev: Evaluator) -> dict:
+    """Several photos of one concept vs one: each DreamBooth photo in turn is the target (its held-out
+    denoising loss on "a photo of S*"), the concept's other photos the input; one photo = the mean
+    loss over the other photos each encoded alone, several = all of them through `encode_photos`
+    (w0 averaged, local tokens side by side), paired by draw. Whole photos, no masks (the folders
+    have none); lambda 1 and 0 (the global word alone: what averaging w0 does)."""
+    import torch
+
+    from encoders.attention import restore_default_processors, set_elite_processors
+    from encoders.conditioning import elite_conditioning
+    from inference.encoding import encode_photos
+    from inference.loading import load_encoders
+
+    enc = load_encoders(encoders, device="cpu", dtype="float32")
+    set_elite_processors(ev.sd.unet, enc.global_mapping, enc.local_mapping)
+    tok = ev.sd.tokenizer
+    ids = tok("a photo of S*", padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    diffs: dict[float, list[np.ndarray]] = {1.0: [], 0.0: []}
+
+    def losses(concept, draws, scale) -> np.ndarray:
+        c = elite_conditioning(ev.sd.text_encoder, ids, [ev.placeholder_id], [concept.w0.view(1, 1, -1)],
+                               local=[(concept.local_tokens[None], concept.local_keep[None])], scale=scale)
+        with torch.no_grad():
+            return np.array([float(((ev.sd.unet(noisy, t, c.prompt_embeds, cross_attention_kwargs=c.context.as_kwargs()).sample
+                                     - target) ** 2).mean()) for noisy, target, t in draws])
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no mask: the whole photo" for every photo
+        for name in MULTIPHOTO_CONCEPTS:
+            photos = sorted((DATA / "concepts/dreambooth" / name).glob("*.jpg"))
+            singles = {p: encode_photos(enc, p) for p in photos}
+            for k, target in enumerate(photos):
+                others = [p for p in photos if p != target]
+                draws = _photo_latents(ev, target, args.resolution, args.draws, args.seed + 1000 + k)
+                several = encode_photos(enc, others)
+                for scale in diffs:
+                    one = np.mean([losses(singles[p], draws, scale) for p in others], axis=0)
+                    diffs[scale].append(one - losses(several, draws, scale))
+    restore_default_processors(ev.sd.unet)
+    return {"several_vs_one": bootstrap(np.concatenate(diffs[1.0])),
+            "several_vs_one_global_only": bootstrap(np.concatenate(diffs[0.0])),
+            "concepts": list(MULTIPHOTO_CONCEPTS), "targets": sum(len(list((DATA / "concepts/dreambooth" / n).glob("*.jpg")))
+                                                                 for n in MULTIPHOTO_CONCEPTS)}
 
 
 def table(results: dict) -> str:
@@ -507,11 +623,26 @@ def table(results: dict) -> str:
         lines.append(row(f"stage 2 {name}: shuffled tokens - own tokens", r["own_vs_shuffled"]))
         if "vs_reference" in r:
             lines.append(row(f"stage 2 {name} - reference (own tokens; < 0: option better)", r["vs_reference"]))
+    m = results.get("multiphoto")
+    if m:
+        lines.append(row("several photos vs one (one photo's loss - several's), lambda 1", m["several_vs_one"]))
+        lines.append(row("several photos vs one, global word only (lambda 0)", m["several_vs_one_global_only"]))
     f = results.get("finetunes")
     if f:
         lines.append(row("Textual Inversion: initializer word - learned token", f["textual_inversion_token_vs_initializer"]))
         lines.append(row("BaTex: initializer word - learned token", f["batex_token_vs_initializer"]))
         lines.append(row("BaTex gain - Textual Inversion gain (same steps)", f["batex_minus_textual_inversion"]))
+        for method, by_step in f.get("curve", {}).items():
+            for step, r in by_step.items():
+                lines.append(row(f"{method} after {step} steps: initializer word - learned token", r))
+        if "curve" in f:
+            reached = f["batex_steps_to_textual_inversion_final"]
+            lines.append(f"| BaTex reaches Textual Inversion's final gain after | "
+                         f"{reached if reached is not None else 'not within ' + str(f['steps'])} steps | | |")
+        if "anchor_pull" in f:
+            lines.append(row("anchors: L_anc (x 77 D) of the plain word - of the anchored word", f["anchor_pull"]))
+            lines.append(f"| anchors: relative drop of L_anc | {f['anchor_relative_pull']:.1%} | | |")
+            lines.append(row("anchored Textual Inversion: initializer word - learned token", f["anchored_token_vs_initializer"]))
         lines.append(row("Infusion: without - with residuals (class-word prompt)", f["infusion_with_vs_without_residuals"]))
         lines.append(f"| Infusion on a prompt without the class word: largest change | {f['infusion_no_class_word_max_abs_change']:.2e} | | |")
     return "\n".join(lines)
@@ -529,8 +660,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draws", type=int, default=8, help="(noise, timestep) draws per held-out crop")
     parser.add_argument("--options", choices=("all", "none"), default="all", help="also train each stage-2 option")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parts", default="elite,finetunes", help="what to train and measure: elite, finetunes or both")
+    parser.add_argument("--parts", default="elite,finetunes", help="what to train and measure: elite, multiphoto (with elite), finetunes")
     parser.add_argument("--steps-finetune", type=int, default=100, help="steps of each per-concept fine-tune")
+    parser.add_argument("--anchor-seeds", type=int, default=2, help="seeds of the anchored / plain Textual Inversion pairs")
     parser.add_argument("--finetune-concepts", type=int, default=2, help="DreamBooth concepts for the fine-tunes (0: skip)")
     parser.add_argument("--base", default=None, help="a Stable Diffusion folder / Hub id instead of the tiny one")
     parser.add_argument("--image-encoder", default=None, help="a CLIP vision folder / Hub id (with --base)")

@@ -22,8 +22,8 @@ def test_both_stages_help_on_held_out_crops(tmp_path):
     finally:
         sys.path.pop(0)
     results = main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "learning.json"), "--steps-global", "60",
-                    "--steps-local", "40", "--options", "none", "--draws", "4", "--steps-finetune", "30",
-                    "--finetune-concepts", "1"])
+                    "--steps-local", "40", "--options", "none", "--draws", "4", "--steps-finetune", "32",
+                    "--finetune-concepts", "1", "--anchor-seeds", "1"])
     stage1 = results["stage1"]["trained_vs_untrained_own"]  # untrained loss - trained loss, own words
     assert stage1["mean"] > 0 and stage1["excludes_zero"], stage1
     stage2 = results["stage2"]["reference"]["own_vs_off"]  # loss without the local branch - with it
@@ -33,3 +33,6 @@ def test_both_stages_help_on_held_out_crops(tmp_path):
     assert tuned["textual_inversion_token_vs_initializer"]["mean"] > 0
     assert tuned["textual_inversion_token_vs_initializer"]["excludes_zero"]
     assert tuned["infusion_no_class_word_max_abs_change"] < 1e-6  # prompts without the class word: untouched
+    assert tuned["checkpoints"] == [8, 16, 24, 32] and set(tuned["curve"]["batex"]) == {"8", "16", "24", "32"}
+    pulled = tuned["anchor_values"][0]  # the anchor loss keeps the word nearer its sparse-coded anchors
+    assert pulled["anchored"] < pulled["plain"] and pulled["anchors"]
