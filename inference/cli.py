@@ -366,7 +366,7 @@ def _run_generate(args) -> dict:
     # (with the most permissive mask rule; the encoders read each photo again with their own)
     masks = [None if mask in (None, "-") else mask for mask in (args.mask or [None] * len(args.image))]
     pairs = [concept_photos(image, mask) for image, mask in zip(args.image, masks)]  # a folder: one concept, several photos
-    photos = [[load_concept_image(img, m, mask_threshold=0) for img, m in concept] for concept in pairs]
+    photos = [[_checked_photo(args, img, m) for img, m in concept] for concept in pairs]
     loaded_concepts = [Concept.load(path) for path in args.concept]
     placeholders = args.placeholder or default_placeholders(len(photos) + len(loaded_concepts))
     if photos or loaded_concepts:
@@ -538,6 +538,15 @@ def _run_generate(args) -> dict:
         print(f"wrote {len(files)} images, grid.png and settings.json to {out_dir} "
               f"({generate_s:.1f}s generating, {torch_threads} threads)")
     return settings
+
+
+def _checked_photo(args, image, mask):
+    """Read and check a photo (+ mask) with the most permissive mask rule; a photo that will get an
+    automatic mask is not warned about as maskless (`_with_auto_masks` says if that fails)."""
+    with warnings.catch_warnings():
+        if mask is None and not args.no_auto_mask:
+            warnings.filterwarnings("ignore", message="no mask for concept image", category=ConceptInputWarning)
+        return load_concept_image(image, mask, mask_threshold=0)
 
 
 def _with_auto_masks(args, pairs: list[tuple], out_dir: Path, stem: str) -> list[tuple]:
