@@ -14,7 +14,9 @@ VENV_FLAGS ?=
 PY := $(VENV)/bin/python
 ACCELERATE := $(VENV)/bin/accelerate
 STAMP := $(VENV)/.installed
-DEMO := outputs/demo
+# BASE=sd2 runs every stage on an SD 2.x-style tiny base (48-wide text encoder, v-prediction) into outputs/demo-sd2/
+BASE ?= sd1
+DEMO := outputs/demo$(if $(filter sd1,$(BASE)),,-$(BASE))
 M := $(DEMO)/models
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
@@ -33,6 +35,7 @@ ONE_PROCESS := $(ACCELERATE) launch --config_file configs/accelerate/single_proc
 
 help:
 	@echo "make demo   - run the pipeline end to end on the embedded tiny models (outputs/demo/)"
+	@echo "make demo BASE=sd2 - the same on an SD 2.x-style tiny base (outputs/demo-sd2/)"
 	@echo "make test   - run the tests"
 	@echo "make bench  - run the CPU benchmarks (print tables, write benchmarks/results/*.json)"
 
@@ -65,7 +68,7 @@ demo: demo-models demo-base demo-shards demo-elite demo-generate demo-compose de
 # 1. the embedded tiny default: SD-format pipeline, 24-layer CLIP vision, eval CLIP, DINO, DETR
 demo-models: $(M)/.done
 $(M)/.done: | $(STAMP)
-	$(PY) -m encoders.tiny --out $(M)
+	$(PY) -m encoders.tiny --out $(M) --kind $(BASE)
 	@touch $@
 
 # 2. the base pipeline alone, from a plain prompt

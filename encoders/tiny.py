@@ -97,6 +97,34 @@ def build_tiny_sd_pipeline(seed: int = TINY_SEED):
     )
 
 
+# SD 2.x's structure (stabilityai/stable-diffusion-2-1-base): an OpenCLIP-shaped text encoder wider
+# than the image encoder (1024 vs ViT-L/14's 1024 there; here 48 vs 32, so code that confuses the two
+# widths fails), linear projections in the transformer blocks, per-level head counts, v-prediction.
+SD2_TEXT_KWARGS = dict(TEXT_KWARGS, hidden_size=48, intermediate_size=64, num_attention_heads=4, hidden_act="gelu",
+                       projection_dim=48)
+SD2_UNET_KWARGS = dict(UNET_KWARGS, cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True)
+SD2_SCHEDULER_KWARGS = dict(SCHEDULER_KWARGS, prediction_type="v_prediction")
+
+
+def build_tiny_sd2_pipeline(seed: int = TINY_SEED):
+    """A randomly initialised SD 2.x-style `StableDiffusionPipeline` (v-prediction, 48-wide text)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD2_UNET_KWARGS)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_KWARGS)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT_KWARGS))
+    scheduler = DDIMScheduler(**{k: v for k, v in SD2_SCHEDULER_KWARGS.items() if k != "skip_prk_steps"}, clip_sample=False)
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 def build_tiny_image_encoder(seed: int = TINY_SEED):
     """A randomly initialised 24-layer `CLIPVisionModel` and its `CLIPImageProcessor` (224 px)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
@@ -115,6 +143,16 @@ def save_tiny_sd_pipeline(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
     pipe = build_tiny_sd_pipeline(seed)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     save_clip_tokenizer(out_dir / "tokenizer")  # also writes vocab.json/merges.txt like SD's folder
+    return out_dir
+
+
+def save_tiny_sd2_pipeline(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
+    """Write the tiny SD 2.x-style pipeline as a diffusers folder."""
+    from .tokenizer import save_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    build_tiny_sd2_pipeline(seed).save_pretrained(out_dir, safe_serialization=True)
+    save_clip_tokenizer(out_dir / "tokenizer")
     return out_dir
 
 
@@ -254,15 +292,24 @@ def write_atomically(writer: Callable[[Path], Path], target: str | Path, force: 
     return True
 
 
-def build_tiny_models(out_root: str | Path, names: list[str] | None = None, force: bool = False) -> dict[str, Path]:
-    """Write the named tiny models (default: all registered) under `out_root/<name>/`."""
+# The base pipeline each --kind writes as `sd/` (the other models are the same for every kind).
+BASE_KINDS: dict[str, Callable[[Path], Path]] = {"sd1": save_tiny_sd_pipeline, "sd2": save_tiny_sd2_pipeline}
+
+
+def build_tiny_models(out_root: str | Path, names: list[str] | None = None, force: bool = False,
+                      kind: str = "sd1") -> dict[str, Path]:
+    """Write the named tiny models (default: all registered) under `out_root/<name>/`; `kind` picks the
+    base pipeline's structure written as `sd/` (sd1: SD v1-4's, sd2: SD 2.x's)."""
+    if kind not in BASE_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(BASE_KINDS)}")
     out_root = Path(out_root)
     written = {}
     for name in names or list(TINY_MODELS):
         if name not in TINY_MODELS:
             raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
         target = out_root / name
-        made = write_atomically(TINY_MODELS[name], target, force=force)
+        writer = BASE_KINDS[kind] if name == "sd" else TINY_MODELS[name]
+        made = write_atomically(writer, target, force=force)
         print(f"{'built ' if made else 'kept  '} {name:<14} {target}")
         written[name] = target
     return written
@@ -277,9 +324,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--only", action="append", choices=sorted(TINY_MODELS), help="build only this model (repeatable); default all"
     )
+    parser.add_argument("--kind", choices=sorted(BASE_KINDS), default="sd1",
+                        help="structure of the base pipeline written as sd/: sd1 (SD v1-4) or sd2 (SD 2.x: "
+                        "48-wide text encoder, linear projections, v-prediction); default sd1")
     parser.add_argument("--force", action="store_true", help="rebuild models whose folder already exists")
     args = parser.parse_args(argv)
-    build_tiny_models(args.out, args.only, force=args.force)
+    build_tiny_models(args.out, args.only, force=args.force, kind=args.kind)
 
 
 if __name__ == "__main__":

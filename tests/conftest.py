@@ -43,6 +43,17 @@ def tiny_sd_path(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2_path(tmp_path_factory) -> Path:
+    """An SD 2.x-style tiny pipeline (`encoders.tiny --kind sd2`): 48-wide text encoder, linear
+    projections, per-level heads, v-prediction."""
+    from encoders.tiny import build_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny_sd2")
+    build_tiny_models(root, ["sd"], kind="sd2")
+    return root / "sd"
+
+
+@pytest.fixture(scope="session")
 def tiny_image_encoder_path(tiny_models) -> Path:
     return tiny_models / "image_encoder"
 

@@ -1,0 +1,131 @@
+"""Every method on an SD 2.x-style base (`encoders.tiny --kind sd2`): a text encoder wider than the
+image encoder (48 vs 32), linear projections and v-prediction. Each trains a few steps through the
+shared loop (the v-prediction target) and generates; concept prompts differ from the base model,
+prompts the method promises not to touch do not; a mapping made for one base is refused on another."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from encoders.common.config import load_config
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+REPO = Path(__file__).resolve().parent.parent
+RES = 32
+
+
+def _recording(task, key="rec_loss"):
+    from training.loop import run_training
+
+    losses, step = [], task.training_step
+
+    def recording(models, batch, generator):
+        loss, logs = step(models, batch, generator)
+        losses.append(float(logs.get(key, loss)))
+        return loss, logs
+
+    task.training_step = recording
+    run_training(task)
+    return losses
+
+
+def _finetune_keys(sd, concept, out, steps=3):
+    return [f"pretrained_model_name_or_path={sd}", f"concept_dir={concept}", f"output_dir={out}", f"data.resolution={RES}",
+            f"max_steps={steps}", "train_batch_size=2", "checkpointing_steps=0", "validation_steps=0", "report_to=none"]
+
+
+def _pipe(sd):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _latents(pipe, prompt):
+    return pipe(prompt, num_inference_steps=2, height=RES, width=RES, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def test_the_bundle_has_sd2_structure(tiny_sd2_path, tiny_image_encoder_path):
+    from transformers import CLIPVisionConfig
+
+    pipe = _pipe(tiny_sd2_path)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.unet.config.use_linear_projection
+    assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim == 48
+    assert CLIPVisionConfig.from_pretrained(tiny_image_encoder_path).hidden_size == 32  # != the text width
+
+
+def test_textual_inversion_and_infusion_on_sd2(tiny_sd2_path, data_dir, tmp_path):
+    from encoders.infusion import InfusionResiduals, generate_with_infusion
+    from training.infusion import InfusionConfig, InfusionTask
+    from training.textual_inversion import TextualInversionConfig, TextualInversionTask
+
+    concept = data_dir / "concepts" / "dreambooth" / "dog"
+    ti = tmp_path / "ti"
+    keys = _finetune_keys(tiny_sd2_path, concept, ti) + ["initializer_token=dog", "class_word=dog", "learning_rate=0.05"]
+    losses = _recording(TextualInversionTask(load_config(TextualInversionConfig, REPO / "configs/finetune/textual_inversion.yaml", keys)))
+    assert len(losses) == 3 and all(map(math.isfinite, losses)) and len(set(losses)) > 1
+    assert load_file(ti / "learned_embeds.safetensors")["S*"].shape == (1, 48)  # the SD 2 text width
+
+    pipe = _pipe(tiny_sd2_path)
+    ids = pipe.tokenizer(["a photo of a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+    base = _latents(pipe, "a photo of a dog")
+    pipe.load_textual_inversion(str(ti), token="S*")
+    with torch.no_grad():
+        assert torch.equal(pipe.text_encoder(ids)[0], before)  # prompts without S*: the same text, exactly
+    assert (_latents(pipe, "a photo of a S*") - base).abs().max() > 1e-4
+
+    inf = tmp_path / "inf"
+    keys = _finetune_keys(tiny_sd2_path, concept, inf) + ["class_word=dog", "learning_rate=0.05"]
+    losses = _recording(InfusionTask(load_config(InfusionConfig, REPO / "configs/finetune/infusion.yaml", keys)))
+    assert len(losses) == 3 and all(map(math.isfinite, losses))
+    residuals = InfusionResiduals.from_pretrained(inf, subfolder="infusion")
+    residuals.check_fits(_pipe(tiny_sd2_path).unet)  # one residual per cross-attention layer, 48 wide
+    pipe = _pipe(tiny_sd2_path)
+    kwargs = dict(num_inference_steps=2, height=RES, width=RES, output_type="latent")
+    with_dog = generate_with_infusion(pipe, ["a photo of a dog"], [residuals], generator=torch.Generator().manual_seed(0), **kwargs)
+    no_dog = generate_with_infusion(pipe, ["a photo of a cat"], [residuals], generator=torch.Generator().manual_seed(0), **kwargs)
+    assert (with_dog.images[0] - with_dog.base_images[0]).abs().max() > 1e-6  # the class word: the residuals act
+    assert torch.allclose(no_dog.images[0], no_dog.base_images[0], atol=1e-6)  # no class word: the base model's image
+
+
+@pytest.mark.slow
+def test_elite_both_stages_and_generation_on_sd2(tiny_sd2_path, tiny_sd_path, tiny_image_encoder_path, crop_shards, data_dir,
+                                                 tmp_path):
+    from inference.loading import ModelLoadError
+    from inference.pipeline import ElitePipeline
+    from training.global_mapping import GlobalMappingConfig, GlobalMappingTask
+    from training.local_mapping import LocalMappingConfig, LocalMappingTask
+
+    encoders = tmp_path / "encoders"
+    common = [f"pretrained_model_name_or_path={tiny_sd2_path}", f"image_encoder_name_or_path={tiny_image_encoder_path}",
+              f"train_shards={crop_shards / 'coco' / '*.tar'}", "train_batch_size=2", "mixed_precision=no", "mapping_hidden_dim=64",
+              "checkpointing_steps=0", "validation_steps=0", "report_to=none", "dataloader_num_workers=0", "data.resolution=64",
+              "max_steps=2", f"export_dir={encoders}"]
+    stage1 = _recording(GlobalMappingTask(load_config(GlobalMappingConfig, REPO / "configs/train/global_mapping.yaml",
+                                                      [*common, f"output_dir={tmp_path / 'global'}"])), "loss")
+    stage2 = _recording(LocalMappingTask(load_config(LocalMappingConfig, REPO / "configs/train/local_mapping.yaml",
+                                                     [*common, f"output_dir={tmp_path / 'local'}", f"global_mapping_path={encoders}"])), "loss")
+    assert all(map(math.isfinite, stage1 + stage2)) and len(stage1) == len(stage2) == 2
+
+    elite = ElitePipeline.from_pretrained(str(tiny_sd2_path), encoders=str(encoders), device="cpu", dtype="float32",
+                                          safety_checker=False)
+    photo = data_dir / "concepts" / "dreambooth" / "teapot" / "04.jpg"
+    concept = elite.encode_concept(photo, data_dir / "concepts" / "masks" / "teapot_04.png")
+    assert concept.w0.shape == (48,)
+    kwargs = dict(num_inference_steps=2, height=RES, width=RES, output_type="latent", seed=0)
+    tuned = elite("a photo of S*", concept, **kwargs).images
+    plain = elite("a photo of a teapot", None, **kwargs).images
+    assert tuned.shape == plain.shape and (tuned - plain).abs().max() > 1e-4
+    with pytest.raises(ModelLoadError, match="48"):  # made for the 48-wide text encoder, refused on SD v1's 32
+        ElitePipeline.from_pretrained(str(tiny_sd_path), encoders=str(encoders), device="cpu", dtype="float32",
+                                      safety_checker=False)
