@@ -72,29 +72,29 @@ SCHEDULER_KWARGS = dict(
 )
 
 
-def build_tiny_sd_pipeline(seed: int = TINY_SEED):
-    """A randomly initialised (fixed seed) `StableDiffusionPipeline` with the tiny shapes."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def _build_pipeline(unet_kwargs: dict, text_kwargs: dict, scheduler, seed: int):
+    """A randomly initialised `StableDiffusionPipeline` (each part seeded alike) with the shipped tokenizer."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_KWARGS)
+    unet = UNet2DConditionModel(**unet_kwargs)
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_KWARGS)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_KWARGS))
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_clip_tokenizer(),
-        scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_kwargs))
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def build_tiny_sd_pipeline(seed: int = TINY_SEED):
+    """A randomly initialised (fixed seed) `StableDiffusionPipeline` with the tiny shapes."""
+    from diffusers import PNDMScheduler
+
+    return _build_pipeline(UNET_KWARGS, TEXT_KWARGS, PNDMScheduler(**SCHEDULER_KWARGS), seed)
 
 
 # SD 2.x's structure (stabilityai/stable-diffusion-2-1-base): an OpenCLIP-shaped text encoder wider
@@ -108,21 +108,10 @@ SD2_SCHEDULER_KWARGS = dict(SCHEDULER_KWARGS, prediction_type="v_prediction")
 
 def build_tiny_sd2_pipeline(seed: int = TINY_SEED):
     """A randomly initialised SD 2.x-style `StableDiffusionPipeline` (v-prediction, 48-wide text)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler
 
-    from .tokenizer import build_clip_tokenizer
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD2_UNET_KWARGS)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_KWARGS)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT_KWARGS))
     scheduler = DDIMScheduler(**{k: v for k, v in SD2_SCHEDULER_KWARGS.items() if k != "skip_prk_steps"}, clip_sample=False)
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return _build_pipeline(SD2_UNET_KWARGS, SD2_TEXT_KWARGS, scheduler, seed)
 
 
 def build_tiny_image_encoder(seed: int = TINY_SEED):

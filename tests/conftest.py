@@ -115,6 +115,32 @@ def tiny_encoders_path(tmp_path_factory, tiny_sd_path, tiny_image_encoder_path) 
 
 
 @pytest.fixture(scope="session")
+def encoders_with_location_mlp(tmp_path_factory, tiny_sd_path, tiny_encoders_path) -> Path:
+    """The tiny encoders plus a location MLP that knows a few nouns (random weights, a non-zero box
+    head, so boxes differ by word): for guidance from predicted boxes."""
+    import shutil
+
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from encoders.anchors import embed_words
+    from encoders.location_mlp import LocationMLP
+
+    root = tmp_path_factory.mktemp("with_location_mlp") / "encoders"
+    shutil.copytree(tiny_encoders_path, root)
+    vocabulary = ["dog", "cat", "person", "teddy bear"]
+    torch.manual_seed(0)
+    mlp = LocationMLP(embedding_dim=32, hidden_dim=16, vocabulary=vocabulary)
+    with torch.no_grad():
+        mlp.box_out.weight.normal_(0, 1.0)
+        tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(tiny_sd_path, subfolder="text_encoder")
+        mlp.set_vocabulary_embeddings(embed_words(vocabulary, tokenizer, text_encoder))
+    mlp.save_pretrained(root / "location_mlp")
+    return root
+
+
+@pytest.fixture(scope="session")
 def crop_shards(tmp_path_factory) -> Path:
     """Crop shards of the bundled COCO and OpenImages samples at 64 px (`configs/data/demo.yaml`
     filters): a folder with `coco/` and `openimages/` subfolders, each with shards + manifest.json.

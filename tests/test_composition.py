@@ -4,7 +4,6 @@ predicted by the location MLP, through the command line users run."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -17,25 +16,8 @@ from inference.inputs import ConceptInputError
 
 
 @pytest.fixture(scope="module")
-def location_mlp_folder(tmp_path_factory, tiny_sd_path, tiny_encoders_path):
-    """The tiny encoders plus a location MLP that knows a few nouns (random weights, a non-zero head)."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from encoders.anchors import embed_words
-    from encoders.location_mlp import LocationMLP
-
-    root = tmp_path_factory.mktemp("with_location_mlp") / "encoders"
-    shutil.copytree(tiny_encoders_path, root)
-    vocabulary = ["dog", "cat", "person", "teddy bear"]
-    torch.manual_seed(0)
-    mlp = LocationMLP(embedding_dim=32, hidden_dim=16, vocabulary=vocabulary)
-    with torch.no_grad():
-        mlp.box_out.weight.normal_(0, 1.0)
-        tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(tiny_sd_path, subfolder="text_encoder")
-        mlp.set_vocabulary_embeddings(embed_words(vocabulary, tokenizer, text_encoder))
-    mlp.save_pretrained(root / "location_mlp")
-    return root
+def location_mlp_folder(encoders_with_location_mlp):
+    return encoders_with_location_mlp
 
 
 def _ti_folder(root):

@@ -176,30 +176,6 @@ def test_elite_mask_lookup(data_dir):
     assert teapot.mask_for(teapot.photos[4]) is None  # no masks/ folder beside the photos
 
 
-@pytest.fixture(scope="module")
-def encoders_with_location_mlp(tmp_path_factory, tiny_sd_path, tiny_encoders_path):
-    """The tiny encoders plus a location MLP knowing a few nouns (random weights, a non-zero box head)."""
-    import shutil
-
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from encoders.anchors import embed_words
-    from encoders.location_mlp import LocationMLP
-
-    root = tmp_path_factory.mktemp("eval_location_mlp") / "encoders"
-    shutil.copytree(tiny_encoders_path, root)
-    vocabulary = ["dog", "cat", "person", "teddy bear"]
-    torch.manual_seed(0)
-    mlp = LocationMLP(embedding_dim=32, hidden_dim=16, vocabulary=vocabulary)
-    with torch.no_grad():
-        mlp.box_out.weight.normal_(0, 1.0)
-        tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(tiny_sd_path, subfolder="text_encoder")
-        mlp.set_vocabulary_embeddings(embed_words(vocabulary, tokenizer, text_encoder))
-    mlp.save_pretrained(root / "location_mlp")
-    return root
-
-
 def test_protocol_all_reproduces_each_papers_setup(tiny_sd_path, tiny_eval_models, encoders_with_location_mlp, data_dir, tmp_path):
     concept_dir = data_dir / "concepts" / "dreambooth" / "dog"
     ti, inf = make_runs(tmp_path, tiny_sd_path, concept_dir)
