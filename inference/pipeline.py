@@ -34,7 +34,7 @@ from encoders.conditioning import elite_conditioning
 from encoders.text_injection import DEFAULT_PLACEHOLDER, add_placeholder_tokens
 
 from .concept import Concept
-from .encoding import encode_photos
+from .encoding import concept_photos, encode_photos
 from .guidance import (
     BoxedTokens,
     find_token_indices,
@@ -44,6 +44,7 @@ from .guidance import (
 )
 from .inputs import ConceptImage, ConceptInputError, ConceptInputWarning, ImageLike, find_placeholders, placeholder_in
 from .loading import EliteEncoders, ModelLoadError, check_encoders_fit, load_base_pipeline, load_encoders
+from .masking import DEFAULT_MASK_MODEL, DEFAULT_MASK_PROMPT, AutoMasker, has_own_alpha
 from .outputs import EliteOutput
 from .presets import elite_lms_scheduler, paper_elite_scale, preset_settings
 
@@ -187,6 +188,14 @@ class ElitePipeline:
         self.encoders = None
 
     # ---- encoding --------------------------------------------------------------------------
+    mask_model: str = DEFAULT_MASK_MODEL  # CLIPSeg for encode_concept(..., auto_mask=...)
+
+    def _auto_masker(self) -> AutoMasker:
+        cached = getattr(self, "_masker", None)
+        if cached is None or cached.source != str(self.mask_model):
+            cached = self._masker = AutoMasker.from_pretrained(self.mask_model, device=self.device)
+        return cached
+
     def _require_encoders(self) -> EliteEncoders:
         if self.encoders is None:
             raise RuntimeError("no encoders loaded: call load_encoders(path_or_repo) first")
@@ -200,6 +209,7 @@ class ElitePipeline:
         crop: bool | None = None,
         return_input: bool = False,
         w0_from: str | None = None,
+        auto_mask: bool | str | AutoMasker = False,
     ):
         """Photo (+ mask) -> `Concept` (w0, local tokens, keep-mask, metadata). One forward pass, no optimisation.
 
@@ -210,9 +220,17 @@ class ElitePipeline:
         square around the mask instead of the whole photo (`False`: the whole photo; None: the
         encoders' `concept_crop`). `w0_from`: "image" (the unmasked photo, official) or "object" (the
         object on black); None: the encoders' `w0_source`. With `return_input=True` returns
-        `(concept, prepared ConceptImage)`, what the encoders saw (for grids).
+        `(concept, prepared ConceptImage)`, what the encoders saw (for grids). `auto_mask`: photos
+        without a mask (or alpha) get CLIPSeg's (`inference.masking`): True prompts it with "the main
+        object", a word (e.g. "dog") with that word, or pass your own `AutoMasker`; the model is
+        `self.mask_model` (default `CIDAS/clipseg-rd64-refined`), loaded once.
         """
         encoders = self._require_encoders()
+        if auto_mask and not isinstance(image, ConceptImage):
+            masker = auto_mask if isinstance(auto_mask, AutoMasker) else self._auto_masker()
+            word = auto_mask if isinstance(auto_mask, str) else DEFAULT_MASK_PROMPT
+            pairs = [(p, masker(p, word) if m is None and not has_own_alpha(p) else m) for p, m in concept_photos(image, mask)]
+            image, mask = [p for p, _ in pairs], [m for _, m in pairs]
         if encoders.feature_extractor.image_mean.device != torch.device(self.device):  # the pipe was moved since
             encoders.to(self.device)
         return encode_photos(encoders, image, mask, crop=crop, return_input=return_input, w0_from=w0_from)

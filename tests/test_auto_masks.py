@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from inference.cli import main as inference_main
@@ -76,3 +77,17 @@ def test_a_mask_model_that_does_not_load(tiny_encoders_path, data_dir, tmp_path,
     assert code == 0 and "cannot load the mask model" in capsys.readouterr().err
     assert Concept.load(tmp_path / "b.safetensors").metadata["mask_source"] == "whole image"
     assert not list(tmp_path.glob("b.mask*"))
+
+
+def test_encode_concept_auto_mask_in_python(tiny_clipseg_path, tiny_sd_path, tiny_encoders_path, data_dir):
+    from inference.pipeline import ElitePipeline
+
+    elite = ElitePipeline.from_pretrained(str(tiny_sd_path), encoders=str(tiny_encoders_path), device="cpu", dtype="float32",
+                                          safety_checker=False)
+    elite.mask_model = str(tiny_clipseg_path)
+    folder = data_dir / "concepts" / "dreambooth" / "dog"  # no masks/: every photo is auto-masked
+    whole = elite.encode_concept(folder)
+    masked = elite.encode_concept(folder, auto_mask="dog")
+    assert masked.metadata["photos"] == whole.metadata["photos"] == "5"
+    assert "whole image" in whole.metadata["mask_source"] and "whole image" not in masked.metadata["mask_source"]
+    assert not torch.equal(masked.local_keep, whole.local_keep)  # the object's patches only

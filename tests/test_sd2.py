@@ -27,7 +27,7 @@ def _recording(task, key="rec_loss"):
 
     def recording(models, batch, generator):
         loss, logs = step(models, batch, generator)
-        losses.append(float(logs.get(key, loss)))
+        losses.append(float(logs[key]) if key in logs else float(loss.detach()))
         return loss, logs
 
     task.training_step = recording
