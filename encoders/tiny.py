@@ -114,6 +114,43 @@ def build_tiny_sd2_pipeline(seed: int = TINY_SEED):
     return _build_pipeline(SD2_UNET_KWARGS, SD2_TEXT_KWARGS, scheduler, seed)
 
 
+# SDXL's structure (stabilityai/stable-diffusion-xl-base-1.0): two text encoders (CLIP-L's and OpenCLIP-G's
+# shapes, here 32 and 48 wide) whose penultimate states are concatenated (cross_attention_dim = 80), the
+# second one's pooled, projected embedding and the six size/crop numbers as added conditioning
+# ("text_time"), three UNet levels with the first plain and two transformer layers on the last.
+SDXL_TEXT_2_KWARGS = dict(SD2_TEXT_KWARGS, projection_dim=32)
+SDXL_UNET_KWARGS = dict(
+    sample_size=32, layers_per_block=1, block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+    cross_attention_dim=TEXT_KWARGS["hidden_size"] + SDXL_TEXT_2_KWARGS["hidden_size"], norm_num_groups=32,
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + SDXL_TEXT_2_KWARGS["projection_dim"],
+)
+
+
+def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
+    """A randomly initialised `StableDiffusionXLPipeline` with SDXL's structure at the tiny size."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SDXL_UNET_KWARGS)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_KWARGS)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_KWARGS))
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2_KWARGS))
+    scheduler = EulerDiscreteScheduler(**{k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("skip_prk_steps", "set_alpha_to_one")})
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(), unet=unet,
+                                     scheduler=scheduler, force_zeros_for_empty_prompt=True)
+
+
 def build_tiny_image_encoder(seed: int = TINY_SEED):
     """A randomly initialised 24-layer `CLIPVisionModel` and its `CLIPImageProcessor` (224 px)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
@@ -142,6 +179,17 @@ def save_tiny_sd2_pipeline(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
     out_dir = Path(out_dir)
     build_tiny_sd2_pipeline(seed).save_pretrained(out_dir, safe_serialization=True)
     save_clip_tokenizer(out_dir / "tokenizer")
+    return out_dir
+
+
+def save_tiny_sdxl_pipeline(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
+    """Write the tiny SDXL-style pipeline as a diffusers folder (both tokenizers in the Hub layout)."""
+    from .tokenizer import save_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    build_tiny_sdxl_pipeline(seed).save_pretrained(out_dir, safe_serialization=True)
+    save_clip_tokenizer(out_dir / "tokenizer")
+    save_clip_tokenizer(out_dir / "tokenizer_2")
     return out_dir
 
 
@@ -282,7 +330,8 @@ def write_atomically(writer: Callable[[Path], Path], target: str | Path, force: 
 
 
 # The base pipeline each --kind writes as `sd/` (the other models are the same for every kind).
-BASE_KINDS: dict[str, Callable[[Path], Path]] = {"sd1": save_tiny_sd_pipeline, "sd2": save_tiny_sd2_pipeline}
+BASE_KINDS: dict[str, Callable[[Path], Path]] = {
+    "sd1": save_tiny_sd_pipeline, "sd2": save_tiny_sd2_pipeline, "sdxl": save_tiny_sdxl_pipeline}
 
 
 def build_tiny_models(out_root: str | Path, names: list[str] | None = None, force: bool = False,
@@ -314,8 +363,9 @@ def main(argv: list[str] | None = None) -> None:
         "--only", action="append", choices=sorted(TINY_MODELS), help="build only this model (repeatable); default all"
     )
     parser.add_argument("--kind", choices=sorted(BASE_KINDS), default="sd1",
-                        help="structure of the base pipeline written as sd/: sd1 (SD v1-4) or sd2 (SD 2.x: "
-                        "48-wide text encoder, linear projections, v-prediction); default sd1")
+                        help="structure of the base pipeline written as sd/: sd1 (SD v1-4), sd2 (SD 2.x: "
+                        "48-wide text encoder, linear projections, v-prediction) or sdxl (two text encoders, pooled "
+                        "and size conditioning; loads with StableDiffusionXLPipeline); default sd1")
     parser.add_argument("--force", action="store_true", help="rebuild models whose folder already exists")
     args = parser.parse_args(argv)
     build_tiny_models(args.out, args.only, force=args.force, kind=args.kind)

@@ -23,6 +23,7 @@ from diffusers import StableDiffusionPipeline
 
 from encoders.clip_features import CLIPFeatureExtractor
 from encoders.common.device import dtype_kwargs, resolve_device, resolve_dtype
+from encoders.common.hub import UnsupportedBaseError, check_supported_base
 from encoders.global_mapping import GlobalMapping, MappingFitError
 from encoders.local_mapping import LocalMapping
 from encoders.location_mlp import LocationMLP
@@ -82,6 +83,10 @@ def load_base_pipeline(
     local = Path(name_or_path)
     if local.exists() and not (local / "model_index.json").is_file():
         raise ModelLoadError(f"base model {local}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        check_supported_base(name_or_path)
+    except UnsupportedBaseError as err:
+        raise ModelLoadError(str(err)) from None
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:

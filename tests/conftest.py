@@ -54,6 +54,16 @@ def tiny_sd2_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory) -> Path:
+    """An SDXL-style tiny pipeline (`encoders.tiny --kind sdxl`): two text encoders, pooled and size conditioning."""
+    from encoders.tiny import build_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    build_tiny_models(root, ["sd"], kind="sdxl")
+    return root / "sd"
+
+
+@pytest.fixture(scope="session")
 def tiny_image_encoder_path(tiny_models) -> Path:
     return tiny_models / "image_encoder"
 

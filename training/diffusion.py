@@ -16,6 +16,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from encoders.common.config import ConfigError
+from encoders.common.hub import UnsupportedBaseError, check_supported_base
+
 
 @dataclass
 class FrozenStableDiffusion:
@@ -35,8 +38,12 @@ class FrozenStableDiffusion:
         dtype: torch.dtype = torch.float32,
         gradient_checkpointing: bool = False,
     ) -> "FrozenStableDiffusion":
-        """Load each component with `from_pretrained(name_or_path, subfolder=...)` (a folder or a Hub id)."""
-
+        """Load each component with `from_pretrained(name_or_path, subfolder=...)` (a folder or a Hub id);
+        an SDXL-style base is a ConfigError naming it (`check_supported_base`)."""
+        try:
+            check_supported_base(name_or_path)
+        except UnsupportedBaseError as err:
+            raise ConfigError(f"pretrained_model_name_or_path: {err}") from None
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder")
         vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")

@@ -29,7 +29,7 @@ from encoders.global_mapping import GlobalMapping
 from .common_config import AnchorsConfig
 from .elite_common import EliteStageConfig, EliteStageTask
 from .export import export_fp32
-from .loop import run_training
+from .loop import run_from_command_line
 
 
 @dataclass
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="accelerate launch -m training.global_mapping",
         description="ELITE stage 1: train the global mapping network and global K/V projections on crop shards.",
     )
-    run_training(GlobalMappingTask(config))
+    run_from_command_line(GlobalMappingTask(config))
 
 
 if __name__ == "__main__":

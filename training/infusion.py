@@ -37,7 +37,7 @@ from encoders.infusion import (
 
 from .concept_data import ConceptFinetuneTask, FinetuneConfig
 from .export import export_model
-from .loop import run_training
+from .loop import run_from_command_line
 
 
 @dataclass
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
         prog="accelerate launch -m training.infusion",
         description="Learn Infusion's per-layer value residuals for a concept's class word from 3-5 photos.",
     )
-    return run_training(InfusionTask(config))
+    return run_from_command_line(InfusionTask(config))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from encoders.local_mapping import REFERENCE_SETTINGS, LocalMapping, check_local
 from .crop_data import CropDataConfig
 from .elite_common import EliteStageConfig, EliteStageTask, resolve_mapping_folder
 from .export import export_fp32, export_model
-from .loop import run_training
+from .loop import run_from_command_line
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="accelerate launch -m training.local_mapping",
         description="ELITE stage 2: train the local mapping network and local K/V projections (global mapping frozen).",
     )
-    run_training(LocalMappingTask(config))
+    run_from_command_line(LocalMappingTask(config))
 
 
 if __name__ == "__main__":

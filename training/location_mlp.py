@@ -30,7 +30,7 @@ from encoders.location_mlp import LocationMLP
 
 from .common_config import TrainConfig
 from .export import export_model
-from .loop import TrainingTask, run_training
+from .loop import TrainingTask, run_from_command_line
 from .pairs_data import PairBatches, read_pair_shards, split_pairs
 
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="accelerate launch -m training.location_mlp",
         description="Train the location MLP (two token embeddings -> two boxes) on location-pair shards.",
     )
-    run_training(LocationMLPTask(config))
+    run_from_command_line(LocationMLPTask(config))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -580,6 +581,17 @@ class _Run:
         acc.wait_for_everyone()
         acc.end_training()
         return export_dir
+
+
+def run_from_command_line(task: TrainingTask) -> Path:
+    """`run_training` for a trainer's `main`: a ConfigError found while setting up or resuming (a base
+    model of an unsupported family, settings that differ from the checkpoint's) is one error line and
+    exit status 2, as errors in the settings themselves are, not a traceback."""
+    try:
+        return run_training(task)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run_training(task: TrainingTask) -> Path:

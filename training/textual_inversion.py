@@ -41,7 +41,7 @@ from encoders.text_injection import add_placeholder_tokens, encode_text_with_wor
 from .common_config import AnchorsConfig
 from .concept_data import ConceptFinetuneTask, FinetuneConfig
 from .export import export_model
-from .loop import run_training
+from .loop import run_from_command_line
 
 
 @dataclass
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> Path:
         prog="accelerate launch -m training.textual_inversion",
         description="Learn a word embedding for a concept from 3-5 photos (Textual Inversion, BaTex, semantic anchors).",
     )
-    return run_training(TextualInversionTask(config))
+    return run_from_command_line(TextualInversionTask(config))
 
 
 if __name__ == "__main__":

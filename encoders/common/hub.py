@@ -28,3 +28,37 @@ def local_or_hub(source: str | os.PathLike, revision: str | None = None) -> Path
         return Path(hf_hub_download(repo, "/".join(parts[2:]), revision=revision))
     except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         raise HubFetchError(f"{source}: not a local path, and not found on the Hub ({err})") from err
+
+
+# Pipelines whose UNet takes more than the text states (SDXL's pooled embedding and size numbers):
+# every method here conditions a plain `encoder_hidden_states` UNet, so these bases are refused clearly.
+UNSUPPORTED_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusion3Pipeline",
+                         "FluxPipeline", "KandinskyV22Pipeline")
+
+
+class UnsupportedBaseError(ValueError):
+    """A base model of a family the methods do not support (yet)."""
+
+
+def check_supported_base(name_or_path: str | os.PathLike) -> None:
+    """Raise UnsupportedBaseError when `name_or_path`'s `model_index.json` names a pipeline the methods do
+    not support (SDXL and later); a folder or Hub id without one (or not reachable) is left to the loader."""
+    import json
+
+    local = Path(name_or_path)
+    index = local / "model_index.json"
+    try:
+        if index.is_file():
+            name = json.loads(index.read_text()).get("_class_name", "")
+        elif not local.exists():
+            from huggingface_hub import hf_hub_download
+
+            name = json.loads(Path(hf_hub_download(str(name_or_path), "model_index.json")).read_text()).get("_class_name", "")
+        else:
+            return
+    except (OSError, ValueError):
+        return
+    if name in UNSUPPORTED_PIPELINES:
+        raise UnsupportedBaseError(
+            f"base model {name_or_path} is a {name}: only Stable Diffusion 1.x / 2.x bases are supported "
+            "(their UNet takes the text states alone; SDXL's also takes pooled text and size conditioning)")

@@ -1,7 +1,9 @@
-"""Every method on an SD 2.x-style base (`encoders.tiny --kind sd2`): a text encoder wider than the
-image encoder (48 vs 32), linear projections and v-prediction. Each trains a few steps through the
-shared loop (the v-prediction target) and generates; concept prompts differ from the base model,
-prompts the method promises not to touch do not; a mapping made for one base is refused on another."""
+"""Other bases. SD 2.x-style (`encoders.tiny --kind sd2`: a text encoder wider than the image encoder,
+48 vs 32, linear projections, v-prediction): every method trains a few steps through the shared loop
+(the v-prediction target) and generates; concept prompts differ from the base model, prompts the
+method promises not to touch do not; a mapping made for one base is refused on another. SDXL-style
+(`--kind sdxl`): the bundle is a real `StableDiffusionXLPipeline`, and every command refuses it with
+an error naming it (the methods do not support SDXL yet)."""
 
 from __future__ import annotations
 
@@ -129,3 +131,28 @@ def test_elite_both_stages_and_generation_on_sd2(tiny_sd2_path, tiny_sd_path, ti
     with pytest.raises(ModelLoadError, match="48"):  # made for the 48-wide text encoder, refused on SD v1's 32
         ElitePipeline.from_pretrained(str(tiny_sd_path), encoders=str(encoders), device="cpu", dtype="float32",
                                       safety_checker=False)
+
+
+def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path, data_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+
+    from inference.cli import main as inference_main
+    from inference.loading import ModelLoadError, load_base_pipeline
+    from training.textual_inversion import main as ti_main
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    images = pipe("a photo of a dog", num_inference_steps=1, height=RES, width=RES, output_type="latent").images
+    assert images.shape == (1, 4, RES // 2, RES // 2)
+
+    with pytest.raises(ModelLoadError, match="StableDiffusionXLPipeline"):
+        load_base_pipeline(tiny_sdxl_path, device="cpu", dtype="float32")
+    code = inference_main(["generate", "--base", str(tiny_sdxl_path), "--prompt", "a dog", "--steps", "1", "--quiet",
+                           "--out", str(tmp_path / "out")])
+    assert code == 2 and "only Stable Diffusion 1.x / 2.x" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        ti_main(_finetune_keys(tiny_sdxl_path, data_dir / "concepts" / "dreambooth" / "dog", tmp_path / "ti")
+                + ["initializer_token=dog"])
+    assert exited.value.code == 2 and "StableDiffusionXLPipeline" in capsys.readouterr().err
