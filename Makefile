@@ -144,15 +144,15 @@ $(DEMO)/images/finetuned/settings.json: $(DEMO)/finetune/teapot_textual_inversio
 		--finetune $(DEMO)/finetune/teapot_infusion --prompt "a photo of S* on the beach" \
 		--prompt "a teapot in the snow" --steps 10 --num-images 2 --quiet --out $(DEMO)/images/finetuned
 
-# 8. one evaluation table: base, ELITE encoders, Textual Inversion, Infusion on the same prompts and seeds
+# 8. each paper's evaluation (ELITE's, Compositional Inversion's Table 1, Infusion's), shrunk for a CPU:
+#    base, ELITE (+ spatial), Textual Inversion (+ spatial), Infusion, each with its own sampler; one table per paper
 demo-eval: $(DEMO)/eval/results.md
 $(DEMO)/eval/results.md: $(DEMO)/encoders/local_mapping/config.json \
 	$(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors $(DEMO)/finetune/teapot_infusion/infusion/config.json
 	$(PY) -m inference.evaluate base=$(M)/sd \
 		runs=$(DEMO)/finetune/teapot_textual_inversion,$(DEMO)/finetune/teapot_infusion \
 		encoders=$(DEMO)/encoders mask_dir=tests/data/concepts/masks elite_image=4 out=$(DEMO)/eval \
-		num_prompts=2 seeds=0,1 num_inference_steps=8 batch_size=6 coi=true coi_objects=cup \
-		infusion_measures=true fisher_timesteps=250,750 \
+		protocol=all num_prompts=2 seeds=0,1 num_inference_steps=8 batch_size=6 fisher_timesteps=250,750 \
 		clip_model=$(M)/eval_clip dino_model=$(M)/dino detector_model=$(M)/detector
 
 bench: $(STAMP)

@@ -22,7 +22,7 @@ LOOK_AT = {
     "images/spatial_guidance.png": [""],
     "runs": ["*/validation/*.png"],
     "finetune": ["*/validation/*.png"],
-    "eval": ["results.md", "grids/*.png"],
+    "eval": ["results.md", "*/grids/*.png"],
 }
 
 
