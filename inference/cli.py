@@ -45,6 +45,7 @@ import torch
 import transformers
 
 from encoders.common.config import program_name
+from encoders.common.device import resolve_device
 from encoders.common.files import OutputPathError, atomic_write_json, check_writable_file, check_writable_folder
 from encoders.common.version import DISTRIBUTION, package_version
 
@@ -555,7 +556,7 @@ def _with_auto_masks(args, pairs: list[tuple], out_dir: Path, stem: str) -> list
     missing = [p for p, m in pairs if m is None and not has_own_alpha(p)]
     if args.no_auto_mask or not missing:
         return pairs
-    masker = auto_masker_or_none(args.mask_model, "cpu", required=args.auto_mask is not None)
+    masker = auto_masker_or_none(args.mask_model, resolve_device(args.device), required=args.auto_mask is not None)
     if masker is None:
         return pairs
     return fill_masks(pairs, masker, args.auto_mask or DEFAULT_MASK_PROMPT, out_dir, stem)
