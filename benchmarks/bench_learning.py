@@ -17,7 +17,11 @@ under every condition (paired), with the caption "a photo of a S*":
 - stage 2: the local branch with the crop's own local tokens (lambda 1) vs. without it (lambda 0)
   vs. another crop's local tokens;
 - each named stage-2 option (`--options all`) trained the same way: its loss with own tokens minus
-  the reference's, and its own-vs-shuffled gain.
+  the reference's, and its own-vs-shuffled gain;
+- `--parts elite,multiphoto`: with the stage-2 encoders, several photos of a DreamBooth concept
+  encoded together vs. each alone, on each of its photos held out in turn (`multiphoto_results`);
+- `--parts finetunes`: Textual Inversion, BaTex and Infusion per concept on held-out photos, at every
+  quarter of training, and Textual Inversion with and without the anchor loss (`finetune_results`).
 
 Each row is a mean difference of the denoising loss (epsilon MSE) with a paired bootstrap 95 %
 interval over the draws; "learned" means the interval excludes zero. Prints a table, writes JSON
