@@ -134,6 +134,10 @@ demo-finetune: $(DEMO)/images/finetuned/settings.json
 $(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors: $(M)/.done
 	$(ONE_PROCESS) -m training.textual_inversion --config configs/finetune/textual_inversion.yaml $(FT_KEYS) \
 		initializer_token=teapot output_dir=$(DEMO)/finetune/teapot_textual_inversion
+# ... the same with the anchor loss (semantic inversion), for the "+ semantic" rows of Compositional Inversion's table
+$(DEMO)/finetune/teapot_textual_inversion_anchors/learned_embeds.safetensors: $(M)/.done
+	$(ONE_PROCESS) -m training.textual_inversion --config configs/finetune/textual_inversion.yaml $(FT_KEYS) \
+		initializer_token=teapot anchors.enabled=true output_dir=$(DEMO)/finetune/teapot_textual_inversion_anchors
 $(DEMO)/finetune/teapot_infusion/infusion/config.json: $(M)/.done
 	$(ONE_PROCESS) -m training.infusion --config configs/finetune/infusion.yaml $(FT_KEYS) \
 		output_dir=$(DEMO)/finetune/teapot_infusion
@@ -148,9 +152,10 @@ $(DEMO)/images/finetuned/settings.json: $(DEMO)/finetune/teapot_textual_inversio
 #    base, ELITE (+ spatial), Textual Inversion (+ spatial), Infusion, each with its own sampler; one table per paper
 demo-eval: $(DEMO)/eval/results.md
 $(DEMO)/eval/results.md: $(DEMO)/encoders/local_mapping/config.json \
-	$(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors $(DEMO)/finetune/teapot_infusion/infusion/config.json
+	$(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors $(DEMO)/finetune/teapot_infusion/infusion/config.json \
+	$(DEMO)/finetune/teapot_textual_inversion_anchors/learned_embeds.safetensors
 	$(PY) -m inference.evaluate base=$(M)/sd \
-		runs=$(DEMO)/finetune/teapot_textual_inversion,$(DEMO)/finetune/teapot_infusion \
+		runs=$(DEMO)/finetune/teapot_textual_inversion,$(DEMO)/finetune/teapot_textual_inversion_anchors,$(DEMO)/finetune/teapot_infusion \
 		encoders=$(DEMO)/encoders mask_dir=tests/data/concepts/masks elite_image=4 out=$(DEMO)/eval \
 		protocol=all num_prompts=2 seeds=0,1 num_inference_steps=8 batch_size=6 fisher_timesteps=250,750 \
 		clip_model=$(M)/eval_clip dino_model=$(M)/dino detector_model=$(M)/detector
