@@ -301,7 +301,7 @@ def generate_with_infusion(
     negative_prompt: str | None = None,
     **pipe_kwargs,
 ) -> InfusionOutput:
-    """Sample a `StableDiffusionPipeline` with Infusion concepts installed (paper: DDIM 50 steps, guidance 8).
+    """Sample a `StableDiffusionPipeline` (or `StableDiffusionXLPipeline`) with Infusion concepts installed (paper: DDIM 50 steps, guidance 8).
 
     With `replace_maps` (the paper's dual stream) every prompt runs twice from the same initial noise:
     an F row (base model) and a C row (residuals on the class tokens, cross-attention maps taken from

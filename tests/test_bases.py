@@ -2,8 +2,8 @@
 48 vs 32, linear projections, v-prediction): every method trains a few steps through the shared loop
 (the v-prediction target) and generates; concept prompts differ from the base model, prompts the
 method promises not to touch do not; a mapping made for one base is refused on another. SDXL-style
-(`--kind sdxl`): the bundle is a real `StableDiffusionXLPipeline`, and every command refuses it with
-an error naming it (the methods do not support SDXL yet)."""
+(`--kind sdxl`): the bundle is a real `StableDiffusionXLPipeline`; Infusion trains and generates on it
+(both text encoders, pooled and size conditioning), the other methods refuse it with an error naming it."""
 
 from __future__ import annotations
 
@@ -156,3 +156,30 @@ def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path
         ti_main(_finetune_keys(tiny_sdxl_path, data_dir / "concepts" / "dreambooth" / "dog", tmp_path / "ti")
                 + ["initializer_token=dog"])
     assert exited.value.code == 2 and "StableDiffusionXLPipeline" in capsys.readouterr().err
+
+
+def test_infusion_trains_and_generates_on_sdxl(tiny_sdxl_path, data_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from encoders.infusion import InfusionResiduals, generate_with_infusion
+    from training.infusion import InfusionConfig, InfusionTask
+
+    out = tmp_path / "inf"
+    keys = _finetune_keys(tiny_sdxl_path, data_dir / "concepts" / "dreambooth" / "dog", out) + [
+        "class_word=dog", "learning_rate=0.05", "validation_steps=3", "validation_inference_steps=1"]
+    losses = _recording(InfusionTask(load_config(InfusionConfig, REPO / "configs/finetune/infusion.yaml", keys)))
+    assert len(losses) == 3 and all(map(math.isfinite, losses)) and len(set(losses)) > 1
+    assert (out / "validation" / "step-000003.png").is_file()  # sampled through StableDiffusionXLPipeline
+    assert "StableDiffusionXLPipeline.from_pretrained" in (out / "README.md").read_text()
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    pipe.set_progress_bar_config(disable=True)
+    residuals = InfusionResiduals.from_pretrained(out, subfolder="infusion")
+    residuals.check_fits(pipe.unet)  # one residual per cross-attention layer, 80 wide (32 + 48)
+    kwargs = dict(num_inference_steps=2, height=RES, width=RES, output_type="latent")
+    with_dog = generate_with_infusion(pipe, ["a photo of a dog"], [residuals], generator=torch.Generator().manual_seed(0), **kwargs)
+    no_dog = generate_with_infusion(pipe, ["a photo of a cat"], [residuals], generator=torch.Generator().manual_seed(0), **kwargs)
+    assert (with_dog.images[0] - with_dog.base_images[0]).abs().max() > 1e-6
+    assert torch.allclose(no_dog.images[0], no_dog.base_images[0], atol=1e-6)
+    base = pipe("a photo of a dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.allclose(with_dog.base_images[0], base[0], atol=1e-4)  # the F stream is the plain SDXL pipeline

@@ -256,7 +256,8 @@ class ConceptFinetuneTask(TrainingTask):
         self.weight_dtype = weight_dtype
         list_photos(config.concept_dir)  # a mistyped concept_dir stops here, before any model loads
         self.sd = FrozenStableDiffusion.load(
-            config.pretrained_model_name_or_path, self.device, weight_dtype, config.gradient_checkpointing
+            config.pretrained_model_name_or_path, self.device, weight_dtype, config.gradient_checkpointing,
+            allow_sdxl=self.supports_sdxl,
         )
         self.photos = load_concept_photos(
             config.concept_dir, config.data.resolution, config.data.center_crop, config.data.mask_dir, config.data.use_masks
@@ -330,11 +331,19 @@ class ConceptFinetuneTask(TrainingTask):
         ).input_ids.to(self.device)
 
     def pipeline(self):
-        """A `StableDiffusionPipeline` over the frozen parts (DDIM sampler), for validation images."""
-        return pipeline_from_parts(
-            self.sd.vae, self.sd.text_encoder, self.sd.tokenizer, self.sd.unet,
-            DDIMScheduler.from_config(self.sd.noise_scheduler.config),
-        )
+        """A `StableDiffusionPipeline` (`StableDiffusionXLPipeline` for an SDXL base) over the frozen
+        parts (DDIM sampler), for validation images."""
+        scheduler = DDIMScheduler.from_config(self.sd.noise_scheduler.config)
+        if self.sd.is_sdxl:
+            from diffusers import StableDiffusionXLPipeline
+
+            pipe = StableDiffusionXLPipeline(
+                vae=self.sd.vae, text_encoder=self.sd.text_encoder, text_encoder_2=self.sd.text_encoder_2,
+                tokenizer=self.sd.tokenizer, tokenizer_2=self.sd.tokenizer_2, unet=self.sd.unet, scheduler=scheduler,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
+        return pipeline_from_parts(self.sd.vae, self.sd.text_encoder, self.sd.tokenizer, self.sd.unet, scheduler)
 
     def validation_images(self, models, step: int):
         prompt = self.config.validation_prompt.format(self.concept_phrase())
@@ -359,6 +368,7 @@ class ConceptFinetuneTask(TrainingTask):
         return write_concept_info(export_dir, info)
 
     card_tags: tuple[str, ...] = ()
+    supports_sdxl: ClassVar[bool] = False  # methods whose conditioning handles SDXL's two encoders and size numbers
 
     def model_card(self) -> str:
         """The run folder's README: what was learned, how to use it (`model_card_notes`), how it was trained."""

@@ -9,26 +9,30 @@ scheduler's target. That lives here once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from encoders.common.config import ConfigError
-from encoders.common.hub import UnsupportedBaseError, check_supported_base
+from encoders.common.hub import UnsupportedBaseError, check_supported_base, is_sdxl_base
 
 
 @dataclass
 class FrozenStableDiffusion:
-    """Tokenizer, text encoder, VAE, UNet and training noise scheduler of a base pipeline, frozen."""
+    """Tokenizer, text encoder, VAE, UNet and training noise scheduler of a base pipeline, frozen; for an
+    SDXL base also its second tokenizer and text encoder (`is_sdxl`)."""
 
     tokenizer: object
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
 
     @classmethod
     def load(
@@ -37,26 +41,57 @@ class FrozenStableDiffusion:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         gradient_checkpointing: bool = False,
+        allow_sdxl: bool = False,
     ) -> "FrozenStableDiffusion":
         """Load each component with `from_pretrained(name_or_path, subfolder=...)` (a folder or a Hub id);
-        an SDXL-style base is a ConfigError naming it (`check_supported_base`)."""
+        a base the method does not support (SDXL unless `allow_sdxl`) is a ConfigError naming it."""
         try:
-            check_supported_base(name_or_path)
+            check_supported_base(name_or_path, allow_sdxl=allow_sdxl)
         except UnsupportedBaseError as err:
             raise ConfigError(f"pretrained_model_name_or_path: {err}") from None
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder")
+        tokenizer_2 = text_encoder_2 = None
+        if allow_sdxl and is_sdxl_base(name_or_path):
+            tokenizer_2 = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2")
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2")
         vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
         unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet")
         noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler")
-        for module in (text_encoder, vae, unet):
+        for module in (text_encoder, text_encoder_2, vae, unet):
+            if module is None:
+                continue
             module.requires_grad_(False)
             module.eval()
             module.to(device=device, dtype=dtype)
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             unet.train()  # diffusers only checkpoints in training mode; the UNet has no dropout/batch-norm
-        return cls(tokenizer, text_encoder, vae, unet, noise_scheduler)
+        return cls(tokenizer, text_encoder, vae, unet, noise_scheduler, tokenizer_2, text_encoder_2)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str], size: int) -> tuple[torch.Tensor, dict | None]:
+        """`(encoder_hidden_states, added_cond_kwargs)` for plain prompts, as the base's pipeline computes
+        them. SD: the text encoder's last states, None. SDXL (as `StableDiffusionXLPipeline.encode_prompt`):
+        both encoders' penultimate states side by side, the second one's projected pooled embedding,
+        and the six size numbers (original size, crop corner 0, 0, target size) for a `size` px square."""
+        device = self.unet.device
+
+        def ids(tokenizer):
+            return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(device)
+
+        if not self.is_sdxl:
+            return self.text_encoder(ids(self.tokenizer))[0], None
+        first = self.text_encoder(ids(self.tokenizer), output_hidden_states=True)
+        second = self.text_encoder_2(ids(self.tokenizer_2), output_hidden_states=True)
+        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=states.dtype).repeat(len(prompts), 1)
+        return states, {"text_embeds": second.text_embeds, "time_ids": time_ids}
 
     @property
     def vae_scale_factor(self) -> int:

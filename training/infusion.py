@@ -66,6 +66,7 @@ class InfusionTask(ConceptFinetuneTask):
     name = "infusion"
     config: InfusionConfig
     card_tags = ("infusion",)
+    supports_sdxl = True  # residuals on every cross-attention layer's values, whatever the text width
 
     def build_trainable(self) -> None:
         self.residuals = InfusionResiduals.for_unet(
@@ -86,16 +87,19 @@ class InfusionTask(ConceptFinetuneTask):
         return self.config.class_word
 
     def predict_noise(self, models, noisy, timesteps, prompts):
-        with torch.no_grad():
-            text = self.sd.text_encoder(self.tokenize(prompts))[0]
+        # SD: the text states; SDXL: both encoders' states and the pooled / size conditioning. The class
+        # word sits at the same positions in both SDXL tokenizers (the same BPE), so one mask serves.
+        text, added = self.sd.encode_text(prompts, self.config.data.resolution)
         n = len(prompts)
         if self.config.replace_maps:
             call = dual_stream_call(self.sd.tokenizer, prompts, [models["infusion"]], require_all=True)
             noisy, timesteps, text = torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([text, text])
+            added = None if added is None else {k: torch.cat([v, v]) for k, v in added.items()}
         else:
             call = infusion_call(self.sd.tokenizer, prompts, [models["infusion"]], require_all=True)
         ctx = AttentionContext(extras={EXTRAS_KEY: call})
-        prediction = self.sd.unet(noisy, timesteps, encoder_hidden_states=text, cross_attention_kwargs={CONTEXT_KWARG: ctx}).sample
+        prediction = self.sd.unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added,
+                                  cross_attention_kwargs={CONTEXT_KWARG: ctx}).sample
         return prediction[n:] if self.config.replace_maps else prediction
 
     def regularize(self, models, rec_loss):
@@ -124,15 +128,16 @@ class InfusionTask(ConceptFinetuneTask):
 
     def model_card_notes(self) -> str:
         c = self.config
+        pipeline = "StableDiffusionXLPipeline" if getattr(getattr(self, "sd", None), "is_sdxl", False) else "StableDiffusionPipeline"
         return (
             f"# Infusion residuals for `{c.class_word}`\n\n"
             f"One value residual per cross-attention layer ({RESIDUALS_FOLDER}/) for the concept in `{c.concept_dir}`. "
             f"Prompts that say \"{c.class_word}\" get the concept; the base model's attention maps are kept"
             f"{' (dual stream)' if c.replace_maps else ''}, and prompts without the word are untouched.\n\n"
             "```python\n"
-            "from diffusers import DDIMScheduler, StableDiffusionPipeline\n"
+            f"from diffusers import DDIMScheduler, {pipeline}\n"
             "from encoders.infusion import InfusionResiduals, generate_with_infusion\n\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained(\"{c.pretrained_model_name_or_path}\")\n"
+            f"pipe = {pipeline}.from_pretrained(\"{c.pretrained_model_name_or_path}\")\n"
             "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n"
             f"concept = InfusionResiduals.from_pretrained(\"PATH_OR_REPO\", subfolder=\"{RESIDUALS_FOLDER}\")\n"
             f"out = generate_with_infusion(pipe, \"a {c.class_word} on the beach\", [concept], "

@@ -40,25 +40,36 @@ class UnsupportedBaseError(ValueError):
     """A base model of a family the methods do not support (yet)."""
 
 
-def check_supported_base(name_or_path: str | os.PathLike) -> None:
-    """Raise UnsupportedBaseError when `name_or_path`'s `model_index.json` names a pipeline the methods do
-    not support (SDXL and later); a folder or Hub id without one (or not reachable) is left to the loader."""
+def pipeline_class_name(name_or_path: str | os.PathLike) -> str:
+    """The `_class_name` of a base model's `model_index.json` (a folder or a Hub id); "" when there is
+    none or it cannot be read (the loader then says what is wrong)."""
     import json
 
     local = Path(name_or_path)
     index = local / "model_index.json"
     try:
         if index.is_file():
-            name = json.loads(index.read_text()).get("_class_name", "")
-        elif not local.exists():
+            return str(json.loads(index.read_text()).get("_class_name", ""))
+        if not local.exists():
             from huggingface_hub import hf_hub_download
 
-            name = json.loads(Path(hf_hub_download(str(name_or_path), "model_index.json")).read_text()).get("_class_name", "")
-        else:
-            return
+            return str(json.loads(Path(hf_hub_download(str(name_or_path), "model_index.json")).read_text()).get("_class_name", ""))
     except (OSError, ValueError):
+        pass
+    return ""
+
+
+def is_sdxl_base(name_or_path: str | os.PathLike) -> bool:
+    return pipeline_class_name(name_or_path) in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+
+
+def check_supported_base(name_or_path: str | os.PathLike, allow_sdxl: bool = False) -> None:
+    """Raise UnsupportedBaseError when `name_or_path`'s `model_index.json` names a pipeline the method does
+    not support (SDXL unless `allow_sdxl`, and later families); one without it is left to the loader."""
+    name = pipeline_class_name(name_or_path)
+    if allow_sdxl and name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"):
         return
     if name in UNSUPPORTED_PIPELINES:
         raise UnsupportedBaseError(
-            f"base model {name_or_path} is a {name}: only Stable Diffusion 1.x / 2.x bases are supported "
+            f"base model {name_or_path} is a {name}: only Stable Diffusion 1.x / 2.x bases are supported here "
             "(their UNet takes the text states alone; SDXL's also takes pooled text and size conditioning)")
