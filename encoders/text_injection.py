@@ -40,6 +40,8 @@ class InjectedText:
 
     hidden_states: torch.Tensor  # [B, L, D] last hidden state (after the final layer norm)
     word_positions: torch.Tensor  # [B, K] long: index of concept k's w0 in the sequence
+    penultimate: torch.Tensor | None = None  # [B, L, D] the layer before the last (SDXL's prompt states)
+    text_embeds: torch.Tensor | None = None  # [B, P] projected pooled embedding (encoders with a projection)
 
 
 def add_placeholder_tokens(tokenizer, tokens: Sequence[str] = (DEFAULT_PLACEHOLDER,)) -> list[int]:
@@ -173,12 +175,14 @@ def encode_text_with_words(
     placeholder_token_id: int | Sequence[int],
     words: torch.Tensor | Sequence[torch.Tensor],
     attention_mask: torch.Tensor | None = None,
+    output_hidden_states: bool = False,
 ) -> InjectedText:
     """Run the text encoder on `input_ids` with placeholder embeddings replaced by `words`.
 
     `words`: `[B, N, D]` (or `[B, D]`) per placeholder id; a list when several placeholders are
     given. Gradients flow into `words` (the global stage trains through the frozen text encoder),
-    so call it under `torch.no_grad()` only when the words are fixed.
+    so call it under `torch.no_grad()` only when the words are fixed. `output_hidden_states` also
+    returns the penultimate layer's states (and a projection model's `text_embeds`), what SDXL uses.
     """
     ids, word_list = _normalise(placeholder_token_id, words)
     embeddings, token_embedding, vocab = _text_parts(text_encoder)
@@ -194,5 +198,8 @@ def encode_text_with_words(
     token_embeds = token_embedding(safe_ids)
     embeds, positions = inject_words(token_embeds, input_ids, ids, [w.to(token_embeds.device) for w in word_list])
     with _embeddings_override(embeddings, embeds):
-        out = text_encoder(input_ids=safe_ids, attention_mask=attention_mask)
-    return InjectedText(hidden_states=out.last_hidden_state, word_positions=positions)
+        out = text_encoder(input_ids=safe_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+    return InjectedText(
+        hidden_states=out.last_hidden_state, word_positions=positions,
+        penultimate=out.hidden_states[-2] if output_hidden_states else None, text_embeds=getattr(out, "text_embeds", None),
+    )

@@ -2,8 +2,9 @@
 48 vs 32, linear projections, v-prediction): every method trains a few steps through the shared loop
 (the v-prediction target) and generates; concept prompts differ from the base model, prompts the
 method promises not to touch do not; a mapping made for one base is refused on another. SDXL-style
-(`--kind sdxl`): the bundle is a real `StableDiffusionXLPipeline`; Infusion trains and generates on it
-(both text encoders, pooled and size conditioning), the other methods refuse it with an error naming it."""
+(`--kind sdxl`): the bundle is a real `StableDiffusionXLPipeline`; Infusion and Textual Inversion train
+and generate on it (both text encoders, pooled and size conditioning; TI's file in the layout diffusers'
+SDXL loader reads), the other methods refuse it with an error naming it."""
 
 from __future__ import annotations
 
@@ -152,10 +153,10 @@ def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path
     code = inference_main(["generate", "--base", str(tiny_sdxl_path), "--prompt", "a dog", "--steps", "1", "--quiet",
                            "--out", str(tmp_path / "out")])
     assert code == 2 and "only Stable Diffusion 1.x / 2.x" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exited:
-        ti_main(_finetune_keys(tiny_sdxl_path, data_dir / "concepts" / "dreambooth" / "dog", tmp_path / "ti")
-                + ["initializer_token=dog"])
-    assert exited.value.code == 2 and "StableDiffusionXLPipeline" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # BaTex does not support SDXL yet: one line at set-up
+        ti_main(_finetune_keys(tiny_sdxl_path, data_dir / "concepts" / "dreambooth" / "dog", tmp_path / "bx")
+                + ["initializer_token=dog", "subspace.enabled=true", "subspace.dim=24"])
+    assert exited.value.code == 2 and "do not support SDXL" in capsys.readouterr().err
 
 
 def test_infusion_trains_and_generates_on_sdxl(tiny_sdxl_path, data_dir, tmp_path):
@@ -183,3 +184,36 @@ def test_infusion_trains_and_generates_on_sdxl(tiny_sdxl_path, data_dir, tmp_pat
     assert torch.allclose(no_dog.images[0], no_dog.base_images[0], atol=1e-6)
     base = pipe("a photo of a dog", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert torch.allclose(with_dog.base_images[0], base[0], atol=1e-4)  # the F stream is the plain SDXL pipeline
+
+
+def test_textual_inversion_on_sdxl_loads_with_diffusers(tiny_sdxl_path, data_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from encoders.common.config import ConfigError
+    from training.textual_inversion import TextualInversionConfig, TextualInversionTask
+
+    concept = data_dir / "concepts" / "dreambooth" / "dog"
+    out = tmp_path / "ti"
+    keys = _finetune_keys(tiny_sdxl_path, concept, out) + ["initializer_token=dog", "class_word=dog", "learning_rate=0.05",
+                                                          "validation_steps=3", "validation_inference_steps=1"]
+    losses = _recording(TextualInversionTask(load_config(TextualInversionConfig, REPO / "configs/finetune/textual_inversion.yaml", keys)))
+    assert len(losses) == 3 and all(map(math.isfinite, losses)) and len(set(losses)) > 1
+    saved = load_file(out / "learned_embeds.safetensors")
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
+    assert "text_encoder_2" in (out / "README.md").read_text() and (out / "validation" / "step-000003.png").is_file()
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=2, height=RES, width=RES, output_type="latent")
+    before = pipe.encode_prompt("a photo of a dog", device="cpu", do_classifier_free_guidance=False)[0]
+    base = pipe("a photo of a S*", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_textual_inversion(saved["clip_l"], token="S*", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(saved["clip_g"], token="S*", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    assert torch.equal(pipe.encode_prompt("a photo of a dog", device="cpu", do_classifier_free_guidance=False)[0], before)
+    learned = pipe("a photo of a S*", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (learned - base).abs().max() > 1e-4  # diffusers' own loader, both encoders: the concept is used
+
+    with pytest.raises(ConfigError, match="SDXL"):  # nor the anchors
+        _recording(TextualInversionTask(load_config(TextualInversionConfig, REPO / "configs/finetune/textual_inversion.yaml",
+                                                    _finetune_keys(tiny_sdxl_path, concept, tmp_path / "anc")
+                                                    + ["initializer_token=dog", "class_word=dog", "anchors.enabled=true"])))

@@ -90,8 +90,8 @@ class FrozenStableDiffusion:
         first = self.text_encoder(ids(self.tokenizer), output_hidden_states=True)
         second = self.text_encoder_2(ids(self.tokenizer_2), output_hidden_states=True)
         states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=states.dtype).repeat(len(prompts), 1)
-        return states, {"text_embeds": second.text_embeds, "time_ids": time_ids}
+        return states, sdxl_added_conditioning(second.text_embeds, size)
+
 
     @property
     def vae_scale_factor(self) -> int:
@@ -137,6 +137,13 @@ class FrozenStableDiffusion:
         else:
             raise ValueError(f"unsupported prediction_type {prediction_type!r} in the base model's scheduler config")
         return noisy, target, timesteps
+
+
+def sdxl_added_conditioning(text_embeds: torch.Tensor, size: int) -> dict:
+    """SDXL's `added_cond_kwargs` for a `size` px square: the pooled text embedding and the six size
+    numbers (original size, crop corner (0, 0), target size), as `StableDiffusionXLPipeline` passes them."""
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=text_embeds.device, dtype=text_embeds.dtype)
+    return {"text_embeds": text_embeds, "time_ids": time_ids.repeat(text_embeds.shape[0], 1)}
 
 
 def denoising_loss(

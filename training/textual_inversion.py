@@ -40,6 +40,7 @@ from encoders.text_injection import add_placeholder_tokens, encode_text_with_wor
 
 from .common_config import AnchorsConfig
 from .concept_data import ConceptFinetuneTask, FinetuneConfig
+from .diffusion import sdxl_added_conditioning
 from .export import export_model
 from .loop import run_from_command_line
 
@@ -107,6 +108,7 @@ class LearnedEmbedding(ModelMixin, ConfigMixin):
 class TextualInversionTask(ConceptFinetuneTask):
     name = "textual_inversion"
     config: TextualInversionConfig
+    supports_sdxl = True  # plain TI: one vector per text encoder (BaTex and anchors: SD 1.x / 2.x)
 
     @property
     def card_tags(self) -> tuple[str, ...]:
@@ -119,6 +121,9 @@ class TextualInversionTask(ConceptFinetuneTask):
 
     def build_trainable(self) -> None:
         config, sd = self.config, self.sd
+        if sd.is_sdxl and (config.subspace.enabled or config.anchors.enabled):
+            raise ConfigError("BaTex (subspace.enabled) and semantic anchors (anchors.enabled) do not support SDXL "
+                              "bases yet: plain Textual Inversion does")
         if config.placeholder_token in sd.tokenizer.get_vocab():
             raise ConfigError(
                 f"placeholder_token {config.placeholder_token!r} is already a word of the tokenizer; pick a new one (e.g. S*)"
@@ -150,23 +155,48 @@ class TextualInversionTask(ConceptFinetuneTask):
             with torch.no_grad():
                 self.word.embedding.copy_(vocab[self.initializer_id])
         self.anchors = config.anchors.build_regularizer(sd.tokenizer, sd.text_encoder, self.device)
+        self.word_2 = None
+        if sd.is_sdxl:  # one vector per text encoder, each started from the initializer's row of its own table
+            if config.placeholder_token in sd.tokenizer_2.get_vocab():
+                raise ConfigError(f"placeholder_token {config.placeholder_token!r} is already a word of tokenizer_2")
+            self.placeholder_id_2 = add_placeholder_tokens(sd.tokenizer_2, [config.placeholder_token])[0]
+            init_2 = sd.tokenizer_2(config.initializer_token, add_special_tokens=False).input_ids[0]
+            vocab_2 = sd.text_encoder_2.get_input_embeddings().weight.detach().float()
+            self.word_2 = LearnedEmbedding(vocab_2.shape[1], config.initializer_token).to(self.device)
+            with torch.no_grad():
+                self.word_2.embedding.copy_(vocab_2[init_2])
 
     def trainable_models(self):
+        if self.word_2 is not None:
+            return {"learned_word": self.word, "learned_word_2": self.word_2}
         return {"learned_word": self.word}
 
     def concept_phrase(self) -> str:
         c = self.config
         return f"{c.placeholder_token} {c.class_word}" if c.append_class_word else c.placeholder_token
 
-    def encode_prompts(self, word: nn.Module, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenize(prompts)
-        v = word().to(self.sd.text_encoder.dtype)
-        words = v.expand(len(prompts), 1, -1)
-        return encode_text_with_words(self.sd.text_encoder, ids, self.placeholder_id, words).hidden_states
+    def encode_prompts(self, models, prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
+        """`(encoder_hidden_states, added_cond_kwargs)` with the learned word(s) at the placeholder: SD the
+        text encoder's states (None); SDXL both encoders' penultimate states, each with its own vector,
+        side by side, and the pooled embedding + size numbers (`StableDiffusionXLPipeline`'s encoding)."""
+        sd = self.sd
+
+        def encoded(text_encoder, tokenizer, placeholder_id, word, sdxl):
+            tok = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            words = word().to(text_encoder.dtype).expand(len(prompts), 1, -1)
+            return encode_text_with_words(text_encoder, tok, placeholder_id, words, output_hidden_states=sdxl)
+
+        if not sd.is_sdxl:
+            return encoded(sd.text_encoder, sd.tokenizer, self.placeholder_id, models["learned_word"], False).hidden_states, None
+        first = encoded(sd.text_encoder, sd.tokenizer, self.placeholder_id, models["learned_word"], True)
+        second = encoded(sd.text_encoder_2, sd.tokenizer_2, self.placeholder_id_2, models["learned_word_2"], True)
+        states = torch.cat([first.penultimate, second.penultimate], dim=-1)
+        return states, sdxl_added_conditioning(second.text_embeds, self.config.data.resolution)
 
     def predict_noise(self, models, noisy, timesteps, prompts):
-        text = self.encode_prompts(models["learned_word"], prompts)
-        return self.sd.unet(noisy, timesteps, encoder_hidden_states=text).sample
+        text, added = self.encode_prompts(models, prompts)
+        return self.sd.unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added).sample
 
     def regularize(self, models, rec_loss):
         if self.anchors is None:
@@ -178,11 +208,14 @@ class TextualInversionTask(ConceptFinetuneTask):
     @torch.no_grad()
     def sample(self, models, prompts, generator):
         pipe = self.pipeline()
-        cond = self.encode_prompts(models["learned_word"], prompts)
-        uncond = self.sd.text_encoder(self.tokenize([""] * len(prompts)))[0]
+        cond, added = self.encode_prompts(models, prompts)
+        uncond, uncond_added = self.sd.encode_text([""] * len(prompts), self.config.data.resolution)
+        pooled = {} if added is None else {"pooled_prompt_embeds": added["text_embeds"],
+                                           "negative_pooled_prompt_embeds": uncond_added["text_embeds"]}
         return pipe(
             prompt_embeds=cond,
             negative_prompt_embeds=uncond,
+            **pooled,
             num_inference_steps=self.config.validation_inference_steps,
             guidance_scale=self.config.validation_guidance_scale,
             height=self.config.data.resolution,
@@ -196,8 +229,11 @@ class TextualInversionTask(ConceptFinetuneTask):
         export_dir = Path(export_dir)
         word = models["learned_word"]
         vector = word().detach().float().cpu()[None]
-        atomic_write(export_dir / EMBEDDINGS_FILE,
-                     lambda tmp: save_file({self.config.placeholder_token: vector.contiguous()}, str(tmp)))
+        if "learned_word_2" in models:  # SDXL: the layout its pipelines' load_textual_inversion reads per encoder
+            tensors = {"clip_l": vector.contiguous(), "clip_g": models["learned_word_2"]().detach().float().cpu()[None].contiguous()}
+        else:
+            tensors = {self.config.placeholder_token: vector.contiguous()}
+        atomic_write(export_dir / EMBEDDINGS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         written = [EMBEDDINGS_FILE]
         files = {"embeddings": EMBEDDINGS_FILE}
         if isinstance(word, TextualSubspace):
@@ -217,6 +253,22 @@ class TextualInversionTask(ConceptFinetuneTask):
                       f"`{c.initializer_token}` ({c.subspace.distance}; rank rule d1={c.subspace.dim}), kept in `subspace/`.\n")
         if c.anchors.enabled:
             extra += f"Semantic anchors ({c.anchors.vocabulary}, at most {c.anchors.max_active} active, lambda {c.anchors.weight}).\n"
+        if getattr(getattr(self, "sd", None), "is_sdxl", False):
+            t = c.placeholder_token
+            return (
+                f"# {kind} embedding `{t}` for SDXL\n\n"
+                f"One vector per text encoder for the concept in `{c.concept_dir}` (initializer `{c.initializer_token}`): "
+                f"`clip_l` for `text_encoder`, `clip_g` for `text_encoder_2` in {EMBEDDINGS_FILE}.\n\n"
+                "```python\n"
+                "from diffusers import StableDiffusionXLPipeline\n"
+                "from safetensors.torch import load_file\n\n"
+                f"pipe = StableDiffusionXLPipeline.from_pretrained(\"{c.pretrained_model_name_or_path}\")\n"
+                f"state = load_file(\"{EMBEDDINGS_FILE}\")\n"
+                f"pipe.load_textual_inversion(state[\"clip_l\"], token=\"{t}\", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)\n"
+                f"pipe.load_textual_inversion(state[\"clip_g\"], token=\"{t}\", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)\n"
+                f"image = pipe(\"a photo of {t} on the beach\").images[0]\n"
+                "```\n"
+            )
         return (
             f"# {kind} embedding `{c.placeholder_token}`\n\n"
             f"One word embedding for the concept in `{c.concept_dir}` (initializer `{c.initializer_token}`).\n{extra}\n"
