@@ -72,6 +72,15 @@ SCHEDULER_KWARGS = dict(
 )
 
 
+def _seeded(seed: int, *makers):
+    """Each model built right after `torch.manual_seed(seed)`, so every part is seeded alike."""
+    models = []
+    for make in makers:
+        torch.manual_seed(seed)
+        models.append(make())
+    return models
+
+
 def _build_pipeline(unet_kwargs: dict, text_kwargs: dict, scheduler, seed: int):
     """A randomly initialised `StableDiffusionPipeline` (each part seeded alike) with the shipped tokenizer."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -79,12 +88,8 @@ def _build_pipeline(unet_kwargs: dict, text_kwargs: dict, scheduler, seed: int):
 
     from .tokenizer import build_clip_tokenizer
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_kwargs)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_KWARGS)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_kwargs))
+    unet, vae, text_encoder = _seeded(seed, lambda: UNet2DConditionModel(**unet_kwargs), lambda: AutoencoderKL(**VAE_KWARGS),
+                                      lambda: CLIPTextModel(CLIPTextConfig(**text_kwargs)))
     return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -137,14 +142,10 @@ def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
 
     from .tokenizer import build_clip_tokenizer
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SDXL_UNET_KWARGS)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_KWARGS)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_KWARGS))
-    torch.manual_seed(seed)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2_KWARGS))
+    unet, vae, text_encoder, text_encoder_2 = _seeded(
+        seed, lambda: UNet2DConditionModel(**SDXL_UNET_KWARGS), lambda: AutoencoderKL(**VAE_KWARGS),
+        lambda: CLIPTextModel(CLIPTextConfig(**TEXT_KWARGS)),
+        lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2_KWARGS)))
     scheduler = EulerDiscreteScheduler(**{k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("skip_prk_steps", "set_alpha_to_one")})
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(), unet=unet,
