@@ -8,6 +8,7 @@ SDXL loader reads), the other methods refuse it with an error naming it."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -86,6 +87,17 @@ def test_textual_inversion_and_infusion_on_sd2(tiny_sd2_path, data_dir, tmp_path
     with torch.no_grad():
         assert torch.equal(pipe.text_encoder(ids)[0], before)  # prompts without S*: the same text, exactly
     assert (_latents(pipe, "a photo of a S*") - base).abs().max() > 1e-4
+
+    # guided composition on SD 2.x: the TI token and a word, each steered into its box
+    from inference.cli import main as inference_main
+
+    out = tmp_path / "guided"
+    assert inference_main(["generate", "--base", str(tiny_sd2_path), "--finetune", str(ti), "--prompt",
+                           "a photo of S* playing with a dog", "--box", "S*=0,0,0.5,1", "--box", "dog=0.5,0,1,1",
+                           "--steps", "2", "--height", str(RES), "--quiet", "--no-safety-checker", "--out", str(out)]) == 0
+    record = json.loads((out / "settings.json").read_text())["prompts"][0]
+    assert [p["token"] for p in record["placed"]] == ["S*", "dog"] and record["location_loss_guided_steps"]
+    assert (out / record["attention_maps"][0]).is_file()
 
     inf = tmp_path / "inf"
     keys = _finetune_keys(tiny_sd2_path, concept, inf) + ["class_word=dog", "learning_rate=0.05"]
