@@ -49,6 +49,24 @@ def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
             f"token {token!r} of {run.folder} is already in the tokenizer: give each run its own token (DIR=TOKEN)"
         )
     path = run.result_path()
+    keys: set[str] = set()
+    if path.suffix == ".safetensors":  # (a legacy learned_embeds.bin is one-encoder)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+    if keys == {"clip_l", "clip_g"}:  # an SDXL embedding: one vector per text encoder (diffusers' SDXL layout)
+        if not hasattr(pipe, "text_encoder_2"):
+            raise FinetuneFolderError(f"{run.folder}: an SDXL embedding (clip_l / clip_g), but the base is not SDXL "
+                                      f"(trained for {run.info.get('base_model', 'an unrecorded base model')})")
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        return token
+    if hasattr(pipe, "text_encoder_2"):
+        raise FinetuneFolderError(f"{run.folder}: a one-encoder embedding, but the base is SDXL (two text encoders)")
     try:
         pipe.load_textual_inversion(str(path.parent), token=token, weight_name=path.name)
     except ValueError as err:  # e.g. an embedding of another width: trained for another base model

@@ -23,7 +23,7 @@ from diffusers import StableDiffusionPipeline
 
 from encoders.clip_features import CLIPFeatureExtractor
 from encoders.common.device import dtype_kwargs, resolve_device, resolve_dtype
-from encoders.common.hub import UnsupportedBaseError, check_supported_base
+from encoders.common.hub import UnsupportedBaseError, check_supported_base, is_sdxl_base
 from encoders.global_mapping import GlobalMapping, MappingFitError
 from encoders.local_mapping import LocalMapping
 from encoders.location_mlp import LocationMLP
@@ -68,11 +68,14 @@ def load_base_pipeline(
     dtype: str | torch.dtype | None = "auto",
     scheduler: str | None = None,
     safety_checker: bool = True,
+    allow_sdxl: bool = False,
 ):
     """A `StableDiffusionPipeline` from a diffusers folder or Hub id, on `device` in `dtype`.
 
     `scheduler` replaces the folder's sampler by short name (None keeps it). `safety_checker=False`
-    skips loading the model's safety checker (when it has one), as diffusers allows.
+    skips loading the model's safety checker (when it has one), as diffusers allows. `allow_sdxl`: an
+    SDXL base loads as a `StableDiffusionXLPipeline` (for the methods that support it) instead of
+    being refused.
     """
 
     device = resolve_device(device)
@@ -84,11 +87,17 @@ def load_base_pipeline(
     if local.exists() and not (local / "model_index.json").is_file():
         raise ModelLoadError(f"base model {local}: not a diffusers pipeline folder (no model_index.json)")
     try:
-        check_supported_base(name_or_path)
+        check_supported_base(name_or_path, allow_sdxl=allow_sdxl)
     except UnsupportedBaseError as err:
         raise ModelLoadError(str(err)) from None
+    pipeline_class = StableDiffusionPipeline
+    if allow_sdxl and is_sdxl_base(name_or_path):
+        from diffusers import StableDiffusionXLPipeline
+
+        pipeline_class = StableDiffusionXLPipeline  # it has no safety checker to skip
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("safety_checker", "requires_safety_checker")}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(name_or_path), **kwargs)
+        pipe = pipeline_class.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
         raise ModelLoadError(f"cannot load the base pipeline {name_or_path!s}: {err}") from err
     if scheduler is not None:

@@ -107,9 +107,12 @@ class ElitePipeline:
         scheduler: str | None = None,
         safety_checker: bool = True,
         elite_scale: float = DEFAULT_ELITE_SCALE,
+        allow_sdxl: bool = False,
     ) -> "ElitePipeline":
-        """Load the base pipeline (folder or Hub id) and, when given, the encoders (folder or Hub repo)."""
-        pipe = load_base_pipeline(base, device=device, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker)
+        """Load the base pipeline (folder or Hub id) and, when given, the encoders (folder or Hub repo).
+        `allow_sdxl`: an SDXL base loads for plain prompts and fine-tunes (ELITE itself needs SD 1.x / 2.x)."""
+        pipe = load_base_pipeline(base, device=device, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
+                                  allow_sdxl=allow_sdxl and encoders is None)
         elite = cls(pipe, elite_scale=elite_scale)
         if encoders is not None:
             elite.load_encoders(encoders, image_encoder=image_encoder)
@@ -384,6 +387,15 @@ class ElitePipeline:
             raise ConceptInputError("word_boxes steer words with the concepts: give the concepts boxes too (or spatial_guidance)")
         if use_guidance and not concept_list and not word_boxes:
             raise ConceptInputError("spatial guidance needs concepts or word_boxes (boxes steer their attention)")
+
+        if hasattr(self.pipe, "text_encoder_2"):  # SDXL: plain prompts only, encoded by its own pipeline
+            if concept_list or use_guidance:
+                raise ConceptInputError("ELITE concepts and spatial guidance need an SD 1.x / 2.x base, not SDXL")
+            with torch.inference_mode():
+                out = self.pipe(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+                                generator=generator, height=height, width=width, **pipe_kwargs)
+            return EliteOutput(images=out.images)
 
         grad_mode = torch.no_grad() if use_guidance else torch.inference_mode()
         with grad_mode:

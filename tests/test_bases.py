@@ -162,9 +162,9 @@ def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path
 
     with pytest.raises(ModelLoadError, match="StableDiffusionXLPipeline"):
         load_base_pipeline(tiny_sdxl_path, device="cpu", dtype="float32")
-    code = inference_main(["generate", "--base", str(tiny_sdxl_path), "--prompt", "a dog", "--steps", "1", "--quiet",
-                           "--out", str(tmp_path / "out")])
-    assert code == 2 and "only Stable Diffusion 1.x / 2.x" in capsys.readouterr().err
+    code = inference_main(["generate", "--base", str(tiny_sdxl_path), "--prompt", "a dog with a cat", "--steps", "1",
+                           "--quiet", "--box", "dog=0,0,0.5,1", "--box", "cat=0.5,0,1,1", "--out", str(tmp_path / "out")])
+    assert code == 2 and "only Stable Diffusion 1.x / 2.x" in capsys.readouterr().err  # guidance: not on SDXL yet
     with pytest.raises(SystemExit) as exited:  # BaTex does not support SDXL yet: one line at set-up
         ti_main(_finetune_keys(tiny_sdxl_path, data_dir / "concepts" / "dreambooth" / "dog", tmp_path / "bx")
                 + ["initializer_token=dog", "subspace.enabled=true", "subspace.dim=24"])
@@ -229,3 +229,38 @@ def test_textual_inversion_on_sdxl_loads_with_diffusers(tiny_sdxl_path, data_dir
         _recording(TextualInversionTask(load_config(TextualInversionConfig, REPO / "configs/finetune/textual_inversion.yaml",
                                                     _finetune_keys(tiny_sdxl_path, concept, tmp_path / "anc")
                                                     + ["initializer_token=dog", "class_word=dog", "anchors.enabled=true"])))
+
+
+def test_the_command_line_generates_with_sdxl_fine_tunes(tiny_sdxl_path, tiny_sd_path, data_dir, tmp_path, capsys):
+    """`generate --base <SDXL> --finetune TI --finetune Infusion`: the embedding goes into both text encoders,
+    Infusion runs its dual stream through StableDiffusionXLPipeline; an SDXL embedding on SD v1 is refused."""
+    import numpy as np
+    from PIL import Image
+
+    from inference.cli import main as inference_main
+    from training.infusion import InfusionConfig, InfusionTask
+    from training.textual_inversion import TextualInversionConfig, TextualInversionTask
+
+    concept = data_dir / "concepts" / "dreambooth" / "dog"
+    ti, inf = tmp_path / "ti", tmp_path / "inf"
+    _recording(TextualInversionTask(load_config(TextualInversionConfig, REPO / "configs/finetune/textual_inversion.yaml",
+                                                _finetune_keys(tiny_sdxl_path, concept, ti, steps=2)
+                                                + ["initializer_token=dog", "class_word=dog", "learning_rate=0.5"])))
+    _recording(InfusionTask(load_config(InfusionConfig, REPO / "configs/finetune/infusion.yaml",
+                                        _finetune_keys(tiny_sdxl_path, concept, inf, steps=2) + ["class_word=dog", "learning_rate=0.5"])))
+
+    def images(name, prompt, *finetunes):
+        out = tmp_path / name
+        args = ["generate", "--base", str(tiny_sdxl_path), "--prompt", prompt, "--steps", "2", "--height", str(RES),
+                "--quiet", "--out", str(out)]
+        for folder in finetunes:
+            args += ["--finetune", str(folder)]
+        assert inference_main(args) == 0
+        record = json.loads((out / "settings.json").read_text())["prompts"][0]
+        return np.asarray(Image.open(out / record["images"][0]), dtype=np.float32)
+
+    assert np.abs(images("ti", "a photo of S*", ti) - images("base_s", "a photo of S*")).max() > 0
+    assert np.abs(images("inf", "a photo of a dog", inf) - images("base_dog", "a photo of a dog")).max() > 0
+    code = inference_main(["generate", "--base", str(tiny_sd_path), "--finetune", str(ti), "--prompt", "a photo of S*",
+                           "--steps", "1", "--quiet", "--out", str(tmp_path / "wrong")])
+    assert code == 2 and "an SDXL embedding" in capsys.readouterr().err
