@@ -146,6 +146,9 @@ class ElitePipeline:
         return self
 
     def _install(self, encoders: EliteEncoders) -> None:
+        if hasattr(self.pipe, "text_encoder_2"):
+            raise ModelLoadError(f"the encoders {encoders.source}: ELITE needs a Stable Diffusion 1.x / 2.x pipeline, "
+                                 f"not {type(self.pipe).__name__} (two text encoders)")
         check_encoders_fit(encoders, self.pipe)
         note = _base_model_note(f"the encoders {encoders.source}", encoders.base_model_name, self.pipe)
         if note:

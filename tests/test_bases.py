@@ -146,7 +146,8 @@ def test_elite_both_stages_and_generation_on_sd2(tiny_sd2_path, tiny_sd_path, ti
                                       safety_checker=False)
 
 
-def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path, data_dir, tmp_path, capsys):
+def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path, tiny_encoders_path, data_dir, tmp_path,
+                                                                   capsys):
     from diffusers import StableDiffusionXLPipeline
 
     from inference.cli import main as inference_main
@@ -162,6 +163,10 @@ def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path
 
     with pytest.raises(ModelLoadError, match="StableDiffusionXLPipeline"):
         load_base_pipeline(tiny_sdxl_path, device="cpu", dtype="float32")
+    from inference import load_elite
+
+    with pytest.raises(ModelLoadError, match="ELITE needs a Stable Diffusion 1.x / 2.x pipeline"):
+        load_elite(pipe, tiny_encoders_path)  # a stock SDXL pipeline
     code = inference_main(["generate", "--base", str(tiny_sdxl_path), "--prompt", "a dog with a cat", "--steps", "1",
                            "--quiet", "--box", "dog=0,0,0.5,1", "--box", "cat=0.5,0,1,1", "--out", str(tmp_path / "out")])
     assert code == 2 and "only Stable Diffusion 1.x / 2.x" in capsys.readouterr().err  # guidance: not on SDXL yet
