@@ -443,7 +443,7 @@ class Evaluator:
                 try:
                     self._location_mlp = load_location_mlp(self.config.encoders, device=self.pipe.device)
                 except ModelLoadError:
-                    pass
+                    self._location_mlp = None  # encoders without location_mlp/: no "+ spatial" rows (warned in jobs)
         return self._location_mlp
 
     # ---- rows ---------------------------------------------------------------------------------------

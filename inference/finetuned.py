@@ -32,7 +32,7 @@ from encoders.common.finetune_folder import (  # noqa: F401  (the contract's nam
 )
 from encoders.infusion import InfusionResiduals, generate_with_infusion
 
-from .loading import default_image_size
+from .loading import default_image_size, is_sdxl_pipeline
 
 
 def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
@@ -56,7 +56,7 @@ def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
         with safe_open(str(path), framework="pt") as handle:
             keys = set(handle.keys())
     if keys == {"clip_l", "clip_g"}:  # an SDXL embedding: one vector per text encoder (diffusers' SDXL layout)
-        if not hasattr(pipe, "text_encoder_2"):
+        if not is_sdxl_pipeline(pipe):
             raise FinetuneFolderError(f"{run.folder}: an SDXL embedding (clip_l / clip_g), but the base is not SDXL "
                                       f"(trained for {run.info.get('base_model', 'an unrecorded base model')})")
         from safetensors.torch import load_file
@@ -65,7 +65,7 @@ def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
         pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
         return token
-    if hasattr(pipe, "text_encoder_2"):
+    if is_sdxl_pipeline(pipe):
         raise FinetuneFolderError(f"{run.folder}: a one-encoder embedding, but the base is SDXL (two text encoders)")
     try:
         pipe.load_textual_inversion(str(path.parent), token=token, weight_name=path.name)

@@ -23,7 +23,7 @@ from diffusers import StableDiffusionPipeline
 
 from encoders.clip_features import CLIPFeatureExtractor
 from encoders.common.device import dtype_kwargs, resolve_device, resolve_dtype
-from encoders.common.hub import UnsupportedBaseError, check_supported_base, is_sdxl_base
+from encoders.common.hub import UnsupportedBaseError, check_supported_base
 from encoders.global_mapping import GlobalMapping, MappingFitError
 from encoders.local_mapping import LocalMapping
 from encoders.location_mlp import LocationMLP
@@ -87,11 +87,11 @@ def load_base_pipeline(
     if local.exists() and not (local / "model_index.json").is_file():
         raise ModelLoadError(f"base model {local}: not a diffusers pipeline folder (no model_index.json)")
     try:
-        check_supported_base(name_or_path, allow_sdxl=allow_sdxl)
+        sdxl = check_supported_base(name_or_path, allow_sdxl=allow_sdxl)
     except UnsupportedBaseError as err:
         raise ModelLoadError(str(err)) from None
     pipeline_class = StableDiffusionPipeline
-    if allow_sdxl and is_sdxl_base(name_or_path):
+    if sdxl:
         from diffusers import StableDiffusionXLPipeline
 
         pipeline_class = StableDiffusionXLPipeline  # it has no safety checker to skip
@@ -119,6 +119,11 @@ def pipeline_from_parts(vae, text_encoder, tokenizer, unet, scheduler):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def is_sdxl_pipeline(pipe) -> bool:
+    """An SDXL pipeline (two text encoders, pooled and size conditioning) rather than SD 1.x / 2.x."""
+    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 def default_image_size(pipe) -> tuple[int, int]:

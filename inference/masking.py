@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .inputs import ConceptInputError, ConceptInputWarning, ImageLike
+from .inputs import ConceptInputError, ConceptInputWarning, ImageLike, _has_alpha
 from .loading import ModelLoadError
 from .pictures import save_image_atomic
 
@@ -84,15 +84,12 @@ def _name(image: ImageLike) -> str:
 
 
 def has_own_alpha(photo: ImageLike) -> bool:
-    """A cut-out with transparency carries its mask: it needs no automatic one."""
-    def alpha(image: Image.Image) -> bool:
-        return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-
+    """A cut-out with transparency carries its mask (`load_concept_image` reads it): no automatic one."""
     try:
         if isinstance(photo, Image.Image):
-            return alpha(photo)
+            return _has_alpha(photo)
         with Image.open(photo) as image:
-            return alpha(image)
+            return _has_alpha(image)
     except (OSError, ValueError, AttributeError):
         return False  # unreadable here: load_concept_image names the problem
 

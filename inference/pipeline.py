@@ -43,7 +43,14 @@ from .guidance import (
     warn_if_boxes_coincide,
 )
 from .inputs import ConceptImage, ConceptInputError, ConceptInputWarning, ImageLike, find_placeholders, placeholder_in
-from .loading import EliteEncoders, ModelLoadError, check_encoders_fit, load_base_pipeline, load_encoders
+from .loading import (
+    EliteEncoders,
+    ModelLoadError,
+    check_encoders_fit,
+    is_sdxl_pipeline,
+    load_base_pipeline,
+    load_encoders,
+)
 from .masking import DEFAULT_MASK_MODEL, DEFAULT_MASK_PROMPT, AutoMasker, has_own_alpha
 from .outputs import EliteOutput
 from .presets import elite_lms_scheduler, paper_elite_scale, preset_settings
@@ -146,7 +153,7 @@ class ElitePipeline:
         return self
 
     def _install(self, encoders: EliteEncoders) -> None:
-        if hasattr(self.pipe, "text_encoder_2"):
+        if is_sdxl_pipeline(self.pipe):
             raise ModelLoadError(f"the encoders {encoders.source}: ELITE needs a Stable Diffusion 1.x / 2.x pipeline, "
                                  f"not {type(self.pipe).__name__} (two text encoders)")
         check_encoders_fit(encoders, self.pipe)
@@ -391,7 +398,7 @@ class ElitePipeline:
         if use_guidance and not concept_list and not word_boxes:
             raise ConceptInputError("spatial guidance needs concepts or word_boxes (boxes steer their attention)")
 
-        if hasattr(self.pipe, "text_encoder_2"):  # SDXL: plain prompts only, encoded by its own pipeline
+        if is_sdxl_pipeline(self.pipe):  # SDXL: plain prompts only, encoded by its own pipeline
             if concept_list or use_guidance:
                 raise ConceptInputError("ELITE concepts and spatial guidance need an SD 1.x / 2.x base, not SDXL")
             with torch.inference_mode():

@@ -18,7 +18,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from encoders.common.config import ConfigError
-from encoders.common.hub import UnsupportedBaseError, check_supported_base, is_sdxl_base
+from encoders.common.hub import UnsupportedBaseError, check_supported_base
 
 
 @dataclass
@@ -46,13 +46,13 @@ class FrozenStableDiffusion:
         """Load each component with `from_pretrained(name_or_path, subfolder=...)` (a folder or a Hub id);
         a base the method does not support (SDXL unless `allow_sdxl`) is a ConfigError naming it."""
         try:
-            check_supported_base(name_or_path, allow_sdxl=allow_sdxl)
+            sdxl = check_supported_base(name_or_path, allow_sdxl=allow_sdxl)
         except UnsupportedBaseError as err:
             raise ConfigError(f"pretrained_model_name_or_path: {err}") from None
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder")
         tokenizer_2 = text_encoder_2 = None
-        if allow_sdxl and is_sdxl_base(name_or_path):
+        if sdxl:
             tokenizer_2 = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2")
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2")
         vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")

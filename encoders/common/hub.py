@@ -32,8 +32,8 @@ def local_or_hub(source: str | os.PathLike, revision: str | None = None) -> Path
 
 # Pipelines whose UNet takes more than the text states (SDXL's pooled embedding and size numbers):
 # every method here conditions a plain `encoder_hidden_states` UNet, so these bases are refused clearly.
-UNSUPPORTED_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusion3Pipeline",
-                         "FluxPipeline", "KandinskyV22Pipeline")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+UNSUPPORTED_PIPELINES = (*SDXL_PIPELINES, "StableDiffusion3Pipeline", "FluxPipeline", "KandinskyV22Pipeline")
 
 
 class UnsupportedBaseError(ValueError):
@@ -55,21 +55,19 @@ def pipeline_class_name(name_or_path: str | os.PathLike) -> str:
 
             return str(json.loads(Path(hf_hub_download(str(name_or_path), "model_index.json")).read_text()).get("_class_name", ""))
     except (OSError, ValueError):
-        pass
+        return ""  # unreadable: the loader says what is wrong
     return ""
 
 
-def is_sdxl_base(name_or_path: str | os.PathLike) -> bool:
-    return pipeline_class_name(name_or_path) in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
-
-
-def check_supported_base(name_or_path: str | os.PathLike, allow_sdxl: bool = False) -> None:
-    """Raise UnsupportedBaseError when `name_or_path`'s `model_index.json` names a pipeline the method does
-    not support (SDXL unless `allow_sdxl`, and later families); one without it is left to the loader."""
+def check_supported_base(name_or_path: str | os.PathLike, allow_sdxl: bool = False) -> bool:
+    """Whether `name_or_path` is an SDXL base (allowed with `allow_sdxl`); raise UnsupportedBaseError when
+    its `model_index.json` names a pipeline the method does not support (SDXL unless `allow_sdxl`, and
+    later families). A base without one is left to the loader. Reads `model_index.json` once."""
     name = pipeline_class_name(name_or_path)
-    if allow_sdxl and name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"):
-        return
+    if allow_sdxl and name in SDXL_PIPELINES:
+        return True
     if name in UNSUPPORTED_PIPELINES:
         raise UnsupportedBaseError(
             f"base model {name_or_path} is a {name}: only Stable Diffusion 1.x / 2.x bases are supported here "
             "(their UNet takes the text states alone; SDXL's also takes pooled text and size conditioning)")
+    return False
