@@ -377,7 +377,8 @@ def _run_generate(args) -> dict:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pairs = [_with_auto_masks(args, concept, out_dir, f"mask-{k}") for k, concept in enumerate(pairs)]
+    masker: dict = {}
+    pairs = [_with_auto_masks(args, concept, out_dir, f"mask-{k}", masker) for k, concept in enumerate(pairs)]
     started = time.perf_counter()
     generator_api = ElitePipeline.from_pretrained(
         args.base,
@@ -553,13 +554,17 @@ def _checked_photo(args, image, mask):
         return load_concept_image(image, mask, mask_threshold=0)
 
 
-def _with_auto_masks(args, pairs: list[tuple], out_dir: Path, stem: str) -> list[tuple]:
+def _with_auto_masks(args, pairs: list[tuple], out_dir: Path, stem: str, loaded: dict | None = None) -> list[tuple]:
     """Photos without a mask get an automatic one (`inference.masking`), saved as out_dir/<stem>-<k>.png,
-    unless --no-auto-mask; with --auto-mask WORD a mask model that does not load is an error."""
+    unless --no-auto-mask; with --auto-mask WORD a mask model that does not load is an error. `loaded`
+    keeps the mask model between calls (one load for several concepts)."""
     missing = [p for p, m in pairs if m is None and not has_own_alpha(p)]
     if args.no_auto_mask or not missing:
         return pairs
-    masker = auto_masker_or_none(args.mask_model, resolve_device(args.device), required=args.auto_mask is not None)
+    loaded = {} if loaded is None else loaded
+    if "masker" not in loaded:
+        loaded["masker"] = auto_masker_or_none(args.mask_model, resolve_device(args.device), required=args.auto_mask is not None)
+    masker = loaded["masker"]
     if masker is None:
         return pairs
     return fill_masks(pairs, masker, args.auto_mask or DEFAULT_MASK_PROMPT, out_dir, stem)
