@@ -221,9 +221,7 @@ def run_worker(args) -> dict:
             key = "clip_pixel_values" if args.stage == "global_mapping" else "clip_object_pixel_values"
             feats = dict(zip(task.clip.layers, task.clip(batch[key].to(task.clip.dtype))))
             if args.stage == "local_mapping":
-                from encoders.text_injection import encode_text_with_words
-
-                encode_text_with_words(task.sd.text_encoder, batch["input_ids"], task.placeholder_id, task._w0(feats))
+                task.conditioning(batch, task._w0(feats))
             t4 = now()
         # the trainable mapping alone (forward + backward) on this step's features
         t5 = now()

@@ -22,23 +22,25 @@ from typing import Sequence
 import torch
 
 from .attention import AttentionContext, AttentionStore, LocalTokens
-from .text_injection import encode_text_with_words
+from .text_injection import encode_prompt_with_words
 
 
 @dataclass
 class EliteConditioning:
     """What one call of the UNet needs: `prompt_embeds` `[B, L, D]`, where each concept's w0 sits
-    (`word_positions` `[B, K]`) and the processors' per-call `context`."""
+    (`word_positions` `[B, K]`), the processors' per-call `context`, and on SDXL the pooled
+    embedding `[B, P]` (the second text encoder's, with the words injected there too)."""
 
     prompt_embeds: torch.Tensor
     word_positions: torch.Tensor
     context: AttentionContext
+    pooled_prompt_embeds: torch.Tensor | None = None
 
 
 def elite_conditioning(
-    text_encoder: torch.nn.Module,
-    input_ids: torch.Tensor,
-    placeholder_ids: Sequence[int],
+    text_encoder: torch.nn.Module | Sequence[torch.nn.Module],
+    input_ids: torch.Tensor | Sequence[torch.Tensor],
+    placeholder_ids: Sequence[int] | Sequence[Sequence[int]],
     words: Sequence[torch.Tensor],
     local: Sequence[tuple[torch.Tensor, torch.Tensor | None] | None] | None = None,
     scale: float | torch.Tensor | Sequence[float | torch.Tensor] = 1.0,
@@ -48,16 +50,20 @@ def elite_conditioning(
 ) -> EliteConditioning:
     """Inject each concept's words at its placeholder and gather its local tokens for the processors.
 
-    input_ids `[B, L]`; words: per concept `[B, N, D]` (or `[B, D]`); local: per concept
+    input_ids `[B, L]`; words: per concept `[B, N, D]` (or `[B, D]`). SDXL: both text encoders, one
+    ids tensor per encoder, placeholder ids per encoder (or the same for both) and words `D` as wide
+    as both encoders together (`encoders.text_injection.encode_prompt_with_words`). local: per concept
     `(tokens [B, P, D], keep [B, P] or None)` or None (no local branch for it); scale: lambda, one
     for all concepts or one per concept (a float or a `[B]` tensor). `repeat`: the local tokens are
     repeated this many times along the batch (`num_images_per_prompt`, the pipeline repeats the
     text itself). `local_value_l1`: a list the processors append mean |V_local| to (stage 2's
     regulariser). Gradients flow into the words and the local tokens.
     """
-    if len(words) != len(placeholder_ids):
-        raise ValueError(f"{len(placeholder_ids)} placeholders but {len(words)} word tensors: give one per concept")
-    text = encode_text_with_words(text_encoder, input_ids, list(placeholder_ids), list(words))
+    pids = list(placeholder_ids)
+    count = len(pids[0]) if pids and not isinstance(pids[0], int) else len(pids)  # [encoder][concept] or [concept]
+    if len(words) != count:
+        raise ValueError(f"{count} placeholders but {len(words)} word tensors: give one per concept")
+    text = encode_prompt_with_words(text_encoder, input_ids, pids, list(words))
     scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(words)
     if len(scales) != len(words):
         raise ValueError(f"{len(scales)} scales for {len(words)} concepts: give one, or one per concept")
@@ -75,4 +81,4 @@ def elite_conditioning(
                 scales[k] = scales[k].repeat_interleave(repeat, dim=0)
         branches.append(LocalTokens(tokens=tokens, token_index=positions, keep=keep, scale=scales[k]))
     context = AttentionContext(local=branches, attention_store=attention_store, local_value_l1=local_value_l1)
-    return EliteConditioning(text.hidden_states, text.word_positions, context)
+    return EliteConditioning(text.prompt_embeds, text.word_positions, context, text.pooled_prompt_embeds)

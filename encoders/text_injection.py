@@ -203,3 +203,63 @@ def encode_text_with_words(
         hidden_states=out.last_hidden_state, word_positions=positions,
         penultimate=out.hidden_states[-2] if output_hidden_states else None, text_embeds=getattr(out, "text_embeds", None),
     )
+
+
+@dataclass
+class PromptEmbeddings:
+    """What the UNet is conditioned on for one prompt batch, with words injected.
+
+    SD 1.x / 2.x (one text encoder): its last states, no pooled embedding. SDXL (two): both encoders'
+    penultimate states side by side and the second one's projected pooled embedding, what
+    `StableDiffusionXLPipeline.encode_prompt` computes for a typed prompt.
+    """
+
+    prompt_embeds: torch.Tensor  # [B, L, sum of the encoders' widths (SDXL) or the width]
+    word_positions: torch.Tensor  # [B, K]: where each concept's w0 landed (first encoder's tokens)
+    pooled_prompt_embeds: torch.Tensor | None = None  # [B, P] SDXL only
+
+
+def word_widths(text_encoders: Sequence[nn.Module]) -> list[int]:
+    """Token-embedding width of each text encoder: a word for all of them is their concatenation."""
+    return [int(_text_parts(encoder)[1].embedding_dim) for encoder in text_encoders]
+
+
+def encode_prompt_with_words(
+    text_encoders: nn.Module | Sequence[nn.Module],
+    input_ids: torch.Tensor | Sequence[torch.Tensor],
+    placeholder_token_ids: Sequence[int] | Sequence[Sequence[int]],
+    words: Sequence[torch.Tensor],
+) -> PromptEmbeddings:
+    """Prompt embeddings with each concept's words at its placeholder, for one or two text encoders.
+
+    `input_ids`: one `[B, L]` tensor per encoder (each tokenised by its own tokenizer);
+    `placeholder_token_ids`: one id per concept (the same in every tokenizer) or, per encoder, a list
+    of them; `words`: per concept `[B, N, W]` (or `[B, W]`) with W the sum of `word_widths`: its
+    first slice goes into the first encoder's embedding space, the next into the second's (SDXL:
+    one word per text encoder, as SDXL's own Textual Inversion files hold `clip_l` and `clip_g`).
+    """
+    encoders = [text_encoders] if isinstance(text_encoders, nn.Module) else list(text_encoders)
+    ids_list = [input_ids] if isinstance(input_ids, torch.Tensor) else list(input_ids)
+    if len(ids_list) != len(encoders):
+        raise ValueError(f"{len(encoders)} text encoders but {len(ids_list)} input_ids tensors: give one per encoder")
+    pids = list(placeholder_token_ids)
+    per_encoder = [list(p) for p in pids] if pids and not isinstance(pids[0], int) else [pids] * len(encoders)
+    widths = word_widths(encoders)
+    word_list = [w[:, None] if w.ndim == 2 else w for w in words]
+    for k, w in enumerate(word_list):
+        if w.shape[-1] != sum(widths):
+            raise ValueError(f"words of concept {k} are {w.shape[-1]} wide; these text encoders take {sum(widths)} "
+                             f"({' + '.join(map(str, widths))})")
+    if len(encoders) == 1:
+        out = encode_text_with_words(encoders[0], ids_list[0], per_encoder[0], word_list)
+        return PromptEmbeddings(out.hidden_states, out.word_positions)
+    outs = [
+        encode_text_with_words(encoder, ids, pid, [w[..., start:start + width] for w in word_list], output_hidden_states=True)
+        for encoder, ids, pid, start, width in zip(encoders, ids_list, per_encoder, _starts(widths), widths)
+    ]
+    states = torch.cat([o.penultimate for o in outs], dim=-1)
+    return PromptEmbeddings(states, outs[0].word_positions, outs[-1].text_embeds)
+
+
+def _starts(widths: Sequence[int]) -> list[int]:
+    return [sum(widths[:i]) for i in range(len(widths))]

@@ -388,9 +388,9 @@ def _run_generate(args) -> dict:
         dtype=args.dtype,
         scheduler=args.scheduler,
         safety_checker=not args.no_safety_checker,
-        # SDXL: plain prompts and the fine-tunes that support it (Textual Inversion, Infusion); ELITE
-        # concepts and guidance need SD 1.x / 2.x and keep the base refused by name
-        allow_sdxl=not (photos or loaded_concepts or args.box or args.spatial_guidance or args.guide_word),
+        # SDXL: plain prompts, ELITE encoders trained for it and the fine-tunes that support it; spatial
+        # guidance needs SD 1.x / 2.x and keeps the base refused by name
+        allow_sdxl=not (args.box or args.spatial_guidance or args.guide_word),
     )
     pipe = generator_api.pipe
     pipe.set_progress_bar_config(disable=args.quiet)

@@ -183,6 +183,7 @@ def encode_concept_standalone(
     encoders fit it first (loads the base pipeline's configs and weights)."""
     loaded = load_encoders(encoders, image_encoder=image_encoder, device=device, dtype=dtype)
     if base is not None:
-        check_encoders_fit(loaded, load_base_pipeline(base, device="cpu", dtype="float32", safety_checker=False))
+        check_encoders_fit(loaded, load_base_pipeline(base, device="cpu", dtype="float32", safety_checker=False,
+                                                      allow_sdxl=True))
     return encode_photos(loaded, image, mask, crop=crop)
 

@@ -27,6 +27,7 @@ from encoders.common.hub import UnsupportedBaseError, check_supported_base
 from encoders.global_mapping import GlobalMapping, MappingFitError
 from encoders.local_mapping import LocalMapping
 from encoders.location_mlp import LocationMLP
+from encoders.text_injection import word_widths
 
 from .presets import elite_lms_scheduler
 
@@ -106,17 +107,24 @@ def load_base_pipeline(
     return _eval(pipe)
 
 
-def pipeline_from_parts(vae, text_encoder, tokenizer, unet, scheduler):
-    """A `StableDiffusionPipeline` over models already in memory (no safety checker, no progress bar).
+def pipeline_from_parts(vae, text_encoder, tokenizer, unet, scheduler, text_encoder_2=None, tokenizer_2=None):
+    """A `StableDiffusionPipeline` over models already in memory (no safety checker, no progress bar);
+    with `text_encoder_2` / `tokenizer_2` a `StableDiffusionXLPipeline`.
 
     The models are used as they are (device, dtype, processors): the training stack builds its
     validation pictures with this, through the same `ElitePipeline` users run.
     """
 
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    if text_encoder_2 is not None:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -124,6 +132,16 @@ def pipeline_from_parts(vae, text_encoder, tokenizer, unet, scheduler):
 def is_sdxl_pipeline(pipe) -> bool:
     """An SDXL pipeline (two text encoders, pooled and size conditioning) rather than SD 1.x / 2.x."""
     return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def text_encoders_of(pipe) -> list:
+    """The pipeline's text encoders: one (SD 1.x / 2.x) or two (SDXL)."""
+    return [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl_pipeline(pipe) else [])
+
+
+def word_width_of(pipe) -> int:
+    """Width of a word for this pipeline: its text encoder's, or both SDXL encoders' together."""
+    return sum(word_widths(text_encoders_of(pipe)))
 
 
 def default_image_size(pipe) -> tuple[int, int]:
@@ -234,7 +252,7 @@ def check_encoders_fit(encoders: EliteEncoders, pipe) -> None:
     """Raise `ModelLoadError` unless the encoders were made for this base model's shapes
     (`MappingModel.check_fits` for each mapping; the location MLP's embedding width)."""
 
-    text_dim = int(pipe.text_encoder.config.hidden_size)
+    text_dim = word_width_of(pipe)
     for label, model in (("global_mapping", encoders.global_mapping), ("local_mapping", encoders.local_mapping)):
         if model is None:
             continue

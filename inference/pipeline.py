@@ -50,6 +50,8 @@ from .loading import (
     is_sdxl_pipeline,
     load_base_pipeline,
     load_encoders,
+    text_encoders_of,
+    word_width_of,
 )
 from .masking import DEFAULT_MASK_MODEL, DEFAULT_MASK_PROMPT, AutoMasker, has_own_alpha
 from .outputs import EliteOutput
@@ -117,9 +119,10 @@ class ElitePipeline:
         allow_sdxl: bool = False,
     ) -> "ElitePipeline":
         """Load the base pipeline (folder or Hub id) and, when given, the encoders (folder or Hub repo).
-        `allow_sdxl`: an SDXL base loads for plain prompts and fine-tunes (ELITE itself needs SD 1.x / 2.x)."""
+        `allow_sdxl`: an SDXL base loads as a `StableDiffusionXLPipeline` (ELITE encoders trained for it,
+        plain prompts, the fine-tunes that support it) instead of being refused by name."""
         pipe = load_base_pipeline(base, device=device, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
-                                  allow_sdxl=allow_sdxl and encoders is None)
+                                  allow_sdxl=allow_sdxl)
         elite = cls(pipe, elite_scale=elite_scale)
         if encoders is not None:
             elite.load_encoders(encoders, image_encoder=image_encoder)
@@ -153,9 +156,6 @@ class ElitePipeline:
         return self
 
     def _install(self, encoders: EliteEncoders) -> None:
-        if is_sdxl_pipeline(self.pipe):
-            raise ModelLoadError(f"the encoders {encoders.source}: ELITE needs a Stable Diffusion 1.x / 2.x pipeline, "
-                                 f"not {type(self.pipe).__name__} (two text encoders)")
         check_encoders_fit(encoders, self.pipe)
         note = _base_model_note(f"the encoders {encoders.source}", encoders.base_model_name, self.pipe)
         if note:
@@ -176,18 +176,24 @@ class ElitePipeline:
             raise ValueError(f"elite_scale (lambda) must be a finite number >= 0, got {elite_scale}")
         self.elite_scale = float(elite_scale)
 
-    def placeholder_tokenizer(self, placeholders: Sequence[str]) -> tuple:
-        """(tokenizer, ids): a private copy of the pipe's tokenizer with the placeholders added.
+    def placeholder_tokenizers(self, placeholders: Sequence[str]) -> tuple[list, list[list[int]]]:
+        """(tokenizers, ids): private copies of the pipe's tokenizers (SDXL: both) with the placeholders
+        added, and the placeholders' ids in each (`[tokenizer][placeholder]`).
 
-        The pipe's own tokenizer is never changed, so `pipe("a photo of S*")` stays a plain prompt and
-        `pipe.load_textual_inversion(..., token="S*")` still works. The copy is remade when the pipe's
+        The pipe's own tokenizers are never changed, so `pipe("a photo of S*")` stays a plain prompt and
+        `pipe.load_textual_inversion(..., token="S*")` still works. The copies are remade when a pipe
         tokenizer grows (a Textual Inversion token loaded since), so prompts may use both.
         """
-        base = self.pipe.tokenizer
-        key = (id(base), len(base))
+        bases = [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if is_sdxl_pipeline(self.pipe) else [])
+        key = tuple((id(b), len(b)) for b in bases)
         if self._tokenizer is None or self._tokenizer_of != key:
-            self._tokenizer, self._tokenizer_of = copy.deepcopy(base), key
-        return self._tokenizer, add_placeholder_tokens(self._tokenizer, list(placeholders))
+            self._tokenizer, self._tokenizer_of = [copy.deepcopy(b) for b in bases], key
+        return self._tokenizer, [add_placeholder_tokens(t, list(placeholders)) for t in self._tokenizer]
+
+    def placeholder_tokenizer(self, placeholders: Sequence[str]) -> tuple:
+        """(tokenizer, ids) of the first text encoder (`placeholder_tokenizers`), where token positions are read."""
+        tokenizers, ids = self.placeholder_tokenizers(placeholders)
+        return tokenizers[0], ids[0]
 
     def unload_encoders(self) -> None:
         """Put back exactly the attention processors the UNet had before ELITE (stock, xformers, an
@@ -250,7 +256,7 @@ class ElitePipeline:
 
     # ---- generation --------------------------------------------------------------------------
     def _check_concept(self, concept: Concept, k: int) -> None:
-        text_dim = int(self.pipe.text_encoder.config.hidden_size)
+        text_dim = word_width_of(self.pipe)
         if concept.text_dim != text_dim:
             raise ConceptInputError(
                 f"concept {k} ({concept.metadata.get('source_image', '?')}) has w0 of size {concept.text_dim}; this base "
@@ -285,10 +291,11 @@ class ElitePipeline:
         """`encoders.conditioning.EliteConditioning` of `prompt` with each concept at its placeholder:
         the prompt embeddings `[1, L, D]`, each concept's w0 position, and the processors' context."""
         text_encoder = self.pipe.text_encoder
-        tokenizer, token_ids = self.placeholder_tokenizer(placeholders)
-        ids = self._token_ids(prompt, tokenizer)
-        for placeholder, token_id in zip(placeholders, token_ids):
-            if not bool((ids == token_id).any()):
+        tokenizers, token_ids = self.placeholder_tokenizers(placeholders)
+        ids = [self._token_ids(prompt, tokenizer) for tokenizer in tokenizers]
+        tokenizer = tokenizers[0]
+        for placeholder, token_id in zip(placeholders, token_ids[0]):
+            if not bool((ids[0] == token_id).any()):
                 raise ConceptInputError(
                     f"prompt {prompt!r}: the placeholder {placeholder!r} was not found as a token (is the prompt longer "
                     f"than {tokenizer.model_max_length} tokens, or is the placeholder glued to another word?)"
@@ -303,12 +310,21 @@ class ElitePipeline:
             ]
         scales = list(elite_scales) if elite_scales is not None else [self.elite_scale] * len(concepts)
         return elite_conditioning(
-            text_encoder, ids, token_ids, words, local=local, scale=scales, repeat=num_images,
+            text_encoders_of(self.pipe), ids, token_ids, words, local=local, scale=scales, repeat=num_images,
             attention_store=attention_store,
         )
 
-    def _plain_text(self, text: str) -> torch.Tensor:
-        return self.pipe.text_encoder(self._token_ids(text))[0]
+    def _plain_text(self, text: str, negative_of: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt embeddings, pooled embedding or None) of a prompt without concepts, as the pipe encodes
+        it. SDXL: its own `encode_prompt`; an empty negative prompt is zeros when the pipe's
+        `force_zeros_for_empty_prompt` says so (`negative_of`: the positive pair it must match)."""
+        if not is_sdxl_pipeline(self.pipe):
+            return self.pipe.text_encoder(self._token_ids(text))[0], None
+        if negative_of is not None and not text and self.pipe.config.force_zeros_for_empty_prompt:
+            return torch.zeros_like(negative_of[0]), torch.zeros_like(negative_of[1])
+        embeds, _, pooled, _ = self.pipe.encode_prompt(text, device=self.device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)
+        return embeds, pooled
 
     def __call__(
         self,
@@ -398,14 +414,8 @@ class ElitePipeline:
         if use_guidance and not concept_list and not word_boxes:
             raise ConceptInputError("spatial guidance needs concepts or word_boxes (boxes steer their attention)")
 
-        if is_sdxl_pipeline(self.pipe):  # SDXL: plain prompts only, encoded by its own pipeline
-            if concept_list or use_guidance:
-                raise ConceptInputError("ELITE concepts and spatial guidance need an SD 1.x / 2.x base, not SDXL")
-            with torch.inference_mode():
-                out = self.pipe(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                                guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
-                                generator=generator, height=height, width=width, **pipe_kwargs)
-            return EliteOutput(images=out.images)
+        if is_sdxl_pipeline(self.pipe) and use_guidance:
+            raise ConceptInputError("spatial guidance needs an SD 1.x / 2.x base, not SDXL")
 
         grad_mode = torch.no_grad() if use_guidance else torch.inference_mode()
         with grad_mode:
@@ -413,19 +423,21 @@ class ElitePipeline:
             if concept_list:
                 cond = self.conditioning(prompt, concept_list, placeholders, scales, num_images_per_prompt, attention_store)
                 prompt_embeds, positions, context = cond.prompt_embeds, cond.word_positions[0].tolist(), cond.context
+                pooled = cond.pooled_prompt_embeds
             else:
-                prompt_embeds, positions = self._plain_text(prompt), []
+                (prompt_embeds, pooled), positions = self._plain_text(prompt), []
                 if self.encoders is not None and attention_store is not None:
                     context = AttentionContext(attention_store=attention_store)
             negative = negative_prompt or ""
             in_negative = [placeholder_in(negative, p) for p in placeholders] if concept_list else []
             if any(in_negative):
-                negative_embeds = self.conditioning(
+                negative_cond = self.conditioning(
                     negative, [c for c, hit in zip(concept_list, in_negative) if hit],
                     [p for p, hit in zip(placeholders, in_negative) if hit],
-                ).prompt_embeds
+                )
+                negative_embeds, negative_pooled = negative_cond.prompt_embeds, negative_cond.pooled_prompt_embeds
             else:
-                negative_embeds = self._plain_text(negative)
+                negative_embeds, negative_pooled = self._plain_text(negative, negative_of=(prompt_embeds, pooled))
             call = dict(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,
@@ -437,6 +449,8 @@ class ElitePipeline:
                 width=width,
                 **pipe_kwargs,
             )
+            if pooled is not None:  # SDXL
+                call.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
             if context is not None:
                 call["cross_attention_kwargs"] = context.as_kwargs()
             if use_guidance:

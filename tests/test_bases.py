@@ -2,9 +2,9 @@
 48 vs 32, linear projections, v-prediction): every method trains a few steps through the shared loop
 (the v-prediction target) and generates; concept prompts differ from the base model, prompts the
 method promises not to touch do not; a mapping made for one base is refused on another. SDXL-style
-(`--kind sdxl`): the bundle is a real `StableDiffusionXLPipeline`; Infusion and Textual Inversion train
-and generate on it (both text encoders, pooled and size conditioning; TI's file in the layout diffusers'
-SDXL loader reads), the other methods refuse it with an error naming it."""
+(`--kind sdxl`): the bundle is a real `StableDiffusionXLPipeline`; ELITE's two stages, Infusion and
+Textual Inversion train and generate on it (both text encoders, pooled and size conditioning; TI's file
+in the layout diffusers' SDXL loader reads), spatial guidance refuses it with an error naming it."""
 
 from __future__ import annotations
 
@@ -165,8 +165,8 @@ def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path
         load_base_pipeline(tiny_sdxl_path, device="cpu", dtype="float32")
     from inference import load_elite
 
-    with pytest.raises(ModelLoadError, match="ELITE needs a Stable Diffusion 1.x / 2.x pipeline"):
-        load_elite(pipe, tiny_encoders_path)  # a stock SDXL pipeline
+    with pytest.raises(ModelLoadError, match="size 32 .* 80"):
+        load_elite(pipe, tiny_encoders_path)  # SD v1 encoders on a stock SDXL pipeline: the word widths differ
     code = inference_main(["generate", "--base", str(tiny_sdxl_path), "--prompt", "a dog with a cat", "--steps", "1",
                            "--quiet", "--box", "dog=0,0,0.5,1", "--box", "cat=0.5,0,1,1", "--out", str(tmp_path / "out")])
     assert code == 2 and "only Stable Diffusion 1.x / 2.x" in capsys.readouterr().err  # guidance: not on SDXL yet
@@ -269,3 +269,84 @@ def test_the_command_line_generates_with_sdxl_fine_tunes(tiny_sdxl_path, tiny_sd
     code = inference_main(["generate", "--base", str(tiny_sd_path), "--finetune", str(ti), "--prompt", "a photo of S*",
                            "--steps", "1", "--quiet", "--out", str(tmp_path / "wrong")])
     assert code == 2 and "an SDXL embedding" in capsys.readouterr().err
+
+
+def test_words_injected_into_both_sdxl_encoders_match_typed_words(tiny_sdxl_path):
+    """A word made of a real token's rows of both embedding tables, put at a placeholder, gives exactly the
+    prompt and pooled embeddings `StableDiffusionXLPipeline.encode_prompt` computes for the typed token."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from encoders.text_injection import add_placeholder_tokens, encode_prompt_with_words
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+    dog = pipe.tokenizer("dog", add_special_tokens=False).input_ids[0]
+    word = torch.cat([e.get_input_embeddings().weight[dog] for e in encoders])[None, None]  # [1, 1, 32 + 48]
+    ids = [add_placeholder_tokens(t, ["S*"]) for t in tokenizers]
+    tokens = [t("a photo of a S* on grass", padding="max_length", max_length=t.model_max_length, return_tensors="pt").input_ids
+              for t in tokenizers]
+    with torch.no_grad():
+        injected = encode_prompt_with_words(encoders, tokens, ids, [word])
+        typed, _, pooled, _ = pipe.encode_prompt("a photo of a dog on grass", device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(injected.prompt_embeds, typed, rtol=0, atol=1e-5)
+    torch.testing.assert_close(injected.pooled_prompt_embeds, pooled, rtol=0, atol=1e-5)
+    assert injected.word_positions.tolist() == [[5]]
+    with pytest.raises(ValueError, match="32 \\+ 48"):  # a word for one encoder only
+        encode_prompt_with_words(encoders, tokens, ids, [word[..., :32]])
+
+
+@pytest.mark.slow
+def test_elite_both_stages_and_generation_on_sdxl(tiny_sdxl_path, tiny_sd_path, tiny_image_encoder_path, crop_shards, data_dir,
+                                                  tmp_path, capsys):
+    """Both ELITE stages train on the SDXL bundle (words as wide as both text encoders, K/V over its 80-wide
+    context, the pooled embedding of the injected prompt); the encoders generate through
+    `StableDiffusionXLPipeline` (Python and the command line); SD v1 refuses them, and they refuse SD v1's."""
+    from inference.cli import main as inference_main
+    from inference.loading import ModelLoadError
+    from inference.pipeline import ElitePipeline
+    from training.global_mapping import GlobalMappingConfig, GlobalMappingTask
+    from training.local_mapping import LocalMappingConfig, LocalMappingTask
+
+    encoders = tmp_path / "encoders"
+    common = [f"pretrained_model_name_or_path={tiny_sdxl_path}", f"image_encoder_name_or_path={tiny_image_encoder_path}",
+              f"train_shards={crop_shards / 'coco' / '*.tar'}", "train_batch_size=2", "mixed_precision=no", "mapping_hidden_dim=64",
+              "checkpointing_steps=0", "validation_steps=0", "report_to=none", "dataloader_num_workers=0", "data.resolution=64",
+              "max_steps=3", "learning_rate=1e-3", f"export_dir={encoders}"]
+    stage1 = _recording(GlobalMappingTask(load_config(GlobalMappingConfig, REPO / "configs/train/global_mapping.yaml",
+                                                      [*common, f"output_dir={tmp_path / 'global'}"])), "loss")
+    stage2 = _recording(LocalMappingTask(load_config(LocalMappingConfig, REPO / "configs/train/local_mapping.yaml",
+                                                     [*common, f"output_dir={tmp_path / 'local'}", f"global_mapping_path={encoders}"])), "loss")
+    assert all(map(math.isfinite, stage1 + stage2)) and len(stage1) == len(stage2) == 3
+    assert len(set(stage1)) > 1 and len(set(stage2)) > 1
+    config = json.loads((encoders / "global_mapping" / "config.json").read_text())
+    assert config["output_dim"] == 80 and config["pretrained_model_name_or_path"] == str(tiny_sdxl_path)
+
+    elite = ElitePipeline.from_pretrained(str(tiny_sdxl_path), encoders=str(encoders), device="cpu", dtype="float32",
+                                          allow_sdxl=True)
+    assert type(elite.pipe).__name__ == "StableDiffusionXLPipeline"
+    photo = data_dir / "concepts" / "dreambooth" / "teapot" / "04.jpg"
+    mask = data_dir / "concepts" / "masks" / "teapot_04.png"
+    concept = elite.encode_concept(photo, mask)
+    assert concept.w0.shape == (80,) and concept.local_tokens.shape[-1] == 80
+    cond = elite.conditioning("a photo of S*", [concept], ["S*"])
+    plain_embeds, plain_pooled = elite._plain_text("a photo of S*")
+    assert cond.prompt_embeds.shape == plain_embeds.shape == (1, 77, 80)
+    assert (cond.pooled_prompt_embeds - plain_pooled).abs().max() > 1e-4  # w0 reaches the pooled embedding too
+    kwargs = dict(num_inference_steps=2, height=RES, width=RES, output_type="latent", seed=0)
+    tuned = elite("a photo of S*", concept, **kwargs).images
+    local_off = elite("a photo of S*", concept, elite_scale=0.0, **kwargs).images
+    plain = elite("a photo of a teapot", None, **kwargs).images
+    assert tuned.shape == plain.shape == (1, 4, RES // 2, RES // 2)
+    assert (tuned - plain).abs().max() > 1e-4 and (tuned - local_off).abs().max() > 1e-6  # w0 and the local branch act
+    two = elite("S1 next to S2", [concept, concept], **kwargs).images
+    assert torch.isfinite(two).all()
+
+    out = tmp_path / "cli"
+    assert inference_main(["generate", "--base", str(tiny_sdxl_path), "--encoders", str(encoders), "--image", str(photo),
+                           "--mask", str(mask), "--prompt", "a photo of S* on the beach", "--steps", "2", "--height",
+                           str(RES), "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "settings.json").read_text())["prompts"][0]["images"]
+    with pytest.raises(ModelLoadError, match="size 80"):  # made for SDXL's two encoders, refused on SD v1
+        ElitePipeline.from_pretrained(str(tiny_sd_path), encoders=str(encoders), device="cpu", dtype="float32",
+                                      safety_checker=False)

@@ -373,7 +373,7 @@ def test_a_stage_2_step_computes_the_official_loss(tmp_path, tiny_sd_path, tiny_
     image_feats = task.clip_features(batch, "clip_pixel_values")
     w0_layer = int(task.global_mapping.config.feature_layers[0])
     w0 = task.global_mapping([image_feats[w0_layer]], num_words=1)
-    text = encode_text_with_words(task.sd.text_encoder, batch["input_ids"], [task.placeholder_id], [w0]).hidden_states
+    text = encode_text_with_words(task.sd.text_encoder, batch["input_ids"], task.placeholder_ids[0], [w0]).hidden_states
     assert torch.allclose(seen["text"], text, atol=1e-5)
     captions = batch["caption"]
     assert all(c.startswith(("a ", "a far away", "very small", "zoomed in", "close up")) for c in captions)

@@ -136,7 +136,7 @@ def test_w0_is_injected_at_the_placeholder(elite):
     dog_id = tokenizer("dog", add_special_tokens=False).input_ids[0]
     dog_word = text_encoder.get_input_embeddings().weight[dog_id].detach().clone()
     cond = elite.conditioning("a photo of a S* on grass", [Concept(w0=dog_word)], ["S*"])
-    typed = elite._plain_text("a photo of a dog on grass")
+    typed = elite._plain_text("a photo of a dog on grass")[0]
     torch.testing.assert_close(cond.prompt_embeds, typed, rtol=0, atol=1e-5)
     assert cond.word_positions[0].tolist() == [5]  # <bos> a photo of a S*
 
@@ -147,7 +147,7 @@ def test_two_concepts_each_at_its_own_token(elite, dog_and_cat):
     words = {w: table[tokenizer(w, add_special_tokens=False).input_ids[0]].detach().clone() for w in ("dog", "cat")}
     prompt = "S1 playing with S2 in a garden"
     cond = elite.conditioning(prompt, [Concept(w0=words["dog"]), Concept(w0=words["cat"])], ["S1", "S2"])
-    torch.testing.assert_close(cond.prompt_embeds, elite._plain_text("dog playing with cat in a garden"), rtol=0, atol=1e-5)
+    torch.testing.assert_close(cond.prompt_embeds, elite._plain_text("dog playing with cat in a garden")[0], rtol=0, atol=1e-5)
     elite_tokenizer, (s1, s2) = elite.placeholder_tokenizer(["S1", "S2"])  # ELITE's own copy holds the placeholders
     ids = elite_tokenizer(prompt).input_ids
     assert "S1" not in tokenizer.get_vocab()

@@ -334,16 +334,8 @@ class ConceptFinetuneTask(TrainingTask):
         """A `StableDiffusionPipeline` (`StableDiffusionXLPipeline` for an SDXL base) over the frozen
         parts (DDIM sampler), for validation images."""
         scheduler = DDIMScheduler.from_config(self.sd.noise_scheduler.config)
-        if self.sd.is_sdxl:
-            from diffusers import StableDiffusionXLPipeline
-
-            pipe = StableDiffusionXLPipeline(
-                vae=self.sd.vae, text_encoder=self.sd.text_encoder, text_encoder_2=self.sd.text_encoder_2,
-                tokenizer=self.sd.tokenizer, tokenizer_2=self.sd.tokenizer_2, unet=self.sd.unet, scheduler=scheduler,
-            )
-            pipe.set_progress_bar_config(disable=True)
-            return pipe
-        return pipeline_from_parts(self.sd.vae, self.sd.text_encoder, self.sd.tokenizer, self.sd.unet, scheduler)
+        return pipeline_from_parts(self.sd.vae, self.sd.text_encoder, self.sd.tokenizer, self.sd.unet, scheduler,
+                                   self.sd.text_encoder_2, self.sd.tokenizer_2)
 
     def validation_images(self, models, step: int):
         prompt = self.config.validation_prompt.format(self.concept_phrase())

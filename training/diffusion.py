@@ -19,6 +19,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from encoders.common.config import ConfigError
 from encoders.common.hub import UnsupportedBaseError, check_supported_base
+from encoders.text_injection import add_placeholder_tokens, word_widths
 
 
 @dataclass
@@ -72,6 +73,44 @@ class FrozenStableDiffusion:
     @property
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
+
+    @property
+    def tokenizers(self) -> list:
+        """The base's tokenizers, one per text encoder (SDXL: two)."""
+        return [self.tokenizer] + ([self.tokenizer_2] if self.is_sdxl else [])
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.is_sdxl else [])
+
+    @property
+    def word_width(self) -> int:
+        """Width of a word for this base: the text encoder's, or both encoders' together on SDXL
+        (a word's first slice goes into the first encoder's embedding space, the rest into the second's)."""
+        return sum(word_widths(self.text_encoders))
+
+    def add_placeholders(self, tokens: Sequence[str]) -> list[list[int]]:
+        """Add the placeholder tokens to every tokenizer; their ids per tokenizer (`[encoder][concept]`).
+        A token that is already a word of one of them is a ConfigError (it would not be new)."""
+        ids = []
+        for name, tokenizer in zip(("tokenizer", "tokenizer_2"), self.tokenizers):
+            taken = [t for t in tokens if t in tokenizer.get_vocab() and t not in tokenizer.get_added_vocab()]
+            if taken:
+                raise ConfigError(f"placeholder {taken[0]!r} is already a word of the base's {name}; pick a new one (e.g. S*)")
+            ids.append(add_placeholder_tokens(tokenizer, list(tokens)))
+        return ids
+
+    def token_ids(self, prompts: Sequence[str], device=None) -> list[torch.Tensor]:
+        """`[B, L]` ids of `prompts` from each tokenizer (padded to its max length), one tensor per encoder."""
+        return [
+            tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(device or self.unet.device)
+            for tokenizer in self.tokenizers
+        ]
+
+    def added_conditioning(self, pooled: torch.Tensor | None, size: int) -> dict | None:
+        """The UNet's `added_cond_kwargs`: None on SD, the pooled embedding + size numbers on SDXL."""
+        return None if pooled is None else sdxl_added_conditioning(pooled, size)
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str], size: int) -> tuple[torch.Tensor, dict | None]:

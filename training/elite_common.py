@@ -27,7 +27,7 @@ from torch import nn
 
 from encoders.clip_features import DEFAULT_LAYERS, CLIPFeatureExtractor, load_clip_normalization
 from encoders.common.config import ConfigError, keyed_field
-from encoders.text_injection import add_placeholder_tokens
+from encoders.conditioning import EliteConditioning, elite_conditioning
 from inference.loading import EliteEncoders, pipeline_from_parts
 from inference.pipeline import ElitePipeline
 
@@ -94,7 +94,7 @@ class EliteStageTask(TrainingTask):
         # the shards first: a mistyped train_shards stops here in a second, before any model loads
         self.shards = ShardSet.open(cfg.train_shards)
         self.sd = FrozenStableDiffusion.load(
-            cfg.pretrained_model_name_or_path, accelerator.device, weight_dtype, cfg.gradient_checkpointing
+            cfg.pretrained_model_name_or_path, accelerator.device, weight_dtype, cfg.gradient_checkpointing, allow_sdxl=True
         )
         self.clip = CLIPFeatureExtractor.from_pretrained(cfg.image_encoder_name_or_path, layers=self.clip_layers())
         self.clip.to(device=accelerator.device, dtype=weight_dtype)
@@ -103,8 +103,8 @@ class EliteStageTask(TrainingTask):
                 f"data.clip_size={cfg.data.clip_size} but {cfg.image_encoder_name_or_path} takes "
                 f"{self.clip.image_size} px images; set data.clip_size={self.clip.image_size}"
             )
-        (self.placeholder_id,) = add_placeholder_tokens(self.sd.tokenizer, [cfg.data.placeholder_token])
-        self.text_dim = int(self.sd.text_encoder.config.hidden_size)
+        self.placeholder_ids = self.sd.add_placeholders([cfg.data.placeholder_token])  # [encoder][concept]
+        self.text_dim = self.sd.word_width  # SDXL: both text encoders' widths (one slice of each word per encoder)
         self.build_models(accelerator)
         self._validation_crops = None
         self.loader = self._make_loader(cfg.train_batch_size)
@@ -171,12 +171,22 @@ class EliteStageTask(TrainingTask):
         feats = self.clip(batch[clip_key].to(self.device, self.clip.dtype))
         return dict(zip(self.clip.layers, feats))
 
-    def diffusion_loss(self, latents, text, generator, cross_attention_kwargs, valid_mask=None,
+    def conditioning(self, batch: Mapping, words: torch.Tensor, **kwargs) -> EliteConditioning:
+        """`encoders.conditioning.elite_conditioning` of the batch's captions with `words` at the
+        placeholder; on SDXL the captions are also tokenised for the second text encoder."""
+        ids = [batch["input_ids"]] + (self.sd.token_ids(batch["caption"])[1:] if self.sd.is_sdxl else [])
+        return elite_conditioning(self.sd.text_encoders, ids, self.placeholder_ids, [words], **kwargs)
+
+    def diffusion_loss(self, latents, cond: EliteConditioning, generator, valid_mask=None,
                        sum_channels: bool = False) -> torch.Tensor:
-        """Noise the latents, run the frozen UNet with the ELITE processors, compare with the target."""
+        """Noise the latents, run the frozen UNet with the ELITE processors, compare with the target.
+        SDXL's size numbers say a full, uncropped image of the training resolution (what its pipeline
+        passes by default at that size): the crops are object-centred squares resized to it."""
         noisy, target, timesteps = self.sd.add_noise(latents, generator)
+        added = self.sd.added_conditioning(cond.pooled_prompt_embeds, self.config.data.resolution)
         pred = self.sd.unet(
-            noisy, timesteps, text.to(self.sd.unet.dtype), cross_attention_kwargs=cross_attention_kwargs
+            noisy, timesteps, cond.prompt_embeds.to(self.sd.unet.dtype), cross_attention_kwargs=cond.context.as_kwargs(),
+            added_cond_kwargs=added,
         ).sample
         weight = valid_mask if self.config.weight_loss_by_valid_region else None
         return denoising_loss(pred, target, weight, sum_channels=sum_channels)
@@ -192,7 +202,7 @@ class EliteStageTask(TrainingTask):
         cfg = self.config
         pipe = pipeline_from_parts(
             self.sd.vae, self.sd.text_encoder, self.sd.tokenizer, self.sd.unet,
-            DPMSolverMultistepScheduler.from_config(self.sd.noise_scheduler.config),
+            DPMSolverMultistepScheduler.from_config(self.sd.noise_scheduler.config), self.sd.text_encoder_2, self.sd.tokenizer_2,
         )
         global_mapping, local_mapping = self.validation_mappings(models)
         encoders = EliteEncoders(

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from encoders.attention import set_elite_processors
 from encoders.common.config import keyed_field, parse_config_cli
-from encoders.conditioning import elite_conditioning
 from encoders.global_mapping import GlobalMapping
 
 from .common_config import AnchorsConfig
@@ -66,8 +65,8 @@ class GlobalMappingTask(EliteStageTask):
         mapping = models["global_mapping"]
         latents, feats = self.encode_frozen(batch, "clip_pixel_values", generator)
         words = mapping([feats[layer] for layer in self.config.feature_layers])
-        cond = elite_conditioning(self.sd.text_encoder, batch["input_ids"], [self.placeholder_id], [words])
-        mse = self.diffusion_loss(latents, cond.prompt_embeds, generator, cond.context.as_kwargs(), batch.get("valid_mask"))
+        cond = self.conditioning(batch, words)
+        mse = self.diffusion_loss(latents, cond, generator, batch.get("valid_mask"))
         word_l1 = words.float().abs().mean()
         loss = mse + self.config.word_l1_weight * word_l1
         logs = {"mse": mse.detach(), "word_l1": word_l1.detach()}

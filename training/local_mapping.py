@@ -38,7 +38,6 @@ import torch
 
 from encoders.attention import set_elite_processors
 from encoders.common.config import ConfigError, keyed_field, parse_config_cli
-from encoders.conditioning import elite_conditioning
 from encoders.global_mapping import GlobalMapping, MappingFitError
 from encoders.local_mapping import REFERENCE_SETTINGS, LocalMapping, check_local_settings
 
@@ -145,11 +144,9 @@ class LocalMappingTask(EliteStageTask):
         latents, feats = self.encode_frozen(batch, "clip_object_pixel_values", generator)
         w0_feats = self.clip_features(batch, "clip_pixel_values") if cfg.w0_source == "image" else feats
         local = mapping([feats[layer] for layer in cfg.feature_layers], batch["object_mask_clip"])
-        cond = elite_conditioning(
-            self.sd.text_encoder, batch["input_ids"], [self.placeholder_id], [self._w0(w0_feats)],
-            local=[(local.tokens, local.keep)], scale=cfg.elite_scale, local_value_l1=[],
-        )
-        mse = self.diffusion_loss(latents, cond.prompt_embeds, generator, cond.context.as_kwargs(), batch.get("valid_mask"),
+        cond = self.conditioning(batch, self._w0(w0_feats), local=[(local.tokens, local.keep)], scale=cfg.elite_scale,
+                                 local_value_l1=[])
+        mse = self.diffusion_loss(latents, cond, generator, batch.get("valid_mask"),
                                   sum_channels=cfg.mse_reduction == "sum_channels")
         value_l1 = torch.stack(cond.context.local_value_l1).mean()
         loss = mse + self.config.local_l1_weight * value_l1

@@ -36,11 +36,10 @@ from encoders.common.config import ConfigError, keyed_field, parse_config_cli
 from encoders.common.files import atomic_write
 from encoders.common.finetune_folder import EMBEDDINGS_FILE, SUBSPACE_FOLDER
 from encoders.subspace import TextualSubspace
-from encoders.text_injection import add_placeholder_tokens, encode_text_with_words
+from encoders.text_injection import add_placeholder_tokens, encode_prompt_with_words
 
 from .common_config import AnchorsConfig
 from .concept_data import ConceptFinetuneTask, FinetuneConfig
-from .diffusion import sdxl_added_conditioning
 from .export import export_model
 from .loop import run_from_command_line
 
@@ -180,19 +179,11 @@ class TextualInversionTask(ConceptFinetuneTask):
         text encoder's states (None); SDXL both encoders' penultimate states, each with its own vector,
         side by side, and the pooled embedding + size numbers (`StableDiffusionXLPipeline`'s encoding)."""
         sd = self.sd
-
-        def encoded(text_encoder, tokenizer, placeholder_id, word, sdxl):
-            tok = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(self.device)
-            words = word().to(text_encoder.dtype).expand(len(prompts), 1, -1)
-            return encode_text_with_words(text_encoder, tok, placeholder_id, words, output_hidden_states=sdxl)
-
-        if not sd.is_sdxl:
-            return encoded(sd.text_encoder, sd.tokenizer, self.placeholder_id, models["learned_word"], False).hidden_states, None
-        first = encoded(sd.text_encoder, sd.tokenizer, self.placeholder_id, models["learned_word"], True)
-        second = encoded(sd.text_encoder_2, sd.tokenizer_2, self.placeholder_id_2, models["learned_word_2"], True)
-        states = torch.cat([first.penultimate, second.penultimate], dim=-1)
-        return states, sdxl_added_conditioning(second.text_embeds, self.config.data.resolution)
+        vectors = [models["learned_word"]()] + ([models["learned_word_2"]()] if sd.is_sdxl else [])
+        words = torch.cat([v.to(sd.text_encoder.dtype) for v in vectors], dim=-1).expand(len(prompts), 1, -1)
+        ids = [[self.placeholder_id]] + ([[self.placeholder_id_2]] if sd.is_sdxl else [])
+        text = encode_prompt_with_words(sd.text_encoders, sd.token_ids(prompts, self.device), ids, [words])
+        return text.prompt_embeds, sd.added_conditioning(text.pooled_prompt_embeds, self.config.data.resolution)
 
     def predict_noise(self, models, noisy, timesteps, prompts):
         text, added = self.encode_prompts(models, prompts)
