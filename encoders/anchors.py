@@ -258,10 +258,21 @@ class AnchorRegularizer(torch.nn.Module):
         cls, tokenizer, text_encoder, words: Iterable[str] | str | Path | None = None, **kwargs
     ) -> "AnchorRegularizer":
         """Anchors = input embeddings of `words` (a list, a vocabulary file, or None for COCO's 80 names);
-        the official normalisation's L is the tokenizer's length."""
+        the official normalisation's L is the tokenizer's length.
+
+        With lists of tokenizers and text encoders (SDXL's two) an anchor is its word's rows of every
+        table side by side, as wide as the words learned for such a base (`encoders.text_injection.
+        encode_prompt_with_words`): one sparse code for all tables, L_anc over the joint width (the
+        official normalisation then is the MSE over both prompts' input embeddings together).
+        """
         vocab = list(words) if words is not None and not isinstance(words, (str, Path)) else load_vocabulary(words)
-        kwargs.setdefault("sequence_length", int(getattr(tokenizer, "model_max_length", 77)))
-        return cls(vocab, embed_words(vocab, tokenizer, text_encoder).float(), **kwargs)
+        tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+        encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+        if len(tokenizers) != len(encoders):
+            raise ValueError(f"{len(tokenizers)} tokenizers for {len(encoders)} text encoders: give one each")
+        kwargs.setdefault("sequence_length", int(getattr(tokenizers[0], "model_max_length", 77)))
+        tables = [embed_words(vocab, t, e).float() for t, e in zip(tokenizers, encoders)]
+        return cls(vocab, torch.cat([t.to(tables[0].device) for t in tables], dim=-1), **kwargs)
 
     def code(self, embedding: torch.Tensor) -> torch.Tensor:
         """The sparse code `[B, K]` of `embedding` (non-negative, at most `max_active` non-zeros per row)."""

@@ -170,10 +170,10 @@ def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path
     code = inference_main(["generate", "--base", str(tiny_sdxl_path), "--prompt", "a dog with a cat", "--steps", "1",
                            "--quiet", "--box", "dog=0,0,0.5,1", "--box", "cat=0.5,0,1,1", "--out", str(tmp_path / "out")])
     assert code == 2 and "only Stable Diffusion 1.x / 2.x" in capsys.readouterr().err  # guidance: not on SDXL yet
-    with pytest.raises(SystemExit) as exited:  # BaTex does not support SDXL yet: one line at set-up
+    with pytest.raises(SystemExit) as exited:  # a placeholder that is a word already: one line at set-up
         ti_main(_finetune_keys(tiny_sdxl_path, data_dir / "concepts" / "dreambooth" / "dog", tmp_path / "bx")
-                + ["initializer_token=dog", "subspace.enabled=true", "subspace.dim=24"])
-    assert exited.value.code == 2 and "do not support SDXL" in capsys.readouterr().err
+                + ["initializer_token=dog", "placeholder_token=cat"])
+    assert exited.value.code == 2 and "already a word of the tokenizer" in capsys.readouterr().err
 
 
 def test_infusion_trains_and_generates_on_sdxl(tiny_sdxl_path, data_dir, tmp_path):
@@ -206,7 +206,6 @@ def test_infusion_trains_and_generates_on_sdxl(tiny_sdxl_path, data_dir, tmp_pat
 def test_textual_inversion_on_sdxl_loads_with_diffusers(tiny_sdxl_path, data_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from encoders.common.config import ConfigError
     from training.textual_inversion import TextualInversionConfig, TextualInversionTask
 
     concept = data_dir / "concepts" / "dreambooth" / "dog"
@@ -230,10 +229,31 @@ def test_textual_inversion_on_sdxl_loads_with_diffusers(tiny_sdxl_path, data_dir
     learned = pipe("a photo of a S*", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert (learned - base).abs().max() > 1e-4  # diffusers' own loader, both encoders: the concept is used
 
-    with pytest.raises(ConfigError, match="SDXL"):  # nor the anchors
-        _recording(TextualInversionTask(load_config(TextualInversionConfig, REPO / "configs/finetune/textual_inversion.yaml",
-                                                    _finetune_keys(tiny_sdxl_path, concept, tmp_path / "anc")
-                                                    + ["initializer_token=dog", "class_word=dog", "anchors.enabled=true"])))
+
+
+def test_batex_and_anchors_on_sdxl_one_subspace_per_text_encoder(tiny_sdxl_path, data_dir, tmp_path):
+    """BaTex on SDXL: each text encoder's vector is a weighted sum of its own vocabulary rows (rank rule per
+    table; d1 of the second by the same fraction of its width), exported in diffusers' SDXL layout with both
+    subspaces; semantic anchors pull both vectors at once (anchors = the words' rows of both tables)."""
+    from encoders.common.config import ConfigError
+    from encoders.subspace import TextualSubspace
+    from training.textual_inversion import TextualInversionConfig, TextualInversionTask
+
+    concept = data_dir / "concepts" / "dreambooth" / "dog"
+    out = tmp_path / "batex"
+    keys = _finetune_keys(tiny_sdxl_path, concept, out) + ["initializer_token=dog", "class_word=dog", "learning_rate=0.05",
+                                                          "subspace.enabled=true", "subspace.dim=24", "anchors.enabled=true"]
+    task = TextualInversionTask(load_config(TextualInversionConfig, REPO / "configs/finetune/textual_inversion.yaml", keys))
+    losses = _recording(task, "anchor_loss")
+    assert len(losses) == 3 and all(map(math.isfinite, losses)) and len(set(losses)) > 1
+    assert (task.word.rank, task.word_2.rank) == (24, 36)  # 24 of 32 -> 36 of 48
+    saved = load_file(out / "learned_embeds.safetensors")
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
+    for key, folder in (("clip_l", "subspace"), ("clip_g", "subspace_2")):
+        subspace = TextualSubspace.from_pretrained(out / folder)
+        torch.testing.assert_close(saved[key][0], subspace.weights @ subspace.basis, rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="dim_2"):
+        load_config(TextualInversionConfig, REPO / "configs/finetune/textual_inversion.yaml", keys + ["subspace.dim_2=-1"])
 
 
 def test_the_command_line_generates_with_sdxl_fine_tunes(tiny_sdxl_path, tiny_sd_path, data_dir, tmp_path, capsys):

@@ -126,7 +126,8 @@ class AnchorsConfig:
             raise ConfigError(f"anchors.normalisation must be official or paper, got {self.normalisation!r}")
 
     def build_regularizer(self, tokenizer, text_encoder, device):
-        """The `AnchorRegularizer` over this vocabulary's input embeddings, or None when disabled."""
+        """The `AnchorRegularizer` over this vocabulary's input embeddings, or None when disabled (lists of
+        tokenizers and text encoders: SDXL's two, the anchors as wide as both tables)."""
         if not self.enabled:
             return None
 

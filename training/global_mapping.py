@@ -56,7 +56,7 @@ class GlobalMappingTask(EliteStageTask):
         self.global_mapping = GlobalMapping.from_unet(self.sd.unet, **self.mapping_kwargs()).to(self.device)
         self.global_mapping.train()
         set_elite_processors(self.sd.unet, self.global_mapping)
-        self.anchors = self.config.anchors.build_regularizer(self.sd.tokenizer, self.sd.text_encoder, self.device)
+        self.anchors = self.config.anchors.build_regularizer(self.sd.tokenizers, self.sd.text_encoders, self.device)
 
     def trainable_models(self):
         return {"global_mapping": self.global_mapping}

@@ -51,6 +51,10 @@ class SubspaceConfig:
     enabled: bool = keyed_field("learn weights over a textual subspace instead of a free vector (BaTex)", False)
     distance: Literal["dot", "cosine", "l2"] = keyed_field("vector distance that orders the vocabulary around the initializer", "dot")
     dim: int = keyed_field("subspace dimension d1: basis = top-M words for the smallest M with rank >= d1 (paper: 576 of 768)", 576)
+    dim_2: int = keyed_field(
+        "SDXL: d1 of the second text encoder's subspace; 0 = the same fraction of its width as dim is of the first's "
+        "(576 of 768 -> 960 of 1280)", 0
+    )
 
 
 @dataclass
@@ -90,6 +94,8 @@ class TextualInversionConfig(FinetuneConfig):
             raise ConfigError(f"anchors.weight must be in [0, 1), got {self.anchors.weight}")
         if self.subspace.dim < 1:
             raise ConfigError(f"subspace.dim must be positive, got {self.subspace.dim}")
+        if self.subspace.dim_2 < 0:
+            raise ConfigError(f"subspace.dim_2 must be 0 (the same fraction as dim) or positive, got {self.subspace.dim_2}")
 
 
 class LearnedEmbedding(ModelMixin, ConfigMixin):
@@ -107,7 +113,7 @@ class LearnedEmbedding(ModelMixin, ConfigMixin):
 class TextualInversionTask(ConceptFinetuneTask):
     name = "textual_inversion"
     config: TextualInversionConfig
-    supports_sdxl = True  # plain TI: one vector per text encoder (BaTex and anchors: SD 1.x / 2.x)
+    supports_sdxl = True  # one vector (or subspace) per text encoder; anchors over both tables together
 
     @property
     def card_tags(self) -> tuple[str, ...]:
@@ -119,51 +125,50 @@ class TextualInversionTask(ConceptFinetuneTask):
         return tuple(tags)
 
     def build_trainable(self) -> None:
+        """The learned word per text encoder (SDXL: one for each, the placeholder added to both tokenizers),
+        each started at the initializer's row of its own embedding table: a free vector, or with BaTex
+        weights over that encoder's own vocabulary subspace."""
         config, sd = self.config, self.sd
-        if sd.is_sdxl and (config.subspace.enabled or config.anchors.enabled):
-            raise ConfigError("BaTex (subspace.enabled) and semantic anchors (anchors.enabled) do not support SDXL "
-                              "bases yet: plain Textual Inversion does")
-        if config.placeholder_token in sd.tokenizer.get_vocab():
-            raise ConfigError(
-                f"placeholder_token {config.placeholder_token!r} is already a word of the tokenizer; pick a new one (e.g. S*)"
-            )
-        init_ids = sd.tokenizer(config.initializer_token, add_special_tokens=False).input_ids
-        if len(init_ids) != 1:
-            raise ConfigError(
-                f"initializer_token {config.initializer_token!r} is {len(init_ids)} tokens; use a word that is one token"
-            )
+        for name, tokenizer in zip(("tokenizer", "tokenizer_2"), sd.tokenizers):
+            if config.placeholder_token in tokenizer.get_vocab():
+                raise ConfigError(f"placeholder_token {config.placeholder_token!r} is already a word of the {name}; "
+                                  "pick a new one (e.g. S*)")
+            if len(tokenizer(config.initializer_token, add_special_tokens=False).input_ids) != 1:
+                raise ConfigError(f"initializer_token {config.initializer_token!r} is several tokens for the {name}; "
+                                  "use a word that is one token")
+        first_width = sd.text_encoder.get_input_embeddings().embedding_dim
+        words = []
+        for tokenizer, text_encoder in zip(sd.tokenizers, sd.text_encoders):
+            width = text_encoder.get_input_embeddings().embedding_dim
+            dim = config.subspace.dim if not words else config.subspace.dim_2 or round(config.subspace.dim * width / first_width)
+            words.append(self._make_word(tokenizer, text_encoder, dim))
+        self.word, self.word_2 = words[0], (words[1] if sd.is_sdxl else None)
+        self.initializer_id = sd.tokenizer(config.initializer_token, add_special_tokens=False).input_ids[0]
         self.placeholder_id = add_placeholder_tokens(sd.tokenizer, [config.placeholder_token])[0]
-        vocab = sd.text_encoder.get_input_embeddings().weight.detach().float()
-        self.initializer_id = init_ids[0]
-        if config.subspace.enabled:
-            special = [sd.tokenizer.bos_token_id, sd.tokenizer.eos_token_id, sd.tokenizer.pad_token_id]
-            self.word = TextualSubspace.from_vocabulary(
-                vocab,
-                self.initializer_id,
-                subspace_dim=config.subspace.dim,
-                distance=config.subspace.distance,
-                exclude_ids=[i for i in special if i is not None],
-                initializer_token=config.initializer_token,
-            ).to(self.device)
-            self.accelerator.print(
-                f"[{self.name}] BaTex subspace: {self.word.config.num_basis} words, rank {self.word.rank} "
-                f"(d1={config.subspace.dim}, {config.subspace.distance})"
-            )
-        else:
-            self.word = LearnedEmbedding(vocab.shape[1], config.initializer_token).to(self.device)
-            with torch.no_grad():
-                self.word.embedding.copy_(vocab[self.initializer_id])
-        self.anchors = config.anchors.build_regularizer(sd.tokenizer, sd.text_encoder, self.device)
-        self.word_2 = None
-        if sd.is_sdxl:  # one vector per text encoder, each started from the initializer's row of its own table
-            if config.placeholder_token in sd.tokenizer_2.get_vocab():
-                raise ConfigError(f"placeholder_token {config.placeholder_token!r} is already a word of tokenizer_2")
+        if sd.is_sdxl:
             self.placeholder_id_2 = add_placeholder_tokens(sd.tokenizer_2, [config.placeholder_token])[0]
-            init_2 = sd.tokenizer_2(config.initializer_token, add_special_tokens=False).input_ids[0]
-            vocab_2 = sd.text_encoder_2.get_input_embeddings().weight.detach().float()
-            self.word_2 = LearnedEmbedding(vocab_2.shape[1], config.initializer_token).to(self.device)
+        # SDXL: the anchors are the words' rows of both tables side by side, one sparse code for both
+        self.anchors = config.anchors.build_regularizer(sd.tokenizers, sd.text_encoders, self.device)
+
+    def _make_word(self, tokenizer, text_encoder, subspace_dim: int) -> nn.Module:
+        config = self.config
+        vocab = text_encoder.get_input_embeddings().weight.detach().float()
+        init_id = tokenizer(config.initializer_token, add_special_tokens=False).input_ids[0]
+        if not config.subspace.enabled:
+            word = LearnedEmbedding(vocab.shape[1], config.initializer_token).to(self.device)
             with torch.no_grad():
-                self.word_2.embedding.copy_(vocab_2[init_2])
+                word.embedding.copy_(vocab[init_id])
+            return word
+        special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+        word = TextualSubspace.from_vocabulary(
+            vocab, init_id, subspace_dim=subspace_dim, distance=config.subspace.distance,
+            exclude_ids=[i for i in special if i is not None], initializer_token=config.initializer_token,
+        ).to(self.device)
+        self.accelerator.print(
+            f"[{self.name}] BaTex subspace: {word.config.num_basis} words, rank {word.rank} of {vocab.shape[1]} "
+            f"(d1={subspace_dim}, {config.subspace.distance})"
+        )
+        return word
 
     def trainable_models(self):
         if self.word_2 is not None:
@@ -193,7 +198,8 @@ class TextualInversionTask(ConceptFinetuneTask):
         if self.anchors is None:
             return rec_loss, {}
         lam = self.config.anchors.weight
-        anc = self.anchors(models["learned_word"]().float())
+        vectors = [models["learned_word"]()] + ([models["learned_word_2"]()] if "learned_word_2" in models else [])
+        anc = self.anchors(torch.cat(vectors, dim=-1).float())
         return (1 - lam) * rec_loss + lam * anc, {"anchor_loss": anc.detach()}
 
     @torch.no_grad()
@@ -230,6 +236,9 @@ class TextualInversionTask(ConceptFinetuneTask):
         if isinstance(word, TextualSubspace):
             written.append(export_model(word, export_dir, SUBSPACE_FOLDER))
             files["subspace"] = SUBSPACE_FOLDER
+            if "learned_word_2" in models:  # SDXL: the second text encoder's subspace beside it
+                written.append(export_model(models["learned_word_2"], export_dir, f"{SUBSPACE_FOLDER}_2"))
+                files["subspace_2"] = f"{SUBSPACE_FOLDER}_2"
         method = "batex" if self.config.subspace.enabled else "textual_inversion"
         written.append(self.write_concept_file(export_dir, method, files,
                                                semantic_inversion=bool(self.config.anchors.enabled)))
