@@ -103,8 +103,16 @@ def embed_words(words: Sequence[str], tokenizer, text_encoder) -> torch.Tensor:
     """Input token embeddings `[N, D]` of `words` (mean over a word's tokens; no BOS/EOS).
 
     `text_encoder` is a transformers text model (its `get_input_embeddings()` is read) or the
-    embedding table itself. Returned on the table's device and dtype, detached.
+    embedding table itself. Returned on the table's device and dtype, detached. Lists of tokenizers
+    and text encoders (SDXL's two) give each word's rows of every table side by side, the width of
+    the words learned for such a base (on the first table's device).
     """
+    if isinstance(text_encoder, (list, tuple)):
+        tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+        if len(tokenizers) != len(text_encoder):
+            raise ValueError(f"{len(tokenizers)} tokenizers for {len(text_encoder)} text encoders: give one each")
+        tables = [embed_words(words, t, e) for t, e in zip(tokenizers, text_encoder)]
+        return torch.cat([t.to(tables[0].device, tables[0].dtype) for t in tables], dim=-1)
     table = _embedding_table(text_encoder)
     rows = []
     for word in words:
@@ -266,13 +274,9 @@ class AnchorRegularizer(torch.nn.Module):
         official normalisation then is the MSE over both prompts' input embeddings together).
         """
         vocab = list(words) if words is not None and not isinstance(words, (str, Path)) else load_vocabulary(words)
-        tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
-        encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-        if len(tokenizers) != len(encoders):
-            raise ValueError(f"{len(tokenizers)} tokenizers for {len(encoders)} text encoders: give one each")
-        kwargs.setdefault("sequence_length", int(getattr(tokenizers[0], "model_max_length", 77)))
-        tables = [embed_words(vocab, t, e).float() for t, e in zip(tokenizers, encoders)]
-        return cls(vocab, torch.cat([t.to(tables[0].device) for t in tables], dim=-1), **kwargs)
+        first = tokenizer[0] if isinstance(tokenizer, (list, tuple)) else tokenizer
+        kwargs.setdefault("sequence_length", int(getattr(first, "model_max_length", 77)))
+        return cls(vocab, embed_words(vocab, tokenizer, text_encoder).float(), **kwargs)
 
     def code(self, embedding: torch.Tensor) -> torch.Tensor:
         """The sparse code `[B, K]` of `embedding` (non-negative, at most `max_active` non-zeros per row)."""

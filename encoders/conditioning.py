@@ -82,3 +82,12 @@ def elite_conditioning(
         branches.append(LocalTokens(tokens=tokens, token_index=positions, keep=keep, scale=scales[k]))
     context = AttentionContext(local=branches, attention_store=attention_store, local_value_l1=local_value_l1)
     return EliteConditioning(text.prompt_embeds, text.word_positions, context, text.pooled_prompt_embeds)
+
+
+def sdxl_added_conditioning(text_embeds: torch.Tensor, height: int, width: int | None = None) -> dict:
+    """SDXL's `added_cond_kwargs` for a `height` x `width` px image (square when `width` is None): the pooled
+    text embedding and the six size numbers (original size, crop corner (0, 0), target size), what
+    `StableDiffusionXLPipeline` passes by default."""
+    width = height if width is None else width
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=text_embeds.device, dtype=text_embeds.dtype)
+    return {"text_embeds": text_embeds, "time_ids": time_ids.repeat(text_embeds.shape[0], 1)}

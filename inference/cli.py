@@ -388,9 +388,7 @@ def _run_generate(args) -> dict:
         dtype=args.dtype,
         scheduler=args.scheduler,
         safety_checker=not args.no_safety_checker,
-        # SDXL: plain prompts, ELITE encoders trained for it and the fine-tunes that support it; spatial
-        # guidance needs SD 1.x / 2.x and keeps the base refused by name
-        allow_sdxl=not (args.box or args.spatial_guidance or args.guide_word),
+        allow_sdxl=True,  # SDXL loads as StableDiffusionXLPipeline; what a method cannot do there is refused by it
     )
     pipe = generator_api.pipe
     pipe.set_progress_bar_config(disable=args.quiet)
@@ -617,7 +615,7 @@ def _run_encode(args) -> Path:
 
 def _run_guide(args) -> Path:
     """`guide`: the same seed with guidance off and on, drawn side by side (`inference.pictures`)."""
-    pipe = load_base_pipeline(args.base, device=args.device, dtype=args.dtype, safety_checker=False)
+    pipe = load_base_pipeline(args.base, device=args.device, dtype=args.dtype, safety_checker=False, allow_sdxl=True)
     pipe.set_progress_bar_config(disable=True)
     resolved = list(args.words)
     if args.boxes:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from encoders.anchors import embed_words
 from encoders.attention import CONTEXT_KWARG, AttentionContext, ContextAttnProcessor, set_context_processors
+from encoders.conditioning import sdxl_added_conditioning
 
 from .inputs import ConceptInputWarning
 from .outputs import EliteOutput
@@ -250,7 +251,8 @@ def _official_location_loss(store: AttentionMapStore, concepts: Sequence[BoxedTo
 
 def default_guidance_layers(unet) -> list[str]:
     """The mid block and the lowest-resolution up block with cross-attention (SD at 512 px: 8x8 and 16x16,
-    the maps the reference uses)."""
+    the maps the reference uses; SDXL at 1024 px: 32x32 for both, 1/32 of the image like SD's 16x16, as it
+    has no lower level)."""
     names = [n for n in unet.attn_processors if "attn2" in n]
     up_ids = sorted({int(n.split(".")[1]) for n in names if n.startswith("up_blocks.")})
     layers = [n for n in names if n.startswith("mid_block.")]
@@ -321,11 +323,13 @@ def guide_latents(
     store: AttentionMapStore,
     attention_context: Any = None,
     latent_hw: tuple[int, int] | None = None,
+    added_cond_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """A few gradient steps of L_loc on `latents` at `timestep` (conditional prompt only).
 
     Returns the moved latents (detached) and L_loc before each iteration (plus after the last one).
     The step is `-step_size * (1 - alphabar_t) * grad` on the UNet input (see the module docstring).
+    `added_cond_kwargs`: SDXL's pooled embedding and size numbers of the conditional prompt.
     """
     latent_hw = latent_hw or (latents.shape[-2], latents.shape[-1])
     alphabar = _alphabar(scheduler, timestep)
@@ -336,7 +340,8 @@ def guide_latents(
         with torch.enable_grad():
             model_in = scheduler.scale_model_input(latents, timestep).detach().requires_grad_(True)
             store.reset()
-            unet(model_in, timestep, encoder_hidden_states=cond_embeds, cross_attention_kwargs=kwargs)
+            unet(model_in, timestep, encoder_hidden_states=cond_embeds, cross_attention_kwargs=kwargs,
+                 added_cond_kwargs=added_cond_kwargs)
             loss = location_loss(store, concepts, latent_hw, config.loss)
             losses.append(float(loss.detach()))
             if iteration == config.iterations or losses[-1] < config.loss_threshold:
@@ -359,6 +364,8 @@ def generate_with_spatial_guidance(
     negative_prompt: str | list[str] | None = None,
     prompt_embeds: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     height: int | None = None,
@@ -371,7 +378,9 @@ def generate_with_spatial_guidance(
     attention_context: Any = None,
     output_type: str = "pil",
 ) -> EliteOutput:
-    """Text-to-image with spatial guidance, on a `StableDiffusionPipeline`'s components.
+    """Text-to-image with spatial guidance, on a `StableDiffusionPipeline`'s (or `StableDiffusionXLPipeline`'s)
+    components; SDXL's pooled embeddings come with the prompt embeddings (or from its `encode_prompt`)
+    and its size numbers say an uncropped `height` x `width` image, as that pipeline's defaults.
 
     `concepts`: token positions + boxes (`concepts_from_words`, or `BoxedTokens(token_indices=[i], box=...)`
     for ELITE's S*). Give `prompt` or `prompt_embeds` (+ `negative_prompt_embeds`), as with the pipeline.
@@ -395,15 +404,27 @@ def generate_with_spatial_guidance(
         batch_size = prompt_embeds.shape[0]
     else:
         raise ValueError("give a prompt or prompt_embeds")
-    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        prompt,
-        device,
-        num_images_per_prompt,
-        do_cfg,
-        negative_prompt,
-        prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_prompt_embeds,
-    )
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    added = added_cfg = None
+    if sdxl:
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=do_cfg,
+            negative_prompt=negative_prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )
+        added = sdxl_added_conditioning(pooled.to(prompt_embeds.dtype), height, width)
+        if do_cfg:
+            added_cfg = sdxl_added_conditioning(torch.cat([negative_pooled, pooled]).to(prompt_embeds.dtype), height, width)
+    else:
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_cfg,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
     for c in concepts:
         if max(c.token_indices) >= prompt_embeds.shape[1]:
             raise ValueError(f"concept {c.name!r}: token index {max(c.token_indices)} beyond the {prompt_embeds.shape[1]} text tokens")
@@ -424,7 +445,7 @@ def generate_with_spatial_guidance(
         for i, t in enumerate(pipe.progress_bar(timesteps)):
             if i < config.guidance_steps and config.iterations > 0:
                 latents, losses = guide_latents(
-                    unet, scheduler, latents, t, prompt_embeds, concepts, config, store, attention_context, latent_hw
+                    unet, scheduler, latents, t, prompt_embeds, concepts, config, store, attention_context, latent_hw, added
                 )
                 guidance_losses.append(losses)
             model_in = torch.cat([latents] * 2) if do_cfg else latents
@@ -433,6 +454,7 @@ def generate_with_spatial_guidance(
             noise_pred = unet(
                 model_in, t, encoder_hidden_states=embeds,
                 cross_attention_kwargs=_context_kwargs(attention_context, store, tee=True),
+                added_cond_kwargs=added_cfg if do_cfg else added,
             ).sample
             location_losses.append(float(location_loss(store, concepts, latent_hw, config.loss)))
             step_maps = [_upsample_mean(per_layer) for per_layer in zip(*store.concept_maps(concepts, latent_hw))]
@@ -489,6 +511,8 @@ def predict_boxes(location_mlp, pipe, concept_a: str | torch.Tensor, concept_b: 
     Returns `{"boxes": [box_a, box_b], "resolved": [noun_a, noun_b]}`."""
     def embedding(concept) -> torch.Tensor:
         if isinstance(concept, str):
+            if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: both tables, the width of its w0
+                return embed_words([concept], [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])[0]
             return embed_words([concept], pipe.tokenizer, pipe.text_encoder)[0]
         return concept.detach().reshape(-1)
 

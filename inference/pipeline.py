@@ -414,9 +414,6 @@ class ElitePipeline:
         if use_guidance and not concept_list and not word_boxes:
             raise ConceptInputError("spatial guidance needs concepts or word_boxes (boxes steer their attention)")
 
-        if is_sdxl_pipeline(self.pipe) and use_guidance:
-            raise ConceptInputError("spatial guidance needs an SD 1.x / 2.x base, not SDXL")
-
         grad_mode = torch.no_grad() if use_guidance else torch.inference_mode()
         with grad_mode:
             context = None
@@ -499,7 +496,8 @@ class ElitePipeline:
             raise ConceptInputError(f"give one box per concept ({len(concepts)}), got {len(boxes)}")
         context = call.pop("cross_attention_kwargs", {}).get("attention_context")
         unsupported = sorted(set(call) - {
-            "prompt_embeds", "negative_prompt_embeds", "num_inference_steps", "guidance_scale",
+            "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+            "num_inference_steps", "guidance_scale",
             "num_images_per_prompt", "generator", "height", "width", "output_type", "latents", "eta",
         })
         if unsupported:

@@ -150,7 +150,6 @@ def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path
                                                                    capsys):
     from diffusers import StableDiffusionXLPipeline
 
-    from inference.cli import main as inference_main
     from inference.loading import ModelLoadError, load_base_pipeline
     from training.textual_inversion import main as ti_main
 
@@ -167,9 +166,6 @@ def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path
 
     with pytest.raises(ModelLoadError, match="size 32 .* 80"):
         load_elite(pipe, tiny_encoders_path)  # SD v1 encoders on a stock SDXL pipeline: the word widths differ
-    code = inference_main(["generate", "--base", str(tiny_sdxl_path), "--prompt", "a dog with a cat", "--steps", "1",
-                           "--quiet", "--box", "dog=0,0,0.5,1", "--box", "cat=0.5,0,1,1", "--out", str(tmp_path / "out")])
-    assert code == 2 and "only Stable Diffusion 1.x / 2.x" in capsys.readouterr().err  # guidance: not on SDXL yet
     with pytest.raises(SystemExit) as exited:  # a placeholder that is a word already: one line at set-up
         ti_main(_finetune_keys(tiny_sdxl_path, data_dir / "concepts" / "dreambooth" / "dog", tmp_path / "bx")
                 + ["initializer_token=dog", "placeholder_token=cat"])
@@ -370,3 +366,36 @@ def test_elite_both_stages_and_generation_on_sdxl(tiny_sdxl_path, tiny_sd_path, 
     with pytest.raises(ModelLoadError, match="size 80"):  # made for SDXL's two encoders, refused on SD v1
         ElitePipeline.from_pretrained(str(tiny_sd_path), encoders=str(encoders), device="cpu", dtype="float32",
                                       safety_checker=False)
+
+    # compositional inversion on SDXL: the location MLP reads words as wide as both tables (w0's width) ...
+    from data_prep.cli import main as data_prep_main
+    from inference.guidance import SpatialGuidanceConfig
+    from training.location_mlp import LocationMLPConfig, LocationMLPTask
+    from training.loop import run_training
+
+    assert data_prep_main(["pairs", "coco", "--annotations", str(data_dir / "coco_sample" / "annotations.json"),
+                           "--out", str(tmp_path / "pairs"), "--workers", "1", "--no-progress"]) == 0
+    run_training(LocationMLPTask(load_config(LocationMLPConfig, REPO / "configs/train/location_mlp.yaml", [
+        f"pretrained_model_name_or_path={tiny_sdxl_path}", f"train_shards={tmp_path / 'pairs'}", "max_steps=3",
+        "train_batch_size=4", "checkpointing_steps=0", "validation_steps=0", "report_to=none", "mixed_precision=no",
+        f"output_dir={tmp_path / 'location'}", f"export_dir={encoders}"])))
+    assert json.loads((encoders / "location_mlp" / "config.json").read_text())["embedding_dim"] == 80
+    # ... and spatial guidance steers w0's and a word's maps in the SDXL UNet (pooled + size conditioning)
+    elite = ElitePipeline.from_pretrained(str(tiny_sdxl_path), encoders=str(encoders), device="cpu", dtype="float32",
+                                          allow_sdxl=True)
+    steer = SpatialGuidanceConfig(guidance_steps=2, iterations=3, step_size=1e4, loss_threshold=0.0)
+    guided = elite("a photo of S* and a dog", concept, boxes=[(0, 0, 0.5, 1)], word_boxes={"dog": (0.5, 0, 1, 1)},
+                   guidance_config=steer, **kwargs)
+    off = elite("a photo of S* and a dog", concept, boxes=[(0, 0, 0.5, 1)], word_boxes={"dog": (0.5, 0, 1, 1)},
+                guidance_config=SpatialGuidanceConfig(guidance_steps=0), **kwargs)
+    first = guided.guidance_losses[0]
+    assert min(first[1:]) < first[0] and (guided.images - off.images).abs().max() > 1e-3
+    torch.testing.assert_close(off.images, elite("a photo of S* and a dog", concept, **kwargs).images, rtol=0, atol=1e-3)
+    with pytest.warns(UserWarning, match="nearly the same place"):  # one concept twice: one noun's layout
+        predicted = elite("S1 next to S2", [concept, concept], spatial_guidance=True, guidance_config=steer, **kwargs)
+    assert len(predicted.boxes) == 2
+    picture = tmp_path / "guide.png"
+    assert inference_main(["guide", "--base", str(tiny_sdxl_path), "--location-mlp", str(encoders), "--prompt",
+                           "a photo of a person and a bus", "--words", "person", "bus", "--steps", "2", "--guidance-steps",
+                           "1", "--iterations", "1", "--out", str(picture)]) == 0
+    assert picture.is_file()

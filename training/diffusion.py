@@ -19,6 +19,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from encoders.common.config import ConfigError
 from encoders.common.hub import UnsupportedBaseError, check_supported_base
+from encoders.conditioning import sdxl_added_conditioning
 from encoders.text_injection import add_placeholder_tokens, word_widths
 
 
@@ -176,13 +177,6 @@ class FrozenStableDiffusion:
         else:
             raise ValueError(f"unsupported prediction_type {prediction_type!r} in the base model's scheduler config")
         return noisy, target, timesteps
-
-
-def sdxl_added_conditioning(text_embeds: torch.Tensor, size: int) -> dict:
-    """SDXL's `added_cond_kwargs` for a `size` px square: the pooled text embedding and the six size
-    numbers (original size, crop corner (0, 0), target size), as `StableDiffusionXLPipeline` passes them."""
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=text_embeds.device, dtype=text_embeds.dtype)
-    return {"text_embeds": text_embeds, "time_ids": time_ids.repeat(text_embeds.shape[0], 1)}
 
 
 def denoising_loss(

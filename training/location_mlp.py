@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from encoders.anchors import embed_words
 from encoders.common.config import ConfigError, keyed_field, parse_config_cli
+from encoders.common.hub import UnsupportedBaseError, check_supported_base
 from encoders.location_mlp import LocationMLP
 
 from .common_config import TrainConfig
@@ -106,10 +107,16 @@ class LocationMLPTask(TrainingTask):
         )
         words = sorted({w for e in examples for w in e.words})
         self.word_index = {w: i for i, w in enumerate(words)}
-        tokenizer = CLIPTokenizer.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="text_encoder")
-        embeddings = embed_words(words, tokenizer, text_encoder).float()
-        del text_encoder
+        try:  # SDXL: the words' rows of both embedding tables side by side (the width of its ELITE w0)
+            sdxl = check_supported_base(cfg.pretrained_model_name_or_path, allow_sdxl=True)
+        except UnsupportedBaseError as err:
+            raise ConfigError(f"pretrained_model_name_or_path: {err}") from None
+        parts = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if sdxl else [])
+        tokenizers = [CLIPTokenizer.from_pretrained(cfg.pretrained_model_name_or_path, subfolder=t) for t, _ in parts]
+        text_encoders = [(CLIPTextModelWithProjection if e == "text_encoder_2" else CLIPTextModel).from_pretrained(
+            cfg.pretrained_model_name_or_path, subfolder=e) for _, e in parts]
+        embeddings = embed_words(words, tokenizers, text_encoders).float()
+        del text_encoders
         self.mlp = LocationMLP(
             embedding_dim=embeddings.shape[1],
             hidden_dim=cfg.hidden_dim,
