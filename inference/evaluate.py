@@ -59,6 +59,7 @@ from encoders.common.config import ConfigError, config_to_dict, keyed_field, par
 from encoders.common.files import atomic_write_json, atomic_write_text
 from encoders.common.images import find_mask, list_photos
 from encoders.common.version import package_version
+from encoders.conditioning import sdxl_added_conditioning
 from encoders.infusion import EXTRAS_KEY, dual_stream_call, set_infusion_processors
 
 from .composition import plan_guidance
@@ -73,7 +74,14 @@ from .finetuned import (
     seeded_noise,
 )
 from .guidance import concepts_from_words, generate_with_spatial_guidance
-from .loading import ModelLoadError, default_image_size, load_base_pipeline, load_location_mlp, make_scheduler
+from .loading import (
+    ModelLoadError,
+    default_image_size,
+    is_sdxl_pipeline,
+    load_base_pipeline,
+    load_location_mlp,
+    make_scheduler,
+)
 from .metrics import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_DETECTION_THRESHOLD,
@@ -396,7 +404,8 @@ class Evaluator:
             self._clip, self._dino, self._detector = reuse._clip, reuse._dino, reuse._detector
             self._location_mlp = reuse._location_mlp
         else:
-            self.pipe = load_base_pipeline(config.base, device=config.device, dtype=config.dtype, safety_checker=False)
+            self.pipe = load_base_pipeline(config.base, device=config.device, dtype=config.dtype, safety_checker=False,
+                                           allow_sdxl=True)
             self.pipe.set_progress_bar_config(disable=True)
             self._scheduler_config = self.pipe.scheduler.config
             self._elite = None
@@ -686,10 +695,16 @@ class Evaluator:
         if row.method in ("textual_inversion", "batex"):
             self._load_embedding(row.payload)
 
-        def text_embeds(prompt: str, rows: int) -> torch.Tensor:
+        def text_embeds(prompt: str, rows: int) -> dict:
+            """The UNet's text keywords for `rows` copies of `prompt` (SDXL: with its pooled embedding and size numbers)."""
+            if is_sdxl_pipeline(pipe):
+                embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, device=pipe.device, num_images_per_prompt=rows,
+                                                          do_classifier_free_guidance=False)
+                added = sdxl_added_conditioning(pooled.to(embeds.dtype), self.height, self.width)
+                return {"encoder_hidden_states": embeds, "added_cond_kwargs": added}
             ids = pipe.tokenizer([prompt] * rows, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids.to(pipe.device)
-            return pipe.text_encoder(ids)[0]
+            return {"encoder_hidden_states": pipe.text_encoder(ids)[0]}
 
         inputs = []  # (noisy latent, timestep, prompt), the same for every method
         for z, prompt in zip(z0.split(1), prompts):
@@ -703,15 +718,15 @@ class Evaluator:
                 set_infusion_processors(pipe.unet, [residuals])
                 for noisy, step, prompt in inputs:
                     ctx = AttentionContext(extras={EXTRAS_KEY: dual_stream_call(pipe.tokenizer, [prompt], [residuals])})
-                    pred = pipe.unet(torch.cat([noisy, noisy]), step.repeat(2), text_embeds(prompt, 2),
+                    pred = pipe.unet(torch.cat([noisy, noisy]), step.repeat(2), **text_embeds(prompt, 2),
                                      cross_attention_kwargs={CONTEXT_KWARG: ctx}).sample
                     eps_base.append(pred[:1].float().cpu())
                     eps_custom.append(pred[1:].float().cpu())
             else:
-                eps_base = [pipe.unet(noisy, step, text_embeds(prompt, 1)).sample.float().cpu() for noisy, step, prompt in inputs]
+                eps_base = [pipe.unet(noisy, step, **text_embeds(prompt, 1)).sample.float().cpu() for noisy, step, prompt in inputs]
                 if row.method == "elite":
                     self._elite_pipeline()
-                eps_custom = [pipe.unet(noisy, step, text_embeds(prompt, 1)).sample.float().cpu() for noisy, step, prompt in inputs]
+                eps_custom = [pipe.unet(noisy, step, **text_embeds(prompt, 1)).sample.float().cpu() for noisy, step, prompt in inputs]
         finally:
             self._release_elite()
             pipe.unet.set_attn_processor(dict(saved))

@@ -172,7 +172,7 @@ def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(tiny_sdxl_path
     assert exited.value.code == 2 and "already a word of the tokenizer" in capsys.readouterr().err
 
 
-def test_infusion_trains_and_generates_on_sdxl(tiny_sdxl_path, data_dir, tmp_path):
+def test_infusion_trains_generates_and_evaluates_on_sdxl(tiny_sdxl_path, tiny_eval_models, data_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from encoders.infusion import InfusionResiduals, generate_with_infusion
@@ -197,6 +197,19 @@ def test_infusion_trains_and_generates_on_sdxl(tiny_sdxl_path, data_dir, tmp_pat
     assert torch.allclose(no_dog.images[0], no_dog.base_images[0], atol=1e-6)
     base = pipe("a photo of a dog", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert torch.allclose(with_dog.base_images[0], base[0], atol=1e-4)  # the F stream is the plain SDXL pipeline
+
+    # Infusion's evaluation on the SDXL base: the UNet's Fisher / W2 calls carry the pooled and size conditioning
+    from inference import evaluate
+
+    result = evaluate.main([
+        f"base={tiny_sdxl_path}", f"runs={out}", f"out={tmp_path / 'eval'}", "protocol=infusion", "num_prompts=1",
+        "seeds=0", "num_inference_steps=2", f"resolution={RES}", "fisher_timesteps=500",
+        f"clip_model={tiny_eval_models / 'eval_clip'}", f"dino_model={tiny_eval_models / 'dino'}",
+        f"detector_model={tiny_eval_models / 'detector'}",
+    ])
+    rows = {row["method"]: row for row in result["protocols"]["infusion"]["summary"]}
+    infusion = next(row for name, row in rows.items() if name.startswith("infusion"))
+    assert infusion["fisher_generic"] == 0.0 < infusion["fisher_class"]  # only prompts with its class word change
 
 
 def test_textual_inversion_on_sdxl_loads_with_diffusers(tiny_sdxl_path, data_dir, tmp_path):
