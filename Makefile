@@ -14,7 +14,8 @@ VENV_FLAGS ?=
 PY := $(VENV)/bin/python
 ACCELERATE := $(VENV)/bin/accelerate
 STAMP := $(VENV)/.installed
-# BASE=sd2 runs every stage on an SD 2.x-style tiny base (48-wide text encoder, v-prediction) into outputs/demo-sd2/
+# BASE=sd2 runs every stage on an SD 2.x-style tiny base (48-wide text encoder, v-prediction) into outputs/demo-sd2/;
+# BASE=sdxl on a tiny StableDiffusionXLPipeline (two text encoders, pooled + size conditioning) into outputs/demo-sdxl/
 BASE ?= sd1
 DEMO := outputs/demo$(if $(filter sd1,$(BASE)),,-$(BASE))
 M := $(DEMO)/models
@@ -36,6 +37,7 @@ ONE_PROCESS := $(ACCELERATE) launch --config_file configs/accelerate/single_proc
 help:
 	@echo "make demo   - run the pipeline end to end on the embedded tiny models (outputs/demo/)"
 	@echo "make demo BASE=sd2 - the same on an SD 2.x-style tiny base (outputs/demo-sd2/)"
+	@echo "make demo BASE=sdxl - the same on an SDXL-style tiny base (outputs/demo-sdxl/)"
 	@echo "make test   - run the tests"
 	@echo "make bench  - run the CPU benchmarks (print tables, write benchmarks/results/*.json)"
 
@@ -166,6 +168,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_guidance.py
 	$(PY) benchmarks/bench_finetune.py
+	$(PY) benchmarks/bench_memory_plan.py
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -1,4 +1,4 @@
-"""Real-size check on a GPU: SD v1-4 + CLIP ViT-L/14 shapes, bf16, 512 px.
+"""Real-size check on a GPU: SD v1-4 (or SDXL base 1.0) + CLIP ViT-L/14 shapes, bf16, 512 px (SDXL 1024 px).
 
 No Hub access is assumed: the models are built from their published configs with random weights
 (seed 0) and saved in the Hub's on-disk formats, so every path below (`from_pretrained(folder)`,
@@ -6,6 +6,8 @@ the trainers' tasks, `inference.ElitePipeline`) is the code a user runs with the
 Random weights make the pictures noise; shapes, memory and time are what this measures.
 
     python benchmarks/bench_gpu_real_size.py --work /tmp/real --shards 'SHARDS/*.tar' --out results.json
+    python benchmarks/bench_gpu_real_size.py --preset sdxl --batches 1,2 --work /tmp/real --shards ... \
+        --out benchmarks/results/bench_gpu_real_size_sdxl.json
 
 Per ELITE stage and batch size: the median step time of the loop's step (frozen encoders under
 no_grad, mapping, text encoder, UNet forward+backward, AdamW) and the peak CUDA memory; then the
@@ -51,11 +53,12 @@ VIT_L14 = dict(
 
 
 def build_models(root: Path, preset: str = "sd14") -> Path:
-    """Write `sd/` and `image_encoder/` with the real shapes (skipped when present); `tiny` checks the script."""
-    if preset == "tiny":
+    """Write `sd/` and `image_encoder/` with the real shapes (skipped when present); `tiny` / `sdxl-tiny`
+    check the script on the tiny bundles."""
+    if preset in ("tiny", "sdxl-tiny"):
         from encoders.tiny import build_tiny_models
 
-        build_tiny_models(root, ["sd", "image_encoder"])
+        build_tiny_models(root, ["sd", "image_encoder"], kind="sdxl" if preset == "sdxl-tiny" else "sd1")
         return root
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -76,13 +79,34 @@ def build_models(root: Path, preset: str = "sd14") -> Path:
         save_clip_tokenizer(target / "tokenizer")
         return target
 
+    def write_sdxl(target: Path) -> Path:
+        from bench_memory_plan import BASES, OPENCLIP_G_TEXT
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+        from transformers import CLIPTextModelWithProjection
+
+        torch.manual_seed(0)
+        scheduler = {k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+        pipe = StableDiffusionXLPipeline(
+            unet=UNet2DConditionModel(**BASES["sdxl"]["unet"]),
+            vae=AutoencoderKL(**SD14_VAE, scaling_factor=0.13025, force_upcast=True),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**SD14_TEXT)),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_G_TEXT, bos_token_id=49406,
+                                                                      eos_token_id=49407, pad_token_id=49407)),
+            tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(),
+            scheduler=EulerDiscreteScheduler(**scheduler), force_zeros_for_empty_prompt=True,
+        )
+        pipe.save_pretrained(target, safe_serialization=True)
+        save_clip_tokenizer(target / "tokenizer")
+        save_clip_tokenizer(target / "tokenizer_2")
+        return target
+
     def write_vision(target: Path) -> Path:
         torch.manual_seed(0)
         CLIPVisionModel(CLIPVisionConfig(**VIT_L14)).save_pretrained(target, safe_serialization=True)
         CLIPImageProcessor().save_pretrained(target)
         return target
 
-    write_atomically(write_sd, root / "sd")
+    write_atomically(write_sdxl if preset == "sdxl" else write_sd, root / "sd")
     write_atomically(write_vision, root / "image_encoder")
     return root
 
@@ -185,7 +209,7 @@ def bench_inference(models: Path, encoders: Path, concept_image: Path, concept_m
     cuda = torch.cuda.is_available()
     elite = ElitePipeline.from_pretrained(models / "sd", encoders=encoders, image_encoder=models / "image_encoder",
                                           device="cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.float32,
-                                          safety_checker=False)
+                                          safety_checker=False, allow_sdxl=True)
     sync = _sync
     for _ in range(3):
         concept = elite.encode_concept(concept_image, mask=concept_mask)
@@ -214,7 +238,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--inference-steps", type=int, default=50)
-    parser.add_argument("--preset", choices=("sd14", "tiny"), default="sd14", help="tiny: check the script on CPU")
+    parser.add_argument("--preset", choices=("sd14", "sdxl", "tiny", "sdxl-tiny"), default="sd14",
+                        help="sdxl: SDXL base 1.0 shapes at 1024 px; tiny / sdxl-tiny: check the script on CPU")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/bench_gpu_real_size.json"))
     args = parser.parse_args(argv)
 
@@ -223,7 +248,7 @@ def main(argv=None) -> None:
     work = Path(args.work)
     t0 = time.perf_counter()
     models = build_models(work / f"models_{args.preset}", args.preset)
-    resolution = 512 if args.preset == "sd14" else 64
+    resolution = {"sd14": 512, "sdxl": 1024}.get(args.preset, 64)
     build_s = time.perf_counter() - t0
     rows, export = [], None
     for stage in ("global_mapping", "local_mapping"):

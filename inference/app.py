@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         elite = ElitePipeline.from_pretrained(args.base, encoders=args.encoders, image_encoder=args.image_encoder,
-                                              device=args.device, dtype=args.dtype)
+                                              device=args.device, dtype=args.dtype, allow_sdxl=True)
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -116,11 +116,11 @@ class ElitePipeline:
         scheduler: str | None = None,
         safety_checker: bool = True,
         elite_scale: float = DEFAULT_ELITE_SCALE,
-        allow_sdxl: bool = False,
+        allow_sdxl: bool = True,
     ) -> "ElitePipeline":
         """Load the base pipeline (folder or Hub id) and, when given, the encoders (folder or Hub repo).
-        `allow_sdxl`: an SDXL base loads as a `StableDiffusionXLPipeline` (ELITE encoders trained for it,
-        plain prompts, the fine-tunes that support it) instead of being refused by name."""
+        An SDXL base loads as a `StableDiffusionXLPipeline` (every ELITE feature works on it with
+        encoders trained for SDXL); `allow_sdxl=False` refuses it by name instead."""
         pipe = load_base_pipeline(base, device=device, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
                                   allow_sdxl=allow_sdxl)
         elite = cls(pipe, elite_scale=elite_scale)

@@ -351,9 +351,8 @@ def test_elite_both_stages_and_generation_on_sdxl(tiny_sdxl_path, tiny_sd_path, 
     config = json.loads((encoders / "global_mapping" / "config.json").read_text())
     assert config["output_dim"] == 80 and config["pretrained_model_name_or_path"] == str(tiny_sdxl_path)
 
-    elite = ElitePipeline.from_pretrained(str(tiny_sdxl_path), encoders=str(encoders), device="cpu", dtype="float32",
-                                          allow_sdxl=True)
-    assert type(elite.pipe).__name__ == "StableDiffusionXLPipeline"
+    elite = ElitePipeline.from_pretrained(str(tiny_sdxl_path), encoders=str(encoders), device="cpu", dtype="float32")
+    assert type(elite.pipe).__name__ == "StableDiffusionXLPipeline"  # by default, as for an SD 1.x / 2.x base
     photo = data_dir / "concepts" / "dreambooth" / "teapot" / "04.jpg"
     mask = data_dir / "concepts" / "masks" / "teapot_04.png"
     concept = elite.encode_concept(photo, mask)

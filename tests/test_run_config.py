@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
@@ -109,3 +110,32 @@ def test_trainers_take_base_like_every_other_command(tmp_path):
     both.write_text("base: x\npretrained_model_name_or_path: y\n")
     with pytest.raises(ConfigError, match="base"):
         load_config(TrainConfig, both)
+
+
+def test_every_shipped_training_config_loads_into_its_trainer_config():
+    """Each YAML in configs/train and configs/finetune parses with its trainer's keys (a typo fails here, not
+    on a cluster); the per-base variants name their base."""
+    from inference.evaluate import EvalConfig
+    from training.global_mapping import GlobalMappingConfig
+    from training.infusion import InfusionConfig
+    from training.local_mapping import LocalMappingConfig
+    from training.location_mlp import LocationMLPConfig
+    from training.textual_inversion import TextualInversionConfig
+
+    classes = {"global_mapping": GlobalMappingConfig, "local_mapping": LocalMappingConfig,
+               "location_mlp": LocationMLPConfig, "textual_inversion": TextualInversionConfig,
+               "batex": TextualInversionConfig, "infusion": InfusionConfig, "evaluate": EvalConfig}
+    root = Path(__file__).resolve().parent.parent / "configs"
+    paths = sorted([*root.glob("train/*.yaml"), *root.glob("finetune/*.yaml")])
+    assert len(paths) >= 14
+    for path in paths:
+        cls = classes[next(k for k in classes if path.stem.startswith(k))]
+        required = {InfusionConfig: ["concept_dir=photos", "class_word=dog"],
+                    TextualInversionConfig: ["concept_dir=photos", "initializer_token=dog"],
+                    LocationMLPConfig: ["train_shards=pairs"]}.get(cls, [])
+        cfg = load_config(cls, path, required)
+        if path.stem.endswith("_sdxl"):
+            assert cfg.pretrained_model_name_or_path == "stabilityai/stable-diffusion-xl-base-1.0", path
+        if path.stem.endswith("_sd21"):
+            assert cfg.pretrained_model_name_or_path == "stabilityai/stable-diffusion-2-1-base", path
+    assert load_config(TextualInversionConfig, root / "finetune/batex_sdxl.yaml", ["concept_dir=photos", "initializer_token=dog"]).subspace.enabled

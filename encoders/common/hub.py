@@ -68,6 +68,7 @@ def check_supported_base(name_or_path: str | os.PathLike, allow_sdxl: bool = Fal
         return True
     if name in UNSUPPORTED_PIPELINES:
         raise UnsupportedBaseError(
-            f"base model {name_or_path} is a {name}: only Stable Diffusion 1.x / 2.x bases are supported here "
-            "(their UNet takes the text states alone; SDXL's also takes pooled text and size conditioning)")
+            f"base model {name_or_path} is a {name}: this loader takes Stable Diffusion 1.x / 2.x bases only "
+            "(a StableDiffusionPipeline); SDXL loads where allow_sdxl=True is passed (ElitePipeline, the command "
+            "line and the trainers do)")
     return False
