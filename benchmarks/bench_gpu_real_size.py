@@ -24,32 +24,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-from results_io import write_results  # this folder's own helper (the script's folder is on sys.path)
+from bench_memory_plan import BASES, CLIP_L_TEXT, OPENCLIP_G_TEXT, SD_VAE, VIT_L14  # this folder's own modules
+from results_io import write_results  # (the script's folder is on sys.path)
 
-SD14_UNET = dict(
-    sample_size=64,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-)
-SD14_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    latent_channels=4,
-    layers_per_block=2,
-    sample_size=512,
-)
-SD14_TEXT = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768,
-    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-)
-VIT_L14 = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768,
-)
+# The published configs, shared with the memory plan (which counts their parameters).
+SD14_UNET = BASES["sd14"]["unet"]
+SD14_VAE = dict(SD_VAE, sample_size=512)
+SD14_TEXT = CLIP_L_TEXT
 
 
 def build_models(root: Path, preset: str = "sd14") -> Path:
@@ -80,7 +61,6 @@ def build_models(root: Path, preset: str = "sd14") -> Path:
         return target
 
     def write_sdxl(target: Path) -> Path:
-        from bench_memory_plan import BASES, OPENCLIP_G_TEXT
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
         from transformers import CLIPTextModelWithProjection
 
@@ -88,10 +68,9 @@ def build_models(root: Path, preset: str = "sd14") -> Path:
         scheduler = {k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
         pipe = StableDiffusionXLPipeline(
             unet=UNet2DConditionModel(**BASES["sdxl"]["unet"]),
-            vae=AutoencoderKL(**SD14_VAE, scaling_factor=0.13025, force_upcast=True),
+            vae=AutoencoderKL(**dict(SD_VAE, sample_size=1024), scaling_factor=0.13025, force_upcast=True),
             text_encoder=CLIPTextModel(CLIPTextConfig(**SD14_TEXT)),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_G_TEXT, bos_token_id=49406,
-                                                                      eos_token_id=49407, pad_token_id=49407)),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_G_TEXT)),
             tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(),
             scheduler=EulerDiscreteScheduler(**scheduler), force_zeros_for_empty_prompt=True,
         )

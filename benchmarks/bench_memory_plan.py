@@ -25,7 +25,8 @@ from results_io import write_results  # this folder's own helper (the script's f
 
 # The published configs (the Hub's unet/config.json, text_encoder*/config.json) of each base.
 CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768)
+                   max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768,
+                   bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 OPENCLIP_H_TEXT = dict(CLIP_L_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                        num_attention_heads=16, hidden_act="gelu", projection_dim=512)
 OPENCLIP_G_TEXT = dict(CLIP_L_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,

@@ -51,6 +51,7 @@ from encoders.attention import CONTEXT_KWARG, AttentionContext, ContextAttnProce
 from encoders.conditioning import sdxl_added_conditioning
 
 from .inputs import ConceptInputWarning
+from .loading import is_sdxl_pipeline, text_encoders_of, tokenizers_of
 from .outputs import EliteOutput
 
 Box = Sequence[float]  # (x0, y0, x1, y1) in 0..1 of the image
@@ -404,9 +405,8 @@ def generate_with_spatial_guidance(
         batch_size = prompt_embeds.shape[0]
     else:
         raise ValueError("give a prompt or prompt_embeds")
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     added = added_cfg = None
-    if sdxl:
+    if is_sdxl_pipeline(pipe):
         prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = pipe.encode_prompt(
             prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=do_cfg,
             negative_prompt=negative_prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -511,9 +511,8 @@ def predict_boxes(location_mlp, pipe, concept_a: str | torch.Tensor, concept_b: 
     Returns `{"boxes": [box_a, box_b], "resolved": [noun_a, noun_b]}`."""
     def embedding(concept) -> torch.Tensor:
         if isinstance(concept, str):
-            if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: both tables, the width of its w0
-                return embed_words([concept], [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])[0]
-            return embed_words([concept], pipe.tokenizer, pipe.text_encoder)[0]
+            # SDXL: the noun's rows of both tables side by side, the width of its w0
+            return embed_words([concept], tokenizers_of(pipe), text_encoders_of(pipe))[0]
         return concept.detach().reshape(-1)
 
     emb_a, emb_b = embedding(concept_a), embedding(concept_b)

@@ -139,6 +139,11 @@ def text_encoders_of(pipe) -> list:
     return [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl_pipeline(pipe) else [])
 
 
+def tokenizers_of(pipe) -> list:
+    """The pipeline's tokenizers, one per text encoder (`text_encoders_of`)."""
+    return [pipe.tokenizer] + ([pipe.tokenizer_2] if is_sdxl_pipeline(pipe) else [])
+
+
 def word_width_of(pipe) -> int:
     """Width of a word for this pipeline: its text encoder's, or both SDXL encoders' together."""
     return sum(word_widths(text_encoders_of(pipe)))

@@ -51,6 +51,7 @@ from .loading import (
     load_base_pipeline,
     load_encoders,
     text_encoders_of,
+    tokenizers_of,
     word_width_of,
 )
 from .masking import DEFAULT_MASK_MODEL, DEFAULT_MASK_PROMPT, AutoMasker, has_own_alpha
@@ -184,7 +185,7 @@ class ElitePipeline:
         `pipe.load_textual_inversion(..., token="S*")` still works. The copies are remade when a pipe
         tokenizer grows (a Textual Inversion token loaded since), so prompts may use both.
         """
-        bases = [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if is_sdxl_pipeline(self.pipe) else [])
+        bases = tokenizers_of(self.pipe)
         key = tuple((id(b), len(b)) for b in bases)
         if self._tokenizer is None or self._tokenizer_of != key:
             self._tokenizer, self._tokenizer_of = [copy.deepcopy(b) for b in bases], key
