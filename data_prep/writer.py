@@ -32,7 +32,6 @@ import logging
 import multiprocessing
 import os
 import re
-import socket
 import tarfile
 import threading
 import time
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from encoders.common.files import OutputPathError, atomic_write_text, check_writable_folder
+from encoders.common.files import FolderLockedError, OutputPathError, atomic_write_text, check_writable_folder, folder_lock
 from encoders.common.files import atomic_write_json as _atomic_write_json
 from encoders.common.shards import (  # noqa: F401  (the shard contract, re-exported for the data_prep stages)
     INDEX_FIELDS,
@@ -394,29 +393,18 @@ def check_output_folder(out: Path) -> None:
 @contextmanager
 def output_lock(job: ShardJob) -> Iterator[None]:
     """One job at a time per shard name and node in `--out`: a second job stops at once with a clear message
-    (it would delete the first one's files in progress). The lock goes with the process, also when killed."""
-    import fcntl
-
-    path = job.out_dir / f".lock-{job.name}-node{job.node_rank}"
-    handle = open(path, "a+")
+    (it would delete the first one's files in progress). The lock goes with the process, also when killed;
+    a lock name that is a link is refused, never written through."""
+    lock = folder_lock(job.out_dir / f".lock-{job.name}-node{job.node_rank}",
+                       f"another data_prep job writing {job.name} shards into {job.out_dir}")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise WriterError(
-            f"another data_prep job ({holder}) is writing {job.name} shards into {job.out_dir}; wait for it to "
-            "finish or use another --out"
-        ) from None
+        lock.__enter__()
+    except (FolderLockedError, OutputPathError) as err:
+        raise WriterError(str(err)) from None
     try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
         yield
     finally:
-        handle.close()
+        lock.__exit__(None, None, None)
 
 
 def write_shards(

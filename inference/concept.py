@@ -44,6 +44,14 @@ class Concept:
     def __post_init__(self) -> None:
         if self.w0.ndim != 1:
             raise ValueError(f"w0 must be one word embedding [text_dim], got shape {tuple(self.w0.shape)}")
+        for name, tensor in (("w0", self.w0), ("local_tokens", self.local_tokens)):
+            if tensor is None:
+                continue
+            if not tensor.is_floating_point():
+                raise ValueError(f"{name} must hold floating-point numbers, got {tensor.dtype}")
+            if not bool(torch.isfinite(tensor).all()):  # NaN/Inf would render black images without a word
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ValueError(f"{name} holds {bad} NaN/Inf value(s) of {tensor.numel()}; the file is damaged")
         if self.local_tokens is not None:
             if self.local_tokens.ndim != 2 or self.local_tokens.shape[-1] != self.w0.shape[-1]:
                 raise ValueError(

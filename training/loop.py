@@ -72,7 +72,10 @@ from tqdm.auto import tqdm
 
 from encoders.common.config import ConfigError, config_to_dict, save_config
 from encoders.common.device import mixed_precision_dtype
-from encoders.common.files import atomic_write, atomic_write_json, atomic_write_text
+from encoders.common.files import (
+    FolderLockedError, OutputPathError, atomic_write, atomic_write_json, atomic_write_text, check_writable_folder,
+    folder_lock,
+)
 
 from .checkpoints import Checkpointer, read_trainer_state, resolve_checkpoint
 from .common_config import TrainConfig
@@ -82,6 +85,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on a signal, checkpoint written, run again to continue
 PREEMPTED_FILE = "preempted.json"
+RUN_LOCK_FILE = ".lock-training"  # held by the main process while a run uses output_dir
 STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 # Keys that may differ between a checkpoint and the run resuming it: they do not change what is trained.
 RESUME_FREE_KEYS = {
@@ -352,9 +356,26 @@ class _Run:
         self.accelerator = acc = _make_accelerator(config)
         _quiet_other_ranks(acc)
         self.output_dir = Path(config.output_dir)
+        self._lock = None
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            check_writable_folder(self.output_dir, "output_dir")
+            # one run per output_dir: a second would mix its checkpoints, config and export with ours
+            self._lock = folder_lock(self.output_dir / RUN_LOCK_FILE, f"another training run in {self.output_dir}")
+            self._lock.__enter__()
             (self.output_dir / PREEMPTED_FILE).unlink(missing_ok=True)
+        try:
+            self._setup(task, config, acc)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let go of the output_dir lock (also done by the OS when the process ends)."""
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
+
+    def _setup(self, task: TrainingTask, config: TrainConfig, acc) -> None:
         set_seed(config.seed)  # same trainable init on every rank
 
         self.weight_dtype = mixed_precision_dtype(acc.mixed_precision)
@@ -589,7 +610,7 @@ def run_from_command_line(task: TrainingTask) -> Path:
     exit status 2, as errors in the settings themselves are, not a traceback."""
     try:
         return run_training(task)
-    except ConfigError as err:
+    except (ConfigError, OutputPathError, FolderLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -601,5 +622,8 @@ def run_training(task: TrainingTask) -> Path:
     checkpoint is written.
     """
     run = _Run(task)
-    run.train()
-    return run.export()
+    try:
+        run.train()
+        return run.export()
+    finally:
+        run.release()

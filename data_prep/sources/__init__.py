@@ -10,8 +10,22 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 logger = logging.getLogger("data_prep")
+
+
+def path_inside(path: str | Path, root: Path) -> bool:
+    """Whether `path` (resolved, links followed) lies under the resolved `root`.
+
+    Annotation files name the files they point at ("../x", "/etc/x", a link out of the tree); every
+    source checks them with this before anything is read, so a shard can only hold the user's data.
+    """
+    try:
+        Path(path).resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 class SourceError(ValueError):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..crops import check_box, clip_box, is_degenerate, xywh_to_xyxy
 from ..records import CropSettings, ObjectRecord, safe_key_part
-from . import SourceError, SourceReport
+from . import SourceError, SourceReport, path_inside
 
 
 def _sortable(value) -> tuple:
@@ -48,15 +48,6 @@ def _mask_kind(segmentation) -> str | None:
     if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         return "rle" if isinstance(segmentation["counts"], list) else "rle_compressed"
     return None
-
-
-def _inside(path: Path, root: Path) -> bool:
-    """Whether `path` (resolved, links followed) lies under `root`: a file_name of "../x" or "/etc/x" does not."""
-    try:
-        path.resolve().relative_to(root)
-    except ValueError:
-        return False
-    return True
 
 
 def read_coco(annotations: str | Path, images_dir: str | Path, settings: CropSettings, log_first: int = 5) -> tuple[list[ObjectRecord], SourceReport]:
@@ -124,7 +115,7 @@ def read_coco(annotations: str | Path, images_dir: str | Path, settings: CropSet
             continue
         file_name, width, height = images[image_id]
         image_path = images_dir / file_name
-        if not settings.allow_outside_images and not _inside(image_path, images_root):
+        if not settings.allow_outside_images and not path_inside(image_path, images_root):
             report.skip("path_outside_images", f"{where}: image {image_id} file_name {file_name!r} leads out of {images_dir}")
             continue
         box = xywh_to_xyxy((x, y, w, h))

@@ -9,7 +9,9 @@ become samples only with `mask_from_box` (their mask is the box, recorded as `ma
 
 Images are looked up by ImageID anywhere under `--images` (`train/`, `validation/` subfolders, any
 of .jpg/.jpeg/.png), masks by MaskPath anywhere under `--masks` (the official zips unpack into
-`train-masks-0/` ... folders). Malformed rows (wrong column count, unparsable numbers) and
+`train-masks-0/` ... folders). An ImageID or MaskPath that would lead out of its folder
+(`../x`, an absolute path, a link pointing elsewhere) is skipped as `path_outside_images` /
+`path_outside_masks` (`allow_outside_images=true` allows images out of the folder). Malformed rows (wrong column count, unparsable numbers) and
 duplicate annotations are counted and skipped; a CSV that lacks the columns its kind needs stops
 the job with an error naming the file.
 """
@@ -25,7 +27,7 @@ from typing import Iterator
 
 from ..crops import is_degenerate
 from ..records import CropSettings, ObjectRecord, safe_key_part
-from . import SourceError, SourceReport
+from . import SourceError, SourceReport, path_inside
 
 BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 SEGMENTATION_COLUMNS = ("MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")
@@ -216,8 +218,16 @@ def read_openimages(
                 return False
         return True
 
-    def record(key: str, image_id: str, label: str, box: tuple[float, ...], kind: str, mask, flags: dict, annotation_id: str) -> ObjectRecord:
+    def image_path(where: str, image_id: str) -> str | None:
+        """The image file of `image_id`, or None (counted) when it would be read from outside --images."""
         path = image_index.get(image_id) or str(images_dir / f"{image_id}.jpg")
+        if not settings.allow_outside_images and not path_inside(path, images_dir):
+            report.skip("path_outside_images", f"{where}: ImageID {image_id!r} leads out of {images_dir}")
+            return None
+        return path
+
+    def record(key: str, path: str, image_id: str, label: str, box: tuple[float, ...], kind: str, mask, flags: dict,
+               annotation_id: str) -> ObjectRecord:
         return ObjectRecord(
             key=key, source="openimages", image_path=path, image_file=os.path.relpath(path, images_dir),
             image_id=image_id, annotation_id=annotation_id, category=names.get(label, label), category_id=label,
@@ -276,17 +286,26 @@ def read_openimages(
         flags = dict(zip(FLAG_COLUMNS.values(), matched or (-1,) * len(FLAG_COLUMNS)), box_matched=matched is not None)
         if not keep(where, image_id, label, values, flags):
             continue
+        path = image_path(where, image_id)
         mask_path = mask_index.get(mask_name) or str(Path(masks_dir) / mask_name)
+        if path is None:
+            continue
+        if not path_inside(mask_path, Path(masks_dir)):
+            report.skip("path_outside_masks", f"{where}: MaskPath {mask_name!r} leads out of {masks_dir}")
+            continue
         key = "oi_" + safe_key_part(os.path.splitext(mask_name)[0])
-        records.append(record(key, image_id, label, values, "png", mask_path, flags, box_id or mask_name))
+        records.append(record(key, path, image_id, label, values, "png", mask_path, flags, box_id or mask_name))
 
     for where, image_id, label, values, flag_values in box_only:
         flags = dict(zip(FLAG_COLUMNS.values(), flag_values), box_matched=True)
         if not keep(where, image_id, label, values, flags):
             continue
+        path = image_path(where, image_id)
+        if path is None:
+            continue
         row_id = safe_key_part(where.replace(".csv:", "_r"))
         key = f"oi_{safe_key_part(image_id)}_{safe_key_part(label)}_{row_id}"
-        records.append(record(key, image_id, label, values, "box", None, flags, where))
+        records.append(record(key, path, image_id, label, values, "box", None, flags, where))
 
     records.sort(key=lambda r: (r.image_id, r.key))
     unique: dict[str, ObjectRecord] = {}

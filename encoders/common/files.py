@@ -134,3 +134,46 @@ def check_writable_file(path: str | os.PathLike, what: str = "output file") -> P
         raise OutputPathError(f"{what} {path} is a folder, not a file name")
     check_writable_folder(path.parent if str(path.parent) else Path("."), f"the folder of {what}")
     return path
+
+
+class FolderLockedError(RuntimeError):
+    """Another process holds the lock of an output folder; the message names the folder and the holder."""
+
+
+@contextmanager
+def folder_lock(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock file for as long as the block runs (released when the process dies).
+
+    The file is opened without following links and must be a plain file: a lock name that a link
+    points elsewhere would otherwise be truncated and overwritten. `what` names the job in the error
+    that a second process gets (e.g. "a training run in runs/ti").
+    """
+    import fcntl
+    import socket
+    import stat
+    import time
+
+    lock_path = Path(lock_path)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+    except OSError as err:
+        if os.path.islink(lock_path):
+            raise OutputPathError(f"lock file {lock_path} is a symbolic link; remove it (it is not used for anything else)") from None
+        raise OutputPathError(f"lock file {lock_path} cannot be opened: {err.strerror or err}") from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputPathError(f"lock file {lock_path} is not a plain file; remove it")
+    handle = os.fdopen(fd, "r+")
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = handle.read().strip() or "another process"
+            raise FolderLockedError(f"{what} is already running ({holder}); wait for it to finish or use another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
