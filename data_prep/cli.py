@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from encoders.common.config import ConfigError, describe_keys, load_config, program_name
+from encoders.common.files import OutputPathError, describe_write_error
 from encoders.common.processes import available_cpus
 from encoders.common.shards import ShardSpecError
 
@@ -40,7 +41,9 @@ from .manifests import merge_manifests
 from .sources import SourceError
 from .writer import ShardJob, WriterError, check_output_folder
 
-SUBCOMMAND_MODULES = ("data_prep.crop_commands", "data_prep.inspect_shards", "data_prep.latents", "data_prep.pairs_cli")
+SUBCOMMAND_MODULES = (
+    "data_prep.crop_commands", "data_prep.inspect_shards", "data_prep.latents", "data_prep.pairs_cli", "data_prep.world",
+)
 
 
 @dataclass
@@ -186,7 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args._run(args)
-    except (SourceError, WriterError, ShardSpecError, ConfigError) as err:
+    except (SourceError, WriterError, ShardSpecError, ConfigError, OutputPathError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a full disk or a folder turned read-only mid-run: one line, finished shards kept
+        reason = describe_write_error(err)
+        if reason is None:
+            raise
+        where = getattr(err, "filename", None) or getattr(args, "out", None) or "the output"
+        print(f"error: cannot write {where}: {reason} (finished shards are kept; rerun to resume)", file=sys.stderr)
         return 2
     return int(code or 0)

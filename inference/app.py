@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from encoders.common.config import program_name
+from encoders.common.images import MAX_IMAGE_PIXELS
 
 from .inputs import ConceptInputError
 from .loading import ModelLoadError
@@ -31,6 +32,16 @@ from .pipeline import ElitePipeline
 from .presets import PRESETS, paper_elite_scale, preset_settings
 
 NO_PRESET = "none (the settings below)"
+MAX_UPLOAD = "20mb"  # per file; the pixel count is limited too (MAX_IMAGE_PIXELS, the same as `encode`'s)
+
+
+def limit_uploads() -> None:
+    """Make PIL refuse, while Gradio decodes an upload, any image over `MAX_IMAGE_PIXELS` (PIL only warns between
+    its limit and twice it, so the warning is made an error): the page shows the error, the process stays small."""
+    import warnings
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 def _box(text: str | None) -> list[float] | None:
@@ -237,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     page = DemoApp(elite, args.mask_model or None, max_steps=args.max_steps).build()
-    page.launch(server_name=args.host, server_port=args.port, share=args.share)
+    limit_uploads()
+    page.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)
     return 0
 
 

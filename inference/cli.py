@@ -31,7 +31,6 @@ finished. Errors about inputs name the file or prompt and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import re
 import sys
@@ -46,7 +45,9 @@ import transformers
 
 from encoders.common.config import program_name
 from encoders.common.device import resolve_device
-from encoders.common.files import OutputPathError, atomic_write_json, check_writable_file, check_writable_folder
+from encoders.common.files import (
+    OutputPathError, atomic_write_json, check_writable_file, check_writable_folder, describe_write_error,
+)
 from encoders.common.version import DISTRIBUTION, package_version
 
 from .composition import default_words, parse_token_box, plan_guidance
@@ -61,7 +62,10 @@ from .finetuned import (
     seeded_latents,
 )
 from .guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance, predict_boxes
-from .inputs import ConceptInputError, ConceptInputWarning, find_placeholders, load_concept_image, placeholder_in
+from .inputs import (
+    ConceptInputError, ConceptInputWarning, check_placeholders, find_placeholders, load_concept_image, placeholder_in,
+    truncated_prompt,
+)
 from .loading import SCHEDULERS, ModelLoadError, default_image_size, load_base_pipeline, load_location_mlp
 from .masking import DEFAULT_MASK_MODEL, DEFAULT_MASK_PROMPT, auto_masker_or_none, fill_masks, has_own_alpha
 from .pictures import make_grid, mask_preview, render_comparison, save_image_atomic
@@ -120,6 +124,7 @@ POSITIVE_INT = _number(int, 1)
 SIZE_PX = _number(int, 8, 8192, multiple=8)  # Stable Diffusion's VAE and UNet need multiples of 8
 ELITE_SCALE = _number(float, 0.0, 2.0)  # lambda: ELITE uses 0.6-1
 NONNEGATIVE = _number(float, 0.0)
+SEED = _number(int, 0, 2**63 - 1 - 10_000)  # torch.Generator takes 64-bit seeds; image i adds i
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -226,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--steps", type=POSITIVE_INT, default=None, help=f"denoising steps (default {DEFAULT_STEPS})")
     prompts.add_argument("--guidance", type=NONNEGATIVE, default=None,
                          help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
-    prompts.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
+    prompts.add_argument("--seed", type=SEED, default=0, help="seed of image 0; image i uses seed + i")
     prompts.add_argument("--num-images", type=POSITIVE_INT, default=1, help="images per prompt")
     prompts.add_argument("--height", type=SIZE_PX, default=None,
                          help="image height in px (default: the UNet's sample size x the VAE factor)")
@@ -293,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="latent step scale, times (1 - alphabar_t) (layout guidance's for SD; "
                           "the random tiny demo model needs ~1e5 to show a change)")
     sampling.add_argument("--loss-threshold", type=NONNEGATIVE, default=0.2, help="stop a step's iterations below this L_loc")
-    sampling.add_argument("--seed", type=int, default=0, help="same seed for both images")
+    sampling.add_argument("--seed", type=SEED, default=0, help="same seed for both images")
     guide.add_argument("--out", required=True, metavar="FILE",
                        help="PNG file for the side-by-side picture (a .json with the numbers is written beside it)")
     return parser
@@ -370,6 +375,7 @@ def _run_generate(args) -> dict:
     photos = [[_checked_photo(args, img, m) for img, m in concept] for concept in pairs]
     loaded_concepts = [Concept.load(path) for path in args.concept]
     placeholders = args.placeholder or default_placeholders(len(photos) + len(loaded_concepts))
+    check_placeholders(placeholders)
     if photos or loaded_concepts:
         for prompt in args.prompt:
             find_placeholders(prompt, placeholders)
@@ -393,6 +399,8 @@ def _run_generate(args) -> dict:
     pipe = generator_api.pipe
     pipe.set_progress_bar_config(disable=args.quiet)
     load_s = time.perf_counter() - started
+    if args.placeholder:
+        check_placeholders(placeholders, pipe.tokenizer)
 
     concepts, inputs_shown, concept_records = [], [], []
     encode_s = 0.0
@@ -436,6 +444,11 @@ def _run_generate(args) -> dict:
                     else {r["prompt_word"]: None for r in finetune_records})
 
     rows, files, prompt_records = [], [], []
+    truncations = [truncated_prompt(pipe.tokenizer, prompt) for prompt in args.prompt]
+    for prompt, cut in zip(args.prompt, truncations):
+        if cut:  # the text encoder reads only the first tokens: say so, and which words it will see
+            print(f"warning: prompt {prompt!r} has {cut['tokens']} tokens; the text encoder reads {cut['limit']}, "
+                  f"so it generates from {cut['kept']!r}", file=sys.stderr)
     tick = time.perf_counter()
     for p, prompt in enumerate(args.prompt):
         placed = _placed_tokens(args, prompt, personalized, placeholders, location_mlp, pipe) if guided else []
@@ -493,6 +506,8 @@ def _run_generate(args) -> dict:
         files.extend(names + map_files)
         rows.append((prompt, inputs_shown, images))
         record = {"prompt": prompt, "images": names, "seeds": [args.seed + i for i in range(args.num_images)]}
+        if truncations[p]:
+            record["truncated"] = truncations[p]
         if concepts and not infusions:
             record["elite_scale"] = elite_scale
         if placed:
@@ -689,9 +704,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ConceptInputError, ConceptFileError, ModelLoadError, FinetuneFolderError, OutputPathError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except OSError as err:  # a full disk or a folder made read-only while running: never half a file
-            if err.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
-                print(f"error: cannot write {err.filename or 'the output'}: {err.strerror}", file=sys.stderr)
-                return 2
-            raise
+        except Exception as err:  # a full disk or a folder made read-only while running: never half a file
+            reason = describe_write_error(err)
+            if reason is None:
+                raise
+            print(f"error: cannot write {getattr(err, 'filename', None) or args.out}: {reason}", file=sys.stderr)
+            return 2
     return 0

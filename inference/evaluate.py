@@ -222,6 +222,11 @@ class EvalConfig:
             raise ConfigError("seeds must list at least one seed")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ConfigError(f"num_prompts must be positive, got {self.num_prompts}")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:  # 0 must not mean "the default"
+            raise ConfigError(f"num_inference_steps must be at least 1, got {self.num_inference_steps} "
+                              "(leave it unset for each protocol's own number)")
+        if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
+            raise ConfigError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
         if self.scheduler is not None:
@@ -465,7 +470,7 @@ class Evaluator:
                                 ("guidance", cfg.guidance_scale)) if v is not None]
         return Sampling(
             cfg.scheduler or paper.scheduler,
-            cfg.num_inference_steps or paper.steps,
+            paper.steps if cfg.num_inference_steps is None else cfg.num_inference_steps,
             paper.guidance if cfg.guidance_scale is None else float(cfg.guidance_scale),
             paper.source + (f"; {', '.join(given)} set for every method" if given and self.protocol is not None else ""),
         )

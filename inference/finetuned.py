@@ -67,6 +67,16 @@ def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
         return token
     if is_sdxl_pipeline(pipe):
         raise FinetuneFolderError(f"{run.folder}: a one-encoder embedding, but the base is SDXL (two text encoders)")
+    if path.suffix == ".safetensors" and len(keys) == 1:  # say both widths (diffusers' own message leaves them out)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            width = int(handle.get_slice(next(iter(keys))).get_shape()[-1])
+        expected = int(pipe.text_encoder.get_input_embeddings().weight.shape[-1])
+        if width != expected:
+            raise FinetuneFolderError(
+                f"{run.folder}: its embedding is {width} wide, but this base's text encoder takes {expected}-wide words "
+                f"(trained for {run.info.get('base_model', 'an unrecorded base model')}; load it with that base)")
     try:
         pipe.load_textual_inversion(str(path.parent), token=token, weight_name=path.name)
     except ValueError as err:  # e.g. an embedding of another width: trained for another base model

@@ -50,7 +50,7 @@ from encoders.anchors import embed_words
 from encoders.attention import CONTEXT_KWARG, AttentionContext, ContextAttnProcessor, set_context_processors
 from encoders.conditioning import sdxl_added_conditioning
 
-from .inputs import ConceptInputWarning
+from .inputs import ConceptInputError, ConceptInputWarning
 from .loading import is_sdxl_pipeline, text_encoders_of, tokenizers_of
 from .outputs import EliteOutput
 
@@ -113,12 +113,13 @@ def find_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
     prompt_ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
     word_ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if not word_ids:
-        raise ValueError(f"word {word!r} gives no tokens")
+        raise ConceptInputError(f"word {word!r} gives no tokens; name a word of the prompt")
     n = len(word_ids)
     for start in range(len(prompt_ids) - n + 1):
         if prompt_ids[start : start + n] == word_ids:
             return list(range(start, start + n))
-    raise ValueError(f"word {word!r} is not in the prompt {prompt!r} (as tokens {word_ids})")
+    raise ConceptInputError(f"word {word!r} is not in the prompt {prompt!r}; --words names words of the prompt, "
+                            "one per box")
 
 
 def concepts_from_words(tokenizer, prompt: str, words: Sequence[str], boxes: Sequence[Box]) -> list[BoxedTokens]:

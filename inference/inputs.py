@@ -33,7 +33,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from encoders.common.images import apply_orientation, exif_orientation, mask_to_binary, to_rgb
+from encoders.common.images import MAX_IMAGE_PIXELS, apply_orientation, exif_orientation, mask_to_binary, to_rgb
 
 ImageLike = Union[str, Path, Image.Image]
 
@@ -92,16 +92,26 @@ MIN_OBJECT_SIDE = 8  # px: the object's box in the mask must be at least this on
 def _open_image(source: ImageLike, what: str) -> Image.Image:
     """Open and fully decode an image (so a truncated file fails here, with its name); EXIF not applied."""
     if isinstance(source, Image.Image):
+        check_pixel_count(source, f"{what} {_describe(source)}")
         return source
     path = Path(source)
     if not path.is_file():
         raise ConceptInputError(f"{what} {path}: no such file")
     try:
         with Image.open(path) as opened:
+            check_pixel_count(opened, f"{what} {path}")  # from the header, before any pixel is decoded
             opened.load()
             return opened.copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise ConceptInputError(f"{what} {path}: cannot be read as an image ({err})") from err
+
+
+def check_pixel_count(image: Image.Image, name: str) -> None:
+    """Refuse an image larger than `MAX_IMAGE_PIXELS` (a decompression bomb, or a photo to shrink first)."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ConceptInputError(f"{name} is {width}x{height} = {width * height / 1e6:.0f} million pixels; the limit is "
+                                f"{MAX_IMAGE_PIXELS / 1e6:.0f} million. Resize it first (the encoder sees 224 px)")
 
 
 def _binary_mask(mask: Image.Image, threshold: int) -> Image.Image:
@@ -274,3 +284,33 @@ def find_placeholders(prompt: str, placeholders: list[str]) -> None:
             f"prompt {prompt!r} does not contain the placeholder {names} as a word of its own; write it where the concept goes, "
             f"e.g. {('a photo of ' + missing[0] + ' on the beach')!r}"
         )
+
+
+def truncated_prompt(tokenizer, prompt: str) -> dict | None:
+    """None when `prompt` fits the text encoder; else what it would lose: its token count, the limit and
+    the words that are kept (CLIP reads 77 tokens, start and end included, and drops the rest)."""
+    ids = tokenizer(prompt, truncation=False).input_ids
+    limit = int(tokenizer.model_max_length)
+    if len(ids) <= limit:
+        return None
+    kept = tokenizer.decode(ids[1 : limit - 1])
+    return {"tokens": len(ids), "limit": limit, "kept": kept}
+
+
+def check_placeholders(placeholders: list[str], tokenizer=None) -> None:
+    """Refuse placeholders that cannot stand for a concept: empty, with spaces, repeated, or (given the
+    base's tokenizer) a word the text encoder already reads as one token ('dog' would replace every dog)."""
+    seen = set()
+    for token in placeholders:
+        if not token or token != token.strip() or any(c.isspace() for c in token):
+            raise ConceptInputError(f"placeholder {token!r} must be one word without spaces, e.g. S* or <my-dog>")
+        if token in seen:
+            raise ConceptInputError(f"placeholder {token!r} is given twice; each concept needs its own")
+        seen.add(token)
+        if tokenizer is None or token in tokenizer.get_added_vocab():  # added by an earlier call: a placeholder
+            continue
+        ids = tokenizer(token, add_special_tokens=False).input_ids
+        if len(ids) == 1:
+            raise ConceptInputError(
+                f"placeholder {token!r} is a word the text encoder already knows; a concept put there would take the "
+                "place of that word everywhere. Choose a new token, e.g. S* or <my-" + token.strip("<>") + ">")

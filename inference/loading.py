@@ -198,6 +198,9 @@ def _load_subfolder(cls, name_or_path: str, subfolder: str, required: bool, dtyp
         if not required and not local.exists():
             return None  # a Hub repo without the optional subfolder
         raise ModelLoadError(f"cannot load {subfolder}/ from the encoders {name_or_path}: {err}") from err
+    except (TypeError, KeyError, AttributeError, RuntimeError) as err:  # a config.json value of the wrong kind
+        raise ModelLoadError(f"encoders {name_or_path}: {subfolder}/config.json does not describe a {cls.__name__} this "
+                             f"package can build ({type(err).__name__}: {err})") from err
 
 
 def load_encoders(

@@ -129,3 +129,276 @@ def test_case4_concept_w0_of_integers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="floating-point"):
         Concept(torch.arange(8))
     assert np.isfinite(Concept(torch.randn(8)).w0.numpy()).all()
+
+
+def _cutout(path: Path, size=(48, 48)) -> None:
+    """An RGBA cut-out: a red square on a transparent background."""
+    rgba = np.zeros((*size[::-1], 4), dtype=np.uint8)
+    rgba[12:36, 12:36] = (255, 0, 0, 255)
+    Image.fromarray(rgba, "RGBA").save(path)
+
+
+def test_case5_fine_tunes_read_rgba_cutouts_with_their_alpha_as_the_mask(tmp_path):
+    """Case 5: an RGBA cut-out trains with its alpha as the mask (as encode reads it), not on black without one."""
+    from training.concept_data import load_concept_photos  # noqa: PLC0415
+
+    _cutout(tmp_path / "a.png")
+    photos = load_concept_photos(tmp_path, 16)
+    assert bool(photos.has_mask[0]) and photos.masks is not None
+    mask = photos.masks[0, 0]
+    assert mask[8, 8] == 1 and mask[0, 0] == 0
+    assert photos.pixels[0, :, 0, 0].tolist() == [1.0, 1.0, 1.0]  # transparent shown on white, as encode shows it
+
+
+def test_case5_zero_one_masks_that_encode_accepts_train_too(tmp_path):
+    """Case 5: a mask whose object pixels are 1 (not 255) is accepted by the fine-tunes, as by encode."""
+    from inference.inputs import load_concept_image  # noqa: PLC0415
+    from training.concept_data import load_concept_photos  # noqa: PLC0415
+
+    Image.new("RGB", (40, 40), "blue").save(tmp_path / "a.jpg")
+    (tmp_path / "masks").mkdir()
+    ones = np.zeros((40, 40), dtype=np.uint8)
+    ones[10:30, 10:30] = 1
+    Image.fromarray(ones, "L").save(tmp_path / "masks/a.png")
+    photos = load_concept_photos(tmp_path, 20)
+    assert bool(photos.has_mask[0]) and 0 < float(photos.masks.mean()) < 1
+    assert load_concept_image(tmp_path / "a.jpg", tmp_path / "masks/a.png", mask_threshold=0).mask_fraction > 0
+
+
+def test_case5_a_mask_of_another_size_is_resized_with_a_note(tmp_path):
+    """Case 5: a mask of another aspect than its photo: resized, and said so."""
+    from inference.inputs import ConceptInputWarning  # noqa: PLC0415
+    from training.concept_data import load_concept_photos  # noqa: PLC0415
+
+    Image.new("RGB", (40, 40), "blue").save(tmp_path / "a.jpg")
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (30, 60), 255).save(tmp_path / "masks/a.png")
+    with pytest.warns(ConceptInputWarning, match="resizing the mask"):
+        load_concept_photos(tmp_path, 20)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a 512 KiB tmpfs filled to the last byte (needs root and mount; skipped otherwise)."""
+    import subprocess  # noqa: PLC0415
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        try:
+            with open(mount / ".filler", "wb") as f:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+        except OSError:
+            pass
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_case7_encode_on_a_full_disk_is_one_line_and_leaves_no_file(full_disk, tiny_encoders_path, tiny_sd_path, data_dir, capsys):
+    """Case 7: a full disk in `encode` is one error line (exit 2), not a traceback, and no half file."""
+    from inference.cli import main as inference_main  # noqa: PLC0415
+
+    out = full_disk / "teapot.safetensors"
+    code = inference_main(["encode", "--encoders", str(tiny_encoders_path), "--base", str(tiny_sd_path),
+                           "--image", str(data_dir / "concepts/dreambooth/teapot/04.jpg"),
+                           "--mask", str(data_dir / "concepts/masks/teapot_04.png"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and "Traceback" not in err
+    assert not out.exists() and not [p for p in full_disk.iterdir() if p.name != ".filler"]
+
+
+def test_case7_data_prep_on_a_full_disk_is_one_line(full_disk, data_dir, capsys):
+    """Case 7: data_prep on a full disk: one line naming the problem, exit 2."""
+    from data_prep.cli import main as data_prep_main  # noqa: PLC0415
+
+    code = data_prep_main(["coco", "--annotations", str(data_dir / "coco_sample/annotations.json"), "--images",
+                           str(data_dir / "coco_sample/images"), "--out", str(full_disk / "shards"), "--workers", "1",
+                           "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err
+
+
+def test_case7_a_trainer_on_a_full_disk_is_one_line(full_disk, capsys, fresh_accelerate_state):
+    """Case 7: the shared loop (global_mapping, Textual Inversion...) on a full disk: one line, exit 2."""
+    from tests.toy_trainer import ToyConfig, ToyTask  # noqa: PLC0415
+    from training.loop import run_from_command_line  # noqa: PLC0415
+
+    config = ToyConfig(output_dir=str(full_disk / "run"), max_steps=2, report_to="none", mixed_precision="no")
+    with pytest.raises(SystemExit) as stop:
+        run_from_command_line(ToyTask(config))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "No space left on device" in err, err
+
+
+def test_case7_a_read_only_output_dir_is_one_line(tmp_path, capsys, fresh_accelerate_state):
+    """Case 7: a trainer's output_dir that cannot be written: one line naming it, before any work."""
+    from tests.toy_trainer import ToyConfig, ToyTask  # noqa: PLC0415
+    from training.loop import run_from_command_line  # noqa: PLC0415
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config = ToyConfig(output_dir=str(blocker / "run"), max_steps=2, report_to="none", mixed_precision="no")
+    with pytest.raises(SystemExit) as stop:
+        run_from_command_line(ToyTask(config))
+    assert stop.value.code == 2 and "output_dir" in capsys.readouterr().err
+
+
+def test_case6_evaluate_refuses_zero_steps_instead_of_running_the_default():
+    """Case 6: num_inference_steps=0 is an error, not a silent 50 (or the paper's 100)."""
+    from encoders.common.config import ConfigError  # noqa: PLC0415
+    from inference.evaluate import EvalConfig  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match="num_inference_steps must be at least 1"):
+        EvalConfig(num_inference_steps=0)
+
+
+def test_case6_a_prompt_longer_than_77_tokens_is_said_and_recorded(tiny_sd_path, tmp_path, capsys):
+    """Case 6: a truncated prompt is warned about, and settings.json records what the encoder read."""
+    import json  # noqa: PLC0415
+
+    from inference.cli import main as inference_main  # noqa: PLC0415
+
+    prompt = "a photo of a dog " + "with a red hat " * 30
+    code = inference_main(["generate", "--base", str(tiny_sd_path), "--prompt", prompt, "--steps", "1", "--quiet",
+                           "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert "the text encoder reads 77" in capsys.readouterr().err
+    record = json.loads((tmp_path / "out/settings.json").read_text())["prompts"][0]
+    assert record["truncated"]["tokens"] > 77 and record["truncated"]["kept"].startswith("a photo of a dog")
+
+
+def test_case6_max_steps_below_the_checkpoint_is_refused(tmp_path, fresh_accelerate_state):
+    """Case 6: max_steps under the latest checkpoint's step does not re-export the old model silently."""
+    from encoders.common.config import ConfigError  # noqa: PLC0415
+    from tests.toy_trainer import ToyConfig, ToyTask  # noqa: PLC0415
+    from training.loop import run_training  # noqa: PLC0415
+
+    keys = dict(output_dir=str(tmp_path / "run"), report_to="none", mixed_precision="no", checkpointing_steps=4)
+    run_training(ToyTask(ToyConfig(max_steps=4, **keys)))
+    with pytest.raises(ConfigError, match="is at step 4, past max_steps=2"):
+        run_training(ToyTask(ToyConfig(max_steps=2, resume_from_checkpoint="latest", **keys)))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--placeholder", ""], "must be one word"),
+    (["--placeholder", "my dog"], "must be one word"),
+    (["--seed", str(2**70)], "--seed"),
+])
+def test_case7_bad_generate_options_are_one_line(tiny_sd_path, tiny_encoders_path, tmp_path, capsys, argv, message):
+    """Case 7: --placeholder '' / with spaces and a --seed beyond 64 bits: one error line, exit 2."""
+    from inference.cli import main as inference_main  # noqa: PLC0415
+
+    concept = Concept(torch.randn(32)).save(tmp_path / "c.safetensors")
+    try:
+        code = inference_main(["generate", "--base", str(tiny_sd_path), "--encoders", str(tiny_encoders_path),
+                               "--concept", str(concept), "--prompt", "a photo of S*", "--steps", "1", "--quiet",
+                               "--out", str(tmp_path / "out"), *argv])
+    except SystemExit as stop:  # argparse's own refusals
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_case7_a_placeholder_that_is_a_known_word_is_refused(tiny_sd_path):
+    """Case 7: --placeholder dog would replace every 'dog': refused naming it."""
+    from transformers import CLIPTokenizer  # noqa: PLC0415
+
+    from inference.inputs import ConceptInputError, check_placeholders  # noqa: PLC0415
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path / "tokenizer")
+    with pytest.raises(ConceptInputError, match="'dog' is a word the text encoder already knows"):
+        check_placeholders(["dog"], tokenizer)
+    check_placeholders(["S*", "<my-dog>"], tokenizer)
+
+
+def test_case7_guide_with_a_word_missing_from_the_prompt_is_one_line(tiny_sd_path, tmp_path, capsys):
+    """Case 7: `guide --words cat dog` on a prompt without 'dog': one line naming the word."""
+    from inference.cli import main as inference_main  # noqa: PLC0415
+
+    code = inference_main(["guide", "--base", str(tiny_sd_path), "--prompt", "a photo of a cat", "--words", "cat", "dog",
+                           "--boxes", "0,0,0.5,0.5", "0.5,0.5,1,1", "--steps", "1", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'dog' is not in the prompt" in err
+
+
+@pytest.mark.parametrize("key", ["learning_rate=nan", "max_grad_norm=inf", "seed=-1", f"seed={2**64}"])
+def test_case7_non_finite_numbers_and_seeds_out_of_range_are_config_errors(key):
+    """Case 7: learning_rate=nan and seeds beyond 64 bits stop at parsing, not in the optimizer."""
+    from encoders.common.config import ConfigError, parse_config_cli  # noqa: PLC0415
+    from tests.toy_trainer import ToyConfig  # noqa: PLC0415
+
+    with pytest.raises((ConfigError, SystemExit)):
+        parse_config_cli(ToyConfig, [key])
+
+
+def test_case7_a_missing_concept_dir_is_one_line(tiny_sd_path, tmp_path, capsys, fresh_accelerate_state):
+    """Case 7: Textual Inversion with a concept_dir that does not exist: one line, exit 2."""
+    from training.textual_inversion import main as ti_main  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as stop:
+        ti_main([f"pretrained_model_name_or_path={tiny_sd_path}", f"concept_dir={tmp_path / 'nope'}",
+                 "initializer_token=pot", f"output_dir={tmp_path / 'run'}", "report_to=none", "max_steps=1"])
+    assert stop.value.code == 2 and "concept_dir" in capsys.readouterr().err
+
+
+def test_case7_an_encoders_config_of_the_wrong_type_is_a_load_error(tiny_encoders_path, tmp_path):
+    """Case 7: global_mapping/config.json with a value of the wrong kind: ModelLoadError naming the folder."""
+    import json  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    from inference.loading import ModelLoadError, load_encoders  # noqa: PLC0415
+
+    broken = tmp_path / "enc"
+    shutil.copytree(tiny_encoders_path, broken)
+    config = json.loads((broken / "global_mapping/config.json").read_text())
+    config["hidden_dim"] = "wide"
+    (broken / "global_mapping/config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="global_mapping"):
+        load_encoders(broken, device="cpu", dtype=torch.float32)
+
+
+def test_case7_a_decompression_bomb_is_refused_before_decoding(tmp_path):
+    """Case 7 / 9: a photo over the pixel limit is refused from its header, naming its size."""
+    from encoders.common.images import MAX_IMAGE_PIXELS  # noqa: PLC0415
+    from inference.inputs import ConceptInputError, load_concept_image  # noqa: PLC0415
+
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 16
+    Image.new("1", (side, side), 0).save(tmp_path / "bomb.png")  # a few kB on disk
+    with pytest.raises(ConceptInputError, match="million pixels; the limit is"):
+        load_concept_image(tmp_path / "bomb.png")
+
+
+def test_case10_a_truncated_shard_stops_training_naming_it(crop_shards, tmp_path):
+    """Case 10: most samples of a shard unreadable: an error naming the shard past max_bad_fraction, not
+    warnings and a quiet exit 0."""
+    import shutil  # noqa: PLC0415
+
+    from encoders.common.shards import ShardSpecError  # noqa: PLC0415
+    from training.crop_data import CropDataConfig, build_crop_dataloader  # noqa: PLC0415
+
+    folder = tmp_path / "coco"
+    shutil.copytree(crop_shards / "coco", folder)
+    first = sorted(folder.glob("*.tar"))[0]
+    loader = build_crop_dataloader(str(first), CropDataConfig(resolution=64), batch_size=1, vae_scale_factor=2)
+    data = first.read_bytes()
+    first.write_bytes(data[: len(data) // 5])  # cut while training runs: only the first sample survives
+    with pytest.raises(ShardSpecError, match=rf"could not be decoded .*{first.name}"):
+        for _ in zip(range(300), loader):
+            pass
+
+
+def test_case12_fine_tunes_take_the_base_models_size_when_no_resolution_is_given(tiny_sd_path, data_dir, tmp_path,
+                                                                                 capsys, fresh_accelerate_state):
+    """Case 12: no data.resolution: the base's own size (64 px for the tiny base), said on the console."""
+    from training.textual_inversion import main as ti_main  # noqa: PLC0415
+
+    ti_main([f"pretrained_model_name_or_path={tiny_sd_path}", f"concept_dir={data_dir / 'concepts/dreambooth/teapot'}",
+             "initializer_token=pot", f"output_dir={tmp_path / 'run'}", "report_to=none", "max_steps=1",
+             "mixed_precision=no", "validation_steps=0"])
+    assert "data.resolution not given: 64 px" in capsys.readouterr().out

@@ -6,8 +6,9 @@ subclasses `TrainConfig`, adds its own keys, and `encoders.common.config.parse_c
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar, Literal, Optional
 
 from accelerate.utils import LoggerType
@@ -84,6 +85,12 @@ class TrainConfig:
         for key in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for item in fields(self):  # nan/inf pass every "> 0" check and end as an optimizer's traceback
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{item.name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be between 0 and 2**63 - 1 (torch's generators take 64-bit seeds), got {self.seed}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.max_grad_norm < 0:

@@ -30,12 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from encoders.common.config import ConfigError, keyed_field
 from encoders.common.finetune_folder import write_concept_info
 from encoders.common.images import find_mask, list_photos
+from inference.inputs import ConceptInputError, load_concept_image
 from inference.loading import pipeline_from_parts
 
 from .common_config import TrainConfig
@@ -46,13 +47,17 @@ from .shard_reader import mix_seed
 from .templates import TEMPLATES
 
 logger = logging.getLogger(__name__)
+# A mask pixel is object where any channel is above this: the same rule as `inference encode` (official ELITE: not black),
+# so 0/1-valued masks work in both.
+MASK_THRESHOLD = 0
 
 
 @dataclass
 class ConceptDataConfig:
     """How the concept photos become training samples; fine-tunes nest it as `data` (`data.resolution=64`)."""
 
-    resolution: int = keyed_field("training image size in pixels (square)", 512)
+    resolution: Optional[int] = keyed_field(
+        "training image size in pixels (square); default: the base model's own size (UNet sample size x VAE factor)", None)
     center_crop: bool = keyed_field("crop non-square photos to their centre square before resizing (else pad-free squash)", True)
     flip_p: float = keyed_field("probability of a horizontal flip per sample", 0.5)
     templates: str = keyed_field("caption templates: object, style or imagenet (training.templates)", "object")
@@ -66,7 +71,7 @@ class ConceptDataConfig:
             raise ConfigError(f"data.templates must be one of {', '.join(TEMPLATES)}, got {self.templates!r}")
         if not 0.0 <= self.flip_p <= 1.0:
             raise ConfigError(f"data.flip_p must be within [0, 1], got {self.flip_p}")
-        if self.resolution < 8 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
 
 
@@ -151,29 +156,33 @@ def load_concept_photos(
 
     kept, pixels, masks, has_mask, skipped = [], [], [], [], []
     for path in files:
+        mask_file = find_mask(path, mask_root) if use_masks else None
         try:
-            with Image.open(path) as im:
-                image = ImageOps.exif_transpose(im).convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            warnings.warn(f"skipping concept photo {path}: cannot be read as an image ({err})")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                # the one reader of `encode`: EXIF turn, alpha cut-outs, masks of any mode (0/1 too), size checks
+                concept = load_concept_image(path, mask_file, mask_threshold=MASK_THRESHOLD)
+        except ConceptInputError as err:
+            if mask_file is not None and str(mask_file) in str(err):
+                raise ValueError(f"mask {mask_file} for {path}: {err}") from err
+            warnings.warn(f"skipping concept photo {path}: {err}")
             skipped.append(str(path))
             continue
-        array = np.asarray(_square(image, resolution, center_crop, Image.BICUBIC), dtype=np.float32)
+        for note in caught:  # a resized mask, a mask beside an alpha channel: said once, as encode says it
+            if concept.mask_source != "whole image":
+                warnings.warn(str(note.message), note.category)
+        array = np.asarray(_square(concept.image, resolution, center_crop, Image.BICUBIC), dtype=np.float32)
         pixels.append(torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0)
-        mask_file = find_mask(path, mask_root) if use_masks else None
+        masked = use_masks and concept.mask_source != "whole image"
         mask = torch.ones(1, resolution, resolution)
-        if mask_file is not None:
-            try:
-                with Image.open(mask_file) as m:
-                    m = m.convert("L").resize(image.size, Image.NEAREST)  # a mask may differ in resolution
-            except (OSError, UnidentifiedImageError, ValueError) as err:
-                raise ValueError(f"mask {mask_file} for {path} cannot be read: {err}") from err
-            mask_array = np.asarray(_square(m, resolution, center_crop, Image.NEAREST), dtype=np.float32)
+        if masked:
+            mask_array = np.asarray(_square(concept.mask, resolution, center_crop, Image.NEAREST), dtype=np.float32)
             mask = torch.from_numpy(mask_array > 127).float()[None]
             if mask.sum() == 0:
-                raise ValueError(f"mask {mask_file} for {path} is empty (all black)")
+                raise ValueError(f"mask {concept.mask_source} for {path} holds no object pixel inside the "
+                                 f"{'centre crop' if center_crop else 'photo'}")
         masks.append(mask)
-        has_mask.append(mask_file is not None)
+        has_mask.append(masked)
         kept.append(path)
     if not kept:
         raise ValueError(f"concept_dir {folder}: none of its {len(files)} images could be read")
@@ -254,11 +263,18 @@ class ConceptFinetuneTask(TrainingTask):
         self.accelerator = accelerator
         self.device = accelerator.device
         self.weight_dtype = weight_dtype
-        list_photos(config.concept_dir)  # a mistyped concept_dir stops here, before any model loads
+        try:
+            list_photos(config.concept_dir)  # a mistyped concept_dir stops here, before any model loads
+        except (FileNotFoundError, NotADirectoryError) as err:
+            raise ConfigError(f"concept_dir: {err}") from None
         self.sd = FrozenStableDiffusion.load(
             config.pretrained_model_name_or_path, self.device, weight_dtype, config.gradient_checkpointing,
             allow_sdxl=self.supports_sdxl,
         )
+        if config.data.resolution is None:  # as diffusers' pipelines do: the size the base model was made for
+            sample = self.sd.unet.config.sample_size
+            config.data.resolution = int(sample if isinstance(sample, int) else max(sample)) * self.sd.vae_scale_factor
+            accelerator.print(f"[{self.name}] data.resolution not given: {config.data.resolution} px, the base model's size")
         self.photos = load_concept_photos(
             config.concept_dir, config.data.resolution, config.data.center_crop, config.data.mask_dir, config.data.use_masks
         )

@@ -62,7 +62,7 @@ from PIL import Image
 
 from encoders.clip_features import CLIP_MEAN, CLIP_STD
 from encoders.common.config import keyed_field
-from encoders.common.shards import LATENT_MEMBER, MANIFEST_NAME
+from encoders.common.shards import LATENT_MEMBER, MANIFEST_NAME, ShardSpecError
 
 from .shard_reader import ReaderPlan, ShardSet, reader_positions
 from .templates import OBJECT_TEMPLATES, TEMPLATES, fill_template
@@ -100,6 +100,10 @@ class CropDataConfig:
     )
     max_consecutive_failures: int = keyed_field(
         "stop with an error after this many unreadable samples in a row (broken shards never make training spin)", 64
+    )
+    max_bad_fraction: float = keyed_field(
+        "stop with an error naming the shards when more than this fraction of the samples read is unreadable "
+        "(checked once 100 samples, or a whole pass, have been read)", 0.01
     )
     scale_augment: str = keyed_field(
         "the target's scale augmentation: none; elite (official stage 2: with p 2/3 a side drawn from R/3..R, objects "
@@ -180,6 +184,8 @@ class CropDataConfig:
         if not (len(self.templates) == 1 and self.templates[0] in TEMPLATES) and any("{}" not in t for t in self.templates):
             raise ValueError("every entry of data.templates needs a {} slot for the placeholder (or name one set: "
                              f"{', '.join(TEMPLATES)})")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.shuffle_shards < 0 or self.max_consecutive_failures < 1:
             raise ValueError("data.shuffle_shards must be >= 0 and data.max_consecutive_failures >= 1")
 
@@ -636,6 +642,16 @@ def _rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _check_bad_fraction(bad: int, attempts: int, shards: set[str], limit: float) -> None:
+    """Stop when too many samples were unreadable (a truncated or damaged shard), naming the shards."""
+    if attempts and bad / attempts > limit:
+        names = ", ".join(sorted(shards)[:5]) + (f" and {len(shards) - 5} more" if len(shards) > 5 else "")
+        raise ShardSpecError(
+            f"{bad} of {attempts} crop samples read could not be decoded ({bad / attempts:.1%}, more than "
+            f"data.max_bad_fraction={limit:g}); damaged shard(s): {names}. Rewrite them with `python -m data_prep` "
+            "(a rerun keeps the intact shards), or raise data.max_bad_fraction")
+
+
 class _ReaderBatches(torch.utils.data.IterableDataset):
     """Raw (uint8, stacked) batches of one reader per DataLoader worker, each tagged with the reader and
     the position after it; `first_reader` rotates which reader worker 0 serves (resume mid-cycle)."""
@@ -651,7 +667,9 @@ class _ReaderBatches(torch.utils.data.IterableDataset):
         plan, cfg = self.plans[reader], self.transform.config
         cells = cfg.resolution // self.transform.factor
         samples, failures, skipped = [], 0, 0
+        attempts, bad, bad_shards = 0, 0, set()
         for position, shard, index in reader_positions(self.shards, plan, self.epoch, self.starts[reader]):
+            attempts += 1
             try:
                 raw = self.shards.read(shard, index)
                 image, mask, meta = decode_crop_sample(raw)
@@ -664,10 +682,14 @@ class _ReaderBatches(torch.utils.data.IterableDataset):
                 if skipped <= 5:
                     logger.warning("skipping %s: %s", where, err)
                 if failures >= cfg.max_consecutive_failures:
-                    raise RuntimeError(
+                    raise ShardSpecError(
                         f"{failures} crop samples in a row could not be read (last: {where}: {err}); "
                         "are the shards crop shards of `python -m data_prep`, and intact?"
                     ) from err
+                bad += 1
+                bad_shards.add(self.shards.urls[shard])
+                if attempts >= 100:
+                    _check_bad_fraction(bad, attempts, bad_shards, cfg.max_bad_fraction)
                 continue
             failures = 0
             samples.append(out)
@@ -676,6 +698,7 @@ class _ReaderBatches(torch.utils.data.IterableDataset):
                 batch["_reader"], batch["_next"], batch["_skipped"] = reader, position + 1, skipped
                 samples, skipped = [], 0
                 yield batch
+        _check_bad_fraction(bad, attempts, bad_shards, cfg.max_bad_fraction)  # a whole pass read
 
 
 class CropDataLoader:

@@ -72,9 +72,10 @@ from tqdm.auto import tqdm
 
 from encoders.common.config import ConfigError, config_to_dict, save_config
 from encoders.common.device import mixed_precision_dtype
+from encoders.common.shards import ShardSpecError
 from encoders.common.files import (
     FolderLockedError, OutputPathError, atomic_write, atomic_write_json, atomic_write_text, check_writable_folder,
-    folder_lock,
+    describe_write_error, folder_lock,
 )
 
 from .checkpoints import Checkpointer, read_trainer_state, resolve_checkpoint
@@ -459,6 +460,11 @@ class _Run:
             )
         acc.print(f"resuming from {path}")
         resumed = self.checkpoints.resume(path)
+        if resumed.step > config.max_steps:  # exporting the checkpoint's model as if it were max_steps' would mislead
+            raise ConfigError(
+                f"{path} is at step {resumed.step}, past max_steps={config.max_steps}: nothing would be trained and "
+                f"the step-{resumed.step} model exported as this run's. Set max_steps >= {resumed.step}, resume from an "
+                "earlier checkpoint-N, or use another output_dir")
         overridden = set(config.resume_overrides) & {"learning_rate", "scale_lr", "train_batch_size",
                                                      "gradient_accumulation_steps"}
         if overridden:
@@ -610,8 +616,15 @@ def run_from_command_line(task: TrainingTask) -> Path:
     exit status 2, as errors in the settings themselves are, not a traceback."""
     try:
         return run_training(task)
-    except (ConfigError, OutputPathError, FolderLockedError) as err:
+    except (ConfigError, OutputPathError, FolderLockedError, ShardSpecError) as err:
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:  # a full disk while checkpointing or exporting: complete checkpoints are kept
+        reason = describe_write_error(err)
+        if reason is None:
+            raise
+        print(f"error: cannot write into {task.config.output_dir}: {reason} (complete checkpoints are kept; free "
+              "space and resume with resume_from_checkpoint=latest)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

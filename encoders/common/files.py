@@ -14,6 +14,7 @@ outputs that stayed that way could not be read by colleagues on a shared cluster
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -45,17 +46,48 @@ def _publish_permissions(path: Path) -> None:
         os.chmod(path, FILE_MODE)
 
 
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+_DISK_WORDS = ("No space left on device", "StorageFull", "Disk quota exceeded", "Read-only file system", "ReadOnlyFilesystem")
+
+
+def describe_write_error(err: BaseException) -> str | None:
+    """"no space left on device" (or the like) when `err` is a failed write of the disk's making, else None.
+
+    Libraries report it in their own words (safetensors: "IoError(Os { code: 28, kind: StorageFull ..."),
+    PIL and torch as OSError; all of them are recognised here so every command can say it in one line.
+    """
+    if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+        return err.strerror or os.strerror(err.errno)
+    text = str(err)
+    for word in _DISK_WORDS:
+        if word in text:
+            return {"StorageFull": "No space left on device", "ReadOnlyFilesystem": "Read-only file system"}.get(word, word)
+    cause = err.__cause__ or err.__context__
+    return describe_write_error(cause) if cause is not None and cause is not err else None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp)` on a temporary sibling of `path`, then rename it to `path`; returns `path`."""
+    """Call `write(tmp)` on a temporary sibling of `path`, then rename it to `path`; returns `path`.
+
+    A full disk (or a folder that turned read-only) raises `OutputPathError` naming `path`; the
+    temporary file is removed, and an older `path` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as err:
+        raise OutputPathError(f"cannot write {path}: {describe_write_error(err) or err}") from err
     os.close(fd)
     tmp = Path(name)
     try:
         write(tmp)
         _publish_permissions(tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        reason = describe_write_error(err)
+        if reason is None:
+            raise
+        raise OutputPathError(f"cannot write {path}: {reason}") from err
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -86,10 +118,19 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     On error the temporary folder is deleted and `target` is left as it was.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise OutputPathError(f"cannot write {target}: {describe_write_error(err) or err}") from err
+    try:
+        try:
+            yield tmp
+        except Exception as err:
+            reason = describe_write_error(err)
+            if reason is None:
+                raise
+            raise OutputPathError(f"cannot write {target}: {reason}") from err
         _publish_permissions(tmp)
         if target.is_symlink() or target.is_file():
             target.unlink()

@@ -83,6 +83,12 @@ EXIF_ORIENTATION = 0x0112
 MASK_THRESHOLD = 128  # a mask pixel is object where its brightest channel is >= this (0..255)
 
 
+# The largest photo (in pixels) that `encode`, `generate` and the web demo accept: a 6000 x 6000 photo,
+# more than any camera's default output. Decoding costs ~60 bytes a pixel on the way to the encoder, so a
+# 1 MB JPEG of 8000 x 8000 would take ~4 GB; larger photos are refused with their size, before decoding.
+MAX_IMAGE_PIXELS = 36_000_000
+
+
 class ImageModeError(ValueError):
     """A PIL image mode this project cannot turn into RGB pixels."""
 
