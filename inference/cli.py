@@ -51,6 +51,7 @@ from encoders.common.files import (
 from encoders.common.version import DISTRIBUTION, package_version
 
 from .composition import default_words, parse_token_box, plan_guidance
+from encoders.anchors import coco_class_names
 from .concept import Concept, ConceptFileError
 from .encoding import concept_photos, encode_concept_standalone
 from .finetuned import (
@@ -360,8 +361,18 @@ def _placed_tokens(args, prompt: str, personalized: dict, placeholders: list[str
     words = list(args.guide_word) + [t for t in named if t not in personalized and t not in args.guide_word]
     if args.spatial_guidance and not args.guide_word:
         present = [t for t in personalized if placeholder_in(prompt, t)]
-        candidates = default_words(prompt, location_mlp.vocabulary, exclude=present) if location_mlp.vocabulary else []
+        vocabulary = list(location_mlp.vocabulary or [])
+        candidates = default_words(prompt, vocabulary, exclude=present) if vocabulary else []
+        if not candidates:  # a noun the MLP never saw ("dog") is placed like its nearest known noun
+            candidates = default_words(prompt, coco_class_names(), exclude=present)
         words += [w for w in candidates if w not in words][: max(0, 2 - len(present) - len(words))]
+        unboxed = [t for t in present + words if t not in named]
+        if len(unboxed) == 1:
+            known = ", ".join(vocabulary[:12]) + (" ..." if len(vocabulary) > 12 else "") if vocabulary else "none recorded"
+            raise ConceptInputError(
+                f"--spatial-guidance places two tokens, but {prompt!r} has only {unboxed[0]!r} to place: none of its "
+                f"other words is a noun the location MLP knows (its nouns: {known}) or a COCO object name. Name the "
+                "word to place with --guide-word WORD (it is placed like its nearest known noun), or give --box TOKEN=x0,y0,x1,y1")
     return plan_guidance(prompt, personalized, words, named, location_mlp, pipe)
 
 

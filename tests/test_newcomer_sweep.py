@@ -402,3 +402,28 @@ def test_case12_fine_tunes_take_the_base_models_size_when_no_resolution_is_given
              "initializer_token=pot", f"output_dir={tmp_path / 'run'}", "report_to=none", "max_steps=1",
              "mixed_precision=no", "validation_steps=0"])
     assert "data.resolution not given: 64 px" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prompt, ok", [
+    ("a photo of S* playing with a bus", True),     # not in the MLP's vocabulary, a COCO noun: its nearest noun's layout
+    ("a photo of S* playing with a zorblat", False),  # no noun to place: the error says how to name one
+])
+def test_case11_spatial_guidance_finds_the_prompts_noun_or_says_how_to_name_one(
+        encoders_with_location_mlp, tiny_sd_path, tmp_path, capsys, prompt, ok):
+    """Case 11: --spatial-guidance without --guide-word: a COCO noun of the prompt is placed by its nearest
+    known noun; with none, one line saying which words were looked for and how to name one."""
+    import json  # noqa: PLC0415
+
+    from inference.cli import main as inference_main  # noqa: PLC0415
+
+    concept = Concept(torch.randn(32)).save(tmp_path / "c.safetensors")
+    code = inference_main(["generate", "--base", str(tiny_sd_path), "--encoders", str(encoders_with_location_mlp),
+                           "--concept", str(concept), "--prompt", prompt, "--spatial-guidance", "--steps", "2",
+                           "--quiet", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    if ok:
+        assert code == 0, err
+        placed = json.loads((tmp_path / "out/settings.json").read_text())["prompts"][0]["placed"]
+        assert [p["name"] if "name" in p else p["token"] for p in placed][-1] == "bus"
+    else:
+        assert code == 2 and "--guide-word" in err and "dog, cat, person" in err
