@@ -14,32 +14,61 @@ VENV_FLAGS ?=
 PY := $(VENV)/bin/python
 ACCELERATE := $(VENV)/bin/accelerate
 STAMP := $(VENV)/.installed
-# BASE=sd2 runs every stage on an SD 2.x-style tiny base (48-wide text encoder, v-prediction) into outputs/demo-sd2/;
-# BASE=sdxl on a tiny StableDiffusionXLPipeline (two text encoders, pooled + size conditioning) into outputs/demo-sdxl/
-BASE ?= sd1
-DEMO := outputs/demo$(if $(filter sd1,$(BASE)),,-$(BASE))
+# The demo runs on the trained miniature world by default (BASE=world: encoders/assets/world, written out as real
+# model folders). BASE=sd1 runs every stage on the random tiny SD v1-style bundle and the bundled COCO / DreamBooth
+# photos (outputs/demo-sd1/); BASE=sd2 on an SD 2.x-style one (48-wide text encoder, v-prediction), BASE=sdxl on a
+# tiny StableDiffusionXLPipeline (two text encoders, pooled + size conditioning).
+BASE ?= world
+DEMO := outputs/demo$(if $(filter world,$(BASE)),,-$(BASE))
 M := $(DEMO)/models
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-CONCEPT := tests/data/concepts/dreambooth/teapot/04.jpg
+ifeq ($(BASE),world)
+# a held-out object of the world (red x striped x star is never in its training data), one photo + mask
+CONCEPT_DIR := tests/data/world/red_striped_star
+CONCEPT := $(CONCEPT_DIR)/00.png
+CONCEPT_MASK := $(CONCEPT_DIR)/masks/00.png
+CLASS := star
+BASE_PROMPT := a photo of a red star on a green background
+GEN_PROMPTS := --prompt "a photo of S* on a green background" --prompt "a photo of S* on a white background"
+GUIDE_PROMPT := a red square and a blue heart on a gray background
+GUIDE_WORDS := square heart
+FT_PROMPTS := --prompt "a photo of S* on a blue background" --prompt "a photo of a red star on a blue background"
+WORLD_KEYS := data.clip_size=64
+ELITE_STEPS := 400
+SHARDS_NOTE := crops of the world's training scenes (2,000 images rendered by data_prep world)
+else
+CONCEPT_DIR := tests/data/concepts/dreambooth/teapot
+CONCEPT := $(CONCEPT_DIR)/04.jpg
 CONCEPT_MASK := tests/data/concepts/masks/teapot_04.png
+CLASS := teapot
+BASE_PROMPT := a photo of a dog
+GEN_PROMPTS := --prompt "a photo of S* on the beach" --prompt "a S* in the snow"
+GUIDE_PROMPT := a photo of a person and a bus
+GUIDE_WORDS := person bus
+FT_PROMPTS := --prompt "a photo of S* on the beach" --prompt "a teapot in the snow"
+WORLD_KEYS :=
+ELITE_STEPS := 40
+endif
 # Tiny-model settings shared by the training stages (64 px, single CPU process, no tracker).
 TINY_KEYS := pretrained_model_name_or_path=$(M)/sd image_encoder_name_or_path=$(M)/image_encoder \
-	report_to=none mixed_precision=no resume_from_checkpoint=latest dataloader_num_workers=0
+	report_to=none mixed_precision=no resume_from_checkpoint=latest dataloader_num_workers=0 $(WORLD_KEYS)
 ONE_PROCESS := $(ACCELERATE) launch --config_file configs/accelerate/single_process.yaml --cpu
 
-.PHONY: help install test browser demo bench clean-demo clean \
+.PHONY: help install test browser demo bench clean-demo clean world \
 	demo-models demo-base demo-shards demo-elite demo-generate demo-compose demo-finetune demo-eval
 
 help:
-	@echo "make demo   - run the pipeline end to end on the embedded tiny models (outputs/demo/)"
+	@echo "make demo   - run the pipeline end to end on the trained miniature world (outputs/demo/)"
+	@echo "make demo BASE=sd1 - the same on a random tiny SD v1-style bundle and real photos (outputs/demo-sd1/)"
 	@echo "make demo BASE=sd2 - the same on an SD 2.x-style tiny base (outputs/demo-sd2/)"
 	@echo "make demo BASE=sdxl - the same on an SDXL-style tiny base (outputs/demo-sdxl/)"
 	@echo "make test   - run the tests"
 	@echo "make bench  - run the CPU benchmarks (print tables, write benchmarks/results/*.json)"
+	@echo "make world  - retrain the miniature world's base models from scratch (outputs/world/)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -67,19 +96,37 @@ browser:
 demo: demo-models demo-base demo-shards demo-elite demo-generate demo-compose demo-finetune demo-eval
 	@$(PY) -m inference.demo_report --demo $(DEMO)
 
-# 1. the embedded tiny default: SD-format pipeline, 24-layer CLIP vision, eval CLIP, DINO, DETR
+# 1. the models: the trained world (written out from encoders/assets/world) or a random tiny bundle, plus the
+#    evaluation stand-ins (eval CLIP, DINO, DETR, CLIPSeg; random tiny ones)
 demo-models: $(M)/.done
 $(M)/.done: | $(STAMP)
+ifeq ($(BASE),world)
+	$(PY) -m encoders.world --out $(M)
+	$(PY) -m encoders.tiny --out $(M) --only eval_clip --only dino --only detector --only clipseg
+else
 	$(PY) -m encoders.tiny --out $(M) --kind $(BASE)
+endif
 	@touch $@
 
 # 2. the base pipeline alone, from a plain prompt
 demo-base: $(DEMO)/images/base/settings.json
 $(DEMO)/images/base/settings.json: $(M)/.done
-	$(PY) -m inference generate --base $(M)/sd --prompt "a photo of a dog" --steps 10 --quiet --out $(DEMO)/images/base
+	$(PY) -m inference generate --base $(M)/sd --prompt "$(BASE_PROMPT)" --num-images 4 --steps 25 --quiet \
+		--out $(DEMO)/images/base
 
-# 3. object crops with masks and boxes from the bundled COCO and OpenImages samples, and a contact sheet
+# 3. object crops with masks and boxes, and a contact sheet: the world's training scenes rendered in the COCO
+#    layout (world) or the bundled COCO and OpenImages samples (sd1, sd2, sdxl)
 demo-shards: $(DEMO)/shards/contact_sheet.png
+ifeq ($(BASE),world)
+SHARDS := $(DEMO)/shards/world
+$(DEMO)/shards/contact_sheet.png: | $(STAMP)
+	$(PY) -m data_prep world --out $(DEMO)/world/train --images 2000 --seed 0 --no-progress
+	$(PY) -m data_prep coco --annotations $(DEMO)/world/train/instances.json --images $(DEMO)/world/train/images \
+		--out $(DEMO)/shards/world --config configs/data/world.yaml --workers 2
+	$(PY) -m data_prep inspect $(DEMO)/shards/world --out $(DEMO)/shards/contact_sheet.png --json $(DEMO)/shards/stats.json
+PAIRS_ANNOTATIONS := $(DEMO)/world/train/instances.json
+else
+SHARDS := $(DEMO)/shards/coco::$(DEMO)/shards/openimages
 $(DEMO)/shards/contact_sheet.png: | $(STAMP)
 	$(PY) -m data_prep coco --annotations tests/data/coco_sample/annotations.json \
 		--images tests/data/coco_sample/images --out $(DEMO)/shards/coco --config configs/data/demo.yaml --workers 2
@@ -91,76 +138,95 @@ $(DEMO)/shards/contact_sheet.png: | $(STAMP)
 		--out $(DEMO)/shards/openimages --config configs/data/demo.yaml --workers 2
 	$(PY) -m data_prep inspect $(DEMO)/shards/coco $(DEMO)/shards/openimages \
 		--out $(DEMO)/shards/contact_sheet.png --json $(DEMO)/shards/stats.json
+PAIRS_ANNOTATIONS := tests/data/coco_sample/annotations.json
+endif
 
-# 4. ELITE: global mapping, then local mapping, trained a few steps and exported to encoders/
-ELITE_KEYS := $(TINY_KEYS) train_shards=$(DEMO)/shards/coco::$(DEMO)/shards/openimages export_dir=$(DEMO)/encoders \
-	data.resolution=64 train_batch_size=2 checkpointing_steps=40 checkpoints_total_limit=1 validation_steps=40 logging_steps=10 \
-	validation_inference_steps=10
+# 4. ELITE: global mapping, then local mapping, trained and exported to encoders/
+ELITE_KEYS := $(TINY_KEYS) train_shards=$(SHARDS) export_dir=$(DEMO)/encoders data.resolution=64 train_batch_size=8 \
+	checkpointing_steps=100 checkpoints_total_limit=1 validation_steps=$(ELITE_STEPS) logging_steps=10 \
+	validation_inference_steps=10 mapping_hidden_dim=256
 demo-elite: $(DEMO)/encoders/local_mapping/config.json
 $(DEMO)/encoders/global_mapping/config.json: $(M)/.done $(DEMO)/shards/contact_sheet.png
 	$(ONE_PROCESS) -m training.global_mapping --config configs/train/global_mapping.yaml $(ELITE_KEYS) \
-		output_dir=$(DEMO)/runs/global_mapping max_steps=40 learning_rate=1e-4 scale_lr=false
+		output_dir=$(DEMO)/runs/global_mapping max_steps=$(ELITE_STEPS) learning_rate=1e-3 scale_lr=false
 $(DEMO)/encoders/local_mapping/config.json: $(DEMO)/encoders/global_mapping/config.json
 	$(ONE_PROCESS) -m training.local_mapping --config configs/train/local_mapping.yaml $(ELITE_KEYS) \
-		output_dir=$(DEMO)/runs/local_mapping max_steps=40 learning_rate=1e-4 scale_lr=false \
+		output_dir=$(DEMO)/runs/local_mapping max_steps=$(ELITE_STEPS) learning_rate=1e-3 scale_lr=false \
 		global_mapping_path=$(DEMO)/encoders
 
-# 5. zero-step customization: encode the bundled photo + mask once, generate for two prompts
-demo-generate: $(DEMO)/images/teapot/settings.json
-$(DEMO)/images/teapot.safetensors: $(DEMO)/encoders/local_mapping/config.json
+# 5. zero-step customization: encode one photo + mask once, generate for two prompts
+demo-generate: $(DEMO)/images/concept/settings.json
+$(DEMO)/images/concept.safetensors: $(DEMO)/encoders/local_mapping/config.json
 	$(PY) -m inference encode --encoders $(DEMO)/encoders --base $(M)/sd --image $(CONCEPT) --mask $(CONCEPT_MASK) \
 		--out $@
-$(DEMO)/images/teapot/settings.json: $(DEMO)/images/teapot.safetensors
+$(DEMO)/images/concept/settings.json: $(DEMO)/images/concept.safetensors
 	$(PY) -m inference generate --base $(M)/sd --encoders $(DEMO)/encoders --concept $< \
-		--prompt "a photo of S* on the beach" --prompt "a S* in the snow" --num-images 2 --steps 10 --seed 0 \
-		--quiet --out $(DEMO)/images/teapot
+		$(GEN_PROMPTS) --num-images 4 --steps 25 --seed 0 --quiet --out $(DEMO)/images/concept
 
-# 6. compositional inversion: COCO pairs -> location MLP; a two-object image with guidance off | on
+# 6. compositional inversion: two-object pairs -> location MLP; a two-object image with guidance off | on
 demo-compose: $(DEMO)/images/spatial_guidance.png
-$(DEMO)/encoders/location_mlp/config.json: $(M)/.done $(DEMO)/encoders/local_mapping/config.json
-	$(PY) -m data_prep pairs coco --annotations tests/data/coco_sample/annotations.json \
+$(DEMO)/encoders/location_mlp/config.json: $(M)/.done $(DEMO)/encoders/local_mapping/config.json $(DEMO)/shards/contact_sheet.png
+	$(PY) -m data_prep pairs coco --annotations $(PAIRS_ANNOTATIONS) \
 		--out $(DEMO)/shards/pairs_coco --workers 1 --no-progress
 	$(ONE_PROCESS) -m training.location_mlp --config configs/train/location_mlp.yaml $(TINY_KEYS) \
 		train_shards=$(DEMO)/shards/pairs_coco output_dir=$(DEMO)/runs/location_mlp export_dir=$(DEMO)/encoders \
 		max_steps=150 train_batch_size=8 lr_warmup_steps=0 dropout=0 validation_steps=150 checkpointing_steps=150
 $(DEMO)/images/spatial_guidance.png: $(DEMO)/encoders/location_mlp/config.json
 	$(PY) -m inference guide --base $(M)/sd --location-mlp $(DEMO)/encoders \
-		--prompt "a photo of a person and a bus" --words person bus --steps 10 --guidance-steps 5 --iterations 3 \
+		--prompt "$(GUIDE_PROMPT)" --words $(GUIDE_WORDS) --steps 10 --guidance-steps 5 --iterations 3 \
 		--step-size 1e5 --out $@
 
-# 7. per-concept baselines on the same photos: Textual Inversion and Infusion, a few steps each
-FT_KEYS := $(TINY_KEYS) concept_dir=tests/data/concepts/dreambooth/teapot data.mask_dir=tests/data/concepts/masks \
-	class_word=teapot data.resolution=64 max_steps=12 train_batch_size=2 checkpointing_steps=6 validation_steps=12 \
-	validation_inference_steps=10
+# 7. per-concept baselines on the concept's photos: Textual Inversion and Infusion, a few steps each
+FT_KEYS := $(TINY_KEYS) concept_dir=$(CONCEPT_DIR) class_word=$(CLASS) data.resolution=64 max_steps=12 \
+	train_batch_size=2 checkpointing_steps=6 validation_steps=12 validation_inference_steps=10 \
+	$(if $(filter world,$(BASE)),,data.mask_dir=tests/data/concepts/masks)
 demo-finetune: $(DEMO)/images/finetuned/settings.json
-$(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors: $(M)/.done
+$(DEMO)/finetune/concept_textual_inversion/learned_embeds.safetensors: $(M)/.done
 	$(ONE_PROCESS) -m training.textual_inversion --config configs/finetune/textual_inversion.yaml $(FT_KEYS) \
-		initializer_token=teapot output_dir=$(DEMO)/finetune/teapot_textual_inversion
+		initializer_token=$(CLASS) output_dir=$(DEMO)/finetune/concept_textual_inversion
 # ... the same with the anchor loss (semantic inversion), for the "+ semantic" rows of Compositional Inversion's table
-$(DEMO)/finetune/teapot_textual_inversion_anchors/learned_embeds.safetensors: $(M)/.done
+$(DEMO)/finetune/concept_textual_inversion_anchors/learned_embeds.safetensors: $(M)/.done
 	$(ONE_PROCESS) -m training.textual_inversion --config configs/finetune/textual_inversion.yaml $(FT_KEYS) \
-		initializer_token=teapot anchors.enabled=true output_dir=$(DEMO)/finetune/teapot_textual_inversion_anchors
-$(DEMO)/finetune/teapot_infusion/infusion/config.json: $(M)/.done
+		initializer_token=$(CLASS) anchors.enabled=true output_dir=$(DEMO)/finetune/concept_textual_inversion_anchors
+$(DEMO)/finetune/concept_infusion/infusion/config.json: $(M)/.done
 	$(ONE_PROCESS) -m training.infusion --config configs/finetune/infusion.yaml $(FT_KEYS) \
-		output_dir=$(DEMO)/finetune/teapot_infusion
+		output_dir=$(DEMO)/finetune/concept_infusion
 # ... and their results used through the inference command line (TI: its token S*; Infusion: the class word)
-$(DEMO)/images/finetuned/settings.json: $(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors \
-	$(DEMO)/finetune/teapot_infusion/infusion/config.json
-	$(PY) -m inference generate --base $(M)/sd --finetune $(DEMO)/finetune/teapot_textual_inversion \
-		--finetune $(DEMO)/finetune/teapot_infusion --prompt "a photo of S* on the beach" \
-		--prompt "a teapot in the snow" --steps 10 --num-images 2 --quiet --out $(DEMO)/images/finetuned
+$(DEMO)/images/finetuned/settings.json: $(DEMO)/finetune/concept_textual_inversion/learned_embeds.safetensors \
+	$(DEMO)/finetune/concept_infusion/infusion/config.json
+	$(PY) -m inference generate --base $(M)/sd --finetune $(DEMO)/finetune/concept_textual_inversion \
+		--finetune $(DEMO)/finetune/concept_infusion $(FT_PROMPTS) --steps 10 --num-images 2 --quiet \
+		--out $(DEMO)/images/finetuned
 
 # 8. each paper's evaluation (ELITE's, Compositional Inversion's Table 1, Infusion's), shrunk for a CPU:
 #    base, ELITE (+ spatial), Textual Inversion (+ spatial), Infusion, each with its own sampler; one table per paper
 demo-eval: $(DEMO)/eval/results.md
 $(DEMO)/eval/results.md: $(DEMO)/encoders/local_mapping/config.json \
-	$(DEMO)/finetune/teapot_textual_inversion/learned_embeds.safetensors $(DEMO)/finetune/teapot_infusion/infusion/config.json \
-	$(DEMO)/finetune/teapot_textual_inversion_anchors/learned_embeds.safetensors
+	$(DEMO)/finetune/concept_textual_inversion/learned_embeds.safetensors $(DEMO)/finetune/concept_infusion/infusion/config.json \
+	$(DEMO)/finetune/concept_textual_inversion_anchors/learned_embeds.safetensors
 	$(PY) -m inference.evaluate base=$(M)/sd \
-		runs=$(DEMO)/finetune/teapot_textual_inversion,$(DEMO)/finetune/teapot_textual_inversion_anchors,$(DEMO)/finetune/teapot_infusion \
-		encoders=$(DEMO)/encoders mask_dir=tests/data/concepts/masks elite_image=4 out=$(DEMO)/eval \
+		runs=$(DEMO)/finetune/concept_textual_inversion,$(DEMO)/finetune/concept_textual_inversion_anchors,$(DEMO)/finetune/concept_infusion \
+		encoders=$(DEMO)/encoders $(if $(filter world,$(BASE)),,mask_dir=tests/data/concepts/masks) elite_image=$(if $(filter world,$(BASE)),0,4) out=$(DEMO)/eval \
 		protocol=all num_prompts=2 seeds=0,1 num_inference_steps=8 batch_size=6 fisher_timesteps=250,750 \
 		clip_model=$(M)/eval_clip dino_model=$(M)/dino detector_model=$(M)/detector
+
+# ------------------------------------------------------------------------------------------ world
+# The miniature world's base models, trained from scratch (training.world; see encoders/assets/world/README.md for
+# the times): CLIP, the VAE, the attribute classifier, the UNet; then their quality bars and the shipped files.
+WORLD := outputs/world
+WORLD_RUN := $(PY) -m training.world
+world: $(WORLD)/models/sd/model_index.json
+	$(PY) benchmarks/bench_world.py --models $(WORLD)/models --out $(WORLD)/bench_world.json
+	@echo "to ship these: $(PY) -m training.world_ship --models $(WORLD)/models --metrics $(WORLD)/bench_world.json"
+$(WORLD)/models/clip/config.json: | $(STAMP)
+	$(WORLD_RUN) --config configs/world/clip.yaml
+$(WORLD)/models/vae/config.json: | $(STAMP)
+	$(WORLD_RUN) --config configs/world/vae.yaml
+$(WORLD)/models/classifier/config.json: | $(STAMP)
+	$(WORLD_RUN) --config configs/world/classifier.yaml
+$(WORLD)/models/sd/model_index.json: $(WORLD)/models/clip/config.json $(WORLD)/models/vae/config.json \
+	$(WORLD)/models/classifier/config.json
+	$(WORLD_RUN) --config configs/world/unet.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_data.py

@@ -112,6 +112,29 @@ def _dreambooth_split(work: Path) -> dict[str, Path]:
     return out
 
 
+def build_world_inputs(work: Path, models: str | None, train_images: int, eval_images: int) -> tuple[str, str, str, str]:
+    """The trained miniature world: its models (a folder, else the shipped ones written out under `work`)
+    and crop shards of its train split and of its held-out split (triples no model saw)."""
+    from data_prep.crop_commands import build_coco_shards
+    from data_prep.records import CropSettings
+    from data_prep.world import write_world
+    from encoders.common.config import load_config
+    from encoders.world import write_world_models
+
+    folder = Path(models) if models else work / "models"
+    if not models:
+        write_world_models(folder)
+    settings = load_config(CropSettings, REPO / "configs/data/world.yaml")
+    specs = {}
+    for split, count, seed in (("train", train_images, 0), ("heldout", eval_images, 7)):
+        scenes = work / f"world/{split}"
+        write_world(scenes, count, seed=seed, split=split, progress=False)
+        build_coco_shards(scenes / "instances.json", scenes / "images", work / f"shards/{split}", settings,
+                          shard_size=256, workers=1, progress=False)
+        specs[split] = str(work / f"shards/{split}")
+    return str(folder / "sd"), str(folder / "image_encoder"), specs["train"], specs["heldout"]
+
+
 def build_inputs(work: Path, base: str | None = None, image_encoder: str | None = None,
                  resolution: int = 64) -> tuple[str, str, str, str]:
     """Models (the tiny ones unless `base` / `image_encoder` are given) and the training / held-out crop
@@ -180,7 +203,8 @@ def train(stage: str, out: Path, keys: list[str], log: Path) -> Path:
 class Evaluator:
     """Held-out denoising losses of one set of frozen models under several conditions, paired by draw."""
 
-    def __init__(self, sd_path, image_encoder, eval_spec: str, draws: int, seed: int = 0, resolution: int = 64):
+    def __init__(self, sd_path, image_encoder, eval_spec: str, draws: int, seed: int = 0, resolution: int = 64,
+                 clip_size: int = 224):
         import torch
 
         from encoders.clip_features import CLIPFeatureExtractor, load_clip_normalization
@@ -197,6 +221,7 @@ class Evaluator:
         self.batches = {}
         for order in ("mask_then_resize", "resize_then_mask"):  # the object view as each model was trained
             cfg = CropDataConfig(resolution=resolution, resampled=False, shuffle_shards=0, templates=[CAPTION.replace("S*", "{}")],
+                                 clip_size=clip_size,
                                  caption_prefix_rule="first_char", clip_flip_prob=0, clip_rotation_prob=0, clip_blur_prob=0,
                                  clip_affine_prob=0, object_resize_crop_prob=0, object_rotation_prob=0,
                                  object_translate_prob=0, object_view=order)
@@ -489,14 +514,20 @@ def run(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_learning_"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    sd, image_encoder, train_spec, eval_spec = build_inputs(work, args.base, args.image_encoder, args.resolution)
+    if args.world:
+        sd, image_encoder, train_spec, eval_spec = build_world_inputs(work, args.world_models, args.world_train_images,
+                                                                      args.world_eval_images)
+    else:
+        sd, image_encoder, train_spec, eval_spec = build_inputs(work, args.base, args.image_encoder, args.resolution)
     eval_spec = args.eval_shards or eval_spec
     common = [f"pretrained_model_name_or_path={sd}", f"image_encoder_name_or_path={image_encoder}",
-              f"train_shards={train_spec}", f"data.resolution={args.resolution}", "train_batch_size=4", "scale_lr=false",
-              "mixed_precision=no", "report_to=none", "validation_steps=0", "dataloader_num_workers=0",
-              f"seed={args.seed}", *([] if args.base else ["mapping_hidden_dim=256"])]  # the paper's 1024 for real models
+              f"train_shards={train_spec}", f"data.resolution={args.resolution}", f"train_batch_size={args.batch}",
+              "scale_lr=false", "mixed_precision=no", "report_to=none", "validation_steps=0", "dataloader_num_workers=0",
+              f"seed={args.seed}", *([] if args.base else ["mapping_hidden_dim=256"]),  # the paper's 1024 for real models
+              *([f"data.clip_size={_image_size(image_encoder)}"] if args.world else [])]
     timings = {}
-    ev = Evaluator(sd, image_encoder, eval_spec, args.draws, args.seed, args.resolution)
+    ev = Evaluator(sd, image_encoder, eval_spec, args.draws, args.seed, args.resolution,
+                   _image_size(image_encoder) if args.world else 224)
     results: dict = {"stage1": None, "stage2": {}}
     if "elite" in args.parts:
         elite_results(args, work, common, ev, results, timings)
@@ -507,7 +538,8 @@ def run(args) -> dict:
     results["settings"] = {
         "steps_global": args.steps_global, "steps_local": args.steps_local, "lr_global": args.lr_global,
         "lr_local": args.lr_local, "draws_per_crop": args.draws, "held_out_crops": ev.count, "parts": args.parts,
-        "eval_shards": eval_spec, "train_shards": train_spec, "resolution": args.resolution, "batch": 4, "seed": args.seed,
+        "eval_shards": eval_spec, "train_shards": train_spec, "resolution": args.resolution, "batch": args.batch,
+        "seed": args.seed, "world": bool(args.world),
         "base": sd, "image_encoder": image_encoder,
     }
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
@@ -548,6 +580,12 @@ def elite_results(args, work: Path, common: list[str], ev: Evaluator, results: d
     }
     if "multiphoto" in args.parts:
         results["multiphoto"] = multiphoto_results(args, reference, ev)
+    if args.world:
+        identity = identity_results(reference, ev_sd_path(common), Path(ev_sd_path(common)).parent,
+                                    objects=args.identity_objects)
+        pictures = identity.pop("_pictures")
+        results["identity"] = identity
+        _identity_sheet(pictures, Path(args.out).with_name(Path(args.out).stem + "_identity.png"))
     if args.options == "all":
         for name, keys in OPTIONS:
             folder = train("local_mapping", work / f"local_{len(results['stage2'])}", [*local_keys, *keys],
@@ -559,6 +597,80 @@ def elite_results(args, work: Path, common: list[str], ev: Evaluator, results: d
                 "mean_loss_own": float(opt["own"].mean()),
                 "vs_reference": bootstrap(opt["own"] - ref["own"]),  # < 0: the option denoises better
             }
+
+
+def identity_results(encoders: Path, sd: str, models: Path, objects: int = 16, seeds: int = 2, steps: int = 25,
+                     guidance: float = 4.0, elite_scale: float = 0.6) -> dict:
+    """Identity in generation on the world: each held-out object (a shape x colour x pattern triple no model
+    saw) is encoded from one photo and generated on another background ("a photo of S* on a green
+    background"); the world's classifier reads shape, colour and pattern of the result. The same with
+    the class word alone ("a photo of a star on a green background") and chance, for comparison."""
+    import sys
+
+    from data_prep.world import BACKGROUNDS, COLOURS, HELD_OUT_TRIPLES, PATTERNS, SHAPES, render_object
+    from inference.pipeline import ElitePipeline
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_world import WorldClassifier
+
+    classifier = WorldClassifier(models / "classifier")
+    elite = ElitePipeline.from_pretrained(sd, encoders=str(encoders), device="cpu", dtype=torch_float32(),
+                                          safety_checker=False)
+    elite.pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(11)
+    truths, with_concept, with_class = [], [], []
+    names = list(BACKGROUNDS)
+    for k in range(objects):
+        shape, colour, pattern = HELD_OUT_TRIPLES[k % len(HELD_OUT_TRIPLES)]
+        source_bg, target_bg = rng.choice([b for b in names if b not in (colour,)], 2, replace=False)
+        photo = render_object(shape, colour, pattern, str(source_bg), seed=100 + k)
+        from PIL import Image
+
+        mask = Image.fromarray(photo.objects[0].mask.astype(np.uint8) * 255, "L")
+        concept = elite.encode_concept(photo.image, mask)
+        for seed in range(seeds):
+            out = elite(f"a photo of S* on a {target_bg} background", concepts=concept, elite_scale=elite_scale,
+                        num_inference_steps=steps, guidance_scale=guidance, seed=seed)
+            with_concept.append(out.images[0])
+            plain = elite(f"a photo of a {shape} on a {target_bg} background", num_inference_steps=steps,
+                          guidance_scale=guidance, seed=seed)
+            with_class.append(plain.images[0])
+            truths.append({"shape": shape, "colour": colour, "pattern": pattern, "background": str(target_bg)})
+    groups = ("shape", "colour", "pattern", "background")
+    sizes = {"shape": len(SHAPES), "colour": len(COLOURS), "pattern": len(PATTERNS), "background": len(BACKGROUNDS)}
+
+    def rate(images):
+        readings = classifier.read(images)
+        hits = {g: np.array([r[g] == t[g] for r, t in zip(readings, truths)], dtype=float) for g in groups}
+        return {g: {"rate": float(h.mean()), "ci95": [float(v) for v in np.percentile(
+            np.random.default_rng(0).choice(h, (4000, h.size)).mean(1), [2.5, 97.5])]} for g, h in hits.items()}
+
+    return {"elite": rate(with_concept), "class_word": rate(with_class), "chance": {g: 1 / sizes[g] for g in groups},
+            "images": len(truths), "elite_scale": elite_scale, "steps": steps, "guidance": guidance,
+            "_pictures": (with_concept[: 2 * seeds * 4 : seeds], with_class[: 2 * seeds * 4 : seeds])}
+
+
+def ev_sd_path(common: list[str]) -> str:
+    return next(k.split("=", 1)[1] for k in common if k.startswith("pretrained_model_name_or_path="))
+
+
+def _identity_sheet(pictures, path: Path) -> None:
+    """Top row: generated with the encoded held-out object (S*); bottom row: with its class word alone."""
+    from PIL import Image
+
+    concept, plain = pictures
+    sheet = Image.new("RGB", (len(concept) * 132, 264), "white")
+    for c, (a, b) in enumerate(zip(concept, plain)):
+        sheet.paste(a.resize((128, 128), Image.NEAREST), (c * 132, 0))
+        sheet.paste(b.resize((128, 128), Image.NEAREST), (c * 132, 134))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
 
 
 MULTIPHOTO_CONCEPTS = ("backpack", "berry_bowl", "cat", "dog", "pink_sunglasses", "teapot")
@@ -649,7 +761,31 @@ def table(results: dict) -> str:
             lines.append(row("anchored Textual Inversion: initializer word - learned token", f["anchored_token_vs_initializer"]))
         lines.append(row("Infusion: without - with residuals (class-word prompt)", f["infusion_with_vs_without_residuals"]))
         lines.append(f"| Infusion on a prompt without the class word: largest change | {f['infusion_no_class_word_max_abs_change']:.2e} | | |")
+    ident = results.get("identity")
+    if ident:
+        lines += ["", f"Identity in generation ({ident['images']} images of held-out objects on new backgrounds; "
+                  "the world classifier's reading):", "",
+                  "| attribute kept | S* (encoded photo) | class word alone | chance |", "|---|---|---|---|"]
+        for g in ("shape", "colour", "pattern", "background"):
+            e, c = ident["elite"][g], ident["class_word"][g]
+            lines.append(f"| {g} | {e['rate']:.0%} [{e['ci95'][0]:.0%}, {e['ci95'][1]:.0%}] | "
+                         f"{c['rate']:.0%} [{c['ci95'][0]:.0%}, {c['ci95'][1]:.0%}] | {ident['chance'][g]:.0%} |")
     return "\n".join(lines)
+
+
+def _image_size(image_encoder: str) -> int:
+    return int(json.loads((Path(image_encoder) / "config.json").read_text())["image_size"])
+
+
+def world_available() -> bool:
+    """Whether the trained world ships with this checkout (then `--world` is the default)."""
+    try:
+        from encoders.world import check_assets
+
+        check_assets()
+    except Exception:  # not shipped, or damaged: the tiny random bundle as before
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -671,7 +807,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--base", default=None, help="a Stable Diffusion folder / Hub id instead of the tiny one")
     parser.add_argument("--image-encoder", default=None, help="a CLIP vision folder / Hub id (with --base)")
     parser.add_argument("--resolution", type=int, default=64, help="training and evaluation resolution")
+    parser.add_argument("--batch", type=int, default=4, help="training batch of both ELITE stages and the fine-tunes")
+    world = parser.add_mutually_exclusive_group()
+    world.add_argument("--world", dest="world", action="store_true", default=None,
+                       help="on the trained miniature world (default when it ships): its models, crops of its train "
+                       "split to train, of its held-out triples to measure")
+    world.add_argument("--no-world", dest="world", action="store_false", help="on the random tiny bundle and the bundled photos")
+    parser.add_argument("--world-models", default=None, help="a world models folder (default: the shipped ones)")
+    parser.add_argument("--world-train-images", type=int, default=3000)
+    parser.add_argument("--world-eval-images", type=int, default=100)
+    parser.add_argument("--identity-objects", type=int, default=16, help="world: held-out objects generated for identity")
     args = parser.parse_args(argv)
+    if args.world is None:
+        args.world = args.base is None and world_available()
+    if args.world and "finetunes" in args.parts:
+        args.parts = ",".join(p for p in args.parts.split(",") if p != "finetunes")
+        print("note: --world measures the ELITE stages; the fine-tunes part runs on the DreamBooth photos (--no-world)")
     results = run(args)
     print(table(results))
     path = write_results(results, args.out)

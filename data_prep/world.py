@@ -236,6 +236,22 @@ def scene_labels(scene: Scene) -> np.ndarray:
     return out
 
 
+def render_object(shape: str, colour: str, pattern: str, background: str, seed: int = 0) -> Scene:
+    """One scene of a chosen object on a chosen background (nuisance drawn from `seed`): concept photos."""
+    for name, known in (("shape", SHAPES), ("colour", COLOURS), ("pattern", PATTERNS), ("background", BACKGROUNDS)):
+        if locals()[name] not in known:
+            raise ValueError(f"unknown {name} {locals()[name]!r}; known: {', '.join(known)}")
+    rng = np.random.default_rng([seed, 1_000_003])
+    canvas = np.empty((SIZE, SIZE, 3), dtype=np.float32)
+    canvas[:] = _jitter(BACKGROUNDS[background], rng, hue=0.01, value=0.05)
+    radius = float(rng.uniform(16, 26))
+    cx, cy = (float(rng.uniform(radius + 1, SIZE - radius - 1)) for _ in range(2))
+    obj = _draw_object(canvas, shape, colour, pattern, cx, cy, radius, rng)
+    noise = rng.normal(0, 2.0, canvas.shape).astype(np.float32)
+    image = Image.fromarray(np.clip(canvas + noise, 0, 255).round().astype(np.uint8), "RGB")
+    return Scene(image, background, (obj,))
+
+
 def iter_scenes(seed: int, count: int, split: str = "train", start: int = 0) -> Iterator[tuple[int, Scene]]:
     for index in range(start, start + count):
         yield index, render_scene(seed, index, split)
@@ -286,12 +302,34 @@ def write_world(out: str | Path, images: int, seed: int = 0, split: str = "train
     return summary
 
 
+def write_concept_folder(out: str | Path, shape: str, colour: str, pattern: str, photos: int = 4, seed: int = 0) -> list[Path]:
+    """Photos of one object on different backgrounds, with masks in `masks/` (the layout every fine-tune and
+    `inference encode` reads): a personal concept of the world."""
+    from encoders.common.files import atomic_write, check_writable_folder
+
+    out = Path(out)
+    check_writable_folder(out / "masks", "--out")
+    backgrounds = [b for b in BACKGROUNDS if (colour, b) not in _CLASHES]
+    written = []
+    for k in range(photos):
+        scene = render_object(shape, colour, pattern, backgrounds[(seed + k) % len(backgrounds)], seed=seed * 1000 + k)
+        name = f"{k:02d}.png"
+        atomic_write(out / name, lambda tmp, im=scene.image: im.save(tmp, format="PNG"))
+        mask = Image.fromarray(scene.objects[0].mask.astype(np.uint8) * 255, "L")
+        atomic_write(out / "masks" / name, lambda tmp, im=mask: im.save(tmp, format="PNG"))
+        written.append(out / name)
+    return written
+
+
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder that receives images/, instances.json, captions.json")
     parser.add_argument("--images", type=int, default=2000, help="number of scenes (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="world seed: the same seed draws the same scenes")
     parser.add_argument("--split", choices=SPLITS, default="train",
                         help="train: never the held-out shape x colour x pattern triples; heldout: only those")
+    parser.add_argument("--object", metavar="COLOUR,PATTERN,SHAPE", default=None,
+                        help="instead of a COCO folder: --images photos of this one object on different backgrounds, "
+                        "with masks/ (a concept folder for encode and the fine-tunes), e.g. red,striped,star")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -304,6 +342,20 @@ def _register() -> None:
             from encoders.common.config import ConfigError
 
             raise ConfigError(f"--images must be at least 1, got {args.images}")
+        if args.object:
+            parts = [p.strip() for p in args.object.split(",")]
+            if len(parts) != 3:
+                from encoders.common.config import ConfigError
+
+                raise ConfigError(f"--object takes COLOUR,PATTERN,SHAPE (e.g. red,striped,star), got {args.object!r}")
+            try:
+                photos = write_concept_folder(args.out, parts[2], parts[0], parts[1], args.images, args.seed)
+            except ValueError as err:
+                from encoders.common.config import ConfigError
+
+                raise ConfigError(f"--object {args.object}: {err}") from None
+            print(f"world: {len(photos)} photos of a {' '.join(parts)} with masks/ in {args.out}")
+            return 0
         summary = write_world(args.out, args.images, args.seed, args.split, progress=not args.no_progress)
         print(f"world: {summary['images']} images, {summary['objects']} objects ({args.split}) in {args.out}")
         return 0

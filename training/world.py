@@ -64,6 +64,9 @@ class WorldConfig(TrainConfig):
     pool_size: int = keyed_field("scenes rendered once and drawn from at random", 20000)
     empty_caption_prob: float = keyed_field("unet: fraction of empty captions (for classifier-free guidance)", 0.1)
     kl_weight: float = keyed_field("vae: weight of the KL term (SD's VAE: 1e-6)", 1e-6)
+    shape_groups: int = keyed_field(
+        "clip: each batch holds groups of this many scenes that differ only in shape (same colour, pattern, background, "
+        "drawn fresh), so the contrastive loss must tell shapes apart; 0: random pool batches only", 0)
     clip_path: Optional[str] = keyed_field("unet/vae: the clip stage's export (default <export_dir>/clip)", None)
     vae_path: Optional[str] = keyed_field("unet: the vae stage's export (default <export_dir>/vae)", None)
 
@@ -214,12 +217,34 @@ class WorldTask(TrainingTask):
             index = torch.from_numpy(indices)
             return {"mean": self.latents["mean"][index].float(), "std": self.latents["std"][index].float(),
                     "input_ids": self._tokens(captions)}
-        batch = {"pixels": images_to_tensor(self.pool["images"][indices])}
+        images = self.pool["images"][indices]
+        if cfg.stage == "clip" and cfg.shape_groups > 1:
+            images, captions = self._shape_groups(len(indices), rng)
+        batch = {"pixels": images_to_tensor(images)}
         if cfg.stage == "classifier":
             batch["labels"] = torch.from_numpy(self.pool["labels"][indices])
         if cfg.stage == "clip":
             batch["input_ids"] = self._tokens(captions)
         return batch
+
+    def _shape_groups(self, size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+        """`size` scenes in groups of `shape_groups` sharing colour, pattern and background, each group's shapes
+        distinct; only train-split triples (the held-out ones stay unseen)."""
+        from data_prep.world import BACKGROUNDS, COLOURS, HELD_OUT_TRIPLES, PATTERNS, SHAPES, _CLASHES, render_object
+
+        group = self.config.shape_groups
+        images, captions = [], []
+        while len(images) < size:
+            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+            pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+            backgrounds = [b for b in BACKGROUNDS if (colour, b) not in _CLASHES]
+            background = backgrounds[int(rng.integers(len(backgrounds)))]
+            shapes = [s for s in SHAPES if (s, colour, pattern) not in HELD_OUT_TRIPLES]
+            for shape in rng.permutation(shapes)[:group]:
+                scene = render_object(str(shape), colour, pattern, background, seed=int(rng.integers(2**31)))
+                images.append(np.asarray(scene.image))
+                captions.append(scene.caption)
+        return np.stack(images[:size]), captions[:size]
 
     # ---- losses ---------------------------------------------------------------------------------
     def training_step(self, models, batch, generator):

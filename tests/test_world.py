@@ -1,0 +1,139 @@
+"""The miniature world: its renderer, its recipe, the shipped base models, and what is learned on them.
+
+The learning tests train for seconds to minutes on the shipped models and assert directions that a
+broken method would lose (the base follows a colour word; stage 1's own words beat another crop's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.world import (
+    ATTRIBUTE_LABELS, HELD_OUT_TRIPLES, render_object, render_scene, scene_labels, write_concept_folder, write_world,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_scenes_are_a_pure_function_of_seed_index_and_split():
+    a, b = render_scene(3, 17, "train"), render_scene(3, 17, "train")
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.caption == b.caption
+    assert not np.array_equal(np.asarray(a.image), np.asarray(render_scene(4, 17, "train").image))
+
+
+def test_train_never_shows_a_held_out_triple_and_heldout_shows_only_those():
+    held = set(HELD_OUT_TRIPLES)
+    assert len(held) == 32
+    for index in range(200):
+        for obj in render_scene(0, index, "train").objects:
+            assert (obj.shape, obj.colour, obj.pattern) not in held
+        for obj in render_scene(0, index, "heldout").objects:
+            assert (obj.shape, obj.colour, obj.pattern) in held
+
+
+def test_captions_say_what_is_drawn_and_labels_match():
+    scene = render_object("star", "red", "striped", "blue", seed=1)
+    assert scene.caption == "a photo of a red striped star on a blue background"
+    labels = scene_labels(scene)
+    on = {ATTRIBUTE_LABELS[i] for i in np.flatnonzero(labels)}
+    assert on == {"background:blue", "colour:red", "shape:star", "pattern:striped"}
+    pixels = np.asarray(scene.image)[scene.objects[0].mask]
+    assert pixels[:, 0].mean() > 2 * pixels[:, 2].mean()  # red, not blue
+    assert render_object("circle", "green", "plain", "gray").caption == "a photo of a green circle on a gray background"
+
+
+def test_the_world_folder_is_read_by_the_coco_source(tmp_path):
+    from data_prep.records import CropSettings
+    from data_prep.sources.coco import read_coco
+
+    summary = write_world(tmp_path / "w", 24, seed=2, progress=False)
+    records, report = read_coco(tmp_path / "w/instances.json", tmp_path / "w/images", CropSettings(min_side=4))
+    assert summary["objects"] == len(records) + sum(report.skipped.values())
+    assert {r.category for r in records} <= {"circle", "square", "triangle", "star", "heart", "cross", "diamond", "hexagon"}
+    captions = json.loads((tmp_path / "w/captions.json").read_text())["annotations"]
+    assert len(captions) == 24 and all(c["caption"].endswith("background") for c in captions)
+
+
+def test_concept_folders_have_photos_and_masks(tmp_path):
+    from inference.inputs import load_concept_image
+
+    photos = write_concept_folder(tmp_path / "c", "heart", "purple", "striped", photos=3, seed=5)
+    assert len(photos) == 3
+    concept = load_concept_image(photos[0], tmp_path / "c/masks" / photos[0].name)
+    assert 0.05 < concept.mask_fraction < 0.9
+
+
+def test_world_command_line_refuses_an_unknown_object(tmp_path, capsys):
+    from data_prep.cli import main
+
+    assert main(["world", "--object", "red,striped,octopus", "--out", str(tmp_path / "c")]) == 2
+    assert "unknown shape 'octopus'" in capsys.readouterr().err
+
+
+# ---- the recipe -----------------------------------------------------------------------------------------------
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def test_the_recipe_trains_every_stage_and_exports_real_model_folders(tmp_path, fresh_accelerate_state):
+    """Every stage of `python -m training.world` runs a few steps (shared loop) and the unet stage writes a
+    `StableDiffusionPipeline` folder and a `CLIPVisionModel` folder that the real loaders read."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPVisionModel
+
+    from encoders.common.config import parse_config_cli
+    from training.loop import run_training
+    from training.world import WorldConfig, WorldTask
+
+    common = [f"export_dir={tmp_path / 'models'}", "pool_size=48", "max_steps=2", "train_batch_size=8", "report_to=none",
+              "mixed_precision=no", "checkpointing_steps=2"]
+    for stage in ("clip", "vae", "classifier", "unet"):
+        config = parse_config_cli(WorldConfig, [f"stage={stage}", f"output_dir={tmp_path / stage}", *common,
+                                                *(["shape_groups=4"] if stage == "clip" else [])])
+        run_training(WorldTask(config))
+        _reset_accelerate()  # each stage is its own run, as on the command line
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "models/sd", safety_checker=None)
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    image = pipe("a photo of a red star on a gray background", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    assert CLIPVisionModel.from_pretrained(tmp_path / "models/image_encoder").config.image_size == 64
+
+
+# ---- the shipped base -----------------------------------------------------------------------------------------
+
+def test_the_shipped_files_match_the_hashes_on_their_card():
+    from encoders.world import ASSETS, PARTS, check_assets
+
+    hashes = check_assets()
+    assert {f"{part}.safetensors" for part in PARTS} <= set(hashes)
+    total = sum((ASSETS / name).stat().st_size for name in hashes)
+    assert total < 20e6  # small enough to ship in the repository
+
+
+@pytest.fixture(scope="session")
+def world_models(tmp_path_factory) -> Path:
+    from encoders.world import write_world_models
+
+    root = tmp_path_factory.mktemp("world_models")
+    write_world_models(root)
+    return root
+
+
+def test_written_out_models_equal_the_shipped_weights(world_models):
+    from diffusers import UNet2DConditionModel
+
+    from encoders.world import load_part
+
+    shipped = load_part("unet")
+    written = UNet2DConditionModel.from_pretrained(world_models / "sd", subfolder="unet")
+    for (name, a), (_, b) in zip(shipped.state_dict().items(), written.state_dict().items()):
+        assert torch.equal(a, b), name
