@@ -101,3 +101,25 @@ def test_the_launchers_mixed_precision_decides(tmp_path):
     key = _run(1, [f"output_dir={tmp_path / 'key'}", *COMMON[:-1], "max_steps=1", "mixed_precision=no"],
                mixed_precision="bf16")
     assert key.returncode == 0 and (tmp_path / "key" / "dtype-rank0.txt").read_text() == "torch.float32"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_launch_wrapper_turns_sigterm_into_a_checkpoint_and_exit_75(tmp_path, processes):
+    """Sweep case 8: `accelerate launch` itself exits 143 on SIGTERM; `python -m training.launch` (the same
+    arguments) forwards the stop to the trainers and exits 75 once they have checkpointed."""
+    run_dir = tmp_path / "run"
+    cmd, env = _command(processes, [f"output_dir={run_dir}", "step_sleep=0.3", *COMMON])
+    cmd = [sys.executable, "-m", "training.launch", *cmd[3:]]  # the same accelerate launch arguments
+    env["PYTHONPATH"] = f"{HERE.parent}{os.pathsep}{HERE}"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE.parent)
+    deadline = time.time() + 300
+    progress = [run_dir / f"progress-rank{r}.txt" for r in range(processes)]
+    while time.time() < deadline and not all(p.is_file() and int(p.read_text() or 0) >= 2 for p in progress):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler's `kill` / time limit does to the job's command
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    step = json.loads((run_dir / PREEMPTED_FILE).read_text())["step"]
+    assert (run_dir / f"checkpoint-{step}" / "trainer_state.json").is_file()

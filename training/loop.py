@@ -565,6 +565,9 @@ class _Run:
             })
             acc.print(f"[{self.task.name}] {signal_name}: stopped after step {step} with a checkpoint; "
                       f"exit status {EXIT_PREEMPTED} (resume_from_checkpoint=latest continues)")
+            marker = os.environ.get("ZSP_PREEMPTED_MARKER")  # set by `python -m training.launch`
+            if marker:
+                atomic_write_text(Path(marker), f"{step}\n")
         acc.wait_for_everyone()
         acc.end_training()
         raise TrainingPreempted(step, signal_name)
