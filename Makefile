@@ -55,7 +55,7 @@ ELITE_STEPS := 40
 endif
 # Tiny-model settings shared by the training stages (64 px, single CPU process, no tracker).
 TINY_KEYS := pretrained_model_name_or_path=$(M)/sd image_encoder_name_or_path=$(M)/image_encoder \
-	report_to=none mixed_precision=no resume_from_checkpoint=latest dataloader_num_workers=0 $(WORLD_KEYS)
+	report_to=none mixed_precision=no resume_from_checkpoint=latest dataloader_num_workers=0
 ONE_PROCESS := $(ACCELERATE) launch --config_file configs/accelerate/single_process.yaml --cpu
 
 .PHONY: help install test browser demo bench clean-demo clean world \
@@ -142,7 +142,7 @@ PAIRS_ANNOTATIONS := tests/data/coco_sample/annotations.json
 endif
 
 # 4. ELITE: global mapping, then local mapping, trained and exported to encoders/
-ELITE_KEYS := $(TINY_KEYS) train_shards=$(SHARDS) export_dir=$(DEMO)/encoders data.resolution=64 train_batch_size=8 \
+ELITE_KEYS := $(TINY_KEYS) $(WORLD_KEYS) train_shards=$(SHARDS) export_dir=$(DEMO)/encoders data.resolution=64 train_batch_size=8 \
 	checkpointing_steps=100 checkpoints_total_limit=1 validation_steps=$(ELITE_STEPS) logging_steps=10 \
 	validation_inference_steps=10 mapping_hidden_dim=256
 demo-elite: $(DEMO)/encoders/local_mapping/config.json
@@ -187,7 +187,8 @@ $(DEMO)/finetune/concept_textual_inversion/learned_embeds.safetensors: $(M)/.don
 # ... the same with the anchor loss (semantic inversion), for the "+ semantic" rows of Compositional Inversion's table
 $(DEMO)/finetune/concept_textual_inversion_anchors/learned_embeds.safetensors: $(M)/.done
 	$(ONE_PROCESS) -m training.textual_inversion --config configs/finetune/textual_inversion.yaml $(FT_KEYS) \
-		initializer_token=$(CLASS) anchors.enabled=true output_dir=$(DEMO)/finetune/concept_textual_inversion_anchors
+		initializer_token=$(CLASS) anchors.enabled=true output_dir=$(DEMO)/finetune/concept_textual_inversion_anchors \
+		$(if $(filter world,$(BASE)),anchors.vocabulary=configs/world/anchor_words.txt)
 $(DEMO)/finetune/concept_infusion/infusion/config.json: $(M)/.done
 	$(ONE_PROCESS) -m training.infusion --config configs/finetune/infusion.yaml $(FT_KEYS) \
 		output_dir=$(DEMO)/finetune/concept_infusion

@@ -276,7 +276,14 @@ class AnchorRegularizer(torch.nn.Module):
         vocab = list(words) if words is not None and not isinstance(words, (str, Path)) else load_vocabulary(words)
         first = tokenizer[0] if isinstance(tokenizer, (list, tuple)) else tokenizer
         kwargs.setdefault("sequence_length", int(getattr(first, "model_max_length", 77)))
-        return cls(vocab, embed_words(vocab, tokenizer, text_encoder).float(), **kwargs)
+        embeddings = embed_words(vocab, tokenizer, text_encoder).float()
+        empty = [w for w, row in zip(vocab, embeddings) if not bool(row.abs().sum())]
+        if empty:  # e.g. COCO's names on a base trained without them (the miniature world stores them as zeros)
+            raise ValueError(
+                f"the text encoder has no embedding for the anchor word(s) {', '.join(map(repr, empty[:5]))}"
+                f"{' ...' if len(empty) > 5 else ''} (all zeros): choose anchors it knows with anchors.vocabulary=FILE "
+                "(one word a line; the miniature world's: configs/world/anchor_words.txt)")
+        return cls(vocab, embeddings, **kwargs)
 
     def code(self, embedding: torch.Tensor) -> torch.Tensor:
         """The sparse code `[B, K]` of `embedding` (non-negative, at most `max_active` non-zeros per row)."""
