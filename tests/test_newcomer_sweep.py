@@ -427,3 +427,38 @@ def test_case11_spatial_guidance_finds_the_prompts_noun_or_says_how_to_name_one(
         assert [p["name"] if "name" in p else p["token"] for p in placed][-1] == "bus"
     else:
         assert code == 2 and "--guide-word" in err and "dog, cat, person" in err
+
+
+def test_case7_an_embedding_of_another_width_names_both_widths(tmp_path, tiny_sd_path):
+    """Case 7: an SD 2 (1024-wide) embedding on a 32-wide base: both widths in the message, not diffusers'
+    unformatted text."""
+    import json  # noqa: PLC0415
+
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from inference.finetuned import FinetuneFolderError, load_embedding, read_finetune  # noqa: PLC0415
+
+    folder = tmp_path / "sd2_ti"
+    folder.mkdir()
+    save_file({"S*": torch.randn(1, 1024)}, folder / "learned_embeds.safetensors")
+    (folder / "concept.json").write_text(json.dumps({
+        "method": "textual_inversion", "placeholder_token": "S*", "class_word": "dog",
+        "base_model": "stabilityai/stable-diffusion-2-1-base", "files": {"embeddings": "learned_embeds.safetensors"}}))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    with pytest.raises(FinetuneFolderError, match=r"1024 wide, but this base's text encoder takes 32-wide") as err:
+        load_embedding(pipe, read_finetune(folder))
+    assert "{" not in str(err.value)
+
+
+def test_case7_a_shard_spec_error_is_one_line(tiny_sd_path, tiny_image_encoder_path, tmp_path, capsys,
+                                              fresh_accelerate_state):
+    """Case 7: train_shards that match nothing: one error line and exit 2 from the trainer, no traceback."""
+    from training.global_mapping import main as global_main  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as stop:
+        global_main([f"pretrained_model_name_or_path={tiny_sd_path}", f"image_encoder_name_or_path={tiny_image_encoder_path}",
+                     f"train_shards={tmp_path / 'none-*.tar'}", f"output_dir={tmp_path / 'run'}", "report_to=none",
+                     "max_steps=1", "mixed_precision=no"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "no shards found" in err and "Traceback" not in err
