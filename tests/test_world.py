@@ -137,3 +137,64 @@ def test_written_out_models_equal_the_shipped_weights(world_models):
     written = UNet2DConditionModel.from_pretrained(world_models / "sd", subfolder="unet")
     for (name, a), (_, b) in zip(shipped.state_dict().items(), written.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# ---- what is learned on it ------------------------------------------------------------------------------------
+
+def _classifier(world_models: Path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_world import WorldClassifier
+
+    return WorldClassifier(world_models / "classifier")
+
+
+def test_the_base_follows_a_colour_word(world_models):
+    """The shipped UNet draws the colour its caption names: the world classifier reads it back far above chance."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(world_models / "sd", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = _classifier(world_models)
+    hits = 0
+    prompts = [(c, f"a photo of a {c} circle on a gray background") for c in ("red", "blue", "yellow", "green")]
+    for colour, prompt in prompts:
+        images = pipe([prompt] * 3, num_inference_steps=20, guidance_scale=4.0,
+                      generator=[torch.Generator().manual_seed(k) for k in range(3)]).images
+        hits += sum(r["colour"] == colour for r in classifier.read(images))
+    assert hits >= 8, f"{hits} of 12 images show the colour their caption asks for (chance: 1.5)"
+
+
+STAGE1_STEPS = 300
+
+
+@pytest.mark.slow
+def test_stage1_own_words_beat_another_objects_words_on_held_out_objects(world_models, tmp_path):
+    """ELITE stage 1 trained briefly on the world's crops: on crops of held-out objects, the crop's own word w0
+    denoises better than another crop's (paired draws; the bootstrap interval excludes zero)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_learning as bench
+    from data_prep.crop_commands import build_coco_shards
+    from data_prep.records import CropSettings
+    from encoders.common.config import load_config
+
+    settings = load_config(CropSettings, REPO / "configs/data/world.yaml")
+    specs = {}
+    for split, count, seed in (("train", 1500, 0), ("heldout", 40, 7)):
+        write_world(tmp_path / split, count, seed=seed, split=split, progress=False)
+        build_coco_shards(tmp_path / split / "instances.json", tmp_path / split / "images", tmp_path / f"shards_{split}",
+                          settings, shard_size=512, workers=1, progress=False)
+        specs[split] = str(tmp_path / f"shards_{split}")
+    sd, image_encoder = world_models / "sd", world_models / "image_encoder"
+    keys = [f"pretrained_model_name_or_path={sd}", f"image_encoder_name_or_path={image_encoder}",
+            f"train_shards={specs['train']}", "data.resolution=64", "data.clip_size=64", "train_batch_size=8",
+            "scale_lr=false", "mixed_precision=no", "report_to=none", "validation_steps=0", "mapping_hidden_dim=256",
+            f"max_steps={STAGE1_STEPS}", "learning_rate=1e-3", "checkpointing_steps=1000"]
+    encoders = bench.train("global_mapping", tmp_path / "global", keys, tmp_path / "global.log")
+    evaluator = bench.Evaluator(sd, image_encoder, specs["heldout"], draws=6, seed=0, resolution=64, clip_size=64)
+    losses = bench.evaluate_global(evaluator, encoders)
+    gain = bench.bootstrap(losses["shuffled"] - losses["own"])
+    assert gain["n"] >= 256 and gain["ci95"][0] > 0, gain

@@ -1,6 +1,6 @@
 """Ship the trained miniature world: fp16 safetensors + configs + a model card into `encoders/assets/world/`.
 
-    python -m training.world_ship --models outputs/world/models --runs outputs/world/runs \
+    python -m training.world_ship --models outputs/world/models --logs outputs/world/logs \
         --metrics benchmarks/results/bench_world.json --out encoders/assets/world
 
 Reads the exports of `python -m training.world` (sd/, clip/, classifier/), writes one fp16 file and
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -63,16 +64,21 @@ def collect(models: Path) -> dict[str, tuple[dict, dict]]:
     }
 
 
-def run_summary(runs: Path, stage: str) -> dict:
-    """A stage's resolved config (steps, batch, lr...) and wall time from its run folder."""
-    folder = runs / stage
-    config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    seconds = (max(p.stat().st_mtime for p in files) - min(p.stat().st_mtime for p in files)) if files else None
-    return {"config": config, "wall_seconds": None if seconds is None else round(seconds)}
+def run_summary(models: Path, logs: Path | None, stage: str) -> dict:
+    """A stage's resolved config as exported beside the models (steps, batch, lr...), and its wall time: the
+    elapsed time of the finished progress bar in each `logs/<stage>*.log` (a resumed run adds its own)."""
+    path = models / f"training_config_world_{stage}.yaml"
+    config = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    seconds = 0
+    for log in sorted(logs.glob(f"{stage}*.log")) if logs else []:
+        found = re.findall(rf"world_{stage}: 100%[^\[]*\[(\d+):(\d+)(?::(\d+))?<", log.read_text(errors="replace"))
+        if found:
+            parts = [int(v) for v in found[-1] if v]
+            seconds += parts[0] * 3600 + parts[1] * 60 + parts[2] if len(parts) == 3 else parts[0] * 60 + parts[1]
+    return {"config": config, "wall_seconds": seconds or None}
 
 
-def card(hashes: dict[str, str], runs: dict[str, dict], metrics: dict | None, commit: str) -> str:
+def card(hashes: dict[str, str], runs: dict[str, dict], metrics: dict | None, commit: str, notes: str = "") -> str:
     lines = [
         "---", "license: mit", "tags: [miniature-world, stable-diffusion, clip, from-scratch]", "---", "",
         "# The miniature world's base models",
@@ -103,6 +109,8 @@ def card(hashes: dict[str, str], runs: dict[str, dict], metrics: dict | None, co
         lines.append(f"| {stage} | {c.get('max_steps')} | {c.get('train_batch_size')} | {c.get('learning_rate')} "
                      f"({c.get('lr_scheduler')}) | {c.get('world_seed')} | {c.get('pool_size')} | "
                      f"{'?' if wall is None else f'{wall / 60:.0f} min'} |")
+    if notes:
+        lines += ["", notes]
     if metrics:
         groups = ("background", "colour", "shape", "pattern")
         lines += ["", "## Quality (`benchmarks/bench_world.py`, held-out triples)", "",
@@ -122,13 +130,13 @@ def card(hashes: dict[str, str], runs: dict[str, dict], metrics: dict | None, co
     return "\n".join(lines) + "\n"
 
 
-def ship(models: Path, runs: Path, out: Path, metrics_path: Path | None) -> Path:
+def ship(models: Path, logs: Path | None, out: Path, metrics_path: Path | None, notes: str = "") -> Path:
     from safetensors.torch import save_file
 
     parts = collect(models)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "?"
     metrics = json.loads(metrics_path.read_text()) if metrics_path and metrics_path.is_file() else None
-    summaries = {stage: run_summary(runs, stage) for stage in ("clip", "vae", "unet", "classifier")}
+    summaries = {stage: run_summary(models, logs, stage) for stage in ("clip", "vae", "unet", "classifier")}
     with atomic_directory(out) as tmp:
         hashes = {}
         for part in PARTS:
@@ -137,7 +145,7 @@ def ship(models: Path, runs: Path, out: Path, metrics_path: Path | None) -> Path
             (tmp / f"{part}.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
             for name in (f"{part}.safetensors", f"{part}.json"):
                 hashes[name] = sha256(tmp / name)
-        (tmp / "README.md").write_text(card(hashes, summaries, metrics, commit))
+        (tmp / "README.md").write_text(card(hashes, summaries, metrics, commit, notes))
         (tmp / "runs.json").write_text(json.dumps({"shipped": datetime.date.today().isoformat(), **summaries},
                                                   indent=1, default=str) + "\n")
     return out
@@ -146,11 +154,13 @@ def ship(models: Path, runs: Path, out: Path, metrics_path: Path | None) -> Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.world_ship", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="outputs/world/models")
-    parser.add_argument("--runs", default="outputs/world/runs")
+    parser.add_argument("--logs", default="outputs/world/logs", help="the stages' console logs (for their wall times)")
+    parser.add_argument("--notes", default="", help="a paragraph for the card (e.g. how a stage was resumed)")
     parser.add_argument("--metrics", default="benchmarks/results/bench_world.json")
     parser.add_argument("--out", default="encoders/assets/world")
     args = parser.parse_args(argv)
-    print(f"shipped the world's models to {ship(Path(args.models), Path(args.runs), Path(args.out), Path(args.metrics))}")
+    out = ship(Path(args.models), Path(args.logs), Path(args.out), Path(args.metrics), args.notes)
+    print(f"shipped the world's models to {out}")
     return 0
 
 
