@@ -80,7 +80,7 @@ def run_summary(models: Path, logs: Path | None, stage: str) -> dict:
 
 def card(hashes: dict[str, str], runs: dict[str, dict], metrics: dict | None, commit: str, notes: str = "") -> str:
     lines = [
-        "---", "license: mit", "tags: [miniature-world, stable-diffusion, clip, from-scratch]", "---", "",
+        "---", "license: apache-2.0", "tags: [miniature-world, stable-diffusion, clip, from-scratch]", "---", "",
         "# The miniature world's base models",
         "",
         "Trained from scratch on this repository's procedural object world (`python -m data_prep world`: 8 shapes x 8 "
@@ -98,7 +98,7 @@ def card(hashes: dict[str, str], runs: dict[str, dict], metrics: dict | None, co
         "",
         "## How they were made",
         "",
-        f"Commit `{commit}`, on 2 CPU cores (one thread per stage). Each stage: `python -m training.world --config "
+        f"Commit `{commit}`, on a 2-core CPU VM (one or two threads per stage, stages sharing the cores). Each stage: `python -m training.world --config "
         "configs/world/<stage>.yaml` (`make world` runs them in order).",
         "",
         "| stage | steps | batch | learning rate | world seed | pool | wall time |", "|---|---|---|---|---|---|---|",
