@@ -3,7 +3,10 @@
     .venv/bin/python benchmarks/bench_learning.py [--out results.json] [--steps-global N] [--steps-local N]
         [--eval-shards SPEC] [--options all|none]        # ~20 minutes on 2 cores with the defaults
 
-Tiny models (random init, fixed seed), CPU, fp32; the tiny VAE gets a near-point posterior and unit-
+With `--world` (the default when the trained miniature world ships, `docs/world.md`): its models, ELITE
+trained on crops of its training scenes and measured on crops of its held-out objects, plus identity
+in generation (the world classifier reads shape, colour and pattern of generated held-out objects);
+the fine-tunes part then runs only with `--no-world`. With `--no-world`: tiny models (random init, fixed seed), CPU, fp32; the tiny VAE gets a near-point posterior and unit-
 variance latents first (`calibrate_latent_scale`: a random VAE's posterior noise buries the images).
 Crops: the bundled COCO sample and the DreamBooth
 concept photos (each photo one object, its box the central 80 %), split by image into a training and
