@@ -462,3 +462,23 @@ def test_case7_a_shard_spec_error_is_one_line(tiny_sd_path, tiny_image_encoder_p
                      "max_steps=1", "mixed_precision=no"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "no shards found" in err and "Traceback" not in err
+
+
+def test_case9_the_web_demo_refuses_oversized_uploads_while_decoding(tmp_path, monkeypatch):
+    """Case 9: with the web demo's limits on, PIL refuses an image over the shared pixel limit as Gradio opens
+    it (before the pixels are decoded), and Gradio gets a file-size limit."""
+    import warnings  # noqa: PLC0415
+
+    from encoders.common.images import MAX_IMAGE_PIXELS  # noqa: PLC0415
+    from inference import app  # noqa: PLC0415
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 16
+    Image.new("1", (side, side), 0).save(tmp_path / "big.png")
+    Image.new("RGB", (640, 480), "red").save(tmp_path / "photo.png")
+    with warnings.catch_warnings():
+        app.limit_uploads()
+        with pytest.raises((Image.DecompressionBombWarning, Image.DecompressionBombError)):
+            Image.open(tmp_path / "big.png")
+        assert Image.open(tmp_path / "photo.png").size == (640, 480)
+    assert app.MAX_UPLOAD == "20mb"
