@@ -56,7 +56,7 @@ def _generate(tmp_path, tiny_sd_path, *extra) -> list[str]:
     ("--width", "4", "between 8 and 8192"),
     ("--num-images", "0", "at least 1"),
     ("--steps", "0", "at least 1"),
-    ("--seed", "1.5", "invalid int value"),
+    ("--seed", "1.5", "is not an integer"),
 ])
 def test_bad_numbers_are_refused_before_any_model_loads(option, value, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -157,13 +157,16 @@ def test_tiny_objects_and_photos_are_refused(tmp_path):
         load_concept_image(tmp_path / "one.png")
 
 
-def test_a_very_large_photo_is_read(tmp_path):
-    big = Image.new("RGB", (8000, 8000), (90, 90, 90))
-    big.paste((250, 10, 10), (3000, 3000, 5000, 5000))
-    mask = Image.new("L", (8000, 8000), 0)
-    mask.paste(255, (3000, 3000, 5000, 5000))
+def test_a_very_large_photo_is_read_up_to_the_pixel_limit(tmp_path):
+    """A 30-megapixel photo is read; 8000 x 8000 (64 M, ~4 GB on the way to the encoder) is over the shared limit."""
+    big = Image.new("RGB", (6000, 5000), (90, 90, 90))
+    big.paste((250, 10, 10), (3000, 3000, 5000, 4000))
+    mask = Image.new("L", (6000, 5000), 0)
+    mask.paste(255, (3000, 3000, 5000, 4000))
     concept = load_concept_image(big, mask)
-    assert concept.image.size == (8000, 8000) and np.asarray(concept.mask).any()
+    assert concept.image.size == (6000, 5000) and np.asarray(concept.mask).any()
+    with pytest.raises(ConceptInputError, match="8000x8000 = 64 million pixels"):
+        load_concept_image(Image.new("RGB", (8000, 8000)))
 
 
 def test_placeholders_are_whole_words():

@@ -126,5 +126,5 @@ def test_shards_whose_samples_all_fail_stop_training_with_an_error(tmp_path, cro
             tar.addfile(info, io.BytesIO(data))
     cfg = CropDataConfig(resolution=32, clip_size=32, max_consecutive_failures=8)
     loader = build_crop_dataloader(str(bad), cfg, batch_size=2, vae_scale_factor=2)
-    with pytest.raises(RuntimeError, match=r"8 crop samples in a row could not be read \(last: .*notcrops-000000.tar"):
+    with pytest.raises(ShardSpecError, match=r"8 crop samples in a row could not be read \(last: .*notcrops-000000.tar"):
         next(iter(loader))
