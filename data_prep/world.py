@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

@@ -42,7 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from encoders.common.files import FolderLockedError, OutputPathError, atomic_write_text, check_writable_folder, folder_lock
+from encoders.common.files import (
+    FolderLockedError, OutputPathError, atomic_write_text, check_writable_folder, folder_lock, sha256_file,
+)
 from encoders.common.files import atomic_write_json as _atomic_write_json
 from encoders.common.shards import (  # noqa: F401  (the shard contract, re-exported for the data_prep stages)
     INDEX_FIELDS,
@@ -134,14 +136,6 @@ def describe_item(item: Any) -> str:
 def atomic_write_json(path: Path, data: Any) -> None:
     """Manifests and stats: JSON with sorted keys, written under a temporary name and renamed."""
     _atomic_write_json(path, data, indent=1, sort_keys=True)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fingerprint(*parts: Any) -> str:

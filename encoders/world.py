@@ -18,7 +18,6 @@ reads with the real `from_pretrained(path)` code, in fp32:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .common.config import program_name
-from .common.files import atomic_directory
+from .common.files import atomic_directory, sha256_file
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "world"
 PARTS = ("unet", "vae", "clip", "classifier")
@@ -45,14 +44,6 @@ def card_hashes(folder: Path = ASSETS) -> dict[str, str]:
     return dict(re.findall(r"^\|\s*`([\w.\-]+)`\s*\|\s*`([0-9a-f]{64})`\s*\|", card.read_text(), flags=re.M))
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_assets(folder: Path = ASSETS) -> dict[str, str]:
     """Every file the card lists is there with its hash; returns the table. Raises `WorldAssetsError`."""
     hashes = card_hashes(folder)
@@ -62,7 +53,7 @@ def check_assets(folder: Path = ASSETS) -> dict[str, str]:
         path = folder / name
         if not path.is_file():
             raise WorldAssetsError(f"{path} is missing (listed in the card)")
-        if sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise WorldAssetsError(f"{path} does not match the sha256 in the card: damaged, or changed without a new card")
     return hashes
 

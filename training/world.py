@@ -23,7 +23,6 @@ taps layers 24, 4, 8, 12 and 16). Frozen inputs of a later stage are read from e
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -39,7 +38,6 @@ from encoders.common.files import atomic_directory, atomic_write
 from .common_config import TrainConfig
 from .loop import TrainingTask, run_from_command_line
 
-logger = logging.getLogger(__name__)
 
 WORLD_TEXT_KWARGS = dict(hidden_size=48, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                          vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
@@ -301,7 +299,7 @@ class WorldTask(TrainingTask):
         stage = self.config.stage
         model = models[stage]
         if stage == "clip":
-            from transformers import CLIPImageProcessor, CLIPProcessor
+            from transformers import CLIPProcessor
 
             with atomic_directory(export_dir / "clip") as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from encoders.common.files import atomic_directory
-from encoders.world import PARTS, sha256
+from encoders.common.files import atomic_directory, sha256_file
+from encoders.world import PARTS
 
 
 def world_token_ids(tokenizer) -> set[int]:
@@ -144,7 +144,7 @@ def ship(models: Path, logs: Path | None, out: Path, metrics_path: Path | None, 
             save_file(state, str(tmp / f"{part}.safetensors"), metadata={"format": "pt", "part": part})
             (tmp / f"{part}.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
             for name in (f"{part}.safetensors", f"{part}.json"):
-                hashes[name] = sha256(tmp / name)
+                hashes[name] = sha256_file(tmp / name)
         (tmp / "README.md").write_text(card(hashes, summaries, metrics, commit, notes))
         (tmp / "runs.json").write_text(json.dumps({"shipped": datetime.date.today().isoformat(), **summaries},
                                                   indent=1, default=str) + "\n")

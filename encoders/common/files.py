@@ -15,6 +15,7 @@ outputs that stayed that way could not be read by colleagues on a shared cluster
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -64,6 +65,15 @@ def describe_write_error(err: BaseException) -> str | None:
             return {"StorageFull": "No space left on device", "ReadOnlyFilesystem": "Read-only file system"}.get(word, word)
     cause = err.__cause__ or err.__context__
     return describe_write_error(cause) if cause is not None and cause is not err else None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MB blocks (shard manifests, shipped model files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
