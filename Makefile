@@ -36,6 +36,7 @@ BASE_PROMPT := a photo of a red star on a green background
 GEN_PROMPTS := --prompt "a photo of S* on a green background" --prompt "a photo of S* on a white background"
 GUIDE_PROMPT := a red square and a blue heart on a gray background
 GUIDE_WORDS := square heart
+GUIDE_ARGS := --steps 25 --guidance-steps 10 --iterations 3 --step-size 1e3
 FT_PROMPTS := --prompt "a photo of S* on a blue background" --prompt "a photo of a red star on a blue background"
 WORLD_KEYS := data.clip_size=64
 ELITE_STEPS := 400
@@ -49,6 +50,7 @@ BASE_PROMPT := a photo of a dog
 GEN_PROMPTS := --prompt "a photo of S* on the beach" --prompt "a S* in the snow"
 GUIDE_PROMPT := a photo of a person and a bus
 GUIDE_WORDS := person bus
+GUIDE_ARGS := --steps 10 --guidance-steps 5 --iterations 3 --step-size 1e5
 FT_PROMPTS := --prompt "a photo of S* on the beach" --prompt "a teapot in the snow"
 WORLD_KEYS :=
 ELITE_STEPS := 40
@@ -173,8 +175,7 @@ $(DEMO)/encoders/location_mlp/config.json: $(M)/.done $(DEMO)/encoders/local_map
 		max_steps=150 train_batch_size=8 lr_warmup_steps=0 dropout=0 validation_steps=150 checkpointing_steps=150
 $(DEMO)/images/spatial_guidance.png: $(DEMO)/encoders/location_mlp/config.json
 	$(PY) -m inference guide --base $(M)/sd --location-mlp $(DEMO)/encoders \
-		--prompt "$(GUIDE_PROMPT)" --words $(GUIDE_WORDS) --steps 10 --guidance-steps 5 --iterations 3 \
-		--step-size 1e5 --out $@
+		--prompt "$(GUIDE_PROMPT)" --words $(GUIDE_WORDS) $(GUIDE_ARGS) --out $@
 
 # 7. per-concept baselines on the concept's photos: Textual Inversion and Infusion, a few steps each
 FT_KEYS := $(TINY_KEYS) concept_dir=$(CONCEPT_DIR) class_word=$(CLASS) data.resolution=64 max_steps=12 \
