@@ -584,8 +584,8 @@ def elite_results(args, work: Path, common: list[str], ev: Evaluator, results: d
     if "multiphoto" in args.parts:
         results["multiphoto"] = multiphoto_results(args, reference, ev)
     if args.world:
-        identity = identity_results(reference, ev_sd_path(common), Path(ev_sd_path(common)).parent,
-                                    objects=args.identity_objects)
+        sd = next(k.split("=", 1)[1] for k in common if k.startswith("pretrained_model_name_or_path="))
+        identity = identity_results(reference, sd, Path(sd).parent, objects=args.identity_objects)
         pictures = identity.pop("_pictures")
         results["identity"] = identity
         _identity_sheet(pictures, Path(args.out).with_name(Path(args.out).stem + "_identity.png"))
@@ -610,6 +610,9 @@ def identity_results(encoders: Path, sd: str, models: Path, objects: int = 16, s
     the class word alone ("a photo of a star on a green background") and chance, for comparison."""
     import sys
 
+    import torch
+    from PIL import Image
+
     from data_prep.world import BACKGROUNDS, COLOURS, HELD_OUT_TRIPLES, PATTERNS, SHAPES, render_object
     from inference.pipeline import ElitePipeline
 
@@ -617,7 +620,7 @@ def identity_results(encoders: Path, sd: str, models: Path, objects: int = 16, s
     from bench_world import WorldClassifier
 
     classifier = WorldClassifier(models / "classifier")
-    elite = ElitePipeline.from_pretrained(sd, encoders=str(encoders), device="cpu", dtype=torch_float32(),
+    elite = ElitePipeline.from_pretrained(sd, encoders=str(encoders), device="cpu", dtype=torch.float32,
                                           safety_checker=False)
     elite.pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(11)
@@ -627,8 +630,6 @@ def identity_results(encoders: Path, sd: str, models: Path, objects: int = 16, s
         shape, colour, pattern = HELD_OUT_TRIPLES[k % len(HELD_OUT_TRIPLES)]
         source_bg, target_bg = rng.choice([b for b in names if b not in (colour,)], 2, replace=False)
         photo = render_object(shape, colour, pattern, str(source_bg), seed=100 + k)
-        from PIL import Image
-
         mask = Image.fromarray(photo.objects[0].mask.astype(np.uint8) * 255, "L")
         concept = elite.encode_concept(photo.image, mask)
         for seed in range(seeds):
@@ -653,10 +654,6 @@ def identity_results(encoders: Path, sd: str, models: Path, objects: int = 16, s
             "_pictures": (with_concept[: 2 * seeds * 4 : seeds], with_class[: 2 * seeds * 4 : seeds])}
 
 
-def ev_sd_path(common: list[str]) -> str:
-    return next(k.split("=", 1)[1] for k in common if k.startswith("pretrained_model_name_or_path="))
-
-
 def _identity_sheet(pictures, path: Path) -> None:
     """Top row: generated with the encoded held-out object (S*); bottom row: with its class word alone."""
     from PIL import Image
@@ -668,12 +665,6 @@ def _identity_sheet(pictures, path: Path) -> None:
         sheet.paste(b.resize((128, 128), Image.NEAREST), (c * 132, 134))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
-
-
-def torch_float32():
-    import torch
-
-    return torch.float32
 
 
 MULTIPHOTO_CONCEPTS = ("backpack", "berry_bowl", "cat", "dog", "pink_sunglasses", "teapot")

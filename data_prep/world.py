@@ -44,6 +44,11 @@ BACKGROUNDS = {
 }
 # an object is never drawn on a background of its own name (a white square on white would not be there)
 _CLASHES = {("white", "white"), ("blue", "blue"), ("green", "green")}
+
+
+def backgrounds_for(*colours: str) -> list[str]:
+    """The backgrounds objects of these colours may be drawn on (never one of their own name)."""
+    return [b for b in BACKGROUNDS if all((c, b) not in _CLASHES for c in colours)]
 SIZE = 64
 SPLITS = ("train", "heldout", "all")
 TWO_OBJECT_FRACTION = 0.25
@@ -200,7 +205,7 @@ def render_scene(seed: int, index: int, split: str = "train", two_object_fractio
     triples = _triples(split)
     count = 2 if rng.random() < two_object_fraction else 1
     chosen = [triples[int(rng.integers(len(triples)))] for _ in range(count)]
-    backgrounds = [b for b in BACKGROUNDS if all((c, b) not in _CLASHES for _, c, _ in chosen)]
+    backgrounds = backgrounds_for(*(c for _, c, _ in chosen))
     background = backgrounds[int(rng.integers(len(backgrounds)))]
     canvas = np.empty((SIZE, SIZE, 3), dtype=np.float32)
     canvas[:] = _jitter(BACKGROUNDS[background], rng, hue=0.01, value=0.05)
@@ -237,9 +242,10 @@ def scene_labels(scene: Scene) -> np.ndarray:
 
 def render_object(shape: str, colour: str, pattern: str, background: str, seed: int = 0) -> Scene:
     """One scene of a chosen object on a chosen background (nuisance drawn from `seed`): concept photos."""
-    for name, known in (("shape", SHAPES), ("colour", COLOURS), ("pattern", PATTERNS), ("background", BACKGROUNDS)):
-        if locals()[name] not in known:
-            raise ValueError(f"unknown {name} {locals()[name]!r}; known: {', '.join(known)}")
+    for name, value, known in (("shape", shape, SHAPES), ("colour", colour, COLOURS), ("pattern", pattern, PATTERNS),
+                               ("background", background, BACKGROUNDS)):
+        if value not in known:
+            raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
     rng = np.random.default_rng([seed, 1_000_003])
     canvas = np.empty((SIZE, SIZE, 3), dtype=np.float32)
     canvas[:] = _jitter(BACKGROUNDS[background], rng, hue=0.01, value=0.05)
@@ -308,7 +314,7 @@ def write_concept_folder(out: str | Path, shape: str, colour: str, pattern: str,
 
     out = Path(out)
     check_writable_folder(out / "masks", "--out")
-    backgrounds = [b for b in BACKGROUNDS if (colour, b) not in _CLASHES]
+    backgrounds = backgrounds_for(colour)
     written = []
     for k in range(photos):
         scene = render_object(shape, colour, pattern, backgrounds[(seed + k) % len(backgrounds)], seed=seed * 1000 + k)

@@ -43,6 +43,7 @@ import diffusers
 import torch
 import transformers
 
+from encoders.anchors import coco_class_names
 from encoders.common.config import program_name
 from encoders.common.device import resolve_device
 from encoders.common.files import (
@@ -51,7 +52,6 @@ from encoders.common.files import (
 from encoders.common.version import DISTRIBUTION, package_version
 
 from .composition import default_words, parse_token_box, plan_guidance
-from encoders.anchors import coco_class_names
 from .concept import Concept, ConceptFileError
 from .encoding import concept_photos, encode_concept_standalone
 from .finetuned import (

@@ -13,6 +13,7 @@ were preempted, else with the launcher's own status.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -51,10 +52,8 @@ def run(argv: list[str]) -> int:
     def forward(signum, frame) -> None:
         received.append(signal.Signals(signum).name)
         for process in _trainers(launcher):
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):  # a trainer that has just left needs no signal
                 process.send_signal(signal.SIGUSR1)
-            except psutil.NoSuchProcess:
-                pass
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     known: dict[int, psutil.Process] = {}

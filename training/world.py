@@ -228,14 +228,14 @@ class WorldTask(TrainingTask):
     def _shape_groups(self, size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
         """`size` scenes in groups of `shape_groups` sharing colour, pattern and background, each group's shapes
         distinct; only train-split triples (the held-out ones stay unseen)."""
-        from data_prep.world import BACKGROUNDS, COLOURS, HELD_OUT_TRIPLES, PATTERNS, SHAPES, _CLASHES, render_object
+        from data_prep.world import COLOURS, HELD_OUT_TRIPLES, PATTERNS, SHAPES, backgrounds_for, render_object
 
         group = self.config.shape_groups
         images, captions = [], []
         while len(images) < size:
             colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
             pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
-            backgrounds = [b for b in BACKGROUNDS if (colour, b) not in _CLASHES]
+            backgrounds = backgrounds_for(colour)
             background = backgrounds[int(rng.integers(len(backgrounds)))]
             shapes = [s for s in SHAPES if (s, colour, pattern) not in HELD_OUT_TRIPLES]
             for shape in rng.permutation(shapes)[:group]:
