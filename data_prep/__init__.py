@@ -5,3 +5,5 @@ Stages (img2dataset-style, one job each): `sources/` read annotation files into 
 writes resumable deterministic shards and manifests, `inspect_shards` draws a contact sheet.
 Command line: `python -m data_prep --help`.
 """
+
+import encoders  # noqa: F401  (first: installs transformers' image-processor log filter)

@@ -14,6 +14,8 @@ Attributes are imported lazily so `import inference` stays cheap.
 
 from __future__ import annotations
 
+import encoders  # noqa: F401  (first: installs transformers' image-processor log filter)
+
 import importlib
 
 _EXPORTS = {
