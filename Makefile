@@ -60,7 +60,7 @@ TINY_KEYS := pretrained_model_name_or_path=$(M)/sd image_encoder_name_or_path=$(
 	report_to=none mixed_precision=no resume_from_checkpoint=latest dataloader_num_workers=0
 ONE_PROCESS := $(ACCELERATE) launch --config_file configs/accelerate/single_process.yaml --cpu
 
-.PHONY: help install test browser demo bench clean-demo clean world \
+.PHONY: help install test lint browser demo bench clean-demo clean world \
 	demo-models demo-base demo-shards demo-elite demo-generate demo-compose demo-finetune demo-eval
 
 help:
@@ -80,8 +80,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# style: ruff (the version pinned in the test extra) with pyproject's rules, and its formatter
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The web demo's test drives a real browser: Debian's chromium + chromium-driver, installed here when
 # missing and apt-get can (as root); otherwise that test is skipped with the reason.

@@ -48,7 +48,9 @@ from training.crop_data import CropDataConfig, CropDataLoader, CropSampleTransfo
 
 DATA = REPO / "tests/data/openimages"
 RESULTS = REPO / "benchmarks/results/bench_data.json"
-SETTINGS = CropSettings(resolution=512, min_area_fraction=0.005, max_area_fraction=0.9, min_side=24, max_aspect_ratio=3.0)
+SETTINGS = CropSettings(
+    resolution=512, min_area_fraction=0.005, max_area_fraction=0.9, min_side=24, max_aspect_ratio=3.0
+)
 
 
 def source_records(work: Path, scale: int):
@@ -62,8 +64,12 @@ def source_records(work: Path, scale: int):
             image = image.resize((image.width * scale, image.height * scale), Image.BICUBIC)
         image.save(images / path.name, quality=92)
     records, _ = read_openimages(
-        [src / "annotations/validation-annotations-bbox.csv"], [src / "annotations/validation-annotations-object-segmentation.csv"],
-        src / "masks", images, DATA / "class-descriptions-boxable.csv", SETTINGS,
+        [src / "annotations/validation-annotations-bbox.csv"],
+        [src / "annotations/validation-annotations-object-segmentation.csv"],
+        src / "masks",
+        images,
+        DATA / "class-descriptions-boxable.csv",
+        SETTINGS,
     )
     usable = []
     for record in records:  # keep the objects that give a crop, so every timed item is real work
@@ -85,7 +91,9 @@ def replicate(records, copies: int, work: Path, scale: int):
             link = links / f"c{c:04d}_{Path(r.image_path).name}"
             if not link.exists():
                 link.symlink_to(Path(r.image_path).resolve())
-            out.append(dataclasses.replace(r, key=f"{r.key}_c{c:04d}", image_path=str(link), image_id=f"{r.image_id}c{c:04d}"))
+            out.append(
+                dataclasses.replace(r, key=f"{r.key}_c{c:04d}", image_path=str(link), image_id=f"{r.image_id}c{c:04d}")
+            )
     out.sort(key=lambda r: (r.image_id, r.key))
     return out
 
@@ -95,13 +103,21 @@ def bench_writer(records, out: Path, workers: int, repeats: int) -> dict:
     best = None
     for r in range(repeats):
         start = time.perf_counter()
-        manifest = write_shards(records, functools.partial(make_crop_sample, settings=SETTINGS),
-                                ShardJob(out / f"run{r}", "bench", shard_size=8, workers=workers, progress=False),
-                                settings=SETTINGS.to_dict())
+        manifest = write_shards(
+            records,
+            functools.partial(make_crop_sample, settings=SETTINGS),
+            ShardJob(out / f"run{r}", "bench", shard_size=8, workers=workers, progress=False),
+            settings=SETTINGS.to_dict(),
+        )
         seconds = time.perf_counter() - start
         best = seconds if best is None else min(best, seconds)
-    return {"workers": workers, "crops": manifest["samples"], "seconds": round(best, 3),
-            "crops_per_s": round(manifest["samples"] / best, 2), "best_of": repeats}
+    return {
+        "workers": workers,
+        "crops": manifest["samples"],
+        "seconds": round(best, 3),
+        "crops_per_s": round(manifest["samples"] / best, 2),
+        "best_of": repeats,
+    }
 
 
 def shard_batches(shards: Path, transform_cfg: CropDataConfig, batch_size: int):
@@ -136,8 +152,12 @@ def _summary(runs: list[tuple[float, float]]) -> dict:
     for i, clock in ((1, "cpu"), (0, "wall")):
         ms = [r[i] for r in runs]
         best = min(ms)
-        out[clock] = {"ms_per_sample": round(best, 3), "samples_per_s": round(1000.0 / best, 2),
-                      "median_ms_per_sample": round(statistics.median(ms), 3), "spread": round(max(ms) / best - 1.0, 3)}
+        out[clock] = {
+            "ms_per_sample": round(best, 3),
+            "samples_per_s": round(1000.0 / best, 2),
+            "median_ms_per_sample": round(statistics.median(ms), 3),
+            "spread": round(max(ms) / best - 1.0, 3),
+        }
     return out
 
 
@@ -161,8 +181,10 @@ def end_to_end(paths: dict, n_batches: int, batch_size: int, repeats: int) -> di
 STAGES = {  # JSON name -> what the stage does
     "read_tar": "shards: read the tar members (webdataset tarfile_to_samples)",
     "decode_jpg_png": "shards: decode the 512 px JPEG and the mask PNG (PIL)",
-    "render_from_source": "on the fly: read + decode the source photo and its mask, crop, resize (data_prep.render_object)",
-    "transform_per_sample": "both: CropSampleTransform.__call__ (planar uint8, random draws, 2x box filter, latent masks)",
+    "render_from_source": "on the fly: read + decode the source photo and its mask, crop, resize "
+    "(data_prep.render_object)",
+    "transform_per_sample": "both: CropSampleTransform.__call__ (planar uint8, random draws, 2x box filter, latent "
+    "masks)",
     "finalize_per_batch": "both: stack + CropSampleTransform.finalize_batch (float, CLIP views, blur, normalisation)",
 }
 
@@ -221,7 +243,9 @@ def stage_split(shards: Path, records, transform: CropSampleTransform, n: int, b
         return out
 
     def render():
-        return [(r.image, r.mask, r.meta) for r in (render_object(record, SETTINGS, use_cache=False) for record in records)]
+        return [
+            (r.image, r.mask, r.meta) for r in (render_object(record, SETTINGS, use_cache=False) for record in records)
+        ]
 
     def transform_all(items):
         rng = random.Random(0)
@@ -238,17 +262,28 @@ def stage_split(shards: Path, records, transform: CropSampleTransform, n: int, b
         timed_stage("finalize_per_batch", lambda: finalize(samples))
         rendered = timed_stage("render_from_source", render)
         timed_stage("transform_per_sample_on_the_fly", lambda: transform_all(rendered))
-    out: dict = {"objects": n, "stages": STAGES, "hot_spots_cpu": _hot_spots(lambda: finalize(transform_all(decoded)), n)}
+    out: dict = {
+        "objects": n,
+        "stages": STAGES,
+        "hot_spots_cpu": _hot_spots(lambda: finalize(transform_all(decoded)), n),
+    }
     for i, clock in ((1, "cpu"), (0, "wall")):
         best = {name: min(r[i] for r in runs) for name, runs in times.items()}
         shared = best["transform_per_sample"] + best["finalize_per_batch"]
         out[clock] = {
-            "shards": {k: round(best[k], 3) for k in ("read_tar", "decode_jpg_png", "transform_per_sample", "finalize_per_batch")}
+            "shards": {
+                k: round(best[k], 3)
+                for k in ("read_tar", "decode_jpg_png", "transform_per_sample", "finalize_per_batch")
+            }
             | {"total": round(best["read_tar"] + best["decode_jpg_png"] + shared, 3)},
-            "on_the_fly": {"render_from_source": round(best["render_from_source"], 3),
-                           "transform_per_sample": round(best["transform_per_sample_on_the_fly"], 3),
-                           "finalize_per_batch": round(best["finalize_per_batch"], 3),
-                           "total": round(best["render_from_source"] + best["transform_per_sample_on_the_fly"] + best["finalize_per_batch"], 3)},
+            "on_the_fly": {
+                "render_from_source": round(best["render_from_source"], 3),
+                "transform_per_sample": round(best["transform_per_sample_on_the_fly"], 3),
+                "finalize_per_batch": round(best["finalize_per_batch"], 3),
+                "total": round(
+                    best["render_from_source"] + best["transform_per_sample_on_the_fly"] + best["finalize_per_batch"], 3
+                ),
+            },
             "spread": {name: round(max(r[i] for r in runs) / best[name] - 1.0, 3) for name, runs in times.items()},
         }
     return out
@@ -272,34 +307,63 @@ def same_tensors(record, shards_dir: Path, transform: CropSampleTransform) -> di
     return {
         "key": record.key,
         "pixel_values_mean_abs_diff": round(float((a["pixel_values"] - b["pixel_values"]).abs().mean()), 4),
-        "clip_pixel_values_mean_abs_diff": round(float((a["clip_pixel_values"] - b["clip_pixel_values"]).abs().mean()), 4),
-        "masks_equal": bool(torch.equal(a["object_mask_clip"], b["object_mask_clip"]) and torch.equal(a["object_mask_latent"], b["object_mask_latent"])),
-        "same_caption_and_box": a["caption"] == b["caption"] and torch.allclose(a["box_in_crop"], b["box_in_crop"], atol=1e-4),
+        "clip_pixel_values_mean_abs_diff": round(
+            float((a["clip_pixel_values"] - b["clip_pixel_values"]).abs().mean()), 4
+        ),
+        "masks_equal": bool(
+            torch.equal(a["object_mask_clip"], b["object_mask_clip"])
+            and torch.equal(a["object_mask_latent"], b["object_mask_latent"])
+        ),
+        "same_caption_and_box": a["caption"] == b["caption"]
+        and torch.allclose(a["box_in_crop"], b["box_in_crop"], atol=1e-4),
     }
 
 
 def _machine() -> dict:
-    return {"cpus": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)), "load_average": [round(v, 2) for v in os.getloadavg()],
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "pillow": Image.__version__}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "pillow": Image.__version__,
+    }
 
 
 def run_writer(records, work: Path, label: str, repeats: int, rows: list) -> list[dict]:
-    writes = {workers: bench_writer(records, work / f"shards_{label}_w{workers}", workers, repeats) for workers in (1, 2)}
+    writes = {
+        workers: bench_writer(records, work / f"shards_{label}_w{workers}", workers, repeats) for workers in (1, 2)
+    }
     speedup = writes[2]["crops_per_s"] / writes[1]["crops_per_s"]
     writes[2]["speedup_vs_1_worker"] = round(speedup, 2)
     rows.append((f"write shards, 1 worker ({label})", f"{writes[1]['crops_per_s']:.1f} crops/s", ""))
-    rows.append((f"write shards, 2 workers ({label})", f"{writes[2]['crops_per_s']:.1f} crops/s", f"{speedup:.2f}x (target 1.7x)"))
+    rows.append(
+        (
+            f"write shards, 2 workers ({label})",
+            f"{writes[2]['crops_per_s']:.1f} crops/s",
+            f"{speedup:.2f}x (target 1.7x)",
+        )
+    )
     return [{"source": label, **writes[1]}, {"source": label, **writes[2]}]
 
 
 def run_loader(records, shards: Path, label: str, args, rows: list) -> dict:
     cfg = CropDataConfig(resolution=512)
     transform = CropSampleTransform(cfg, vae_scale_factor=8)
-    timings = end_to_end({"shards": shard_batches(shards, cfg, 8), "on_the_fly": baseline_batches(records, transform, 8)},
-                         args.batches, 8, args.repeats)
+    timings = end_to_end(
+        {"shards": shard_batches(shards, cfg, 8), "on_the_fly": baseline_batches(records, transform, 8)},
+        args.batches,
+        8,
+        args.repeats,
+    )
     stages = stage_split(shards, records, transform, args.stage_objects, 8, args.repeats)
-    result = {"source": label, "shards": timings["shards"], "on_the_fly": timings["on_the_fly"], "stages_ms_per_sample": stages}
+    result = {
+        "source": label,
+        "shards": timings["shards"],
+        "on_the_fly": timings["on_the_fly"],
+        "stages_ms_per_sample": stages,
+    }
     for clock in ("cpu", "wall"):
         s, f = timings["shards"][clock], timings["on_the_fly"][clock]
         sh, fly = stages[clock]["shards"], stages[clock]["on_the_fly"]
@@ -309,12 +373,23 @@ def run_loader(records, shards: Path, label: str, args, rows: list) -> dict:
         result[f"speedup_{clock}"] = round(f["ms_per_sample"] / s["ms_per_sample"], 2)
         result[f"median_speedup_{clock}"] = round(f["median_ms_per_sample"] / s["median_ms_per_sample"], 2)
         result[f"speedup_ceiling_without_transform_{clock}"] = round(ceiling, 2)
-        rows.append((f"load from shards ({label}, {clock})", f"{s['ms_per_sample']:.2f} ms/sample",
-                     f"{result[f'speedup_{clock}']:.2f}x (median {result[f'median_speedup_{clock}']:.2f}x; target 3x)"))
+        rows.append(
+            (
+                f"load from shards ({label}, {clock})",
+                f"{s['ms_per_sample']:.2f} ms/sample",
+                f"{result[f'speedup_{clock}']:.2f}x (median {result[f'median_speedup_{clock}']:.2f}x; target 3x)",
+            )
+        )
         rows.append((f"load on the fly ({label}, {clock})", f"{f['ms_per_sample']:.2f} ms/sample", ""))
-        rows.append((f"  stages ({clock}): read {sh['read_tar']:.2f} + decode {sh['decode_jpg_png']:.2f} | render {fly['render_from_source']:.2f}"
-                     f" | shared: transform {sh['transform_per_sample']:.2f} + finalize {sh['finalize_per_batch']:.2f}", "",
-                     f"{ceiling:.2f}x at zero transform cost"))
+        rows.append(
+            (
+                f"  stages ({clock}): read {sh['read_tar']:.2f} + decode {sh['decode_jpg_png']:.2f} | render "
+                f"{fly['render_from_source']:.2f}"
+                f" | shared: transform {sh['transform_per_sample']:.2f} + finalize {sh['finalize_per_batch']:.2f}",
+                "",
+                f"{ceiling:.2f}x at zero transform cost",
+            )
+        )
     result["same_tensors_check"] = same_tensors(records[0], shards, transform)
     return result
 
@@ -323,11 +398,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=40, help="replicas of the sample's objects (default 40)")
     parser.add_argument("--batches", type=int, default=20, help="timed loader batches of 8 per run (default 20)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per measurement, interleaved; the best is reported (default 5)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="runs per measurement, interleaved; the best is reported (default 5)"
+    )
     parser.add_argument("--stage-objects", type=int, default=64, help="objects timed stage by stage (default 64)")
-    parser.add_argument("--scales", default="1,2,3", help="source photo upscales to measure (default 1,2,3: 640/1280/1920 px)")
-    parser.add_argument("--parts", default="writer,loader",
-                        help="what to measure: writer, loader or both (default); a part left out keeps its entry in --out")
+    parser.add_argument(
+        "--scales", default="1,2,3", help="source photo upscales to measure (default 1,2,3: 640/1280/1920 px)"
+    )
+    parser.add_argument(
+        "--parts",
+        default="writer,loader",
+        help="what to measure: writer, loader or both (default); a part left out keeps its entry in --out",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -337,9 +419,19 @@ def main(argv=None) -> int:
     logging.getLogger("data_prep").setLevel(logging.ERROR)  # the sample's skipped objects are expected
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    results = {part: previous[part] for part in ("writer", "loader") if part not in parts and isinstance(previous.get(part), dict)}
-    settings = {"resolution": SETTINGS.resolution, "copies": args.copies, "batch_size": 8, "timed_batches": args.batches,
-                "repeats": args.repeats, "stage_objects": args.stage_objects}
+    results = {
+        part: previous[part]
+        for part in ("writer", "loader")
+        if part not in parts and isinstance(previous.get(part), dict)
+    }
+    settings = {
+        "resolution": SETTINGS.resolution,
+        "copies": args.copies,
+        "batch_size": 8,
+        "timed_batches": args.batches,
+        "repeats": args.repeats,
+        "stage_objects": args.stage_objects,
+    }
     for part in parts:
         results[part] = {"machine": _machine(), "settings": settings, "results": []}
     rows: list[tuple[str, str, str]] = []
@@ -365,8 +457,12 @@ def main(argv=None) -> int:
     for name, rate, note in rows:
         print(f"{name:<{width}}  {rate:>18}  {note}")
     machine = _machine()
-    print(f"(cpus {machine['cpus']}, {machine['cpu_affinity']} usable, load average {machine['load_average'][0]:.2f}; 512 px crops; "
-          f"loaders: 1 torch thread, batch 8, best of {args.repeats} interleaved runs; cpu = this process's CPU time, wall = elapsed)")
+    print(
+        f"(cpus {machine['cpus']}, {machine['cpu_affinity']} usable, load average {machine['load_average'][0]:.2f}; "
+        "512 px crops; "
+        f"loaders: 1 torch thread, batch 8, best of {args.repeats} interleaved runs; cpu = this process's CPU time, "
+        "wall = elapsed)"
+    )
     write_results(results, out)
     print(f"wrote {out}")
     return 0

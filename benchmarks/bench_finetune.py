@@ -64,9 +64,16 @@ def _task(method: str, args: list[str]):
 def _method_args(method: str, opts, out_dir: Path, steps: int) -> list[str]:
     extra = [k.format(init=opts.initializer, dim=opts.subspace_dim) for k in METHODS[method][2]]
     return [
-        f"pretrained_model_name_or_path={opts.models / 'sd'}", f"concept_dir={opts.concept}", f"output_dir={out_dir}",
-        f"resolution={opts.resolution}", f"max_steps={steps}", "checkpointing_steps=0", "validation_steps=0",
-        "report_to=none", f"mixed_precision={opts.mixed_precision}", *extra,
+        f"pretrained_model_name_or_path={opts.models / 'sd'}",
+        f"concept_dir={opts.concept}",
+        f"output_dir={out_dir}",
+        f"resolution={opts.resolution}",
+        f"max_steps={steps}",
+        "checkpointing_steps=0",
+        "validation_steps=0",
+        "report_to=none",
+        f"mixed_precision={opts.mixed_precision}",
+        *extra,
     ]
 
 
@@ -99,9 +106,17 @@ def time_to_concept(method: str, opts) -> dict:
     setup_s, tail_s = starts[0] - t0, end - starts[-1] - step_s
     total = end - t0 if opts.full else setup_s + default_steps * step_s + max(tail_s, 0.0)
     return {
-        "method": method, "default_steps": default_steps, "steps_run": steps, "setup_s": round(setup_s, 3),
-        "step_s": round(step_s, 4), "tail_s": round(max(tail_s, 0.0), 3), "time_to_concept_s": round(total, 1),
-        "measured": bool(opts.full), "trainable_parameters": sum(p.numel() for p in task.trainable_models()[next(iter(task.trainable_models()))].parameters()),
+        "method": method,
+        "default_steps": default_steps,
+        "steps_run": steps,
+        "setup_s": round(setup_s, 3),
+        "step_s": round(step_s, 4),
+        "tail_s": round(max(tail_s, 0.0), 3),
+        "time_to_concept_s": round(total, 1),
+        "measured": bool(opts.full),
+        "trainable_parameters": sum(
+            p.numel() for p in task.trainable_models()[next(iter(task.trainable_models()))].parameters()
+        ),
     }
 
 
@@ -132,12 +147,19 @@ def convergence(opts) -> dict:
         task = _task(method, _method_args(method, opts, opts.work / f"conv-{method}", opts.convergence_steps))
         cfg = task.config
         torch.manual_seed(cfg.seed)
-        task.setup(accelerator, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.mixed_precision, torch.float32))
+        task.setup(
+            accelerator, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.mixed_precision, torch.float32)
+        )
         models = task.trainable_models()
         params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
         lr = cfg.learning_rate * (cfg.train_batch_size * cfg.gradient_accumulation_steps if cfg.scale_lr else 1)
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+        )
 
         # fixed evaluation set: every photo (unflipped) x fixed timesteps x fixed noise, fixed caption
         n = len(task.photos)
@@ -183,27 +205,38 @@ def convergence(opts) -> dict:
         c["steps_to_threshold"] = next((s for s, loss in c["curve"] if loss <= threshold), None)
         c["initial_loss"], c["final_loss"] = c["curve"][0][1], c["curve"][-1][1]
         c["best_loss"] = min(loss for _, loss in c["curve"])
-    return {"threshold": threshold, "rule": "given" if opts.threshold is not None else "initial - 0.5 x best improvement",
-            "methods": curves}
+    return {
+        "threshold": threshold,
+        "rule": "given" if opts.threshold is not None else "initial - 0.5 x best improvement",
+        "methods": curves,
+    }
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_finetune"), help="scratch folder (models, runs)")
     parser.add_argument("--models", type=Path, default=None, help="folder with sd/ (default: build into --work)")
-    parser.add_argument("--preset", choices=["tiny", "sd14"], default="tiny", help="model shapes to build when --models is not given")
+    parser.add_argument(
+        "--preset", choices=["tiny", "sd14"], default="tiny", help="model shapes to build when --models is not given"
+    )
     parser.add_argument("--concept", type=Path, default=REPO / "tests" / "data" / "concepts" / "dreambooth" / "dog")
     parser.add_argument("--initializer", default="dog")
-    parser.add_argument("--subspace-dim", type=int, default=None, help="BaTex d1 (default: 3/4 of the embedding width, as 576/768)")
+    parser.add_argument(
+        "--subspace-dim", type=int, default=None, help="BaTex d1 (default: 3/4 of the embedding width, as 576/768)"
+    )
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the loop picks the accelerator's device)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--probe-steps", type=int, default=8, help="steps of the timed run per method (then extrapolated)")
+    parser.add_argument(
+        "--probe-steps", type=int, default=8, help="steps of the timed run per method (then extrapolated)"
+    )
     parser.add_argument("--full", action="store_true", help="run each method's default steps instead of extrapolating")
     parser.add_argument("--convergence-steps", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-timesteps", type=int, default=8)
-    parser.add_argument("--threshold", type=float, default=None, help="absolute evaluation-loss threshold (default: relative rule)")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="absolute evaluation-loss threshold (default: relative rule)"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["time", "convergence"])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_finetune.json")
     opts = parser.parse_args(argv)
@@ -228,10 +261,16 @@ def main(argv=None) -> dict:
     import torch
 
     result = {
-        "preset": opts.preset, "device": opts.device, "resolution": opts.resolution, "mixed_precision": opts.mixed_precision,
+        "preset": opts.preset,
+        "device": opts.device,
+        "resolution": opts.resolution,
+        "mixed_precision": opts.mixed_precision,
         "concept": str(opts.concept.relative_to(REPO) if opts.concept.is_relative_to(REPO) else opts.concept),
-        "subspace_dim": opts.subspace_dim, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "platform": platform.platform(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "subspace_dim": opts.subspace_dim,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     if "time" not in opts.skip:
         result["time_to_concept"] = [time_to_concept(m, opts) for m in METHODS]
@@ -245,14 +284,20 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"\nfine-tunes on {result['preset']} ({result['device']}, {result['resolution']} px, {result['mixed_precision']})")
+    print(
+        f"\nfine-tunes on {result['preset']} ({result['device']}, {result['resolution']} px, "
+        f"{result['mixed_precision']})"
+    )
     if "time_to_concept" in result:
         print("\n| method | trainable params | default steps | setup s | s / step | time-to-concept | |")
         print("|---|---|---|---|---|---|---|")
         for r in result["time_to_concept"]:
             how = "measured" if r["measured"] else f"extrapolated from {r['steps_run']} steps"
-            print(f"| {r['method']} | {r['trainable_parameters']:,} | {r['default_steps']} | {r['setup_s']} | {r['step_s']} | "
-                  f"{r['time_to_concept_s'] / 60:.1f} min | {how} |")
+            print(
+                f"| {r['method']} | {r['trainable_parameters']:,} | {r['default_steps']} | {r['setup_s']} | "
+                f"{r['step_s']} | "
+                f"{r['time_to_concept_s'] / 60:.1f} min | {how} |"
+            )
     if "convergence" in result:
         conv = result["convergence"]
         print(f"\nTI vs BaTex, fixed evaluation loss; threshold {conv['threshold']:.5f} ({conv['rule']})")
@@ -260,8 +305,11 @@ def print_table(result: dict) -> None:
         print("|---|---|---|---|---|---|---|")
         for name, c in conv["methods"].items():
             label = name if name != "batex" else f"batex ({c['basis_words']} words, rank {c['rank']})"
-            print(f"| {label} | {c['lr']:g} | {c['initial_loss']:.5f} | {c['best_loss']:.5f} | {c['final_loss']:.5f} | "
-                  f"{c['steps_to_threshold'] if c['steps_to_threshold'] is not None else 'not reached'} | {c['median_step_s']:.3f} |")
+            print(
+                f"| {label} | {c['lr']:g} | {c['initial_loss']:.5f} | {c['best_loss']:.5f} | {c['final_loss']:.5f} | "
+                f"{c['steps_to_threshold'] if c['steps_to_threshold'] is not None else 'not reached'} | "
+                f"{c['median_step_s']:.3f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -51,9 +51,13 @@ def build_models(root: Path, preset: str = "sd14") -> Path:
     def write_sd(target: Path) -> Path:
         torch.manual_seed(0)
         pipe = StableDiffusionPipeline(
-            unet=UNet2DConditionModel(**SD14_UNET), vae=AutoencoderKL(**SD14_VAE),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**SD14_TEXT)), tokenizer=build_clip_tokenizer(),
-            scheduler=PNDMScheduler(**SCHEDULER_KWARGS), safety_checker=None, feature_extractor=None,
+            unet=UNet2DConditionModel(**SD14_UNET),
+            vae=AutoencoderKL(**SD14_VAE),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**SD14_TEXT)),
+            tokenizer=build_clip_tokenizer(),
+            scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
+            safety_checker=None,
+            feature_extractor=None,
             requires_safety_checker=False,
         )
         pipe.save_pretrained(target, safe_serialization=True)
@@ -71,8 +75,10 @@ def build_models(root: Path, preset: str = "sd14") -> Path:
             vae=AutoencoderKL(**dict(SD_VAE, sample_size=1024), scaling_factor=0.13025, force_upcast=True),
             text_encoder=CLIPTextModel(CLIPTextConfig(**SD14_TEXT)),
             text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_G_TEXT)),
-            tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(),
-            scheduler=EulerDiscreteScheduler(**scheduler), force_zeros_for_empty_prompt=True,
+            tokenizer=build_clip_tokenizer(),
+            tokenizer_2=build_clip_tokenizer(),
+            scheduler=EulerDiscreteScheduler(**scheduler),
+            force_zeros_for_empty_prompt=True,
         )
         pipe.save_pretrained(target, safe_serialization=True)
         save_clip_tokenizer(target / "tokenizer")
@@ -118,24 +124,43 @@ def _reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def bench_stage(stage: str, models: Path, shards: str, work: Path, batch: int, steps: int, warmup: int,
-                gradient_checkpointing: bool, global_path: Path | None, resolution: int) -> dict:
+def bench_stage(
+    stage: str,
+    models: Path,
+    shards: str,
+    work: Path,
+    batch: int,
+    steps: int,
+    warmup: int,
+    gradient_checkpointing: bool,
+    global_path: Path | None,
+    resolution: int,
+) -> dict:
     import torch
     from accelerate import Accelerator
 
     from encoders.common.config import load_config
 
-    keys = [f"pretrained_model_name_or_path={models / 'sd'}", f"image_encoder_name_or_path={models / 'image_encoder'}",
-            f"train_shards={shards}", f"output_dir={work / ('run_' + stage)}", f"train_batch_size={batch}",
-            "mixed_precision=bf16", "report_to=none", "dataloader_num_workers=2", f"data.resolution={resolution}",
-            "scale_lr=false",
-            f"gradient_checkpointing={str(gradient_checkpointing).lower()}"]
+    keys = [
+        f"pretrained_model_name_or_path={models / 'sd'}",
+        f"image_encoder_name_or_path={models / 'image_encoder'}",
+        f"train_shards={shards}",
+        f"output_dir={work / ('run_' + stage)}",
+        f"train_batch_size={batch}",
+        "mixed_precision=bf16",
+        "report_to=none",
+        "dataloader_num_workers=2",
+        f"data.resolution={resolution}",
+        "scale_lr=false",
+        f"gradient_checkpointing={str(gradient_checkpointing).lower()}",
+    ]
     if stage == "global_mapping":
         from training.global_mapping import GlobalMappingConfig as Config
         from training.global_mapping import GlobalMappingTask as Task
     else:
         from training.local_mapping import LocalMappingConfig as Config
         from training.local_mapping import LocalMappingTask as Task
+
         keys.append(f"global_mapping_path={global_path}")
     task = Task(load_config(Config, REPO / f"configs/train/{stage}.yaml", keys))
     accelerator = Accelerator(mixed_precision="bf16")
@@ -169,10 +194,14 @@ def bench_stage(stage: str, models: Path, shards: str, work: Path, batch: int, s
         export.mkdir(parents=True, exist_ok=True)
         task.export(trainable, export)
     result = dict(
-        stage=stage, batch=batch, gradient_checkpointing=gradient_checkpointing,
+        stage=stage,
+        batch=batch,
+        gradient_checkpointing=gradient_checkpointing,
         trainable_params=sum(p.numel() for p in params),
-        step_ms_median=statistics.median(step_ms), step_ms_all=[round(x, 1) for x in step_ms],
-        peak_cuda_gb=_peak_gb(), losses=losses,
+        step_ms_median=statistics.median(step_ms),
+        step_ms_all=[round(x, 1) for x in step_ms],
+        peak_cuda_gb=_peak_gb(),
+        losses=losses,
     )
     task = trainable = optimizer = None  # free the GPU memory before the next stage
     if torch.cuda.is_available():
@@ -186,9 +215,15 @@ def bench_inference(models: Path, encoders: Path, concept_image: Path, concept_m
     from inference import ElitePipeline
 
     cuda = torch.cuda.is_available()
-    elite = ElitePipeline.from_pretrained(models / "sd", encoders=encoders, image_encoder=models / "image_encoder",
-                                          device="cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.float32,
-                                          safety_checker=False, allow_sdxl=True)
+    elite = ElitePipeline.from_pretrained(
+        models / "sd",
+        encoders=encoders,
+        image_encoder=models / "image_encoder",
+        device="cuda" if cuda else "cpu",
+        dtype=torch.float16 if cuda else torch.float32,
+        safety_checker=False,
+        allow_sdxl=True,
+    )
     sync = _sync
     for _ in range(3):
         concept = elite.encode_concept(concept_image, mask=concept_mask)
@@ -197,14 +232,24 @@ def bench_inference(models: Path, encoders: Path, concept_image: Path, concept_m
     for n in (1, 4):
         elite("a photo of S* on the beach", concept, num_inference_steps=3, num_images_per_prompt=n, seed=0)
         _reset_peak()
-        _, ms = _cuda_ms(lambda: elite("a photo of S* on the beach", concept, num_inference_steps=steps,
-                                       num_images_per_prompt=n, seed=0), sync)
+        _, ms = _cuda_ms(
+            lambda: elite(
+                "a photo of S* on the beach", concept, num_inference_steps=steps, num_images_per_prompt=n, seed=0
+            ),
+            sync,
+        )
         out[f"generate_{n}x{steps}steps_ms"] = ms
         out[f"generate_ms_per_image_batch{n}"] = ms / n
         out[f"generate_peak_cuda_gb_batch{n}"] = _peak_gb()
     elite.unload_encoders()
-    _, ms = _cuda_ms(lambda: elite.pipe("a photo of a teapot on the beach", num_inference_steps=steps,
-                                        generator=torch.Generator(elite.device).manual_seed(0)), sync)
+    _, ms = _cuda_ms(
+        lambda: elite.pipe(
+            "a photo of a teapot on the beach",
+            num_inference_steps=steps,
+            generator=torch.Generator(elite.device).manual_seed(0),
+        ),
+        sync,
+    )
     out["base_pipeline_1x_ms"] = ms
     return out
 
@@ -217,8 +262,12 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--inference-steps", type=int, default=50)
-    parser.add_argument("--preset", choices=("sd14", "sdxl", "tiny", "sdxl-tiny"), default="sd14",
-                        help="sdxl: SDXL base 1.0 shapes at 1024 px; tiny / sdxl-tiny: check the script on CPU")
+    parser.add_argument(
+        "--preset",
+        choices=("sd14", "sdxl", "tiny", "sdxl-tiny"),
+        default="sd14",
+        help="sdxl: SDXL base 1.0 shapes at 1024 px; tiny / sdxl-tiny: check the script on CPU",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/bench_gpu_real_size.json"))
     args = parser.parse_args(argv)
 
@@ -234,10 +283,14 @@ def main(argv=None) -> None:
         for batch in [int(b) for b in args.batches.split(",")]:
             for ckpt in (False, True):
                 try:
-                    row, exp = bench_stage(stage, models, args.shards, work, batch, args.steps, args.warmup, ckpt, export,
-                                           resolution)
+                    row, exp = bench_stage(
+                        stage, models, args.shards, work, batch, args.steps, args.warmup, ckpt, export, resolution
+                    )
                 except torch.OutOfMemoryError as err:
-                    row, exp = dict(stage=stage, batch=batch, gradient_checkpointing=ckpt, error=f"OOM: {err}"[:200]), None
+                    row, exp = (
+                        dict(stage=stage, batch=batch, gradient_checkpointing=ckpt, error=f"OOM: {err}"[:200]),
+                        None,
+                    )
                     torch.cuda.empty_cache()
                 export = export or exp
                 rows.append(row)
@@ -245,17 +298,24 @@ def main(argv=None) -> None:
     concept = REPO / "tests/data/concepts/dreambooth/teapot/04.jpg"
     mask = next((REPO / "tests/data/concepts/masks").glob("teapot*04*.png"))
     infer = bench_inference(models, export, concept, mask, args.inference_steps)
-    result = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", preset=args.preset,
-                  torch=torch.__version__, build_models_s=build_s,
-                  training=rows, inference=infer)
+    result = dict(
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        preset=args.preset,
+        torch=torch.__version__,
+        build_models_s=build_s,
+        training=rows,
+        inference=infer,
+    )
     write_results(result, args.out)
     print(f"\n{'stage':<16}{'batch':>6}{'ckpt':>6}{'step ms':>10}{'peak GB':>10}")
     for r in rows:
         if "error" in r:
             print(f"{r['stage']:<16}{r['batch']:>6}{str(r['gradient_checkpointing']):>6}{'OOM':>10}")
         else:
-            print(f"{r['stage']:<16}{r['batch']:>6}{str(r['gradient_checkpointing']):>6}"
-                  f"{r['step_ms_median']:>10.1f}{r['peak_cuda_gb']:>10.2f}")
+            print(
+                f"{r['stage']:<16}{r['batch']:>6}{str(r['gradient_checkpointing']):>6}"
+                f"{r['step_ms_median']:>10.1f}{r['peak_cuda_gb']:>10.2f}"
+            )
     print(json.dumps(infer, indent=1))
 
 

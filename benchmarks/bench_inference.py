@@ -66,8 +66,12 @@ def build_bundle(work: Path) -> tuple[Path, Path, Path]:
         width = CLIPVisionConfig.from_pretrained(image_encoder).hidden_size
         for seed, (cls, sub) in enumerate(((GlobalMapping, "global_mapping"), (LocalMapping, "local_mapping"))):
             torch.manual_seed(seed)
-            cls.from_unet(unet, input_dim=width, pretrained_model_name_or_path=str(sd),
-                          image_encoder_name_or_path=str(image_encoder)).save_pretrained(encoders / sub)
+            cls.from_unet(
+                unet,
+                input_dim=width,
+                pretrained_model_name_or_path=str(sd),
+                image_encoder_name_or_path=str(image_encoder),
+            ).save_pretrained(encoders / sub)
     return sd, image_encoder, encoders
 
 
@@ -115,12 +119,23 @@ def bench_generate(elite, base, concept, steps: int, batch: int, repeats: int) -
     import torch
 
     def elite_run(n: int):
-        return elite("a photo of S* on the beach", concept, num_inference_steps=steps, guidance_scale=5.0,
-                     num_images_per_prompt=n, seed=0)
+        return elite(
+            "a photo of S* on the beach",
+            concept,
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            num_images_per_prompt=n,
+            seed=0,
+        )
 
     def base_run(n: int):
-        return base("a photo of a teapot on the beach", num_inference_steps=steps, guidance_scale=5.0,
-                    num_images_per_prompt=n, generator=torch.Generator().manual_seed(0))
+        return base(
+            "a photo of a teapot on the beach",
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            num_images_per_prompt=n,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     runs: dict[str, list[float]] = {}
     for n in sorted({1, batch}):
@@ -139,16 +154,37 @@ def run_textual_inversion(sd: Path, work: Path, steps: int, threads: int) -> flo
     """Wall time of `accelerate launch -m training.textual_inversion` for `steps` steps (a fresh process)."""
     out = work / f"ti_{steps}"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "training.textual_inversion", "--config", str(TI_CONFIG),
-        f"pretrained_model_name_or_path={sd}", f"concept_dir={DATA / 'dreambooth/teapot'}",
-        f"output_dir={out}", "resolution=64", f"max_steps={steps}",
-        "checkpointing_steps=0", "validation_steps=0", "report_to=none",
-        "placeholder_token=S*", "initializer_token=teapot", "class_word=teapot",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "training.textual_inversion",
+        "--config",
+        str(TI_CONFIG),
+        f"pretrained_model_name_or_path={sd}",
+        f"concept_dir={DATA / 'dreambooth/teapot'}",
+        f"output_dir={out}",
+        "resolution=64",
+        f"max_steps={steps}",
+        "checkpointing_steps=0",
+        "validation_steps=0",
+        "report_to=none",
+        "placeholder_token=S*",
+        "initializer_token=teapot",
+        "class_word=teapot",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)
+    )
     tick = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - tick
@@ -166,7 +202,9 @@ def configured_ti_recipe() -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per image")
     parser.add_argument("--batch", type=int, default=4, help="images per call for the batched per-image time")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each measurement (best and median kept)")
@@ -229,11 +267,22 @@ def main(argv=None) -> None:
         ti["ratio_recipe_vs_encode"] = ti["recipe_wall_s_extrapolated"] / encode["encode"]["best"]
 
     result = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
-                    "cpus": os.cpu_count(), "platform": platform.platform(), "device": str(elite.device),
-                    "dtype": str(elite.dtype).replace("torch.", "")},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "device": str(elite.device),
+            "dtype": str(elite.dtype).replace("torch.", ""),
+        },
         "bundle": "encoders.tiny (64 px), random-init encoders, mapping width 1024",
-        "settings": {"steps": args.steps, "batch": args.batch, "guidance": 5.0, "scheduler": type(elite.scheduler).__name__},
+        "settings": {
+            "steps": args.steps,
+            "batch": args.batch,
+            "guidance": 5.0,
+            "scheduler": type(elite.scheduler).__name__,
+        },
         "load_s": load_s,
         "encode": encode,
         "generate": generate,
@@ -257,17 +306,25 @@ def main(argv=None) -> None:
     ]
     if ti["ran"]:
         rows += [
-            (f"Textual Inversion, batch {ti['batch']}, {ti['steps_timed'][0]} steps (measured)", f"{ti['wall_s'][0]:.1f} s"),
+            (
+                f"Textual Inversion, batch {ti['batch']}, {ti['steps_timed'][0]} steps (measured)",
+                f"{ti['wall_s'][0]:.1f} s",
+            ),
             (f"Textual Inversion, {ti['steps_timed'][1]} steps (measured)", f"{ti['wall_s'][1]:.1f} s"),
             ("  per step / start-up", f"{ti['s_per_step'] * 1000:.0f} ms / {ti['startup_s']:.1f} s"),
-            (f"Textual Inversion, {ti['recipe_steps']} steps (extrapolated)", f"{ti['recipe_wall_s_extrapolated']:.0f} s"),
+            (
+                f"Textual Inversion, {ti['recipe_steps']} steps (extrapolated)",
+                f"{ti['recipe_wall_s_extrapolated']:.0f} s",
+            ),
             ("time-to-concept ratio, TI small run / encode", f"{ti['ratio_measured_small_run_vs_encode']:.0f} x"),
             ("time-to-concept ratio, TI recipe / encode", f"{ti['ratio_recipe_vs_encode']:.0f} x"),
         ]
     else:
         rows.append(("Textual Inversion", f"not run: {ti['why_not']}"))
     width = max(len(name) for name, _ in rows)
-    print(f"\nbench_inference ({elite.device}, {args.threads} threads, {platform.machine()}, torch {torch.__version__})")
+    print(
+        f"\nbench_inference ({elite.device}, {args.threads} threads, {platform.machine()}, torch {torch.__version__})"
+    )
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
 

@@ -6,7 +6,8 @@
 With `--world` (the default when the trained miniature world ships, `docs/world.md`): its models, ELITE
 trained on crops of its training scenes and measured on crops of its held-out objects, plus identity
 in generation (the world classifier reads shape, colour and pattern of generated held-out objects);
-the fine-tunes part then runs only with `--no-world`. With `--no-world`: tiny models (random init, fixed seed), CPU, fp32; the tiny VAE gets a near-point posterior and unit-
+the fine-tunes part then runs only with `--no-world`. With `--no-world`: tiny models (random init, fixed seed), CPU,
+fp32; the tiny VAE gets a near-point posterior and unit-
 variance latents first (`calibrate_latent_scale`: a random VAE's posterior noise buries the images).
 Crops: the bundled COCO sample and the DreamBooth
 concept photos (each photo one object, its box the central 80 %), split by image into a training and
@@ -74,6 +75,7 @@ OPTIONS = [
 
 # ---- data ---------------------------------------------------------------------------------------------
 
+
 def _coco_split(work: Path) -> dict[str, Path]:
     """The COCO sample's annotations split by image id (odd ids held out)."""
     full = json.loads((DATA / "coco_sample/annotations.json").read_text())
@@ -102,11 +104,20 @@ def _dreambooth_split(work: Path) -> dict[str, Path]:
                 width, height = im.size
             x0, y0, w, h = 0.1 * width, 0.1 * height, 0.8 * width, 0.8 * height
             split = splits["eval" if n % EVAL_EVERY == 0 else "train"]
-            split["images"].append({"id": next_id, "file_name": f"{concept.name}/{photo.name}", "width": width, "height": height})
-            split["annotations"].append({
-                "id": next_id, "image_id": next_id, "category_id": k + 1, "bbox": [x0, y0, w, h], "area": w * h,
-                "iscrowd": 0, "segmentation": [[x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]],
-            })
+            split["images"].append(
+                {"id": next_id, "file_name": f"{concept.name}/{photo.name}", "width": width, "height": height}
+            )
+            split["annotations"].append(
+                {
+                    "id": next_id,
+                    "image_id": next_id,
+                    "category_id": k + 1,
+                    "bbox": [x0, y0, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                    "segmentation": [[x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]],
+                }
+            )
             next_id += 1
     out = {}
     for name, split in splits.items():
@@ -115,7 +126,9 @@ def _dreambooth_split(work: Path) -> dict[str, Path]:
     return out
 
 
-def build_world_inputs(work: Path, models: str | None, train_images: int, eval_images: int) -> tuple[str, str, str, str]:
+def build_world_inputs(
+    work: Path, models: str | None, train_images: int, eval_images: int
+) -> tuple[str, str, str, str]:
     """The trained miniature world: its models (a folder, else the shipped ones written out under `work`)
     and crop shards of its train split and of its held-out split (triples no model saw)."""
     from data_prep.crop_commands import build_coco_shards
@@ -132,14 +145,22 @@ def build_world_inputs(work: Path, models: str | None, train_images: int, eval_i
     for split, count, seed in (("train", train_images, 0), ("heldout", eval_images, 7)):
         scenes = work / f"world/{split}"
         write_world(scenes, count, seed=seed, split=split, progress=False)
-        build_coco_shards(scenes / "instances.json", scenes / "images", work / f"shards/{split}", settings,
-                          shard_size=256, workers=1, progress=False)
+        build_coco_shards(
+            scenes / "instances.json",
+            scenes / "images",
+            work / f"shards/{split}",
+            settings,
+            shard_size=256,
+            workers=1,
+            progress=False,
+        )
         specs[split] = str(work / f"shards/{split}")
     return str(folder / "sd"), str(folder / "image_encoder"), specs["train"], specs["heldout"]
 
 
-def build_inputs(work: Path, base: str | None = None, image_encoder: str | None = None,
-                 resolution: int = 64) -> tuple[str, str, str, str]:
+def build_inputs(
+    work: Path, base: str | None = None, image_encoder: str | None = None, resolution: int = 64
+) -> tuple[str, str, str, str]:
     """Models (the tiny ones unless `base` / `image_encoder` are given) and the training / held-out crop
     shards under `work`."""
     from data_prep.crop_commands import build_coco_shards
@@ -154,7 +175,9 @@ def build_inputs(work: Path, base: str | None = None, image_encoder: str | None 
     specs = {}
     for split in ("train", "eval"):
         build_coco_shards(coco[split], DATA / "coco_sample/images", work / f"shards/{split}/coco", settings, **job)
-        build_coco_shards(dreambooth[split], DATA / "concepts/dreambooth", work / f"shards/{split}/dreambooth", settings, **job)
+        build_coco_shards(
+            dreambooth[split], DATA / "concepts/dreambooth", work / f"shards/{split}/dreambooth", settings, **job
+        )
         specs[split] = f"{work / f'shards/{split}/coco'}::{work / f'shards/{split}/dreambooth'}"
     if base:
         return base, image_encoder or "openai/clip-vit-large-patch14", specs["train"], specs["eval"]
@@ -180,8 +203,12 @@ def calibrate_latent_scale(sd_path: Path, train_spec: str) -> float:
         vae.quant_conv.bias[channels:] = -10.0
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         cfg = CropDataConfig(resolution=64, resampled=False, shuffle_shards=0)
-        latents = torch.cat([vae.encode(b["pixel_values"]).latent_dist.mean
-                             for b in build_crop_dataloader(train_spec, cfg, batch_size=8, vae_scale_factor=factor)])
+        latents = torch.cat(
+            [
+                vae.encode(b["pixel_values"]).latent_dist.mean
+                for b in build_crop_dataloader(train_spec, cfg, batch_size=8, vae_scale_factor=factor)
+            ]
+        )
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(Path(sd_path) / "vae")
@@ -190,12 +217,23 @@ def calibrate_latent_scale(sd_path: Path, train_spec: str) -> float:
 
 # ---- training -------------------------------------------------------------------------------------------
 
+
 def train(stage: str, out: Path, keys: list[str], log: Path) -> Path:
     """Run a trainer in its own process (its own accelerate state); returns its encoders folder."""
-    command = [sys.executable, "-m", f"training.{stage}", "--config", str(REPO / f"configs/train/{stage}.yaml"), *keys,
-               f"output_dir={out}", f"export_dir={out / 'encoders'}"]
+    command = [
+        sys.executable,
+        "-m",
+        f"training.{stage}",
+        "--config",
+        str(REPO / f"configs/train/{stage}.yaml"),
+        *keys,
+        f"output_dir={out}",
+        f"export_dir={out / 'encoders'}",
+    ]
     with open(log, "w") as handle:
-        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+        done = subprocess.run(
+            command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)}
+        )
     if done.returncode:
         raise SystemExit(f"{stage} training failed (exit {done.returncode}); see {log}")
     return out / "encoders"
@@ -203,11 +241,20 @@ def train(stage: str, out: Path, keys: list[str], log: Path) -> Path:
 
 # ---- evaluation -----------------------------------------------------------------------------------------
 
+
 class Evaluator:
     """Held-out denoising losses of one set of frozen models under several conditions, paired by draw."""
 
-    def __init__(self, sd_path, image_encoder, eval_spec: str, draws: int, seed: int = 0, resolution: int = 64,
-                 clip_size: int = 224):
+    def __init__(
+        self,
+        sd_path,
+        image_encoder,
+        eval_spec: str,
+        draws: int,
+        seed: int = 0,
+        resolution: int = 64,
+        clip_size: int = 224,
+    ):
         import torch
 
         from encoders.clip_features import CLIPFeatureExtractor, load_clip_normalization
@@ -223,13 +270,32 @@ class Evaluator:
         mean, std = load_clip_normalization(str(image_encoder))
         self.batches = {}
         for order in ("mask_then_resize", "resize_then_mask"):  # the object view as each model was trained
-            cfg = CropDataConfig(resolution=resolution, resampled=False, shuffle_shards=0, templates=[CAPTION.replace("S*", "{}")],
-                                 clip_size=clip_size,
-                                 caption_prefix_rule="first_char", clip_flip_prob=0, clip_rotation_prob=0, clip_blur_prob=0,
-                                 clip_affine_prob=0, object_resize_crop_prob=0, object_rotation_prob=0,
-                                 object_translate_prob=0, object_view=order)
-            loader = build_crop_dataloader(eval_spec, cfg, batch_size=1, vae_scale_factor=self.sd.vae_scale_factor,
-                                           tokenizer=self.sd.tokenizer, clip_mean=mean, clip_std=std, seed=seed)
+            cfg = CropDataConfig(
+                resolution=resolution,
+                resampled=False,
+                shuffle_shards=0,
+                templates=[CAPTION.replace("S*", "{}")],
+                clip_size=clip_size,
+                caption_prefix_rule="first_char",
+                clip_flip_prob=0,
+                clip_rotation_prob=0,
+                clip_blur_prob=0,
+                clip_affine_prob=0,
+                object_resize_crop_prob=0,
+                object_rotation_prob=0,
+                object_translate_prob=0,
+                object_view=order,
+            )
+            loader = build_crop_dataloader(
+                eval_spec,
+                cfg,
+                batch_size=1,
+                vae_scale_factor=self.sd.vae_scale_factor,
+                tokenizer=self.sd.tokenizer,
+                clip_mean=mean,
+                clip_std=std,
+                seed=seed,
+            )
             self.batches[order] = [b for b in loader]
         first = self.batches["mask_then_resize"]
         self.count = len(first)
@@ -278,8 +344,12 @@ def bootstrap(diff: np.ndarray, samples: int = 4000, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     means = rng.choice(diff, size=(samples, diff.size), replace=True).mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(diff.mean()), "ci95": [float(lo), float(hi)], "n": int(diff.size),
-            "excludes_zero": bool(lo > 0 or hi < 0)}
+    return {
+        "mean": float(diff.mean()),
+        "ci95": [float(lo), float(hi)],
+        "n": int(diff.size),
+        "excludes_zero": bool(lo > 0 or hi < 0),
+    }
 
 
 def evaluate_global(ev: Evaluator, encoders: Path) -> dict:
@@ -298,6 +368,7 @@ def evaluate_global(ev: Evaluator, encoders: Path) -> dict:
         def cond(i):
             c = elite_conditioning(ev.sd.text_encoder, ev.ids(i), [ev.placeholder_id], [w0[source(i)]])
             return c.prompt_embeds, None
+
         return cond
 
     own = ev.losses(with_words(lambda i: i))
@@ -321,24 +392,40 @@ def evaluate_local(ev: Evaluator, encoders: Path) -> dict:
     w0_view = ev.features("clip_pixel_values") if lm.config.w0_source == "image" else objects
     with ev.torch.no_grad():
         w0 = [gm([f[24]], num_words=1) for f in w0_view]
-        local = [lm([f[layer] for layer in lm.config.feature_layers], b["object_mask_clip"])
-                 for f, b in zip(objects, ev.batches[order])]
+        local = [
+            lm([f[layer] for layer in lm.config.feature_layers], b["object_mask_clip"])
+            for f, b in zip(objects, ev.batches[order])
+        ]
 
     def with_local(source, scale):
         def cond(i):
             j = source(i)
-            c = elite_conditioning(ev.sd.text_encoder, ev.ids(i), [ev.placeholder_id], [w0[i]],
-                                   local=[(local[j].tokens, local[j].keep)], scale=scale)
+            c = elite_conditioning(
+                ev.sd.text_encoder,
+                ev.ids(i),
+                [ev.placeholder_id],
+                [w0[i]],
+                local=[(local[j].tokens, local[j].keep)],
+                scale=scale,
+            )
             return c.prompt_embeds, c.context.as_kwargs()
+
         return cond
 
-    return {"own": ev.losses(with_local(lambda i: i, 1.0)), "off": ev.losses(with_local(lambda i: i, 0.0)),
-            "shuffled": ev.losses(with_local(lambda i: ev.shuffle[i], 1.0))}
+    return {
+        "own": ev.losses(with_local(lambda i: i, 1.0)),
+        "off": ev.losses(with_local(lambda i: i, 0.0)),
+        "shuffled": ev.losses(with_local(lambda i: ev.shuffle[i], 1.0)),
+    }
 
 
 # ---- per-concept fine-tunes -----------------------------------------------------------------------------
 
-FINETUNE_CONCEPTS = (("dog", "dog"), ("cat", "cat"), ("teapot", "teapot"))  # (DreamBooth folder, initializer / class word)
+FINETUNE_CONCEPTS = (
+    ("dog", "dog"),
+    ("cat", "cat"),
+    ("teapot", "teapot"),
+)  # (DreamBooth folder, initializer / class word)
 
 
 def _photo_latents(ev: Evaluator, photo: Path, resolution: int, draws: int, seed: int):
@@ -360,7 +447,9 @@ def _photo_latents(ev: Evaluator, photo: Path, resolution: int, draws: int, seed
 
 
 def _text(pipe, prompt: str):
-    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     return ids, pipe.text_encoder(ids)[0]
 
 
@@ -377,10 +466,19 @@ def _checkpoint_vector(folder: Path):
 def _run_finetune(work: Path, method: str, config: str, keys: list[str]) -> Path:
     stage = "infusion" if method.startswith("infusion") else "textual_inversion"
     out = work / method
-    command = [sys.executable, "-m", f"training.{stage}", "--config", str(REPO / f"configs/finetune/{config}.yaml"),
-               *keys, f"output_dir={out}"]
+    command = [
+        sys.executable,
+        "-m",
+        f"training.{stage}",
+        "--config",
+        str(REPO / f"configs/finetune/{config}.yaml"),
+        *keys,
+        f"output_dir={out}",
+    ]
     with open(work / f"{method}.log", "w") as handle:
-        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+        done = subprocess.run(
+            command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)}
+        )
     if done.returncode:
         raise SystemExit(f"{method} failed (exit {done.returncode}); see {work / f'{method}.log'}")
     return out
@@ -402,13 +500,19 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
     from inference.loading import pipeline_from_parts
     from training.textual_inversion import InversionAnchorsConfig
 
-    keys = [k for k in common if not k.startswith(("train_shards=", "image_encoder_name_or_path=", "mapping_hidden_dim=", "seed="))]
+    keys = [
+        k
+        for k in common
+        if not k.startswith(("train_shards=", "image_encoder_name_or_path=", "mapping_hidden_dim=", "seed="))
+    ]
     pipe = pipeline_from_parts(ev.sd.vae, ev.sd.text_encoder, ev.sd.tokenizer, ev.sd.unet, ev.sd.noise_scheduler)
     restore_default_processors(ev.sd.unet)
     steps = args.steps_finetune
     quarter = max(1, steps // 4)
     checkpoints = [quarter * k for k in range(1, 5) if quarter * k <= steps]  # the trainers' checkpoint-N/
-    curves: dict[str, dict[int, list[np.ndarray]]] = {m: {c: [] for c in checkpoints} for m in ("textual_inversion", "batex")}
+    curves: dict[str, dict[int, list[np.ndarray]]] = {
+        m: {c: [] for c in checkpoints} for m in ("textual_inversion", "batex")
+    }
     infusion_gain: list[np.ndarray] = []
     anchored_gain: list[np.ndarray] = []
     anchor_pull: list[float] = []  # L_anc(plain word) - L_anc(anchored word), per concept and seed
@@ -434,20 +538,37 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
         for photo in photos:
             if photo not in held_out:
                 shutil.copy(photo, train_dir / photo.name)
-        draws = [d for k, photo in enumerate(held_out) for d in _photo_latents(ev, photo, args.resolution, args.draws, args.seed + k)]
+        draws = [
+            d
+            for k, photo in enumerate(held_out)
+            for d in _photo_latents(ev, photo, args.resolution, args.draws, args.seed + k)
+        ]
         concept_keys = [*keys, f"concept_dir={train_dir}", f"max_steps={steps}", f"class_word={word}"]
         word_keys = [*concept_keys, f"initializer_token={word}", f"checkpointing_steps={quarter}"]
-        batex = ["subspace.enabled=true"] + ([] if args.base else ["subspace.dim=24"])  # the paper's 576 of 768, scaled to 32
+        batex = ["subspace.enabled=true"] + (
+            [] if args.base else ["subspace.dim=24"]
+        )  # the paper's 576 of 768, scaled to 32
         runs = {
-            "textual_inversion": _run_finetune(work, f"textual_inversion_{folder}", "textual_inversion", [*word_keys, f"seed={args.seed}"]),
+            "textual_inversion": _run_finetune(
+                work, f"textual_inversion_{folder}", "textual_inversion", [*word_keys, f"seed={args.seed}"]
+            ),
             "batex": _run_finetune(work, f"batex_{folder}", "batex", [*word_keys, *batex, f"seed={args.seed}"]),
             "infusion": _run_finetune(work, f"infusion_{folder}", "infusion", [*concept_keys, f"seed={args.seed}"]),
         }
         for seed in seeds:  # the anchor loss on and off, same seed
-            plain = runs["textual_inversion"] if seed == args.seed else _run_finetune(
-                work, f"textual_inversion_{folder}_s{seed}", "textual_inversion", [*word_keys, f"seed={seed}"])
-            anchored = _run_finetune(work, f"textual_inversion_anchors_{folder}_s{seed}", "textual_inversion",
-                                     [*word_keys, f"seed={seed}", "anchors.enabled=true"])
+            plain = (
+                runs["textual_inversion"]
+                if seed == args.seed
+                else _run_finetune(
+                    work, f"textual_inversion_{folder}_s{seed}", "textual_inversion", [*word_keys, f"seed={seed}"]
+                )
+            )
+            anchored = _run_finetune(
+                work,
+                f"textual_inversion_anchors_{folder}_s{seed}",
+                "textual_inversion",
+                [*word_keys, f"seed={seed}", "anchors.enabled=true"],
+            )
             runs[("plain", seed)], runs[("anchored", seed)] = plain, anchored
 
         def losses(text, kwargs=None, row=None):
@@ -456,7 +577,7 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
                 for noisy, target, t in draws:
                     x, tt = (torch.cat([noisy, noisy]), torch.cat([t, t])) if row is not None else (noisy, t)
                     pred = ev.sd.unet(x, tt, text, cross_attention_kwargs=kwargs).sample
-                    pred = pred[row:row + 1] if row is not None else pred
+                    pred = pred[row : row + 1] if row is not None else pred
                     out.append(float(((pred - target) ** 2).mean()))
             return np.array(out)
 
@@ -473,8 +594,15 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
                 anchored = _checkpoint_vector(runs[("anchored", seed)] / f"checkpoint-{checkpoints[-1]}")
                 l_plain, l_anchored = (float(regularizer(v[None].float())) * sequence_scale for v in (plain, anchored))
                 anchor_pull.append(l_plain - l_anchored)
-                anchor_values.append({"concept": folder, "seed": seed, "plain": l_plain, "anchored": l_anchored,
-                                      "anchors": regularizer.last_code(top=3)[0]})
+                anchor_values.append(
+                    {
+                        "concept": folder,
+                        "seed": seed,
+                        "plain": l_plain,
+                        "anchored": l_anchored,
+                        "anchors": regularizer.last_code(top=3)[0],
+                    }
+                )
                 anchored_gain.append(gain_of(anchored))
             residuals = InfusionResiduals.from_pretrained(runs["infusion"], subfolder="infusion").eval()
             set_infusion_processors(ev.sd.unet, [residuals])
@@ -497,7 +625,8 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
         "textual_inversion_token_vs_initializer": curve["textual_inversion"][final],
         "batex_token_vs_initializer": curve["batex"][final],
         "batex_minus_textual_inversion": bootstrap(
-            np.concatenate(curves["batex"][final]) - np.concatenate(curves["textual_inversion"][final])),
+            np.concatenate(curves["batex"][final]) - np.concatenate(curves["textual_inversion"][final])
+        ),
         "curve": {m: {str(step): r for step, r in by_step.items()} for m, by_step in curve.items()},
         "batex_steps_to_textual_inversion_final": reached[0] if reached else None,
         "infusion_with_vs_without_residuals": bootstrap(np.concatenate(infusion_gain)),
@@ -506,31 +635,52 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
         "anchor_relative_pull": float(np.mean([1 - v["anchored"] / v["plain"] for v in anchor_values])),
         "anchor_values": anchor_values,
         "anchored_token_vs_initializer": bootstrap(np.concatenate(anchored_gain)),
-        "steps": steps, "checkpoints": checkpoints, "anchor_seeds": seeds,
+        "steps": steps,
+        "checkpoints": checkpoints,
+        "anchor_seeds": seeds,
         "concepts": [c for c, _ in FINETUNE_CONCEPTS[: args.finetune_concepts]],
     }
 
 
 # ---- the run --------------------------------------------------------------------------------------------
 
+
 def run(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_learning_"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if args.world:
-        sd, image_encoder, train_spec, eval_spec = build_world_inputs(work, args.world_models, args.world_train_images,
-                                                                      args.world_eval_images)
+        sd, image_encoder, train_spec, eval_spec = build_world_inputs(
+            work, args.world_models, args.world_train_images, args.world_eval_images
+        )
     else:
         sd, image_encoder, train_spec, eval_spec = build_inputs(work, args.base, args.image_encoder, args.resolution)
     eval_spec = args.eval_shards or eval_spec
-    common = [f"pretrained_model_name_or_path={sd}", f"image_encoder_name_or_path={image_encoder}",
-              f"train_shards={train_spec}", f"data.resolution={args.resolution}", f"train_batch_size={args.batch}",
-              "scale_lr=false", "mixed_precision=no", "report_to=none", "validation_steps=0", "dataloader_num_workers=0",
-              f"seed={args.seed}", *([] if args.base else ["mapping_hidden_dim=256"]),  # the paper's 1024 for real models
-              *([f"data.clip_size={_image_size(image_encoder)}"] if args.world else [])]
+    common = [
+        f"pretrained_model_name_or_path={sd}",
+        f"image_encoder_name_or_path={image_encoder}",
+        f"train_shards={train_spec}",
+        f"data.resolution={args.resolution}",
+        f"train_batch_size={args.batch}",
+        "scale_lr=false",
+        "mixed_precision=no",
+        "report_to=none",
+        "validation_steps=0",
+        "dataloader_num_workers=0",
+        f"seed={args.seed}",
+        *([] if args.base else ["mapping_hidden_dim=256"]),  # the paper's 1024 for real models
+        *([f"data.clip_size={_image_size(image_encoder)}"] if args.world else []),
+    ]
     timings = {}
-    ev = Evaluator(sd, image_encoder, eval_spec, args.draws, args.seed, args.resolution,
-                   _image_size(image_encoder) if args.world else 224)
+    ev = Evaluator(
+        sd,
+        image_encoder,
+        eval_spec,
+        args.draws,
+        args.seed,
+        args.resolution,
+        _image_size(image_encoder) if args.world else 224,
+    )
     results: dict = {"stage1": None, "stage2": {}}
     if "elite" in args.parts:
         elite_results(args, work, common, ev, results, timings)
@@ -539,11 +689,21 @@ def run(args) -> dict:
         results["finetunes"] = finetune_results(args, work, common, ev)
         timings["finetunes_s"] = round(time.time() - tick, 1)
     results["settings"] = {
-        "steps_global": args.steps_global, "steps_local": args.steps_local, "lr_global": args.lr_global,
-        "lr_local": args.lr_local, "draws_per_crop": args.draws, "held_out_crops": ev.count, "parts": args.parts,
-        "eval_shards": eval_spec, "train_shards": train_spec, "resolution": args.resolution, "batch": args.batch,
-        "seed": args.seed, "world": bool(args.world),
-        "base": sd, "image_encoder": image_encoder,
+        "steps_global": args.steps_global,
+        "steps_local": args.steps_local,
+        "lr_global": args.lr_global,
+        "lr_local": args.lr_local,
+        "draws_per_crop": args.draws,
+        "held_out_crops": ev.count,
+        "parts": args.parts,
+        "eval_shards": eval_spec,
+        "train_shards": train_spec,
+        "resolution": args.resolution,
+        "batch": args.batch,
+        "seed": args.seed,
+        "world": bool(args.world),
+        "base": sd,
+        "image_encoder": image_encoder,
     }
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     results["seconds"] = {**timings, "total": round(time.time() - started, 1)}
@@ -554,24 +714,41 @@ def elite_results(args, work: Path, common: list[str], ev: Evaluator, results: d
     """Both ELITE stages (and each stage-2 option) trained and evaluated; fills `results`."""
     tick = time.time()
     # the initialisation: one step at a learning rate too small to move any weight
-    untrained = train("global_mapping", work / "global_0", [*common, "max_steps=1", "learning_rate=1e-12"], work / "global_0.log")
-    stage1 = train("global_mapping", work / "global", [*common, f"max_steps={args.steps_global}",
-                                                       f"learning_rate={args.lr_global}"], work / "global.log")
+    untrained = train(
+        "global_mapping", work / "global_0", [*common, "max_steps=1", "learning_rate=1e-12"], work / "global_0.log"
+    )
+    stage1 = train(
+        "global_mapping",
+        work / "global",
+        [*common, f"max_steps={args.steps_global}", f"learning_rate={args.lr_global}"],
+        work / "global.log",
+    )
     timings["train_global_s"] = round(time.time() - tick, 1)
     g0, g1 = evaluate_global(ev, untrained), evaluate_global(ev, stage1)
-    results.update({
-        "stage1": {
-            "trained": {"own_vs_shuffled": bootstrap(g1["shuffled"] - g1["own"]),
-                        "own_vs_class_word": bootstrap(g1["class_word"] - g1["own"]),
-                        "mean_loss_own": float(g1["own"].mean())},
-            "untrained": {"own_vs_shuffled": bootstrap(g0["shuffled"] - g0["own"]),
-                          "own_vs_class_word": bootstrap(g0["class_word"] - g0["own"]),
-                          "mean_loss_own": float(g0["own"].mean())},
-            "trained_vs_untrained_own": bootstrap(g0["own"] - g1["own"]),
-        },
-        "stage2": {},
-    })
-    local_keys = [*common, f"global_mapping_path={stage1}", f"max_steps={args.steps_local}", f"learning_rate={args.lr_local}"]
+    results.update(
+        {
+            "stage1": {
+                "trained": {
+                    "own_vs_shuffled": bootstrap(g1["shuffled"] - g1["own"]),
+                    "own_vs_class_word": bootstrap(g1["class_word"] - g1["own"]),
+                    "mean_loss_own": float(g1["own"].mean()),
+                },
+                "untrained": {
+                    "own_vs_shuffled": bootstrap(g0["shuffled"] - g0["own"]),
+                    "own_vs_class_word": bootstrap(g0["class_word"] - g0["own"]),
+                    "mean_loss_own": float(g0["own"].mean()),
+                },
+                "trained_vs_untrained_own": bootstrap(g0["own"] - g1["own"]),
+            },
+            "stage2": {},
+        }
+    )
+    local_keys = [
+        *common,
+        f"global_mapping_path={stage1}",
+        f"max_steps={args.steps_local}",
+        f"learning_rate={args.lr_local}",
+    ]
     tick = time.time()
     reference = train("local_mapping", work / "local", local_keys, work / "local.log")
     timings["train_local_s"] = round(time.time() - tick, 1)
@@ -591,8 +768,12 @@ def elite_results(args, work: Path, common: list[str], ev: Evaluator, results: d
         _identity_sheet(pictures, Path(args.out).with_name(Path(args.out).stem + "_identity.png"))
     if args.options == "all":
         for name, keys in OPTIONS:
-            folder = train("local_mapping", work / f"local_{len(results['stage2'])}", [*local_keys, *keys],
-                           work / f"local_{len(results['stage2'])}.log")
+            folder = train(
+                "local_mapping",
+                work / f"local_{len(results['stage2'])}",
+                [*local_keys, *keys],
+                work / f"local_{len(results['stage2'])}.log",
+            )
             opt = evaluate_local(ev, folder)
             results["stage2"][name] = {
                 "own_vs_off": bootstrap(opt["off"] - opt["own"]),
@@ -602,8 +783,16 @@ def elite_results(args, work: Path, common: list[str], ev: Evaluator, results: d
             }
 
 
-def identity_results(encoders: Path, sd: str, models: Path, objects: int = 16, seeds: int = 2, steps: int = 25,
-                     guidance: float = 4.0, elite_scale: float = 0.6) -> dict:
+def identity_results(
+    encoders: Path,
+    sd: str,
+    models: Path,
+    objects: int = 16,
+    seeds: int = 2,
+    steps: int = 25,
+    guidance: float = 4.0,
+    elite_scale: float = 0.6,
+) -> dict:
     """Identity in generation on the world: each held-out object (a shape x colour x pattern triple no model
     saw) is encoded from one photo and generated on another background ("a photo of S* on a green
     background"); the world's classifier reads shape, colour and pattern of the result. The same with
@@ -620,8 +809,9 @@ def identity_results(encoders: Path, sd: str, models: Path, objects: int = 16, s
     from bench_world import WorldClassifier
 
     classifier = WorldClassifier(models / "classifier")
-    elite = ElitePipeline.from_pretrained(sd, encoders=str(encoders), device="cpu", dtype=torch.float32,
-                                          safety_checker=False)
+    elite = ElitePipeline.from_pretrained(
+        sd, encoders=str(encoders), device="cpu", dtype=torch.float32, safety_checker=False
+    )
     elite.pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(11)
     truths, with_concept, with_class = [], [], []
@@ -633,11 +823,21 @@ def identity_results(encoders: Path, sd: str, models: Path, objects: int = 16, s
         mask = Image.fromarray(photo.objects[0].mask.astype(np.uint8) * 255, "L")
         concept = elite.encode_concept(photo.image, mask)
         for seed in range(seeds):
-            out = elite(f"a photo of S* on a {target_bg} background", concepts=concept, elite_scale=elite_scale,
-                        num_inference_steps=steps, guidance_scale=guidance, seed=seed)
+            out = elite(
+                f"a photo of S* on a {target_bg} background",
+                concepts=concept,
+                elite_scale=elite_scale,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                seed=seed,
+            )
             with_concept.append(out.images[0])
-            plain = elite(f"a photo of a {shape} on a {target_bg} background", num_inference_steps=steps,
-                          guidance_scale=guidance, seed=seed)
+            plain = elite(
+                f"a photo of a {shape} on a {target_bg} background",
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                seed=seed,
+            )
             with_class.append(plain.images[0])
             truths.append({"shape": shape, "colour": colour, "pattern": pattern, "background": str(target_bg)})
     groups = ("shape", "colour", "pattern", "background")
@@ -646,12 +846,27 @@ def identity_results(encoders: Path, sd: str, models: Path, objects: int = 16, s
     def rate(images):
         readings = classifier.read(images)
         hits = {g: np.array([r[g] == t[g] for r, t in zip(readings, truths)], dtype=float) for g in groups}
-        return {g: {"rate": float(h.mean()), "ci95": [float(v) for v in np.percentile(
-            np.random.default_rng(0).choice(h, (4000, h.size)).mean(1), [2.5, 97.5])]} for g, h in hits.items()}
+        return {
+            g: {
+                "rate": float(h.mean()),
+                "ci95": [
+                    float(v)
+                    for v in np.percentile(np.random.default_rng(0).choice(h, (4000, h.size)).mean(1), [2.5, 97.5])
+                ],
+            }
+            for g, h in hits.items()
+        }
 
-    return {"elite": rate(with_concept), "class_word": rate(with_class), "chance": {g: 1 / sizes[g] for g in groups},
-            "images": len(truths), "elite_scale": elite_scale, "steps": steps, "guidance": guidance,
-            "_pictures": (with_concept[: 2 * seeds * 4 : seeds], with_class[: 2 * seeds * 4 : seeds])}
+    return {
+        "elite": rate(with_concept),
+        "class_word": rate(with_class),
+        "chance": {g: 1 / sizes[g] for g in groups},
+        "images": len(truths),
+        "elite_scale": elite_scale,
+        "steps": steps,
+        "guidance": guidance,
+        "_pictures": (with_concept[: 2 * seeds * 4 : seeds], with_class[: 2 * seeds * 4 : seeds]),
+    }
 
 
 def _identity_sheet(pictures, path: Path) -> None:
@@ -690,11 +905,31 @@ def multiphoto_results(args, encoders: Path, ev: Evaluator) -> dict:
     diffs: dict[float, list[np.ndarray]] = {1.0: [], 0.0: []}
 
     def losses(concept, draws, scale) -> np.ndarray:
-        c = elite_conditioning(ev.sd.text_encoder, ids, [ev.placeholder_id], [concept.w0.view(1, 1, -1)],
-                               local=[(concept.local_tokens[None], concept.local_keep[None])], scale=scale)
+        c = elite_conditioning(
+            ev.sd.text_encoder,
+            ids,
+            [ev.placeholder_id],
+            [concept.w0.view(1, 1, -1)],
+            local=[(concept.local_tokens[None], concept.local_keep[None])],
+            scale=scale,
+        )
         with torch.no_grad():
-            return np.array([float(((ev.sd.unet(noisy, t, c.prompt_embeds, cross_attention_kwargs=c.context.as_kwargs()).sample
-                                     - target) ** 2).mean()) for noisy, target, t in draws])
+            return np.array(
+                [
+                    float(
+                        (
+                            (
+                                ev.sd.unet(
+                                    noisy, t, c.prompt_embeds, cross_attention_kwargs=c.context.as_kwargs()
+                                ).sample
+                                - target
+                            )
+                            ** 2
+                        ).mean()
+                    )
+                    for noisy, target, t in draws
+                ]
+            )
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no mask: the whole photo" for every photo
@@ -709,10 +944,12 @@ def multiphoto_results(args, encoders: Path, ev: Evaluator) -> dict:
                     one = np.mean([losses(singles[p], draws, scale) for p in others], axis=0)
                     diffs[scale].append(one - losses(several, draws, scale))
     restore_default_processors(ev.sd.unet)
-    return {"several_vs_one": bootstrap(np.concatenate(diffs[1.0])),
-            "several_vs_one_global_only": bootstrap(np.concatenate(diffs[0.0])),
-            "concepts": list(MULTIPHOTO_CONCEPTS), "targets": sum(len(list((DATA / "concepts/dreambooth" / n).glob("*.jpg")))
-                                                                 for n in MULTIPHOTO_CONCEPTS)}
+    return {
+        "several_vs_one": bootstrap(np.concatenate(diffs[1.0])),
+        "several_vs_one_global_only": bootstrap(np.concatenate(diffs[0.0])),
+        "concepts": list(MULTIPHOTO_CONCEPTS),
+        "targets": sum(len(list((DATA / "concepts/dreambooth" / n).glob("*.jpg"))) for n in MULTIPHOTO_CONCEPTS),
+    }
 
 
 def table(results: dict) -> str:
@@ -721,13 +958,17 @@ def table(results: dict) -> str:
         return f"| {name} | {r['mean']:+.5f} | [{lo:+.5f}, {hi:+.5f}] | {'yes' if r['excludes_zero'] else 'no'} |"
 
     s1, s2 = results["stage1"], results["stage2"]
-    lines = ["| comparison (loss of the worse - loss of own; > 0: own helps) | mean | 95 % CI | excludes 0 |",
-             "|---|---|---|---|"]
+    lines = [
+        "| comparison (loss of the worse - loss of own; > 0: own helps) | mean | 95 % CI | excludes 0 |",
+        "|---|---|---|---|",
+    ]
     if s1:
-        lines += [row("stage 1 trained: shuffled w0 - own w0", s1["trained"]["own_vs_shuffled"]),
-                  row("stage 1 trained: class word - own w0", s1["trained"]["own_vs_class_word"]),
-                  row("stage 1 untrained: shuffled w0 - own w0", s1["untrained"]["own_vs_shuffled"]),
-                  row("stage 1: untrained own - trained own", s1["trained_vs_untrained_own"])]
+        lines += [
+            row("stage 1 trained: shuffled w0 - own w0", s1["trained"]["own_vs_shuffled"]),
+            row("stage 1 trained: class word - own w0", s1["trained"]["own_vs_class_word"]),
+            row("stage 1 untrained: shuffled w0 - own w0", s1["untrained"]["own_vs_shuffled"]),
+            row("stage 1: untrained own - trained own", s1["trained_vs_untrained_own"]),
+        ]
     for name, r in s2.items():
         lines.append(row(f"stage 2 {name}: lambda 0 - lambda 1", r["own_vs_off"]))
         lines.append(row(f"stage 2 {name}: shuffled tokens - own tokens", r["own_vs_shuffled"]))
@@ -739,7 +980,9 @@ def table(results: dict) -> str:
         lines.append(row("several photos vs one, global word only (lambda 0)", m["several_vs_one_global_only"]))
     f = results.get("finetunes")
     if f:
-        lines.append(row("Textual Inversion: initializer word - learned token", f["textual_inversion_token_vs_initializer"]))
+        lines.append(
+            row("Textual Inversion: initializer word - learned token", f["textual_inversion_token_vs_initializer"])
+        )
         lines.append(row("BaTex: initializer word - learned token", f["batex_token_vs_initializer"]))
         lines.append(row("BaTex gain - Textual Inversion gain (same steps)", f["batex_minus_textual_inversion"]))
         for method, by_step in f.get("curve", {}).items():
@@ -747,23 +990,39 @@ def table(results: dict) -> str:
                 lines.append(row(f"{method} after {step} steps: initializer word - learned token", r))
         if "curve" in f:
             reached = f["batex_steps_to_textual_inversion_final"]
-            lines.append(f"| BaTex reaches Textual Inversion's final gain after | "
-                         f"{reached if reached is not None else 'not within ' + str(f['steps'])} steps | | |")
+            lines.append(
+                f"| BaTex reaches Textual Inversion's final gain after | "
+                f"{reached if reached is not None else 'not within ' + str(f['steps'])} steps | | |"
+            )
         if "anchor_pull" in f:
             lines.append(row("anchors: L_anc (x 77 D) of the plain word - of the anchored word", f["anchor_pull"]))
             lines.append(f"| anchors: relative drop of L_anc | {f['anchor_relative_pull']:.1%} | | |")
-            lines.append(row("anchored Textual Inversion: initializer word - learned token", f["anchored_token_vs_initializer"]))
-        lines.append(row("Infusion: without - with residuals (class-word prompt)", f["infusion_with_vs_without_residuals"]))
-        lines.append(f"| Infusion on a prompt without the class word: largest change | {f['infusion_no_class_word_max_abs_change']:.2e} | | |")
+            lines.append(
+                row("anchored Textual Inversion: initializer word - learned token", f["anchored_token_vs_initializer"])
+            )
+        lines.append(
+            row("Infusion: without - with residuals (class-word prompt)", f["infusion_with_vs_without_residuals"])
+        )
+        lines.append(
+            "| Infusion on a prompt without the class word: largest change | "
+            f"{f['infusion_no_class_word_max_abs_change']:.2e} | | |"
+        )
     ident = results.get("identity")
     if ident:
-        lines += ["", f"Identity in generation ({ident['images']} images of held-out objects on new backgrounds; "
-                  "the world classifier's reading):", "",
-                  "| attribute kept | S* (encoded photo) | class word alone | chance |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Identity in generation ({ident['images']} images of held-out objects on new backgrounds; "
+            "the world classifier's reading):",
+            "",
+            "| attribute kept | S* (encoded photo) | class word alone | chance |",
+            "|---|---|---|---|",
+        ]
         for g in ("shape", "colour", "pattern", "background"):
             e, c = ident["elite"][g], ident["class_word"][g]
-            lines.append(f"| {g} | {e['rate']:.0%} [{e['ci95'][0]:.0%}, {e['ci95'][1]:.0%}] | "
-                         f"{c['rate']:.0%} [{c['ci95'][0]:.0%}, {c['ci95'][1]:.0%}] | {ident['chance'][g]:.0%} |")
+            lines.append(
+                f"| {g} | {e['rate']:.0%} [{e['ci95'][0]:.0%}, {e['ci95'][1]:.0%}] | "
+                f"{c['rate']:.0%} [{c['ci95'][0]:.0%}, {c['ci95'][1]:.0%}] | {ident['chance'][g]:.0%} |"
+            )
     return "\n".join(lines)
 
 
@@ -783,7 +1042,9 @@ def world_available() -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=str(RESULTS), help="results JSON")
     parser.add_argument("--work", default=None, help="working folder (default: a new temporary one)")
     parser.add_argument("--eval-shards", default=None, help="held-out crop shards (default: the split made here)")
@@ -794,23 +1055,40 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draws", type=int, default=8, help="(noise, timestep) draws per held-out crop")
     parser.add_argument("--options", choices=("all", "none"), default="all", help="also train each stage-2 option")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parts", default="elite,finetunes", help="what to train and measure: elite, multiphoto (with elite), finetunes")
+    parser.add_argument(
+        "--parts",
+        default="elite,finetunes",
+        help="what to train and measure: elite, multiphoto (with elite), finetunes",
+    )
     parser.add_argument("--steps-finetune", type=int, default=100, help="steps of each per-concept fine-tune")
-    parser.add_argument("--anchor-seeds", type=int, default=2, help="seeds of the anchored / plain Textual Inversion pairs")
-    parser.add_argument("--finetune-concepts", type=int, default=2, help="DreamBooth concepts for the fine-tunes (0: skip)")
+    parser.add_argument(
+        "--anchor-seeds", type=int, default=2, help="seeds of the anchored / plain Textual Inversion pairs"
+    )
+    parser.add_argument(
+        "--finetune-concepts", type=int, default=2, help="DreamBooth concepts for the fine-tunes (0: skip)"
+    )
     parser.add_argument("--base", default=None, help="a Stable Diffusion folder / Hub id instead of the tiny one")
     parser.add_argument("--image-encoder", default=None, help="a CLIP vision folder / Hub id (with --base)")
     parser.add_argument("--resolution", type=int, default=64, help="training and evaluation resolution")
     parser.add_argument("--batch", type=int, default=4, help="training batch of both ELITE stages and the fine-tunes")
     world = parser.add_mutually_exclusive_group()
-    world.add_argument("--world", dest="world", action="store_true", default=None,
-                       help="on the trained miniature world (default when it ships): its models, crops of its train "
-                       "split to train, of its held-out triples to measure")
-    world.add_argument("--no-world", dest="world", action="store_false", help="on the random tiny bundle and the bundled photos")
+    world.add_argument(
+        "--world",
+        dest="world",
+        action="store_true",
+        default=None,
+        help="on the trained miniature world (default when it ships): its models, crops of its train "
+        "split to train, of its held-out triples to measure",
+    )
+    world.add_argument(
+        "--no-world", dest="world", action="store_false", help="on the random tiny bundle and the bundled photos"
+    )
     parser.add_argument("--world-models", default=None, help="a world models folder (default: the shipped ones)")
     parser.add_argument("--world-train-images", type=int, default=3000)
     parser.add_argument("--world-eval-images", type=int, default=100)
-    parser.add_argument("--identity-objects", type=int, default=16, help="world: held-out objects generated for identity")
+    parser.add_argument(
+        "--identity-objects", type=int, default=16, help="world: held-out objects generated for identity"
+    )
     args = parser.parse_args(argv)
     if args.world is None:
         args.world = args.base is None and world_available()

@@ -50,25 +50,55 @@ def build_inputs(work: Path) -> tuple[Path, Path, str]:
     models = build_tiny_models(work / "models", ["sd", "image_encoder"])
     settings = load_config(CropSettings, REPO / "configs/data/demo.yaml", ["resolution=64"])
     job = dict(shard_size=4, workers=1, progress=False)
-    build_coco_shards(DATA / "coco_sample/annotations.json", DATA / "coco_sample/images", work / "shards/coco", settings, **job)
+    build_coco_shards(
+        DATA / "coco_sample/annotations.json", DATA / "coco_sample/images", work / "shards/coco", settings, **job
+    )
     oi = DATA / "openimages/from_coco_sample"
     build_openimages_shards(
-        oi / "annotations/validation-annotations-bbox.csv", oi / "annotations/validation-annotations-object-segmentation.csv",
-        oi / "masks", oi / "images", DATA / "openimages/class-descriptions-boxable.csv", work / "shards/openimages",
-        settings, **job,
+        oi / "annotations/validation-annotations-bbox.csv",
+        oi / "annotations/validation-annotations-object-segmentation.csv",
+        oi / "masks",
+        oi / "images",
+        DATA / "openimages/class-descriptions-boxable.csv",
+        work / "shards/openimages",
+        settings,
+        **job,
     )
     return models["sd"], models["image_encoder"], f"{work / 'shards/coco'}::{work / 'shards/openimages'}"
 
 
 def _command(sd: Path, clip: Path, shards: str, out: Path, extra: list[str]) -> list[str]:
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.global_mapping",
-        "--config", str(REPO / "configs/train/global_mapping.yaml"),
-        f"pretrained_model_name_or_path={sd}", f"image_encoder_name_or_path={clip}", f"train_shards={shards}",
-        f"output_dir={out}", f"train_batch_size={BATCH}", "data.resolution=64", "mapping_hidden_dim=64",
-        "report_to=none", "validation_steps=0", "checkpointing_steps=10", "logging_steps=1", "scale_lr=false",
-        "dataloader_num_workers=0", *extra,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "training.global_mapping",
+        "--config",
+        str(REPO / "configs/train/global_mapping.yaml"),
+        f"pretrained_model_name_or_path={sd}",
+        f"image_encoder_name_or_path={clip}",
+        f"train_shards={shards}",
+        f"output_dir={out}",
+        f"train_batch_size={BATCH}",
+        "data.resolution=64",
+        "mapping_hidden_dim=64",
+        "report_to=none",
+        "validation_steps=0",
+        "checkpointing_steps=10",
+        "logging_steps=1",
+        "scale_lr=false",
+        "dataloader_num_workers=0",
+        *extra,
     ]
 
 
@@ -113,8 +143,9 @@ def loader_seconds_per_batch(sd: Path, shards: str, batches: int = 20) -> float:
     vae = AutoencoderKL.from_pretrained(sd, subfolder="vae")
     tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    loader = build_crop_dataloader(shards, CropDataConfig(resolution=64), batch_size=BATCH,
-                                   vae_scale_factor=factor, tokenizer=tokenizer)
+    loader = build_crop_dataloader(
+        shards, CropDataConfig(resolution=64), batch_size=BATCH, vae_scale_factor=factor, tokenizer=tokenizer
+    )
     it = iter(loader)
     next(it)
     start = time.perf_counter()
@@ -135,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     env = _env(args.threads)
     run = work / "run"
     if not (run / "checkpoint-10").is_dir():
-        done = subprocess.run(_command(sd, clip, shards, run, ["max_steps=10"]), env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            _command(sd, clip, shards, run, ["max_steps=10"]), env=env, capture_output=True, text=True
+        )
         if done.returncode != 0:
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
             return 1
@@ -168,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'checkpoint':>12} | {'first resumed step (best of ' + str(args.repeats) + ')':>36}")
     for step in (10, 10_000):
         print(f"{'step ' + str(step):>12} | {best[step]:>34.2f} s")
-    print(f"ratio 10,000 / 10: {ratio:.2f} (target <= 1.5); replaying 10,000 batches instead would take "
-          f"~{per_batch * 10_000:.0f} s on this machine ({per_batch * 1000:.1f} ms per batch)")
+    print(
+        f"ratio 10,000 / 10: {ratio:.2f} (target <= 1.5); replaying 10,000 batches instead would take "
+        f"~{per_batch * 10_000:.0f} s on this machine ({per_batch * 1000:.1f} ms per batch)"
+    )
     print(f"wrote {args.out}")
     return 0 if ratio <= 1.5 else 1
 

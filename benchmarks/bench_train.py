@@ -50,35 +50,66 @@ REFERENCE_PEAK_GB = {"global_mapping": 1.2, "local_mapping": 1.7}
 SMALL = dict(
     resolution=128,
     unet=dict(
-        sample_size=32, layers_per_block=1, block_out_channels=(64, 128, 256),
+        sample_size=32,
+        layers_per_block=1,
+        block_out_channels=(64, 128, 256),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+        cross_attention_dim=128,
+        attention_head_dim=8,
+        norm_num_groups=32,
     ),
     vae=dict(
-        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=32, sample_size=128,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=128,
     ),
     text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
-    vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4, image_size=224, patch_size=14),
+    vision=dict(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=24,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=14,
+    ),
 )
 
 # Stable Diffusion v1-4 + CLIP ViT-L/14 shapes (random init): the GPU memory plan (--configs sd14, needs CUDA)
 SD14 = dict(
     resolution=512,
     unet=dict(
-        sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        sample_size=64,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8,
+        cross_attention_dim=768,
+        attention_head_dim=8,
     ),
     vae=dict(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
     ),
-    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"),
-    vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
-                patch_size=14, hidden_act="quick_gelu"),
+    text=dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"
+    ),
+    vision=dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        hidden_act="quick_gelu",
+    ),
 )
 SHAPES = {"small": SMALL, "sd14": SD14}
 RESOLUTION = {"tiny": 64, "small": SMALL["resolution"], "sd14": SD14["resolution"]}
@@ -105,10 +136,14 @@ def build_models(config: str, root: Path) -> Path:
 
         torch.manual_seed(0)
         pipe = StableDiffusionPipeline(
-            unet=UNet2DConditionModel(**shapes["unet"]), vae=AutoencoderKL(**shapes["vae"]),
+            unet=UNet2DConditionModel(**shapes["unet"]),
+            vae=AutoencoderKL(**shapes["vae"]),
             text_encoder=CLIPTextModel(CLIPTextConfig(**{**TEXT_KWARGS, **shapes["text"]})),
-            tokenizer=build_clip_tokenizer(), scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            tokenizer=build_clip_tokenizer(),
+            scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
         pipe.save_pretrained(target, safe_serialization=True)
         save_clip_tokenizer(target / "tokenizer")
@@ -136,28 +171,48 @@ def build_shards(root: Path, resolution: int) -> str:
 
         settings = load_config(CropSettings, REPO / "configs/data/demo.yaml", [f"resolution={resolution}"])
         data = REPO / "tests/data/coco_sample"
-        build_coco_shards(data / "annotations.json", data / "images", out, settings, shard_size=4, workers=1, progress=False)
+        build_coco_shards(
+            data / "annotations.json", data / "images", out, settings, shard_size=4, workers=1, progress=False
+        )
     return str(out / "*.tar")
 
 
 # ------------------------------------------------------------------ worker: one stage in this process
 
 
-def _task(stage: str, models: Path, shards: str, resolution: int, batch: int, global_path: Path | None, out: Path,
-          precision: str = "no", gradient_checkpointing: bool = False):
+def _task(
+    stage: str,
+    models: Path,
+    shards: str,
+    resolution: int,
+    batch: int,
+    global_path: Path | None,
+    out: Path,
+    precision: str = "no",
+    gradient_checkpointing: bool = False,
+):
     from encoders.common.config import load_config
 
-    keys = [f"pretrained_model_name_or_path={models / 'sd'}", f"image_encoder_name_or_path={models / 'image_encoder'}",
-            f"train_shards={shards}", f"output_dir={out}", f"train_batch_size={batch}", f"mixed_precision={precision}",
-            f"gradient_checkpointing={gradient_checkpointing}",
-            "report_to=none", "dataloader_num_workers=0", f"data.resolution={resolution}",
-            "scale_lr=false"]
+    keys = [
+        f"pretrained_model_name_or_path={models / 'sd'}",
+        f"image_encoder_name_or_path={models / 'image_encoder'}",
+        f"train_shards={shards}",
+        f"output_dir={out}",
+        f"train_batch_size={batch}",
+        f"mixed_precision={precision}",
+        f"gradient_checkpointing={gradient_checkpointing}",
+        "report_to=none",
+        "dataloader_num_workers=0",
+        f"data.resolution={resolution}",
+        "scale_lr=false",
+    ]
     if stage == "global_mapping":
         from training.global_mapping import GlobalMappingConfig as Config
         from training.global_mapping import GlobalMappingTask as Task
     else:
         from training.local_mapping import LocalMappingConfig as Config
         from training.local_mapping import LocalMappingTask as Task
+
         keys.append(f"global_mapping_path={global_path}")
     return Task(load_config(Config, REPO / f"configs/train/{stage}.yaml", keys))
 
@@ -171,12 +226,21 @@ def run_worker(args) -> dict:
     cuda = args.config == "sd14"
     precision = "bf16" if cuda else "no"
     models, out = Path(args.models), Path(args.work) / f"run_{args.config}_{args.stage}"
-    task = _task(args.stage, models, args.shards, args.resolution, args.batch, args.global_path and Path(args.global_path),
-                 out, precision, args.gradient_checkpointing)
+    task = _task(
+        args.stage,
+        models,
+        args.shards,
+        args.resolution,
+        args.batch,
+        args.global_path and Path(args.global_path),
+        out,
+        precision,
+        args.gradient_checkpointing,
+    )
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
     task.setup(accelerator, torch.bfloat16 if cuda else torch.float32)
     trainable = task.trainable_models()
-    (name, model), = trainable.items()
+    ((name, model),) = trainable.items()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)  # as training/loop.py builds it
 
@@ -201,8 +265,10 @@ def run_worker(args) -> dict:
     # posterior moments of every batch, for the same step with cached latents (data.cached_latents:
     # shards from `python -m data_prep latents`), timed right after each plain step so drift hits both
     with torch.no_grad():
-        moments = [task.sd.vae.encode(b["pixel_values"].to(task.sd.vae.dtype)).latent_dist.parameters.to(torch.float16)
-                   for b in batches]
+        moments = [
+            task.sd.vae.encode(b["pixel_values"].to(task.sd.vae.dtype)).latent_dist.parameters.to(torch.float16)
+            for b in batches
+        ]
     step_ms, frozen_ms, vae_ms, losses, optimizer_ms, mapping_ms, cached_ms = [], [], [], [], [], [], []
     for i, batch in enumerate(batches):
         t0 = now()
@@ -228,7 +294,11 @@ def run_worker(args) -> dict:
         if args.stage == "global_mapping":
             out = model([feats[layer] for layer in task.config.feature_layers]).float().sum()
         else:
-            out = model([feats[layer] for layer in task.config.feature_layers], batch["object_mask_clip"]).tokens.float().sum()
+            out = (
+                model([feats[layer] for layer in task.config.feature_layers], batch["object_mask_clip"])
+                .tokens.float()
+                .sum()
+            )
         out.backward()
         t6 = now()
         optimizer.zero_grad(set_to_none=True)
@@ -262,25 +332,44 @@ def run_worker(args) -> dict:
 
     med = statistics.median
     row = dict(
-        config=args.config, stage=args.stage, batch=args.batch, threads=args.threads, resolution=args.resolution,
-        device=str(accelerator.device), precision=precision, gradient_checkpointing=args.gradient_checkpointing,
+        config=args.config,
+        stage=args.stage,
+        batch=args.batch,
+        threads=args.threads,
+        resolution=args.resolution,
+        device=str(accelerator.device),
+        precision=precision,
+        gradient_checkpointing=args.gradient_checkpointing,
         trainable_params=sum(p.numel() for p in params),
-        step_ms_median=med(step_ms), step_ms_min=min(step_ms), step_ms_all=[round(x, 1) for x in step_ms],
-        frozen_ms_median=med(frozen_ms), frozen_share=med(frozen_ms) / med(step_ms),
-        vae_encode_ms_median=med(vae_ms), vae_share=med(vae_ms) / med(step_ms),
-        optimizer_ms_median=med(optimizer_ms), mapping_fwd_bwd_ms_median=med(mapping_ms),
-        cached_latent_read_ms=read_ms, cached_latent_bytes_per_sample=len(blobs[0]),
-        cached_latents_step_ms_median=med(cached_ms), cached_latents_saving=1 - med(cached_ms) / med(step_ms),
-        data_ms_median=med(data_ms[args.warmup:]),
+        step_ms_median=med(step_ms),
+        step_ms_min=min(step_ms),
+        step_ms_all=[round(x, 1) for x in step_ms],
+        frozen_ms_median=med(frozen_ms),
+        frozen_share=med(frozen_ms) / med(step_ms),
+        vae_encode_ms_median=med(vae_ms),
+        vae_share=med(vae_ms) / med(step_ms),
+        optimizer_ms_median=med(optimizer_ms),
+        mapping_fwd_bwd_ms_median=med(mapping_ms),
+        cached_latent_read_ms=read_ms,
+        cached_latent_bytes_per_sample=len(blobs[0]),
+        cached_latents_step_ms_median=med(cached_ms),
+        cached_latents_saving=1 - med(cached_ms) / med(step_ms),
+        data_ms_median=med(data_ms[args.warmup :]),
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         losses=losses,
     )
     if cuda:
-        row.update(gpu=torch.cuda.get_device_name(), gpu_static_gb=static_gb,
-                   gpu_peak_gb=torch.cuda.max_memory_allocated() / 1024**3,
-                   frozen_params={k: sum(p.numel() for p in m.parameters()) for k, m in
-                                  dict(unet=task.sd.unet, vae=task.sd.vae, text_encoder=task.sd.text_encoder,
-                                       image_encoder=task.clip).items()})
+        row.update(
+            gpu=torch.cuda.get_device_name(),
+            gpu_static_gb=static_gb,
+            gpu_peak_gb=torch.cuda.max_memory_allocated() / 1024**3,
+            frozen_params={
+                k: sum(p.numel() for p in m.parameters())
+                for k, m in dict(
+                    unet=task.sd.unet, vae=task.sd.vae, text_encoder=task.sd.text_encoder, image_encoder=task.clip
+                ).items()
+            },
+        )
     return row
 
 
@@ -288,7 +377,9 @@ def run_worker(args) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--configs", default="tiny,small", help="comma-separated: tiny, small, sd14 (needs CUDA)")
     parser.add_argument("--stages", default="global_mapping,local_mapping")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per stage")
@@ -297,8 +388,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=None, help="folder for models/shards (default: a temp folder)")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the other rows of an existing --out file (re-measure one config/stage at a quiet moment)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other rows of an existing --out file (re-measure one config/stage at a quiet moment)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--stage", help=argparse.SUPPRESS)
@@ -307,8 +401,11 @@ def main(argv=None) -> None:
     parser.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--global-path", dest="global_path", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--sd14-batches", default="global_mapping:1,global_mapping:4,local_mapping:1,local_mapping:2",
-                        help="sd14 only: stage:batch pairs to measure, each with and without gradient checkpointing")
+    parser.add_argument(
+        "--sd14-batches",
+        default="global_mapping:1,global_mapping:4,local_mapping:1,local_mapping:2",
+        help="sd14 only: stage:batch pairs to measure, each with and without gradient checkpointing",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -337,56 +434,97 @@ def main(argv=None) -> None:
             GlobalMapping.from_unet(unet, input_dim=width).save_pretrained(global_path / "global_mapping")
             del unet
         if config == "sd14":
-            variants = [(stage, int(b), gc) for stage, b in (x.split(":") for x in args.sd14_batches.split(","))
-                        for gc in (False, True)]
+            variants = [
+                (stage, int(b), gc)
+                for stage, b in (x.split(":") for x in args.sd14_batches.split(","))
+                for gc in (False, True)
+            ]
         else:
             variants = [(stage, args.batch, False) for stage in args.stages.split(",") if stage]
         for stage, batch, gc in variants:
-            cmd = [sys.executable, __file__, "--worker", "--config", config, "--stage", stage, "--models", str(models),
-                   "--shards", shards, "--resolution", str(resolution), "--global-path", str(global_path),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(batch),
-                   "--threads", str(args.threads), "--work", str(work)] + (["--gradient-checkpointing"] if gc else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--config",
+                config,
+                "--stage",
+                stage,
+                "--models",
+                str(models),
+                "--shards",
+                shards,
+                "--resolution",
+                str(resolution),
+                "--global-path",
+                str(global_path),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--batch",
+                str(batch),
+                "--threads",
+                str(args.threads),
+                "--work",
+                str(work),
+            ] + (["--gradient-checkpointing"] if gc else [])
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
                 raise SystemExit(f"{config}/{stage} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-            row = json.loads(lines[-1][len("RESULT "):])
+            row = json.loads(lines[-1][len("RESULT ") :])
             if config == "tiny":
                 row["reference_ms"] = REFERENCE_MS[stage]
                 row["reference_peak_gb"] = REFERENCE_PEAK_GB[stage]
                 row["speedup_vs_reference"] = REFERENCE_MS[stage] / row["step_ms_median"]
             rows.append(row)
-            print(f"  measured {config}/{stage} batch {batch}{' +gc' if gc else ''}: {row['step_ms_median']:.0f} ms/step",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  measured {config}/{stage} batch {batch}{' +gc' if gc else ''}: {row['step_ms_median']:.0f} ms/step",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    header = (f"{'config':<6} {'stage':<15} {'batch':>5} {'gc':>3} {'step ms':>8} {'min':>7} {'ref ms':>7} {'x ref':>6} "
-              f"{'peak GB':>8} {'frozen':>7} {'map ms':>7} {'opt ms':>7} {'VAE ms':>7} {'VAE %':>6} {'cache rd ms':>11} {'cached ms':>9} {'data ms':>8}")
+    header = (
+        f"{'config':<6} {'stage':<15} {'batch':>5} {'gc':>3} {'step ms':>8} {'min':>7} {'ref ms':>7} {'x ref':>6} "
+        f"{'peak GB':>8} {'frozen':>7} {'map ms':>7} {'opt ms':>7} {'VAE ms':>7} {'VAE %':>6} {'cache rd ms':>11} "
+        f"{'cached ms':>9} {'data ms':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         ref = f"{r['reference_ms']:.0f}" if "reference_ms" in r else "-"
         speed = f"{r['speedup_vs_reference']:.2f}" if "speedup_vs_reference" in r else "-"
         peak = r.get("gpu_peak_gb", r["peak_rss_gb"])
-        print(f"{r['config']:<6} {r['stage']:<15} {r['batch']:>5} {'y' if r['gradient_checkpointing'] else 'n':>3} "
-              f"{r['step_ms_median']:>8.1f} {r['step_ms_min']:>7.1f} {ref:>7} {speed:>6} {peak:>8.2f} "
-              f"{100 * r['frozen_share']:>6.0f}% {r['mapping_fwd_bwd_ms_median']:>7.1f} {r['optimizer_ms_median']:>7.1f} "
-              f"{r['vae_encode_ms_median']:>7.1f} {100 * r['vae_share']:>5.1f}% "
-              f"{r['cached_latent_read_ms']:>11.2f} {r.get('cached_latents_step_ms_median', float('nan')):>9.1f} "
-              f"{r['data_ms_median']:>8.1f}")
-    print("peak GB: process peak RSS on CPU, torch.cuda.max_memory_allocated on GPU; frozen: share of the step in "
-          "VAE + CLIP (+ w0 + text encoder in the local stage); map ms: the trainable mapping's forward + backward "
-          "alone; opt ms: AdamW step; cached ms: the step with data.cached_latents (no VAE encode); "
-          "x ref: reference ms / ours (target >= 2)")
+        print(
+            f"{r['config']:<6} {r['stage']:<15} {r['batch']:>5} {'y' if r['gradient_checkpointing'] else 'n':>3} "
+            f"{r['step_ms_median']:>8.1f} {r['step_ms_min']:>7.1f} {ref:>7} {speed:>6} {peak:>8.2f} "
+            f"{100 * r['frozen_share']:>6.0f}% {r['mapping_fwd_bwd_ms_median']:>7.1f} {r['optimizer_ms_median']:>7.1f} "
+            f"{r['vae_encode_ms_median']:>7.1f} {100 * r['vae_share']:>5.1f}% "
+            f"{r['cached_latent_read_ms']:>11.2f} {r.get('cached_latents_step_ms_median', float('nan')):>9.1f} "
+            f"{r['data_ms_median']:>8.1f}"
+        )
+    print(
+        "peak GB: process peak RSS on CPU, torch.cuda.max_memory_allocated on GPU; frozen: share of the step in "
+        "VAE + CLIP (+ w0 + text encoder in the local stage); map ms: the trainable mapping's forward + backward "
+        "alone; opt ms: AdamW step; cached ms: the step with data.cached_latents (no VAE encode); "
+        "x ref: reference ms / ours (target >= 2)"
+    )
     result = dict(
         benchmark="bench_train",
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                     load_average_1min=os.getloadavg()[0]),
+        machine=dict(
+            platform=platform.platform(),
+            processor=platform.processor(),
+            cpus=os.cpu_count(),
+            load_average_1min=os.getloadavg()[0],
+        ),
         settings=dict(steps=args.steps, warmup=args.warmup, batch=args.batch, threads=args.threads, precision="fp32"),
         rows=rows,
     )
     out = Path(args.out)
     if args.merge and out.is_file():
+
         def ident(r):
             return (r["config"], r["stage"], r["batch"], r["gradient_checkpointing"])
 

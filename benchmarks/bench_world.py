@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from results_io import write_results  # this folder's own helper (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,7 +51,9 @@ def truth(scene) -> dict[str, str]:
 
 def caption_for(attributes: dict[str, str]) -> str:
     pattern = "" if attributes["pattern"] == "plain" else f" {attributes['pattern']}"
-    return f"a photo of a {attributes['colour']}{pattern} {attributes['shape']} on a {attributes['background']} background"
+    return (
+        f"a photo of a {attributes['colour']}{pattern} {attributes['shape']} on a {attributes['background']} background"
+    )
 
 
 def to_pixels(images) -> torch.Tensor:
@@ -69,12 +70,16 @@ class WorldClassifier:
 
         self.model = ResNetForImageClassification.from_pretrained(folder).eval()
         labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self.groups = {g: [(i, label.split(":", 1)[1]) for i, label in enumerate(labels) if label.startswith(g + ":")]
-                       for g in GROUPS}
+        self.groups = {
+            g: [(i, label.split(":", 1)[1]) for i, label in enumerate(labels) if label.startswith(g + ":")]
+            for g in GROUPS
+        }
 
     @torch.no_grad()
     def read(self, images) -> list[dict[str, str]]:
-        logits = torch.cat([self.model(pixel_values=to_pixels(images[i:i + 64])).logits for i in range(0, len(images), 64)])
+        logits = torch.cat(
+            [self.model(pixel_values=to_pixels(images[i : i + 64])).logits for i in range(0, len(images), 64)]
+        )
         out = []
         for row in logits:
             out.append({g: max(members, key=lambda m: float(row[m[0]]))[1] for g, members in self.groups.items()})
@@ -91,26 +96,35 @@ def vae_quality(sd: Path, scenes) -> dict:
 
     vae = AutoencoderKL.from_pretrained(sd, subfolder="vae").eval()
     pixels = to_pixels([s.image for s in scenes])
-    recon = torch.cat([vae.decode(vae.encode(pixels[i:i + 64]).latent_dist.mean).sample.clamp(-1, 1)
-                       for i in range(0, len(pixels), 64)])
+    recon = torch.cat(
+        [
+            vae.decode(vae.encode(pixels[i : i + 64]).latent_dist.mean).sample.clamp(-1, 1)
+            for i in range(0, len(pixels), 64)
+        ]
+    )
     mse = ((recon - pixels) ** 2).mean(dim=(1, 2, 3))
     psnr = 10 * torch.log10(4.0 / mse)
     masks = torch.from_numpy(np.stack([s.objects[0].mask for s in scenes]))[:, None].float()
-    colour_error = (((recon - pixels).abs() * masks).sum(dim=(2, 3)) / masks.sum(dim=(2, 3)).clamp_min(1)).mean() * 127.5
+    colour_error = (
+        ((recon - pixels).abs() * masks).sum(dim=(2, 3)) / masks.sum(dim=(2, 3)).clamp_min(1)
+    ).mean() * 127.5
     return {"psnr_db": float(psnr.mean()), "object_colour_error_8bit": float(colour_error)}
 
 
 @torch.no_grad()
 def clip_zero_shot(clip_dir: Path, scenes) -> dict[str, float]:
-    from data_prep.world import ATTRIBUTE_GROUPS
     from transformers import CLIPModel, CLIPTokenizer
+
+    from data_prep.world import ATTRIBUTE_GROUPS
 
     model = CLIPModel.from_pretrained(clip_dir).eval()
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
     from encoders.clip_features import CLIP_MEAN, CLIP_STD
 
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    image_features = model.get_image_features(pixel_values=(((to_pixels([s.image for s in scenes]) + 1) / 2) - mean) / std)
+    image_features = model.get_image_features(
+        pixel_values=(((to_pixels([s.image for s in scenes]) + 1) / 2) - mean) / std
+    )
     image_features = torch.nn.functional.normalize(getattr(image_features, "pooler_output", image_features), dim=-1)
     hits = {g: [] for g in GROUPS}
     for n, scene in enumerate(scenes):
@@ -120,7 +134,9 @@ def clip_zero_shot(clip_dir: Path, scenes) -> dict[str, float]:
             texts = [caption_for({**t, group: v}) for v in values]
             ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
             text_features = model.get_text_features(input_ids=ids)
-            text_features = torch.nn.functional.normalize(getattr(text_features, "pooler_output", text_features), dim=-1)
+            text_features = torch.nn.functional.normalize(
+                getattr(text_features, "pooler_output", text_features), dim=-1
+            )
             hits[group].append(values[int((text_features @ image_features[n]).argmax())] == t[group])
     return {g: float(np.mean(v)) for g, v in hits.items()}
 
@@ -133,7 +149,7 @@ def generate(sd: Path, captions: list[str], steps: int, guidance: float, seed: i
     pipe.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(captions), 32):
-        chunk = captions[start:start + 32]
+        chunk = captions[start : start + 32]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
     return images
@@ -169,33 +185,52 @@ def run(args) -> dict:
     unconditional = generate(models / "sd", [""] * len(captions), args.steps, args.guidance, args.seed)
     results["generation_empty_prompt"] = accuracy(classifier.read(unconditional), truths)
     rows = min(8, len(scenes))
-    extra = [generate(models / "sd", captions[:rows], args.steps, args.guidance, args.seed + 1000 * k) for k in range(1, 4)]
+    extra = [
+        generate(models / "sd", captions[:rows], args.steps, args.guidance, args.seed + 1000 * k) for k in range(1, 4)
+    ]
     sheet = Path(args.out).with_name(Path(args.out).stem + "_samples.png")
     sheet.parent.mkdir(parents=True, exist_ok=True)
-    samples_sheet([s.image for s in scenes[:rows]], [[generated[i], *(e[i] for e in extra)] for i in range(rows)], sheet)
-    results["settings"] = {"images": args.images, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-                           "models": str(models), "split": "heldout, single objects, world seed 7",
-                           "samples_picture": sheet.name, "captions_shown": captions[:rows]}
+    samples_sheet(
+        [s.image for s in scenes[:rows]], [[generated[i], *(e[i] for e in extra)] for i in range(rows)], sheet
+    )
+    results["settings"] = {
+        "images": args.images,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "models": str(models),
+        "split": "heldout, single objects, world seed 7",
+        "samples_picture": sheet.name,
+        "captions_shown": captions[:rows],
+    }
     results["seconds"] = round(time.time() - started, 1)
     return results
 
 
 def table(results: dict) -> str:
     lines = ["| measure | background | colour | shape | pattern |", "|---|---|---|---|---|"]
-    for key, name in (("chance", "chance"), ("clip_zero_shot", "CLIP zero-shot"),
-                      ("classifier_on_renders", "classifier on real renders"),
-                      ("generation", "generated from the caption (classifier)"),
-                      ("generation_empty_prompt", "generated from the empty prompt")):
+    for key, name in (
+        ("chance", "chance"),
+        ("clip_zero_shot", "CLIP zero-shot"),
+        ("classifier_on_renders", "classifier on real renders"),
+        ("generation", "generated from the caption (classifier)"),
+        ("generation_empty_prompt", "generated from the empty prompt"),
+    ):
         lines.append(f"| {name} | " + " | ".join(f"{100 * results[key][g]:.0f} %" for g in GROUPS) + " |")
     vae = results["vae"]
-    lines.append(f"\nVAE: {vae['psnr_db']:.1f} dB PSNR, object colour error {vae['object_colour_error_8bit']:.1f} / 255")
+    lines.append(
+        f"\nVAE: {vae['psnr_db']:.1f} dB PSNR, object colour error {vae['object_colour_error_8bit']:.1f} / 255"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=str(REPO / "outputs/world/models"),
-                        help="the world's models folder (sd/, clip/, classifier/)")
+    parser.add_argument(
+        "--models",
+        default=str(REPO / "outputs/world/models"),
+        help="the world's models folder (sd/, clip/, classifier/)",
+    )
     parser.add_argument("--images", type=int, default=128, help="held-out scenes")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)

@@ -10,7 +10,7 @@ Adding a subcommand (this is how `pairs` plugs in):
         add_writer_arguments(parser, default_name="pairs")   # --out --name --shard-size --workers --node-rank ...
 
     @register_subcommand("pairs", help="location-pair shards", configure=_configure)
-    def run_pairs(args) -> int:              # return an exit code; raise SourceError/WriterError/ShardSpecError/ConfigError
+    def run_pairs(args) -> int:  # an exit code; raise SourceError/WriterError/ShardSpecError/ConfigError
         job = shard_job_from_args(args)      # for clear one-line errors
         write_shards(items, process, job, settings=...)
         return 0
@@ -28,9 +28,9 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from encoders.common.config import ConfigError, describe_keys, load_config, program_name
 from encoders.common.files import OutputPathError, describe_write_error
@@ -42,7 +42,11 @@ from .sources import SourceError
 from .writer import ShardJob, WriterError, check_output_folder
 
 SUBCOMMAND_MODULES = (
-    "data_prep.crop_commands", "data_prep.inspect_shards", "data_prep.latents", "data_prep.pairs_cli", "data_prep.world",
+    "data_prep.crop_commands",
+    "data_prep.inspect_shards",
+    "data_prep.latents",
+    "data_prep.pairs_cli",
+    "data_prep.world",
 )
 
 
@@ -93,22 +97,41 @@ def add_writer_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     group.add_argument("--out", required=True, help="output folder for NAME-000000.tar ... and manifest.json")
     group.add_argument("--name", default=default_name, help=f"shard name prefix (default {default_name})")
     group.add_argument("--shard-size", type=int, default=1000, help="work items per shard (default 1000)")
-    group.add_argument("--workers", type=int, default=available_cpus(),
-                       help=f"worker processes (default: the cores this process may use, here {available_cpus()})")
-    group.add_argument("--node-rank", type=int, default=0, help="this node's rank, e.g. $SLURM_ARRAY_TASK_ID (default 0)")
-    group.add_argument("--num-nodes", type=int, default=1, help="nodes sharing the job, e.g. $SLURM_ARRAY_TASK_COUNT (default 1)")
-    group.add_argument("--overwrite", action="store_true", help="delete this name's shards in --out first instead of resuming")
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=available_cpus(),
+        help=f"worker processes (default: the cores this process may use, here {available_cpus()})",
+    )
+    group.add_argument(
+        "--node-rank", type=int, default=0, help="this node's rank, e.g. $SLURM_ARRAY_TASK_ID (default 0)"
+    )
+    group.add_argument(
+        "--num-nodes", type=int, default=1, help="nodes sharing the job, e.g. $SLURM_ARRAY_TASK_COUNT (default 1)"
+    )
+    group.add_argument(
+        "--overwrite", action="store_true", help="delete this name's shards in --out first instead of resuming"
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
-    group.add_argument("--log-first", type=int, default=5, help="log this many bad records with their files (default 5)")
+    group.add_argument(
+        "--log-first", type=int, default=5, help="log this many bad records with their files (default 5)"
+    )
 
 
 def shard_job_from_args(args: argparse.Namespace, unit: str = "items") -> ShardJob:
     """The `ShardJob` of the writer options; `--out` is checked writable here, before any input is read."""
     check_output_folder(Path(args.out))
     return ShardJob(
-        out_dir=args.out, name=args.name, shard_size=args.shard_size, workers=args.workers,
-        node_rank=args.node_rank, num_nodes=args.num_nodes, overwrite=args.overwrite,
-        progress=not args.no_progress, log_first=args.log_first, unit=unit,
+        out_dir=args.out,
+        name=args.name,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        node_rank=args.node_rank,
+        num_nodes=args.num_nodes,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        log_first=args.log_first,
+        unit=unit,
     )
 
 
@@ -149,7 +172,8 @@ def run_merge(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program_name("python -m data_prep"),
-        description="Offline data pipelines: object crops with masks and boxes into WebDataset shards, and tools to check them.",
+        description="Offline data pipelines: object crops with masks and boxes into WebDataset shards, and tools to "
+        "check them.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     for name, sub in sorted(registered_subcommands().items()):
@@ -170,7 +194,9 @@ def _rescue_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     for name, value in vars(args).items():
         if name == "overrides" or not isinstance(value, list):
             continue
-        settings = [item for item in value if isinstance(item, str) and _SETTING.match(item) and not os.path.exists(item)]
+        settings = [
+            item for item in value if isinstance(item, str) and _SETTING.match(item) and not os.path.exists(item)
+        ]
         if not settings:
             continue
         if not hasattr(args, "overrides"):
@@ -186,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _rescue_settings(args, parser)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         code = args._run(args)
     except (SourceError, WriterError, ShardSpecError, ConfigError, OutputPathError) as err:

@@ -32,8 +32,11 @@ logger = logging.getLogger("data_prep")
 def write_crop_shards(records: list[ObjectRecord], report: SourceReport, settings: CropSettings, job) -> dict:
     """Shard `records` as crops with `settings` (the part both subcommands share)."""
     if not records:
-        logger.warning("%s: no object passed the source checks (%s); writing an empty manifest",
-                       report.name, dict(report.skipped) or "no annotations")
+        logger.warning(
+            "%s: no object passed the source checks (%s); writing an empty manifest",
+            report.name,
+            dict(report.skipped) or "no annotations",
+        )
     logger.info("%s: %d objects to crop at %d px", report.name, len(records), settings.resolution)
     return write_shards(
         records,
@@ -72,8 +75,14 @@ def build_openimages_shards(
     settings = settings or CropSettings()
     job_spec = ShardJob(out_dir=out_dir, **{"name": "openimages", "unit": "objects", **job})
     records, report = read_openimages(
-        _as_list(boxes), _as_list(segmentations), masks, images, classes, settings,
-        image_info=_as_list(image_info), log_first=job_spec.log_first,
+        _as_list(boxes),
+        _as_list(segmentations),
+        masks,
+        images,
+        classes,
+        settings,
+        image_info=_as_list(image_info),
+        log_first=job_spec.log_first,
     )
     return write_crop_shards(records, report, settings, job_spec)
 
@@ -103,11 +112,15 @@ def run_coco(args: argparse.Namespace) -> int:
 
 def _configure_openimages(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boxes", nargs="+", required=True, help="box CSV(s), e.g. oidv6-train-annotations-bbox.csv")
-    parser.add_argument("--segmentations", nargs="*", default=[], help="object-segmentation CSV(s) (MaskPath, BoxID, ...)")
+    parser.add_argument(
+        "--segmentations", nargs="*", default=[], help="object-segmentation CSV(s) (MaskPath, BoxID, ...)"
+    )
     parser.add_argument("--masks", help="folder of the mask PNGs (searched recursively)")
     parser.add_argument("--images", required=True, help="folder of the images, named by ImageID (searched recursively)")
     parser.add_argument("--classes", required=True, help="class-descriptions-boxable.csv (LabelName,DisplayName)")
-    parser.add_argument("--image-info", nargs="*", default=[], help="optional image_ids_and_rotation.csv for the Rotation column")
+    parser.add_argument(
+        "--image-info", nargs="*", default=[], help="optional image_ids_and_rotation.csv for the Rotation column"
+    )
     add_writer_arguments(parser, default_name="openimages")
     add_config_arguments(parser, CropSettings)
 
@@ -116,7 +129,8 @@ def _configure_openimages(parser: argparse.ArgumentParser) -> None:
     "openimages",
     help="OpenImages V6/V7 boxes + segmentation masks -> object crop shards",
     configure=_configure_openimages,
-    description="Crop every usable OpenImages object (mask PNG, or the box with mask_from_box=true) into WebDataset shards.",
+    description="Crop every usable OpenImages object (mask PNG, or the box with mask_from_box=true) into WebDataset "
+    "shards.",
 )
 def run_openimages(args: argparse.Namespace) -> int:
     from .sources.openimages import read_openimages
@@ -124,8 +138,14 @@ def run_openimages(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, CropSettings)
     job = shard_job_from_args(args, unit="objects")
     records, report = read_openimages(
-        args.boxes, args.segmentations, args.masks, args.images, args.classes, settings,
-        image_info=args.image_info, log_first=job.log_first,
+        args.boxes,
+        args.segmentations,
+        args.masks,
+        args.images,
+        args.classes,
+        settings,
+        image_info=args.image_info,
+        log_first=job.log_first,
     )
     write_crop_shards(records, report, settings, job)
     return 0

@@ -157,4 +157,3 @@ def rotate_normalized_box(box: Box, degrees_ccw: int) -> Box:
     if turn == 270:  # (u, v) -> (1 - v, u)
         return (1.0 - y1, x0, 1.0 - y0, x1)
     raise ValueError(f"rotation must be a multiple of 90 degrees, got {degrees_ccw}")
-

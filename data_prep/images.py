@@ -64,7 +64,9 @@ def mask_from_png(path: str | os.PathLike, size: tuple[int, int]) -> tuple[np.nd
     mask = open_image(path, missing="missing_mask", corrupt="corrupt_mask")
     notes: list[str] = []
     if mask.mode not in ("1", "L"):
-        mask = mask.convert("L") if mask.mode != "I;16" else Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
+        mask = (
+            mask.convert("L") if mask.mode != "I;16" else Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
+        )
     if mask.size != tuple(size):
         (mw, mh), (w, h) = mask.size, size
         expected_h = mw * h / w
@@ -108,7 +110,9 @@ def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
-def load_rgb(path: str | os.PathLike, *, exif_transpose: bool, convert_modes: bool) -> tuple[Image.Image, Image.Image | None, list[str]]:
+def load_rgb(
+    path: str | os.PathLike, *, exif_transpose: bool, convert_modes: bool
+) -> tuple[Image.Image, Image.Image | None, list[str]]:
     """(upright RGB image, the stored-frame RGB image when EXIF turned it, notes)."""
     image = open_image(path)
     orientation = exif_orientation(image)

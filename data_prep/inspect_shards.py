@@ -18,8 +18,8 @@ import random
 import statistics
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -96,7 +96,9 @@ def contact_sheet(tiles: list[Image.Image], columns: int, tile: int, title: str)
     return sheet
 
 
-def inspect_shards(spec, max_tiles: int = 48, seed: int = 0, verify: bool = False) -> tuple[dict, list[tuple[str, dict, dict]]]:
+def inspect_shards(
+    spec, max_tiles: int = 48, seed: int = 0, verify: bool = False
+) -> tuple[dict, list[tuple[str, dict, dict]]]:
     """Stats over every sample of the shards, problems found, and a seeded random pick for the sheet."""
     paths = expand_shard_spec(spec)
     rng = random.Random(seed)
@@ -130,7 +132,9 @@ def inspect_shards(spec, max_tiles: int = 48, seed: int = 0, verify: bool = Fals
                 mask = np.asarray(Image.open(io.BytesIO(members["mask.png"])).convert("L")) > 127
                 tight = mask_bbox(mask)
                 r = mask.shape[0]
-                iou = box_iou(tuple(float(v) for v in tight), tuple(v * r for v in meta["box_in_crop"])) if tight else 0.0
+                iou = (
+                    box_iou(tuple(float(v) for v in tight), tuple(v * r for v in meta["box_in_crop"])) if tight else 0.0
+                )
                 ious.append(iou)
                 if iou < 0.5:
                     problems.append(f"{path}: sample {key}: mask box and box_in_crop disagree (IoU {iou:.2f})")
@@ -159,14 +163,20 @@ def inspect_shards(spec, max_tiles: int = 48, seed: int = 0, verify: bool = Fals
         for shard in manifest.get("shards", []):
             path = str(Path(folder) / shard["file"])
             if path in per_shard and per_shard[path] != shard["samples"]:
-                problems.append(f"{path}: the manifest says {shard['samples']} samples, the shard holds {per_shard[path]}")
+                problems.append(
+                    f"{path}: the manifest says {shard['samples']} samples, the shard holds {per_shard[path]}"
+                )
             if verify and path in per_shard and sha256_file(Path(path)) != shard["sha256"]:
                 problems.append(f"{path}: sha256 differs from the manifest's")
 
     def spread(values: list[float]) -> dict:
         if not values:
             return {}
-        return {"min": round(min(values), 3), "median": round(statistics.median(values), 3), "max": round(max(values), 3)}
+        return {
+            "min": round(min(values), 3),
+            "median": round(statistics.median(values), 3),
+            "max": round(max(values), 3),
+        }
 
     stats = {
         "shards": len(paths),

@@ -181,14 +181,18 @@ def check_vae(settings: LatentSettings) -> None:
 
     try:
         AutoencoderKL.load_config(settings.model, subfolder=settings.subfolder or None)
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise ValueError(f"--base {settings.model}: no VAE to load ({settings.subfolder or 'no'} subfolder): {err}") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"--base {settings.model}: no VAE to load ({settings.subfolder or 'no'} subfolder): {err}"
+        ) from None
 
 
 def write_latent_shards(shards_spec: str, settings: LatentSettings, job) -> dict:
     """Plan the samples of the input shards and write the copies with latents (this node's shards)."""
     if settings.resolution < 8 or settings.batch_size < 1:
-        raise ValueError(f"resolution must be >= 8 and batch size >= 1, got {settings.resolution}, {settings.batch_size}")
+        raise ValueError(
+            f"resolution must be >= 8 and batch size >= 1, got {settings.resolution}, {settings.batch_size}"
+        )
     shards = expand_shard_spec(shards_spec)
     out = Path(job.out_dir).resolve()
     if any(Path(s).resolve().parent == out for s in shards):
@@ -214,13 +218,22 @@ def _configure(parser) -> None:
     from .cli import add_writer_arguments
 
     parser.add_argument("shards", help="input crop shards: a folder, glob or brace pattern")
-    parser.add_argument("--base", "--model", dest="model", required=True,
-                        help="the Stable Diffusion pipeline the trainer uses (folder or Hub id; --model is the same option)")
-    parser.add_argument("--subfolder", default="vae", help="the VAE's subfolder in --model (default vae; '' for a bare VAE)")
+    parser.add_argument(
+        "--base",
+        "--model",
+        dest="model",
+        required=True,
+        help="the Stable Diffusion pipeline the trainer uses (folder or Hub id; --model is the same option)",
+    )
+    parser.add_argument(
+        "--subfolder", default="vae", help="the VAE's subfolder in --model (default vae; '' for a bare VAE)"
+    )
     parser.add_argument("--resolution", type=int, default=512, help="the trainer's data.resolution (default 512)")
     parser.add_argument("--batch-size", type=int, default=16, help="crops encoded together (default 16)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    parser.add_argument(
+        "--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU"
+    )
     add_writer_arguments(parser, default_name="latents")
     parser.set_defaults(workers=1)  # one VAE per process
 
@@ -230,8 +243,12 @@ def _run(args) -> int:
     from .sources import SourceError
 
     settings = LatentSettings(
-        model=args.model, subfolder=args.subfolder, resolution=args.resolution, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype,
+        model=args.model,
+        subfolder=args.subfolder,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
     )
     try:
         write_latent_shards(args.shards, settings, shard_job_from_args(args, unit="crops"))
@@ -247,7 +264,8 @@ def _register() -> None:
         "latents",
         help="copy crop shards with each crop's VAE latent distribution added (data.cached_latents=true)",
         configure=_configure,
-        description="Encode every crop with the base model's VAE once and store its posterior moments as KEY.latent.npy.",
+        description="Encode every crop with the base model's VAE once and store its posterior moments as "
+        "KEY.latent.npy.",
     )(_run)
 
 

@@ -81,5 +81,11 @@ def merge_manifests(out_dir: str | os.PathLike, verify: bool = False) -> dict:
         "nodes": {"num_nodes": num_nodes, "merged_from": [p.name for p in paths]},
     }
     atomic_write_json(out / MANIFEST_NAME, merged)
-    logger.info("merged %d node manifests: %d samples in %d shards -> %s", num_nodes, merged["samples"], len(ordered), out / MANIFEST_NAME)
+    logger.info(
+        "merged %d node manifests: %d samples in %d shards -> %s",
+        num_nodes,
+        merged["samples"],
+        len(ordered),
+        out / MANIFEST_NAME,
+    )
     return merged

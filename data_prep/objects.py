@@ -47,12 +47,25 @@ _cache: tuple[tuple, _SourceImage] | None = None
 def _load_source(record: ObjectRecord, settings: CropSettings, use_cache: bool) -> _SourceImage:
     """The record's image, upright and RGB, in the frame its annotations use (cached per process)."""
     global _cache
-    cache_key = (record.image_path, record.declared_size, record.rotation, settings.exif_transpose,
-                 settings.convert_modes, settings.apply_rotation)
+    cache_key = (
+        record.image_path,
+        record.declared_size,
+        record.rotation,
+        settings.exif_transpose,
+        settings.convert_modes,
+        settings.apply_rotation,
+    )
     if use_cache and _cache is not None and _cache[0] == cache_key:
         return _cache[1]
-    image, raw, notes = load_rgb(record.image_path, exif_transpose=settings.exif_transpose, convert_modes=settings.convert_modes)
-    if record.declared_size is not None and image.size != tuple(record.declared_size) and raw is not None and raw.size == tuple(record.declared_size):
+    image, raw, notes = load_rgb(
+        record.image_path, exif_transpose=settings.exif_transpose, convert_modes=settings.convert_modes
+    )
+    if (
+        record.declared_size is not None
+        and image.size != tuple(record.declared_size)
+        and raw is not None
+        and raw.size == tuple(record.declared_size)
+    ):
         # The annotations describe the stored pixels (e.g. COCO's frame), not the EXIF-turned ones.
         image = raw
         notes = [n for n in notes if n != "exif_transposed"] + ["exif_ignored_for_annotations"]
@@ -67,7 +80,9 @@ def _load_source(record: ObjectRecord, settings: CropSettings, use_cache: bool) 
     return loaded
 
 
-def _object_box(record: ObjectRecord, size: tuple[int, int], notes: list[str], rotate: bool, rescale: bool = False) -> Box:
+def _object_box(
+    record: ObjectRecord, size: tuple[int, int], notes: list[str], rotate: bool, rescale: bool = False
+) -> Box:
     """The record's box in pixels of the loaded image (COCO boxes rescaled when the file was resized)."""
     w, h = size
     if record.box_normalized:
@@ -148,7 +163,10 @@ def render_object(record: ObjectRecord, settings: CropSettings, use_cache: bool 
     bx0, by0, bx1, by1 = (v * resolution for v in geometry.box_in_crop)
     if record.mask_kind == "box":
         mask = np.zeros((resolution, resolution), np.uint8)
-        mask[int(round(by0)) : max(int(round(by1)), int(round(by0)) + 1), int(round(bx0)) : max(int(round(bx1)), int(round(bx0)) + 1)] = 255
+        mask[
+            int(round(by0)) : max(int(round(by1)), int(round(by0)) + 1),
+            int(round(bx0)) : max(int(round(bx1)), int(round(bx0)) + 1),
+        ] = 255
     else:
         full = _full_mask(record, size, notes, rotate)
         mask_image = _crop(Image.fromarray(full * np.uint8(255), "L"), geometry, size, resolution, Image.NEAREST, 0)
@@ -158,7 +176,9 @@ def render_object(record: ObjectRecord, settings: CropSettings, use_cache: bool 
         raise Skip("empty_mask", "no mask pixel inside the crop")
     iou = box_iou(tuple(float(v) for v in tight), (bx0, by0, bx1, by1))
     if iou < settings.min_mask_box_iou:
-        raise Skip("mask_box_mismatch", f"mask box {tight} vs object box {_rounded((bx0, by0, bx1, by1), 1)} (IoU {iou:.2f})")
+        raise Skip(
+            "mask_box_mismatch", f"mask box {tight} vs object box {_rounded((bx0, by0, bx1, by1), 1)} (IoU {iou:.2f})"
+        )
 
     meta = {
         "schema": CROP_SCHEMA,

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from encoders.common.shards import PAIR_SCHEMA, check_pair_sample
 
@@ -76,7 +77,9 @@ def read_coco_pairs(
             images[entry["id"]] = (str(entry.get("file_name", entry["id"])), width, height)
         except (KeyError, TypeError, ValueError):
             report.skip("malformed_image_entry", f"{where}: image entry {str(entry)[:120]}")
-    categories = {c["id"]: str(c["name"]) for c in data["categories"] if isinstance(c, dict) and "id" in c and "name" in c}
+    categories = {
+        c["id"]: str(c["name"]) for c in data["categories"] if isinstance(c, dict) and "id" in c and "name" in c
+    }
 
     # best[image_id][category_id] = (area, -annotation order, annotation id, clipped box)
     best: dict = {}
@@ -180,7 +183,8 @@ def write_coco_pairs(
     records, report = read_coco_pairs(annotations, include_crowd, min_area_fraction, log_first=job.log_first)
     if not records:
         raise SourceError(
-            f"{annotations}: no image has two categories ({report.counts.get('images_with_objects', 0)} images with objects), "
+            f"{annotations}: no image has two categories ({report.counts.get('images_with_objects', 0)} images with "
+            "objects), "
             "so there are no pairs to write"
         )
     settings = {"kind": "pairs-coco", "include_crowd": include_crowd, "min_area_fraction": min_area_fraction}

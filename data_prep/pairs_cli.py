@@ -25,7 +25,9 @@ def _configure_pairs(parser) -> None:
     )
     coco.add_argument("--annotations", required=True, help="COCO instances JSON (e.g. instances_train2017.json)")
     coco.add_argument("--include-crowd", action="store_true", help="let crowd regions stand for a category")
-    coco.add_argument("--min-area-fraction", type=float, default=0.0, help="ignore instances smaller than this fraction of the image")
+    coco.add_argument(
+        "--min-area-fraction", type=float, default=0.0, help="ignore instances smaller than this fraction of the image"
+    )
     add_writer_arguments(coco, default_name="pairs-coco")
 
     gen = sources.add_parser(
@@ -34,16 +36,30 @@ def _configure_pairs(parser) -> None:
         description="Generate images for prompts made of noun pairs, detect both nouns, keep the images where "
         "both are found above --threshold, and write image + pair sample. Resumable per shard.",
     )
-    gen.add_argument("--base", "--pipeline", dest="pipeline", default="CompVis/stable-diffusion-v1-4",
-                     help="diffusers text-to-image pipeline, folder or Hub id (--pipeline is the same option)")
-    gen.add_argument("--detector", default="facebook/detr-resnet-50", help="transformers object detector (folder or Hub id)")
-    gen.add_argument("--detector-revision", default=None,
-                     help="Hub revision of the detector, e.g. no_timm for facebook/detr-resnet-50 without the timm package")
-    gen.add_argument("--vocab", default="coco", help="noun list: 'coco' (80 classes), a YAML list or a text file (one per line)")
+    gen.add_argument(
+        "--base",
+        "--pipeline",
+        dest="pipeline",
+        default="CompVis/stable-diffusion-v1-4",
+        help="diffusers text-to-image pipeline, folder or Hub id (--pipeline is the same option)",
+    )
+    gen.add_argument(
+        "--detector", default="facebook/detr-resnet-50", help="transformers object detector (folder or Hub id)"
+    )
+    gen.add_argument(
+        "--detector-revision",
+        default=None,
+        help="Hub revision of the detector, e.g. no_timm for facebook/detr-resnet-50 without the timm package",
+    )
+    gen.add_argument(
+        "--vocab", default="coco", help="noun list: 'coco' (80 classes), a YAML list or a text file (one per line)"
+    )
     gen.add_argument("--images-per-pair", type=int, default=4, help="images generated per noun pair (default 4)")
     gen.add_argument("--max-pairs", type=int, default=None, help="use only the first N noun pairs (quick runs)")
     gen.add_argument("--template", default="a photo of {a} and {b}", help="prompt; {a}/{b} become 'a dog', 'an apple'")
-    gen.add_argument("--threshold", type=float, default=0.7, help="minimum detector probability for each noun (default 0.7)")
+    gen.add_argument(
+        "--threshold", type=float, default=0.7, help="minimum detector probability for each noun (default 0.7)"
+    )
     gen.add_argument("--batch-size", type=int, default=8, help="prompts generated and detected together (default 8)")
     gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     gen.add_argument("--guidance-scale", type=float, default=7.5)
@@ -51,7 +67,9 @@ def _configure_pairs(parser) -> None:
     gen.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
     gen.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it and its key")
     gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    gen.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    gen.add_argument(
+        "--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU"
+    )
     add_writer_arguments(gen, default_name="pairs-gen")
     gen.set_defaults(workers=1, shard_size=256)  # one pipeline per process; small shards resume finer
 
@@ -66,9 +84,17 @@ def _run_pairs(args) -> int:
     except (OSError, ValueError) as err:
         raise SourceError(f"--vocab: {err}") from None
     settings = GenerationSettings(
-        pipeline=args.pipeline, detector=args.detector, detector_revision=args.detector_revision, threshold=args.threshold, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, height=args.height, width=args.width, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype,
+        pipeline=args.pipeline,
+        detector=args.detector,
+        detector_revision=args.detector_revision,
+        threshold=args.threshold,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
     )
     try:
         write_generated_pairs(vocabulary, settings, job, args.images_per_pair, args.seed, args.template, args.max_pairs)

@@ -1,6 +1,9 @@
-"""Location pairs from generated images: `python -m data_prep pairs generate --pipeline ID --detector ID --vocab FILE --out DIR`.
+"""Location pairs from generated images.
 
-The recipe for location-MLP data of "Compositional Inversion for Stable Diffusion Models" (Zhang et al., AAAI 2024, "Spatial Inversion"):
+`python -m data_prep pairs generate --pipeline ID --detector ID --vocab FILE --out DIR`:
+
+The recipe for location-MLP data of "Compositional Inversion for Stable Diffusion Models" (Zhang et al., AAAI 2024,
+"Spatial Inversion"):
 combine frequent nouns (COCO's 80 classes) in prompts, generate images with Stable Diffusion, detect
 the nouns with DETR, and keep the boxes as ground truth. Here:
 
@@ -26,9 +29,10 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any, Sequence
+from typing import Any
 
 from encoders.common.shards import PAIR_SCHEMA, check_pair_sample
 
@@ -68,7 +72,10 @@ def item_seed(base_seed: int, key: str) -> int:
 
 
 def plan_items(
-    vocabulary: Sequence[str], images_per_pair: int, seed: int = 0, template: str = DEFAULT_TEMPLATE,
+    vocabulary: Sequence[str],
+    images_per_pair: int,
+    seed: int = 0,
+    template: str = DEFAULT_TEMPLATE,
     max_pairs: int | None = None,
 ) -> list[GenerationItem]:
     """Every unordered noun pair (vocabulary order) x `images_per_pair`, each with its prompt and seed."""
@@ -173,8 +180,9 @@ class PairGenerator:
     then serves the batch's samples (or `Skip`s) from a cache. Batches never cross a shard boundary,
     so a resumed shard is batched exactly like the first run."""
 
-    def __init__(self, items: Sequence[GenerationItem], settings: GenerationSettings, shard_size: int,
-                 label_ids: dict[str, int]):
+    def __init__(
+        self, items: Sequence[GenerationItem], settings: GenerationSettings, shard_size: int, label_ids: dict[str, int]
+    ):
         self.items = list(items)
         self.settings = settings
         self.shard_size = shard_size
@@ -252,7 +260,9 @@ class PairGenerator:
             check_pair_sample(meta, it.key)
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="JPEG", quality=s.jpeg_quality)
-            results.append({"__key__": it.key, "jpg": buffer.getvalue(), "json": json.dumps(meta, sort_keys=True).encode()})
+            results.append(
+                {"__key__": it.key, "jpg": buffer.getvalue(), "json": json.dumps(meta, sort_keys=True).encode()}
+            )
         return results
 
 
@@ -293,5 +303,9 @@ def write_generated_pairs(
         process,
         job,
         settings=run_settings,
-        source={"vocabulary_size": len(vocabulary), "pairs": len(items) // images_per_pair, "images_planned": len(items)},
+        source={
+            "vocabulary_size": len(vocabulary),
+            "pairs": len(items) // images_per_pair,
+            "images_planned": len(items),
+        },
     )

@@ -57,28 +57,58 @@ class CropSettings:
     """
 
     resolution: int = field(default=512, metadata={"help": "side of the square crop in pixels"})
-    padding: float = field(default=0.1, metadata={"help": "margin around the box per edge, as a fraction of its longest side"})
-    min_area_fraction: float = field(default=0.02, metadata={"help": "drop boxes smaller than this fraction of the image"})
-    max_area_fraction: float = field(default=0.8, metadata={"help": "drop boxes larger than this fraction of the image"})
-    min_side: float = field(default=100.0, metadata={"help": "drop boxes whose shorter side is below this many image pixels"})
+    padding: float = field(
+        default=0.1, metadata={"help": "margin around the box per edge, as a fraction of its longest side"}
+    )
+    min_area_fraction: float = field(
+        default=0.02, metadata={"help": "drop boxes smaller than this fraction of the image"}
+    )
+    max_area_fraction: float = field(
+        default=0.8, metadata={"help": "drop boxes larger than this fraction of the image"}
+    )
+    min_side: float = field(
+        default=100.0, metadata={"help": "drop boxes whose shorter side is below this many image pixels"}
+    )
     max_aspect_ratio: float = field(default=2.0, metadata={"help": "drop boxes longer than this times their width"})
-    min_mask_box_iou: float = field(default=0.5, metadata={"help": "drop objects whose mask's box overlaps the annotated box less"})
-    mask_from_box: bool = field(default=False, metadata={"help": "objects without a mask get the box as mask (mask_source 'box')"})
+    min_mask_box_iou: float = field(
+        default=0.5, metadata={"help": "drop objects whose mask's box overlaps the annotated box less"}
+    )
+    mask_from_box: bool = field(
+        default=False, metadata={"help": "objects without a mask get the box as mask (mask_source 'box')"}
+    )
     include_crowd: bool = field(default=False, metadata={"help": "COCO: keep iscrowd annotations"})
     include_group_of: bool = field(default=False, metadata={"help": "OpenImages: keep IsGroupOf boxes"})
     include_depiction: bool = field(default=True, metadata={"help": "OpenImages: keep IsDepiction boxes"})
     include_occluded: bool = field(default=True, metadata={"help": "OpenImages: keep IsOccluded boxes"})
     include_truncated: bool = field(default=True, metadata={"help": "OpenImages: keep IsTruncated boxes"})
-    categories: list[str] = field(default_factory=list, metadata={"help": "keep only these category names or ids (empty: all)"})
-    letterbox: bool = field(default=True, metadata={"help": "allow a square crop past the image edge (filled; valid_in_crop says where)"})
+    categories: list[str] = field(
+        default_factory=list, metadata={"help": "keep only these category names or ids (empty: all)"}
+    )
+    letterbox: bool = field(
+        default=True, metadata={"help": "allow a square crop past the image edge (filled; valid_in_crop says where)"}
+    )
     exif_transpose: bool = field(default=True, metadata={"help": "turn images upright by their EXIF orientation"})
-    convert_modes: bool = field(default=True, metadata={"help": "convert CMYK/palette/16-bit/grey/alpha images to RGB (else skip them)"})
-    apply_rotation: bool = field(default=True, metadata={"help": "OpenImages: apply the Rotation column of --image-info"})
-    rescale_annotations: bool = field(default=False, metadata={
-        "help": "COCO: an image whose pixels differ in size from the JSON's width/height (same aspect ratio) gets its "
-                "annotations scaled to it (resized copies of COCO); off: such images are skipped (image_size_mismatch)"})
-    allow_outside_images: bool = field(default=False, metadata={
-        "help": "read annotation file names that are absolute or lead out of --images (../); off: skipped (path_outside_images)"})
+    convert_modes: bool = field(
+        default=True, metadata={"help": "convert CMYK/palette/16-bit/grey/alpha images to RGB (else skip them)"}
+    )
+    apply_rotation: bool = field(
+        default=True, metadata={"help": "OpenImages: apply the Rotation column of --image-info"}
+    )
+    rescale_annotations: bool = field(
+        default=False,
+        metadata={
+            "help": "COCO: an image whose pixels differ in size from the JSON's width/height (same aspect ratio) "
+            "gets its "
+            "annotations scaled to it (resized copies of COCO); off: such images are skipped (image_size_mismatch)"
+        },
+    )
+    allow_outside_images: bool = field(
+        default=False,
+        metadata={
+            "help": "read annotation file names that are absolute or lead out of --images (../); off: skipped "
+            "(path_outside_images)"
+        },
+    )
     jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of the crops"})
 
     def __post_init__(self) -> None:

@@ -25,22 +25,32 @@ from __future__ import annotations
 import argparse
 import colorsys
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "hexagon")
 COLOURS = {
-    "red": (215, 40, 40), "orange": (240, 135, 25), "yellow": (235, 215, 35), "green": (45, 165, 60),
-    "blue": (40, 75, 215), "purple": (135, 55, 185), "pink": (240, 125, 185), "white": (240, 240, 240),
+    "red": (215, 40, 40),
+    "orange": (240, 135, 25),
+    "yellow": (235, 215, 35),
+    "green": (45, 165, 60),
+    "blue": (40, 75, 215),
+    "purple": (135, 55, 185),
+    "pink": (240, 125, 185),
+    "white": (240, 240, 240),
 }
 PATTERNS = ("plain", "striped", "dotted", "checkered")
 BACKGROUNDS = {
-    "black": (22, 22, 22), "gray": (125, 125, 125), "white": (232, 232, 232), "blue": (110, 150, 225),
-    "green": (95, 150, 85), "brown": (120, 85, 50),
+    "black": (22, 22, 22),
+    "gray": (125, 125, 125),
+    "white": (232, 232, 232),
+    "blue": (110, 150, 225),
+    "green": (95, 150, 85),
+    "brown": (120, 85, 50),
 }
 # an object is never drawn on a background of its own name (a white square on white would not be there)
 _CLASHES = {("white", "white"), ("blue", "blue"), ("green", "green")}
@@ -49,6 +59,8 @@ _CLASHES = {("white", "white"), ("blue", "blue"), ("green", "green")}
 def backgrounds_for(*colours: str) -> list[str]:
     """The backgrounds objects of these colours may be drawn on (never one of their own name)."""
     return [b for b in BACKGROUNDS if all((c, b) not in _CLASHES for c in colours)]
+
+
 SIZE = 64
 SPLITS = ("train", "heldout", "all")
 TWO_OBJECT_FRACTION = 0.25
@@ -60,7 +72,10 @@ def _held_out(shape: int, colour: int, pattern: int) -> bool:
 
 
 HELD_OUT_TRIPLES = tuple(
-    (s, c, p) for s in SHAPES for c in COLOURS for p in PATTERNS
+    (s, c, p)
+    for s in SHAPES
+    for c in COLOURS
+    for p in PATTERNS
     if _held_out(SHAPES.index(s), list(COLOURS).index(c), PATTERNS.index(p))
 )
 
@@ -107,11 +122,29 @@ def _unit_polygon(shape: str) -> list[tuple[float, float]] | None:
     if shape == "hexagon":
         return [(math.cos(a), math.sin(a)) for a in (math.pi / 3 * k for k in range(6))]
     if shape == "star":
-        return [((1.0 if k % 2 == 0 else 0.42) * math.cos(-math.pi / 2 + k * math.pi / 5),
-                 (1.0 if k % 2 == 0 else 0.42) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+        return [
+            (
+                (1.0 if k % 2 == 0 else 0.42) * math.cos(-math.pi / 2 + k * math.pi / 5),
+                (1.0 if k % 2 == 0 else 0.42) * math.sin(-math.pi / 2 + k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
     if shape == "cross":
         a, b = 0.32, 0.95
-        return [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+        return [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
     if shape == "heart":
         pts = []
         for k in range(40):
@@ -174,8 +207,16 @@ def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, hue: float = 0.
     return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32) * 255.0
 
 
-def _draw_object(canvas: np.ndarray, shape: str, colour: str, pattern: str, cx: float, cy: float, radius: float,
-                 rng: np.random.Generator) -> WorldObject:
+def _draw_object(
+    canvas: np.ndarray,
+    shape: str,
+    colour: str,
+    pattern: str,
+    cx: float,
+    cy: float,
+    radius: float,
+    rng: np.random.Generator,
+) -> WorldObject:
     angle = float(rng.uniform(-0.5, 0.5)) if shape not in ("circle",) else 0.0
     coverage = _shape_mask(shape, cx, cy, radius, angle)
     base = _jitter(COLOURS[colour], rng)
@@ -197,7 +238,9 @@ def _triples(split: str) -> list[tuple[str, str, str]]:
     return [t for t in every if (t in held) == (split == "heldout")]
 
 
-def render_scene(seed: int, index: int, split: str = "train", two_object_fraction: float = TWO_OBJECT_FRACTION) -> Scene:
+def render_scene(
+    seed: int, index: int, split: str = "train", two_object_fraction: float = TWO_OBJECT_FRACTION
+) -> Scene:
     """Scene `index` of the world drawn with `seed` (a pure function: the same arguments, the same pixels)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
@@ -242,8 +285,12 @@ def scene_labels(scene: Scene) -> np.ndarray:
 
 def render_object(shape: str, colour: str, pattern: str, background: str, seed: int = 0) -> Scene:
     """One scene of a chosen object on a chosen background (nuisance drawn from `seed`): concept photos."""
-    for name, value, known in (("shape", shape, SHAPES), ("colour", colour, COLOURS), ("pattern", pattern, PATTERNS),
-                               ("background", background, BACKGROUNDS)):
+    for name, value, known in (
+        ("shape", shape, SHAPES),
+        ("colour", colour, COLOURS),
+        ("pattern", pattern, PATTERNS),
+        ("background", background, BACKGROUNDS),
+    ):
         if value not in known:
             raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
     rng = np.random.default_rng([seed, 1_000_003])
@@ -264,9 +311,14 @@ def iter_scenes(seed: int, count: int, split: str = "train", start: int = 0) -> 
 
 def vocabulary() -> dict:
     """The world's words, as written into world.json beside every rendered folder."""
-    return {"shapes": list(SHAPES), "colours": list(COLOURS), "patterns": list(PATTERNS),
-            "backgrounds": list(BACKGROUNDS), "held_out_triples": [list(t) for t in HELD_OUT_TRIPLES],
-            "size": SIZE}
+    return {
+        "shapes": list(SHAPES),
+        "colours": list(COLOURS),
+        "patterns": list(PATTERNS),
+        "backgrounds": list(BACKGROUNDS),
+        "held_out_triples": [list(t) for t in HELD_OUT_TRIPLES],
+        "size": SIZE,
+    }
 
 
 def write_world(out: str | Path, images: int, seed: int = 0, split: str = "train", progress: bool = True) -> dict:
@@ -284,7 +336,9 @@ def write_world(out: str | Path, images: int, seed: int = 0, split: str = "train
     check_writable_folder(out / "images", "--out")
     categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
     coco_images, annotations, captions = [], [], []
-    for index, scene in tqdm(iter_scenes(seed, images, split), total=images, desc=f"world {split}", disable=not progress):
+    for index, scene in tqdm(
+        iter_scenes(seed, images, split), total=images, desc=f"world {split}", disable=not progress
+    ):
         file_name = f"{split}_{seed}_{index:07d}.png"
         atomic_write(out / "images" / file_name, lambda tmp, im=scene.image: im.save(tmp, format="PNG"))
         image_id = index + 1
@@ -294,20 +348,35 @@ def write_world(out: str | Path, images: int, seed: int = 0, split: str = "train
             rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
             rle["counts"] = rle["counts"].decode("ascii")
             x0, y0, x1, y1 = obj.box
-            annotations.append({
-                "id": image_id * 10 + k, "image_id": image_id, "category_id": SHAPES.index(obj.shape) + 1,
-                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(obj.mask.sum()), "iscrowd": 0,
-                "segmentation": rle, "attributes": {"colour": obj.colour, "pattern": obj.pattern,
-                                                    "background": scene.background, "phrase": obj.phrase},
-            })
+            annotations.append(
+                {
+                    "id": image_id * 10 + k,
+                    "image_id": image_id,
+                    "category_id": SHAPES.index(obj.shape) + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": float(obj.mask.sum()),
+                    "iscrowd": 0,
+                    "segmentation": rle,
+                    "attributes": {
+                        "colour": obj.colour,
+                        "pattern": obj.pattern,
+                        "background": scene.background,
+                        "phrase": obj.phrase,
+                    },
+                }
+            )
     summary = {"images": images, "seed": seed, "split": split, "objects": len(annotations), **vocabulary()}
     atomic_write_json(out / "captions.json", {"images": coco_images, "annotations": captions})
     atomic_write_json(out / "world.json", summary)
-    atomic_write_json(out / "instances.json", {"images": coco_images, "annotations": annotations, "categories": categories})
+    atomic_write_json(
+        out / "instances.json", {"images": coco_images, "annotations": annotations, "categories": categories}
+    )
     return summary
 
 
-def write_concept_folder(out: str | Path, shape: str, colour: str, pattern: str, photos: int = 4, seed: int = 0) -> list[Path]:
+def write_concept_folder(
+    out: str | Path, shape: str, colour: str, pattern: str, photos: int = 4, seed: int = 0
+) -> list[Path]:
     """Photos of one object on different backgrounds, with masks in `masks/` (the layout every fine-tune and
     `inference encode` reads): a personal concept of the world."""
     from encoders.common.files import atomic_write, check_writable_folder
@@ -330,11 +399,19 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder that receives images/, instances.json, captions.json")
     parser.add_argument("--images", type=int, default=2000, help="number of scenes (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="world seed: the same seed draws the same scenes")
-    parser.add_argument("--split", choices=SPLITS, default="train",
-                        help="train: never the held-out shape x colour x pattern triples; heldout: only those")
-    parser.add_argument("--object", metavar="COLOUR,PATTERN,SHAPE", default=None,
-                        help="instead of a COCO folder: --images photos of this one object on different backgrounds, "
-                        "with masks/ (a concept folder for encode and the fine-tunes), e.g. red,striped,star")
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="train",
+        help="train: never the held-out shape x colour x pattern triples; heldout: only those",
+    )
+    parser.add_argument(
+        "--object",
+        metavar="COLOUR,PATTERN,SHAPE",
+        default=None,
+        help="instead of a COCO folder: --images photos of this one object on different backgrounds, "
+        "with masks/ (a concept folder for encode and the fine-tunes), e.g. red,striped,star",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 

@@ -36,14 +36,20 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from encoders.common.files import (
-    FolderLockedError, OutputPathError, atomic_write_text, check_writable_folder, folder_lock, sha256_file,
+    FolderLockedError,
+    OutputPathError,
+    atomic_write_text,
+    check_writable_folder,
+    folder_lock,
+    sha256_file,
 )
 from encoders.common.files import atomic_write_json as _atomic_write_json
 from encoders.common.shards import (  # noqa: F401  (the shard contract, re-exported for the data_prep stages)
@@ -123,7 +129,7 @@ def default_item_key(item: Any) -> str:
     """An item's key: its `key` attribute, or `item["key"]` for a mapping."""
     if isinstance(item, Mapping):
         return str(item["key"])
-    return str(getattr(item, "key"))
+    return str(item.key)
 
 
 def describe_item(item: Any) -> str:
@@ -334,7 +340,9 @@ def _check_output_folder(job: ShardJob, num_shards: int, fingerprints: list[str]
                 "use --overwrite to replace it, or another --out."
             )
         if tar.stat().st_size != stats.get("bytes"):
-            logger.warning("%s is %d bytes, its stats say %s; writing it again", tar, tar.stat().st_size, stats.get("bytes"))
+            logger.warning(
+                "%s is %d bytes, its stats say %s; writing it again", tar, tar.stat().st_size, stats.get("bytes")
+            )
             continue
         done[index] = stats
     return done
@@ -346,7 +354,11 @@ def _remove_old_outputs(job: ShardJob, num_shards: int) -> None:
     out = job.out_dir
     if job.num_nodes == 1:
         pattern = re.compile(rf"^\.?{re.escape(job.name)}-\d{{6}}\.(tar|tar\.tmp-\d+|index\.jsonl(\.tmp-\w+)?)$")
-        doomed = [p for p in out.iterdir() if pattern.match(p.name) or p.name == MANIFEST_NAME or p.name.startswith("manifest.node-")]
+        doomed = [
+            p
+            for p in out.iterdir()
+            if pattern.match(p.name) or p.name == MANIFEST_NAME or p.name.startswith("manifest.node-")
+        ]
         doomed += list((out / STATS_DIR).glob(f"{job.name}-*.json"))
     else:
         names = [shard_file_name(job.name, i) for i in node_shards(num_shards, job.node_rank, job.num_nodes)]
@@ -380,8 +392,10 @@ def check_output_folder(out: Path) -> None:
         raise WriterError(str(err)) from err
     stats = out / STATS_DIR
     if stats.is_symlink() or (stats.exists() and not stats.is_dir()):
-        raise WriterError(f"{stats} is a symbolic link or a file: the writer keeps its stats there and deletes them on "
-                          "--overwrite, and never works through links; remove it or use another --out")
+        raise WriterError(
+            f"{stats} is a symbolic link or a file: the writer keeps its stats there and deletes them on "
+            "--overwrite, and never works through links; remove it or use another --out"
+        )
 
 
 @contextmanager
@@ -389,8 +403,10 @@ def output_lock(job: ShardJob) -> Iterator[None]:
     """One job at a time per shard name and node in `--out`: a second job stops at once with a clear message
     (it would delete the first one's files in progress). The lock goes with the process, also when killed;
     a lock name that is a link is refused, never written through."""
-    lock = folder_lock(job.out_dir / f".lock-{job.name}-node{job.node_rank}",
-                       f"another data_prep job writing {job.name} shards into {job.out_dir}")
+    lock = folder_lock(
+        job.out_dir / f".lock-{job.name}-node{job.node_rank}",
+        f"another data_prep job writing {job.name} shards into {job.out_dir}",
+    )
     try:
         lock.__enter__()
     except (FolderLockedError, OutputPathError) as err:
@@ -457,7 +473,16 @@ def _write_node_shards(items, process, job: ShardJob, settings, source, source_s
         results[stats["index"]] = stats
 
     tasks = [
-        _ShardTask(i, *ranges[i], list(items[ranges[i][0] : ranges[i][1]]), process, out, job.name, fingerprints[i], job.log_first)
+        _ShardTask(
+            i,
+            *ranges[i],
+            list(items[ranges[i][0] : ranges[i][1]]),
+            process,
+            out,
+            job.name,
+            fingerprints[i],
+            job.log_first,
+        )
         for i in todo
     ]
     total = sum(t.end - t.start for t in tasks)
@@ -476,8 +501,9 @@ def _write_node_shards(items, process, job: ShardJob, settings, source, source_s
         else:
             ctx = multiprocessing.get_context()
             counter = ctx.Value("q", 0)
-            with ProcessPoolExecutor(job.workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(counter, os.getpid())) as pool:
+            with ProcessPoolExecutor(
+                job.workers, mp_context=ctx, initializer=_init_worker, initargs=(counter, os.getpid())
+            ) as pool:
                 pending: set[Future] = {pool.submit(_write_shard, task) for task in tasks}
                 try:
                     while pending:
@@ -523,8 +549,14 @@ def _write_node_shards(items, process, job: ShardJob, settings, source, source_s
     atomic_write_json(target, manifest)
     logger.info(
         "%s: %d samples in %d shards (%d written now, %d kept); skipped %d (%s); manifest %s",
-        job.name, manifest["samples"], len(shards), len(todo), len(done),
-        sum(manifest["skipped"].values()), _summarize(manifest["skipped"]), target,
+        job.name,
+        manifest["samples"],
+        len(shards),
+        len(todo),
+        len(done),
+        sum(manifest["skipped"].values()),
+        _summarize(manifest["skipped"]),
+        target,
     )
     if job.num_nodes > 1:
         logger.info("after all %d nodes finish: python -m data_prep merge %s", job.num_nodes, out)

@@ -34,9 +34,9 @@ Use from a fine-tune (one line per step; the code is refreshed every `refresh_ev
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -199,8 +199,13 @@ def sparse_code(
 NORMALISATIONS = ("official", "paper")
 
 
-def anchor_loss(embedding: torch.Tensor, anchor_embeddings: torch.Tensor, weights: torch.Tensor,
-                normalisation: str = "official", sequence_length: int = 77) -> torch.Tensor:
+def anchor_loss(
+    embedding: torch.Tensor,
+    anchor_embeddings: torch.Tensor,
+    weights: torch.Tensor,
+    normalisation: str = "official",
+    sequence_length: int = 77,
+) -> torch.Tensor:
     """L_anc = mean over the batch of sum_i delta_i ||e - e_i||^2, divided by `sequence_length` x D
     ("official", the official code's MSE over a prompt's input embeddings) or by K ("paper", Eq. 6).
 
@@ -264,7 +269,7 @@ class AnchorRegularizer(torch.nn.Module):
     @classmethod
     def from_text_encoder(
         cls, tokenizer, text_encoder, words: Iterable[str] | str | Path | None = None, **kwargs
-    ) -> "AnchorRegularizer":
+    ) -> AnchorRegularizer:
         """Anchors = input embeddings of `words` (a list, a vocabulary file, or None for COCO's 80 names);
         the official normalisation's L is the tokenizer's length.
 
@@ -282,7 +287,8 @@ class AnchorRegularizer(torch.nn.Module):
             raise ValueError(
                 f"the text encoder has no embedding for the anchor word(s) {', '.join(map(repr, empty[:5]))}"
                 f"{' ...' if len(empty) > 5 else ''} (all zeros): choose anchors it knows with anchors.vocabulary=FILE "
-                "(one word a line; the miniature world's: configs/world/anchor_words.txt)")
+                "(one word a line; the miniature world's: configs/world/anchor_words.txt)"
+            )
         return cls(vocab, embeddings, **kwargs)
 
     def code(self, embedding: torch.Tensor) -> torch.Tensor:

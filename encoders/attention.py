@@ -53,8 +53,9 @@ UNet a processor runs twice per step (forward and recompute); `local_value_l1` t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +154,7 @@ class AttentionContext:
     local_value_l1: list[torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def as_kwargs(self) -> dict[str, "AttentionContext"]:
+    def as_kwargs(self) -> dict[str, AttentionContext]:
         """`{"attention_context": self}`: the `cross_attention_kwargs` to hand to a UNet or pipeline."""
         return {CONTEXT_KWARG: self}
 
@@ -348,7 +349,9 @@ class EliteAttnProcessor(ContextAttnProcessor):
             elif keep.dtype != torch.bool:
                 keep = keep > 0.5
             if keep.shape != tokens.shape[:2]:
-                raise ValueError(f"concept {k}: keep {tuple(keep.shape)} does not match tokens {tuple(tokens.shape[:2])}")
+                raise ValueError(
+                    f"concept {k}: keep {tuple(keep.shape)} does not match tokens {tuple(tokens.shape[:2])}"
+                )
             keep = keep.to(query.device)
             context = tokens.to(query.device)
             if self.local_mask_mode == "zero_tokens":
@@ -371,10 +374,14 @@ class EliteAttnProcessor(ContextAttnProcessor):
             index = _per_row(concept.token_index, n, query.device, torch.long)
             if index.device.type == "cpu":  # checking an accelerator tensor would synchronise every layer
                 if bool((index < 0).any()) or bool((index >= text_probs.shape[-1]).any()):
-                    raise ValueError(f"concept {k}: token_index {index.tolist()} outside the {text_probs.shape[-1]} text tokens")
-            w0_map = text_probs[offset : offset + n].gather(
-                -1, index.view(n, 1, 1, 1).expand(n, heads, queries, 1)
-            ).squeeze(-1)  # [n, H, Q]
+                    raise ValueError(
+                        f"concept {k}: token_index {index.tolist()} outside the {text_probs.shape[-1]} text tokens"
+                    )
+            w0_map = (
+                text_probs[offset : offset + n]
+                .gather(-1, index.view(n, 1, 1, 1).expand(n, heads, queries, 1))
+                .squeeze(-1)
+            )  # [n, H, Q]
             peak_dims = (1, 2) if self.w0_map_norm == "sample" else (2,)
             w0_map = w0_map / w0_map.amax(dim=peak_dims, keepdim=True).clamp_min(torch.finfo(w0_map.dtype).tiny)
             if scalar_scale:
@@ -393,7 +400,10 @@ class EliteAttnProcessor(ContextAttnProcessor):
         return hidden
 
 
-STOCK_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")  # diffusers' plain attention: ContextAttnProcessor computes the same
+STOCK_PROCESSORS = (
+    "AttnProcessor",
+    "AttnProcessor2_0",
+)  # diffusers' plain attention: ContextAttnProcessor computes the same
 
 
 def set_elite_processors(
@@ -420,8 +430,11 @@ def set_elite_processors(
                 local_kv=local_mapping.key_value(name) if local_mapping is not None else None,
                 **settings,
             )
-        elif keep_custom and type(current[name]).__name__ not in STOCK_PROCESSORS and not isinstance(
-                current[name], ContextAttnProcessor):
+        elif (
+            keep_custom
+            and type(current[name]).__name__ not in STOCK_PROCESSORS
+            and not isinstance(current[name], ContextAttnProcessor)
+        ):
             processors[name] = current[name]
         else:
             processors[name] = ContextAttnProcessor(name)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,8 +98,12 @@ class CLIPFeatureExtractor(nn.Module):
             raise ValueError(f"layers {bad} outside 0..{depth} (the image encoder has {depth} transformer layers)")
         self.vision_model = vision_model.eval().requires_grad_(False)
         self.layers = layers
-        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
 
     @classmethod
     def from_pretrained(
@@ -109,7 +113,7 @@ class CLIPFeatureExtractor(nn.Module):
         subfolder: str | None = None,
         torch_dtype: torch.dtype | None = None,
         **kwargs,
-    ) -> "CLIPFeatureExtractor":
+    ) -> CLIPFeatureExtractor:
         """Load a transformers CLIP vision folder or Hub id (`openai/clip-vit-large-patch14`)."""
         from transformers import CLIPVisionModel
 
@@ -123,7 +127,7 @@ class CLIPFeatureExtractor(nn.Module):
         return cls(model, layers=layers, image_mean=mean, image_std=std)
 
     # the tower never trains: keep it in eval mode whatever the caller does with .train()
-    def train(self, mode: bool = True) -> "CLIPFeatureExtractor":
+    def train(self, mode: bool = True) -> CLIPFeatureExtractor:
         super().train(False)
         return self
 

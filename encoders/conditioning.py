@@ -16,8 +16,8 @@ the pipeline users run, which calls this). For each concept k of a prompt:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
@@ -38,7 +38,9 @@ DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 
 _MLP_KEY = re.compile(r"^mapping(_patch)?_(\d+)\.(\d+)\.(weight|bias)$")
 _KV_KEY = re.compile(r"^(.+)_to_([kv])\.weight$")
-_ATTN_NAME = re.compile(r"^(down_blocks_\d+|up_blocks_\d+|mid_block)_attentions_(\d+)_transformer_blocks_(\d+)_(attn\d+)$")
+_ATTN_NAME = re.compile(
+    r"^(down_blocks_\d+|up_blocks_\d+|mid_block)_attentions_(\d+)_transformer_blocks_(\d+)_(attn\d+)$"
+)
 _MLP_LAYERS = (0, 1, 3, 4, 6)  # Linear, LayerNorm, (act), Linear, LayerNorm, (act), Linear
 
 
@@ -67,7 +69,10 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def attention_name_from_reference(key: str) -> str:
-    """`down_blocks_0_attentions_0_transformer_blocks_0_attn2` -> `down_blocks.0.attentions.0.transformer_blocks.0.attn2`."""
+    """A reference layer name in diffusers' dotted form.
+
+    `down_blocks_0_attentions_0_transformer_blocks_0_attn2` -> `down_blocks.0.attentions.0.transformer_blocks.0.attn2`.
+    """
     m = _ATTN_NAME.match(key)
     if m is None:
         raise ReferenceCheckpointError(f"cannot read a UNet attention module from reference key prefix {key!r}")
@@ -122,7 +127,9 @@ def convert_state_dict(
         if set(pair) != {"k", "v"}:
             raise ReferenceCheckpointError(f"{source}: {name} has only to_{''.join(pair)}")
         if pair["k"].shape != pair["v"].shape:
-            raise ReferenceCheckpointError(f"{source}: {name} to_k {tuple(pair['k'].shape)} != to_v {tuple(pair['v'].shape)}")
+            raise ReferenceCheckpointError(
+                f"{source}: {name} to_k {tuple(pair['k'].shape)} != to_v {tuple(pair['v'].shape)}"
+            )
         inner, context = pair["k"].shape
         kv_layers[name] = [int(context), int(inner)]
 
@@ -136,7 +143,9 @@ def convert_state_dict(
         ours[f"to_k.{kv_key(name)}.weight"] = pair["k"]
         ours[f"to_v.{kv_key(name)}.weight"] = pair["v"]
     config = dict(
-        input_dim=int(input_dim), output_dim=int(output_dim), hidden_dim=int(hidden_dim),
+        input_dim=int(input_dim),
+        output_dim=int(output_dim),
+        hidden_dim=int(hidden_dim),
         kv_layers={name: kv_layers[name] for name in sorted(kv_layers)},
         num_layers=num,
     )
@@ -158,7 +167,8 @@ def convert_checkpoint(
     num = config.pop("num_layers")
     if len(feature_layers) != num:
         raise ReferenceCheckpointError(
-            f"{path}: holds {num} per-layer mappings but {len(feature_layers)} feature layers were given ({list(feature_layers)})"
+            f"{path}: holds {num} per-layer mappings but {len(feature_layers)} feature layers were given "
+            f"({list(feature_layers)})"
         )
     settings = dict(REFERENCE_SETTINGS) if kind == "local" else {}  # the official computation, written out
     model = cls(
@@ -214,13 +224,17 @@ def convert_reference(
     for kind, path in (("global", global_mapper), ("local", local_mapper)):
         if path is None:
             continue
-        model = convert_checkpoint(path, kind, feature_layers, pretrained_model_name_or_path, image_encoder_name_or_path)
+        model = convert_checkpoint(
+            path, kind, feature_layers, pretrained_model_name_or_path, image_encoder_name_or_path
+        )
         target = out_dir / f"{kind}_mapping"
         with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
         written.append(target)
         sources[target.name] = Path(path)
-    atomic_write_text(out_dir / "README.md", _model_card(out_dir, sources, pretrained_model_name_or_path, image_encoder_name_or_path))
+    atomic_write_text(
+        out_dir / "README.md", _model_card(out_dir, sources, pretrained_model_name_or_path, image_encoder_name_or_path)
+    )
     return written
 
 
@@ -235,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default=DEFAULT_BASE, help="base model the weights were trained for (recorded)")
     parser.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER, help="image encoder (recorded)")
     parser.add_argument(
-        "--layers", default=",".join(map(str, DEFAULT_LAYERS)), help="tapped CLIP layers, in word order (default %(default)s)"
+        "--layers",
+        default=",".join(map(str, DEFAULT_LAYERS)),
+        help="tapped CLIP layers, in word order (default %(default)s)",
     )
     args = parser.parse_args(argv)
     if args.global_mapper is None and args.local_mapper is None:
@@ -245,7 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         parser.error(f"--layers must be comma-separated integers, got {args.layers!r}")
     try:
-        written = convert_reference(args.out, args.global_mapper, args.local_mapper, layers, args.base, args.image_encoder)
+        written = convert_reference(
+            args.out, args.global_mapper, args.local_mapper, layers, args.base, args.image_encoder
+        )
     except (ReferenceCheckpointError, FileNotFoundError) as err:
         parser.error(str(err))
     for path in written:

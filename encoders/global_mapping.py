@@ -29,7 +29,7 @@ cross-attention layers the K/V projections belong to), `pretrained_model_name_or
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -176,7 +176,8 @@ class MappingModel(ModelMixin, ConfigMixin, KeyValueProjections):
         if missing or extra:
             raise MappingFitError(
                 f"{who} has K/V projections for {len(theirs)} cross-attention layers but this UNet has "
-                f"{len(unet_layers)} (missing e.g. {missing[:1]}, unknown e.g. {extra[:1]}); it was trained for {made_for}"
+                f"{len(unet_layers)} (missing e.g. {missing[:1]}, unknown e.g. {extra[:1]}); it was trained for "
+                f"{made_for}"
             )
         wrong = [(n, theirs[n], unet_layers[n]) for n in sorted(unet_layers) if theirs[n] != unet_layers[n]]
         if wrong:

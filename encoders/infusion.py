@@ -1,6 +1,7 @@
 """Infusion: one residual value vector per cross-attention layer for a concept's class word.
 
-Infusion (Zeng et al., "Infusion: Preventing Customized Text-to-Image Diffusion from Overfitting") keeps the base model intact and learns, for every cross-attention
+Infusion (Zeng et al., "Infusion: Preventing Customized Text-to-Image Diffusion from Overfitting") keeps the base
+model intact and learns, for every cross-attention
 layer i, a residual Delta_i (1 x d, d = that layer's value width) that is added to the *value* of the
 class word's token ("cat") only (Eq. 7):
 
@@ -28,8 +29,8 @@ Pieces:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -70,7 +71,7 @@ class InfusionResiduals(ModelMixin, ConfigMixin):
         self._index = {module_name_of(n): i for i, n in enumerate(layer_names)}
 
     @classmethod
-    def for_unet(cls, unet: nn.Module, class_word: str, base_model: str | None = None) -> "InfusionResiduals":
+    def for_unet(cls, unet: nn.Module, class_word: str, base_model: str | None = None) -> InfusionResiduals:
         """Zero residuals shaped for every cross-attention layer of `unet`."""
         layers = cross_attention_layers(unet)
         return cls(
@@ -149,7 +150,9 @@ class InfusionAttnProcessor(ContextAttnProcessor):
     def _call(ctx: AttentionContext | None) -> InfusionCall | None:
         call = ctx.extras.get(EXTRAS_KEY) if ctx is not None else None
         if call is not None and not isinstance(call, InfusionCall):
-            raise TypeError(f"AttentionContext.extras[{EXTRAS_KEY!r}] must be an InfusionCall, got {type(call).__name__}")
+            raise TypeError(
+                f"AttentionContext.extras[{EXTRAS_KEY!r}] must be an InfusionCall, got {type(call).__name__}"
+            )
         return call
 
     def key_value(self, attn, context, is_cross, ctx):
@@ -168,7 +171,9 @@ class InfusionAttnProcessor(ContextAttnProcessor):
             if mask is None:
                 continue
             if mask.shape[-1] != value.shape[1]:
-                raise ValueError(f"{self.name}: token mask covers {mask.shape[-1]} tokens, the text has {value.shape[1]}")
+                raise ValueError(
+                    f"{self.name}: token mask covers {mask.shape[-1]} tokens, the text has {value.shape[1]}"
+                )
             rows = mask.to(device=value.device, dtype=value.dtype)[..., None] * delta.to(value.dtype)
             offset = _half_offset(mask.shape[0], batch, "token mask")
             if offset is None:
@@ -301,7 +306,9 @@ def generate_with_infusion(
     negative_prompt: str | None = None,
     **pipe_kwargs,
 ) -> InfusionOutput:
-    """Sample a `StableDiffusionPipeline` (or `StableDiffusionXLPipeline`) with Infusion concepts installed (paper: DDIM 50 steps, guidance 8).
+    """Sample a `StableDiffusionPipeline` (or `StableDiffusionXLPipeline`) with Infusion concepts installed.
+
+    The paper samples with DDIM, 50 steps, guidance 8.
 
     With `replace_maps` (the paper's dual stream) every prompt runs twice from the same initial noise:
     an F row (base model) and a C row (residuals on the class tokens, cross-attention maps taken from

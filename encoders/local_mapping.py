@@ -46,8 +46,8 @@ plus the settings above.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -134,11 +134,26 @@ class LocalMapping(MappingModel):
         mask_threshold: int = 0,
         concept_crop: str = "none",
     ) -> None:
-        check_local_settings(dict(w0_map_norm=w0_map_norm, local_mask_mode=local_mask_mode, w0_source=w0_source,
-                                  object_view=object_view, mask_grid_via=mask_grid_via,
-                                  mask_threshold=mask_threshold, concept_crop=concept_crop))
-        super().__init__(input_dim, output_dim, hidden_dim, feature_layers, kv_layers,
-                         pretrained_model_name_or_path, image_encoder_name_or_path)
+        check_local_settings(
+            dict(
+                w0_map_norm=w0_map_norm,
+                local_mask_mode=local_mask_mode,
+                w0_source=w0_source,
+                object_view=object_view,
+                mask_grid_via=mask_grid_via,
+                mask_threshold=mask_threshold,
+                concept_crop=concept_crop,
+            )
+        )
+        super().__init__(
+            input_dim,
+            output_dim,
+            hidden_dim,
+            feature_layers,
+            kv_layers,
+            pretrained_model_name_or_path,
+            image_encoder_name_or_path,
+        )
 
     @property
     def settings(self) -> dict:
@@ -161,7 +176,9 @@ class LocalMapping(MappingModel):
         tokens = total / len(self.cls_mappings)
         batch, patches = tokens.shape[:2]
         if mask is None:
-            return LocalMappingOutput(tokens=tokens, keep=torch.ones(batch, patches, dtype=torch.bool, device=tokens.device))
+            return LocalMappingOutput(
+                tokens=tokens, keep=torch.ones(batch, patches, dtype=torch.bool, device=tokens.device)
+            )
         if mask.shape[0] != batch:
             raise ValueError(f"mask batch {mask.shape[0]} != feature batch {batch}")
         grid = mask_to_patch_grid(mask.to(tokens.device), patches, via=grid_via)

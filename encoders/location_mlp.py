@@ -23,7 +23,7 @@ Hub-loadable like the ELITE mappers: `LocationMLP.from_pretrained(path_or_repo, 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +114,8 @@ class LocationMLP(ModelMixin, ConfigMixin):
         config asks for it; trainers pass `snap=False` (their inputs are vocabulary words already)."""
         if emb_a.shape != emb_b.shape or emb_a.shape[-1] != self.config.embedding_dim:
             raise ValueError(
-                f"expected two [B, {self.config.embedding_dim}] embeddings, got {tuple(emb_a.shape)} and {tuple(emb_b.shape)}"
+                f"expected two [B, {self.config.embedding_dim}] embeddings, got {tuple(emb_a.shape)} and "
+                f"{tuple(emb_b.shape)}"
             )
         if snap is None:
             snap = bool(self.config.snap_to_vocabulary) and self.vocabulary_embeddings.shape[0] > 0

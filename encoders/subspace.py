@@ -19,7 +19,8 @@ v = sum_i w_i v_i over M basis words chosen from the text encoder's vocabulary:
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -136,7 +137,7 @@ class TextualSubspace(ModelMixin, ConfigMixin):
         distance: Distance = "dot",
         exclude_ids: Iterable[int] = (),
         initializer_token: str | None = None,
-    ) -> "TextualSubspace":
+    ) -> TextualSubspace:
         """Select the basis from the `[V, d]` vocabulary embeddings by the rank rule; weights one-hot on u."""
         ids = select_basis_ids(embeddings, init_id, subspace_dim, distance, exclude_ids)
         model = cls(

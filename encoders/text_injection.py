@@ -24,9 +24,9 @@ forward pre-hook that lives only for the duration of the call.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -109,7 +109,9 @@ def _embeddings_override(embeddings: nn.Module, inputs_embeds: torch.Tensor) -> 
 
 
 def _normalise(placeholder_token_id, words) -> tuple[list[int], list[torch.Tensor]]:
-    ids = [int(placeholder_token_id)] if isinstance(placeholder_token_id, int) else [int(i) for i in placeholder_token_id]
+    ids = (
+        [int(placeholder_token_id)] if isinstance(placeholder_token_id, int) else [int(i) for i in placeholder_token_id]
+    )
     word_list = [words] if isinstance(words, torch.Tensor) else list(words)
     if len(ids) != len(word_list):
         raise ValueError(f"{len(ids)} placeholder ids but {len(word_list)} word tensors: give one per placeholder")
@@ -193,15 +195,19 @@ def encode_text_with_words(
     out_of_vocab = (input_ids >= vocab) & ~is_placeholder
     if bool(out_of_vocab.any()):
         bad = sorted(set(input_ids[out_of_vocab].tolist()))
-        raise ValueError(f"token ids {bad} are outside the text encoder's vocabulary ({vocab}) and are not placeholders")
+        raise ValueError(
+            f"token ids {bad} are outside the text encoder's vocabulary ({vocab}) and are not placeholders"
+        )
     safe_ids = input_ids.masked_fill(is_placeholder, 0)
     token_embeds = token_embedding(safe_ids)
     embeds, positions = inject_words(token_embeds, input_ids, ids, [w.to(token_embeds.device) for w in word_list])
     with _embeddings_override(embeddings, embeds):
         out = text_encoder(input_ids=safe_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
     return InjectedText(
-        hidden_states=out.last_hidden_state, word_positions=positions,
-        penultimate=out.hidden_states[-2] if output_hidden_states else None, text_embeds=getattr(out, "text_embeds", None),
+        hidden_states=out.last_hidden_state,
+        word_positions=positions,
+        penultimate=out.hidden_states[-2] if output_hidden_states else None,
+        text_embeds=getattr(out, "text_embeds", None),
     )
 
 
@@ -248,13 +254,17 @@ def encode_prompt_with_words(
     word_list = [w[:, None] if w.ndim == 2 else w for w in words]
     for k, w in enumerate(word_list):
         if w.shape[-1] != sum(widths):
-            raise ValueError(f"words of concept {k} are {w.shape[-1]} wide; these text encoders take {sum(widths)} "
-                             f"({' + '.join(map(str, widths))})")
+            raise ValueError(
+                f"words of concept {k} are {w.shape[-1]} wide; these text encoders take {sum(widths)} "
+                f"({' + '.join(map(str, widths))})"
+            )
     if len(encoders) == 1:
         out = encode_text_with_words(encoders[0], ids_list[0], per_encoder[0], word_list)
         return PromptEmbeddings(out.hidden_states, out.word_positions)
     outs = [
-        encode_text_with_words(encoder, ids, pid, [w[..., start:start + width] for w in word_list], output_hidden_states=True)
+        encode_text_with_words(
+            encoder, ids, pid, [w[..., start : start + width] for w in word_list], output_hidden_states=True
+        )
         for encoder, ids, pid, start, width in zip(encoders, ids_list, per_encoder, _starts(widths), widths)
     ]
     states = torch.cat([o.penultimate for o in outs], dim=-1)

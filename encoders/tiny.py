@@ -12,8 +12,8 @@ takes. The shapes are fixed project-wide so benchmarks compare like with like.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -88,11 +88,22 @@ def _build_pipeline(unet_kwargs: dict, text_kwargs: dict, scheduler, seed: int):
 
     from .tokenizer import build_clip_tokenizer
 
-    unet, vae, text_encoder = _seeded(seed, lambda: UNet2DConditionModel(**unet_kwargs), lambda: AutoencoderKL(**VAE_KWARGS),
-                                      lambda: CLIPTextModel(CLIPTextConfig(**text_kwargs)))
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    unet, vae, text_encoder = _seeded(
+        seed,
+        lambda: UNet2DConditionModel(**unet_kwargs),
+        lambda: AutoencoderKL(**VAE_KWARGS),
+        lambda: CLIPTextModel(CLIPTextConfig(**text_kwargs)),
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def build_tiny_sd_pipeline(seed: int = TINY_SEED):
@@ -105,8 +116,9 @@ def build_tiny_sd_pipeline(seed: int = TINY_SEED):
 # SD 2.x's structure (stabilityai/stable-diffusion-2-1-base): an OpenCLIP-shaped text encoder wider
 # than the image encoder (1024 vs ViT-L/14's 1024 there; here 48 vs 32, so code that confuses the two
 # widths fails), linear projections in the transformer blocks, per-level head counts, v-prediction.
-SD2_TEXT_KWARGS = dict(TEXT_KWARGS, hidden_size=48, intermediate_size=64, num_attention_heads=4, hidden_act="gelu",
-                       projection_dim=48)
+SD2_TEXT_KWARGS = dict(
+    TEXT_KWARGS, hidden_size=48, intermediate_size=64, num_attention_heads=4, hidden_act="gelu", projection_dim=48
+)
 SD2_UNET_KWARGS = dict(UNET_KWARGS, cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True)
 SD2_SCHEDULER_KWARGS = dict(SCHEDULER_KWARGS, prediction_type="v_prediction")
 
@@ -115,7 +127,9 @@ def build_tiny_sd2_pipeline(seed: int = TINY_SEED):
     """A randomly initialised SD 2.x-style `StableDiffusionPipeline` (v-prediction, 48-wide text)."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(**{k: v for k, v in SD2_SCHEDULER_KWARGS.items() if k != "skip_prk_steps"}, clip_sample=False)
+    scheduler = DDIMScheduler(
+        **{k: v for k, v in SD2_SCHEDULER_KWARGS.items() if k != "skip_prk_steps"}, clip_sample=False
+    )
     return _build_pipeline(SD2_UNET_KWARGS, SD2_TEXT_KWARGS, scheduler, seed)
 
 
@@ -125,12 +139,18 @@ def build_tiny_sd2_pipeline(seed: int = TINY_SEED):
 # ("text_time"), three UNet levels with the first plain and two transformer layers on the last.
 SDXL_TEXT_2_KWARGS = dict(SD2_TEXT_KWARGS, projection_dim=32)
 SDXL_UNET_KWARGS = dict(
-    sample_size=32, layers_per_block=1, block_out_channels=(32, 64, 64),
+    sample_size=32,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
-    cross_attention_dim=TEXT_KWARGS["hidden_size"] + SDXL_TEXT_2_KWARGS["hidden_size"], norm_num_groups=32,
-    addition_embed_type="text_time", addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 4),
+    use_linear_projection=True,
+    cross_attention_dim=TEXT_KWARGS["hidden_size"] + SDXL_TEXT_2_KWARGS["hidden_size"],
+    norm_num_groups=32,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=6 * 8 + SDXL_TEXT_2_KWARGS["projection_dim"],
 )
 
@@ -143,13 +163,25 @@ def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
     from .tokenizer import build_clip_tokenizer
 
     unet, vae, text_encoder, text_encoder_2 = _seeded(
-        seed, lambda: UNet2DConditionModel(**SDXL_UNET_KWARGS), lambda: AutoencoderKL(**VAE_KWARGS),
+        seed,
+        lambda: UNet2DConditionModel(**SDXL_UNET_KWARGS),
+        lambda: AutoencoderKL(**VAE_KWARGS),
         lambda: CLIPTextModel(CLIPTextConfig(**TEXT_KWARGS)),
-        lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2_KWARGS)))
-    scheduler = EulerDiscreteScheduler(**{k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("skip_prk_steps", "set_alpha_to_one")})
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(), unet=unet,
-                                     scheduler=scheduler, force_zeros_for_empty_prompt=True)
+        lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2_KWARGS)),
+    )
+    scheduler = EulerDiscreteScheduler(
+        **{k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
 
 
 def build_tiny_image_encoder(seed: int = TINY_SEED):
@@ -285,8 +317,13 @@ def save_tiny_detector(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
 CLIPSEG_VISION_KWARGS = dict(
     hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=16
 )
-CLIPSEG_KWARGS = dict(projection_dim=32, extract_layers=[1, 2, 3], reduce_dim=16, decoder_num_attention_heads=2,
-                      decoder_intermediate_size=32)
+CLIPSEG_KWARGS = dict(
+    projection_dim=32,
+    extract_layers=[1, 2, 3],
+    reduce_dim=16,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=32,
+)
 
 
 def save_tiny_clipseg(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
@@ -299,8 +336,9 @@ def save_tiny_clipseg(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
     torch.manual_seed(seed)
     config = CLIPSegConfig(text_config=dict(TEXT_KWARGS), vision_config=CLIPSEG_VISION_KWARGS, **CLIPSEG_KWARGS)
     CLIPSegForImageSegmentation(config).save_pretrained(out_dir, safe_serialization=True)
-    image_processor = ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.485, 0.456, 0.406],
-                                        image_std=[0.229, 0.224, 0.225])
+    image_processor = ViTImageProcessor(
+        size={"height": 64, "width": 64}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+    )
     CLIPSegProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(out_dir)
     return out_dir
 
@@ -332,11 +370,15 @@ def write_atomically(writer: Callable[[Path], Path], target: str | Path, force: 
 
 # The base pipeline each --kind writes as `sd/` (the other models are the same for every kind).
 BASE_KINDS: dict[str, Callable[[Path], Path]] = {
-    "sd1": save_tiny_sd_pipeline, "sd2": save_tiny_sd2_pipeline, "sdxl": save_tiny_sdxl_pipeline}
+    "sd1": save_tiny_sd_pipeline,
+    "sd2": save_tiny_sd2_pipeline,
+    "sdxl": save_tiny_sdxl_pipeline,
+}
 
 
-def build_tiny_models(out_root: str | Path, names: list[str] | None = None, force: bool = False,
-                      kind: str = "sd1") -> dict[str, Path]:
+def build_tiny_models(
+    out_root: str | Path, names: list[str] | None = None, force: bool = False, kind: str = "sd1"
+) -> dict[str, Path]:
     """Write the named tiny models (default: all registered) under `out_root/<name>/`; `kind` picks the
     base pipeline's structure written as `sd/` (sd1: SD v1-4's, sd2: SD 2.x's)."""
     if kind not in BASE_KINDS:
@@ -363,10 +405,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--only", action="append", choices=sorted(TINY_MODELS), help="build only this model (repeatable); default all"
     )
-    parser.add_argument("--kind", choices=sorted(BASE_KINDS), default="sd1",
-                        help="structure of the base pipeline written as sd/: sd1 (SD v1-4), sd2 (SD 2.x: "
-                        "48-wide text encoder, linear projections, v-prediction) or sdxl (two text encoders, pooled "
-                        "and size conditioning; loads with StableDiffusionXLPipeline); default sd1")
+    parser.add_argument(
+        "--kind",
+        choices=sorted(BASE_KINDS),
+        default="sd1",
+        help="structure of the base pipeline written as sd/: sd1 (SD v1-4), sd2 (SD 2.x: "
+        "48-wide text encoder, linear projections, v-prediction) or sdxl (two text encoders, pooled "
+        "and size conditioning; loads with StableDiffusionXLPipeline); default sd1",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild models whose folder already exists")
     args = parser.parse_args(argv)
     build_tiny_models(args.out, args.only, force=args.force, kind=args.kind)

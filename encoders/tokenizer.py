@@ -24,9 +24,7 @@ MODEL_MAX_LENGTH = 77
 def _byte_alphabet() -> list[str]:
     """GPT-2's reversible byte -> printable unicode mapping, in byte-rank order."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     codepoints = printable[:]
     extra = 0

@@ -54,7 +54,9 @@ def check_assets(folder: Path = ASSETS) -> dict[str, str]:
         if not path.is_file():
             raise WorldAssetsError(f"{path} is missing (listed in the card)")
         if sha256_file(path) != expected:
-            raise WorldAssetsError(f"{path} does not match the sha256 in the card: damaged, or changed without a new card")
+            raise WorldAssetsError(
+                f"{path} does not match the sha256 in the card: damaged, or changed without a new card"
+            )
     return hashes
 
 
@@ -106,16 +108,27 @@ def write_world_models(out: str | Path, folder: Path = ASSETS, force: bool = Fal
     if not force and all(p.exists() for p in written.values()):
         return written
     clip = load_part("clip", folder)
-    processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
-                                   image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 64},
+        crop_size={"height": 64, "width": 64},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
     with atomic_directory(written["clip"]) as tmp:
         clip.save_pretrained(tmp, safe_serialization=True)
         CLIPProcessor(image_processor=processor, tokenizer=build_clip_tokenizer()).save_pretrained(tmp)
     # the two towers as the real models read them out of a CLIP folder (SD's text encoder, ELITE's image encoder)
     text_encoder = CLIPTextModel.from_pretrained(written["clip"])
-    pipe = StableDiffusionPipeline(unet=load_part("unet", folder), vae=load_part("vae", folder), text_encoder=text_encoder,
-                                   tokenizer=build_clip_tokenizer(), scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        unet=load_part("unet", folder),
+        vae=load_part("vae", folder),
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     with atomic_directory(written["sd"]) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         save_clip_tokenizer(Path(tmp) / "tokenizer")
@@ -125,14 +138,20 @@ def write_world_models(out: str | Path, folder: Path = ASSETS, force: bool = Fal
         processor.save_pretrained(tmp)
     with atomic_directory(written["classifier"]) as tmp:
         load_part("classifier", folder).save_pretrained(tmp, safe_serialization=True)
-        ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(tmp)
+        ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+            tmp
+        )
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=program_name("python -m encoders.world"),
-                                     description="Write the shipped miniature-world models as real model folders (fp32).")
-    parser.add_argument("--out", default="outputs/demo/models", help="folder that receives sd/, image_encoder/, clip/, classifier/")
+    parser = argparse.ArgumentParser(
+        prog=program_name("python -m encoders.world"),
+        description="Write the shipped miniature-world models as real model folders (fp32).",
+    )
+    parser.add_argument(
+        "--out", default="outputs/demo/models", help="folder that receives sd/, image_encoder/, clip/, classifier/"
+    )
     parser.add_argument("--assets", default=str(ASSETS), help="the shipped files (default: the package's own)")
     parser.add_argument("--force", action="store_true", help="rewrite folders that exist")
     args = parser.parse_args(argv)

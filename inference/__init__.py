@@ -14,9 +14,9 @@ Attributes are imported lazily so `import inference` stays cheap.
 
 from __future__ import annotations
 
-import encoders  # noqa: F401  (first: installs transformers' image-processor log filter)
-
 import importlib
+
+import encoders  # noqa: F401  (first: installs transformers' image-processor log filter)
 
 _EXPORTS = {
     "ElitePipeline": "inference.pipeline",

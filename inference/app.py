@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -45,7 +45,7 @@ def limit_uploads() -> None:
 
 
 def _box(text: str | None) -> list[float] | None:
-    """"x0,y0,x1,y1" in 0..1 -> a box; empty -> None."""
+    """ "x0,y0,x1,y1" in 0..1 -> a box; empty -> None."""
     if not text or not text.strip():
         return None
     try:
@@ -113,8 +113,19 @@ class DemoApp:
                 notes.append(f"photo {k + 1}: painted mask")
         return photos, masks, notes
 
-    def generate(self, prompt: str, concepts_in: list[tuple], elite_scale: float, seed: int, steps: int, preset: str,
-                 guidance: float, num_images: int, boxes=None, placeholders=None):
+    def generate(
+        self,
+        prompt: str,
+        concepts_in: list[tuple],
+        elite_scale: float,
+        seed: int,
+        steps: int,
+        preset: str,
+        guidance: float,
+        num_images: int,
+        boxes=None,
+        placeholders=None,
+    ):
         """-> (images, masks used as previews, a status line)."""
         if not prompt or not prompt.strip():
             raise ConceptInputError("type a prompt (with S* for your object)")
@@ -128,9 +139,16 @@ class DemoApp:
         steps = int(settings.get("num_inference_steps", steps))
         scale = paper_elite_scale(prompt, placeholders or ["S*"]) if preset == "paper" else float(elite_scale)
         result = self.elite(
-            prompt, concepts=concepts, placeholders=placeholders, elite_scale=scale, seed=int(seed),
-            num_inference_steps=min(steps, self.max_steps), guidance_scale=float(settings.get("guidance_scale", guidance)),
-            num_images_per_prompt=int(num_images), boxes=boxes, preset=None if preset == NO_PRESET else preset,
+            prompt,
+            concepts=concepts,
+            placeholders=placeholders,
+            elite_scale=scale,
+            seed=int(seed),
+            num_inference_steps=min(steps, self.max_steps),
+            guidance_scale=float(settings.get("guidance_scale", guidance)),
+            num_images_per_prompt=int(num_images),
+            boxes=boxes,
+            preset=None if preset == NO_PRESET else preset,
         )
         status = f"lambda {scale:g}, {min(steps, self.max_steps)} steps, seed {int(seed)}; " + "; ".join(notes)
         return list(result.images), previews, status
@@ -162,8 +180,18 @@ class DemoApp:
                 boxes = [_box(box1), _box(box2)]
                 if any(b is None for b in boxes) and any(b is not None for b in boxes):
                     raise ConceptInputError("give a box to both concepts, or to neither")
-                return self.generate(prompt, inputs, scale, seed, steps, preset, guidance, num_images,
-                                     boxes=boxes if boxes[0] else None, placeholders=["S1", "S2"])
+                return self.generate(
+                    prompt,
+                    inputs,
+                    scale,
+                    seed,
+                    steps,
+                    preset,
+                    guidance,
+                    num_images,
+                    boxes=boxes if boxes[0] else None,
+                    placeholders=["S1", "S2"],
+                )
             except (ConceptInputError, ValueError) as err:
                 raise gr.Error(str(err)) from None
 
@@ -172,21 +200,31 @@ class DemoApp:
                 scale = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="lambda (local detail)", elem_id="scale")
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
             with gr.Row():
-                steps = gr.Slider(1, self.max_steps, value=min(50, self.max_steps), step=1, label="steps", elem_id="steps")
+                steps = gr.Slider(
+                    1, self.max_steps, value=min(50, self.max_steps), step=1, label="steps", elem_id="steps"
+                )
                 guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="guidance scale")
                 num_images = gr.Slider(1, 4, value=1, step=1, label="images")
-            preset = gr.Dropdown(presets, value=NO_PRESET, label="preset (paper: LMS 100 steps, guidance 5, lambda by prompt)")
+            preset = gr.Dropdown(
+                presets, value=NO_PRESET, label="preset (paper: LMS 100 steps, guidance 5, lambda by prompt)"
+            )
             return scale, seed, steps, preset, guidance, num_images
 
         with gr.Blocks(title="Zero-step personalization", analytics_enabled=False) as page:
-            gr.Markdown("## Your object in new scenes, in one forward pass (ELITE)\n"
-                        "Upload a photo, paint over the object (or leave it: it is masked automatically), "
-                        "write a prompt with **S\\*** for it.")
+            gr.Markdown(
+                "## Your object in new scenes, in one forward pass (ELITE)\n"
+                "Upload a photo, paint over the object (or leave it: it is masked automatically), "
+                "write a prompt with **S\\*** for it."
+            )
             with gr.Tab("One concept"):
                 with gr.Row():
                     with gr.Column():
-                        editor = gr.ImageEditor(type="pil", label="photo (paint the object to mask it)", elem_id="photo")
-                        extra = gr.File(file_count="multiple", file_types=["image"], label="more photos of it (optional)")
+                        editor = gr.ImageEditor(
+                            type="pil", label="photo (paint the object to mask it)", elem_id="photo"
+                        )
+                        extra = gr.File(
+                            file_count="multiple", file_types=["image"], label="more photos of it (optional)"
+                        )
                         with gr.Row():
                             auto_mask = gr.Checkbox(value=True, label="automatic mask when not painted")
                             mask_word = gr.Textbox(value="", label="what to segment (e.g. dog)", elem_id="mask_word")
@@ -195,7 +233,9 @@ class DemoApp:
                         run = gr.Button("Generate", variant="primary", elem_id="generate")
                     with gr.Column():
                         gallery = gr.Gallery(label="images", elem_id="gallery", columns=2, height=360)
-                        masks = gr.Gallery(label="what was encoded (mask shown)", elem_id="masks", columns=3, height=240)
+                        masks = gr.Gallery(
+                            label="what was encoded (mask shown)", elem_id="masks", columns=3, height=240
+                        )
                         status = gr.Textbox(label="settings used", elem_id="status", interactive=False)
                 run.click(one, [editor, extra, auto_mask, mask_word, prompt, *controls], [gallery, masks, status])
             with gr.Tab("Two concepts"):
@@ -215,19 +255,25 @@ class DemoApp:
                         gallery2 = gr.Gallery(label="images", columns=2, height=360)
                         masks2 = gr.Gallery(label="what was encoded", columns=3, height=240)
                         status2 = gr.Textbox(label="settings used", interactive=False)
-                run2.click(two, [editor1, editor2, box1, box2, auto_mask2, prompt2, *controls2], [gallery2, masks2, status2])
+                run2.click(
+                    two, [editor1, editor2, box1, box2, auto_mask2, prompt2, *controls2], [gallery2, masks2, status2]
+                )
         return page
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=program_name("python -m inference.app"), description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default="CompVis/stable-diffusion-v1-4", help="Stable Diffusion pipeline (folder or Hub id)")
+    parser.add_argument(
+        "--base", default="CompVis/stable-diffusion-v1-4", help="Stable Diffusion pipeline (folder or Hub id)"
+    )
     parser.add_argument("--encoders", required=True, help="ELITE encoders folder or Hub repo")
     parser.add_argument("--image-encoder", default=None, help="image encoder (default: the one the encoders record)")
     parser.add_argument("--mask-model", default=DEFAULT_MASK_MODEL, help="CLIPSeg for automatic masks ('' to turn off)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--max-steps", type=int, default=100, help="the most sampling steps the page allows (default: 100)")
+    parser.add_argument(
+        "--max-steps", type=int, default=100, help="the most sampling steps the page allows (default: 100)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--share", action="store_true", help="also a public gradio.live link")
@@ -242,8 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the web demo needs gradio: pip install 'zero-step-personalization[app]'", file=sys.stderr)
         return 2
     try:
-        elite = ElitePipeline.from_pretrained(args.base, encoders=args.encoders, image_encoder=args.image_encoder,
-                                              device=args.device, dtype=args.dtype, allow_sdxl=True)
+        elite = ElitePipeline.from_pretrained(
+            args.base,
+            encoders=args.encoders,
+            image_encoder=args.image_encoder,
+            device=args.device,
+            dtype=args.dtype,
+            allow_sdxl=True,
+        )
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -255,4 +307,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

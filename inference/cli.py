@@ -47,7 +47,11 @@ from encoders.anchors import coco_class_names
 from encoders.common.config import program_name
 from encoders.common.device import resolve_device
 from encoders.common.files import (
-    OutputPathError, atomic_write_json, check_writable_file, check_writable_folder, describe_write_error,
+    OutputPathError,
+    atomic_write_json,
+    check_writable_file,
+    check_writable_folder,
+    describe_write_error,
 )
 from encoders.common.version import DISTRIBUTION, package_version
 
@@ -64,7 +68,12 @@ from .finetuned import (
 )
 from .guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance, predict_boxes
 from .inputs import (
-    ConceptInputError, ConceptInputWarning, check_placeholders, find_placeholders, load_concept_image, placeholder_in,
+    ConceptInputError,
+    ConceptInputWarning,
+    check_placeholders,
+    find_placeholders,
+    load_concept_image,
+    placeholder_in,
     truncated_prompt,
 )
 from .loading import SCHEDULERS, ModelLoadError, default_image_size, load_base_pipeline, load_location_mlp
@@ -95,7 +104,9 @@ def _boxes(text: str) -> tuple[float, float, float, float]:
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"box {text!r}: expected x0,y0,x1,y1 numbers in 0..1") from err
     if len(values) != 4 or not (0 <= values[0] < values[2] <= 1 and 0 <= values[1] < values[3] <= 1):
-        raise argparse.ArgumentTypeError(f"box {text!r}: expected x0,y0,x1,y1 with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1")
+        raise argparse.ArgumentTypeError(
+            f"box {text!r}: expected x0,y0,x1,y1 with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1"
+        )
     return values
 
 
@@ -110,8 +121,11 @@ def _number(kind: type, low: float | None = None, high: float | None = None, mul
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if (low is not None and value < low) or (high is not None and value > high):
-            span = f"between {low:g} and {high:g}" if low is not None and high is not None else (
-                f"at least {low:g}" if low is not None else f"at most {high:g}")
+            span = (
+                f"between {low:g} and {high:g}"
+                if low is not None and high is not None
+                else (f"at least {low:g}" if low is not None else f"at most {high:g}")
+            )
             raise argparse.ArgumentTypeError(f"{text} must be {span}")
         if multiple and value % multiple:
             raise argparse.ArgumentTypeError(f"{text} must be a multiple of {multiple}")
@@ -143,21 +157,27 @@ class _HelpFormatter(argparse.HelpFormatter):
 def _add_model_options(parser: argparse.ArgumentParser, base_required: bool) -> None:
     group = parser.add_argument_group("models")
     group.add_argument(
-        "--base", required=base_required, metavar="PATH_OR_ID",
+        "--base",
+        required=base_required,
+        metavar="PATH_OR_ID",
         help="base Stable Diffusion pipeline: a diffusers folder or Hub id (e.g. CompVis/stable-diffusion-v1-4)"
         + ("" if base_required else "; optional here, used only to check the encoders fit it"),
     )
     group.add_argument(
-        "--encoders", metavar="PATH_OR_ID",
+        "--encoders",
+        metavar="PATH_OR_ID",
         help="ELITE encoders folder or Hub repo (global_mapping/, local_mapping/, optional location_mlp/)",
     )
     group.add_argument(
-        "--image-encoder", metavar="PATH_OR_ID",
+        "--image-encoder",
+        metavar="PATH_OR_ID",
         help="CLIP vision model the encoders read (default: the one recorded in the encoders folder)",
     )
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     group.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
         help="weights dtype (auto: float16 on CUDA, float32 elsewhere)",
     )
 
@@ -165,39 +185,62 @@ def _add_model_options(parser: argparse.ArgumentParser, base_required: bool) -> 
 def _add_concept_options(parser: argparse.ArgumentParser, generate: bool = False) -> None:
     group = parser.add_argument_group("concept input")
     group.add_argument(
-        "--image", action="append", default=[], metavar="FILE_OR_DIR",
-        help=("photo of the concept, or a concept folder (its photos and masks/: one concept from all); repeat for a "
-              "second concept; an RGBA image's alpha is its mask") if generate else
-             "photo of the concept, or a concept folder; repeat for several photos of the one concept (w0 averaged, "
-             "local tokens side by side); an RGBA image's alpha is its mask",
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE_OR_DIR",
+        help=(
+            "photo of the concept, or a concept folder (its photos and masks/: one concept from all); repeat for a "
+            "second concept; an RGBA image's alpha is its mask"
+        )
+        if generate
+        else "photo of the concept, or a concept folder; repeat for several photos of the one concept (w0 averaged, "
+        "local tokens side by side); an RGBA image's alpha is its mask",
     )
     group.add_argument(
-        "--mask", action="append", default=[], metavar="FILE",
+        "--mask",
+        action="append",
+        default=[],
+        metavar="FILE",
         help="object mask for the --image at the same position (white = object; resized if its size differs; "
         "'-' for none); without one an automatic mask is made (below)",
     )
     group.add_argument(
-        "--auto-mask", metavar="WORD", default=None,
+        "--auto-mask",
+        metavar="WORD",
+        default=None,
         help="segment photos that have no mask with the mask model prompted by WORD (e.g. the class word: dog); "
         f"by default photos without a mask are segmented as {DEFAULT_MASK_PROMPT!r} when the mask model loads, "
         "else used whole with a warning. The masks used are saved beside the outputs",
     )
     group.add_argument("--no-auto-mask", action="store_true", help="photos without a mask are the object as a whole")
-    group.add_argument("--mask-model", default=DEFAULT_MASK_MODEL, metavar="ID_OR_DIR",
-                       help=f"CLIPSeg model for automatic masks (default: {DEFAULT_MASK_MODEL})")
     group.add_argument(
-        "--crop", choices=("none", "square"), default=None,
+        "--mask-model",
+        default=DEFAULT_MASK_MODEL,
+        metavar="ID_OR_DIR",
+        help=f"CLIPSeg model for automatic masks (default: {DEFAULT_MASK_MODEL})",
+    )
+    group.add_argument(
+        "--crop",
+        choices=("none", "square"),
+        default=None,
         help="what the image encoder sees: the whole photo (none, the official ELITE inference) or a square "
         "around the mask (square, as data_prep crops); default: the encoders' concept_crop setting",
     )
     group.add_argument("--no-crop", dest="crop", action="store_const", const="none", help="the same as --crop none")
     if generate:
         group.add_argument(
-            "--concept", action="append", default=[], metavar="FILE",
+            "--concept",
+            action="append",
+            default=[],
+            metavar="FILE",
             help="a concept file written by `python -m inference encode` (repeatable; instead of --image)",
         )
         group.add_argument(
-            "--placeholder", action="append", default=[], metavar="TOKEN",
+            "--placeholder",
+            action="append",
+            default=[],
+            metavar="TOKEN",
             help="placeholder word of each concept, in order (default: S* for one concept, S1 S2 ... for several)",
         )
 
@@ -210,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser(
-        "generate", help="generate images of a concept (or of a plain prompt)",
+        "generate",
+        help="generate images of a concept (or of a plain prompt)",
         description="Encode concept photos and generate images for prompts containing their placeholders "
         "(S* for one concept, S1 and S2 for two). Without --encoders/--image/--concept it runs the plain "
         "base pipeline. Writes the images, grid.png and settings.json into --out.",
@@ -219,44 +263,94 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(gen, base_required=True)
     _add_concept_options(gen, generate=True)
     prompts = gen.add_argument_group("prompts and sampling")
-    prompts.add_argument("--prompt", action="append", required=True, metavar="TEXT",
-                         help="prompt; repeat for several prompts from one encode")
+    prompts.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        metavar="TEXT",
+        help="prompt; repeat for several prompts from one encode",
+    )
     prompts.add_argument("--negative-prompt", default=None, metavar="TEXT", help="negative prompt for guidance")
-    prompts.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                         help="paper: ELITE's sampling (its LMS sampler, 100 steps, guidance 5, lambda 0.8 for prompts "
-                         "that only describe the concept and 0.6 for the others); options given explicitly win")
-    prompts.add_argument("--elite-scale", "--lam", dest="elite_scale", type=ELITE_SCALE, default=None,
-                         help=f"lambda, the weight of ELITE's local (detail) branch: 0 = global word only (default "
-                         f"{DEFAULT_ELITE_SCALE}; ELITE uses 0.6 for editing prompts and 0.8 for 'a photo of S*'; --lam is "
-                         "the same option)")
+    prompts.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="paper: ELITE's sampling (its LMS sampler, 100 steps, guidance 5, lambda 0.8 for prompts "
+        "that only describe the concept and 0.6 for the others); options given explicitly win",
+    )
+    prompts.add_argument(
+        "--elite-scale",
+        "--lam",
+        dest="elite_scale",
+        type=ELITE_SCALE,
+        default=None,
+        help=f"lambda, the weight of ELITE's local (detail) branch: 0 = global word only (default "
+        f"{DEFAULT_ELITE_SCALE}; ELITE uses 0.6 for editing prompts and 0.8 for 'a photo of S*'; --lam is "
+        "the same option)",
+    )
     prompts.add_argument("--steps", type=POSITIVE_INT, default=None, help=f"denoising steps (default {DEFAULT_STEPS})")
-    prompts.add_argument("--guidance", type=NONNEGATIVE, default=None,
-                         help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
+    prompts.add_argument(
+        "--guidance",
+        type=NONNEGATIVE,
+        default=None,
+        help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})",
+    )
     prompts.add_argument("--seed", type=SEED, default=0, help="seed of image 0; image i uses seed + i")
     prompts.add_argument("--num-images", type=POSITIVE_INT, default=1, help="images per prompt")
-    prompts.add_argument("--height", type=SIZE_PX, default=None,
-                         help="image height in px (default: the UNet's sample size x the VAE factor)")
-    prompts.add_argument("--width", type=SIZE_PX, default=None, help="image width in px, a multiple of 8 (default: as --height)")
-    prompts.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
-                         help="sampler (default: the base model's own; lms is ELITE's: LMS with SD v1's published "
-                         "noise schedule, which needs scipy)")
+    prompts.add_argument(
+        "--height",
+        type=SIZE_PX,
+        default=None,
+        help="image height in px (default: the UNet's sample size x the VAE factor)",
+    )
+    prompts.add_argument(
+        "--width", type=SIZE_PX, default=None, help="image width in px, a multiple of 8 (default: as --height)"
+    )
+    prompts.add_argument(
+        "--scheduler",
+        default=None,
+        choices=sorted(SCHEDULERS),
+        help="sampler (default: the base model's own; lms is ELITE's: LMS with SD v1's published "
+        "noise schedule, which needs scipy)",
+    )
     tuned = gen.add_argument_group("per-concept fine-tunes (instead of ELITE concepts)")
     tuned.add_argument(
-        "--finetune", action="append", default=[], metavar="DIR[=TOKEN]",
+        "--finetune",
+        action="append",
+        default=[],
+        metavar="DIR[=TOKEN]",
         help="output_dir of training.textual_inversion (TI or BaTex: write its placeholder token, or TOKEN, in the "
         "prompt) or of training.infusion (write its class word in the prompt); repeatable",
     )
     layout = gen.add_argument_group("spatial guidance (compositional inversion)")
-    layout.add_argument("--box", action="append", default=[], type=_token_box, metavar="[TOKEN=]X0,Y0,X1,Y1",
-                        help="where a token should go (0..1): TOKEN=x0,y0,x1,y1 for any placed token (S*, a fine-tune's "
-                        "token, a --guide-word), or x0,y0,x1,y1 once per ELITE concept in order; steers its attention")
-    layout.add_argument("--guide-word", action="append", default=[], metavar="WORD",
-                        help="an ordinary word of the prompt to place too (e.g. dog); default with --spatial-guidance: "
-                        "the prompt's nouns the location MLP knows, as many as make two placed tokens")
-    layout.add_argument("--spatial-guidance", action="store_true",
-                        help="predict the boxes of the two placed tokens without --box with the location MLP")
-    layout.add_argument("--location-mlp", default=None, metavar="PATH_OR_ID",
-                        help="encoders folder / Hub repo with location_mlp/ (default: the --encoders' own)")
+    layout.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        type=_token_box,
+        metavar="[TOKEN=]X0,Y0,X1,Y1",
+        help="where a token should go (0..1): TOKEN=x0,y0,x1,y1 for any placed token (S*, a fine-tune's "
+        "token, a --guide-word), or x0,y0,x1,y1 once per ELITE concept in order; steers its attention",
+    )
+    layout.add_argument(
+        "--guide-word",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="an ordinary word of the prompt to place too (e.g. dog); default with --spatial-guidance: "
+        "the prompt's nouns the location MLP knows, as many as make two placed tokens",
+    )
+    layout.add_argument(
+        "--spatial-guidance",
+        action="store_true",
+        help="predict the boxes of the two placed tokens without --box with the location MLP",
+    )
+    layout.add_argument(
+        "--location-mlp",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="encoders folder / Hub repo with location_mlp/ (default: the --encoders' own)",
+    )
     out = gen.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="folder for images, grid.png and settings.json")
     out.add_argument("--save-concepts", action="store_true", help="also write each encoded concept as safetensors")
@@ -264,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--quiet", action="store_true", help="no progress bars")
 
     enc = sub.add_parser(
-        "encode", help="encode a concept photo once into a concept file (safetensors)",
+        "encode",
+        help="encode a concept photo once into a concept file (safetensors)",
         description="Encode one concept photo (+ mask) into a small safetensors file that `generate --concept` "
         "reuses for any number of prompts.",
         formatter_class=_HelpFormatter,
@@ -274,34 +369,58 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--out", required=True, metavar="FILE", help="concept file to write (.safetensors)")
 
     guide = sub.add_parser(
-        "guide", help="one two-object image with spatial guidance off and on (same seed), side by side",
+        "guide",
+        help="one two-object image with spatial guidance off and on (same seed), side by side",
         description="Generate one two-object image with spatial guidance off and on (same seed) and save a "
         "side-by-side picture with the boxes and each concept's cross-attention map, plus a .json of the numbers.",
         formatter_class=_HelpFormatter,
     )
     models = guide.add_argument_group("models")
-    models.add_argument("--base", required=True, metavar="PATH_OR_ID", help="Stable Diffusion pipeline folder or Hub id")
-    models.add_argument("--location-mlp", metavar="PATH_OR_ID",
-                        help="encoders folder / Hub repo with location_mlp/ (boxes when --boxes is not given)")
+    models.add_argument(
+        "--base", required=True, metavar="PATH_OR_ID", help="Stable Diffusion pipeline folder or Hub id"
+    )
+    models.add_argument(
+        "--location-mlp",
+        metavar="PATH_OR_ID",
+        help="encoders folder / Hub repo with location_mlp/ (boxes when --boxes is not given)",
+    )
     models.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
-    models.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                        help="weights dtype (auto: float16 on CUDA, float32 elsewhere)")
+    models.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights dtype (auto: float16 on CUDA, float32 elsewhere)",
+    )
     what = guide.add_argument_group("prompt and boxes")
     what.add_argument("--prompt", required=True, help='e.g. "a photo of a cat and a dog"')
     what.add_argument("--words", nargs=2, required=True, metavar=("A", "B"), help="the two concept words of the prompt")
-    what.add_argument("--boxes", nargs=2, type=_boxes, metavar=("BOX_A", "BOX_B"), help="x0,y0,x1,y1 in 0..1 for each word")
+    what.add_argument(
+        "--boxes", nargs=2, type=_boxes, metavar=("BOX_A", "BOX_B"), help="x0,y0,x1,y1 in 0..1 for each word"
+    )
     sampling = guide.add_argument_group("sampling and guidance")
     sampling.add_argument("--steps", type=POSITIVE_INT, default=50, help="reverse steps")
     sampling.add_argument("--guidance-scale", type=NONNEGATIVE, default=7.5, help="classifier-free guidance scale")
-    sampling.add_argument("--guidance-steps", type=_number(int, 0), default=10, help="reverse steps with latent updates (paper: 10)")
+    sampling.add_argument(
+        "--guidance-steps", type=_number(int, 0), default=10, help="reverse steps with latent updates (paper: 10)"
+    )
     sampling.add_argument("--iterations", type=_number(int, 0), default=5, help="gradient iterations per guided step")
-    sampling.add_argument("--step-size", type=NONNEGATIVE, default=30.0,
-                          help="latent step scale, times (1 - alphabar_t) (layout guidance's for SD; "
-                          "the random tiny demo model needs ~1e5 to show a change)")
-    sampling.add_argument("--loss-threshold", type=NONNEGATIVE, default=0.2, help="stop a step's iterations below this L_loc")
+    sampling.add_argument(
+        "--step-size",
+        type=NONNEGATIVE,
+        default=30.0,
+        help="latent step scale, times (1 - alphabar_t) (layout guidance's for SD; "
+        "the random tiny demo model needs ~1e5 to show a change)",
+    )
+    sampling.add_argument(
+        "--loss-threshold", type=NONNEGATIVE, default=0.2, help="stop a step's iterations below this L_loc"
+    )
     sampling.add_argument("--seed", type=SEED, default=0, help="same seed for both images")
-    guide.add_argument("--out", required=True, metavar="FILE",
-                       help="PNG file for the side-by-side picture (a .json with the numbers is written beside it)")
+    guide.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="PNG file for the side-by-side picture (a .json with the numbers is written beside it)",
+    )
     return parser
 
 
@@ -310,7 +429,9 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
     if args.image and args.concept:
         parser.error("give concepts either as --image (+ --mask) or as --concept files, not both")
     if args.mask and len(args.mask) != len(args.image):
-        parser.error(f"{len(args.mask)} --mask for {len(args.image)} --image: give one --mask per --image ('-' for none)")
+        parser.error(
+            f"{len(args.mask)} --mask for {len(args.image)} --image: give one --mask per --image ('-' for none)"
+        )
     if args.image and not args.encoders:
         parser.error("--image needs --encoders (the ELITE encoders folder or Hub repo)")
     if args.concept and not args.encoders:
@@ -319,11 +440,15 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"{len(args.placeholder)} --placeholder for {n_concepts} concepts: give one per concept")
     plain_boxes = [box for token, box in args.box if token is None]
     if plain_boxes and len(plain_boxes) != n_concepts:
-        parser.error(f"{len(plain_boxes)} --box x0,y0,x1,y1 for {n_concepts} ELITE concepts: give one per concept, "
-                     "or name the token (--box TOKEN=x0,y0,x1,y1)")
+        parser.error(
+            f"{len(plain_boxes)} --box x0,y0,x1,y1 for {n_concepts} ELITE concepts: give one per concept, "
+            "or name the token (--box TOKEN=x0,y0,x1,y1)"
+        )
     if plain_boxes and args.spatial_guidance:
-        parser.error("--box x0,y0,x1,y1 per concept and --spatial-guidance both choose the concepts' boxes: give one "
-                     "of them (--box TOKEN=... may go with --spatial-guidance)")
+        parser.error(
+            "--box x0,y0,x1,y1 per concept and --spatial-guidance both choose the concepts' boxes: give one "
+            "of them (--box TOKEN=... may go with --spatial-guidance)"
+        )
     if args.finetune and n_concepts:
         parser.error("--finetune applies a per-concept fine-tune; give it without --image/--concept")
     try:
@@ -333,8 +458,12 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
 
 
 def _versions() -> dict[str, str]:
-    return {DISTRIBUTION: package_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
+    return {
+        DISTRIBUTION: package_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def _crop(args) -> bool | None:
@@ -368,11 +497,15 @@ def _placed_tokens(args, prompt: str, personalized: dict, placeholders: list[str
         words += [w for w in candidates if w not in words][: max(0, 2 - len(present) - len(words))]
         unboxed = [t for t in present + words if t not in named]
         if len(unboxed) == 1:
-            known = ", ".join(vocabulary[:12]) + (" ..." if len(vocabulary) > 12 else "") if vocabulary else "none recorded"
+            known = (
+                ", ".join(vocabulary[:12]) + (" ..." if len(vocabulary) > 12 else "") if vocabulary else "none recorded"
+            )
             raise ConceptInputError(
                 f"--spatial-guidance places two tokens, but {prompt!r} has only {unboxed[0]!r} to place: none of its "
                 f"other words is a noun the location MLP knows (its nouns: {known}) or a COCO object name. Name the "
-                "word to place with --guide-word WORD (it is placed like its nearest known noun), or give --box TOKEN=x0,y0,x1,y1")
+                "word to place with --guide-word WORD (it is placed like its nearest known noun), or give --box "
+                "TOKEN=x0,y0,x1,y1"
+            )
     return plan_guidance(prompt, personalized, words, named, location_mlp, pipe)
 
 
@@ -382,7 +515,9 @@ def _run_generate(args) -> dict:
     # read and check every input before loading any model: a typo fails in a second, not after minutes
     # (with the most permissive mask rule; the encoders read each photo again with their own)
     masks = [None if mask in (None, "-") else mask for mask in (args.mask or [None] * len(args.image))]
-    pairs = [concept_photos(image, mask) for image, mask in zip(args.image, masks)]  # a folder: one concept, several photos
+    pairs = [
+        concept_photos(image, mask) for image, mask in zip(args.image, masks)
+    ]  # a folder: one concept, several photos
     photos = [[_checked_photo(args, img, m) for img, m in concept] for concept in pairs]
     loaded_concepts = [Concept.load(path) for path in args.concept]
     placeholders = args.placeholder or default_placeholders(len(photos) + len(loaded_concepts))
@@ -420,7 +555,8 @@ def _run_generate(args) -> dict:
         with warnings.catch_warnings():  # said once already, when the inputs were checked
             warnings.simplefilter("ignore", ConceptInputWarning)
             concept, prepared = generator_api.encode_concept(
-                [p for p, _ in pairs[k]], [m for _, m in pairs[k]], crop=_crop(args), return_input=True)
+                [p for p, _ in pairs[k]], [m for _, m in pairs[k]], crop=_crop(args), return_input=True
+            )
         encode_s += time.perf_counter() - tick
         concepts.append(concept)
         inputs_shown.append(mask_preview(prepared.image, prepared.mask))
@@ -443,43 +579,75 @@ def _run_generate(args) -> dict:
     finetune_records, infusions = _apply_finetunes(pipe, finetunes, args.prompt)
     guided = bool(args.box) or args.spatial_guidance or bool(args.guide_word)
     if guided and infusions:
-        raise ConceptInputError("spatial guidance with an Infusion fine-tune is not supported: Infusion's two-stream "
-                                "attention and guidance's map recording both replace the attention processors")
+        raise ConceptInputError(
+            "spatial guidance with an Infusion fine-tune is not supported: Infusion's two-stream "
+            "attention and guidance's map recording both replace the attention processors"
+        )
     location_mlp = None
     if args.spatial_guidance:
-        location_mlp = (load_location_mlp(args.location_mlp, device=pipe.device) if args.location_mlp
-                        else generator_api.encoders.location_mlp if generator_api.encoders is not None else None)
+        location_mlp = (
+            load_location_mlp(args.location_mlp, device=pipe.device)
+            if args.location_mlp
+            else generator_api.encoders.location_mlp
+            if generator_api.encoders is not None
+            else None
+        )
         if location_mlp is None:
-            raise ConceptInputError("--spatial-guidance needs a location MLP: --encoders with location_mlp/, or --location-mlp")
-    personalized = ({p: c.w0 for p, c in zip(placeholders, concepts)} if concepts
-                    else {r["prompt_word"]: None for r in finetune_records})
+            raise ConceptInputError(
+                "--spatial-guidance needs a location MLP: --encoders with location_mlp/, or --location-mlp"
+            )
+    personalized = (
+        {p: c.w0 for p, c in zip(placeholders, concepts)}
+        if concepts
+        else {r["prompt_word"]: None for r in finetune_records}
+    )
 
     rows, files, prompt_records = [], [], []
     truncations = [truncated_prompt(pipe.tokenizer, prompt) for prompt in args.prompt]
     for prompt, cut in zip(args.prompt, truncations):
         if cut:  # the text encoder reads only the first tokens: say so, and which words it will see
-            print(f"warning: prompt {prompt!r} has {cut['tokens']} tokens; the text encoder reads {cut['limit']}, "
-                  f"so it generates from {cut['kept']!r}", file=sys.stderr)
+            print(
+                f"warning: prompt {prompt!r} has {cut['tokens']} tokens; the text encoder reads {cut['limit']}, "
+                f"so it generates from {cut['kept']!r}",
+                file=sys.stderr,
+            )
     tick = time.perf_counter()
     for p, prompt in enumerate(args.prompt):
         placed = _placed_tokens(args, prompt, personalized, placeholders, location_mlp, pipe) if guided else []
         by_token = {t.name: list(t.box) for t in placed}
         if placed and not args.quiet:
-            print(f"{prompt!r}: " + ", ".join(
-                f"{t.name} {[round(v, 3) for v in t.box]}" + (f" (as {t.resolved!r})" if t.resolved else "") for t in placed))
+            print(
+                f"{prompt!r}: "
+                + ", ".join(
+                    f"{t.name} {[round(v, 3) for v in t.box]}" + (f" (as {t.resolved!r})" if t.resolved else "")
+                    for t in placed
+                )
+            )
         guidance_losses = None
         if infusions:
             images = generate_finetuned(
-                pipe, [prompt] * args.num_images, seeded_latents(pipe, range(args.seed, args.seed + args.num_images), height, width),
-                infusions=infusions, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                guidance_scale=args.guidance, height=height, width=width,
+                pipe,
+                [prompt] * args.num_images,
+                seeded_latents(pipe, range(args.seed, args.seed + args.num_images), height, width),
+                infusions=infusions,
+                negative_prompt=args.negative_prompt,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                height=height,
+                width=width,
             )
             location_losses = None
         elif placed and not concepts:  # fine-tune tokens and plain words: guidance on the plain prompt
             result = generate_with_spatial_guidance(
-                pipe, concepts_from_words(pipe.tokenizer, prompt, list(by_token), list(by_token.values())), prompt=prompt,
-                negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                height=height, width=width, num_images_per_prompt=args.num_images,
+                pipe,
+                concepts_from_words(pipe.tokenizer, prompt, list(by_token), list(by_token.values())),
+                prompt=prompt,
+                negative_prompt=args.negative_prompt,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                height=height,
+                width=width,
+                num_images_per_prompt=args.num_images,
                 generator=[torch.Generator("cpu").manual_seed(args.seed + i) for i in range(args.num_images)],
             )
             images, location_losses, guidance_losses = result.images, result.location_losses, result.guidance_losses
@@ -511,7 +679,9 @@ def _run_generate(args) -> dict:
             save_image_atomic(image, out_dir / name)
             names.append(name)
             if maps:  # beside each guided image: its boxes and each token's cross-attention map
-                sheet = _attention_sheet(prompt, image, location_losses, [m[i : i + 1] for m in maps], map_names, by_token)
+                sheet = _attention_sheet(
+                    prompt, image, location_losses, [m[i : i + 1] for m in maps], map_names, by_token
+                )
                 map_files.append(name.replace(".png", "-attention.png"))
                 save_image_atomic(sheet, out_dir / map_files[-1])
         files.extend(names + map_files)
@@ -528,7 +698,9 @@ def _run_generate(args) -> dict:
         if location_losses is not None:  # spatial guidance: how well attention stayed in the boxes, per step
             record["location_loss_per_step"] = [round(v, 5) for v in location_losses]
         if guidance_losses:  # at each guided step: the loss before the latent updates, and after the last one
-            record["location_loss_guided_steps"] = [{"before": round(g[0], 5), "after": round(g[-1], 5)} for g in guidance_losses]
+            record["location_loss_guided_steps"] = [
+                {"before": round(g[0], 5), "after": round(g[-1], 5)} for g in guidance_losses
+            ]
         prompt_records.append(record)
     generate_s = time.perf_counter() - tick
 
@@ -543,7 +715,9 @@ def _run_generate(args) -> dict:
         "prompts": prompt_records,
         "negative_prompt": args.negative_prompt,
         "preset": args.preset,
-        "elite_scale": (args.elite_scale if args.elite_scale is not None else "by prompt (paper preset)") if concepts else None,
+        "elite_scale": (args.elite_scale if args.elite_scale is not None else "by prompt (paper preset)")
+        if concepts
+        else None,
         "steps": args.steps,
         "guidance": args.guidance,
         "seed": args.seed,
@@ -552,8 +726,13 @@ def _run_generate(args) -> dict:
         "width": width,
         "scheduler": type(pipe.scheduler).__name__,
         "finetunes": finetune_records,
-        "spatial_guidance": {"boxes_given": [{"token": t, "box": list(b)} for t, b in args.box],
-                             "location_mlp": bool(location_mlp is not None), "guide_words": args.guide_word} if guided else None,
+        "spatial_guidance": {
+            "boxes_given": [{"token": t, "box": list(b)} for t, b in args.box],
+            "location_mlp": bool(location_mlp is not None),
+            "guide_words": args.guide_word,
+        }
+        if guided
+        else None,
         "crop": args.crop or "encoders' setting",
         "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype).replace("torch.", ""),
@@ -564,8 +743,10 @@ def _run_generate(args) -> dict:
     atomic_write_json(out_dir / "settings.json", settings)
     torch_threads = torch.get_num_threads()
     if not args.quiet:
-        print(f"wrote {len(files)} images, grid.png and settings.json to {out_dir} "
-              f"({generate_s:.1f}s generating, {torch_threads} threads)")
+        print(
+            f"wrote {len(files)} images, grid.png and settings.json to {out_dir} "
+            f"({generate_s:.1f}s generating, {torch_threads} threads)"
+        )
     return settings
 
 
@@ -587,7 +768,9 @@ def _with_auto_masks(args, pairs: list[tuple], out_dir: Path, stem: str, loaded:
         return pairs
     loaded = {} if loaded is None else loaded
     if "masker" not in loaded:
-        loaded["masker"] = auto_masker_or_none(args.mask_model, resolve_device(args.device), required=args.auto_mask is not None)
+        loaded["masker"] = auto_masker_or_none(
+            args.mask_model, resolve_device(args.device), required=args.auto_mask is not None
+        )
     masker = loaded["masker"]
     if masker is None:
         return pairs
@@ -613,7 +796,11 @@ def _apply_finetunes(pipe, finetunes, prompts: list[str]) -> tuple[list[dict], l
             word = load_embedding(pipe, run, token)
         records.append({"folder": str(run.folder), "method": run.method, "prompt_word": word})
         if not any(word in prompt for prompt in prompts):
-            warnings.warn(f"{run.folder} ({run.method}) applies to {word!r}, which no prompt contains", ConceptInputWarning)
+            warnings.warn(
+                f"{run.folder} ({run.method}) applies to {word!r}, which no prompt contains",
+                ConceptInputWarning,
+                stacklevel=2,
+            )
     return records, infusions
 
 
@@ -649,30 +836,45 @@ def _run_guide(args) -> Path:
     else:
         predicted = predict_boxes(load_location_mlp(args.location_mlp, device=pipe.device), pipe, *args.words)
         boxes, resolved = predicted["boxes"], predicted["resolved"]
-        print(f"location MLP boxes: {args.words[0]} -> {resolved[0]} {[round(v, 3) for v in boxes[0]]}, "
-              f"{args.words[1]} -> {resolved[1]} {[round(v, 3) for v in boxes[1]]}")
+        print(
+            f"location MLP boxes: {args.words[0]} -> {resolved[0]} {[round(v, 3) for v in boxes[0]]}, "
+            f"{args.words[1]} -> {resolved[1]} {[round(v, 3) for v in boxes[1]]}"
+        )
     concepts = concepts_from_words(pipe.tokenizer, args.prompt, args.words, boxes)
     runs = []
     for label, steps in (("guidance off", 0), ("guidance on", args.guidance_steps)):
         config = SpatialGuidanceConfig(steps, args.iterations, args.step_size, args.loss_threshold)
         out = generate_with_spatial_guidance(
-            pipe, concepts, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-            generator=torch.Generator(device="cpu").manual_seed(args.seed), config=config,
+            pipe,
+            concepts,
+            args.prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            generator=torch.Generator(device="cpu").manual_seed(args.seed),
+            config=config,
         )
         runs.append((label, out))
     out_path = Path(args.out)
     save_image_atomic(render_comparison(runs, concepts, args.prompt), out_path)
     guided = max(args.guidance_steps, 1)
     summary = {
-        "prompt": args.prompt, "words": args.words, "resolved": resolved, "boxes": [list(c.box) for c in concepts],
-        "seed": args.seed, "steps": args.steps, "guidance_steps": args.guidance_steps, "iterations": args.iterations,
+        "prompt": args.prompt,
+        "words": args.words,
+        "resolved": resolved,
+        "boxes": [list(c.box) for c in concepts],
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance_steps": args.guidance_steps,
+        "iterations": args.iterations,
         "step_size": args.step_size,
         "mean_loc_loss": {label: sum(o.location_losses) / len(o.location_losses) for label, o in runs},
         "mean_loc_loss_guided_steps": {label: sum(o.location_losses[:guided]) / guided for label, o in runs},
     }
     atomic_write_json(out_path.with_suffix(".json"), summary, indent=1)
-    print(f"wrote {out_path} (L_loc off {summary['mean_loc_loss']['guidance off']:.4f}, "
-          f"on {summary['mean_loc_loss']['guidance on']:.4f})")
+    print(
+        f"wrote {out_path} (L_loc off {summary['mean_loc_loss']['guidance off']:.4f}, "
+        f"on {summary['mean_loc_loss']['guidance on']:.4f})"
+    )
     return out_path
 
 

@@ -17,8 +17,8 @@ in the location MLP's vocabulary (the nouns it was trained on), in prompt order.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
@@ -37,7 +37,12 @@ class PlacedToken:
     resolved: str | None = None
 
     def record(self) -> dict:
-        return {"token": self.name, "box": [round(v, 4) for v in self.box], "from": self.source, "as_noun": self.resolved}
+        return {
+            "token": self.name,
+            "box": [round(v, 4) for v in self.box],
+            "from": self.source,
+            "as_noun": self.resolved,
+        }
 
 
 def parse_token_box(text: str) -> tuple[str | None, tuple[float, float, float, float]]:
@@ -99,7 +104,8 @@ def plan_guidance(
     if missing:
         if location_mlp is None:
             raise ConceptInputError(
-                f"no box for {', '.join(map(repr, missing))} and no location MLP to predict one: give --box TOKEN=x0,y0,x1,y1"
+                f"no box for {', '.join(map(repr, missing))} and no location MLP to predict one: give --box "
+                "TOKEN=x0,y0,x1,y1"
             )
         if len(missing) != 2:
             raise ConceptInputError(

@@ -7,7 +7,8 @@ base model and image encoder made it and from which photo, so a concept is never
 encoders it was not made for.
 
 The file format is one safetensors file: tensors `w0`, optionally `local_tokens` and `local_keep`
-(uint8) and `preview` (a small uint8 `[H, W, 3]` picture of what was encoded, for grids), and the metadata as string entries of the safetensors header (`format` = "zsp-concept/1").
+(uint8) and `preview` (a small uint8 `[H, W, 3]` picture of what was encoded, for grids), and the metadata as string
+entries of the safetensors header (`format` = "zsp-concept/1").
 Writes are atomic (temporary name, then rename). Loading never unpickles anything.
 """
 
@@ -76,7 +77,7 @@ class Concept:
     def has_local(self) -> bool:
         return self.local_tokens is not None
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Concept":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Concept:
         """A copy with the float tensors on `device` / in `dtype` (the keep-mask stays bool)."""
         local = None if self.local_tokens is None else self.local_tokens.to(device=device, dtype=dtype)
         keep = None if self.local_keep is None else self.local_keep.to(device=device)
@@ -95,7 +96,7 @@ class Concept:
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "Concept":
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> Concept:
         """Read a concept written by `save` (a file, or `user/repo/path/in/repo.safetensors` on the Hub);
         a clear `ConceptFileError` for anything else."""
         path = _fetch_concept_file(path)
@@ -111,8 +112,13 @@ class Concept:
             raise ConceptFileError(f"concept file {path}: not a concept file (expected format {CONCEPT_FORMAT!r})")
         keep = tensors.get("local_keep")
         try:
-            return cls(tensors["w0"], tensors.get("local_tokens"), None if keep is None else keep.bool(), header,
-                       tensors.get("preview"))
+            return cls(
+                tensors["w0"],
+                tensors.get("local_tokens"),
+                None if keep is None else keep.bool(),
+                header,
+                tensors.get("preview"),
+            )
         except ValueError as err:  # a hand-edited file whose tensors do not fit together
             raise ConceptFileError(f"concept file {path}: {err}") from err
 
@@ -125,7 +131,6 @@ class Concept:
         local = f", {int(self.local_keep.sum())}/{self.local_tokens.shape[0]} local tokens" if self.has_local else ""
         origin = self.metadata.get("source_image", "?")
         return f"concept from {origin}: w0[{self.text_dim}]{local}"
-
 
 
 def _fetch_concept_file(path: str | Path) -> Path:

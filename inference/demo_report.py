@@ -70,8 +70,13 @@ def describe(demo: Path, part: str) -> tuple[bool, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference.demo_report", description=__doc__.split("\n")[0])
     parser.add_argument("--demo", default="outputs/demo", help="the demo folder (default: outputs/demo)")
-    parser.add_argument("--stage", action="append", default=[], metavar="NAME",
-                        help="report only parts whose name contains NAME (repeatable); default: all parts")
+    parser.add_argument(
+        "--stage",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="report only parts whose name contains NAME (repeatable); default: all parts",
+    )
     args = parser.parse_args(argv)
     demo = Path(args.demo)
     parts = parts_of(demo)

@@ -105,8 +105,11 @@ def encode_with(
         tokens = keep = None
         if local_mapping is not None:
             via = int(settings["mask_grid_via"])
-            mask_t = _mask_tensor(prepared.mask, device) if via else _mask_tensor(
-                prepared.mask.resize((size, size), Image.NEAREST), device)
+            mask_t = (
+                _mask_tensor(prepared.mask, device)
+                if via
+                else _mask_tensor(prepared.mask.resize((size, size), Image.NEAREST), device)
+            )
             feats = [views["object"][int(layer)] for layer in local_mapping.config.feature_layers]
             out = local_mapping(feats, mask_t, grid_via=via)
             tokens, keep = out.tokens[0].float().cpu(), out.keep[0].cpu()
@@ -138,7 +141,9 @@ def concept_photos(image, mask=None) -> list[tuple]:
         return [pair for img, m in zip(image, masks) for pair in concept_photos(img, m)]
     if isinstance(image, (str, Path)) and Path(image).is_dir():
         if mask is not None:
-            raise ValueError(f"{image} is a concept folder: its masks come from {Path(image) / 'masks'}, not from mask=")
+            raise ValueError(
+                f"{image} is a concept folder: its masks come from {Path(image) / 'masks'}, not from mask="
+            )
         return [(photo, find_mask(photo)) for photo in list_photos(image)]
     return [(image, mask)]
 
@@ -153,15 +158,25 @@ def combine_concepts(concepts: list[Concept]) -> Concept:
         tokens = torch.cat([c.local_tokens for c in concepts])
         keep = torch.cat([c.local_keep for c in concepts])
     first = concepts[0].metadata
-    metadata = {**first, "source_image": ",".join(c.metadata.get("source_image", "?") for c in concepts),
-                "mask_source": ",".join(c.metadata.get("mask_source", "?") for c in concepts),
-                "crop_xyxy": ";".join(c.metadata.get("crop_xyxy", "") for c in concepts),
-                "photos": str(len(concepts)), "combined": "w0 mean, local tokens concatenated"}
+    metadata = {
+        **first,
+        "source_image": ",".join(c.metadata.get("source_image", "?") for c in concepts),
+        "mask_source": ",".join(c.metadata.get("mask_source", "?") for c in concepts),
+        "crop_xyxy": ";".join(c.metadata.get("crop_xyxy", "") for c in concepts),
+        "photos": str(len(concepts)),
+        "combined": "w0 mean, local tokens concatenated",
+    }
     return Concept(w0=w0, local_tokens=tokens, local_keep=keep, metadata=metadata, preview=concepts[0].preview)
 
 
-def encode_photos(encoders: EliteEncoders, image, mask=None, crop: bool | None = None, return_input: bool = False,
-                  w0_from: str | None = None):
+def encode_photos(
+    encoders: EliteEncoders,
+    image,
+    mask=None,
+    crop: bool | None = None,
+    return_input: bool = False,
+    w0_from: str | None = None,
+):
     """Encode one photo, several photos of one concept, or a concept folder into one `Concept`."""
     pairs = concept_photos(image, mask)
     encoded = [encode_with(encoders, img, m, crop=crop, return_input=True, w0_from=w0_from) for img, m in pairs]
@@ -183,7 +198,7 @@ def encode_concept_standalone(
     encoders fit it first (loads the base pipeline's configs and weights)."""
     loaded = load_encoders(encoders, image_encoder=image_encoder, device=device, dtype=dtype)
     if base is not None:
-        check_encoders_fit(loaded, load_base_pipeline(base, device="cpu", dtype="float32", safety_checker=False,
-                                                      allow_sdxl=True))
+        check_encoders_fit(
+            loaded, load_base_pipeline(base, device="cpu", dtype="float32", safety_checker=False, allow_sdxl=True)
+        )
     return encode_photos(loaded, image, mask, crop=crop)
-

@@ -43,9 +43,10 @@ import math
 import re
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -101,51 +102,115 @@ from .presets import paper_elite_scale
 from .protocols import CUSTOM_SAMPLING, PROTOCOLS, Protocol, Sampling, protocols_for
 
 METHODS = ("base", "elite", "textual_inversion", "batex", "infusion")
-SPATIAL_METHODS = ("elite", "textual_inversion", "batex")  # Infusion's two streams and guidance's recording both own the processors
+SPATIAL_METHODS = (
+    "elite",
+    "textual_inversion",
+    "batex",
+)  # Infusion's two streams and guidance's recording both own the processors
 ELITE_PLACEHOLDER = "S*"
 
 # DreamBooth's evaluation prompts (google/dreambooth dataset/prompts_and_classes.txt), "{}" = the concept.
 DREAMBOOTH_OBJECT_PROMPTS = (
-    "a {} in the jungle", "a {} in the snow", "a {} on the beach", "a {} on a cobblestone street",
-    "a {} on top of pink fabric", "a {} on top of a wooden floor", "a {} with a city in the background",
-    "a {} with a mountain in the background", "a {} with a blue house in the background",
-    "a {} on top of a purple rug in a forest", "a {} with a wheat field in the background",
-    "a {} with a tree and autumn leaves in the background", "a {} with the Eiffel Tower in the background",
-    "a {} floating on top of water", "a {} floating in an ocean of milk",
-    "a {} on top of green grass with sunflowers around it", "a {} on top of a mirror",
-    "a {} on top of the sidewalk in a crowded street", "a {} on top of a dirt road", "a {} on top of a white rug",
-    "a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}",
+    "a {} in the jungle",
+    "a {} in the snow",
+    "a {} on the beach",
+    "a {} on a cobblestone street",
+    "a {} on top of pink fabric",
+    "a {} on top of a wooden floor",
+    "a {} with a city in the background",
+    "a {} with a mountain in the background",
+    "a {} with a blue house in the background",
+    "a {} on top of a purple rug in a forest",
+    "a {} with a wheat field in the background",
+    "a {} with a tree and autumn leaves in the background",
+    "a {} with the Eiffel Tower in the background",
+    "a {} floating on top of water",
+    "a {} floating in an ocean of milk",
+    "a {} on top of green grass with sunflowers around it",
+    "a {} on top of a mirror",
+    "a {} on top of the sidewalk in a crowded street",
+    "a {} on top of a dirt road",
+    "a {} on top of a white rug",
+    "a red {}",
+    "a purple {}",
+    "a shiny {}",
+    "a wet {}",
+    "a cube shaped {}",
 )
 DREAMBOOTH_LIVE_PROMPTS = (
-    "a {} in the jungle", "a {} in the snow", "a {} on the beach", "a {} on a cobblestone street",
-    "a {} on top of pink fabric", "a {} on top of a wooden floor", "a {} with a city in the background",
-    "a {} with a mountain in the background", "a {} with a blue house in the background",
-    "a {} on top of a purple rug in a forest", "a {} wearing a red hat", "a {} wearing a santa hat",
-    "a {} wearing a rainbow scarf", "a {} wearing a black top hat and a monocle", "a {} in a chef outfit",
-    "a {} in a firefighter outfit", "a {} in a police outfit", "a {} wearing pink glasses",
-    "a {} wearing a yellow shirt", "a {} in a purple wizard outfit",
-    "a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}",
+    "a {} in the jungle",
+    "a {} in the snow",
+    "a {} on the beach",
+    "a {} on a cobblestone street",
+    "a {} on top of pink fabric",
+    "a {} on top of a wooden floor",
+    "a {} with a city in the background",
+    "a {} with a mountain in the background",
+    "a {} with a blue house in the background",
+    "a {} on top of a purple rug in a forest",
+    "a {} wearing a red hat",
+    "a {} wearing a santa hat",
+    "a {} wearing a rainbow scarf",
+    "a {} wearing a black top hat and a monocle",
+    "a {} in a chef outfit",
+    "a {} in a firefighter outfit",
+    "a {} in a police outfit",
+    "a {} wearing pink glasses",
+    "a {} wearing a yellow shirt",
+    "a {} in a purple wizard outfit",
+    "a red {}",
+    "a purple {}",
+    "a shiny {}",
+    "a wet {}",
+    "a cube shaped {}",
 )
 # DreamBooth's 30 subjects and their classes; live subjects (cats, dogs) get the live prompts.
 DREAMBOOTH_CLASSES = {
-    "backpack": "backpack", "backpack_dog": "backpack", "bear_plushie": "stuffed animal", "berry_bowl": "bowl",
-    "can": "can", "candle": "candle", "cat": "cat", "cat2": "cat", "clock": "clock", "colorful_sneaker": "sneaker",
-    "dog": "dog", "dog2": "dog", "dog3": "dog", "dog5": "dog", "dog6": "dog", "dog7": "dog", "dog8": "dog",
-    "duck_toy": "toy", "fancy_boot": "boot", "grey_sloth_plushie": "stuffed animal", "monster_toy": "toy",
-    "pink_sunglasses": "glasses", "poop_emoji": "toy", "rc_car": "toy", "red_cartoon": "cartoon", "robot_toy": "toy",
-    "shiny_sneaker": "sneaker", "teapot": "teapot", "vase": "vase", "wolf_plushie": "stuffed animal",
+    "backpack": "backpack",
+    "backpack_dog": "backpack",
+    "bear_plushie": "stuffed animal",
+    "berry_bowl": "bowl",
+    "can": "can",
+    "candle": "candle",
+    "cat": "cat",
+    "cat2": "cat",
+    "clock": "clock",
+    "colorful_sneaker": "sneaker",
+    "dog": "dog",
+    "dog2": "dog",
+    "dog3": "dog",
+    "dog5": "dog",
+    "dog6": "dog",
+    "dog7": "dog",
+    "dog8": "dog",
+    "duck_toy": "toy",
+    "fancy_boot": "boot",
+    "grey_sloth_plushie": "stuffed animal",
+    "monster_toy": "toy",
+    "pink_sunglasses": "glasses",
+    "poop_emoji": "toy",
+    "rc_car": "toy",
+    "red_cartoon": "cartoon",
+    "robot_toy": "toy",
+    "shiny_sneaker": "sneaker",
+    "teapot": "teapot",
+    "vase": "vase",
+    "wolf_plushie": "stuffed animal",
 }
 LIVE_CLASSES = ("cat", "dog")
 COI_TEMPLATE = "a photo of {} and a {}"
 COI_OBJECTS = ("dog", "cat", "car", "chair", "bicycle", "bottle", "cup", "bench", "umbrella", "potted plant")
 # Non-customised captions for the latent Fisher divergence (concept-agnostic overfitting).
 GENERIC_PROMPTS = (
-    "a man riding a bicycle down a city street", "a plate of food on a wooden table",
-    "a living room with a sofa and a television", "a train stopped at a station",
-    "two people playing frisbee in a park", "a bowl of fruit next to a window",
-    "a red bus parked on the side of the road", "a small boat on a calm lake",
+    "a man riding a bicycle down a city street",
+    "a plate of food on a wooden table",
+    "a living room with a sofa and a television",
+    "a train stopped at a station",
+    "two people playing frisbee in a park",
+    "a bowl of fruit next to a window",
+    "a red bus parked on the side of the road",
+    "a small boat on a calm lake",
 )
-
 
 
 @dataclass
@@ -153,54 +218,74 @@ class EvalConfig:
     """What to evaluate, on which prompts and seeds, with which scoring models."""
 
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {  # other spellings of the same keys
-        "elite_lambda": "elite_scale", "pretrained_model_name_or_path": "base"}
+        "elite_lambda": "elite_scale",
+        "pretrained_model_name_or_path": "base",
+    }
 
     base: str = keyed_field("base Stable Diffusion pipeline (folder or Hub id)", "CompVis/stable-diffusion-v1-4")
     out: str = keyed_field("output folder", "outputs/eval")
     protocol: str = keyed_field(
         f"custom (the keys as given), {', '.join(PROTOCOLS)} (each paper's evaluation) or all", "custom"
     )
-    runs: list[str] = keyed_field("fine-tune output folders (with concept.json): Textual Inversion, BaTex, Infusion", factory=list)
-    encoders: Optional[str] = keyed_field("ELITE encoders folder or Hub repo (enables the elite method)", None)
-    image_encoder: Optional[str] = keyed_field("image encoder for the ELITE encoders (default: the one they record)", None)
-    location_mlp: Optional[str] = keyed_field(
+    runs: list[str] = keyed_field(
+        "fine-tune output folders (with concept.json): Textual Inversion, BaTex, Infusion", factory=list
+    )
+    encoders: str | None = keyed_field("ELITE encoders folder or Hub repo (enables the elite method)", None)
+    image_encoder: str | None = keyed_field("image encoder for the ELITE encoders (default: the one they record)", None)
+    location_mlp: str | None = keyed_field(
         "location MLP for the '+ spatial' rows (folder or Hub repo; default: the encoders' location_mlp/)", None
     )
     concepts: list[str] = keyed_field("extra concept photo folders for base/elite: DIR or DIR=class word", factory=list)
     methods: list[str] = keyed_field(f"methods to run, among {', '.join(METHODS)}", factory=lambda: list(METHODS))
-    prompts: str = keyed_field("custom protocol: dreambooth, or a text file with one prompt per line ({} = the concept)", "dreambooth")
-    num_prompts: Optional[int] = keyed_field("use only the first N prompts of each kind (quick runs)", None)
-    seeds: Optional[list[int]] = keyed_field(
-        "one image per prompt and seed (default: 0-4, or the protocol's count: ELITE 5, Compositional 10, Infusion 5)", None
+    prompts: str = keyed_field(
+        "custom protocol: dreambooth, or a text file with one prompt per line ({} = the concept)", "dreambooth"
     )
-    coi: bool = keyed_field("custom protocol: add 'a photo of {} and a <object>' prompts and score the CoI likelihood", False)
-    coi_objects: Optional[list[str]] = keyed_field(
-        "objects for the CoI prompts (detector label names; default: 10 common ones, COCO's 80 in the compositional protocol)", None
+    num_prompts: int | None = keyed_field("use only the first N prompts of each kind (quick runs)", None)
+    seeds: list[int] | None = keyed_field(
+        "one image per prompt and seed (default: 0-4, or the protocol's count: ELITE 5, Compositional 10, Infusion 5)",
+        None,
     )
-    append_class_word: bool = keyed_field("prompt learned tokens as 'S* dog' instead of 'S*' (compositional: always)", False)
-    num_inference_steps: Optional[int] = keyed_field("sampling steps for every method (default: 50, or each method's paper's)", None)
-    guidance_scale: Optional[float] = keyed_field("classifier-free guidance for every method (default: 7.5, or each paper's)", None)
-    scheduler: Optional[str] = keyed_field(
+    coi: bool = keyed_field(
+        "custom protocol: add 'a photo of {} and a <object>' prompts and score the CoI likelihood", False
+    )
+    coi_objects: list[str] | None = keyed_field(
+        "objects for the CoI prompts (detector label names; default: 10 common ones, COCO's 80 in the compositional "
+        "protocol)",
+        None,
+    )
+    append_class_word: bool = keyed_field(
+        "prompt learned tokens as 'S* dog' instead of 'S*' (compositional: always)", False
+    )
+    num_inference_steps: int | None = keyed_field(
+        "sampling steps for every method (default: 50, or each method's paper's)", None
+    )
+    guidance_scale: float | None = keyed_field(
+        "classifier-free guidance for every method (default: 7.5, or each paper's)", None
+    )
+    scheduler: str | None = keyed_field(
         "sampler for every method: ddim, lms, pndm, ddpm, euler, euler_a, dpm (default: ddim, or each paper's)", None
     )
-    resolution: Optional[int] = keyed_field("image size (default: the base model's)", None)
-    elite_scale: Optional[float] = keyed_field(
+    resolution: int | None = keyed_field("image size (default: the base model's)", None)
+    elite_scale: float | None = keyed_field(
         "ELITE's lambda, the local branch's weight (default: its paper's rule, 0.8 for 'a photo of S*', else 0.6)", None
     )
     elite_image: int = keyed_field("which concept photo (sorted by name) ELITE encodes", 0)
-    mask_dir: Optional[str] = keyed_field(
+    mask_dir: str | None = keyed_field(
         "folder of concept masks for ELITE (<stem>.png or <concept>_<stem>.png); default <concept>/masks/", None
     )
     infusion_measures: bool = keyed_field(
         "also the latent Fisher divergence and W2 against the base model, on non-customised and class-word prompts "
-        "(infusion protocol: always)", False,
+        "(infusion protocol: always)",
+        False,
     )
-    fisher_timesteps: list[int] = keyed_field("timesteps for the latent Fisher divergence", factory=lambda: [100, 300, 500, 700, 900])
+    fisher_timesteps: list[int] = keyed_field(
+        "timesteps for the latent Fisher divergence", factory=lambda: [100, 300, 500, 700, 900]
+    )
     clip_model: str = keyed_field("CLIP for CLIP-T / CLIP-I", DEFAULT_CLIP_MODEL)
     dino_model: str = keyed_field("DINO ViT for DINO-I", DEFAULT_DINO_MODEL)
     detector_model: str = keyed_field("object detector for the CoI likelihood", DEFAULT_DETECTOR_MODEL)
     detection_threshold: float = keyed_field("detector score threshold", DEFAULT_DETECTION_THRESHOLD)
-    detector_revision: Optional[str] = keyed_field(
+    detector_revision: str | None = keyed_field(
         "Hub revision of the detector (DETR's main branch needs timm; some repos have a no_timm branch)", None
     )
     batch_size: int = keyed_field("images generated per pipeline call", 4)
@@ -223,8 +308,10 @@ class EvalConfig:
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ConfigError(f"num_prompts must be positive, got {self.num_prompts}")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:  # 0 must not mean "the default"
-            raise ConfigError(f"num_inference_steps must be at least 1, got {self.num_inference_steps} "
-                              "(leave it unset for each protocol's own number)")
+            raise ConfigError(
+                f"num_inference_steps must be at least 1, got {self.num_inference_steps} "
+                "(leave it unset for each protocol's own number)"
+            )
         if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
             raise ConfigError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
         if self.batch_size < 1:
@@ -307,9 +394,14 @@ class Row:
         return self.label if self.payload is None else f"{self.label} ({self.payload.label})"
 
     def record(self) -> dict:
-        return {"row": self.name, "method": self.method, "concept": self.concept.name,
-                "run": None if self.payload is None else str(self.payload.folder), "spatial_guidance": self.spatial,
-                "sampling": asdict(self.sampling)}
+        return {
+            "row": self.name,
+            "method": self.method,
+            "concept": self.concept.name,
+            "run": None if self.payload is None else str(self.payload.folder),
+            "spatial_guidance": self.spatial,
+            "sampling": asdict(self.sampling),
+        }
 
 
 def _slug(text: str) -> str:
@@ -366,7 +458,11 @@ def prompt_specs(config: EvalConfig, concept: ConceptFolder) -> list[PromptSpec]
         path = Path(config.prompts)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {path} does not exist (or use prompts=dreambooth)")
-        templates = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
+        templates = [
+            line.strip()
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
         bad = [t for t in templates if t.count("{}") != 1]
         if bad or not templates:
             raise ValueError(f"prompts file {path}: every line needs exactly one {{}} for the concept (bad: {bad[:2]})")
@@ -376,7 +472,9 @@ def prompt_specs(config: EvalConfig, concept: ConceptFolder) -> list[PromptSpec]
         objects = [o for o in (config.coi_objects or default) if o != concept.class_word]
         if config.prompts == "composition":
             objects = objects[:limit]
-        specs += [PromptSpec(len(specs) + k, COI_TEMPLATE.format("{}", obj), obj, "coi") for k, obj in enumerate(objects)]
+        specs += [
+            PromptSpec(len(specs) + k, COI_TEMPLATE.format("{}", obj), obj, "coi") for k, obj in enumerate(objects)
+        ]
     if config.infusion_measures:
         generic = [p for p in GENERIC_PROMPTS if not _mentions(p, concept.class_word)][:limit]
         specs += [PromptSpec(len(specs) + k, text, None, "generic") for k, text in enumerate(generic)]
@@ -398,7 +496,7 @@ class Evaluator:
     `reuse`: an Evaluator of an earlier protocol whose pipeline and scoring models are taken over.
     """
 
-    def __init__(self, config: EvalConfig, protocol: Protocol | None = None, reuse: "Evaluator | None" = None):
+    def __init__(self, config: EvalConfig, protocol: Protocol | None = None, reuse: Evaluator | None = None):
         self.config = config
         self.protocol = protocol
         self.out = Path(config.out)
@@ -409,8 +507,9 @@ class Evaluator:
             self._clip, self._dino, self._detector = reuse._clip, reuse._dino, reuse._detector
             self._location_mlp = reuse._location_mlp
         else:
-            self.pipe = load_base_pipeline(config.base, device=config.device, dtype=config.dtype, safety_checker=False,
-                                           allow_sdxl=True)
+            self.pipe = load_base_pipeline(
+                config.base, device=config.device, dtype=config.dtype, safety_checker=False, allow_sdxl=True
+            )
             self.pipe.set_progress_bar_config(disable=True)
             self._scheduler_config = self.pipe.scheduler.config
             self._elite = None
@@ -441,7 +540,9 @@ class Evaluator:
     def detector(self):
         if self._detector is None:
             self._detector = ObjectDetector(
-                self.config.detector_model, device=self.pipe.device, threshold=self.config.detection_threshold,
+                self.config.detector_model,
+                device=self.pipe.device,
+                threshold=self.config.detection_threshold,
                 revision=self.config.detector_revision,
             )
         return self._detector
@@ -466,13 +567,21 @@ class Evaluator:
         the user set for every method on top."""
         cfg = self.config
         paper = self.protocol.sampling_for(method) if self.protocol is not None else CUSTOM_SAMPLING
-        given = [k for k, v in (("scheduler", cfg.scheduler), ("steps", cfg.num_inference_steps),
-                                ("guidance", cfg.guidance_scale)) if v is not None]
+        given = [
+            k
+            for k, v in (
+                ("scheduler", cfg.scheduler),
+                ("steps", cfg.num_inference_steps),
+                ("guidance", cfg.guidance_scale),
+            )
+            if v is not None
+        ]
         return Sampling(
             cfg.scheduler or paper.scheduler,
             paper.steps if cfg.num_inference_steps is None else cfg.num_inference_steps,
             paper.guidance if cfg.guidance_scale is None else float(cfg.guidance_scale),
-            paper.source + (f"; {', '.join(given)} set for every method" if given and self.protocol is not None else ""),
+            paper.source
+            + (f"; {', '.join(given)} set for every method" if given and self.protocol is not None else ""),
         )
 
     def jobs(self) -> list[Row]:
@@ -480,8 +589,10 @@ class Evaluator:
         methods = self.config.methods
         spatial = self.protocol is not None and self.protocol.spatial_rows
         if spatial and self.location_mlp is None:
-            warnings.warn("no location MLP (location_mlp=, or encoders with location_mlp/): the '+ spatial' rows are left out",
-                          stacklevel=2)
+            warnings.warn(
+                "no location MLP (location_mlp=, or encoders with location_mlp/): the '+ spatial' rows are left out",
+                stacklevel=2,
+            )
             spatial = False
         out = []
         for concept in self.concepts:
@@ -492,26 +603,39 @@ class Evaluator:
                 label = method + (" + semantic" if run is not None and run.semantic_inversion else "")
                 rows.append(Row(method, label, concept, run, self.sampling_for(method)))
                 if spatial and method in SPATIAL_METHODS:
-                    rows.append(Row(method, f"{label} + spatial", concept, run, self.sampling_for(method), spatial=True))
+                    rows.append(
+                        Row(method, f"{label} + spatial", concept, run, self.sampling_for(method), spatial=True)
+                    )
             if self.config.infusion_measures:  # a reference for each sampling the rows use
                 samplings = list(dict.fromkeys(r.sampling for r in rows)) or [self.sampling_for("base")]
-                base = [Row("base", "base" if len(samplings) == 1 else f"base [{s.key}]", concept, None, s) for s in samplings]
+                base = [
+                    Row("base", "base" if len(samplings) == 1 else f"base [{s.key}]", concept, None, s)
+                    for s in samplings
+                ]
             else:
                 base = [Row("base", "base", concept, None, self.sampling_for("base"))] if "base" in methods else []
             out += base + rows
         return out
 
     def _base_row_for(self, row: Row, rows: Sequence[Row]) -> Row | None:
-        return next((r for r in rows if r.method == "base" and r.concept is row.concept and r.sampling == row.sampling), None)
+        return next(
+            (r for r in rows if r.method == "base" and r.concept is row.concept and r.sampling == row.sampling), None
+        )
 
     def _generator_for(self, row: Row) -> tuple[Callable, str]:
-        """A function (texts, latents, generators) -> [(PIL image, extra record)], and the phrase that fills the templates."""
+        """A function (texts, latents, generators) -> [(PIL image, extra record)], and the phrase for the templates."""
         cfg, concept, payload, sampling = self.config, row.concept, row.payload, row.sampling
-        common = dict(num_inference_steps=sampling.steps, guidance_scale=sampling.guidance, height=self.height, width=self.width)
+        common = dict(
+            num_inference_steps=sampling.steps, guidance_scale=sampling.guidance, height=self.height, width=self.width
+        )
 
         def plain(texts, latents, generators, infusions=()):
-            return [(im, {}) for im in generate_finetuned(self.pipe, texts, latents, infusions=infusions,
-                                                             generator=generators, **common)]
+            return [
+                (im, {})
+                for im in generate_finetuned(
+                    self.pipe, texts, latents, infusions=infusions, generator=generators, **common
+                )
+            ]
 
         if row.method == "base":
             return plain, concept.class_word
@@ -529,8 +653,14 @@ class Evaluator:
                         continue
                     placed = self._placed(text, {token: None})
                     result = generate_with_spatial_guidance(
-                        self.pipe, concepts_from_words(self.pipe.tokenizer, text, [p.name for p in placed], [p.box for p in placed]),
-                        prompt=text, latents=lat.to(self.pipe.device, self.pipe.unet.dtype), generator=[gen], **common,
+                        self.pipe,
+                        concepts_from_words(
+                            self.pipe.tokenizer, text, [p.name for p in placed], [p.box for p in placed]
+                        ),
+                        prompt=text,
+                        latents=lat.to(self.pipe.device, self.pipe.unet.dtype),
+                        generator=[gen],
+                        **common,
                     )
                     out.append((result.images[0], _guidance_record(placed, result)))
                 return out
@@ -538,7 +668,9 @@ class Evaluator:
             return guided, phrase
         if row.method == "infusion":
             residuals = load_infusion(self.pipe, payload)
-            return (lambda texts, latents, generators: plain(texts, latents, generators, [residuals])), residuals.config.class_word
+            return (
+                lambda texts, latents, generators: plain(texts, latents, generators, [residuals])
+            ), residuals.config.class_word
         if row.method == "elite":
             elite = self._elite_pipeline()
             photo = concept.photos[min(cfg.elite_image, len(concept.photos) - 1)]
@@ -550,7 +682,9 @@ class Evaluator:
                     if ELITE_PLACEHOLDER not in text:  # ELITE's global K/V act on every prompt: its model, no concept
                         out += plain([text], lat, [gen])
                         continue
-                    scale = cfg.elite_scale if cfg.elite_scale is not None else paper_elite_scale(text, [ELITE_PLACEHOLDER])
+                    scale = (
+                        cfg.elite_scale if cfg.elite_scale is not None else paper_elite_scale(text, [ELITE_PLACEHOLDER])
+                    )
                     extra: dict = {"elite_scale": scale}
                     kwargs = {}
                     if row.spatial:
@@ -570,7 +704,9 @@ class Evaluator:
         """Boxes for the learned token and the prompt's other object, from the location MLP."""
         target = next((obj for obj in (self._coi_by_text or {}).get(text, []) if obj), None)
         if target is None:
-            raise ValueError(f"{text!r}: spatial guidance places the learned token and a CoI object; this prompt has none")
+            raise ValueError(
+                f"{text!r}: spatial guidance places the learned token and a CoI object; this prompt has none"
+            )
         return plan_guidance(text, personalized, [target], {}, self.location_mlp, self.pipe)
 
     def _load_embedding(self, run: Run) -> str:
@@ -610,10 +746,12 @@ class Evaluator:
             try:
                 for batch in tqdm(batches, desc=f"{row.name} / {row.concept.name}", leave=False):
                     texts = [spec.template.format(phrase) for spec, _, _ in batch]
-                    latents, generators = seeded_noise(self.pipe, [seed for _, seed, _ in batch], self.height, self.width)
+                    latents, generators = seeded_noise(
+                        self.pipe, [seed for _, seed, _ in batch], self.height, self.width
+                    )
                     with torch.no_grad():
                         outputs = generate(texts, latents, generators)
-                    for (spec, seed, path), (image, extra) in zip(batch, outputs):
+                    for (_spec, _seed, path), (image, extra) in zip(batch, outputs):
                         if extra:
                             atomic_write_json(path.with_suffix(".json"), extra)
                         save_image_atomic(image, path)
@@ -650,20 +788,22 @@ class Evaluator:
             coi = {k: float(t.lower() in {f.lower() for f in labels}) for (k, t), labels in zip(targets, found)}
         rows = []
         for k, (spec, seed, _, extra) in enumerate(items):
-            rows.append({
-                "prompt_index": spec.index,
-                "kind": spec.kind,
-                "prompt": texts[k],
-                "seed": seed,
-                "clip_t": clip_t[k].item(),
-                "clip_i": clip_i.get(k),
-                "dino_i": dino_i.get(k),
-                "coi_target": spec.coi_target or "",
-                "coi_hit": coi.get(k),
-                "elite_scale": extra.get("elite_scale"),
-                "location_loss_first": extra.get("location_loss_first"),
-                "location_loss_last": extra.get("location_loss_last"),
-            })
+            rows.append(
+                {
+                    "prompt_index": spec.index,
+                    "kind": spec.kind,
+                    "prompt": texts[k],
+                    "seed": seed,
+                    "clip_t": clip_t[k].item(),
+                    "clip_i": clip_i.get(k),
+                    "dino_i": dino_i.get(k),
+                    "coi_target": spec.coi_target or "",
+                    "coi_hit": coi.get(k),
+                    "elite_scale": extra.get("elite_scale"),
+                    "location_loss_first": extra.get("location_loss_first"),
+                    "location_loss_last": extra.get("location_loss_last"),
+                }
+            )
         return rows
 
     @torch.no_grad()
@@ -672,7 +812,10 @@ class Evaluator:
         vae = self.pipe.vae
         out = []
         for i in range(0, len(images), 8):
-            arrays = [np.asarray(im.convert("RGB").resize((self.width, self.height)), dtype=np.float32) for im in images[i : i + 8]]
+            arrays = [
+                np.asarray(im.convert("RGB").resize((self.width, self.height)), dtype=np.float32)
+                for im in images[i : i + 8]
+            ]
             pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
             dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
             out.append(dist.mean.float().cpu() * vae.config.scaling_factor)
@@ -701,14 +844,20 @@ class Evaluator:
             self._load_embedding(row.payload)
 
         def text_embeds(prompt: str, rows: int) -> dict:
-            """The UNet's text keywords for `rows` copies of `prompt` (SDXL: with its pooled embedding and size numbers)."""
+            """The UNet's text keywords for `rows` copies of `prompt` (SDXL: with pooled embedding and size numbers)."""
             if is_sdxl_pipeline(pipe):
-                embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, device=pipe.device, num_images_per_prompt=rows,
-                                                          do_classifier_free_guidance=False)
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    prompt=prompt, device=pipe.device, num_images_per_prompt=rows, do_classifier_free_guidance=False
+                )
                 added = sdxl_added_conditioning(pooled.to(embeds.dtype), self.height, self.width)
                 return {"encoder_hidden_states": embeds, "added_cond_kwargs": added}
-            ids = pipe.tokenizer([prompt] * rows, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+            ids = pipe.tokenizer(
+                [prompt] * rows,
+                padding="max_length",
+                max_length=pipe.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(pipe.device)
             return {"encoder_hidden_states": pipe.text_encoder(ids)[0]}
 
         inputs = []  # (noisy latent, timestep, prompt), the same for every method
@@ -723,15 +872,25 @@ class Evaluator:
                 set_infusion_processors(pipe.unet, [residuals])
                 for noisy, step, prompt in inputs:
                     ctx = AttentionContext(extras={EXTRAS_KEY: dual_stream_call(pipe.tokenizer, [prompt], [residuals])})
-                    pred = pipe.unet(torch.cat([noisy, noisy]), step.repeat(2), **text_embeds(prompt, 2),
-                                     cross_attention_kwargs={CONTEXT_KWARG: ctx}).sample
+                    pred = pipe.unet(
+                        torch.cat([noisy, noisy]),
+                        step.repeat(2),
+                        **text_embeds(prompt, 2),
+                        cross_attention_kwargs={CONTEXT_KWARG: ctx},
+                    ).sample
                     eps_base.append(pred[:1].float().cpu())
                     eps_custom.append(pred[1:].float().cpu())
             else:
-                eps_base = [pipe.unet(noisy, step, **text_embeds(prompt, 1)).sample.float().cpu() for noisy, step, prompt in inputs]
+                eps_base = [
+                    pipe.unet(noisy, step, **text_embeds(prompt, 1)).sample.float().cpu()
+                    for noisy, step, prompt in inputs
+                ]
                 if row.method == "elite":
                     self._elite_pipeline()
-                eps_custom = [pipe.unet(noisy, step, **text_embeds(prompt, 1)).sample.float().cpu() for noisy, step, prompt in inputs]
+                eps_custom = [
+                    pipe.unet(noisy, step, **text_embeds(prompt, 1)).sample.float().cpu()
+                    for noisy, step, prompt in inputs
+                ]
         finally:
             self._release_elite()
             pipe.unet.set_attn_processor(dict(saved))
@@ -759,16 +918,30 @@ class Evaluator:
             items = self.generate(row, specs)
             scores = self.score(row, items, clip_refs, dino_refs)
             for record in scores:
-                per_image.append({"row": row.name, "method": row.method, "run": "" if row.payload is None else str(row.payload.folder),
-                                  "concept": concept.name, **record})
-            entry = {"method": row.name, "concept": concept.name, "sampling": row.sampling.describe(), "images": len(scores),
-                     **_means(scores)}
+                per_image.append(
+                    {
+                        "row": row.name,
+                        "method": row.method,
+                        "run": "" if row.payload is None else str(row.payload.folder),
+                        "concept": concept.name,
+                        **record,
+                    }
+                )
+            entry = {
+                "method": row.name,
+                "concept": concept.name,
+                "sampling": row.sampling.describe(),
+                "images": len(scores),
+                **_means(scores),
+            }
             if self.config.infusion_measures:
                 entry.update(self._overfitting(row, items, base_latents, fisher_data))
             if row.method != "base" or "base" in self.config.methods:
                 summary.append(entry)
                 first_seed = self.seeds[0]
-                shown = [(spec, image) for spec, seed, image, _ in items if seed == first_seed and spec.kind != "generic"]
+                shown = [
+                    (spec, image) for spec, seed, image, _ in items if seed == first_seed and spec.kind != "generic"
+                ]
                 shown = shown[: self.config.grid_prompts]
                 columns = " | ".join(spec.template.format("*") for spec, _ in shown)
                 fits = (len(shown) + 1) * (max(96, self.width) + 4) // 6  # the default font is ~6 px a character
@@ -790,9 +963,12 @@ class Evaluator:
             if concept.name not in fisher_data:  # the first seed's images of each prompt stand in for data
                 first = [(spec, image) for spec, seed, image, _ in items if seed == self.seeds[0]]
                 fisher_data[concept.name] = {
-                    kind: (self.image_latents([im for spec, im in first if spec.kind == kind]),
-                           [spec.template.format(concept.class_word) for spec, _ in first if spec.kind == kind])
-                    for kind in ("concept", "generic") if any(spec.kind == kind for spec, _ in first)
+                    kind: (
+                        self.image_latents([im for spec, im in first if spec.kind == kind]),
+                        [spec.template.format(concept.class_word) for spec, _ in first if spec.kind == kind],
+                    )
+                    for kind in ("concept", "generic")
+                    if any(spec.kind == kind for spec, _ in first)
                 }
         reference = base_latents.get((concept.name, row.sampling), {})
         out = {}
@@ -817,11 +993,17 @@ class Evaluator:
         write_csv(per_image, self.out / "scores.csv")
         write_csv(summary, self.out / "summary.csv")
         atomic_write_text(self.out / "results.md", self.report(summary))
-        atomic_write_json(self.out / "results.json", {
-            "config": config_to_dict(self.config), "protocol": None if self.protocol is None else asdict(self.protocol),
-            "seeds": self.seeds, "rows": [row.record() for row in jobs], "package_version": package_version(),
-            "summary": summary,
-        })
+        atomic_write_json(
+            self.out / "results.json",
+            {
+                "config": config_to_dict(self.config),
+                "protocol": None if self.protocol is None else asdict(self.protocol),
+                "seeds": self.seeds,
+                "rows": [row.record() for row in jobs],
+                "package_version": package_version(),
+                "summary": summary,
+            },
+        )
         for name, rows in grids.items():
             save_image_atomic(make_grid(rows), self.out / "grids" / f"{_slug(name)}.png")
 
@@ -830,9 +1012,13 @@ class Evaluator:
         if self.protocol is None:
             return markdown_table(summary)
         p = self.protocol
-        lines = [f"## {p.name}: {p.paper}", "",
-                 f"{len(self.seeds)} images per prompt (seeds {', '.join(map(str, self.seeds))}); "
-                 f"each row's sampler in its `sampling` column.", ""]
+        lines = [
+            f"## {p.name}: {p.paper}",
+            "",
+            f"{len(self.seeds)} images per prompt (seeds {', '.join(map(str, self.seeds))}); "
+            f"each row's sampler in its `sampling` column.",
+            "",
+        ]
         return "\n".join(lines) + markdown_table(summary)
 
 
@@ -857,8 +1043,12 @@ def _means(rows: list[dict]) -> dict:
         values = [r[key] for r in rows if r.get(key) is not None]
         return sum(values) / len(values) if values else None
 
-    out = {"clip_t": mean(plain, "clip_t"), "clip_i": mean(about, "clip_i"), "dino_i": mean(about, "dino_i"),
-           "coi_likelihood": mean(about, "coi_hit")}
+    out = {
+        "clip_t": mean(plain, "clip_t"),
+        "clip_i": mean(about, "clip_i"),
+        "dino_i": mean(about, "dino_i"),
+        "coi_likelihood": mean(about, "coi_hit"),
+    }
     guided = mean(about, "location_loss_last")
     if guided is not None:
         out["location_loss"] = guided
@@ -873,8 +1063,12 @@ def _with_overall(summary: list[dict]) -> list[dict]:
     out = list(summary)
     for method in dict.fromkeys(row["method"] for row in summary):
         rows = [r for r in summary if r["method"] == method]
-        overall = {"method": method, "concept": "all", "sampling": rows[0].get("sampling"),
-                   "images": sum(r["images"] for r in rows)}
+        overall = {
+            "method": method,
+            "concept": "all",
+            "sampling": rows[0].get("sampling"),
+            "images": sum(r["images"] for r in rows),
+        }
         for key in rows[0]:
             if key in overall or key == "concept":
                 continue
@@ -893,10 +1087,18 @@ def _fmt(value) -> str:
 
 
 COLUMNS = (
-    ("method", "method"), ("concept", "concept"), ("sampling", "sampling"), ("images", "images"), ("clip_t", "CLIP-T"),
-    ("clip_i", "CLIP-I"), ("dino_i", "DINO-I"), ("coi_likelihood", "CoI likelihood"),
-    ("location_loss", "L_loc (last step)"), ("fisher_generic", "latent Fisher, generic prompts"),
-    ("fisher_class", "latent Fisher, class-word prompts"), ("w2_generic", "latent W2, generic prompts"),
+    ("method", "method"),
+    ("concept", "concept"),
+    ("sampling", "sampling"),
+    ("images", "images"),
+    ("clip_t", "CLIP-T"),
+    ("clip_i", "CLIP-I"),
+    ("dino_i", "DINO-I"),
+    ("coi_likelihood", "CoI likelihood"),
+    ("location_loss", "L_loc (last step)"),
+    ("fisher_generic", "latent Fisher, generic prompts"),
+    ("fisher_class", "latent Fisher, class-word prompts"),
+    ("w2_generic", "latent W2, generic prompts"),
     ("w2_concept", "latent W2, concept prompts"),
 )
 
@@ -943,7 +1145,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {config.out}/results.md, summary.csv, scores.csv, results.json, grids/ and images/")
     else:
         print((Path(config.out) / "results.md").read_text(encoding="utf-8"))
-        print(f"wrote {config.out}/results.md and, per protocol, {config.out}/<protocol>/ (tables, scores, grids, images)")
+        print(
+            f"wrote {config.out}/results.md and, per protocol, {config.out}/<protocol>/ (tables, scores, grids, images)"
+        )
     return result
 
 

@@ -18,7 +18,7 @@ Needs only torch, diffusers, safetensors and `encoders` (no training stack).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -57,13 +57,19 @@ def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
             keys = set(handle.keys())
     if keys == {"clip_l", "clip_g"}:  # an SDXL embedding: one vector per text encoder (diffusers' SDXL layout)
         if not is_sdxl_pipeline(pipe):
-            raise FinetuneFolderError(f"{run.folder}: an SDXL embedding (clip_l / clip_g), but the base is not SDXL "
-                                      f"(trained for {run.info.get('base_model', 'an unrecorded base model')})")
+            raise FinetuneFolderError(
+                f"{run.folder}: an SDXL embedding (clip_l / clip_g), but the base is not SDXL "
+                f"(trained for {run.info.get('base_model', 'an unrecorded base model')})"
+            )
         from safetensors.torch import load_file
 
         state = load_file(str(path))
-        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-        pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        pipe.load_textual_inversion(
+            state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
+        pipe.load_textual_inversion(
+            state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+        )
         return token
     if is_sdxl_pipeline(pipe):
         raise FinetuneFolderError(f"{run.folder}: a one-encoder embedding, but the base is SDXL (two text encoders)")
@@ -75,12 +81,16 @@ def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
         expected = int(pipe.text_encoder.get_input_embeddings().weight.shape[-1])
         if width != expected:
             raise FinetuneFolderError(
-                f"{run.folder}: its embedding is {width} wide, but this base's text encoder takes {expected}-wide words "
-                f"(trained for {run.info.get('base_model', 'an unrecorded base model')}; load it with that base)")
+                f"{run.folder}: its embedding is {width} wide, but this base's text encoder takes {expected}-wide "
+                "words "
+                f"(trained for {run.info.get('base_model', 'an unrecorded base model')}; load it with that base)"
+            )
     try:
         pipe.load_textual_inversion(str(path.parent), token=token, weight_name=path.name)
     except ValueError as err:  # e.g. an embedding of another width: trained for another base model
-        raise FinetuneFolderError(f"{run.folder}: {err} (trained for {run.info.get('base_model', 'an unrecorded base model')})") from err
+        raise FinetuneFolderError(
+            f"{run.folder}: {err} (trained for {run.info.get('base_model', 'an unrecorded base model')})"
+        ) from err
     return token
 
 

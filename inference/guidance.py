@@ -39,9 +39,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,9 @@ class SpatialGuidanceConfig:
     iterations: int = 5
     step_size: float = 30.0
     loss_threshold: float | None = None  # None: 0.2 for the official loss, sqrt(0.2) for the paper's linear one
-    layers: Sequence[str] | None = None  # substrings of cross-attention processor names; None = `default_guidance_layers`
+    layers: Sequence[str] | None = (
+        None  # substrings of cross-attention processor names; None = `default_guidance_layers`
+    )
     loss: str = "official"  # "official" (per head, squared) or "paper" (Eq. 9, linear); see the module docstring
 
     def __post_init__(self) -> None:
@@ -118,8 +121,9 @@ def find_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
     for start in range(len(prompt_ids) - n + 1):
         if prompt_ids[start : start + n] == word_ids:
             return list(range(start, start + n))
-    raise ConceptInputError(f"word {word!r} is not in the prompt {prompt!r}; --words names words of the prompt, "
-                            "one per box")
+    raise ConceptInputError(
+        f"word {word!r} is not in the prompt {prompt!r}; --words names words of the prompt, one per box"
+    )
 
 
 def concepts_from_words(tokenizer, prompt: str, words: Sequence[str], boxes: Sequence[Box]) -> list[BoxedTokens]:
@@ -189,7 +193,9 @@ class AttentionMapStore:
         if not is_cross or not self.wanted(processor_name):
             return
         if probs.ndim != 4:
-            raise ValueError(f"{processor_name}: expected probabilities [batch, heads, queries, tokens], got {tuple(probs.shape)}")
+            raise ValueError(
+                f"{processor_name}: expected probabilities [batch, heads, queries, tokens], got {tuple(probs.shape)}"
+            )
         self.maps[processor_name] = probs[self.rows].float()  # [B, H, Q, T], fp32
 
     def reset(self, rows: slice = slice(None)) -> None:
@@ -267,7 +273,9 @@ def default_guidance_layers(unet) -> list[str]:
 
 def _alphabar(scheduler, timestep) -> float:
     if not hasattr(scheduler, "alphas_cumprod"):
-        raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod: spatial guidance needs a DDPM-family scheduler")
+        raise TypeError(
+            f"{type(scheduler).__name__} has no alphas_cumprod: spatial guidance needs a DDPM-family scheduler"
+        )
     table = scheduler.alphas_cumprod
     index = int(round(float(timestep)))
     return float(table[min(max(index, 0), len(table) - 1)])
@@ -342,8 +350,13 @@ def guide_latents(
         with torch.enable_grad():
             model_in = scheduler.scale_model_input(latents, timestep).detach().requires_grad_(True)
             store.reset()
-            unet(model_in, timestep, encoder_hidden_states=cond_embeds, cross_attention_kwargs=kwargs,
-                 added_cond_kwargs=added_cond_kwargs)
+            unet(
+                model_in,
+                timestep,
+                encoder_hidden_states=cond_embeds,
+                cross_attention_kwargs=kwargs,
+                added_cond_kwargs=added_cond_kwargs,
+            )
             loss = location_loss(store, concepts, latent_hw, config.loss)
             losses.append(float(loss.detach()))
             if iteration == config.iterations or losses[-1] < config.loss_threshold:
@@ -409,13 +422,21 @@ def generate_with_spatial_guidance(
     added = added_cfg = None
     if is_sdxl_pipeline(pipe):
         prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=do_cfg,
-            negative_prompt=negative_prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
         added = sdxl_added_conditioning(pooled.to(prompt_embeds.dtype), height, width)
         if do_cfg:
-            added_cfg = sdxl_added_conditioning(torch.cat([negative_pooled, pooled]).to(prompt_embeds.dtype), height, width)
+            added_cfg = sdxl_added_conditioning(
+                torch.cat([negative_pooled, pooled]).to(prompt_embeds.dtype), height, width
+            )
     else:
         prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
             prompt,
@@ -428,9 +449,14 @@ def generate_with_spatial_guidance(
         )
     for c in concepts:
         if max(c.token_indices) >= prompt_embeds.shape[1]:
-            raise ValueError(f"concept {c.name!r}: token index {max(c.token_indices)} beyond the {prompt_embeds.shape[1]} text tokens")
+            raise ValueError(
+                f"concept {c.name!r}: token index {max(c.token_indices)} beyond the {prompt_embeds.shape[1]} text "
+                "tokens"
+            )
     n = batch_size * num_images_per_prompt
-    latents = pipe.prepare_latents(n, unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents)
+    latents = pipe.prepare_latents(
+        n, unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
+    )
     latent_hw = (latents.shape[-2], latents.shape[-1])
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
@@ -446,14 +472,26 @@ def generate_with_spatial_guidance(
         for i, t in enumerate(pipe.progress_bar(timesteps)):
             if i < config.guidance_steps and config.iterations > 0:
                 latents, losses = guide_latents(
-                    unet, scheduler, latents, t, prompt_embeds, concepts, config, store, attention_context, latent_hw, added
+                    unet,
+                    scheduler,
+                    latents,
+                    t,
+                    prompt_embeds,
+                    concepts,
+                    config,
+                    store,
+                    attention_context,
+                    latent_hw,
+                    added,
                 )
                 guidance_losses.append(losses)
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
             store.reset(rows=slice(n, 2 * n) if do_cfg else slice(None))
             noise_pred = unet(
-                model_in, t, encoder_hidden_states=embeds,
+                model_in,
+                t,
+                encoder_hidden_states=embeds,
                 cross_attention_kwargs=_context_kwargs(attention_context, store, tee=True),
                 added_cond_kwargs=added_cfg if do_cfg else added,
             ).sample
@@ -473,8 +511,11 @@ def generate_with_spatial_guidance(
         images = pipe.image_processor.postprocess(decoded, output_type=output_type)
     maps = [m / len(timesteps) for m in (summed_maps or [])]
     return EliteOutput(
-        images=images, boxes=[list(c.box) for c in concepts], location_losses=location_losses,
-        guidance_losses=guidance_losses, attention_maps=maps,
+        images=images,
+        boxes=[list(c.box) for c in concepts],
+        location_losses=location_losses,
+        guidance_losses=guidance_losses,
+        attention_maps=maps,
     )
 
 
@@ -497,10 +538,16 @@ def warn_if_boxes_coincide(predicted: dict, iou: float = 0.9) -> bool:
     same_noun = nouns[0] is not None and nouns[0] == nouns[1]
     overlap = box_iou(a, b)
     if same_noun or overlap > iou:
-        why = f"both took the layout of the noun {nouns[0]!r}" if same_noun else f"their boxes overlap (IoU {overlap:.2f})"
+        why = (
+            f"both took the layout of the noun {nouns[0]!r}"
+            if same_noun
+            else f"their boxes overlap (IoU {overlap:.2f})"
+        )
         warnings.warn(
             f"the location MLP put both concepts in nearly the same place: {why}; spatial guidance cannot separate "
-            "them. Give boxes yourself (--box x0,y0,x1,y1 per concept)", ConceptInputWarning, stacklevel=3,
+            "them. Give boxes yourself (--box x0,y0,x1,y1 per concept)",
+            ConceptInputWarning,
+            stacklevel=3,
         )
         return True
     return False
@@ -510,6 +557,7 @@ def predict_boxes(location_mlp, pipe, concept_a: str | torch.Tensor, concept_b: 
     """Boxes for two concepts from a `LocationMLP`: each a word of the prompt or an input embedding
     (ELITE's w0, a Textual Inversion vector). Out-of-vocabulary concepts take their nearest noun's layout.
     Returns `{"boxes": [box_a, box_b], "resolved": [noun_a, noun_b]}`."""
+
     def embedding(concept) -> torch.Tensor:
         if isinstance(concept, str):
             # SDXL: the noun's rows of both tables side by side, the width of its w0

@@ -28,14 +28,13 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from encoders.common.images import MAX_IMAGE_PIXELS, apply_orientation, exif_orientation, mask_to_binary, to_rgb
 
-ImageLike = Union[str, Path, Image.Image]
+ImageLike = str | Path | Image.Image
 
 # Fraction of the object box added on each side when cropping around the mask: data_prep's crop
 # padding (configs/data/crops.yaml), so the encoders see objects framed as in training.
@@ -110,8 +109,10 @@ def check_pixel_count(image: Image.Image, name: str) -> None:
     """Refuse an image larger than `MAX_IMAGE_PIXELS` (a decompression bomb, or a photo to shrink first)."""
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
-        raise ConceptInputError(f"{name} is {width}x{height} = {width * height / 1e6:.0f} million pixels; the limit is "
-                                f"{MAX_IMAGE_PIXELS / 1e6:.0f} million. Resize it first (the encoder sees 224 px)")
+        raise ConceptInputError(
+            f"{name} is {width}x{height} = {width * height / 1e6:.0f} million pixels; the limit is "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} million. Resize it first (the encoder sees 224 px)"
+        )
 
 
 def _binary_mask(mask: Image.Image, threshold: int) -> Image.Image:
@@ -120,8 +121,14 @@ def _binary_mask(mask: Image.Image, threshold: int) -> Image.Image:
     return Image.fromarray(mask_to_binary(mask, threshold + 1).astype(np.uint8) * 255, mode="L")
 
 
-def _upright_mask(mask: Image.Image, photo_orientation: int, stored_size: tuple[int, int], upright_size: tuple[int, int],
-                  mask_name: str, photo_name: str) -> Image.Image:
+def _upright_mask(
+    mask: Image.Image,
+    photo_orientation: int,
+    stored_size: tuple[int, int],
+    upright_size: tuple[int, int],
+    mask_name: str,
+    photo_name: str,
+) -> Image.Image:
     """The mask in the upright photo's frame: its own EXIF applied, then the photo's turn when the mask
     has the size of the photo's stored pixels (drawn on the file as stored, not as shown)."""
     own = exif_orientation(mask)
@@ -133,14 +140,16 @@ def _upright_mask(mask: Image.Image, photo_orientation: int, stored_size: tuple[
         warnings.warn(
             f"mask {mask_name} is {mask.size[0]}x{mask.size[1]}, the size of {photo_name} as stored, but the photo "
             f"is shown turned (EXIF orientation {photo_orientation}): turning the mask with it",
-            ConceptInputWarning, stacklevel=3,
+            ConceptInputWarning,
+            stacklevel=3,
         )
         return apply_orientation(mask, photo_orientation)
     if mask.size == stored_size:  # a square photo: the mask fits both frames
         warnings.warn(
             f"{photo_name} is shown turned (EXIF orientation {photo_orientation}); reading the mask {mask_name} "
             "on the photo as shown. If it was drawn on the stored pixels, save it upright (or with the same EXIF tag)",
-            ConceptInputWarning, stacklevel=3,
+            ConceptInputWarning,
+            stacklevel=3,
         )
     return mask
 
@@ -149,7 +158,9 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
-def load_concept_image(image: ImageLike, mask: ImageLike | None = None, mask_threshold: int = DEFAULT_MASK_THRESHOLD) -> ConceptImage:
+def load_concept_image(
+    image: ImageLike, mask: ImageLike | None = None, mask_threshold: int = DEFAULT_MASK_THRESHOLD
+) -> ConceptImage:
     """Read a concept photo and its mask, with the checks listed in the module docstring.
 
     `mask` wins over an alpha channel when both are there (with a warning, so nobody is surprised).
@@ -162,8 +173,10 @@ def load_concept_image(image: ImageLike, mask: ImageLike | None = None, mask_thr
     # photos from phones carry their rotation in EXIF: show the object the way the user sees it
     photo = apply_orientation(stored, orientation)
     if min(photo.size) < MIN_PHOTO_SIDE:
-        raise ConceptInputError(f"concept image {name} is {photo.size[0]}x{photo.size[1]} px: too small to encode "
-                                f"(at least {MIN_PHOTO_SIDE} px on each side)")
+        raise ConceptInputError(
+            f"concept image {name} is {photo.size[0]}x{photo.size[1]} px: too small to encode "
+            f"(at least {MIN_PHOTO_SIDE} px on each side)"
+        )
     alpha = photo.convert("RGBA").getchannel("A") if _has_alpha(photo) else None
     try:
         rgb, _ = to_rgb(photo)
@@ -205,17 +218,22 @@ def load_concept_image(image: ImageLike, mask: ImageLike | None = None, mask_thr
     pixels = np.asarray(binary) > 0
     if not pixels.any():
         raise ConceptInputError(
-            f"{mask_name}: the mask is empty (no pixel with a channel above {mask_threshold}), so there is nothing to encode"
+            f"{mask_name}: the mask is empty (no pixel with a channel above {mask_threshold}), so there is nothing "
+            "to encode"
         )
     ys, xs = np.nonzero(pixels)
     width, height = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
     if min(width, height) < MIN_OBJECT_SIDE:
-        raise ConceptInputError(f"{mask_name}: the object is only {width}x{height} px in the mask; ELITE needs at least "
-                                f"{MIN_OBJECT_SIDE} px on each side to encode it")
+        raise ConceptInputError(
+            f"{mask_name}: the object is only {width}x{height} px in the mask; ELITE needs at least "
+            f"{MIN_OBJECT_SIDE} px on each side to encode it"
+        )
     return ConceptImage(rgb, binary, name, mask_source, (0, 0, rgb.size[0], rgb.size[1]))
 
 
-def square_box_around(box: tuple[int, int, int, int], size: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
+def square_box_around(
+    box: tuple[int, int, int, int], size: tuple[int, int], margin: float
+) -> tuple[int, int, int, int]:
     """A square holding `box` plus `margin` x its longest side on each side, as data_prep cuts crops.
 
     The square is shifted to stay inside the image. When it is longer than the image's short side
@@ -247,7 +265,9 @@ def crop_square(image: Image.Image, square: tuple[int, int, int, int], fill) -> 
     return canvas
 
 
-def prepare_concept_image(concept: ConceptImage, crop: bool = True, margin: float = DEFAULT_CROP_MARGIN) -> ConceptImage:
+def prepare_concept_image(
+    concept: ConceptImage, crop: bool = True, margin: float = DEFAULT_CROP_MARGIN
+) -> ConceptImage:
     """Crop photo and mask to a square around the object (when `crop`), as the encoders saw in training.
 
     An object longer than the photo's short side keeps all of it: the square passes the photo's edge
@@ -281,7 +301,8 @@ def find_placeholders(prompt: str, placeholders: list[str]) -> None:
     if missing:
         names = ", ".join(repr(p) for p in missing)
         raise ConceptInputError(
-            f"prompt {prompt!r} does not contain the placeholder {names} as a word of its own; write it where the concept goes, "
+            f"prompt {prompt!r} does not contain the placeholder {names} as a word of its own; write it where the "
+            "concept goes, "
             f"e.g. {('a photo of ' + missing[0] + ' on the beach')!r}"
         )
 
@@ -313,4 +334,5 @@ def check_placeholders(placeholders: list[str], tokenizer=None) -> None:
         if len(ids) == 1:
             raise ConceptInputError(
                 f"placeholder {token!r} is a word the text encoder already knows; a concept put there would take the "
-                "place of that word everywhere. Choose a new token, e.g. S* or <my-" + token.strip("<>") + ">")
+                "place of that word everywhere. Choose a new token, e.g. S* or <my-" + token.strip("<>") + ">"
+            )

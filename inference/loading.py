@@ -99,7 +99,7 @@ def load_base_pipeline(
         kwargs = {k: v for k, v in kwargs.items() if k not in ("safety_checker", "requires_safety_checker")}
     try:
         pipe = pipeline_class.from_pretrained(str(name_or_path), **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the base pipeline {name_or_path!s}: {err}") from err
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -118,12 +118,25 @@ def pipeline_from_parts(vae, text_encoder, tokenizer, unet, scheduler, text_enco
     if text_encoder_2 is not None:
         from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+        )
     else:
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -175,7 +188,7 @@ class EliteEncoders:
     def text_dim(self) -> int:
         return int(self.global_mapping.config.output_dim)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "EliteEncoders":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> EliteEncoders:
         """Move the mappings and the image encoder (the location MLP keeps fp32); returns self."""
         for model in (self.global_mapping, self.local_mapping, self.feature_extractor):
             if model is not None:
@@ -194,13 +207,15 @@ def _load_subfolder(cls, name_or_path: str, subfolder: str, required: bool, dtyp
         return None
     try:
         return cls.from_pretrained(str(name_or_path), subfolder=subfolder, **dtype_kwargs(dtype))
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         if not required and not local.exists():
             return None  # a Hub repo without the optional subfolder
         raise ModelLoadError(f"cannot load {subfolder}/ from the encoders {name_or_path}: {err}") from err
     except (TypeError, KeyError, AttributeError, RuntimeError) as err:  # a config.json value of the wrong kind
-        raise ModelLoadError(f"encoders {name_or_path}: {subfolder}/config.json does not describe a {cls.__name__} this "
-                             f"package can build ({type(err).__name__}: {err})") from err
+        raise ModelLoadError(
+            f"encoders {name_or_path}: {subfolder}/config.json does not describe a {cls.__name__} this "
+            f"package can build ({type(err).__name__}: {err})"
+        ) from err
 
 
 def load_encoders(
@@ -234,13 +249,16 @@ def load_encoders(
         layers += [int(v) for v in local_mapping.config.feature_layers if int(v) not in layers]
     try:
         extractor = CLIPFeatureExtractor.from_pretrained(image_encoder_name, layers=tuple(layers), torch_dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise ModelLoadError(f"cannot load the image encoder {image_encoder_name} for the encoders {name}: {err}") from err
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"cannot load the image encoder {image_encoder_name} for the encoders {name}: {err}"
+        ) from err
     for label, model in (("global_mapping", global_mapping), ("local_mapping", local_mapping)):
         if model is not None and int(model.config.input_dim) != extractor.hidden_size:
             raise ModelLoadError(
                 f"encoders {name}: {label} reads image features of width {model.config.input_dim}, but the image "
-                f"encoder {image_encoder_name} gives {extractor.hidden_size}: pass the image encoder they were trained with"
+                f"encoder {image_encoder_name} gives {extractor.hidden_size}: pass the image encoder they were "
+                "trained with"
             )
     for model in (global_mapping, local_mapping, location_mlp, extractor):
         if model is not None:
@@ -283,6 +301,6 @@ def load_location_mlp(path_or_repo: str, subfolder: str | None = "location_mlp",
         subfolder = None  # the location_mlp folder itself
     try:
         model = LocationMLP.from_pretrained(path_or_repo, subfolder=subfolder)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load a location MLP from {path_or_repo}: {err}") from err
     return model.to(device) if device is not None else model

@@ -38,8 +38,13 @@ class AutoMasker:
         self.model, self.processor, self.threshold, self.source = model.eval(), processor, float(threshold), source
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MASK_MODEL, device: str | torch.device = "cpu",
-                        threshold: float = DEFAULT_MASK_THRESHOLD, revision: str | None = None) -> "AutoMasker":
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path = DEFAULT_MASK_MODEL,
+        device: str | torch.device = "cpu",
+        threshold: float = DEFAULT_MASK_THRESHOLD,
+        revision: str | None = None,
+    ) -> AutoMasker:
         """Load a CLIPSeg folder or Hub id; a ModelLoadError names it when it cannot be read."""
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
@@ -58,8 +63,9 @@ class AutoMasker:
         inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         logits = self.model(**inputs).logits
         logits = logits.reshape(1, 1, *logits.shape[-2:]).float()  # CLIPSeg drops the batch axis for one image
-        probs = torch.nn.functional.interpolate(torch.sigmoid(logits), size=(rgb.height, rgb.width), mode="bilinear",
-                                                align_corners=False)
+        probs = torch.nn.functional.interpolate(
+            torch.sigmoid(logits), size=(rgb.height, rgb.width), mode="bilinear", align_corners=False
+        )
         return probs[0, 0].cpu().numpy()
 
     def __call__(self, image: ImageLike, prompt: str = DEFAULT_MASK_PROMPT) -> Image.Image:
@@ -67,8 +73,12 @@ class AutoMasker:
         probs = self.probabilities(photo, prompt)
         mask = probs > self.threshold
         if not mask.any():  # nothing above the threshold: keep the most likely tenth rather than nothing
-            warnings.warn(f"automatic mask of {_name(image)} for {prompt!r}: no pixel above {self.threshold}; "
-                          "keeping the most likely 10% of the photo", ConceptInputWarning, stacklevel=2)
+            warnings.warn(
+                f"automatic mask of {_name(image)} for {prompt!r}: no pixel above {self.threshold}; "
+                "keeping the most likely 10% of the photo",
+                ConceptInputWarning,
+                stacklevel=2,
+            )
             mask = probs >= np.quantile(probs, 0.9)
         return Image.fromarray((mask * 255).astype(np.uint8), mode="L")
 
@@ -121,6 +131,9 @@ def auto_masker_or_none(model: str, device, required: bool) -> AutoMasker | None
     except ModelLoadError as err:
         if required:
             raise
-        warnings.warn(f"{err}; photos without a mask are used whole (give --mask, or --no-auto-mask to silence this)",
-                      ConceptInputWarning, stacklevel=2)
+        warnings.warn(
+            f"{err}; photos without a mask are used whole (give --mask, or --no-auto-mask to silence this)",
+            ConceptInputWarning,
+            stacklevel=2,
+        )
         return None

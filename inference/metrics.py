@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,9 @@ def mean_pairwise_similarity(generated: torch.Tensor, references: torch.Tensor) 
 def paired_similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
     """Cosine of row i of `image_embeds` with row i of `text_embeds`: per-image CLIP-T."""
     if image_embeds.shape != text_embeds.shape:
-        raise ValueError(f"paired_similarity needs equal shapes, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
+        raise ValueError(
+            f"paired_similarity needs equal shapes, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
     return F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
 
 
@@ -152,7 +154,9 @@ def _features(output) -> torch.Tensor:
 class ClipScorer:
     """CLIP image and text embeddings for CLIP-T and CLIP-I (`from_pretrained` id or folder)."""
 
-    def __init__(self, model_name_or_path: str = DEFAULT_CLIP_MODEL, device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(
+        self, model_name_or_path: str = DEFAULT_CLIP_MODEL, device: str | torch.device = "cpu", batch_size: int = 32
+    ):
         from transformers import CLIPModel, CLIPProcessor
 
         self.model = CLIPModel.from_pretrained(model_name_or_path).to(device).eval()
@@ -162,8 +166,12 @@ class ClipScorer:
 
     @torch.no_grad()
     def image_embeds(self, images) -> torch.Tensor:
-        return _embed_images(self, images, self.model.config.projection_dim,
-                             lambda pixels: _features(self.model.get_image_features(pixel_values=pixels)))
+        return _embed_images(
+            self,
+            images,
+            self.model.config.projection_dim,
+            lambda pixels: _features(self.model.get_image_features(pixel_values=pixels)),
+        )
 
     @torch.no_grad()
     def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
@@ -197,7 +205,9 @@ def _embed_images(scorer, images, dim: int, embed) -> torch.Tensor:
 class DinoScorer:
     """DINO ViT CLS embeddings for DINO-I."""
 
-    def __init__(self, model_name_or_path: str = DEFAULT_DINO_MODEL, device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(
+        self, model_name_or_path: str = DEFAULT_DINO_MODEL, device: str | torch.device = "cpu", batch_size: int = 32
+    ):
         from transformers import AutoImageProcessor, ViTModel
 
         self.model = ViTModel.from_pretrained(model_name_or_path, add_pooling_layer=False).to(device).eval()
@@ -207,8 +217,12 @@ class DinoScorer:
 
     @torch.no_grad()
     def image_embeds(self, images) -> torch.Tensor:
-        return _embed_images(self, images, self.model.config.hidden_size,
-                             lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0])
+        return _embed_images(
+            self,
+            images,
+            self.model.config.hidden_size,
+            lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0],
+        )
 
     def dino_i(self, generated, references) -> float:
         return mean_pairwise_similarity(self.image_embeds(generated), self.image_embeds(references))
@@ -256,7 +270,9 @@ class ObjectDetector:
             inputs = self.processor(images=chunk, return_tensors="pt").to(self.device)
             outputs = self.model(**inputs)
             sizes = torch.tensor([[im.height, im.width] for im in chunk])
-            results = self.processor.post_process_object_detection(outputs, threshold=self.threshold, target_sizes=sizes)
+            results = self.processor.post_process_object_detection(
+                outputs, threshold=self.threshold, target_sizes=sizes
+            )
             id2label = self.model.config.id2label
             for res in results:
                 found.append({id2label[int(k)] for k in res["labels"]})

@@ -10,8 +10,9 @@ those fields are None, so callers test `out.location_losses is not None`, never 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,10 +27,10 @@ class EliteOutput(BaseOutput):
     location_losses: list[float] | None = None
     guidance_losses: list[list[float]] | None = None
     attention_maps: list[torch.Tensor] | None = None
-    per_prompt: list["EliteOutput"] | None = None  # several prompts in one call: each prompt's own output
+    per_prompt: list[EliteOutput] | None = None  # several prompts in one call: each prompt's own output
 
     @classmethod
-    def join(cls, outputs: Sequence["EliteOutput"]) -> "EliteOutput":
+    def join(cls, outputs: Sequence[EliteOutput]) -> EliteOutput:
         """One output for several prompts: the images in prompt order; each prompt's output (boxes,
         losses, maps) in `per_prompt`."""
         images = [o.images for o in outputs]

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -72,7 +72,10 @@ def make_grid(
             draw.line([(x + gap // 2, y), (x + gap // 2, y + cell)], fill=(160, 160, 160), width=2)
             x += gap * 2
         for picture in outputs:
-            grid.paste(picture.convert("RGB").resize((cell, cell), Image.NEAREST if picture.width < cell else Image.BICUBIC), (x, y))
+            grid.paste(
+                picture.convert("RGB").resize((cell, cell), Image.NEAREST if picture.width < cell else Image.BICUBIC),
+                (x, y),
+            )
             x += cell + gap
         y += cell + gap
     return grid

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -85,8 +85,10 @@ def _base_model_note(what: str, recorded: str | None, pipe) -> str | None:
     loaded = _pipeline_name(pipe)
     if not recorded or not loaded or _same_source(recorded, loaded) or Path(recorded).name == Path(loaded).name:
         return None
-    return (f"{what} was made for the base model {recorded}, but this pipeline is {loaded} (the same shapes): "
-            "results are only meaningful if it is a copy or a fine-tune of that model")
+    return (
+        f"{what} was made for the base model {recorded}, but this pipeline is {loaded} (the same shapes): "
+        "results are only meaningful if it is a copy or a fine-tune of that model"
+    )
 
 
 class ElitePipeline:
@@ -100,7 +102,10 @@ class ElitePipeline:
         self.pipe = pipe
         self.encoders: EliteEncoders | None = None
         self._saved_processors: dict | None = None  # the UNet's processors before ELITE's, put back by unload
-        self._tokenizer, self._tokenizer_of = None, None  # ELITE's copy of the pipe's tokenizer (see placeholder_tokenizer)
+        self._tokenizer, self._tokenizer_of = (
+            None,
+            None,
+        )  # ELITE's copy of the pipe's tokenizer (see placeholder_tokenizer)
         self.set_elite_scale(elite_scale)
         if encoders is not None:
             self._install(encoders)
@@ -118,12 +123,13 @@ class ElitePipeline:
         safety_checker: bool = True,
         elite_scale: float = DEFAULT_ELITE_SCALE,
         allow_sdxl: bool = True,
-    ) -> "ElitePipeline":
+    ) -> ElitePipeline:
         """Load the base pipeline (folder or Hub id) and, when given, the encoders (folder or Hub repo).
         An SDXL base loads as a `StableDiffusionXLPipeline` (every ELITE feature works on it with
         encoders trained for SDXL); `allow_sdxl=False` refuses it by name instead."""
-        pipe = load_base_pipeline(base, device=device, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
-                                  allow_sdxl=allow_sdxl)
+        pipe = load_base_pipeline(
+            base, device=device, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker, allow_sdxl=allow_sdxl
+        )
         elite = cls(pipe, elite_scale=elite_scale)
         if encoders is not None:
             elite.load_encoders(encoders, image_encoder=image_encoder)
@@ -150,7 +156,7 @@ class ElitePipeline:
     def image_encoder_name(self) -> str | None:
         return None if self.encoders is None else self.encoders.image_encoder_name
 
-    def load_encoders(self, name_or_path: str | Path, image_encoder: str | Path | None = None) -> "ElitePipeline":
+    def load_encoders(self, name_or_path: str | Path, image_encoder: str | Path | None = None) -> ElitePipeline:
         """Load an encoders folder / Hub repo onto this pipeline's device and dtype, check it fits, install it."""
         encoders = load_encoders(name_or_path, image_encoder=image_encoder, device=self.device, dtype=self.dtype)
         self._install(encoders)
@@ -164,7 +170,9 @@ class ElitePipeline:
         if encoders.local_mapping is None:
             warnings.warn(
                 f"the encoders {encoders.source} have no local_mapping/: images come from the global word w0 alone "
-                "and elite_scale (lambda, --elite-scale) has no effect", ConceptInputWarning, stacklevel=3,
+                "and elite_scale (lambda, --elite-scale) has no effect",
+                ConceptInputWarning,
+                stacklevel=3,
             )
         if self._saved_processors is None:
             self._saved_processors = dict(self.pipe.unet.attn_processors)
@@ -249,7 +257,10 @@ class ElitePipeline:
         if auto_mask and not isinstance(image, ConceptImage):
             masker = auto_mask if isinstance(auto_mask, AutoMasker) else self._auto_masker()
             word = auto_mask if isinstance(auto_mask, str) else DEFAULT_MASK_PROMPT
-            pairs = [(p, masker(p, word) if m is None and not has_own_alpha(p) else m) for p, m in concept_photos(image, mask)]
+            pairs = [
+                (p, masker(p, word) if m is None and not has_own_alpha(p) else m)
+                for p, m in concept_photos(image, mask)
+            ]
             image, mask = [p for p, _ in pairs], [m for _, m in pairs]
         if encoders.feature_extractor.image_mean.device != torch.device(self.device):  # the pipe was moved since
             encoders.to(self.device)
@@ -260,17 +271,21 @@ class ElitePipeline:
         text_dim = word_width_of(self.pipe)
         if concept.text_dim != text_dim:
             raise ConceptInputError(
-                f"concept {k} ({concept.metadata.get('source_image', '?')}) has w0 of size {concept.text_dim}; this base "
-                f"model's text embeddings are {text_dim} (it was made with encoders {concept.metadata.get('encoders', '?')})"
+                f"concept {k} ({concept.metadata.get('source_image', '?')}) has w0 of size {concept.text_dim}; this "
+                "base "
+                f"model's text embeddings are {text_dim} (it was made with encoders "
+                f"{concept.metadata.get('encoders', '?')})"
             )
         made_with = concept.metadata.get("encoders")
         if made_with and self.encoders is not None and not _same_source(made_with, self.encoders.source):
             warnings.warn(
                 f"concept {k} was encoded with the encoders {made_with}, generating with {self.encoders.source}",
-                ConceptInputWarning, stacklevel=3,
+                ConceptInputWarning,
+                stacklevel=3,
             )
-        note = _base_model_note(f"concept {k} ({concept.metadata.get('source_image', '?')})",
-                                concept.metadata.get("base_model"), self.pipe)
+        note = _base_model_note(
+            f"concept {k} ({concept.metadata.get('source_image', '?')})", concept.metadata.get("base_model"), self.pipe
+        )
         if note:
             warnings.warn(note, ConceptInputWarning, stacklevel=3)
 
@@ -298,20 +313,28 @@ class ElitePipeline:
         for placeholder, token_id in zip(placeholders, token_ids[0]):
             if not bool((ids[0] == token_id).any()):
                 raise ConceptInputError(
-                    f"prompt {prompt!r}: the placeholder {placeholder!r} was not found as a token (is the prompt longer "
+                    f"prompt {prompt!r}: the placeholder {placeholder!r} was not found as a token (is the prompt "
+                    "longer "
                     f"than {tokenizer.model_max_length} tokens, or is the placeholder glued to another word?)"
                 )
         words = [c.w0.to(self.device, text_encoder.dtype)[None, None] for c in concepts]
         local = None
         if self.encoders is not None and self.encoders.local_mapping is not None:
             local = [
-                None if c.local_tokens is None
+                None
+                if c.local_tokens is None
                 else (c.local_tokens.to(self.device, self.dtype)[None], c.local_keep.to(self.device)[None])
                 for c in concepts
             ]
         scales = list(elite_scales) if elite_scales is not None else [self.elite_scale] * len(concepts)
         return elite_conditioning(
-            text_encoders_of(self.pipe), ids, token_ids, words, local=local, scale=scales, repeat=num_images,
+            text_encoders_of(self.pipe),
+            ids,
+            token_ids,
+            words,
+            local=local,
+            scale=scales,
+            repeat=num_images,
             attention_store=attention_store,
         )
 
@@ -323,8 +346,9 @@ class ElitePipeline:
             return self.pipe.text_encoder(self._token_ids(text))[0], None
         if negative_of is not None and not text and self.pipe.config.force_zeros_for_empty_prompt:
             return torch.zeros_like(negative_of[0]), torch.zeros_like(negative_of[1])
-        embeds, _, pooled, _ = self.pipe.encode_prompt(text, device=self.device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            text, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         return embeds, pooled
 
     def __call__(
@@ -370,12 +394,32 @@ class ElitePipeline:
         Other keyword arguments go to the diffusers pipeline (`output_type`, `callback_on_step_end`...).
         """
         if not isinstance(prompt, str):  # a list of prompts: one call each, the images joined in order
-            return EliteOutput.join([
-                self.__call__(p, concepts, placeholders, elite_scale, negative_prompt, num_inference_steps, guidance_scale,
-                              num_images_per_prompt, seed, generator, height, width, boxes, spatial_guidance,
-                              guidance_config, attention_store, preset, word_boxes, **pipe_kwargs)
-                for p in prompt
-            ])
+            return EliteOutput.join(
+                [
+                    self.__call__(
+                        p,
+                        concepts,
+                        placeholders,
+                        elite_scale,
+                        negative_prompt,
+                        num_inference_steps,
+                        guidance_scale,
+                        num_images_per_prompt,
+                        seed,
+                        generator,
+                        height,
+                        width,
+                        boxes,
+                        spatial_guidance,
+                        guidance_config,
+                        attention_store,
+                        preset,
+                        word_boxes,
+                        **pipe_kwargs,
+                    )
+                    for p in prompt
+                ]
+            )
         concept_list = [] if concepts is None else [concepts] if isinstance(concepts, Concept) else list(concepts)
         if concept_list:
             self._require_encoders()
@@ -398,20 +442,57 @@ class ElitePipeline:
         if settings.get("scheduler") == "lms":  # for this call only
             self.pipe.scheduler = elite_lms_scheduler(user_scheduler.config)
         try:
-            return self._generate(prompt, concept_list, placeholders, scales, negative_prompt, num_inference_steps,
-                                  guidance_scale, num_images_per_prompt, seed, generator, height, width, boxes,
-                                  spatial_guidance, guidance_config, attention_store, pipe_kwargs, word_boxes or {})
+            return self._generate(
+                prompt,
+                concept_list,
+                placeholders,
+                scales,
+                negative_prompt,
+                num_inference_steps,
+                guidance_scale,
+                num_images_per_prompt,
+                seed,
+                generator,
+                height,
+                width,
+                boxes,
+                spatial_guidance,
+                guidance_config,
+                attention_store,
+                pipe_kwargs,
+                word_boxes or {},
+            )
         finally:
             self.pipe.scheduler = user_scheduler
 
-    def _generate(self, prompt, concept_list, placeholders, scales, negative_prompt, num_inference_steps, guidance_scale,
-                  num_images_per_prompt, seed, generator, height, width, boxes, spatial_guidance, guidance_config,
-                  attention_store, pipe_kwargs, word_boxes) -> EliteOutput:
+    def _generate(
+        self,
+        prompt,
+        concept_list,
+        placeholders,
+        scales,
+        negative_prompt,
+        num_inference_steps,
+        guidance_scale,
+        num_images_per_prompt,
+        seed,
+        generator,
+        height,
+        width,
+        boxes,
+        spatial_guidance,
+        guidance_config,
+        attention_store,
+        pipe_kwargs,
+        word_boxes,
+    ) -> EliteOutput:
         if generator is None and seed is not None:
             generator = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(num_images_per_prompt)]
         use_guidance = bool(boxes) or spatial_guidance or bool(word_boxes)
         if word_boxes and not (boxes or spatial_guidance) and concept_list:
-            raise ConceptInputError("word_boxes steer words with the concepts: give the concepts boxes too (or spatial_guidance)")
+            raise ConceptInputError(
+                "word_boxes steer words with the concepts: give the concepts boxes too (or spatial_guidance)"
+            )
         if use_guidance and not concept_list and not word_boxes:
             raise ConceptInputError("spatial guidance needs concepts or word_boxes (boxes steer their attention)")
 
@@ -419,7 +500,9 @@ class ElitePipeline:
         with grad_mode:
             context = None
             if concept_list:
-                cond = self.conditioning(prompt, concept_list, placeholders, scales, num_images_per_prompt, attention_store)
+                cond = self.conditioning(
+                    prompt, concept_list, placeholders, scales, num_images_per_prompt, attention_store
+                )
                 prompt_embeds, positions, context = cond.prompt_embeds, cond.word_positions[0].tolist(), cond.context
                 pooled = cond.pooled_prompt_embeds
             else:
@@ -430,7 +513,8 @@ class ElitePipeline:
             in_negative = [placeholder_in(negative, p) for p in placeholders] if concept_list else []
             if any(in_negative):
                 negative_cond = self.conditioning(
-                    negative, [c for c, hit in zip(concept_list, in_negative) if hit],
+                    negative,
+                    [c for c, hit in zip(concept_list, in_negative) if hit],
                     [p for p, hit in zip(placeholders, in_negative) if hit],
                 )
                 negative_embeds, negative_pooled = negative_cond.prompt_embeds, negative_cond.pooled_prompt_embeds
@@ -452,8 +536,9 @@ class ElitePipeline:
             if context is not None:
                 call["cross_attention_kwargs"] = context.as_kwargs()
             if use_guidance:
-                return self._guided_call(call, concept_list, positions, placeholders, boxes, guidance_config,
-                                         prompt, word_boxes)
+                return self._guided_call(
+                    call, concept_list, positions, placeholders, boxes, guidance_config, prompt, word_boxes
+                )
             return EliteOutput(images=self.pipe(**call).images)
 
     def _scales(self, elite_scale, count: int) -> list[float]:
@@ -484,8 +569,9 @@ class ElitePipeline:
         warn_if_boxes_coincide(predicted)
         return predicted
 
-    def _guided_call(self, call: dict, concepts, positions, placeholders, boxes, guidance_config, prompt="",
-                     word_boxes=None) -> EliteOutput:
+    def _guided_call(
+        self, call: dict, concepts, positions, placeholders, boxes, guidance_config, prompt="", word_boxes=None
+    ) -> EliteOutput:
         """Run the prompt through `inference.guidance` (its own denoising loop) with boxes per concept
         (and per ordinary word of `word_boxes`)."""
         nouns = None
@@ -496,11 +582,24 @@ class ElitePipeline:
         if len(boxes) != len(concepts):
             raise ConceptInputError(f"give one box per concept ({len(concepts)}), got {len(boxes)}")
         context = call.pop("cross_attention_kwargs", {}).get("attention_context")
-        unsupported = sorted(set(call) - {
-            "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
-            "num_inference_steps", "guidance_scale",
-            "num_images_per_prompt", "generator", "height", "width", "output_type", "latents", "eta",
-        })
+        unsupported = sorted(
+            set(call)
+            - {
+                "prompt_embeds",
+                "negative_prompt_embeds",
+                "pooled_prompt_embeds",
+                "negative_pooled_prompt_embeds",
+                "num_inference_steps",
+                "guidance_scale",
+                "num_images_per_prompt",
+                "generator",
+                "height",
+                "width",
+                "output_type",
+                "latents",
+                "eta",
+            }
+        )
         if unsupported:
             raise TypeError(f"spatial guidance runs its own denoising loop and does not take {unsupported}")
         guided = [
@@ -510,13 +609,16 @@ class ElitePipeline:
         for word, box in (word_boxes or {}).items():
             tokenizer, _ = self.placeholder_tokenizer(placeholders)
             guided.append(BoxedTokens(find_token_indices(tokenizer, prompt, word), box, name=word))
-        out = generate_with_spatial_guidance(self.pipe, guided, attention_context=context, config=guidance_config, **call)
+        out = generate_with_spatial_guidance(
+            self.pipe, guided, attention_context=context, config=guidance_config, **call
+        )
         out.box_nouns = nouns
         return out
 
 
-def load_elite(pipe, encoders: str | Path, image_encoder: str | Path | None = None,
-               elite_scale: float = DEFAULT_ELITE_SCALE) -> ElitePipeline:
+def load_elite(
+    pipe, encoders: str | Path, image_encoder: str | Path | None = None, elite_scale: float = DEFAULT_ELITE_SCALE
+) -> ElitePipeline:
     """ELITE on a stock diffusers `StableDiffusionPipeline`, in the shape of `pipe.load_ip_adapter`:
     loads the encoders (folder or Hub repo) onto the pipe's device and dtype and installs the processors
     (keeping any custom self-attention processor); returns the `ElitePipeline` for encoding and
@@ -542,4 +644,3 @@ def _loaded(pipe) -> ElitePipeline:
     if not isinstance(elite, ElitePipeline):
         raise RuntimeError("no ELITE on this pipeline: call inference.load_elite(pipe, encoders) first")
     return elite
-

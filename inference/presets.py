@@ -12,7 +12,7 @@ placeholders, articles and the words photo / picture / image / of / rendering / 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from diffusers import LMSDiscreteScheduler
 

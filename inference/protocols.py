@@ -80,16 +80,32 @@ class Protocol:
 
 
 ELITE_PROTOCOL = Protocol(
-    "elite", "ELITE (Wei et al., ICCV 2023)", "dreambooth", 5, None, ("clip_t", "clip_i", "dino_i"),
+    "elite",
+    "ELITE (Wei et al., ICCV 2023)",
+    "dreambooth",
+    5,
+    None,
+    ("clip_t", "clip_i", "dino_i"),
     elite_preset="paper",
 )
 COMPOSITIONAL_PROTOCOL = Protocol(
-    "compositional", "Compositional Inversion (Zhang et al., AAAI 2024), Table 1", "composition", 10,
-    COMPOSITIONAL_SAMPLING, ("clip_t", "coi_likelihood", "clip_i"), append_class_word=True, spatial_rows=True,
+    "compositional",
+    "Compositional Inversion (Zhang et al., AAAI 2024), Table 1",
+    "composition",
+    10,
+    COMPOSITIONAL_SAMPLING,
+    ("clip_t", "coi_likelihood", "clip_i"),
+    append_class_word=True,
+    spatial_rows=True,
 )
 INFUSION_PROTOCOL = Protocol(
-    "infusion", "Infusion (Zeng et al., 2024)", "dreambooth", 5, None,
-    ("clip_t", "clip_i", "dino_i", "fisher_generic", "fisher_class", "w2_generic", "w2_concept"), overfitting=True,
+    "infusion",
+    "Infusion (Zeng et al., 2024)",
+    "dreambooth",
+    5,
+    None,
+    ("clip_t", "clip_i", "dino_i", "fisher_generic", "fisher_class", "w2_generic", "w2_concept"),
+    overfitting=True,
 )
 PROTOCOL_TABLE = {p.name: p for p in (ELITE_PROTOCOL, COMPOSITIONAL_PROTOCOL, INFUSION_PROTOCOL)}
 

@@ -162,11 +162,19 @@ def crop_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("crop_shards")
     settings = load_config(CropSettings, REPO_ROOT / "configs/data/demo.yaml", ["resolution=64"])
     job = dict(shard_size=4, workers=1, progress=False)
-    build_coco_shards(DATA_DIR / "coco_sample/annotations.json", DATA_DIR / "coco_sample/images", root / "coco", settings, **job)
+    build_coco_shards(
+        DATA_DIR / "coco_sample/annotations.json", DATA_DIR / "coco_sample/images", root / "coco", settings, **job
+    )
     oi = DATA_DIR / "openimages/from_coco_sample"
     build_openimages_shards(
-        oi / "annotations/validation-annotations-bbox.csv", oi / "annotations/validation-annotations-object-segmentation.csv",
-        oi / "masks", oi / "images", DATA_DIR / "openimages/class-descriptions-boxable.csv", root / "openimages", settings, **job,
+        oi / "annotations/validation-annotations-bbox.csv",
+        oi / "annotations/validation-annotations-object-segmentation.csv",
+        oi / "masks",
+        oi / "images",
+        DATA_DIR / "openimages/class-descriptions-boxable.csv",
+        root / "openimages",
+        settings,
+        **job,
     )
     return root
 

@@ -110,9 +110,10 @@ def test_anchor_loss_formula_and_gradient():
     e = torch.randn(2, 4, requires_grad=True)
     w = torch.tensor([[0.5, 0, 0, 0.5, 0, 0], [0, 0, 1.0, 0, 0, 0]])
     loss = anchor_loss(e, anchors, w, normalisation="paper")
-    expected = sum(
-        float(w[b, i]) * float(((e[b].detach() - anchors[i]) ** 2).sum()) / 6 for b in range(2) for i in range(6)
-    ) / 2
+    expected = (
+        sum(float(w[b, i]) * float(((e[b].detach() - anchors[i]) ** 2).sum()) / 6 for b in range(2) for i in range(6))
+        / 2
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     # d/de of sum_i w_i ||e - a_i||^2 / K, averaged over the batch
@@ -127,14 +128,17 @@ def test_anchor_loss_formula_and_gradient():
     official = torch.nn.functional.mse_loss(ours, reference)
     assert anchor_loss(e[:1].detach(), anchors, single).item() == pytest.approx(official.item(), rel=1e-6)
     assert anchor_loss(e[:1].detach(), anchors, single, sequence_length=77).item() == pytest.approx(
-        anchor_loss(e[:1].detach(), anchors, single, normalisation="paper").item() * 6 / (77 * 4), rel=1e-6)
+        anchor_loss(e[:1].detach(), anchors, single, normalisation="paper").item() * 6 / (77 * 4), rel=1e-6
+    )
     with pytest.raises(ValueError, match="non-negative"):
         anchor_loss(e, anchors, -w)
 
 
 def test_regularizer_pulls_an_embedding_to_its_anchors(text_model):
     tokenizer, text_encoder = text_model
-    reg = AnchorRegularizer.from_text_encoder(tokenizer, text_encoder, max_active=2, refresh_every=5, normalisation="paper")
+    reg = AnchorRegularizer.from_text_encoder(
+        tokenizer, text_encoder, max_active=2, refresh_every=5, normalisation="paper"
+    )
     anchors = reg.anchor_embeddings
     torch.manual_seed(0)  # the start's noise, independent of the tests run before
     start = 0.6 * anchors[15] + 0.4 * anchors[16] + 0.15 * torch.randn(anchors.shape[1]) * anchors.norm(dim=1).mean()

@@ -33,8 +33,9 @@ def test_boxes_are_checked():
 def test_demo_app_generates_with_a_painted_mask_and_the_paper_preset(tiny_sd_path, tiny_encoders_path, data_dir):
     from inference.pipeline import ElitePipeline
 
-    elite = ElitePipeline.from_pretrained(str(tiny_sd_path), encoders=str(tiny_encoders_path), device="cpu", dtype="float32",
-                                          safety_checker=False)
+    elite = ElitePipeline.from_pretrained(
+        str(tiny_sd_path), encoders=str(tiny_encoders_path), device="cpu", dtype="float32", safety_checker=False
+    )
     app = DemoApp(elite, mask_model=None, max_steps=2)
     photo = Image.open(data_dir / "concepts" / "dreambooth" / "dog" / "00.jpg").convert("RGB")
     mask = Image.new("L", photo.size, 0)

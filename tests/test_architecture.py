@@ -105,7 +105,7 @@ def test_no_import_circles_between_modules():
 
     def visit(node: str) -> None:
         if node in stack:
-            circles.append(" -> ".join(stack[stack.index(node):] + [node]))
+            circles.append(" -> ".join(stack[stack.index(node) :] + [node]))
             return
         if node in seen:
             return
@@ -124,8 +124,15 @@ def test_no_file_names_a_document_outside_the_repository():
     """Code, configs and docs state facts where they are used; they never point at files not shipped."""
     outside = ("DESIGN.md", "papers/", "../shared")
     bad = []
-    for path in [*REPO.glob("*.md"), *(p for pkg in (*PACKAGES, "configs", "benchmarks", "tests") for p in (REPO / pkg).rglob("*"))]:
-        if path.is_file() and path.suffix in (".py", ".md", ".yaml", ".json", ".sbatch") and path.name != Path(__file__).name:
+    for path in [
+        *REPO.glob("*.md"),
+        *(p for pkg in (*PACKAGES, "configs", "benchmarks", "tests") for p in (REPO / pkg).rglob("*")),
+    ]:
+        if (
+            path.is_file()
+            and path.suffix in (".py", ".md", ".yaml", ".json", ".sbatch")
+            and path.name != Path(__file__).name
+        ):
             text = path.read_text(errors="ignore")
             bad += [f"{path.relative_to(REPO)} mentions {word}" for word in outside if word in text]
     assert not bad, "\n".join(bad)

@@ -41,27 +41,53 @@ def _photo(size=(96, 64)) -> Image.Image:
 
 def _generate(tmp_path, tiny_sd_path, *extra) -> list[str]:
     prompt = [] if "--prompt" in extra else ["--prompt", "a photo of a dog"]
-    return ["generate", "--base", str(tiny_sd_path), *prompt, "--steps", "1", "--quiet", "--out", str(tmp_path / "out"), *extra]
+    return [
+        "generate",
+        "--base",
+        str(tiny_sd_path),
+        *prompt,
+        "--steps",
+        "1",
+        "--quiet",
+        "--out",
+        str(tmp_path / "out"),
+        *extra,
+    ]
 
 
 # ---- numbers on the command line: refused at parse time, before any model loads -----------------------
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--elite-scale", "nan", "not a finite number"),
-    ("--lam", "-1", "between 0 and 2"),
-    ("--lam", "5", "between 0 and 2"),
-    ("--guidance", "nan", "not a finite number"),
-    ("--guidance", "-3", "at least 0"),
-    ("--height", "65", "multiple of 8"),
-    ("--width", "4", "between 8 and 8192"),
-    ("--num-images", "0", "at least 1"),
-    ("--steps", "0", "at least 1"),
-    ("--seed", "1.5", "is not an integer"),
-])
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--elite-scale", "nan", "not a finite number"),
+        ("--lam", "-1", "between 0 and 2"),
+        ("--lam", "5", "between 0 and 2"),
+        ("--guidance", "nan", "not a finite number"),
+        ("--guidance", "-3", "at least 0"),
+        ("--height", "65", "multiple of 8"),
+        ("--width", "4", "between 8 and 8192"),
+        ("--num-images", "0", "at least 1"),
+        ("--steps", "0", "at least 1"),
+        ("--seed", "1.5", "is not an integer"),
+    ],
+)
 def test_bad_numbers_are_refused_before_any_model_loads(option, value, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        inference_main(["generate", "--base", str(tmp_path / "no-such-model"), "--prompt", "x", "--out",
-                        str(tmp_path / "out"), option, value])
+        inference_main(
+            [
+                "generate",
+                "--base",
+                str(tmp_path / "no-such-model"),
+                "--prompt",
+                "x",
+                "--out",
+                str(tmp_path / "out"),
+                option,
+                value,
+            ]
+        )
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -89,6 +115,7 @@ def test_an_unwritable_out_is_refused_before_generating(kind, tmp_path, tiny_sd_
 
 
 # ---- photos and masks: read as data_prep reads them -----------------------------------------------------
+
 
 def test_a_16_bit_grey_photo_is_scaled_not_white(tmp_path):
     values = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
@@ -180,7 +207,9 @@ def test_a_hand_edited_concept_file_names_the_problem(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "edited.safetensors"
-    save_file({"w0": torch.zeros(32), "local_tokens": torch.zeros(4, 16)}, str(path), metadata={"format": "zsp-concept/1"})
+    save_file(
+        {"w0": torch.zeros(32), "local_tokens": torch.zeros(4, 16)}, str(path), metadata={"format": "zsp-concept/1"}
+    )
     with pytest.raises(ConceptFileError, match="edited.safetensors: local_tokens must be"):
         Concept.load(path)
     cut = tmp_path / "cut.safetensors"
@@ -198,8 +227,11 @@ def test_a_truncated_encoders_file_is_a_clear_error(tmp_path, tiny_encoders_path
     weights = next((broken / "global_mapping").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
     Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "p.png")
-    code = inference_main(_generate(tmp_path, tiny_sd_path, "--encoders", str(broken), "--image", str(tmp_path / "p.png"),
-                                    "--prompt", "a S*"))
+    code = inference_main(
+        _generate(
+            tmp_path, tiny_sd_path, "--encoders", str(broken), "--image", str(tmp_path / "p.png"), "--prompt", "a S*"
+        )
+    )
     assert code == 2 and "cannot load global_mapping/" in capsys.readouterr().err
 
 
@@ -219,12 +251,15 @@ def test_a_concept_made_for_another_base_model_of_the_same_shape_is_named(tmp_pa
 
     elite = ElitePipeline.from_pretrained(tiny_sd_path, encoders=tiny_encoders_path, device="cpu")
     elite.pipe.set_progress_bar_config(disable=True)
-    concept = Concept(w0=torch.zeros(32), metadata={"base_model": "someone/another-model", "encoders": str(tiny_encoders_path)})
+    concept = Concept(
+        w0=torch.zeros(32), metadata={"base_model": "someone/another-model", "encoders": str(tiny_encoders_path)}
+    )
     with pytest.warns(ConceptInputWarning, match="made for the base model someone/another-model"):
         elite("a photo of S*", concept, num_inference_steps=1, height=16, width=16, output_type="latent")
 
 
 # ---- data_prep: the output folder, paths, sizes, labels, models, workers ---------------------------------
+
 
 def _one_image_coco(tmp_path, file_name="img.png", width=96, height=64) -> tuple[Path, Path]:
     images = tmp_path / "images"
@@ -233,8 +268,17 @@ def _one_image_coco(tmp_path, file_name="img.png", width=96, height=64) -> tuple
     ann = {
         "images": [{"id": 1, "file_name": file_name, "width": width, "height": height}],
         "categories": [{"id": 1, "name": "thing"}],
-        "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [40, 10, 40, 40], "iscrowd": 0,
-                         "segmentation": [[40, 10, 80, 10, 80, 50, 40, 50]], "area": 1600}],
+        "annotations": [
+            {
+                "id": 7,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [40, 10, 40, 40],
+                "iscrowd": 0,
+                "segmentation": [[40, 10, 80, 10, 80, 50, 40, 50]],
+                "area": 1600,
+            }
+        ],
     }
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(ann))
@@ -257,7 +301,9 @@ def test_wrong_image_sizes_in_a_coco_json_are_skipped_unless_asked_to_rescale(tm
     strict = build_coco_shards(annotations, images, tmp_path / "strict", SMALL, shard_size=4, workers=1, progress=False)
     assert strict["samples"] == 0 and strict["skipped"] == {"image_size_mismatch": 1}
     rescale = CropSettings(**{**SMALL.to_dict(), "rescale_annotations": True})
-    scaled = build_coco_shards(annotations, images, tmp_path / "scaled", rescale, shard_size=4, workers=1, progress=False)
+    scaled = build_coco_shards(
+        annotations, images, tmp_path / "scaled", rescale, shard_size=4, workers=1, progress=False
+    )
     assert scaled["samples"] == 1 and scaled["notes"] == {"annotation_rescaled": 1}
 
 
@@ -296,14 +342,32 @@ def test_a_classes_csv_that_names_no_label_is_an_error(tmp_path, data_dir):
     with pytest.raises(SourceError, match="names none of the .* labels"):
         build_openimages_shards(
             oi / "annotations/validation-annotations-bbox.csv",
-            oi / "annotations/validation-annotations-object-segmentation.csv", oi / "masks", oi / "images",
-            classes, tmp_path / "out", SMALL, shard_size=4, workers=1, progress=False,
+            oi / "annotations/validation-annotations-object-segmentation.csv",
+            oi / "masks",
+            oi / "images",
+            classes,
+            tmp_path / "out",
+            SMALL,
+            shard_size=4,
+            workers=1,
+            progress=False,
         )
 
 
 def test_latents_with_a_missing_model_stop_before_any_shard(tmp_path, crop_shards, capsys):
-    code = data_prep_main(["latents", str(crop_shards / "coco"), "--base", str(tmp_path / "nonexistent"), "--resolution",
-                           "64", "--out", str(tmp_path / "latents"), "--no-progress"])
+    code = data_prep_main(
+        [
+            "latents",
+            str(crop_shards / "coco"),
+            "--base",
+            str(tmp_path / "nonexistent"),
+            "--resolution",
+            "64",
+            "--out",
+            str(tmp_path / "latents"),
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "no VAE to load" in capsys.readouterr().err
     assert not list((tmp_path / "latents").glob("*.tar"))
 
@@ -327,8 +391,9 @@ if __name__ == "__main__":
 def test_workers_leave_when_the_main_data_prep_process_is_killed(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(_ORPHAN_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "out")], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO))
+    )
     deadline = time.time() + 60
     while time.time() < deadline and len(psutil.Process(proc.pid).children()) < 2:
         time.sleep(0.2)
@@ -342,6 +407,7 @@ def test_workers_leave_when_the_main_data_prep_process_is_killed(tmp_path):
 
 # ---- training: settings on resume, precision, shard specs ----------------------------------------------
 
+
 def test_resuming_with_a_changed_learning_rate_is_refused_unless_named(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from toy_trainer import ToyConfig, ToyTask
@@ -351,10 +417,15 @@ def test_resuming_with_a_changed_learning_rate_is_refused_unless_named(tmp_path)
 
     base = dict(output_dir=str(tmp_path / "run"), train_batch_size=4, checkpointing_steps=2, report_to="none")
     run_training(ToyTask(ToyConfig(max_steps=2, learning_rate=0.05, **base)))
-    with pytest.raises(ConfigError, match="learning_rate: 0.05 in the checkpoint, 0.01 now.*resume_overrides=learning_rate"):
+    with pytest.raises(
+        ConfigError, match="learning_rate: 0.05 in the checkpoint, 0.01 now.*resume_overrides=learning_rate"
+    ):
         run_training(ToyTask(ToyConfig(max_steps=4, learning_rate=0.01, resume_from_checkpoint="latest", **base)))
-    task = ToyTask(ToyConfig(max_steps=4, learning_rate=0.01, resume_from_checkpoint="latest",
-                             resume_overrides=["learning_rate"], **base))
+    task = ToyTask(
+        ToyConfig(
+            max_steps=4, learning_rate=0.01, resume_from_checkpoint="latest", resume_overrides=["learning_rate"], **base
+        )
+    )
     run_training(task)
     state = torch.load(tmp_path / "run" / "checkpoint-4" / "optimizer.bin", weights_only=True)
     assert state["param_groups"][0]["lr"] == pytest.approx(0.01)
@@ -373,18 +444,29 @@ def test_fp16_on_the_cpu_is_refused(tmp_path, fresh_accelerate_state):
         run_training(ToyTask(ToyConfig(output_dir=str(tmp_path), mixed_precision="fp16", report_to="none")))
 
 
-def test_a_typo_in_train_shards_stops_before_any_model_loads(tmp_path, monkeypatch, tiny_sd_path, tiny_image_encoder_path):
+def test_a_typo_in_train_shards_stops_before_any_model_loads(
+    tmp_path, monkeypatch, tiny_sd_path, tiny_image_encoder_path
+):
     from encoders.common.config import load_config
     from encoders.common.shards import ShardSpecError
     from training import diffusion
     from training.global_mapping import GlobalMappingConfig, GlobalMappingTask
     from training.loop import run_training
 
-    monkeypatch.setattr(diffusion.FrozenStableDiffusion, "load", classmethod(lambda *a, **k: pytest.fail("a model loaded")))
-    config = load_config(GlobalMappingConfig, None, [
-        f"pretrained_model_name_or_path={tiny_sd_path}", f"image_encoder_name_or_path={tiny_image_encoder_path}",
-        f"train_shards={tmp_path}/shards/crops-{{000000..000009}}.tar", f"output_dir={tmp_path / 'run'}", "report_to=none",
-    ])
+    monkeypatch.setattr(
+        diffusion.FrozenStableDiffusion, "load", classmethod(lambda *a, **k: pytest.fail("a model loaded"))
+    )
+    config = load_config(
+        GlobalMappingConfig,
+        None,
+        [
+            f"pretrained_model_name_or_path={tiny_sd_path}",
+            f"image_encoder_name_or_path={tiny_image_encoder_path}",
+            f"train_shards={tmp_path}/shards/crops-{{000000..000009}}.tar",
+            f"output_dir={tmp_path / 'run'}",
+            "report_to=none",
+        ],
+    )
     start = time.perf_counter()
     with pytest.raises(ShardSpecError, match="crops-000000.tar does not exist"):
         run_training(GlobalMappingTask(config))

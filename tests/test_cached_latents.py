@@ -19,8 +19,23 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.fixture(scope="module")
 def latent_shards(crop_shards, tiny_sd_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("latents")
-    code = data_prep_main(["latents", str(crop_shards / "coco"), "--model", str(tiny_sd_path), "--resolution", "64",
-                           "--out", str(out), "--shard-size", "5", "--batch-size", "3", "--no-progress"])
+    code = data_prep_main(
+        [
+            "latents",
+            str(crop_shards / "coco"),
+            "--model",
+            str(tiny_sd_path),
+            "--resolution",
+            "64",
+            "--out",
+            str(out),
+            "--shard-size",
+            "5",
+            "--batch-size",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return out
 
@@ -61,8 +76,23 @@ def test_latent_shards_copy_every_sample_and_add_its_vae_posterior(crop_shards, 
 
 def test_rerun_keeps_the_finished_shards(crop_shards, latent_shards, tiny_sd_path):
     before = {p.name: p.read_bytes() for p in latent_shards.glob("*.tar")}
-    code = data_prep_main(["latents", str(crop_shards / "coco"), "--model", str(tiny_sd_path), "--resolution", "64",
-                           "--out", str(latent_shards), "--shard-size", "5", "--batch-size", "3", "--no-progress"])
+    code = data_prep_main(
+        [
+            "latents",
+            str(crop_shards / "coco"),
+            "--model",
+            str(tiny_sd_path),
+            "--resolution",
+            "64",
+            "--out",
+            str(latent_shards),
+            "--shard-size",
+            "5",
+            "--batch-size",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert {p.name: p.read_bytes() for p in latent_shards.glob("*.tar")} == before
 
@@ -72,8 +102,12 @@ def test_bad_inputs_are_clear_errors(crop_shards, tiny_sd_path, tmp_path, capsys
     not_tar.write_bytes(b"not a tar file")
     assert data_prep_main(["latents", str(not_tar), "--model", str(tiny_sd_path), "--out", str(tmp_path / "o")]) == 2
     assert "broken-000000.tar is not a readable tar shard" in capsys.readouterr().err
-    assert data_prep_main(["latents", str(crop_shards / "coco"), "--model", str(tiny_sd_path),
-                           "--out", str(crop_shards / "coco")]) == 2
+    assert (
+        data_prep_main(
+            ["latents", str(crop_shards / "coco"), "--model", str(tiny_sd_path), "--out", str(crop_shards / "coco")]
+        )
+        == 2
+    )
     assert "holds the input shards" in capsys.readouterr().err
 
     # a shard that breaks after planning: each of its samples is skipped with the reason, the job goes on
@@ -99,17 +133,26 @@ def test_loader_yields_the_moments_and_refuses_what_cannot_work(crop_shards, lat
         CropDataConfig(cached_latents=True, scale_augment="shrink", scale_prob=0.5)
 
 
-def test_training_step_from_cached_latents_matches_the_vae_path(latent_shards, tiny_sd_path, tiny_image_encoder_path, tmp_path):
+def test_training_step_from_cached_latents_matches_the_vae_path(
+    latent_shards, tiny_sd_path, tiny_image_encoder_path, tmp_path
+):
     from accelerate import Accelerator
 
     from encoders.common.config import load_config
     from training.global_mapping import GlobalMappingConfig, GlobalMappingTask
 
     def task(cached: bool):
-        keys = [f"pretrained_model_name_or_path={tiny_sd_path}", f"image_encoder_name_or_path={tiny_image_encoder_path}",
-                f"train_shards={latent_shards}", f"output_dir={tmp_path / str(cached)}", "train_batch_size=2",
-                "mapping_hidden_dim=64", "report_to=none", "data.resolution=64",
-                f"data.cached_latents={str(cached).lower()}"]
+        keys = [
+            f"pretrained_model_name_or_path={tiny_sd_path}",
+            f"image_encoder_name_or_path={tiny_image_encoder_path}",
+            f"train_shards={latent_shards}",
+            f"output_dir={tmp_path / str(cached)}",
+            "train_batch_size=2",
+            "mapping_hidden_dim=64",
+            "report_to=none",
+            "data.resolution=64",
+            f"data.cached_latents={str(cached).lower()}",
+        ]
         t = GlobalMappingTask(load_config(GlobalMappingConfig, None, keys))
         t.setup(Accelerator(cpu=True), torch.float32)
         return t

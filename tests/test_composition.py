@@ -22,17 +22,37 @@ def location_mlp_folder(encoders_with_location_mlp):
 
 def _ti_folder(root):
     root.mkdir(parents=True, exist_ok=True)
-    save_file({"S*": torch.randn(1, 32, generator=torch.Generator().manual_seed(1))}, root / "learned_embeds.safetensors")
-    info = {"method": "textual_inversion", "placeholder_token": "S*", "class_word": "cat",
-            "files": {"embeddings": "learned_embeds.safetensors"}}
+    save_file(
+        {"S*": torch.randn(1, 32, generator=torch.Generator().manual_seed(1))}, root / "learned_embeds.safetensors"
+    )
+    info = {
+        "method": "textual_inversion",
+        "placeholder_token": "S*",
+        "class_word": "cat",
+        "files": {"embeddings": "learned_embeds.safetensors"},
+    }
     (root / "concept.json").write_text(json.dumps(info))
     return root
 
 
 def _generate(tmp_path, tiny_sd_path, *extra):
     out = tmp_path / "out"
-    code = inference_main(["generate", "--base", str(tiny_sd_path), "--steps", "2", "--height", "16", "--quiet",
-                           "--no-safety-checker", "--out", str(out), *extra])
+    code = inference_main(
+        [
+            "generate",
+            "--base",
+            str(tiny_sd_path),
+            "--steps",
+            "2",
+            "--height",
+            "16",
+            "--quiet",
+            "--no-safety-checker",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     assert code == 0
     return json.loads((out / "settings.json").read_text())
 
@@ -44,7 +64,10 @@ def test_token_boxes_and_default_words():
         parse_token_box("S*=0.5,0,0.2,1")
     with pytest.raises(ValueError, match="nothing before"):
         parse_token_box("=0,0,1,1")
-    assert default_words("a S* playing with a teddy bear and a dog", ["dog", "teddy bear", "cat"]) == ["teddy bear", "dog"]
+    assert default_words("a S* playing with a teddy bear and a dog", ["dog", "teddy bear", "cat"]) == [
+        "teddy bear",
+        "dog",
+    ]
     assert default_words("a dogma", ["dog"]) == []  # whole words only
 
 
@@ -55,7 +78,9 @@ def test_plan_needs_boxes_or_two_tokens_for_the_location_mlp():
         plan_guidance("S* with a dog", {"S*": None}, [], {"cat": (0, 0, 0.5, 1)})
     with pytest.raises(ConceptInputError, match="does not contain the word 'cat'"):
         plan_guidance("S* with a dog", {"S*": None}, ["cat"], {})
-    placed = plan_guidance("S* with a dog", {"S*": None, "S2": None}, ["dog"], {"S*": (0, 0, 0.5, 1), "dog": (0.5, 0, 1, 1)})
+    placed = plan_guidance(
+        "S* with a dog", {"S*": None, "S2": None}, ["dog"], {"S*": (0, 0, 0.5, 1), "dog": (0.5, 0, 1, 1)}
+    )
     assert [(t.name, t.source) for t in placed] == [("S*", "given"), ("dog", "given")]  # S2 is not in the prompt
 
 
@@ -63,8 +88,17 @@ def test_a_textual_inversion_token_and_a_word_placed_by_the_location_mlp(tmp_pat
     """`generate --finetune DIR --prompt "a photo of S* playing with a dog" --spatial-guidance`: the TI token
     and the prompt's known noun each get a box from the location MLP; the losses are recorded."""
     ti = _ti_folder(tmp_path / "ti")
-    settings = _generate(tmp_path, tiny_sd_path, "--finetune", str(ti), "--prompt", "a photo of S* playing with a dog",
-                         "--spatial-guidance", "--location-mlp", str(location_mlp_folder))
+    settings = _generate(
+        tmp_path,
+        tiny_sd_path,
+        "--finetune",
+        str(ti),
+        "--prompt",
+        "a photo of S* playing with a dog",
+        "--spatial-guidance",
+        "--location-mlp",
+        str(location_mlp_folder),
+    )
     record = settings["prompts"][0]
     assert [p["token"] for p in record["placed"]] == ["S*", "dog"]
     assert all(p["from"] == "location_mlp" for p in record["placed"]) and record["placed"][1]["as_noun"] == "dog"
@@ -80,10 +114,22 @@ def test_a_textual_inversion_token_and_a_word_placed_by_the_location_mlp(tmp_pat
 def test_two_elite_concepts_and_a_word_with_given_boxes(tmp_path, tiny_sd_path, tiny_encoders_path, data_dir):
     photos = data_dir / "concepts" / "dreambooth"
     settings = _generate(
-        tmp_path, tiny_sd_path, "--encoders", str(tiny_encoders_path),
-        "--image", str(photos / "dog" / "00.jpg"), "--image", str(photos / "cat" / "00.jpg"),
-        "--prompt", "S1 and S2 next to a person", "--box", "S1=0,0,0.4,1", "--box", "S2=0.4,0,0.8,1",
-        "--box", "person=0.8,0,1,1",
+        tmp_path,
+        tiny_sd_path,
+        "--encoders",
+        str(tiny_encoders_path),
+        "--image",
+        str(photos / "dog" / "00.jpg"),
+        "--image",
+        str(photos / "cat" / "00.jpg"),
+        "--prompt",
+        "S1 and S2 next to a person",
+        "--box",
+        "S1=0,0,0.4,1",
+        "--box",
+        "S2=0.4,0,0.8,1",
+        "--box",
+        "person=0.8,0,1,1",
     )
     placed = settings["prompts"][0]["placed"]
     assert [(p["token"], p["from"]) for p in placed] == [("S1", "given"), ("S2", "given"), ("person", "given")]
@@ -100,7 +146,27 @@ def test_guidance_with_infusion_is_refused_clearly(tmp_path, tiny_sd_path):
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
     InfusionResiduals.for_unet(unet, class_word="cat").save_pretrained(run / "infusion")
-    (run / "concept.json").write_text(json.dumps({"method": "infusion", "class_word": "cat", "files": {"residuals": "infusion"}}))
-    code = inference_main(["generate", "--base", str(tiny_sd_path), "--steps", "1", "--height", "16", "--quiet",
-                           "--out", str(tmp_path / "out"), "--finetune", str(run), "--prompt", "a cat", "--box", "cat=0,0,1,1"])
+    (run / "concept.json").write_text(
+        json.dumps({"method": "infusion", "class_word": "cat", "files": {"residuals": "infusion"}})
+    )
+    code = inference_main(
+        [
+            "generate",
+            "--base",
+            str(tiny_sd_path),
+            "--steps",
+            "1",
+            "--height",
+            "16",
+            "--quiet",
+            "--out",
+            str(tmp_path / "out"),
+            "--finetune",
+            str(run),
+            "--prompt",
+            "a cat",
+            "--box",
+            "cat=0,0,1,1",
+        ]
+    )
     assert code == 2

@@ -73,7 +73,7 @@ def coco_case(tmp_path_factory):
     good.save(images / "good.jpg", quality=95)
     good.convert("CMYK").save(images / "cmyk.jpg", quality=95)
     good.convert("P", palette=Image.ADAPTIVE).save(images / "palette.png")
-    Image.fromarray((np.asarray(good.convert("L"), np.uint16) * 257)).save(images / "gray16.png")
+    Image.fromarray(np.asarray(good.convert("L"), np.uint16) * 257).save(images / "gray16.png")
     good.convert("L").save(images / "gray.png")
     rgba = good.convert("RGBA")
     rgba.putalpha(200)
@@ -86,15 +86,28 @@ def coco_case(tmp_path_factory):
     data = jpeg_bytes(good)
     (images / "truncated.jpg").write_bytes(data[: len(data) // 2])
 
-    names = ["good.jpg", "cmyk.jpg", "palette.png", "gray16.png", "gray.png", "rgba.png", "exif.jpg", "exif.jpg",
-             "corrupt.jpg", "truncated.jpg", "missing.jpg"]
+    names = [
+        "good.jpg",
+        "cmyk.jpg",
+        "palette.png",
+        "gray16.png",
+        "gray.png",
+        "rgba.png",
+        "exif.jpg",
+        "exif.jpg",
+        "corrupt.jpg",
+        "truncated.jpg",
+        "missing.jpg",
+    ]
     image_entries = [{"id": i + 1, "file_name": n, "width": W, "height": H} for i, n in enumerate(names)]
     image_entries[7].update(width=H, height=W)  # the same EXIF file, annotated in its stored frame
     x0, y0, x1, y1 = SQUARE
     square = [[x0, y0, x1, y0, x1, y1, x0, y1]]
     bbox = [x0, y0, x1 - x0, y1 - y0]
-    annotations = [{"id": 100 + i, "image_id": i + 1, "category_id": 1, "bbox": bbox, "segmentation": square, "iscrowd": 0}
-                   for i in range(len(names))]
+    annotations = [
+        {"id": 100 + i, "image_id": i + 1, "category_id": 1, "bbox": bbox, "segmentation": square, "iscrowd": 0}
+        for i in range(len(names))
+    ]
     # stored frame of image 8: the square turned 90 degrees counter-clockwise: (x, y) -> (y, W - x)
     annotations[7]["bbox"] = [y0, W - x1, y1 - y0, x1 - x0]
     annotations[7]["segmentation"] = [[y0, W - x1, y1, W - x1, y1, W - x0, y0, W - x0]]
@@ -105,14 +118,32 @@ def coco_case(tmp_path_factory):
         {"id": 202, "image_id": 1, "category_id": 1, "bbox": bbox, "segmentation": square},  # same object again
         {"id": 203, "image_id": 1, "category_id": 1, "bbox": "abc", "segmentation": square},  # malformed
         {"id": 204, "image_id": 99, "category_id": 1, "bbox": bbox, "segmentation": square},  # unknown image
-        {"id": 205, "image_id": 1, "category_id": 7, "bbox": [20, 15, 60, 60], "segmentation": square},  # unknown category
+        {
+            "id": 205,
+            "image_id": 1,
+            "category_id": 7,
+            "bbox": [20, 15, 60, 60],
+            "segmentation": square,
+        },  # unknown category
         {"id": 206, "image_id": 1, "category_id": 1, "bbox": [25, 10, 70, 80], "segmentation": [[1, 2]]},  # bad polygon
-        {"id": 207, "image_id": 1, "category_id": 1, "bbox": [28, 18, 64, 64], "iscrowd": 1,
-         "segmentation": {"size": [H, W], "counts": [H * x0 + y0] + sum([[y1 - y0, H - (y1 - y0)] for _ in range(x1 - x0)], [])[:-1] + [H * (W - x1) + H - y1]}},
+        {
+            "id": 207,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [28, 18, 64, 64],
+            "iscrowd": 1,
+            "segmentation": {
+                "size": [H, W],
+                "counts": [H * x0 + y0]
+                + sum([[y1 - y0, H - (y1 - y0)] for _ in range(x1 - x0)], [])[:-1]
+                + [H * (W - x1) + H - y1],
+            },
+        },
     ]
     annotation_file = root / "annotations.json"
-    annotation_file.write_text(json.dumps({"images": image_entries, "annotations": annotations,
-                                           "categories": [{"id": 1, "name": "thing"}]}))
+    annotation_file.write_text(
+        json.dumps({"images": image_entries, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]})
+    )
     return root, annotation_file, images
 
 
@@ -120,13 +151,28 @@ def test_coco_bad_inputs_are_counted_by_reason(coco_case, tmp_path, caplog):
     root, annotations, images = coco_case
     manifest = build_coco_shards(annotations, images, tmp_path, SETTINGS, progress=False)
     assert manifest["skipped_in_source"] == {
-        "box_outside_image": 1, "degenerate_box": 1, "duplicate_annotation": 2, "malformed_annotation": 1,
-        "unknown_image": 1, "unknown_category": 1, "crowd": 1,
+        "box_outside_image": 1,
+        "degenerate_box": 1,
+        "duplicate_annotation": 2,
+        "malformed_annotation": 1,
+        "unknown_image": 1,
+        "unknown_category": 1,
+        "crowd": 1,
     }
-    assert manifest["skipped_in_shards"] == {"corrupt_image": 1, "truncated_image": 1, "missing_image": 1, "malformed_segmentation": 1}
+    assert manifest["skipped_in_shards"] == {
+        "corrupt_image": 1,
+        "truncated_image": 1,
+        "missing_image": 1,
+        "malformed_segmentation": 1,
+    }
     assert manifest["notes"] == {
-        "converted_cmyk": 1, "converted_palette": 1, "converted_16bit": 1, "converted_grayscale": 1,
-        "converted_rgba": 1, "exif_transposed": 1, "exif_ignored_for_annotations": 1,
+        "converted_cmyk": 1,
+        "converted_palette": 1,
+        "converted_16bit": 1,
+        "converted_grayscale": 1,
+        "converted_rgba": 1,
+        "exif_transposed": 1,
+        "exif_ignored_for_annotations": 1,
     }
     got = samples(tmp_path)
     assert sorted(got) == [f"coco_{i}_{100 + i - 1}" for i in range(1, 9)]
@@ -165,14 +211,18 @@ def test_coco_file_that_is_not_coco_stops_before_any_shard(tmp_path, content, me
         build_coco_shards(bad, tmp_path / "images", tmp_path / "out", SETTINGS, progress=False)
     assert str(bad) in str(err.value)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.tar"))
-    code = cli_main(["coco", "--annotations", str(bad), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out")])
+    code = cli_main(
+        ["coco", "--annotations", str(bad), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out")]
+    )
     assert code == 2 and str(bad) in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("*.tar")) if (tmp_path / "out").exists() else True
 
 
 # ---------------------------------------------------------------------------------------- OpenImages
 
-BOX_HEADER = "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside"
+BOX_HEADER = (
+    "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside"
+)
 SEG_HEADER = "MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks"
 NORM = f"{SQUARE[0] / W},{SQUARE[2] / W},{SQUARE[1] / H},{SQUARE[3] / H}"
 
@@ -231,18 +281,34 @@ def oi_case(tmp_path_factory):
 
 def _build_oi(root, out, settings=SETTINGS, **kw):
     return build_openimages_shards(
-        root / "boxes.csv", root / "segs.csv", root / "masks", root / "images", root / "classes.csv", out, settings,
-        image_info=root / "info.csv", progress=False, **kw,
+        root / "boxes.csv",
+        root / "segs.csv",
+        root / "masks",
+        root / "images",
+        root / "classes.csv",
+        out,
+        settings,
+        image_info=root / "info.csv",
+        progress=False,
+        **kw,
     )
 
 
 def test_openimages_bad_inputs_are_counted_by_reason(oi_case, tmp_path):
     manifest = _build_oi(oi_case, tmp_path)
     assert manifest["skipped_in_source"] == {
-        "malformed_row": 3, "duplicate_annotation": 2, "degenerate_box": 1, "box_outside_image": 1, "no_mask": 1,
+        "malformed_row": 3,
+        "duplicate_annotation": 2,
+        "degenerate_box": 1,
+        "box_outside_image": 1,
+        "no_mask": 1,
     }
     assert manifest["skipped_in_shards"] == {
-        "missing_mask": 1, "corrupt_mask": 1, "mask_size_mismatch": 1, "missing_image": 1, "corrupt_image": 1,
+        "missing_mask": 1,
+        "corrupt_mask": 1,
+        "mask_size_mismatch": 1,
+        "missing_image": 1,
+        "corrupt_image": 1,
     }
     assert manifest["notes"] == {"mask_resized": 1, "rotated": 1}
     got = samples(tmp_path)
@@ -258,7 +324,9 @@ def test_openimages_bad_inputs_are_counted_by_reason(oi_case, tmp_path):
 def test_openimages_boxes_without_masks_on_request(oi_case, tmp_path):
     settings = CropSettings(**{**SETTINGS.to_dict(), "mask_from_box": True, "include_group_of": True})
     manifest = _build_oi(oi_case, tmp_path, settings)
-    boxes = {k: json.loads(s["json"]) for k, s in samples(tmp_path).items() if json.loads(s["json"])["mask_source"] == "box"}
+    boxes = {
+        k: json.loads(s["json"]) for k, s in samples(tmp_path).items() if json.loads(s["json"])["mask_source"] == "box"
+    }
     assert len(boxes) == 1
     (meta,) = boxes.values()
     assert meta["category"] == "/m/02" and meta["flags"]["is_group_of"] == 1  # no display name: the label id
@@ -271,10 +339,23 @@ def test_openimages_boxes_without_masks_on_request(oi_case, tmp_path):
 def test_openimages_csv_that_is_not_what_it_claims(oi_case, tmp_path, which):
     bad = tmp_path / f"{which}.csv"
     bad.write_text("Foo,Bar,Baz\n1,2,3\n")
-    paths = {"boxes": oi_case / "boxes.csv", "segs": oi_case / "segs.csv", "classes": oi_case / "classes.csv", which: bad}
+    paths = {
+        "boxes": oi_case / "boxes.csv",
+        "segs": oi_case / "segs.csv",
+        "classes": oi_case / "classes.csv",
+        which: bad,
+    }
     with pytest.raises(SourceError) as err:
-        build_openimages_shards(paths["boxes"], paths["segs"], oi_case / "masks", oi_case / "images", paths["classes"],
-                                tmp_path / "out", SETTINGS, progress=False)
+        build_openimages_shards(
+            paths["boxes"],
+            paths["segs"],
+            oi_case / "masks",
+            oi_case / "images",
+            paths["classes"],
+            tmp_path / "out",
+            SETTINGS,
+            progress=False,
+        )
     assert str(bad) in str(err.value)
     assert not (tmp_path / "out").exists()
 
@@ -283,12 +364,25 @@ def test_unseen_datumaro_tree(data_dir, tmp_path):
     """Tiny synthetic images, a 1-bit mask, -1 flags and an image-info row one column short."""
     tree = data_dir / "openimages/datumaro_v6"
     ann = tree / "annotations"
-    permissive = CropSettings(resolution=16, min_area_fraction=0.0, max_area_fraction=1.0, min_side=0.0,
-                              max_aspect_ratio=1000.0, min_mask_box_iou=0.0, mask_from_box=True, include_group_of=True)
+    permissive = CropSettings(
+        resolution=16,
+        min_area_fraction=0.0,
+        max_area_fraction=1.0,
+        min_side=0.0,
+        max_aspect_ratio=1000.0,
+        min_mask_box_iou=0.0,
+        mask_from_box=True,
+        include_group_of=True,
+    )
     manifest = build_openimages_shards(
         [ann / "oidv6-train-annotations-bbox.csv", ann / "test-annotations-bbox.csv"],
-        ann / "train-annotations-object-segmentation.csv", tree / "masks", tree / "images",
-        ann / "oidv6-class-descriptions.csv", tmp_path, permissive, image_info=ann / "image_ids_and_rotation.csv",
+        ann / "train-annotations-object-segmentation.csv",
+        tree / "masks",
+        tree / "images",
+        ann / "oidv6-class-descriptions.csv",
+        tmp_path,
+        permissive,
+        image_info=ann / "image_ids_and_rotation.csv",
         progress=False,
     )
     assert manifest["skipped_in_source"] == {"malformed_row": 1}  # image d's row
@@ -302,6 +396,14 @@ def test_unseen_mmdetection_csvs_without_images(data_dir, tmp_path):
     tree = data_dir / "openimages/mmdetection_sample/annotations"
     (tmp_path / "images").mkdir()
     settings = CropSettings(mask_from_box=True)
-    manifest = build_openimages_shards(tree / "oidv6-train-annotations-bbox.csv", None, None, tmp_path / "images",
-                                       tree / "class-descriptions-boxable.csv", tmp_path / "out", settings, progress=False)
+    manifest = build_openimages_shards(
+        tree / "oidv6-train-annotations-bbox.csv",
+        None,
+        None,
+        tmp_path / "images",
+        tree / "class-descriptions-boxable.csv",
+        tmp_path / "out",
+        settings,
+        progress=False,
+    )
     assert manifest["samples"] == 0 and manifest["skipped"] == {"missing_image": 1}

@@ -17,17 +17,42 @@ REPO = __import__("pathlib").Path(__file__).parent.parent
 
 
 def test_help_lists_the_subcommands():
-    out = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
     for name in ("coco", "openimages", "merge", "inspect"):
         assert name in out
-    out = subprocess.run([sys.executable, "-m", "data_prep", "coco", "--help"], capture_output=True, text=True, cwd=REPO, check=True).stdout
-    for text in ("--annotations", "--images", "--out", "--workers", "--node-rank", "--num-nodes", "min_side", "resolution"):
+    out = subprocess.run(
+        [sys.executable, "-m", "data_prep", "coco", "--help"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
+    for text in (
+        "--annotations",
+        "--images",
+        "--out",
+        "--workers",
+        "--node-rank",
+        "--num-nodes",
+        "min_side",
+        "resolution",
+    ):
         assert text in out
 
 
 def _coco_args(data_dir, out, *extra):
-    return ["coco", "--annotations", str(data_dir / "coco_sample/annotations.json"), "--images", str(data_dir / "coco_sample/images"),
-            "--out", str(out), "--config", str(REPO / "configs/data/demo.yaml"), "--no-progress", "-q", *extra]
+    return [
+        "coco",
+        "--annotations",
+        str(data_dir / "coco_sample/annotations.json"),
+        "--images",
+        str(data_dir / "coco_sample/images"),
+        "--out",
+        str(out),
+        "--config",
+        str(REPO / "configs/data/demo.yaml"),
+        "--no-progress",
+        "-q",
+        *extra,
+    ]
 
 
 def test_coco_cli_shards_open_with_tar_and_webdataset(data_dir, tmp_path):
@@ -35,7 +60,9 @@ def test_coco_cli_shards_open_with_tar_and_webdataset(data_dir, tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["settings"]["resolution"] == 64 and manifest["samples"] >= 5
     if shutil.which("tar"):
-        listing = subprocess.run(["tar", "tf", str(tmp_path / "coco-000000.tar")], capture_output=True, text=True, check=True).stdout.split()
+        listing = subprocess.run(
+            ["tar", "tf", str(tmp_path / "coco-000000.tar")], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert len(listing) == 3 * manifest["shards"][0]["samples"] and listing[0].endswith(".jpg")
     import webdataset as wds
 
@@ -50,11 +77,27 @@ def test_coco_cli_shards_open_with_tar_and_webdataset(data_dir, tmp_path):
 
 def test_openimages_cli_two_nodes_and_merge(data_dir, tmp_path):
     oi = data_dir / "openimages/from_coco_sample"
-    base = ["openimages", "--boxes", str(oi / "annotations/validation-annotations-bbox.csv"),
-            "--segmentations", str(oi / "annotations/validation-annotations-object-segmentation.csv"),
-            "--masks", str(oi / "masks"), "--images", str(oi / "images"),
-            "--classes", str(data_dir / "openimages/class-descriptions-boxable.csv"),
-            "--config", str(REPO / "configs/data/demo.yaml"), "--shard-size", "10", "--workers", "1", "--no-progress", "-q"]
+    base = [
+        "openimages",
+        "--boxes",
+        str(oi / "annotations/validation-annotations-bbox.csv"),
+        "--segmentations",
+        str(oi / "annotations/validation-annotations-object-segmentation.csv"),
+        "--masks",
+        str(oi / "masks"),
+        "--images",
+        str(oi / "images"),
+        "--classes",
+        str(data_dir / "openimages/class-descriptions-boxable.csv"),
+        "--config",
+        str(REPO / "configs/data/demo.yaml"),
+        "--shard-size",
+        "10",
+        "--workers",
+        "1",
+        "--no-progress",
+        "-q",
+    ]
     single = tmp_path / "single"
     assert main([*base, "--out", str(single), "resolution=48"]) == 0
     nodes = tmp_path / "nodes"
@@ -65,14 +108,32 @@ def test_openimages_cli_two_nodes_and_merge(data_dir, tmp_path):
     merged = json.loads((nodes / "manifest.json").read_text())
     reference = json.loads((single / "manifest.json").read_text())
     assert merged["samples"] == reference["samples"] and merged["skipped"] == reference["skipped"]
-    assert {p.name: p.read_bytes() for p in nodes.glob("*.tar")} == {p.name: p.read_bytes() for p in single.glob("*.tar")}
+    assert {p.name: p.read_bytes() for p in nodes.glob("*.tar")} == {
+        p.name: p.read_bytes() for p in single.glob("*.tar")
+    }
     assert main(["merge", str(tmp_path / "empty")]) == 2  # a clear error, not a traceback
 
 
 def test_inspect_prints_stats_and_draws_a_sheet(crop_shards, tmp_path, capsys):
     sheet = tmp_path / "sheet.png"
     stats_file = tmp_path / "stats.json"
-    assert main(["inspect", str(crop_shards), "--out", str(sheet), "--json", str(stats_file), "--verify", "--tile", "96", "-q"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(crop_shards),
+                "--out",
+                str(sheet),
+                "--json",
+                str(stats_file),
+                "--verify",
+                "--tile",
+                "96",
+                "-q",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "samples" in printed and "skipped (manifest)" in printed
     stats = json.loads(stats_file.read_text())
@@ -104,12 +165,28 @@ def test_a_setting_after_a_list_of_files_is_not_taken_for_a_file(tmp_path, capsy
     from data_prep.cli import _rescue_settings, build_parser
 
     parser = build_parser()
-    args = parser.parse_args(["openimages", "--images", "i", "--classes", "c.csv", "--out", str(tmp_path),
-                              "--boxes", "a.csv", "b.csv", "resolution=48", "mask_from_box=true"])
+    args = parser.parse_args(
+        [
+            "openimages",
+            "--images",
+            "i",
+            "--classes",
+            "c.csv",
+            "--out",
+            str(tmp_path),
+            "--boxes",
+            "a.csv",
+            "b.csv",
+            "resolution=48",
+            "mask_from_box=true",
+        ]
+    )
     _rescue_settings(args, parser)
     assert args.boxes == ["a.csv", "b.csv"] and args.overrides == ["resolution=48", "mask_from_box=true"]
     with pytest.raises(SystemExit):
-        args = parser.parse_args(["openimages", "--images", "i", "--classes", "c", "--out", "o", "--boxes", "resolution=48"])
+        args = parser.parse_args(
+            ["openimages", "--images", "i", "--classes", "c", "--out", "o", "--boxes", "resolution=48"]
+        )
         _rescue_settings(args, parser)
     assert "--boxes names no file" in capsys.readouterr().err
     with pytest.raises(SystemExit):

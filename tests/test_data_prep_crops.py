@@ -115,7 +115,9 @@ def test_box_iou():
     assert box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
 
 
-@pytest.mark.parametrize("degrees, transpose", [(90, Image.ROTATE_90), (180, Image.ROTATE_180), (270, Image.ROTATE_270)])
+@pytest.mark.parametrize(
+    "degrees, transpose", [(90, Image.ROTATE_90), (180, Image.ROTATE_180), (270, Image.ROTATE_270)]
+)
 def test_rotated_box_follows_the_rotated_image(degrees, transpose):
     w, h = 50, 30
     mask = np.zeros((h, w), np.uint8)

@@ -116,7 +116,17 @@ def test_mask_box_agrees_with_box_in_crop_in_every_sample(reference):
             # COCO boxes are the polygons' tight boxes: edges agree to ~1 px at 48 px
             assert max(abs(a - b) for a, b in zip(tight, box)) <= 1.6, (key, tight, box)
             assert box_iou(tight, box) >= 0.8
-            for field in ("schema", "source", "image_id", "annotation_id", "category", "image_size", "bbox_xyxy", "crop_xyxy", "box_in_crop"):
+            for field in (
+                "schema",
+                "source",
+                "image_id",
+                "annotation_id",
+                "category",
+                "image_size",
+                "bbox_xyxy",
+                "crop_xyxy",
+                "box_in_crop",
+            ):
                 assert field in meta
             seen += 1
     assert seen >= 10
@@ -139,8 +149,14 @@ def test_killed_run_resumes_to_the_same_bytes(reference, coco_records, tmp_path)
     victim = records[9].key  # in shard 2 (items 8..11)
     dying = functools.partial(_dies_at, settings=SETTINGS, key=victim)
     with pytest.raises(SimulatedKill):
-        write_shards(records, dying, ShardJob(tmp_path, "coco", shard_size=4, progress=False), settings=SETTINGS.to_dict(),
-                     source=report.to_dict(), source_skipped=report.skipped)
+        write_shards(
+            records,
+            dying,
+            ShardJob(tmp_path, "coco", shard_size=4, progress=False),
+            settings=SETTINGS.to_dict(),
+            source=report.to_dict(),
+            source_skipped=report.skipped,
+        )
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["coco-000000.tar", "coco-000001.tar"]
     assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "manifest.json").exists()
     # What a SIGKILL leaves behind: another shard's half-written temp file, and a stats file whose
@@ -165,7 +181,16 @@ def test_two_nodes_union_equals_one_node_and_merge(reference, coco_records, tmp_
     assert _tars(tmp_path) == _tars(out)
     merged = merge_manifests(tmp_path, verify=True)
     assert merged["complete"] and merged["nodes"]["num_nodes"] == 2
-    for field in ("samples", "skipped", "skipped_in_source", "skipped_in_shards", "shards", "num_shards", "fingerprint", "settings"):
+    for field in (
+        "samples",
+        "skipped",
+        "skipped_in_source",
+        "skipped_in_shards",
+        "shards",
+        "num_shards",
+        "fingerprint",
+        "settings",
+    ):
         assert merged[field] == manifest[field], field
 
 
@@ -182,8 +207,12 @@ def test_refuses_to_mix_runs(reference, coco_records, tmp_path):
     before = _tars(tmp_path)
     other = CropSettings(**{**SETTINGS.to_dict(), "resolution": 32})
     with pytest.raises(WriterError, match="other settings or inputs"):
-        write_shards(records, functools.partial(make_crop_sample, settings=other), ShardJob(tmp_path, "coco", shard_size=4, progress=False),
-                     settings=other.to_dict())
+        write_shards(
+            records,
+            functools.partial(make_crop_sample, settings=other),
+            ShardJob(tmp_path, "coco", shard_size=4, progress=False),
+            settings=other.to_dict(),
+        )
     with pytest.raises(WriterError, match="plans only"):
         _write(records[:4], report, tmp_path)
     assert _tars(tmp_path) == before  # nothing was touched

@@ -67,6 +67,7 @@ def mapping_pair(tiny_sd_path):
 
 # ---- the mappings -----------------------------------------------------------------------------------
 
+
 def test_global_words_are_eq_2(mapping_pair):
     """w_i = MLP_i(CLS_i) + mean_p MLP'_i(patch_p), one word per tapped layer, w0 first."""
     _, gm, _ = mapping_pair
@@ -91,18 +92,35 @@ def test_local_tokens_with_the_official_mask_route(mapping_pair):
     via_224 = plain_nearest(torch.from_numpy(np.asarray(at_224) > 0).float(), 16).flatten()
     assert (grid != via_224).sum() > 10  # the route matters: through the 224 px view (PIL) it is another grid
     for p in range(256):
-        token = sum(plain_mlp(lm.cls_mappings[i], feats[i][0, 0]) + plain_mlp(lm.patch_mappings[i], feats[i][0, 1 + p])
-                    for i in range(5)) / 5
+        token = (
+            sum(
+                plain_mlp(lm.cls_mappings[i], feats[i][0, 0]) + plain_mlp(lm.patch_mappings[i], feats[i][0, 1 + p])
+                for i in range(5)
+            )
+            / 5
+        )
         assert torch.allclose(out.tokens[0, p], token * grid[p], atol=1e-5)
         assert bool(out.keep[0, p]) == bool(grid[p] > 0.5)
 
 
 # ---- the fused cross-attention ------------------------------------------------------------------------
 
-def plain_elite_attention(attn, hidden, text, local=None, index=None, lam=1.0, norm="sample", mask_mode="zero_tokens",
-                          global_kv=None, local_kv=None):
+
+def plain_elite_attention(
+    attn,
+    hidden,
+    text,
+    local=None,
+    index=None,
+    lam=1.0,
+    norm="sample",
+    mask_mode="zero_tokens",
+    global_kv=None,
+    local_kv=None,
+):
     """ELITE's cross-attention for one sample, head by head:
-    out_h = softmax(Q K_g^T / sqrt(d)) V_g + lam * (A_h[:, w0] / max_{h', q} A_{h'}[q, w0]) * softmax(Q K_l^T / sqrt(d)) V_l
+    out_h = softmax(Q K_g^T / sqrt(d)) V_g
+            + lam * (A_h[:, w0] / max_{h', q} A_{h'}[q, w0]) * softmax(Q K_l^T / sqrt(d)) V_l
     with K_l = W_K^l (e * m), V_l = W_V^l (e * m) (masked tokens: zero keys and values, in the softmax)."""
     heads = attn.heads
     q = hidden @ attn.to_q.weight.T
@@ -145,12 +163,24 @@ def test_fused_cross_attention_is_the_equation(mapping_pair, norm, mask_mode):
     keep = torch.rand(batch, 256, generator=g) > 0.4
     index = torch.tensor([5, 9])
     lam = torch.tensor([0.8, 0.6])
-    processor = EliteAttnProcessor(name, gm.key_value(name), lm.key_value(name), w0_map_norm=norm, local_mask_mode=mask_mode)
+    processor = EliteAttnProcessor(
+        name, gm.key_value(name), lm.key_value(name), w0_map_norm=norm, local_mask_mode=mask_mode
+    )
     ctx = AttentionContext(local=[LocalTokens(tokens, index, keep, lam)])
     fast = processor(attn, hidden, text, attention_context=ctx)
     for b in range(batch):
-        plain = plain_elite_attention(attn, hidden[b], text[b], (tokens[b], keep[b]), int(index[b]), float(lam[b]), norm,
-                                      mask_mode, gm.key_value(name), lm.key_value(name))
+        plain = plain_elite_attention(
+            attn,
+            hidden[b],
+            text[b],
+            (tokens[b], keep[b]),
+            int(index[b]),
+            float(lam[b]),
+            norm,
+            mask_mode,
+            gm.key_value(name),
+            lm.key_value(name),
+        )
         assert torch.allclose(fast[b], plain, atol=1e-5)
     # a classifier-free guidance batch [uncond, cond]: the local branch on the conditional half only
     cfg_fast = processor(attn, torch.cat([hidden, hidden]), torch.cat([text, text]), attention_context=ctx)
@@ -170,6 +200,7 @@ def test_the_defaults_are_the_official_choices(mapping_pair):
 
 # ---- the two training losses ----------------------------------------------------------------------------
 
+
 def test_stage_2_loss_is_the_official_normalisation():
     """(mse * m).sum over C, H, W / m.sum over its one channel: C x the per-element mean when m is all 1."""
     g = torch.Generator().manual_seed(0)
@@ -178,7 +209,9 @@ def test_stage_2_loss_is_the_official_normalisation():
     official = torch.stack([((pred[b] - target[b]) ** 2 * valid[b]).sum() / valid[b].sum() for b in range(3)]).mean()
     assert torch.allclose(denoising_loss(pred, target, valid, sum_channels=True), official, atol=1e-6)
     ones = torch.ones(3, 1, 8, 8)
-    assert torch.allclose(denoising_loss(pred, target, ones, sum_channels=True), 4 * F.mse_loss(pred, target), atol=1e-5)
+    assert torch.allclose(
+        denoising_loss(pred, target, ones, sum_channels=True), 4 * F.mse_loss(pred, target), atol=1e-5
+    )
     assert torch.allclose(denoising_loss(pred, target), F.mse_loss(pred, target), atol=1e-6)  # stage 1: the plain mean
 
 
@@ -194,7 +227,13 @@ def official_state_dict(unet, seed: int, hidden: int = 24) -> dict[str, torch.Te
     sd = {}
     for i in range(5):
         for prefix in (f"mapping_{i}", f"mapping_patch_{i}"):
-            for sub, shape in (("0", (hidden, 32)), ("1", (hidden,)), ("3", (hidden, hidden)), ("4", (hidden,)), ("6", (32, hidden))):
+            for sub, shape in (
+                ("0", (hidden, 32)),
+                ("1", (hidden,)),
+                ("3", (hidden, hidden)),
+                ("4", (hidden,)),
+                ("6", (32, hidden)),
+            ):
                 sd[f"{prefix}.{sub}.weight"] = torch.randn(shape, generator=g) * 0.3 + (1.0 if sub in "14" else 0.0)
                 sd[f"{prefix}.{sub}.bias"] = torch.randn(shape[0], generator=g) * 0.1
     for name, module in unet.named_modules():
@@ -251,8 +290,9 @@ def official_taps(vision, pixels):
     return [out[0], out.hidden_states[4], out.hidden_states[8], out.hidden_states[12], out.hidden_states[16]]
 
 
-def test_paper_preset_on_converted_official_weights_is_the_official_inference(tmp_path, tiny_sd_path, tiny_image_encoder_path,
-                                                                              data_dir):
+def test_paper_preset_on_converted_official_weights_is_the_official_inference(
+    tmp_path, tiny_sd_path, tiny_image_encoder_path, data_dir
+):
     """Convert official-layout checkpoints, encode a photo with its mask, generate 5 LMS steps with the paper
     preset: the latents equal the official `inference_local.py` loop, written out here."""
     from diffusers import LMSDiscreteScheduler, UNet2DConditionModel
@@ -266,8 +306,20 @@ def test_paper_preset_on_converted_official_weights_is_the_official_inference(tm
     gsd, lsd = official_state_dict(unet, 0), official_state_dict(unet, 1)
     torch.save(gsd, tmp_path / "global_mapper.pt")
     torch.save(lsd, tmp_path / "local_mapper.pt")
-    convert(["--global-mapper", str(tmp_path / "global_mapper.pt"), "--local-mapper", str(tmp_path / "local_mapper.pt"),
-             "--out", str(tmp_path / "encoders"), "--base", str(tiny_sd_path), "--image-encoder", str(tiny_image_encoder_path)])
+    convert(
+        [
+            "--global-mapper",
+            str(tmp_path / "global_mapper.pt"),
+            "--local-mapper",
+            str(tmp_path / "local_mapper.pt"),
+            "--out",
+            str(tmp_path / "encoders"),
+            "--base",
+            str(tiny_sd_path),
+            "--image-encoder",
+            str(tiny_image_encoder_path),
+        ]
+    )
     photo = data_dir / "concepts" / "dreambooth" / "teapot" / "04.jpg"
     mask_file = data_dir / "concepts" / "masks" / "teapot_04.png"
 
@@ -275,35 +327,58 @@ def test_paper_preset_on_converted_official_weights_is_the_official_inference(tm
     elite.pipe.set_progress_bar_config(disable=True)
     concept = elite.encode_concept(photo, mask_file)
     start = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
-    ours = elite("a photo of S*", concept, preset="paper", num_inference_steps=5, latents=start.clone(),
-                 height=32, width=32, output_type="latent").images
+    ours = elite(
+        "a photo of S*",
+        concept,
+        preset="paper",
+        num_inference_steps=5,
+        latents=start.clone(),
+        height=32,
+        width=32,
+        output_type="latent",
+    ).images
 
     # the official loop (inference_local.py -> train_local.validation), on the same files
     image = Image.open(photo).convert("RGB")
     mask = np.asarray(Image.open(mask_file).convert("L")) > 0
     vision = CLIPVisionModel.from_pretrained(tiny_image_encoder_path).eval()
     feats = official_taps(vision, official_clip_view(image))
-    w0 = (plain_mlp_weights(lambda k: gsd[f"mapping_0.{k}"], feats[0][:, :1])
-          + plain_mlp_weights(lambda k: gsd[f"mapping_patch_0.{k}"], feats[0][:, 1:]).mean(dim=1, keepdim=True))
+    w0 = plain_mlp_weights(lambda k: gsd[f"mapping_0.{k}"], feats[0][:, :1]) + plain_mlp_weights(
+        lambda k: gsd[f"mapping_patch_0.{k}"], feats[0][:, 1:]
+    ).mean(dim=1, keepdim=True)
     obj_feats = official_taps(vision, official_clip_view(Image.fromarray(np.asarray(image) * mask[..., None])))
-    local = sum(plain_mlp_weights(lambda k, i=i: lsd[f"mapping_{i}.{k}"], f[:, :1])
-                + plain_mlp_weights(lambda k, i=i: lsd[f"mapping_patch_{i}.{k}"], f[:, 1:]) for i, f in enumerate(obj_feats)) / 5
+    local = (
+        sum(
+            plain_mlp_weights(lambda k, i=i: lsd[f"mapping_{i}.{k}"], f[:, :1])
+            + plain_mlp_weights(lambda k, i=i: lsd[f"mapping_patch_{i}.{k}"], f[:, 1:])
+            for i, f in enumerate(obj_feats)
+        )
+        / 5
+    )
     seg = F.interpolate(torch.from_numpy(mask).float()[None, None], (128, 128), mode="nearest")
     local = local * F.interpolate(seg, (16, 16), mode="nearest")[:, 0].reshape(1, -1, 1)
 
     tokenizer, (placeholder_id,) = elite.placeholder_tokenizer(["S*"])  # the official scripts add it to theirs
     text_encoder = elite.pipe.text_encoder
-    ids = tokenizer("a photo of S*", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = tokenizer(
+        "a photo of S*", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     index = (ids[0] == placeholder_id).nonzero()[0]
     text = encode_text_with_words(text_encoder, ids, [placeholder_id], [w0]).hidden_states
-    uncond = text_encoder(tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                                    return_tensors="pt").input_ids)[0]
-    processors = {name: OfficialCrossAttention(name[: -len(".processor")], gsd, lsd)
-                  for name in unet.attn_processors if ".attn2." in name}
+    uncond = text_encoder(
+        tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    )[0]
+    processors = {
+        name: OfficialCrossAttention(name[: -len(".processor")], gsd, lsd)
+        for name in unet.attn_processors
+        if ".attn2." in name
+    }
     from diffusers.models.attention_processor import AttnProcessor
 
     unet.set_attn_processor({name: processors.get(name, AttnProcessor()) for name in unet.attn_processors})
-    scheduler = LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    scheduler = LMSDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
     scheduler.set_timesteps(5)
     latents = start * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
@@ -319,8 +394,9 @@ def test_paper_preset_on_converted_official_weights_is_the_official_inference(tm
     torch.testing.assert_close(ours, latents, rtol=1e-4, atol=1e-4)
 
 
-def test_a_stage_2_step_computes_the_official_loss(tmp_path, tiny_sd_path, tiny_image_encoder_path, tiny_encoders_path,
-                                                   crop_shards):
+def test_a_stage_2_step_computes_the_official_loss(
+    tmp_path, tiny_sd_path, tiny_image_encoder_path, tiny_encoders_path, crop_shards
+):
     """train_local.py's loss on one batch: the error summed over latent channels per valid cell, plus
     1e-4 x the mean over cross-attention layers of mean |V_local|, with w0 from the unmasked crop."""
     from types import SimpleNamespace
@@ -329,12 +405,22 @@ def test_a_stage_2_step_computes_the_official_loss(tmp_path, tiny_sd_path, tiny_
     from encoders.text_injection import encode_text_with_words
     from training.local_mapping import LocalMappingConfig, LocalMappingTask
 
-    config = load_config(LocalMappingConfig, None, [
-        f"pretrained_model_name_or_path={tiny_sd_path}", f"image_encoder_name_or_path={tiny_image_encoder_path}",
-        f"train_shards={crop_shards / 'coco' / '*.tar'}", f"output_dir={tmp_path / 'run'}", "train_batch_size=3",
-        "mapping_hidden_dim=24", f"global_mapping_path={tiny_encoders_path}", "data.resolution=64",
-        "dataloader_num_workers=0", "report_to=none",
-    ])
+    config = load_config(
+        LocalMappingConfig,
+        None,
+        [
+            f"pretrained_model_name_or_path={tiny_sd_path}",
+            f"image_encoder_name_or_path={tiny_image_encoder_path}",
+            f"train_shards={crop_shards / 'coco' / '*.tar'}",
+            f"output_dir={tmp_path / 'run'}",
+            "train_batch_size=3",
+            "mapping_hidden_dim=24",
+            f"global_mapping_path={tiny_encoders_path}",
+            "data.resolution=64",
+            "dataloader_num_workers=0",
+            "report_to=none",
+        ],
+    )
     assert config.data.scale_augment == "elite" and config.mse_reduction == "sum_channels"
     task = LocalMappingTask(config)
     task.setup(SimpleNamespace(device=torch.device("cpu")), torch.float32)
@@ -362,8 +448,11 @@ def test_a_stage_2_step_computes_the_official_loss(tmp_path, tiny_sd_path, tiny_
     mse = (((seen["pred"] - seen["target"]) ** 2 * valid).sum(dim=(1, 2, 3)) / valid.sum(dim=(1, 2, 3))).mean()
     object_feats = task.clip_features(batch, "clip_object_pixel_values")
     lm = task.local_mapping
-    tokens = sum(plain_mlp(lm.cls_mappings[i], object_feats[layer][:, :1]) + plain_mlp(lm.patch_mappings[i], object_feats[layer][:, 1:])
-                 for i, layer in enumerate(config.feature_layers)) / len(config.feature_layers)
+    tokens = sum(
+        plain_mlp(lm.cls_mappings[i], object_feats[layer][:, :1])
+        + plain_mlp(lm.patch_mappings[i], object_feats[layer][:, 1:])
+        for i, layer in enumerate(config.feature_layers)
+    ) / len(config.feature_layers)
     grid = F.interpolate(batch["object_mask_clip"], (16, 16), mode="nearest").flatten(1)
     tokens = tokens * grid[..., None]
     values = [(tokens @ lm.key_value(name)[1].weight.T).abs().mean() for name in lm.kv_layer_names]

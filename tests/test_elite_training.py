@@ -60,9 +60,20 @@ def _scalars(run_dir: Path, tag: str) -> list[float]:
 
 def _launch(module: str, keys: list[str], config: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(REPO / "configs/accelerate/deepspeed_zero2.yaml"), "--num_processes", "2",
-           "-m", module, "--config", str(REPO / config), *keys]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/deepspeed_zero2.yaml"),
+        "--num_processes",
+        "2",
+        "-m",
+        module,
+        "--config",
+        str(REPO / config),
+        *keys,
+    ]
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
 
@@ -90,9 +101,11 @@ def test_two_process_deepspeed_zero2_trains_both_stages(tmp_path, tiny_sd_path, 
     assert exported.config.pretrained_model_name_or_path == str(tiny_sd_path)
 
     # stage 2 in bf16: DeepSpeed holds bf16 copies, the export must still be the fp32 master weights
-    _launch("training.local_mapping",
-            _keys(*common, stage2, max_steps=3, mixed_precision="bf16", global_mapping_path=stage1 / "encoders"),
-            "configs/train/local_mapping.yaml")
+    _launch(
+        "training.local_mapping",
+        _keys(*common, stage2, max_steps=3, mixed_precision="bf16", global_mapping_path=stage1 / "encoders"),
+        "configs/train/local_mapping.yaml",
+    )
     _assert_finite_and_changing(_scalars(stage2, "loss"), 3)
     assert all(v > 0 for v in _scalars(stage2, "local_value_l1"))
     folder = stage2 / "encoders"
@@ -143,7 +156,9 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_sd_path, tiny
     run_training(full)
     first = _global_task(_keys(*common, tmp_path / "split", max_steps=2, report_to="none"))
     run_training(first)
-    second = _global_task(_keys(*common, tmp_path / "split", max_steps=4, report_to="none", resume_from_checkpoint="latest"))
+    second = _global_task(
+        _keys(*common, tmp_path / "split", max_steps=4, report_to="none", resume_from_checkpoint="latest")
+    )
     run_training(second)
 
     assert len(first.losses) == 2 and len(second.losses) == 2  # resumed at step 2, ran steps 3 and 4
@@ -154,18 +169,30 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_sd_path, tiny
     assert len(set(full.losses)) > 1
     # the optimizer state the resumed run started from, and the one it ended with, equal the uninterrupted run's
     for step in (2, 4):
-        a, b = _optimizer_state(tmp_path / "full" / f"checkpoint-{step}"), _optimizer_state(tmp_path / "split" / f"checkpoint-{step}")
+        a, b = (
+            _optimizer_state(tmp_path / "full" / f"checkpoint-{step}"),
+            _optimizer_state(tmp_path / "split" / f"checkpoint-{step}"),
+        )
         assert a.keys() == b.keys() and len(a) > 0
         for i in a:
             assert all(torch.equal(a[i][k], b[i][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
     assert _weights_equal(second.global_mapping, full.global_mapping)
 
 
-def test_global_mapping_with_semantic_anchors_pulls_w0_towards_them(tmp_path, tiny_sd_path, tiny_image_encoder_path, shards):
+def test_global_mapping_with_semantic_anchors_pulls_w0_towards_them(
+    tmp_path, tiny_sd_path, tiny_image_encoder_path, shards
+):
     from accelerate import Accelerator
 
-    keys = _keys(tiny_sd_path, tiny_image_encoder_path, shards, tmp_path / "anchors", max_steps=1, report_to="none",
-                 **{"anchors.enabled": "true", "anchors.max_active": 2, "anchors.weight": 1.0})
+    keys = _keys(
+        tiny_sd_path,
+        tiny_image_encoder_path,
+        shards,
+        tmp_path / "anchors",
+        max_steps=1,
+        report_to="none",
+        **{"anchors.enabled": "true", "anchors.max_active": 2, "anchors.weight": 1.0},
+    )
     task = _global_task(keys)
     task.setup(Accelerator(cpu=True), torch.float32)
     models = task.trainable_models()
@@ -187,7 +214,9 @@ def test_global_mapping_with_semantic_anchors_pulls_w0_towards_them(tmp_path, ti
     assert after < before
 
 
-def test_local_stage_single_process_with_validation_and_fresh_load(tmp_path, tiny_sd_path, tiny_image_encoder_path, shards):
+def test_local_stage_single_process_with_validation_and_fresh_load(
+    tmp_path, tiny_sd_path, tiny_image_encoder_path, shards
+):
     from training.local_mapping import LocalMappingConfig, LocalMappingTask
     from training.loop import run_training
 
@@ -195,14 +224,28 @@ def test_local_stage_single_process_with_validation_and_fresh_load(tmp_path, tin
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
-    stage1 = GlobalMapping.from_unet(unet, input_dim=32, hidden_dim=64,
-                                     pretrained_model_name_or_path=str(tiny_sd_path),
-                                     image_encoder_name_or_path=str(tiny_image_encoder_path))
+    stage1 = GlobalMapping.from_unet(
+        unet,
+        input_dim=32,
+        hidden_dim=64,
+        pretrained_model_name_or_path=str(tiny_sd_path),
+        image_encoder_name_or_path=str(tiny_image_encoder_path),
+    )
     stage1.save_pretrained(tmp_path / "stage1" / "global_mapping")
-    keys = _keys(tiny_sd_path, tiny_image_encoder_path, shards, tmp_path / "local", max_steps=2, report_to="none",
-                 global_mapping_path=tmp_path / "stage1", validation_steps=2, num_validation_samples=1,
-                 validation_prompts="[a S* on the beach]",
-                 validation_inference_steps=2, export_dir=tmp_path / "encoders")
+    keys = _keys(
+        tiny_sd_path,
+        tiny_image_encoder_path,
+        shards,
+        tmp_path / "local",
+        max_steps=2,
+        report_to="none",
+        global_mapping_path=tmp_path / "stage1",
+        validation_steps=2,
+        num_validation_samples=1,
+        validation_prompts="[a S* on the beach]",
+        validation_inference_steps=2,
+        export_dir=tmp_path / "encoders",
+    )
     task = LocalMappingTask(load_config(LocalMappingConfig, REPO / "configs/train/local_mapping.yaml", keys))
     run_training(task)
     sheet = tmp_path / "local" / "validation" / "step-000002.png"
@@ -218,8 +261,8 @@ from diffusers import UNet2DConditionModel
 from encoders.attention import AttentionContext, LocalTokens, set_elite_processors
 from encoders.global_mapping import GlobalMapping
 from encoders.local_mapping import LocalMapping
-gm = GlobalMapping.from_pretrained({str(tmp_path / 'encoders')!r}, subfolder="global_mapping")
-lm = LocalMapping.from_pretrained({str(tmp_path / 'encoders')!r}, subfolder="local_mapping")
+gm = GlobalMapping.from_pretrained({str(tmp_path / "encoders")!r}, subfolder="global_mapping")
+lm = LocalMapping.from_pretrained({str(tmp_path / "encoders")!r}, subfolder="local_mapping")
 unet = UNet2DConditionModel.from_pretrained(gm.config.pretrained_model_name_or_path, subfolder="unet")
 set_elite_processors(unet, gm, lm)
 feats = [torch.randn(1, 257, 32) for _ in range(5)]
@@ -229,8 +272,14 @@ out = unet(torch.randn(1, 4, 32, 32), 10, torch.randn(1, 77, 32), cross_attentio
 assert torch.isfinite(out).all() and gm(feats).shape == (1, 5, 32)
 print("ok")
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
     assert _weights_equal(GlobalMapping.from_pretrained(tmp_path / "encoders", subfolder="global_mapping"), stage1)
 
@@ -245,7 +294,9 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(GlobalMappingConfig, REPO / "configs/train/global_mapping.yaml", ["learning_rat=1"])
     with pytest.raises(ConfigError, match="lacks the placeholder"):
         load_config(GlobalMappingConfig, None, ["validation_prompts=a photo of a dog"])
-    cfg = load_config(GlobalMappingConfig, REPO / "configs/train/global_mapping.yaml", ["scale_lr=false", "data.resolution=64"])
+    cfg = load_config(
+        GlobalMappingConfig, REPO / "configs/train/global_mapping.yaml", ["scale_lr=false", "data.resolution=64"]
+    )
     assert cfg.learning_rate == 1e-6 and cfg.word_l1_weight == 0.01 and cfg.data.resolution == 64 and not cfg.scale_lr
     local = load_config(LocalMappingConfig, REPO / "configs/train/local_mapping.yaml")
     assert local.learning_rate == 1e-5 and local.local_l1_weight == 1e-4 and local.weight_loss_by_valid_region

@@ -77,7 +77,9 @@ def test_clip_features_taps_layers_in_order(parts):
 def test_clip_normalisation_read_from_preprocessor(tiny_image_encoder_path, tmp_path):
     mean, std = load_clip_normalization(tiny_image_encoder_path)
     assert mean == pytest.approx((0.48145466, 0.4578275, 0.40821073)) and len(std) == 3
-    (tmp_path / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}')
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}'
+    )
     assert load_clip_normalization(tmp_path) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert load_clip_normalization(tmp_path / "missing") == load_clip_normalization(tiny_image_encoder_path)
 
@@ -112,8 +114,13 @@ def test_global_mapping_words(parts, mappings):
         gm(feats[:4])
     # word i = MLP_i(CLS) + mean over patches of MLP'_i(patch), as the paper/reference define it
     with torch.no_grad():
-        expected = torch.cat([c(f[:, :1]) + p(f[:, 1:]).mean(1, keepdim=True)
-                              for c, p, f in zip(gm.cls_mappings, gm.patch_mappings, feats)], dim=1)
+        expected = torch.cat(
+            [
+                c(f[:, :1]) + p(f[:, 1:]).mean(1, keepdim=True)
+                for c, p, f in zip(gm.cls_mappings, gm.patch_mappings, feats)
+            ],
+            dim=1,
+        )
     assert torch.allclose(words, expected, atol=1e-5)
 
 
@@ -237,7 +244,9 @@ def test_lambda_zero_and_frozen_kv_equal_the_stock_processor(parts, mappings, un
         ctx = AttentionContext(local=[LocalTokens(local.tokens, token_index=3, keep=local.keep, scale=0.0)])
         lam0 = _unet_out(unet, latents, text, ctx)
         lam0_t = _unet_out(
-            unet, latents, text,
+            unet,
+            latents,
+            text,
             AttentionContext(local=[LocalTokens(local.tokens, 3, local.keep, scale=torch.zeros(2))]),
         )
         lam1 = _unet_out(unet, latents, text, AttentionContext(local=[LocalTokens(local.tokens, 3, local.keep, 1.0)]))
@@ -324,8 +333,12 @@ def test_cfg_batch_local_branch_applies_to_conditional_half(parts, mappings, une
     assert torch.equal(cfg[:2], stock[:2])
     assert torch.allclose(cfg[2:], direct, atol=1e-5)
     with pytest.raises(ValueError, match="attention batch"):
-        _unet_out(unet, torch.cat([lat2, latents[:1]]), torch.cat([txt2, text[:1]]),
-                  AttentionContext(local=[LocalTokens(local.tokens, 5, local.keep)]))
+        _unet_out(
+            unet,
+            torch.cat([lat2, latents[:1]]),
+            torch.cat([txt2, text[:1]]),
+            AttentionContext(local=[LocalTokens(local.tokens, 5, local.keep)]),
+        )
 
 
 def test_two_concepts_each_through_its_own_token(parts, mappings, unet):
@@ -336,8 +349,12 @@ def test_two_concepts_each_through_its_own_token(parts, mappings, unet):
     first = LocalTokens(local.tokens, 4, local.keep, scale=1.0)
     with torch.no_grad():
         one = _unet_out(unet, latents, text, AttentionContext(local=[first]))
-        second_off = _unet_out(unet, latents, text, AttentionContext(local=[first, LocalTokens(other.tokens, 9, other.keep, 0.0)]))
-        both = _unet_out(unet, latents, text, AttentionContext(local=[first, LocalTokens(other.tokens, 9, other.keep, 1.0)]))
+        second_off = _unet_out(
+            unet, latents, text, AttentionContext(local=[first, LocalTokens(other.tokens, 9, other.keep, 0.0)])
+        )
+        both = _unet_out(
+            unet, latents, text, AttentionContext(local=[first, LocalTokens(other.tokens, 9, other.keep, 1.0)])
+        )
     assert torch.equal(one, second_off)
     assert not torch.allclose(both, one, atol=1e-5)
 

@@ -43,10 +43,22 @@ def reference_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
 def reference_mlp(sd, prefix, x):
     """The reference Sequential, written functionally from its state dict."""
-    x = F.leaky_relu(F.layer_norm(F.linear(x, sd[f"{prefix}.0.weight"], sd[f"{prefix}.0.bias"]), (HID,),
-                                  sd[f"{prefix}.1.weight"], sd[f"{prefix}.1.bias"]))
-    x = F.leaky_relu(F.layer_norm(F.linear(x, sd[f"{prefix}.3.weight"], sd[f"{prefix}.3.bias"]), (HID,),
-                                  sd[f"{prefix}.4.weight"], sd[f"{prefix}.4.bias"]))
+    x = F.leaky_relu(
+        F.layer_norm(
+            F.linear(x, sd[f"{prefix}.0.weight"], sd[f"{prefix}.0.bias"]),
+            (HID,),
+            sd[f"{prefix}.1.weight"],
+            sd[f"{prefix}.1.bias"],
+        )
+    )
+    x = F.leaky_relu(
+        F.layer_norm(
+            F.linear(x, sd[f"{prefix}.3.weight"], sd[f"{prefix}.3.bias"]),
+            (HID,),
+            sd[f"{prefix}.4.weight"],
+            sd[f"{prefix}.4.bias"],
+        )
+    )
     return F.linear(x, sd[f"{prefix}.6.weight"], sd[f"{prefix}.6.bias"])
 
 
@@ -66,8 +78,20 @@ def test_convert_global_and_local_checkpoints(tmp_path, tiny_sd_path):
     torch.save(gsd, tmp_path / "global_mapper.pt")
     torch.save(lsd, tmp_path / "local_mapper.pt")
     out = tmp_path / "encoders"
-    main(["--global-mapper", str(tmp_path / "global_mapper.pt"), "--local-mapper", str(tmp_path / "local_mapper.pt"),
-          "--out", str(out), "--base", str(tiny_sd_path), "--image-encoder", "tiny/clip"])
+    main(
+        [
+            "--global-mapper",
+            str(tmp_path / "global_mapper.pt"),
+            "--local-mapper",
+            str(tmp_path / "local_mapper.pt"),
+            "--out",
+            str(out),
+            "--base",
+            str(tiny_sd_path),
+            "--image-encoder",
+            "tiny/clip",
+        ]
+    )
     assert (out / "README.md").is_file()
     gm = GlobalMapping.from_pretrained(out, subfolder="global_mapping")
     lm = LocalMapping.from_pretrained(out, subfolder="local_mapping")
@@ -83,12 +107,21 @@ def test_convert_global_and_local_checkpoints(tmp_path, tiny_sd_path):
     with torch.no_grad():
         words = gm(feats)
         expected = torch.cat(
-            [reference_mlp(gsd, f"mapping_{i}", f[:, :1]) + reference_mlp(gsd, f"mapping_patch_{i}", f[:, 1:]).mean(1, keepdim=True)
-             for i, f in enumerate(feats)], dim=1)
+            [
+                reference_mlp(gsd, f"mapping_{i}", f[:, :1])
+                + reference_mlp(gsd, f"mapping_patch_{i}", f[:, 1:]).mean(1, keepdim=True)
+                for i, f in enumerate(feats)
+            ],
+            dim=1,
+        )
         local = lm(feats).tokens
-        expected_local = sum(
-            reference_mlp(lsd, f"mapping_{i}", f[:, :1]) + reference_mlp(lsd, f"mapping_patch_{i}", f[:, 1:])
-            for i, f in enumerate(feats)) / 5
+        expected_local = (
+            sum(
+                reference_mlp(lsd, f"mapping_{i}", f[:, :1]) + reference_mlp(lsd, f"mapping_patch_{i}", f[:, 1:])
+                for i, f in enumerate(feats)
+            )
+            / 5
+        )
     assert torch.allclose(words, expected, atol=1e-5) and words.shape == (2, 5, OUT)
     assert torch.allclose(local, expected_local, atol=1e-5)
 
@@ -101,8 +134,10 @@ def test_convert_global_and_local_checkpoints(tmp_path, tiny_sd_path):
     assert set(gm.kv_layer_names) == set(cross_attention_layers(unet))
     to_k, to_v = gm.key_value("mid_block.attentions.0.transformer_blocks.0.attn2.processor")
     assert torch.equal(to_k.weight, gsd["mid_block_attentions_0_transformer_blocks_0_attn2_to_k.weight"])
-    assert torch.equal(lm.key_value("up_blocks.1.attentions.1.transformer_blocks.0.attn2")[1].weight,
-                       lsd["up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_v.weight"])
+    assert torch.equal(
+        lm.key_value("up_blocks.1.attentions.1.transformer_blocks.0.attn2")[1].weight,
+        lsd["up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_v.weight"],
+    )
     set_elite_processors(unet, gm, lm)  # installs without missing-layer errors
 
 

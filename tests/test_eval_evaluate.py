@@ -20,8 +20,14 @@ def bundled_prompt_lists(data_dir):
     """The object / live prompt lists and the class table of the bundled DreamBooth file."""
     text = (data_dir / "prompts" / "dreambooth_prompts_and_classes.txt").read_text()
     lists = re.findall(r"prompt_list = \[(.*?)\]", text, flags=re.S)
-    parsed = [[ast.literal_eval(m).replace("{0} {1}", "{}") for m in re.findall(r"('.*?')\.format", block)] for block in lists]
-    classes = dict(line.split(",", 1) for line in text.split("Prompts")[0].splitlines() if "," in line and "subject_name" not in line)
+    parsed = [
+        [ast.literal_eval(m).replace("{0} {1}", "{}") for m in re.findall(r"('.*?')\.format", block)] for block in lists
+    ]
+    classes = dict(
+        line.split(",", 1)
+        for line in text.split("Prompts")[0].splitlines()
+        if "," in line and "subject_name" not in line
+    )
     return parsed, classes
 
 
@@ -67,7 +73,9 @@ def make_runs(tmp_path, sd_path, concept_dir):
     ti.mkdir()
     save_file({"S*": dog[None].clone()}, str(ti / "learned_embeds.safetensors"))
     info = {"concept_dir": str(concept_dir), "placeholder_token": "S*", "class_word": "dog"}
-    (ti / "concept.json").write_text(json.dumps({**info, "method": "textual_inversion", "files": {"embeddings": "learned_embeds.safetensors"}}))
+    (ti / "concept.json").write_text(
+        json.dumps({**info, "method": "textual_inversion", "files": {"embeddings": "learned_embeds.safetensors"}})
+    )
 
     unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
     residuals = InfusionResiduals.for_unet(unet, "dog", base_model=str(sd_path))
@@ -85,10 +93,21 @@ def test_evaluate_all_methods_end_to_end(tiny_sd_path, tiny_eval_models, tiny_en
     ti, inf = make_runs(tmp_path, tiny_sd_path, concept_dir)
     out = tmp_path / "eval"
     args = [
-        f"base={tiny_sd_path}", f"runs={ti},{inf}", f"encoders={tiny_encoders_path}", f"out={out}",
-        "num_prompts=2", "seeds=0", "num_inference_steps=2", "resolution=32", "coi=true", "coi_objects=car",
-        "infusion_measures=true", "fisher_timesteps=200,800", "detection_threshold=0.0",
-        f"clip_model={tiny_eval_models / 'eval_clip'}", f"dino_model={tiny_eval_models / 'dino'}",
+        f"base={tiny_sd_path}",
+        f"runs={ti},{inf}",
+        f"encoders={tiny_encoders_path}",
+        f"out={out}",
+        "num_prompts=2",
+        "seeds=0",
+        "num_inference_steps=2",
+        "resolution=32",
+        "coi=true",
+        "coi_objects=car",
+        "infusion_measures=true",
+        "fisher_timesteps=200,800",
+        "detection_threshold=0.0",
+        f"clip_model={tiny_eval_models / 'eval_clip'}",
+        f"dino_model={tiny_eval_models / 'dino'}",
         f"detector_model={tiny_eval_models / 'detector'}",
     ]
     result = evaluate.main(args)
@@ -120,8 +139,12 @@ def test_evaluate_all_methods_end_to_end(tiny_sd_path, tiny_eval_models, tiny_en
         rows = list(csv.DictReader(f))
     assert len(rows) == 20
     assert all("S*" not in r["prompt"] and "<" not in r["prompt"] for r in rows)  # CLIP-T text says "dog"
-    assert {r["prompt"] for r in rows} == {"a dog in the jungle", "a dog in the snow", "a photo of dog and a car",
-                                           *evaluate.GENERIC_PROMPTS[:2]}
+    assert {r["prompt"] for r in rows} == {
+        "a dog in the jungle",
+        "a dog in the snow",
+        "a photo of dog and a car",
+        *evaluate.GENERIC_PROMPTS[:2],
+    }
     assert {r["kind"] for r in rows if r["prompt"] in evaluate.GENERIC_PROMPTS} == {"generic"}
     assert all(r["clip_i"] == "" for r in rows if r["kind"] == "generic")
     assert (out / "results.md").read_text().startswith("| method | concept |")
@@ -160,10 +183,17 @@ def test_evaluation_imports_no_training_stack():
     repo = Path(__file__).resolve().parent.parent
     probe = (
         "import sys, inference.evaluate, inference.metrics, encoders.infusion, encoders.subspace\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'training', 'data_prep', 'deepspeed', 'webdataset', 'pycocotools'}))"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'training', 'data_prep', 'deepspeed', 'webdataset', 'pycocotools'}))"
     )
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(repo)))
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(repo)),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
@@ -176,19 +206,32 @@ def test_elite_mask_lookup(data_dir):
     assert teapot.mask_for(teapot.photos[4]) is None  # no masks/ folder beside the photos
 
 
-def test_protocol_all_reproduces_each_papers_setup(tiny_sd_path, tiny_eval_models, encoders_with_location_mlp, data_dir, tmp_path):
+def test_protocol_all_reproduces_each_papers_setup(
+    tiny_sd_path, tiny_eval_models, encoders_with_location_mlp, data_dir, tmp_path
+):
     concept_dir = data_dir / "concepts" / "dreambooth" / "dog"
     ti, inf = make_runs(tmp_path, tiny_sd_path, concept_dir)
     info = json.loads((ti / "concept.json").read_text())
     (ti / "concept.json").write_text(json.dumps({**info, "semantic_inversion": True}))  # trained with anchors
     out = tmp_path / "eval"
-    result = evaluate.main([
-        f"base={tiny_sd_path}", f"runs={ti},{inf}", f"encoders={encoders_with_location_mlp}", f"out={out}",
-        "protocol=all", "num_prompts=1", "seeds=0,1", "num_inference_steps=2", "resolution=32",
-        "fisher_timesteps=500", "detection_threshold=0.0",
-        f"clip_model={tiny_eval_models / 'eval_clip'}", f"dino_model={tiny_eval_models / 'dino'}",
-        f"detector_model={tiny_eval_models / 'detector'}",
-    ])
+    result = evaluate.main(
+        [
+            f"base={tiny_sd_path}",
+            f"runs={ti},{inf}",
+            f"encoders={encoders_with_location_mlp}",
+            f"out={out}",
+            "protocol=all",
+            "num_prompts=1",
+            "seeds=0,1",
+            "num_inference_steps=2",
+            "resolution=32",
+            "fisher_timesteps=500",
+            "detection_threshold=0.0",
+            f"clip_model={tiny_eval_models / 'eval_clip'}",
+            f"dino_model={tiny_eval_models / 'dino'}",
+            f"detector_model={tiny_eval_models / 'detector'}",
+        ]
+    )
     tables = {name: {row["method"]: row for row in r["summary"]} for name, r in result["protocols"].items()}
     assert list(tables) == ["elite", "compositional", "infusion"]
     combined = (out / "results.md").read_text()
@@ -206,8 +249,13 @@ def test_protocol_all_reproduces_each_papers_setup(tiny_sd_path, tiny_eval_model
     # Compositional Inversion's Table 1: TI (+ semantic) with and without spatial guidance, DDPM for all,
     # on "a photo of S* dog and a <COCO class>" prompts, CLIP-T and the CoI likelihood
     comp = tables["compositional"]
-    assert {"textual_inversion + semantic (ti_dog)", "textual_inversion + semantic + spatial (ti_dog)",
-            "elite", "elite + spatial", "infusion (inf_dog)"} <= set(comp)
+    assert {
+        "textual_inversion + semantic (ti_dog)",
+        "textual_inversion + semantic + spatial (ti_dog)",
+        "elite",
+        "elite + spatial",
+        "infusion (inf_dog)",
+    } <= set(comp)
     for row in comp.values():
         assert row["sampling"] == "DDPM 2 steps, guidance 7.5"
         assert row["coi_likelihood"] in (0.0, 1.0) and -1 <= row["clip_t"] <= 1

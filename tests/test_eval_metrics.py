@@ -78,7 +78,10 @@ def test_gaussian_w2_matches_full_covariance_formula():
     assert metrics.gaussian_w2(a, b) == pytest.approx(expected, rel=1e-6)
     # diagonal Gaussians have the closed form sqrt(|mu|^2 + sum (s_a - s_b)^2)
     diag = metrics.gaussian_w2_from_moments(
-        torch.zeros(2), torch.diag(torch.tensor([1.0, 4.0])), torch.tensor([3.0, 0.0]), torch.diag(torch.tensor([4.0, 1.0]))
+        torch.zeros(2),
+        torch.diag(torch.tensor([1.0, 4.0])),
+        torch.tensor([3.0, 0.0]),
+        torch.diag(torch.tensor([4.0, 1.0])),
     )
     assert diag == pytest.approx(math.sqrt(9 + 1 + 1))
 

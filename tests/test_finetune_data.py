@@ -57,8 +57,10 @@ def test_batches_are_seeded_and_cover_every_photo():
         return [next(stream) for _ in range(n)]
 
     a, b, c = take(1), take(1), take(2)
-    assert all(torch.equal(x["index"], y["index"]) and torch.equal(x["flip"], y["flip"]) and x["prompt"] == y["prompt"]
-               for x, y in zip(a, b))
+    assert all(
+        torch.equal(x["index"], y["index"]) and torch.equal(x["flip"], y["flip"]) and x["prompt"] == y["prompt"]
+        for x, y in zip(a, b)
+    )
     assert any(not torch.equal(x["index"], y["index"]) for x, y in zip(a, c))
     seen = torch.cat([x["index"] for x in a])
     assert set(seen[:5].tolist()) == set(range(5))  # an epoch is a permutation

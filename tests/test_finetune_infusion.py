@@ -45,8 +45,9 @@ def encode(text_encoder, tokenizer, prompts):
 
 def test_class_token_mask_finds_every_token_of_every_occurrence(parts):
     _, _, tokenizer = parts
-    ids = tokenizer(["a cat and a cat", "a dog", "a stuffed animal toy"], padding="max_length", max_length=77,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        ["a cat and a cat", "a dog", "a stuffed animal toy"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     cat = class_token_mask(ids, word_token_ids(tokenizer, "cat"))
     assert cat[0].sum() == 2 and cat[1].sum() == 0
     assert ids[0][cat[0]].tolist() == [tokenizer.convert_tokens_to_ids("cat</w>")] * 2
@@ -92,7 +93,9 @@ def test_guidance_half_batch_masks_touch_the_conditional_half_only(parts):
     name, attn = next((n, a) for n, a in attention_modules(unet).items() if a.is_cross_attention)
     with torch.no_grad():
         _, v0 = processors[name].key_value(attn, torch.cat([text[1:], text[1:]]), True, None)
-        _, v1 = processors[name].key_value(attn, torch.cat([text[1:], text[1:]]), True, AttentionContext(extras={EXTRAS_KEY: call}))
+        _, v1 = processors[name].key_value(
+            attn, torch.cat([text[1:], text[1:]]), True, AttentionContext(extras={EXTRAS_KEY: call})
+        )
     assert torch.equal(v0[0], v1[0])  # unconditional half
     assert not torch.equal(v0[1], v1[1])
 
@@ -110,7 +113,9 @@ def test_dual_stream_replaces_maps_and_keeps_base_rows_exact(parts):
     set_context_processors(unet)
     base_store = AttentionRecorder(keep_grad=False)
     with torch.no_grad():
-        base = unet(latents, t, text, cross_attention_kwargs={CONTEXT_KWARG: AttentionContext(attention_store=base_store)}).sample
+        base = unet(
+            latents, t, text, cross_attention_kwargs={CONTEXT_KWARG: AttentionContext(attention_store=base_store)}
+        ).sample
 
     set_infusion_processors(unet, [cat])
 
@@ -120,7 +125,12 @@ def test_dual_stream_replaces_maps_and_keeps_base_rows_exact(parts):
         store = AttentionRecorder(keep_grad=False)
         ctx = AttentionContext(attention_store=store, extras={EXTRAS_KEY: call})
         with torch.no_grad():
-            out = unet(torch.cat([latents] * 2), t.repeat(2), torch.cat([text] * 2), cross_attention_kwargs={CONTEXT_KWARG: ctx}).sample
+            out = unet(
+                torch.cat([latents] * 2),
+                t.repeat(2),
+                torch.cat([text] * 2),
+                cross_attention_kwargs={CONTEXT_KWARG: ctx},
+            ).sample
         return out, store
 
     out, store = run(torch.tensor([0, 0]))
@@ -141,7 +151,9 @@ def test_residuals_check_their_unet(parts, tmp_path):
     concept.save_pretrained(tmp_path / "c")
     again = InfusionResiduals.from_pretrained(tmp_path / "c")
     assert again.config.layer_names == concept.config.layer_names and again.config.base_model == "tiny"
-    wrong = InfusionResiduals(layer_names=concept.config.layer_names, layer_dims=[8] * 4, class_word="cat", base_model="other")
+    wrong = InfusionResiduals(
+        layer_names=concept.config.layer_names, layer_dims=[8] * 4, class_word="cat", base_model="other"
+    )
     with pytest.raises(ValueError, match="width"):
         set_infusion_processors(unet, [wrong])
     with pytest.raises(ValueError, match="same class word|class word"):
@@ -151,5 +163,7 @@ def test_residuals_check_their_unet(parts, tmp_path):
     with pytest.raises(TypeError, match="InfusionCall"):
         set_infusion_processors(unet, [concept])
         attn_name, attn = next((n, a) for n, a in attention_modules(unet).items() if a.is_cross_attention)
-        unet.attn_processors[attn_name].key_value(attn, torch.zeros(1, 77, 32), True, AttentionContext(extras={EXTRAS_KEY: "x"}))
+        unet.attn_processors[attn_name].key_value(
+            attn, torch.zeros(1, 77, 32), True, AttentionContext(extras={EXTRAS_KEY: "x"})
+        )
     assert isinstance(InfusionCall(token_masks=[None]).token_masks, list)

@@ -73,8 +73,25 @@ def cli_images(sd_path, out_dir, prompt, *finetunes):
 
     from inference.cli import main
 
-    args = ["generate", "--base", str(sd_path), "--prompt", prompt, "--steps", "2", "--height", RES, "--num-images", "2",
-            "--seed", "3", "--out", str(out_dir), "--quiet", "--no-safety-checker"]
+    args = [
+        "generate",
+        "--base",
+        str(sd_path),
+        "--prompt",
+        prompt,
+        "--steps",
+        "2",
+        "--height",
+        RES,
+        "--num-images",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        str(out_dir),
+        "--quiet",
+        "--no-safety-checker",
+    ]
     for folder in finetunes:
         args += ["--finetune", str(folder)]
     assert main(args) == 0
@@ -85,8 +102,13 @@ def cli_images(sd_path, out_dir, prompt, *finetunes):
 
 def latents_of(pipe, guidance_scale=7.5, **kwargs):
     out = pipe(
-        num_inference_steps=2, guidance_scale=guidance_scale, height=int(RES), width=int(RES), output_type="latent",
-        generator=torch.Generator().manual_seed(0), **kwargs,
+        num_inference_steps=2,
+        guidance_scale=guidance_scale,
+        height=int(RES),
+        width=int(RES),
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
     )
     return out.images
 
@@ -97,9 +119,14 @@ def test_textual_inversion_trains_and_loads_with_diffusers(tiny_sd_path, data_di
     concept = data_dir / "concepts" / "dreambooth" / "dog"
     out = tmp_path / "ti"
     args = common_args(tiny_sd_path, concept, out) + [
-        "initializer_token=dog", "placeholder_token=S*", "class_word=dog", "learning_rate=0.05",
+        "initializer_token=dog",
+        "placeholder_token=S*",
+        "class_word=dog",
+        "learning_rate=0.05",
     ]
-    losses = run_recording(TextualInversionTask(load_config(TextualInversionConfig, CONFIGS / "textual_inversion.yaml", args)))
+    losses = run_recording(
+        TextualInversionTask(load_config(TextualInversionConfig, CONFIGS / "textual_inversion.yaml", args))
+    )
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
     saved = load_file(out / "learned_embeds.safetensors")
@@ -146,8 +173,12 @@ def test_batex_with_anchors_stays_in_the_span_of_its_basis(tiny_sd_path, data_di
     concept = data_dir / "concepts" / "dreambooth" / "cat"
     out = tmp_path / "batex"
     args = common_args(tiny_sd_path, concept, out) + [
-        "initializer_token=cat", "subspace.dim=24", "subspace.distance=cosine", "learning_rate=0.05",
-        "anchors.enabled=true", "anchors.max_active=3",
+        "initializer_token=cat",
+        "subspace.dim=24",
+        "subspace.distance=cosine",
+        "learning_rate=0.05",
+        "anchors.enabled=true",
+        "anchors.max_active=3",
     ]
     task = TextualInversionTask(load_config(TextualInversionConfig, CONFIGS / "batex.yaml", args))
     losses = run_recording(task)
@@ -192,11 +223,15 @@ def test_infusion_trains_and_changes_only_class_word_prompts(tiny_sd_path, data_
 
     pipe = tiny_pipe(tiny_sd_path)
     kwargs = dict(num_inference_steps=2, guidance_scale=8.0, height=int(RES), width=int(RES), output_type="latent")
-    with_cat = generate_with_infusion(pipe, ["a photo of a cat"], [residuals], generator=torch.Generator().manual_seed(0), **kwargs)
+    with_cat = generate_with_infusion(
+        pipe, ["a photo of a cat"], [residuals], generator=torch.Generator().manual_seed(0), **kwargs
+    )
     base = latents_of(pipe, guidance_scale=8.0, prompt="a photo of a cat")
     assert torch.allclose(with_cat.base_images[0], base[0], atol=1e-4)  # the F stream is the base model
     assert (with_cat.images[0] - base[0]).abs().max() > 1e-3  # the concept changes generation
-    no_cat = generate_with_infusion(pipe, ["a photo of a dog"], [residuals], generator=torch.Generator().manual_seed(0), **kwargs)
+    no_cat = generate_with_infusion(
+        pipe, ["a photo of a dog"], [residuals], generator=torch.Generator().manual_seed(0), **kwargs
+    )
     assert torch.allclose(no_cat.images[0], no_cat.base_images[0], atol=1e-6)  # no class word: nothing changes
     assert type(pipe.unet.attn_processors[next(iter(pipe.unet.attn_processors))]).__name__ == "AttnProcessor2_0"
 
@@ -206,8 +241,13 @@ def test_infusion_trains_and_changes_only_class_word_prompts(tiny_sd_path, data_
     assert abs(tuned[0] - plain[0]).max() > 0
     # without the class word the command takes the plain path (another kernel order than the dual-stream one:
     # equal up to the 8-bit rounding of a pixel here and there)
-    assert all(np.abs(a - b).max() <= 1 for a, b in zip(cli_images(tiny_sd_path, tmp_path / "gen_dog", "a photo of a dog", out),
-                                                        cli_images(tiny_sd_path, tmp_path / "gen_dog_base", "a photo of a dog")))
+    assert all(
+        np.abs(a - b).max() <= 1
+        for a, b in zip(
+            cli_images(tiny_sd_path, tmp_path / "gen_dog", "a photo of a dog", out),
+            cli_images(tiny_sd_path, tmp_path / "gen_dog_base", "a photo of a dog"),
+        )
+    )
 
 
 def test_finetune_configs_fail_clearly(tmp_path):
@@ -241,7 +281,10 @@ def test_resumed_textual_inversion_matches_an_uninterrupted_run(tiny_sd_path, da
 
     def run(out, steps, *extra):
         args = common_args(tiny_sd_path, concept, out, steps) + [
-            "initializer_token=teapot", "checkpointing_steps=1", "train_batch_size=1", *extra,
+            "initializer_token=teapot",
+            "checkpointing_steps=1",
+            "train_batch_size=1",
+            *extra,
         ]
         return run_recording(TextualInversionTask(load_config(TextualInversionConfig, None, args)))
 

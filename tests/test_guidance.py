@@ -82,8 +82,10 @@ def test_the_official_location_loss_is_per_head_squared_on_the_second_half_of_th
     """layout_control.compute_ca_loss: per layer, object and token, mean over heads of (1 - share)^2 with the
     [int(y0 H), int(y1 H)) x [int(x0 W), int(x1 W)) mask; heads from chunk(2)[1]; / (objects x layers)."""
     g = torch.Generator().manual_seed(0)
-    layers = {"mid_block.attn2.processor": torch.rand(1, 4, 16, 6, generator=g).softmax(-1),
-              "up_blocks.1.attn2.processor": torch.rand(1, 4, 64, 6, generator=g).softmax(-1)}
+    layers = {
+        "mid_block.attn2.processor": torch.rand(1, 4, 16, 6, generator=g).softmax(-1),
+        "up_blocks.1.attn2.processor": torch.rand(1, 4, 64, 6, generator=g).softmax(-1),
+    }
     store = _store_with(layers)
     concepts = [BoxedTokens([1, 2], (0.1, 0.3, 0.6, 0.9), "a"), BoxedTokens([4], (0.5, 0.0, 1.0, 0.55), "b")]
     loss = location_loss(store, concepts, (8, 8))
@@ -94,7 +96,7 @@ def test_the_official_location_loss_is_per_head_squared_on_the_second_half_of_th
         for c in concepts:
             x0, y0, x1, y1 = c.box
             mask = torch.zeros(side, side)
-            mask[int(y0 * side): int(y1 * side), int(x0 * side): int(x1 * side)] = 1
+            mask[int(y0 * side) : int(y1 * side), int(x0 * side) : int(x1 * side)] = 1
             obj = 0.0
             for t in c.token_indices:
                 maps = heads[:, :, t].reshape(-1, side, side)
@@ -113,7 +115,10 @@ def test_token_indices_from_the_tokenizer(tiny_sd_path):
     prompt = "a traffic light next to a dog"
     ids = tok(prompt)["input_ids"]
     positions = find_token_indices(tok, prompt, "traffic light")
-    assert len(positions) == 2 and [ids[p] for p in positions] == tok("traffic light", add_special_tokens=False)["input_ids"]
+    assert (
+        len(positions) == 2
+        and [ids[p] for p in positions] == tok("traffic light", add_special_tokens=False)["input_ids"]
+    )
     assert ids[find_token_indices(tok, prompt, "dog")[0]] == tok("dog", add_special_tokens=False)["input_ids"][0]
     with pytest.raises(ValueError, match="not in the prompt"):
         find_token_indices(tok, prompt, "cat")
@@ -145,12 +150,17 @@ def test_guidance_lowers_location_loss_against_the_same_seed(tiny_pipe):
     runs = {}
     for label, steps in (("off", 0), ("on", 2)):
         runs[label] = generate_with_spatial_guidance(
-            tiny_pipe, concepts, PROMPT, num_inference_steps=3, guidance_scale=5.0,
-            generator=torch.Generator().manual_seed(0), output_type="np",
+            tiny_pipe,
+            concepts,
+            PROMPT,
+            num_inference_steps=3,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
             config=SpatialGuidanceConfig(guidance_steps=steps, iterations=2, step_size=1e5, loss_threshold=0.0),
         )
     off, on = runs["off"], runs["on"]
-    assert len(on.guidance_losses) == 2 and all(len(l) == 3 for l in on.guidance_losses)
+    assert len(on.guidance_losses) == 2 and all(len(losses) == 3 for losses in on.guidance_losses)
     # within a guided step, each gradient iteration lowers L_loc
     for losses in on.guidance_losses:
         assert losses[-1] < losses[0]
@@ -169,12 +179,18 @@ def test_guidance_lowers_location_loss_against_the_same_seed(tiny_pipe):
 def test_guidance_off_equals_the_pipeline(tiny_pipe):
     concepts = concepts_from_words(tiny_pipe.tokenizer, PROMPT, ["cat", "dog"], BOXES)
     ours = generate_with_spatial_guidance(
-        tiny_pipe, concepts, PROMPT, num_inference_steps=2, guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(1), output_type="np",
+        tiny_pipe,
+        concepts,
+        PROMPT,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(1),
+        output_type="np",
         config=SpatialGuidanceConfig(guidance_steps=0),
     ).images
-    theirs = tiny_pipe(PROMPT, num_inference_steps=2, guidance_scale=5.0, generator=torch.Generator().manual_seed(1),
-                       output_type="np").images
+    theirs = tiny_pipe(
+        PROMPT, num_inference_steps=2, guidance_scale=5.0, generator=torch.Generator().manual_seed(1), output_type="np"
+    ).images
     np.testing.assert_allclose(ours, theirs, atol=2e-4)
 
 
@@ -187,8 +203,13 @@ def test_any_scheduler(tiny_pipe, scheduler_name):
     pipe.set_progress_bar_config(disable=True)
     concepts = concepts_from_words(pipe.tokenizer, PROMPT, ["cat", "dog"], BOXES)
     out = generate_with_spatial_guidance(
-        pipe, concepts, PROMPT, num_inference_steps=2, guidance_scale=1.0,
-        generator=torch.Generator().manual_seed(0), output_type="np",
+        pipe,
+        concepts,
+        PROMPT,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
         config=SpatialGuidanceConfig(guidance_steps=1, iterations=1, step_size=1e5, loss_threshold=0.0),
     )
     assert np.isfinite(out.images).all()
@@ -205,8 +226,14 @@ def test_elite_context_and_processors_are_kept(tiny_pipe):
     concepts = [BoxedTokens([5], BOXES[0], "cat")]  # a token position, as ELITE's S* gives it
     try:
         out = generate_with_spatial_guidance(
-            pipe, concepts, PROMPT, num_inference_steps=2, guidance_scale=1.0, output_type="latent",
-            generator=torch.Generator().manual_seed(0), attention_context=AttentionContext(attention_store=recorder),
+            pipe,
+            concepts,
+            PROMPT,
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            attention_context=AttentionContext(attention_store=recorder),
             config=SpatialGuidanceConfig(guidance_steps=1, iterations=1, step_size=1e5, loss_threshold=0.0),
         )
         assert all(pipe.unet.attn_processors[n] is p for n, p in installed.items())  # not swapped out

@@ -14,7 +14,9 @@ def test_cards_name_hub_models_and_never_local_paths(tmp_path):
     local.mkdir(parents=True)
     assert hub_name("CompVis/stable-diffusion-v1-4") == ("CompVis/stable-diffusion-v1-4", True)
     assert hub_name(str(local)) == ("sd", False)
-    hub = SimpleNamespace(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4", license="creativeml-openrail-m")
+    hub = SimpleNamespace(
+        pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4", license="creativeml-openrail-m"
+    )
     header = card_header(hub, ["elite"])
     assert "base_model: CompVis/stable-diffusion-v1-4" in header and "license: creativeml-openrail-m" in header
 
@@ -24,8 +26,12 @@ def test_cards_name_hub_models_and_never_local_paths(tmp_path):
     run = tmp_path / "run"
     (run / "validation").mkdir(parents=True)
     (run / "validation" / "step-000010.png").write_bytes(b"\x89PNG fake")
-    config = SimpleNamespace(pretrained_model_name_or_path=str(local), image_encoder_name_or_path="openai/clip-vit-large-patch14",
-                             output_dir=str(run), license="creativeml-openrail-m")
+    config = SimpleNamespace(
+        pretrained_model_name_or_path=str(local),
+        image_encoder_name_or_path="openai/clip-vit-large-patch14",
+        output_dir=str(run),
+        license="creativeml-openrail-m",
+    )
     card = write_model_card(export, config, "notes").read_text()
     assert str(tmp_path) not in card and "base_model:" not in card  # a local base is not claimed as a Hub model
     assert "a local folder when trained" in card and "openai/clip-vit-large-patch14" in card
@@ -43,8 +49,14 @@ def test_push_uploads_only_what_loads(tmp_path, monkeypatch):
     push_folder_to_hub(tmp_path, "user/elite")
     ignored = calls["ignore_patterns"]
     assert ignored == HUB_IGNORE and "local_mapping" in calls["commit_message"]
-    for path in ("checkpoint-500/optimizer.bin", "checkpoint-500", "logs/events.out", "random_states_0.pkl",
-                 "validation/step-000010.png", ".lock"):
+    for path in (
+        "checkpoint-500/optimizer.bin",
+        "checkpoint-500",
+        "logs/events.out",
+        "random_states_0.pkl",
+        "validation/step-000010.png",
+        ".lock",
+    ):
         assert any(fnmatch.fnmatch(path, pattern) for pattern in ignored), path
     for path in ("local_mapping/config.json", "learned_embeds.safetensors", "README.md", "samples.png", "concept.json"):
         assert not any(fnmatch.fnmatch(path, pattern) for pattern in ignored), path
@@ -78,13 +90,18 @@ def test_fine_tunes_and_concept_files_load_from_hub_ids(tmp_path, monkeypatch, t
     pipe = load_base_pipeline(str(tiny_sd_path), device="cpu", dtype="float32", safety_checker=False)
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     concept = Concept(torch.randn(width), None, None, {"source": "test"})
-    _hub_cache(monkeypatch, tmp_path, "someone/cat-toy", {
-        # the sd-concepts-library layout: a pickled dict, its token in a text file, no concept.json
-        "learned_embeds.bin": lambda p: torch.save({"<cat-toy>": torch.randn(width)}, p),
-        "token_identifier.txt": lambda p: p.write_text("<cat-toy>\n"),
-        "type_of_concept.txt": lambda p: p.write_text("object"),
-        "concepts/teapot.safetensors": lambda p: concept.save(p),
-    })
+    _hub_cache(
+        monkeypatch,
+        tmp_path,
+        "someone/cat-toy",
+        {
+            # the sd-concepts-library layout: a pickled dict, its token in a text file, no concept.json
+            "learned_embeds.bin": lambda p: torch.save({"<cat-toy>": torch.randn(width)}, p),
+            "token_identifier.txt": lambda p: p.write_text("<cat-toy>\n"),
+            "type_of_concept.txt": lambda p: p.write_text("object"),
+            "concepts/teapot.safetensors": lambda p: concept.save(p),
+        },
+    )
     run = read_finetune("someone/cat-toy")
     assert run.method == "textual_inversion" and run.placeholder_token == "<cat-toy>"
     assert load_embedding(pipe, run) == "<cat-toy>" and "<cat-toy>" in pipe.tokenizer.get_vocab()

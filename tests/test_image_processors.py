@@ -8,8 +8,10 @@ from encoders.common.image_processors import FALLBACK_LOGGER, use_pil_image_proc
 
 
 def test_importing_diffusers_pipelines_prints_no_torchvision_notice():
-    code = ("import inference\nfrom diffusers import StableDiffusionPipeline\nimport transformers\n"
-            "print(transformers.CLIPImageProcessor.__name__)")
+    code = (
+        "import inference\nfrom diffusers import StableDiffusionPipeline\nimport transformers\n"
+        "print(transformers.CLIPImageProcessor.__name__)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "requires torchvision" not in done.stderr

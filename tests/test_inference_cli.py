@@ -36,7 +36,11 @@ def _modules_before_and_after(tmp_path: Path, args: list[str]) -> tuple[set[str]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE.format(args=args), str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -55,10 +59,33 @@ def test_generate_with_a_concept_writes_everything_and_imports_no_training_stack
     image, mask = concept_files
     out = tmp_path / "out"
     args = [
-        "generate", "--base", str(tiny_sd_path), "--encoders", str(tiny_encoders_path),
-        "--image", str(image), "--mask", str(mask), "--prompt", "a photo of S* on the beach",
-        "--prompt", "S* in the snow", "--num-images", "2", "--steps", "1", "--height", "32", "--width", "32",
-        "--seed", "7", "--save-concepts", "--quiet", "--out", str(out),
+        "generate",
+        "--base",
+        str(tiny_sd_path),
+        "--encoders",
+        str(tiny_encoders_path),
+        "--image",
+        str(image),
+        "--mask",
+        str(mask),
+        "--prompt",
+        "a photo of S* on the beach",
+        "--prompt",
+        "S* in the snow",
+        "--num-images",
+        "2",
+        "--steps",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "7",
+        "--save-concepts",
+        "--quiet",
+        "--out",
+        str(out),
     ]
     baseline, loaded = _modules_before_and_after(tmp_path, args)
 
@@ -74,7 +101,11 @@ def test_generate_with_a_concept_writes_everything_and_imports_no_training_stack
     assert sorted(settings["files"] + ["concept_0.safetensors", "settings.json"]) == written
     assert [p["prompt"] for p in settings["prompts"]] == ["a photo of S* on the beach", "S* in the snow"]
     assert all(p["seeds"] == [7, 8] and len(p["images"]) == 2 for p in settings["prompts"])
-    assert settings["elite_scale"] == 0.6 and settings["steps"] == 1 and (settings["height"], settings["width"]) == (32, 32)
+    assert (
+        settings["elite_scale"] == 0.6
+        and settings["steps"] == 1
+        and (settings["height"], settings["width"]) == (32, 32)
+    )
     assert settings["placeholders"] == ["S*"] and settings["scheduler"] == "PNDMScheduler"
     assert settings["concepts"][0]["mask_source"] == "teapot_04.png"
     assert settings["concepts"][0]["encoders"] == str(tiny_encoders_path)
@@ -86,11 +117,32 @@ def test_generate_with_a_concept_writes_everything_and_imports_no_training_stack
 
     # encode once, generate many: the saved concept gives exactly the same images as the photo
     again = tmp_path / "again"
-    code = main([
-        "generate", "--base", str(tiny_sd_path), "--encoders", str(tiny_encoders_path),
-        "--concept", str(out / "concept_0.safetensors"), "--prompt", "S* in the snow", "--num-images", "2",
-        "--steps", "1", "--height", "32", "--width", "32", "--seed", "7", "--quiet", "--out", str(again),
-    ])
+    code = main(
+        [
+            "generate",
+            "--base",
+            str(tiny_sd_path),
+            "--encoders",
+            str(tiny_encoders_path),
+            "--concept",
+            str(out / "concept_0.safetensors"),
+            "--prompt",
+            "S* in the snow",
+            "--num-images",
+            "2",
+            "--steps",
+            "1",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--seed",
+            "7",
+            "--quiet",
+            "--out",
+            str(again),
+        ]
+    )
     assert code == 0
     with Image.open(again / "grid.png") as grid:
         assert grid.width > 3 * 96  # the concept file's preview | 2 outputs
@@ -102,8 +154,23 @@ def test_generate_with_a_concept_writes_everything_and_imports_no_training_stack
 
 def test_plain_base_pipeline_uses_the_models_default_size(tmp_path, tiny_sd_path):
     out = tmp_path / "base"
-    assert main(["generate", "--base", str(tiny_sd_path), "--prompt", "a photo of a dog", "--steps", "1",
-                 "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--base",
+                str(tiny_sd_path),
+                "--prompt",
+                "a photo of a dog",
+                "--steps",
+                "1",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     settings = json.loads((out / "settings.json").read_text())
     assert (settings["height"], settings["width"]) == (64, 64)  # UNet sample_size 32 x VAE factor 2, not 8
     assert settings["concepts"] == [] and settings["elite_scale"] is None
@@ -116,15 +183,49 @@ def test_encode_command_writes_a_concept_file(tmp_path, tiny_encoders_path, tiny
 
     image, mask = concept_files
     path = tmp_path / "teapot.safetensors"
-    assert main(["encode", "--encoders", str(tiny_encoders_path), "--base", str(tiny_sd_path),
-                 "--image", str(image), "--mask", str(mask), "--out", str(path)]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--encoders",
+                str(tiny_encoders_path),
+                "--base",
+                str(tiny_sd_path),
+                "--image",
+                str(image),
+                "--mask",
+                str(mask),
+                "--out",
+                str(path),
+            ]
+        )
+        == 0
+    )
     concept = Concept.load(path)
     assert concept.has_local and concept.metadata["source_image"] == "04.jpg"
     assert "teapot.safetensors" in capsys.readouterr().out
     # several photos of one concept: one file, w0 averaged, tokens side by side; a folder as a generate --image
     two = tmp_path / "two.safetensors"
-    assert main(["encode", "--encoders", str(tiny_encoders_path), "--image", str(image), "--mask", str(mask),
-                 "--image", str(image), "--mask", "-", "--out", str(two)]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--encoders",
+                str(tiny_encoders_path),
+                "--image",
+                str(image),
+                "--mask",
+                str(mask),
+                "--image",
+                str(image),
+                "--mask",
+                "-",
+                "--out",
+                str(two),
+            ]
+        )
+        == 0
+    )
     combined = Concept.load(two)
     assert combined.metadata["photos"] == "2" and combined.local_tokens.shape[0] == 2 * concept.local_tokens.shape[0]
     folder = tmp_path / "concept"
@@ -132,8 +233,29 @@ def test_encode_command_writes_a_concept_file(tmp_path, tiny_encoders_path, tiny
     folder.joinpath("04.jpg").write_bytes(image.read_bytes())
     folder.joinpath("masks", "04.png").write_bytes(mask.read_bytes())
     out = tmp_path / "gen"
-    assert main(["generate", "--base", str(tiny_sd_path), "--encoders", str(tiny_encoders_path), "--image", str(folder),
-                 "--prompt", "a photo of S*", "--steps", "1", "--height", "16", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--base",
+                str(tiny_sd_path),
+                "--encoders",
+                str(tiny_encoders_path),
+                "--image",
+                str(folder),
+                "--prompt",
+                "a photo of S*",
+                "--steps",
+                "1",
+                "--height",
+                "16",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "settings.json").read_text())["concepts"][0]["mask_source"] == "04.png"
 
 
@@ -163,8 +285,22 @@ def test_bad_inputs_exit_2_with_a_clear_message(
     else:
         source = ["--concept", str(tmp_path / extra[1])]
     out = tmp_path / "out"
-    code = main(["generate", "--base", str(tiny_sd_path), "--encoders", str(tiny_encoders_path), *source, *prompt,
-                 "--steps", "1", "--quiet", "--out", str(out)])
+    code = main(
+        [
+            "generate",
+            "--base",
+            str(tiny_sd_path),
+            "--encoders",
+            str(tiny_encoders_path),
+            *source,
+            *prompt,
+            "--steps",
+            "1",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2, case
     assert message in capsys.readouterr().err
     assert not (out / "settings.json").exists()  # nothing that looks like a finished run
@@ -175,7 +311,10 @@ def test_bad_inputs_exit_2_with_a_clear_message(
     [
         (["--image", "a.jpg", "--image", "b.jpg", "--mask", "m.png"], "1 --mask for 2 --image"),
         (["--image", "a.jpg"], "--image needs --encoders"),
-        (["--encoders", "E", "--image", "a.jpg", "--placeholder", "S1", "--placeholder", "S2"], "2 --placeholder for 1"),
+        (
+            ["--encoders", "E", "--image", "a.jpg", "--placeholder", "S1", "--placeholder", "S2"],
+            "2 --placeholder for 1",
+        ),
         (["--encoders", "E", "--image", "a.jpg", "--box", "0.5,0,0.2,1"], "0 <= x0 < x1 <= 1"),
     ],
 )
@@ -197,7 +336,11 @@ def test_help_explains_every_option():
                 continue
             assert action.help, f"{name} {action.option_strings} has no help text"
             assert action.option_strings[0] in text
-    assert "--elite-scale" in subparsers["generate"].format_help() and "--lam" in subparsers["generate"].format_help() and "0.6" in subparsers["generate"].format_help()
+    assert (
+        "--elite-scale" in subparsers["generate"].format_help()
+        and "--lam" in subparsers["generate"].format_help()
+        and "0.6" in subparsers["generate"].format_help()
+    )
 
 
 def test_demo_report_lists_parts_and_fails_on_a_missing_stage(tmp_path, capsys):
@@ -208,7 +351,9 @@ def test_demo_report_lists_parts_and_fails_on_a_missing_stage(tmp_path, capsys):
     (demo / "models" / "sd" / "model_index.json").write_text("{}")
     run = demo / "images" / "teapot"
     run.mkdir(parents=True)
-    (run / "settings.json").write_text(json.dumps({"prompts": [{"prompt": "S* in the snow", "images": ["a.png", "b.png"]}]}))
+    (run / "settings.json").write_text(
+        json.dumps({"prompts": [{"prompt": "S* in the snow", "images": ["a.png", "b.png"]}]})
+    )
     assert report(["--demo", str(demo)]) == 0
     text = capsys.readouterr().out
     assert "models/sd" in text and "(1 files" in text and "encoders               missing" in text

@@ -14,8 +14,13 @@ from inference.finetuned import FinetuneFolderError, load_embedding, read_finetu
 def _ti_folder(root, width: int, base_model: str = "tiny"):
     root.mkdir(parents=True, exist_ok=True)
     save_file({"S*": torch.randn(1, width)}, root / "learned_embeds.safetensors")
-    info = {"method": "textual_inversion", "placeholder_token": "S*", "class_word": "dog", "base_model": base_model,
-            "files": {"embeddings": "learned_embeds.safetensors"}}
+    info = {
+        "method": "textual_inversion",
+        "placeholder_token": "S*",
+        "class_word": "dog",
+        "base_model": base_model,
+        "files": {"embeddings": "learned_embeds.safetensors"},
+    }
     (root / "concept.json").write_text(json.dumps(info))
     return root
 

@@ -147,7 +147,9 @@ def test_two_concepts_each_at_its_own_token(elite, dog_and_cat):
     words = {w: table[tokenizer(w, add_special_tokens=False).input_ids[0]].detach().clone() for w in ("dog", "cat")}
     prompt = "S1 playing with S2 in a garden"
     cond = elite.conditioning(prompt, [Concept(w0=words["dog"]), Concept(w0=words["cat"])], ["S1", "S2"])
-    torch.testing.assert_close(cond.prompt_embeds, elite._plain_text("dog playing with cat in a garden")[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        cond.prompt_embeds, elite._plain_text("dog playing with cat in a garden")[0], rtol=0, atol=1e-5
+    )
     elite_tokenizer, (s1, s2) = elite.placeholder_tokenizer(["S1", "S2"])  # ELITE's own copy holds the placeholders
     ids = elite_tokenizer(prompt).input_ids
     assert "S1" not in tokenizer.get_vocab()
@@ -201,8 +203,15 @@ def test_unload_restores_the_base_pipeline(tiny_sd_path, tiny_encoders_path, tea
 
     base = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
     base.set_progress_bar_config(disable=True)
-    reference = base("a photo of a teapot", num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
-                     height=16, width=16, generator=torch.Generator().manual_seed(0)).images.numpy()
+    reference = base(
+        "a photo of a teapot",
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        output_type="latent",
+        height=16,
+        width=16,
+        generator=torch.Generator().manual_seed(0),
+    ).images.numpy()
 
     elite = ElitePipeline(base)
     elite.load_encoders(tiny_encoders_path)
@@ -226,7 +235,9 @@ def test_unload_restores_the_base_pipeline(tiny_sd_path, tiny_encoders_path, tea
         elite.encode_concept(np.zeros((8, 8, 3)))
 
 
-def test_encoders_for_another_base_model_are_refused(tiny_sd_path, tiny_encoders_path, tiny_image_encoder_path, tmp_path):
+def test_encoders_for_another_base_model_are_refused(
+    tiny_sd_path, tiny_encoders_path, tiny_image_encoder_path, tmp_path
+):
     from diffusers import StableDiffusionPipeline
 
     from encoders.global_mapping import GlobalMapping
@@ -235,9 +246,14 @@ def test_encoders_for_another_base_model_are_refused(tiny_sd_path, tiny_encoders
     # text embeddings of another width (e.g. SD 2's 1024 vs SD 1's 768)
     wide = tmp_path / "wide"
     shutil.copytree(tiny_encoders_path, wide)
-    GlobalMapping(input_dim=32, output_dim=48, hidden_dim=8, kv_layers={},
-                  pretrained_model_name_or_path="other/base",
-                  image_encoder_name_or_path=str(tiny_image_encoder_path)).save_pretrained(wide / "global_mapping")
+    GlobalMapping(
+        input_dim=32,
+        output_dim=48,
+        hidden_dim=8,
+        kv_layers={},
+        pretrained_model_name_or_path="other/base",
+        image_encoder_name_or_path=str(tiny_image_encoder_path),
+    ).save_pretrained(wide / "global_mapping")
     encoders = load_encoders(wide, device="cpu", dtype="float32")
     with pytest.raises(ModelLoadError, match="size 48 but the text encoder uses 32: it was trained for other/base"):
         check_encoders_fit(encoders, pipe)
@@ -256,8 +272,13 @@ def test_encoders_for_another_base_model_are_refused(tiny_sd_path, tiny_encoders
     # not an encoders folder at all; an image encoder of another width than the mappings read
     with pytest.raises(ModelLoadError, match="no global_mapping/config.json"):
         load_encoders(tmp_path, device="cpu")
-    GlobalMapping(input_dim=64, output_dim=32, hidden_dim=8, kv_layers=config["kv_layers"],
-                  image_encoder_name_or_path=str(tiny_image_encoder_path)).save_pretrained(other / "global_mapping")
+    GlobalMapping(
+        input_dim=64,
+        output_dim=32,
+        hidden_dim=8,
+        kv_layers=config["kv_layers"],
+        image_encoder_name_or_path=str(tiny_image_encoder_path),
+    ).save_pretrained(other / "global_mapping")
     with pytest.raises(ModelLoadError, match="features of width 64, but the image encoder .* gives 32"):
         load_encoders(other, device="cpu")
 
@@ -273,7 +294,9 @@ def test_encoders_without_local_mapping_still_generate(tiny_sd_path, tiny_encode
 
 
 @pytest.mark.filterwarnings("ignore:concept . was encoded with the encoders")  # a copy of the same encoders
-def test_spatial_guidance_hook_with_boxes_and_with_the_location_mlp(tiny_sd_path, tiny_encoders_path, tmp_path, dog_and_cat):
+def test_spatial_guidance_hook_with_boxes_and_with_the_location_mlp(
+    tiny_sd_path, tiny_encoders_path, tmp_path, dog_and_cat
+):
     from encoders.location_mlp import LocationMLP
     from inference.guidance import SpatialGuidanceConfig
 
@@ -291,8 +314,17 @@ def test_spatial_guidance_hook_with_boxes_and_with_the_location_mlp(tiny_sd_path
     with pytest.warns(UserWarning, match="concept 0 was encoded with the encoders .*tiny_encoders"):
         plain = _run(elite, prompt, [dog, cat])
     left_right = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
-    guided = elite(prompt, [dog, cat], boxes=left_right, guidance_config=config, num_inference_steps=STEPS,
-                   seed=0, height=16, width=16, output_type="latent")
+    guided = elite(
+        prompt,
+        [dog, cat],
+        boxes=left_right,
+        guidance_config=config,
+        num_inference_steps=STEPS,
+        seed=0,
+        height=16,
+        width=16,
+        output_type="latent",
+    )
     assert len(guided.location_losses) == len(elite.scheduler.timesteps) and len(guided.attention_maps) == 2
     assert len(guided.guidance_losses) == 1  # one guided reverse step
     assert guided.images.shape == plain.shape and not np.array_equal(guided.images.numpy(), plain)
@@ -304,11 +336,29 @@ def test_spatial_guidance_hook_with_boxes_and_with_the_location_mlp(tiny_sd_path
     assert len(boxes) == 2 and all(0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1 for b in boxes)
     assert len(found["resolved"]) == 2
     with pytest.warns(UserWarning, match="same place"):
-        predicted = elite(prompt, [dog, cat], spatial_guidance=True, guidance_config=config, num_inference_steps=STEPS,
-                          seed=0, height=16, width=16, output_type="latent")
+        predicted = elite(
+            prompt,
+            [dog, cat],
+            spatial_guidance=True,
+            guidance_config=config,
+            num_inference_steps=STEPS,
+            seed=0,
+            height=16,
+            width=16,
+            output_type="latent",
+        )
     assert predicted.boxes == [list(b) for b in boxes] and predicted.box_nouns == found["resolved"]
-    explicit = elite(prompt, [dog, cat], boxes=boxes, guidance_config=config, num_inference_steps=STEPS,
-                     seed=0, height=16, width=16, output_type="latent")
+    explicit = elite(
+        prompt,
+        [dog, cat],
+        boxes=boxes,
+        guidance_config=config,
+        num_inference_steps=STEPS,
+        seed=0,
+        height=16,
+        width=16,
+        output_type="latent",
+    )
     torch.testing.assert_close(predicted.images, explicit.images)
 
     with pytest.raises(ConceptInputError, match="one box per concept"):
@@ -336,8 +386,12 @@ def test_load_elite_on_a_stock_pipeline_restores_its_own_processors(tiny_sd_path
     self_name = next(n for n in names if ".attn1." in n)
     cross_name = next(n for n in names if ".attn2." in n)
     attn = pipe.unet.get_submodule(cross_name[: -len(".processor")])
-    mine = {self_name: Custom(), cross_name: IPAdapterAttnProcessor2_0(hidden_size=attn.to_q.out_features,
-                                                                       cross_attention_dim=32, num_tokens=(4,))}
+    mine = {
+        self_name: Custom(),
+        cross_name: IPAdapterAttnProcessor2_0(
+            hidden_size=attn.to_q.out_features, cross_attention_dim=32, num_tokens=(4,)
+        ),
+    }
     pipe.unet.set_attn_processor({n: mine.get(n, p) for n, p in pipe.unet.attn_processors.items()})
     before = dict(pipe.unet.attn_processors)
 
@@ -347,8 +401,15 @@ def test_load_elite_on_a_stock_pipeline_restores_its_own_processors(tiny_sd_path
     assert isinstance(during[cross_name], EliteAttnProcessor)  # cross-attention is ELITE's while loaded
     set_elite_scale(pipe, 0.8)
     assert pipe.elite is elite and elite.elite_scale == 0.8
-    out = elite(["a photo of S*", "S* on a table"], teapot, num_inference_steps=1, height=16, width=16,
-                output_type="latent", seed=0)  # a list of prompts: one call each, joined
+    out = elite(
+        ["a photo of S*", "S* on a table"],
+        teapot,
+        num_inference_steps=1,
+        height=16,
+        width=16,
+        output_type="latent",
+        seed=0,
+    )  # a list of prompts: one call each, joined
     assert out.images.shape[0] == 2 and len(out.per_prompt) == 2
     unload_elite(pipe)
     after = pipe.unet.attn_processors

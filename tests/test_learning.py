@@ -21,9 +21,29 @@ def test_both_stages_help_on_held_out_crops(tmp_path):
         from bench_learning import main
     finally:
         sys.path.pop(0)
-    results = main(["--no-world", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "learning.json"), "--steps-global", "60",
-                    "--steps-local", "40", "--options", "none", "--draws", "4", "--steps-finetune", "32",
-                    "--finetune-concepts", "1", "--anchor-seeds", "1"])
+    results = main(
+        [
+            "--no-world",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "learning.json"),
+            "--steps-global",
+            "60",
+            "--steps-local",
+            "40",
+            "--options",
+            "none",
+            "--draws",
+            "4",
+            "--steps-finetune",
+            "32",
+            "--finetune-concepts",
+            "1",
+            "--anchor-seeds",
+            "1",
+        ]
+    )
     stage1 = results["stage1"]["trained_vs_untrained_own"]  # untrained loss - trained loss, own words
     assert stage1["mean"] > 0 and stage1["excludes_zero"], stage1
     stage2 = results["stage2"]["reference"]["own_vs_off"]  # loss without the local branch - with it

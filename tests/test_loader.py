@@ -70,14 +70,24 @@ def test_batch_shapes_and_ranges(crop_shards, factor):
     assert (obj >= lo - 1e-5).all() and (obj <= hi + 1e-5).all()
     for caption in batch["caption"]:
         assert "S*" in caption
-    assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True).replace(" ", "") == batch["caption"][0].replace(" ", "").lower()
+    assert (
+        tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True).replace(" ", "")
+        == batch["caption"][0].replace(" ", "").lower()
+    )
     b = batch["box_in_crop"]
     assert (b[:, 0] < b[:, 2]).all() and (b[:, 1] < b[:, 3]).all() and b.min() >= 0 and b.max() <= 1
 
 
 def _unaugmented(**extra) -> CropDataConfig:
-    off = dict(clip_flip_prob=0, clip_rotation_prob=0, clip_blur_prob=0, clip_affine_prob=0,
-               object_resize_crop_prob=0, object_rotation_prob=0, object_translate_prob=0)
+    off = dict(
+        clip_flip_prob=0,
+        clip_rotation_prob=0,
+        clip_blur_prob=0,
+        clip_affine_prob=0,
+        object_resize_crop_prob=0,
+        object_rotation_prob=0,
+        object_translate_prob=0,
+    )
     return CropDataConfig(**{"resolution": 64, **off, **extra})
 
 
@@ -87,7 +97,9 @@ def test_the_object_view_is_the_object_on_black_in_both_orders(crop_shards):
     lo = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(1, 3, 1, 1)
     batches = {}
     for order in ("mask_then_resize", "resize_then_mask"):
-        loader = build_crop_dataloader(crop_shards, _unaugmented(object_view=order), batch_size=3, vae_scale_factor=4, seed=0)
+        loader = build_crop_dataloader(
+            crop_shards, _unaugmented(object_view=order), batch_size=3, vae_scale_factor=4, seed=0
+        )
         batches[order] = next(iter(loader))
     late = batches["resize_then_mask"]
     obj, m, clip = late["clip_object_pixel_values"], late["object_mask_clip"], late["clip_pixel_values"]
@@ -115,7 +127,9 @@ def test_the_object_view_warp_moves_image_and_mask_together(crop_shards):
     near = F.max_pool2d(m, 7, stride=1, padding=3)  # 3 px: the nearest-sampled mask vs the bilinear-sampled photo
     lo = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(1, 3, 1, 1)
     obj = batch["clip_object_pixel_values"]
-    assert torch.allclose(obj * (1 - near), lo.expand_as(obj) * (1 - near), atol=1e-5) and (m.flatten(1).sum(1) > 0).all()
+    assert (
+        torch.allclose(obj * (1 - near), lo.expand_as(obj) * (1 - near), atol=1e-5) and (m.flatten(1).sum(1) > 0).all()
+    )
     assert ((obj - lo).abs().sum(1, keepdim=True) * m).flatten(1).sum(1).gt(0).all()  # and is not black inside it
 
 
@@ -180,8 +194,9 @@ def test_two_workers_split_the_shards(crop_shards):
 
 
 def test_scale_augmentation_marks_the_canvas_invalid(crop_shards):
-    cfg = CropDataConfig(resolution=64, clip_size=32, scale_augment="shrink", scale_prob=1.0, scale_range=(0.5, 0.5),
-                         shuffle_shards=0)
+    cfg = CropDataConfig(
+        resolution=64, clip_size=32, scale_augment="shrink", scale_prob=1.0, scale_range=(0.5, 0.5), shuffle_shards=0
+    )
     batch = next(iter(build_crop_dataloader(crop_shards, cfg, batch_size=4, vae_scale_factor=4, seed=0)))
     valid = batch["valid_mask"]
     assert (valid.flatten(1).sum(1) == 8 * 8).all()  # a 32 px object on a 64 px canvas = 8x8 latent cells of 16x16
@@ -250,7 +265,9 @@ def test_clip_view_grids_are_affine_grids():
     a = torch.deg2rad(angle)
     mirror = 1 - 2 * flip.float()
     zero = torch.zeros(4)
-    theta = torch.stack([torch.stack([a.cos() * mirror, a.sin(), zero], -1), torch.stack([-a.sin() * mirror, a.cos(), zero], -1)], 1)
+    theta = torch.stack(
+        [torch.stack([a.cos() * mirror, a.sin(), zero], -1), torch.stack([-a.sin() * mirror, a.cos(), zero], -1)], 1
+    )
     assert torch.allclose(grids, F.affine_grid(theta, [4, 1, 24, 24], align_corners=False), atol=1e-6)
     image = torch.arange(2 * 24 * 24, dtype=torch.float32).view(2, 1, 24, 24)
     same = F.grid_sample(image, grids[:2], mode="nearest", align_corners=False)
@@ -259,9 +276,19 @@ def test_clip_view_grids_are_affine_grids():
 
 def test_clip_views_match_pils_affine_warp(data_dir):
     """Flip + rotation + resize by grid_sample lands where PIL's affine warp of the same crop does."""
-    cfg = CropDataConfig(resolution=128, clip_size=56, clip_flip_prob=1.0, clip_rotation_prob=1.0, clip_rotation_degrees=10.0,
-                         clip_blur_prob=0.0, clip_affine_prob=0.0, clip_border="mean", object_resize_crop_prob=0,
-                         object_rotation_prob=0, object_translate_prob=0)
+    cfg = CropDataConfig(
+        resolution=128,
+        clip_size=56,
+        clip_flip_prob=1.0,
+        clip_rotation_prob=1.0,
+        clip_rotation_degrees=10.0,
+        clip_blur_prob=0.0,
+        clip_affine_prob=0.0,
+        clip_border="mean",
+        object_resize_crop_prob=0,
+        object_rotation_prob=0,
+        object_translate_prob=0,
+    )
     transform = CropSampleTransform(cfg, vae_scale_factor=8)
     image = _photo(data_dir, 128)
     mask = Image.new("L", (128, 128), 0)
@@ -283,8 +310,12 @@ def test_clip_views_match_pils_affine_warp(data_dir):
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     ours = (batch["clip_pixel_values"][0] * std + mean) * 255
     reference = torch.from_numpy(pil_view(image.reduce(2), Image.BILINEAR)).permute(2, 0, 1)
-    inside = torch.from_numpy(pil_view(Image.new("L", (64, 64), 255), Image.NEAREST) > 0)[2:-2, 2:-2]  # away from the fill edge
-    assert (ours - reference).abs()[:, 2:-2, 2:-2][:, inside].mean() < 6.0  # grey levels: ~0.6; unrotated ~26, turned the wrong way ~39
+    inside = torch.from_numpy(pil_view(Image.new("L", (64, 64), 255), Image.NEAREST) > 0)[
+        2:-2, 2:-2
+    ]  # away from the fill edge
+    assert (ours - reference).abs()[:, 2:-2, 2:-2][
+        :, inside
+    ].mean() < 6.0  # grey levels: ~0.6; unrotated ~26, turned the wrong way ~39
 
 
 def test_gaussian_blur_per_sample_sigma_like_pil(data_dir):
@@ -294,7 +325,9 @@ def test_gaussian_blur_per_sample_sigma_like_pil(data_dir):
     assert out.shape == (3, 3, 64, 64)
     assert (out[0] - x).abs().mean() < 0.5  # sigma 0.1 is (almost) no blur
     for i, sigma in ((1, 0.8), (2, 1.5)):
-        reference = torch.from_numpy(np.asarray(image.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32)).permute(2, 0, 1)
+        reference = torch.from_numpy(
+            np.asarray(image.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32)
+        ).permute(2, 0, 1)
         assert (out[i] - reference).abs().mean() < 2.0  # PIL approximates the Gaussian with box passes
     assert (out[2] - x).abs().mean() > (out[1] - x).abs().mean() > 1.0
     flat = torch.full((2, 3, 16, 16), 0.25)
@@ -303,7 +336,9 @@ def test_gaussian_blur_per_sample_sigma_like_pil(data_dir):
 
 def test_token_ids_are_the_tokenizers_and_follow_added_tokens():
     tokenizer = build_clip_tokenizer()
-    transform = CropSampleTransform(CropDataConfig(resolution=32, clip_size=32), vae_scale_factor=4, tokenizer=tokenizer)
+    transform = CropSampleTransform(
+        CropDataConfig(resolution=32, clip_size=32), vae_scale_factor=4, tokenizer=tokenizer
+    )
     captions = ["a photo of a S*.", "a rendering of a S*.", "a photo of a S*."]
     direct = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length).input_ids
     assert transform.token_ids(captions).tolist() == direct
@@ -355,8 +390,15 @@ def test_box_blur_is_a_per_sample_box_filter():
     padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
     for b, size in ((0, 3), (1, 5)):
         o = 2 - size // 2
-        expected = torch.stack([torch.stack([padded[b, :, o + i: o + i + size, o + j: o + j + size].mean(dim=(1, 2))
-                                             for j in range(12)], -1) for i in range(12)], -2)
+        expected = torch.stack(
+            [
+                torch.stack(
+                    [padded[b, :, o + i : o + i + size, o + j : o + j + size].mean(dim=(1, 2)) for j in range(12)], -1
+                )
+                for i in range(12)
+            ],
+            -2,
+        )
         assert torch.allclose(out[b], expected, atol=1e-6)
 
 

@@ -33,6 +33,7 @@ def test_iou_and_giou_values():
 
 def _rule(index_a: int, index_b: int) -> list[list[float]]:
     """A synthetic layout: each word has its own size and height; the lower-index word goes left."""
+
     def box(i, left):
         size = 0.2 + 0.05 * (i % 6)
         top = 0.1 + 0.08 * (i % 5)
@@ -47,8 +48,11 @@ def test_mlp_fits_a_synthetic_layout_rule(tiny_sd_path):
 
     torch.manual_seed(0)
     words = coco_class_names()[:12]
-    emb = embed_words(words, CLIPTokenizer.from_pretrained(tiny_sd_path / "tokenizer"),
-                      CLIPTextModel.from_pretrained(tiny_sd_path / "text_encoder"))
+    emb = embed_words(
+        words,
+        CLIPTokenizer.from_pretrained(tiny_sd_path / "tokenizer"),
+        CLIPTextModel.from_pretrained(tiny_sd_path / "text_encoder"),
+    )
     pairs = [(i, j) for i in range(12) for j in range(12) if i != j]
     held_out = set(pairs[::9])
     train = [p for p in pairs if p not in held_out]
@@ -95,8 +99,13 @@ def pair_shards(tmp_path):
             if i < j:
                 boxes = _rule(i, j)
                 coco.append((f"coco_{i}_{j}", {"words": [a, b], "boxes": boxes, "source": "coco"}, {}))
-                gen.append((f"gen_{i}_{j}", {"words": [b, a], "boxes": boxes[::-1], "source": "generated"},
-                            {"jpg": b"\xff\xd8not-a-real-jpeg"}))  # never decoded by the pair loader
+                gen.append(
+                    (
+                        f"gen_{i}_{j}",
+                        {"words": [b, a], "boxes": boxes[::-1], "source": "generated"},
+                        {"jpg": b"\xff\xd8not-a-real-jpeg"},
+                    )
+                )  # never decoded by the pair loader
     coco.append(("coco_bad", {"words": ["cat"], "boxes": [[0, 0, 1, 1]], "source": "coco"}, {}))
     coco.append(("coco_flat", {"words": ["cat", "dog"], "boxes": [[0.5, 0, 0.5, 1], [0, 0, 1, 1]]}, {}))
     _write_pairs(tmp_path / "coco" / "pairs-coco-000000.tar", coco)
@@ -127,9 +136,21 @@ def test_pair_batches_are_deterministic_and_canonical():
 
 
 def _config(tmp_path, shards, tiny_sd_path, name, **kw):
-    base = dict(pretrained_model_name_or_path=str(tiny_sd_path), train_shards=shards, output_dir=str(tmp_path / name),
-                max_steps=12, train_batch_size=8, learning_rate=3e-3, checkpointing_steps=6, report_to="none",
-                logging_steps=4, hidden_dim=64, num_layers=2, val_fraction=0.2, validation_steps=12)
+    base = dict(
+        pretrained_model_name_or_path=str(tiny_sd_path),
+        train_shards=shards,
+        output_dir=str(tmp_path / name),
+        max_steps=12,
+        train_batch_size=8,
+        learning_rate=3e-3,
+        checkpointing_steps=6,
+        report_to="none",
+        logging_steps=4,
+        hidden_dim=64,
+        num_layers=2,
+        val_fraction=0.2,
+        validation_steps=12,
+    )
     base.update(kw)
     return LocationMLPConfig(**base)
 
@@ -152,7 +173,9 @@ def test_trainer_exports_resumes_exactly_and_records_the_base_model(tmp_path, pa
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
-    resumed = run_training(LocationMLPTask(_config(tmp_path, pair_shards, tiny_sd_path, "resumed", resume_from_checkpoint="latest")))
+    resumed = run_training(
+        LocationMLPTask(_config(tmp_path, pair_shards, tiny_sd_path, "resumed", resume_from_checkpoint="latest"))
+    )
     again = LocationMLP.from_pretrained(resumed, subfolder="location_mlp")
     for (name, p), q in zip(mlp.state_dict().items(), again.state_dict().values()):
         assert torch.allclose(p, q, atol=1e-6), name

@@ -19,7 +19,9 @@ from inference.concept import Concept, ConceptFileError
 
 SETTINGS = CropSettings(resolution=32, min_area_fraction=0.01, max_area_fraction=0.95, min_side=10)
 CLASSES = "/m/01,Thing\n"
-BOX_HEADER = "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside\n"
+BOX_HEADER = (
+    "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside\n"
+)
 SEG_HEADER = "MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks\n"
 
 
@@ -35,14 +37,23 @@ def _openimages_tree(tmp_path: Path, image_id: str, mask_path: str) -> dict:
     (tmp_path / "classes.csv").write_text(CLASSES)
     (tmp_path / "boxes.csv").write_text(BOX_HEADER + f"{image_id},x,/m/01,1,0.1,0.9,0.1,0.9,0,0,0,0,0\n")
     (tmp_path / "seg.csv").write_text(SEG_HEADER + f"{mask_path},{image_id},/m/01,0,0.1,0.9,0.1,0.9,0.9,\n")
-    return dict(boxes=[tmp_path / "boxes.csv"], segmentations=[tmp_path / "seg.csv"], masks_dir=masks,
-                images_dir=images, classes=tmp_path / "classes.csv", settings=SETTINGS)
+    return dict(
+        boxes=[tmp_path / "boxes.csv"],
+        segmentations=[tmp_path / "seg.csv"],
+        masks_dir=masks,
+        images_dir=images,
+        classes=tmp_path / "classes.csv",
+        settings=SETTINGS,
+    )
 
 
-@pytest.mark.parametrize("image_id, reason", [
-    ("../../secret/outside", "path_outside_images"),
-    ("/{secret}/outside", "path_outside_images"),
-])
+@pytest.mark.parametrize(
+    "image_id, reason",
+    [
+        ("../../secret/outside", "path_outside_images"),
+        ("/{secret}/outside", "path_outside_images"),
+    ],
+)
 def test_case1_openimages_image_ids_cannot_leave_the_images_folder(tmp_path, image_id, reason):
     """Case 1: an ImageID with ../ or an absolute path is skipped as path_outside_images, never read."""
     image_id = image_id.format(secret=str(tmp_path / "secret").lstrip("/"))
@@ -103,7 +114,9 @@ def test_case3_a_second_trainer_on_the_same_output_dir_is_refused(tmp_path):
     out.mkdir()
     with folder_lock(out / RUN_LOCK_FILE, "the first run"):
         config = ToyConfig(output_dir=str(out), max_steps=2, report_to="none", mixed_precision="no")
-        with pytest.raises(FolderLockedError, match=rf"another training run in {out} is already running \(pid {os.getpid()}"):
+        with pytest.raises(
+            FolderLockedError, match=rf"another training run in {out} is already running \(pid {os.getpid()}"
+        ):
             run_training(ToyTask(config))
     assert not list(out.glob("checkpoint-*")) and not (out / "config.yaml").exists()
 
@@ -118,8 +131,11 @@ def test_case4_concept_files_with_nan_or_inf_are_refused_naming_the_file(tmp_pat
     # written the way a damaged or hostile file would be: straight with safetensors, no checks
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    save_file({"w0": w0, "local_tokens": local, "local_keep": torch.ones(4, dtype=torch.uint8)}, str(path),
-              metadata={"format": "zsp-concept/1"})
+    save_file(
+        {"w0": w0, "local_tokens": local, "local_keep": torch.ones(4, dtype=torch.uint8)},
+        str(path),
+        metadata={"format": "zsp-concept/1"},
+    )
     with pytest.raises(ConceptFileError, match=rf"{path}: {where} holds \d+ NaN/Inf"):
         Concept.load(path)
 
@@ -184,8 +200,12 @@ def full_disk(tmp_path):
 
     mount = tmp_path / "full"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     try:
         try:
@@ -200,14 +220,28 @@ def full_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_case7_encode_on_a_full_disk_is_one_line_and_leaves_no_file(full_disk, tiny_encoders_path, tiny_sd_path, data_dir, capsys):
+def test_case7_encode_on_a_full_disk_is_one_line_and_leaves_no_file(
+    full_disk, tiny_encoders_path, tiny_sd_path, data_dir, capsys
+):
     """Case 7: a full disk in `encode` is one error line (exit 2), not a traceback, and no half file."""
     from inference.cli import main as inference_main  # noqa: PLC0415
 
     out = full_disk / "teapot.safetensors"
-    code = inference_main(["encode", "--encoders", str(tiny_encoders_path), "--base", str(tiny_sd_path),
-                           "--image", str(data_dir / "concepts/dreambooth/teapot/04.jpg"),
-                           "--mask", str(data_dir / "concepts/masks/teapot_04.png"), "--out", str(out)])
+    code = inference_main(
+        [
+            "encode",
+            "--encoders",
+            str(tiny_encoders_path),
+            "--base",
+            str(tiny_sd_path),
+            "--image",
+            str(data_dir / "concepts/dreambooth/teapot/04.jpg"),
+            "--mask",
+            str(data_dir / "concepts/masks/teapot_04.png"),
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "No space left on device" in err and "Traceback" not in err
     assert not out.exists() and not [p for p in full_disk.iterdir() if p.name != ".filler"]
@@ -217,9 +251,20 @@ def test_case7_data_prep_on_a_full_disk_is_one_line(full_disk, data_dir, capsys)
     """Case 7: data_prep on a full disk: one line naming the problem, exit 2."""
     from data_prep.cli import main as data_prep_main  # noqa: PLC0415
 
-    code = data_prep_main(["coco", "--annotations", str(data_dir / "coco_sample/annotations.json"), "--images",
-                           str(data_dir / "coco_sample/images"), "--out", str(full_disk / "shards"), "--workers", "1",
-                           "--no-progress"])
+    code = data_prep_main(
+        [
+            "coco",
+            "--annotations",
+            str(data_dir / "coco_sample/annotations.json"),
+            "--images",
+            str(data_dir / "coco_sample/images"),
+            "--out",
+            str(full_disk / "shards"),
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "No space left on device" in err
 
@@ -265,8 +310,20 @@ def test_case6_a_prompt_longer_than_77_tokens_is_said_and_recorded(tiny_sd_path,
     from inference.cli import main as inference_main  # noqa: PLC0415
 
     prompt = "a photo of a dog " + "with a red hat " * 30
-    code = inference_main(["generate", "--base", str(tiny_sd_path), "--prompt", prompt, "--steps", "1", "--quiet",
-                           "--out", str(tmp_path / "out")])
+    code = inference_main(
+        [
+            "generate",
+            "--base",
+            str(tiny_sd_path),
+            "--prompt",
+            prompt,
+            "--steps",
+            "1",
+            "--quiet",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0
     assert "the text encoder reads 77" in capsys.readouterr().err
     record = json.loads((tmp_path / "out/settings.json").read_text())["prompts"][0]
@@ -285,20 +342,39 @@ def test_case6_max_steps_below_the_checkpoint_is_refused(tmp_path, fresh_acceler
         run_training(ToyTask(ToyConfig(max_steps=2, resume_from_checkpoint="latest", **keys)))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--placeholder", ""], "must be one word"),
-    (["--placeholder", "my dog"], "must be one word"),
-    (["--seed", str(2**70)], "--seed"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--placeholder", ""], "must be one word"),
+        (["--placeholder", "my dog"], "must be one word"),
+        (["--seed", str(2**70)], "--seed"),
+    ],
+)
 def test_case7_bad_generate_options_are_one_line(tiny_sd_path, tiny_encoders_path, tmp_path, capsys, argv, message):
     """Case 7: --placeholder '' / with spaces and a --seed beyond 64 bits: one error line, exit 2."""
     from inference.cli import main as inference_main  # noqa: PLC0415
 
     concept = Concept(torch.randn(32)).save(tmp_path / "c.safetensors")
     try:
-        code = inference_main(["generate", "--base", str(tiny_sd_path), "--encoders", str(tiny_encoders_path),
-                               "--concept", str(concept), "--prompt", "a photo of S*", "--steps", "1", "--quiet",
-                               "--out", str(tmp_path / "out"), *argv])
+        code = inference_main(
+            [
+                "generate",
+                "--base",
+                str(tiny_sd_path),
+                "--encoders",
+                str(tiny_encoders_path),
+                "--concept",
+                str(concept),
+                "--prompt",
+                "a photo of S*",
+                "--steps",
+                "1",
+                "--quiet",
+                "--out",
+                str(tmp_path / "out"),
+                *argv,
+            ]
+        )
     except SystemExit as stop:  # argparse's own refusals
         code = stop.code
     err = capsys.readouterr().err
@@ -321,8 +397,25 @@ def test_case7_guide_with_a_word_missing_from_the_prompt_is_one_line(tiny_sd_pat
     """Case 7: `guide --words cat dog` on a prompt without 'dog': one line naming the word."""
     from inference.cli import main as inference_main  # noqa: PLC0415
 
-    code = inference_main(["guide", "--base", str(tiny_sd_path), "--prompt", "a photo of a cat", "--words", "cat", "dog",
-                           "--boxes", "0,0,0.5,0.5", "0.5,0.5,1,1", "--steps", "1", "--out", str(tmp_path / "g.png")])
+    code = inference_main(
+        [
+            "guide",
+            "--base",
+            str(tiny_sd_path),
+            "--prompt",
+            "a photo of a cat",
+            "--words",
+            "cat",
+            "dog",
+            "--boxes",
+            "0,0,0.5,0.5",
+            "0.5,0.5,1,1",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "g.png"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "'dog' is not in the prompt" in err
 
@@ -342,8 +435,16 @@ def test_case7_a_missing_concept_dir_is_one_line(tiny_sd_path, tmp_path, capsys,
     from training.textual_inversion import main as ti_main  # noqa: PLC0415
 
     with pytest.raises(SystemExit) as stop:
-        ti_main([f"pretrained_model_name_or_path={tiny_sd_path}", f"concept_dir={tmp_path / 'nope'}",
-                 "initializer_token=pot", f"output_dir={tmp_path / 'run'}", "report_to=none", "max_steps=1"])
+        ti_main(
+            [
+                f"pretrained_model_name_or_path={tiny_sd_path}",
+                f"concept_dir={tmp_path / 'nope'}",
+                "initializer_token=pot",
+                f"output_dir={tmp_path / 'run'}",
+                "report_to=none",
+                "max_steps=1",
+            ]
+        )
     assert stop.value.code == 2 and "concept_dir" in capsys.readouterr().err
 
 
@@ -368,7 +469,7 @@ def test_case7_a_decompression_bomb_is_refused_before_decoding(tmp_path):
     from encoders.common.images import MAX_IMAGE_PIXELS  # noqa: PLC0415
     from inference.inputs import ConceptInputError, load_concept_image  # noqa: PLC0415
 
-    side = int(MAX_IMAGE_PIXELS ** 0.5) + 16
+    side = int(MAX_IMAGE_PIXELS**0.5) + 16
     Image.new("1", (side, side), 0).save(tmp_path / "bomb.png")  # a few kB on disk
     with pytest.raises(ConceptInputError, match="million pixels; the limit is"):
         load_concept_image(tmp_path / "bomb.png")
@@ -393,23 +494,40 @@ def test_case10_a_truncated_shard_stops_training_naming_it(crop_shards, tmp_path
             pass
 
 
-def test_case12_fine_tunes_take_the_base_models_size_when_no_resolution_is_given(tiny_sd_path, data_dir, tmp_path,
-                                                                                 capsys, fresh_accelerate_state):
+def test_case12_fine_tunes_take_the_base_models_size_when_no_resolution_is_given(
+    tiny_sd_path, data_dir, tmp_path, capsys, fresh_accelerate_state
+):
     """Case 12: no data.resolution: the base's own size (64 px for the tiny base), said on the console."""
     from training.textual_inversion import main as ti_main  # noqa: PLC0415
 
-    ti_main([f"pretrained_model_name_or_path={tiny_sd_path}", f"concept_dir={data_dir / 'concepts/dreambooth/teapot'}",
-             "initializer_token=pot", f"output_dir={tmp_path / 'run'}", "report_to=none", "max_steps=1",
-             "mixed_precision=no", "validation_steps=0"])
+    ti_main(
+        [
+            f"pretrained_model_name_or_path={tiny_sd_path}",
+            f"concept_dir={data_dir / 'concepts/dreambooth/teapot'}",
+            "initializer_token=pot",
+            f"output_dir={tmp_path / 'run'}",
+            "report_to=none",
+            "max_steps=1",
+            "mixed_precision=no",
+            "validation_steps=0",
+        ]
+    )
     assert "data.resolution not given: 64 px" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("prompt, ok", [
-    ("a photo of S* playing with a bus", True),     # not in the MLP's vocabulary, a COCO noun: its nearest noun's layout
-    ("a photo of S* playing with a zorblat", False),  # no noun to place: the error says how to name one
-])
+@pytest.mark.parametrize(
+    "prompt, ok",
+    [
+        (
+            "a photo of S* playing with a bus",
+            True,
+        ),  # not in the MLP's vocabulary, a COCO noun: its nearest noun's layout
+        ("a photo of S* playing with a zorblat", False),  # no noun to place: the error says how to name one
+    ],
+)
 def test_case11_spatial_guidance_finds_the_prompts_noun_or_says_how_to_name_one(
-        encoders_with_location_mlp, tiny_sd_path, tmp_path, capsys, prompt, ok):
+    encoders_with_location_mlp, tiny_sd_path, tmp_path, capsys, prompt, ok
+):
     """Case 11: --spatial-guidance without --guide-word: a COCO noun of the prompt is placed by its nearest
     known noun; with none, one line saying which words were looked for and how to name one."""
     import json  # noqa: PLC0415
@@ -417,9 +535,25 @@ def test_case11_spatial_guidance_finds_the_prompts_noun_or_says_how_to_name_one(
     from inference.cli import main as inference_main  # noqa: PLC0415
 
     concept = Concept(torch.randn(32)).save(tmp_path / "c.safetensors")
-    code = inference_main(["generate", "--base", str(tiny_sd_path), "--encoders", str(encoders_with_location_mlp),
-                           "--concept", str(concept), "--prompt", prompt, "--spatial-guidance", "--steps", "2",
-                           "--quiet", "--out", str(tmp_path / "out")])
+    code = inference_main(
+        [
+            "generate",
+            "--base",
+            str(tiny_sd_path),
+            "--encoders",
+            str(encoders_with_location_mlp),
+            "--concept",
+            str(concept),
+            "--prompt",
+            prompt,
+            "--spatial-guidance",
+            "--steps",
+            "2",
+            "--quiet",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     if ok:
         assert code == 0, err
@@ -442,24 +576,41 @@ def test_case7_an_embedding_of_another_width_names_both_widths(tmp_path, tiny_sd
     folder = tmp_path / "sd2_ti"
     folder.mkdir()
     save_file({"S*": torch.randn(1, 1024)}, folder / "learned_embeds.safetensors")
-    (folder / "concept.json").write_text(json.dumps({
-        "method": "textual_inversion", "placeholder_token": "S*", "class_word": "dog",
-        "base_model": "stabilityai/stable-diffusion-2-1-base", "files": {"embeddings": "learned_embeds.safetensors"}}))
+    (folder / "concept.json").write_text(
+        json.dumps(
+            {
+                "method": "textual_inversion",
+                "placeholder_token": "S*",
+                "class_word": "dog",
+                "base_model": "stabilityai/stable-diffusion-2-1-base",
+                "files": {"embeddings": "learned_embeds.safetensors"},
+            }
+        )
+    )
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
     with pytest.raises(FinetuneFolderError, match=r"1024 wide, but this base's text encoder takes 32-wide") as err:
         load_embedding(pipe, read_finetune(folder))
     assert "{" not in str(err.value)
 
 
-def test_case7_a_shard_spec_error_is_one_line(tiny_sd_path, tiny_image_encoder_path, tmp_path, capsys,
-                                              fresh_accelerate_state):
+def test_case7_a_shard_spec_error_is_one_line(
+    tiny_sd_path, tiny_image_encoder_path, tmp_path, capsys, fresh_accelerate_state
+):
     """Case 7: train_shards that match nothing: one error line and exit 2 from the trainer, no traceback."""
     from training.global_mapping import main as global_main  # noqa: PLC0415
 
     with pytest.raises(SystemExit) as stop:
-        global_main([f"pretrained_model_name_or_path={tiny_sd_path}", f"image_encoder_name_or_path={tiny_image_encoder_path}",
-                     f"train_shards={tmp_path / 'none-*.tar'}", f"output_dir={tmp_path / 'run'}", "report_to=none",
-                     "max_steps=1", "mixed_precision=no"])
+        global_main(
+            [
+                f"pretrained_model_name_or_path={tiny_sd_path}",
+                f"image_encoder_name_or_path={tiny_image_encoder_path}",
+                f"train_shards={tmp_path / 'none-*.tar'}",
+                f"output_dir={tmp_path / 'run'}",
+                "report_to=none",
+                "max_steps=1",
+                "mixed_precision=no",
+            ]
+        )
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "no shards found" in err and "Traceback" not in err
 
@@ -473,7 +624,7 @@ def test_case9_the_web_demo_refuses_oversized_uploads_while_decoding(tmp_path, m
     from inference import app  # noqa: PLC0415
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
-    side = int(MAX_IMAGE_PIXELS ** 0.5) + 16
+    side = int(MAX_IMAGE_PIXELS**0.5) + 16
     Image.new("1", (side, side), 0).save(tmp_path / "big.png")
     Image.new("RGB", (640, 480), "red").save(tmp_path / "photo.png")
     with warnings.catch_warnings():

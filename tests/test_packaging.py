@@ -25,8 +25,11 @@ def wheel(tmp_path_factory) -> Path:
     for folder in ("data_prep", "encoders", "inference", "training", "configs"):
         shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
+        check=True,
+        capture_output=True,
+    )
     return next(out.glob("*.whl"))
 
 
@@ -41,13 +44,19 @@ def test_the_wheel_holds_every_package_the_assets_and_the_configs(wheel):
     assert "encoders/assets/bpe_simple_vocab_16e6.txt.gz" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "zsp-configs = encoders.common.config:write_configs_main" in scripts and "zsp-app = inference.app:main" in scripts
+    assert (
+        "zsp-configs = encoders.common.config:write_configs_main" in scripts
+        and "zsp-app = inference.app:main" in scripts
+    )
 
 
 def test_configs_are_found_and_written_out_from_an_installed_wheel(wheel, tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     script = (
@@ -55,8 +64,13 @@ def test_configs_are_found_and_written_out_from_an_installed_wheel(wheel, tmp_pa
         "print(resolve_config_path('configs/train/global_mapping.yaml'))\n"
         "raise SystemExit(write_configs_main(['--out', 'mine']))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(target)})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    )
     assert done.returncode == 0, done.stderr
     found = Path(done.stdout.splitlines()[0])
     assert found == target / "zsp_configs" / "train" / "global_mapping.yaml"

@@ -120,8 +120,19 @@ def test_coco_pairs_bad_input(tmp_path, data_dir):
 
 def test_pairs_coco_command_line(tmp_path, data_dir, capsys):
     out = tmp_path / "cli"
-    code = data_prep_main(["pairs", "coco", "--annotations", str(data_dir / "coco_sample" / "annotations.json"),
-                           "--out", str(out), "--workers", "1", "--no-progress"])
+    code = data_prep_main(
+        [
+            "pairs",
+            "coco",
+            "--annotations",
+            str(data_dir / "coco_sample" / "annotations.json"),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples"] == 7 and manifest["settings"]["kind"] == "pairs-coco"
@@ -183,8 +194,14 @@ def planted_detector(tiny_detector_path, tmp_path_factory):
 
 
 def test_generated_pairs_keep_only_detected_nouns(tmp_path, tiny_sd_path, planted_detector):
-    settings = GenerationSettings(pipeline=str(tiny_sd_path), detector=str(planted_detector), threshold=0.3,
-                                  num_inference_steps=2, guidance_scale=1.0, batch_size=2)
+    settings = GenerationSettings(
+        pipeline=str(tiny_sd_path),
+        detector=str(planted_detector),
+        threshold=0.3,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        batch_size=2,
+    )
     job = ShardJob(tmp_path / "gen", "pairs-gen", shard_size=3, progress=False)
     manifest = write_generated_pairs(["cat", "dog", "car"], settings, job, images_per_pair=2, seed=0)
     # pairs: cat+dog (found), cat+car and dog+car (car is never found)
@@ -211,11 +228,35 @@ def test_generated_pairs_keep_only_detected_nouns(tmp_path, tiny_sd_path, plante
 def test_pairs_generate_command_line_errors(tmp_path, tiny_sd_path, tiny_detector_path, capsys):
     vocab = tmp_path / "nouns.txt"
     vocab.write_text("cat\nunicorn\n")
-    code = data_prep_main(["pairs", "generate", "--pipeline", str(tiny_sd_path), "--detector", str(tiny_detector_path),
-                           "--vocab", str(vocab), "--out", str(tmp_path / "out")])
+    code = data_prep_main(
+        [
+            "pairs",
+            "generate",
+            "--pipeline",
+            str(tiny_sd_path),
+            "--detector",
+            str(tiny_detector_path),
+            "--vocab",
+            str(vocab),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2 and "no label for: unicorn" in capsys.readouterr().err
-    code = data_prep_main(["pairs", "generate", "--pipeline", str(tiny_sd_path), "--detector", str(tiny_detector_path),
-                           "--vocab", str(tmp_path / "none.txt"), "--out", str(tmp_path / "out")])
+    code = data_prep_main(
+        [
+            "pairs",
+            "generate",
+            "--pipeline",
+            str(tiny_sd_path),
+            "--detector",
+            str(tiny_detector_path),
+            "--vocab",
+            str(tmp_path / "none.txt"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2 and "none.txt" in capsys.readouterr().err
 
 

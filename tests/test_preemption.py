@@ -24,8 +24,17 @@ COMMON = ["report_to=none", "train_batch_size=4", "learning_rate=0.05", "checkpo
 
 def _command(processes: int, args: list[str], mixed_precision: str | None = "no") -> tuple[list[str], dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
-              "--num_processes", str(processes)]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(processes),
+    ]
     if mixed_precision:
         launch += ["--mixed_precision", mixed_precision]
     if processes > 1:
@@ -58,8 +67,15 @@ def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, processe
     run_dir = tmp_path / "split"
     args = [f"output_dir={run_dir}", "step_sleep=0.3", *COMMON]
     cmd, env = _command(processes, args)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_ignore_usr1, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_ignore_usr1,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     progress = [run_dir / f"progress-rank{r}.txt" for r in range(processes)]
     while time.time() < deadline and not all(p.is_file() and int(p.read_text() or 0) >= 2 for p in progress):
@@ -98,8 +114,9 @@ def test_the_launchers_mixed_precision_decides(tmp_path):
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert (tmp_path / "plain" / "dtype-rank0.txt").read_text() == "torch.float32"
     # the trainer config wins over the launcher when it is set
-    key = _run(1, [f"output_dir={tmp_path / 'key'}", *COMMON[:-1], "max_steps=1", "mixed_precision=no"],
-               mixed_precision="bf16")
+    key = _run(
+        1, [f"output_dir={tmp_path / 'key'}", *COMMON[:-1], "max_steps=1", "mixed_precision=no"], mixed_precision="bf16"
+    )
     assert key.returncode == 0 and (tmp_path / "key" / "dtype-rank0.txt").read_text() == "torch.float32"
 
 

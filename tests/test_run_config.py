@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -23,7 +23,7 @@ class ExampleConfig:
     max_steps: int = 10
     layers: tuple[int, ...] = (24, 4, 8, 12, 16)
     placeholder_token: str = "S*"
-    resume_from_checkpoint: Optional[str] = None
+    resume_from_checkpoint: str | None = None
     push_to_hub: bool = False
     subspace: Subspace = field(default_factory=Subspace)
 
@@ -122,20 +122,30 @@ def test_every_shipped_training_config_loads_into_its_trainer_config():
     from training.location_mlp import LocationMLPConfig
     from training.textual_inversion import TextualInversionConfig
 
-    classes = {"global_mapping": GlobalMappingConfig, "local_mapping": LocalMappingConfig,
-               "location_mlp": LocationMLPConfig, "textual_inversion": TextualInversionConfig,
-               "batex": TextualInversionConfig, "infusion": InfusionConfig, "evaluate": EvalConfig}
+    classes = {
+        "global_mapping": GlobalMappingConfig,
+        "local_mapping": LocalMappingConfig,
+        "location_mlp": LocationMLPConfig,
+        "textual_inversion": TextualInversionConfig,
+        "batex": TextualInversionConfig,
+        "infusion": InfusionConfig,
+        "evaluate": EvalConfig,
+    }
     root = Path(__file__).resolve().parent.parent / "configs"
     paths = sorted([*root.glob("train/*.yaml"), *root.glob("finetune/*.yaml")])
     assert len(paths) >= 14
     for path in paths:
         cls = classes[next(k for k in classes if path.stem.startswith(k))]
-        required = {InfusionConfig: ["concept_dir=photos", "class_word=dog"],
-                    TextualInversionConfig: ["concept_dir=photos", "initializer_token=dog"],
-                    LocationMLPConfig: ["train_shards=pairs"]}.get(cls, [])
+        required = {
+            InfusionConfig: ["concept_dir=photos", "class_word=dog"],
+            TextualInversionConfig: ["concept_dir=photos", "initializer_token=dog"],
+            LocationMLPConfig: ["train_shards=pairs"],
+        }.get(cls, [])
         cfg = load_config(cls, path, required)
         if path.stem.endswith("_sdxl"):
             assert cfg.pretrained_model_name_or_path == "stabilityai/stable-diffusion-xl-base-1.0", path
         if path.stem.endswith("_sd21"):
             assert cfg.pretrained_model_name_or_path == "stabilityai/stable-diffusion-2-1-base", path
-    assert load_config(TextualInversionConfig, root / "finetune/batex_sdxl.yaml", ["concept_dir=photos", "initializer_token=dog"]).subspace.enabled
+    assert load_config(
+        TextualInversionConfig, root / "finetune/batex_sdxl.yaml", ["concept_dir=photos", "initializer_token=dog"]
+    ).subspace.enabled

@@ -45,7 +45,9 @@ def test_a_reader_restarted_at_p_continues_exactly(crop_shards, resampled):
         assert list(itertools.islice(reader_positions(shards, plan, epoch=1, start=start), 60 - start)) == whole[start:]
     if not resampled:  # one pass: every sample exactly once
         total = sum(shards.count(s) for s in range(len(shards.urls)))
-        assert sorted((s, i) for _, s, i in whole) == sorted((s, i) for s in range(len(shards.urls)) for i in range(shards.count(s)))
+        assert sorted((s, i) for _, s, i in whole) == sorted(
+            (s, i) for s in range(len(shards.urls)) for i in range(shards.count(s))
+        )
         assert len(whole) == total
         other = [(s, i) for _, s, i in reader_positions(shards, plan, epoch=2)]
         assert other != [(s, i) for _, s, i in whole]  # the next epoch reshuffles
@@ -88,8 +90,9 @@ def test_restoring_reads_none_of_the_skipped_samples(crop_shards, monkeypatch):
 
 
 def test_a_loader_saved_with_other_workers_is_refused(crop_shards):
-    loader = build_crop_dataloader(crop_shards, CropDataConfig(resolution=32, clip_size=32), batch_size=1,
-                                   vae_scale_factor=2, num_workers=2)
+    loader = build_crop_dataloader(
+        crop_shards, CropDataConfig(resolution=32, clip_size=32), batch_size=1, vae_scale_factor=2, num_workers=2
+    )
     with pytest.raises(ValueError, match="dataloader_num_workers=0"):
         loader.load_state_dict({"epoch": 0, "positions": [4], "next_reader": 0, "num_workers": 0})
 
@@ -126,5 +129,7 @@ def test_shards_whose_samples_all_fail_stop_training_with_an_error(tmp_path, cro
             tar.addfile(info, io.BytesIO(data))
     cfg = CropDataConfig(resolution=32, clip_size=32, max_consecutive_failures=8)
     loader = build_crop_dataloader(str(bad), cfg, batch_size=2, vae_scale_factor=2)
-    with pytest.raises(ShardSpecError, match=r"8 crop samples in a row could not be read \(last: .*notcrops-000000.tar"):
+    with pytest.raises(
+        ShardSpecError, match=r"8 crop samples in a row could not be read \(last: .*notcrops-000000.tar"
+    ):
         next(iter(loader))

@@ -33,8 +33,18 @@ def test_validation_sheets_reach_tensorboard(tmp_path, fresh_accelerate_state):
 
     from training.loop import run_training
 
-    run_training(_SheetTask(ToyConfig(output_dir=str(tmp_path), max_steps=2, validation_steps=1, train_batch_size=4,
-                                      report_to="tensorboard", logging_steps=1)))
+    run_training(
+        _SheetTask(
+            ToyConfig(
+                output_dir=str(tmp_path),
+                max_steps=2,
+                validation_steps=1,
+                train_batch_size=4,
+                report_to="tensorboard",
+                logging_steps=1,
+            )
+        )
+    )
     steps = {}
     for f in tmp_path.glob("logs/**/events.out.tfevents*"):
         acc = EventAccumulator(str(f), size_guidance={"images": 0})

@@ -16,8 +16,15 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _config(tmp_path, name, **kw):
-    base = dict(output_dir=str(tmp_path / name), max_steps=6, train_batch_size=4, learning_rate=0.05,
-                checkpointing_steps=3, report_to="none", logging_steps=1)
+    base = dict(
+        output_dir=str(tmp_path / name),
+        max_steps=6,
+        train_batch_size=4,
+        learning_rate=0.05,
+        checkpointing_steps=3,
+        report_to="none",
+        logging_steps=1,
+    )
     base.update(kw)
     return ToyConfig(**base)
 
@@ -82,9 +89,22 @@ def _launch(tmp_path, extra_launch, args):
     from pathlib import Path
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", *extra_launch,
-           str(Path(__file__).parent / "toy_trainer.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *extra_launch,
+        str(Path(__file__).parent / "toy_trainer.py"),
+        *args,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -92,14 +112,24 @@ def _launch(tmp_path, extra_launch, args):
 
 @pytest.mark.slow
 def test_two_process_deepspeed_zero2_resumes_exactly(tmp_path):
-    deepspeed = ["--use_deepspeed", "--zero_stage", "2", "--gradient_accumulation_steps", "1",
-                 "--gradient_clipping", "1.0"]
+    deepspeed = [
+        "--use_deepspeed",
+        "--zero_stage",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--gradient_clipping",
+        "1.0",
+    ]
     common = ["checkpointing_steps=2", "report_to=none", "train_batch_size=4", "learning_rate=0.05"]
     _launch(tmp_path, deepspeed, [f"output_dir={tmp_path / 'full'}", "max_steps=4", *common])
     _launch(tmp_path, deepspeed, [f"output_dir={tmp_path / 'split'}", "max_steps=2", *common])
     first = {r: json.loads((tmp_path / "split" / f"losses-rank{r}.json").read_text()) for r in (0, 1)}
-    _launch(tmp_path, deepspeed, [f"output_dir={tmp_path / 'split'}", "max_steps=4", "resume_from_checkpoint=latest",
-                                  *common])
+    _launch(
+        tmp_path,
+        deepspeed,
+        [f"output_dir={tmp_path / 'split'}", "max_steps=4", "resume_from_checkpoint=latest", *common],
+    )
     for rank in (0, 1):
         full = json.loads((tmp_path / "full" / f"losses-rank{rank}.json").read_text())
         second = json.loads((tmp_path / "split" / f"losses-rank{rank}.json").read_text())

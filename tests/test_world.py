@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from data_prep.world import (
-    ATTRIBUTE_LABELS, HELD_OUT_TRIPLES, render_object, render_scene, scene_labels, write_concept_folder, write_world,
+    ATTRIBUTE_LABELS,
+    HELD_OUT_TRIPLES,
+    render_object,
+    render_scene,
+    scene_labels,
+    write_concept_folder,
+    write_world,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +59,16 @@ def test_the_world_folder_is_read_by_the_coco_source(tmp_path):
     summary = write_world(tmp_path / "w", 24, seed=2, progress=False)
     records, report = read_coco(tmp_path / "w/instances.json", tmp_path / "w/images", CropSettings(min_side=4))
     assert summary["objects"] == len(records) + sum(report.skipped.values())
-    assert {r.category for r in records} <= {"circle", "square", "triangle", "star", "heart", "cross", "diamond", "hexagon"}
+    assert {r.category for r in records} <= {
+        "circle",
+        "square",
+        "triangle",
+        "star",
+        "heart",
+        "cross",
+        "diamond",
+        "hexagon",
+    }
     captions = json.loads((tmp_path / "w/captions.json").read_text())["annotations"]
     assert len(captions) == 24 and all(c["caption"].endswith("background") for c in captions)
 
@@ -76,6 +91,7 @@ def test_world_command_line_refuses_an_unknown_object(tmp_path, capsys):
 
 # ---- the recipe -----------------------------------------------------------------------------------------------
 
+
 def _reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
@@ -94,11 +110,25 @@ def test_the_recipe_trains_every_stage_and_exports_real_model_folders(tmp_path, 
     from training.loop import run_training
     from training.world import WorldConfig, WorldTask
 
-    common = [f"export_dir={tmp_path / 'models'}", "pool_size=48", "max_steps=2", "train_batch_size=8", "report_to=none",
-              "mixed_precision=no", "checkpointing_steps=2"]
+    common = [
+        f"export_dir={tmp_path / 'models'}",
+        "pool_size=48",
+        "max_steps=2",
+        "train_batch_size=8",
+        "report_to=none",
+        "mixed_precision=no",
+        "checkpointing_steps=2",
+    ]
     for stage in ("clip", "vae", "classifier", "unet"):
-        config = parse_config_cli(WorldConfig, [f"stage={stage}", f"output_dir={tmp_path / stage}", *common,
-                                                *(["shape_groups=4"] if stage == "clip" else [])])
+        config = parse_config_cli(
+            WorldConfig,
+            [
+                f"stage={stage}",
+                f"output_dir={tmp_path / stage}",
+                *common,
+                *(["shape_groups=4"] if stage == "clip" else []),
+            ],
+        )
         run_training(WorldTask(config))
         _reset_accelerate()  # each stage is its own run, as on the command line
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "models/sd", safety_checker=None)
@@ -109,6 +139,7 @@ def test_the_recipe_trains_every_stage_and_exports_real_model_folders(tmp_path, 
 
 
 # ---- the shipped base -----------------------------------------------------------------------------------------
+
 
 def test_the_shipped_files_match_the_hashes_on_their_card():
     from encoders.world import ASSETS, PARTS, check_assets
@@ -141,6 +172,7 @@ def test_written_out_models_equal_the_shipped_weights(world_models):
 
 # ---- what is learned on it ------------------------------------------------------------------------------------
 
+
 def _classifier(world_models: Path):
     import sys
 
@@ -160,8 +192,12 @@ def test_the_base_follows_a_colour_word(world_models):
     hits = 0
     colours = ("red", "blue", "yellow", "green", "purple", "white")
     for colour in colours:
-        images = pipe([f"a photo of a {colour} square on a gray background"] * 4, num_inference_steps=20,
-                      guidance_scale=4.0, generator=[torch.Generator().manual_seed(k) for k in range(4)]).images
+        images = pipe(
+            [f"a photo of a {colour} square on a gray background"] * 4,
+            num_inference_steps=20,
+            guidance_scale=4.0,
+            generator=[torch.Generator().manual_seed(k) for k in range(4)],
+        ).images
         hits += sum(r["colour"] == colour for r in classifier.read(images))
     assert hits >= 10, f"{hits} of 24 images show the colour their caption asks for (chance: 3)"
 
@@ -177,6 +213,7 @@ def test_stage1_own_words_beat_another_objects_words_on_held_out_objects(world_m
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     import bench_learning as bench
+
     from data_prep.crop_commands import build_coco_shards
     from data_prep.records import CropSettings
     from encoders.common.config import load_config
@@ -185,14 +222,33 @@ def test_stage1_own_words_beat_another_objects_words_on_held_out_objects(world_m
     specs = {}
     for split, count, seed in (("train", 1500, 0), ("heldout", 40, 7)):
         write_world(tmp_path / split, count, seed=seed, split=split, progress=False)
-        build_coco_shards(tmp_path / split / "instances.json", tmp_path / split / "images", tmp_path / f"shards_{split}",
-                          settings, shard_size=512, workers=1, progress=False)
+        build_coco_shards(
+            tmp_path / split / "instances.json",
+            tmp_path / split / "images",
+            tmp_path / f"shards_{split}",
+            settings,
+            shard_size=512,
+            workers=1,
+            progress=False,
+        )
         specs[split] = str(tmp_path / f"shards_{split}")
     sd, image_encoder = world_models / "sd", world_models / "image_encoder"
-    keys = [f"pretrained_model_name_or_path={sd}", f"image_encoder_name_or_path={image_encoder}",
-            f"train_shards={specs['train']}", "data.resolution=64", "data.clip_size=64", "train_batch_size=8",
-            "scale_lr=false", "mixed_precision=no", "report_to=none", "validation_steps=0", "mapping_hidden_dim=256",
-            f"max_steps={STAGE1_STEPS}", "learning_rate=1e-3", "checkpointing_steps=1000"]
+    keys = [
+        f"pretrained_model_name_or_path={sd}",
+        f"image_encoder_name_or_path={image_encoder}",
+        f"train_shards={specs['train']}",
+        "data.resolution=64",
+        "data.clip_size=64",
+        "train_batch_size=8",
+        "scale_lr=false",
+        "mixed_precision=no",
+        "report_to=none",
+        "validation_steps=0",
+        "mapping_hidden_dim=256",
+        f"max_steps={STAGE1_STEPS}",
+        "learning_rate=1e-3",
+        "checkpointing_steps=1000",
+    ]
     encoders = bench.train("global_mapping", tmp_path / "global", keys, tmp_path / "global.log")
     evaluator = bench.Evaluator(sd, image_encoder, specs["heldout"], draws=6, seed=0, resolution=64, clip_size=64)
     losses = bench.evaluate_global(evaluator, encoders)

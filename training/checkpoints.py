@@ -76,7 +76,9 @@ def resolve_checkpoint(choice: str | None, output_dir: str | os.PathLike) -> Pat
         return found[-1] if found else None
     path = Path(choice)
     if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint={choice}: no {TRAINER_STATE} there; is it a checkpoint-N folder?")
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={choice}: no {TRAINER_STATE} there; is it a checkpoint-N folder?"
+        )
     return path
 
 
@@ -97,8 +99,15 @@ class Resumed:
 class Checkpointer:
     """Writes and reads `checkpoint-N/` for one run (every rank calls `save` and `resume`)."""
 
-    def __init__(self, accelerator, output_dir: str | os.PathLike, task_name: str, config: Any,
-                 generator: torch.Generator, total_limit: int | None = None):
+    def __init__(
+        self,
+        accelerator,
+        output_dir: str | os.PathLike,
+        task_name: str,
+        config: Any,
+        generator: torch.Generator,
+        total_limit: int | None = None,
+    ):
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
         self.task_name = task_name
@@ -120,8 +129,12 @@ class Checkpointer:
             atomic_write_json(_data_state_file(tmp, acc.process_index), data_state)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"global_step": step, "task": self.task_name, "num_processes": acc.num_processes,
-                     "config": config_to_dict(self.config)}
+            state = {
+                "global_step": step,
+                "task": self.task_name,
+                "num_processes": acc.num_processes,
+                "config": config_to_dict(self.config),
+            }
             atomic_write_json(tmp / TRAINER_STATE, state)
             if final.exists():
                 shutil.rmtree(final)
@@ -146,5 +159,6 @@ class Checkpointer:
         load_generator_state(self.generator, path, acc.process_index)
         data_file = _data_state_file(path, acc.process_index)
         data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
-        return Resumed(path=Path(path), step=int(state["global_step"]), data_state=data_state,
-                       config=state.get("config", {}))
+        return Resumed(
+            path=Path(path), step=int(state["global_step"]), data_state=data_state, config=state.get("config", {})
+        )

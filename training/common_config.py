@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Literal
 
 from accelerate.utils import LoggerType
 
@@ -30,16 +30,20 @@ class TrainConfig:
     image_encoder_name_or_path: str = keyed_field(
         "CLIP vision tower: a transformers folder or Hub id", "openai/clip-vit-large-patch14"
     )
-    train_shards: str = keyed_field("training shards: a path, glob or brace pattern (e.g. data/train-{000000..000099}.tar)", "")
+    train_shards: str = keyed_field(
+        "training shards: a path, glob or brace pattern (e.g. data/train-{000000..000099}.tar)", ""
+    )
     output_dir: str = keyed_field("run folder: config.yaml, checkpoint-N/, logs/, validation/", "outputs/train")
-    export_dir: Optional[str] = keyed_field(
+    export_dir: str | None = keyed_field(
         "encoders folder the final models are exported into (default: <output_dir>/encoders)", None
     )
     max_steps: int = keyed_field("optimizer steps to train for", 1000)
     train_batch_size: int = keyed_field("samples per device per micro-step", 4)
     gradient_accumulation_steps: int = keyed_field("micro-steps accumulated per optimizer step", 1)
     learning_rate: float = keyed_field("peak learning rate (before scale_lr)", 1e-5)
-    scale_lr: bool = keyed_field("multiply learning_rate by batch size x accumulation x processes (the reference does)", False)
+    scale_lr: bool = keyed_field(
+        "multiply learning_rate by batch size x accumulation x processes (the reference does)", False
+    )
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = keyed_field("learning-rate schedule (diffusers.optimization.get_scheduler)", "constant")
@@ -49,15 +53,17 @@ class TrainConfig:
     adam_weight_decay: float = keyed_field("AdamW weight decay", 1e-2)
     adam_epsilon: float = keyed_field("AdamW epsilon", 1e-8)
     max_grad_norm: float = keyed_field("gradient clipping norm (0 disables)", 1.0)
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = keyed_field(
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = keyed_field(
         "autocast precision; frozen models are stored in it too (unset: `accelerate launch --mixed_precision` or "
         "the accelerate config decides). bf16 works on CPU and recent GPUs; fp16 needs a GPU",
         None,
     )
-    gradient_checkpointing: bool = keyed_field("recompute the frozen UNet's activations in backward to save memory", False)
+    gradient_checkpointing: bool = keyed_field(
+        "recompute the frozen UNet's activations in backward to save memory", False
+    )
     checkpointing_steps: int = keyed_field("save checkpoint-N/ every N optimizer steps (0: only at the end)", 500)
-    checkpoints_total_limit: Optional[int] = keyed_field("keep at most this many checkpoints (oldest removed)", None)
-    resume_from_checkpoint: Optional[str] = keyed_field("'latest' or a checkpoint-N folder to continue from", None)
+    checkpoints_total_limit: int | None = keyed_field("keep at most this many checkpoints (oldest removed)", None)
+    resume_from_checkpoint: str | None = keyed_field("'latest' or a checkpoint-N folder to continue from", None)
     resume_overrides: list[str] = keyed_field(
         "settings that may differ from the checkpoint's when resuming (e.g. learning_rate); others must match",
         factory=list,
@@ -66,15 +72,18 @@ class TrainConfig:
     report_to: str = keyed_field(
         "experiment trackers through accelerate, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, "
         "clearml, dvclive, trackio, swanlab, all (every installed one) or none; validation images go to each "
-        "tracker that takes images", "tensorboard")
-    tracker_project_name: Optional[str] = keyed_field("tracker run name (default: the trainer's name)", None)
+        "tracker that takes images",
+        "tensorboard",
+    )
+    tracker_project_name: str | None = keyed_field("tracker run name (default: the trainer's name)", None)
     logging_steps: int = keyed_field("log averaged metrics every N optimizer steps", 10)
     validation_steps: int = keyed_field("render validation images every N optimizer steps (0 disables)", 0)
     dataloader_num_workers: int = keyed_field("data loading worker processes per training process", 0)
     push_to_hub: bool = keyed_field("upload the exported folder to the Hub at the end", False)
-    hub_model_id: Optional[str] = keyed_field("Hub repo id for push_to_hub (user/name)", None)
-    license: str = keyed_field("the model card's license (Stable Diffusion v1 derivatives: creativeml-openrail-m)",
-                               "creativeml-openrail-m")
+    hub_model_id: str | None = keyed_field("Hub repo id for push_to_hub (user/name)", None)
+    license: str = keyed_field(
+        "the model card's license (Stable Diffusion v1 derivatives: creativeml-openrail-m)", "creativeml-openrail-m"
+    )
     hub_private: bool = keyed_field("create the Hub repo as private", False)
 
     def __post_init__(self) -> None:
@@ -90,7 +99,9 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{item.name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be between 0 and 2**63 - 1 (torch's generators take 64-bit seeds), got {self.seed}")
+            raise ConfigError(
+                f"seed must be between 0 and 2**63 - 1 (torch's generators take 64-bit seeds), got {self.seed}"
+            )
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.max_grad_norm < 0:
@@ -101,8 +112,10 @@ class TrainConfig:
         known = {"none", *(kind.value for kind in LoggerType)}
         unknown = [name for name in self.report_to.split(",") if name not in known]
         if unknown or ("none" in self.report_to.split(",") and self.report_to != "none"):
-            raise ConfigError(f"report_to: unknown tracker {', '.join(unknown) or 'none with others'}; "
-                              f"use none or a comma-separated list of {', '.join(sorted(known - {'none'}))}")
+            raise ConfigError(
+                f"report_to: unknown tracker {', '.join(unknown) or 'none with others'}; "
+                f"use none or a comma-separated list of {', '.join(sorted(known - {'none'}))}"
+            )
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(f"checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
 
@@ -125,7 +138,8 @@ class AnchorsConfig:
     refresh_every: int = keyed_field("recompute the sparse code every N steps", 1)
     normalisation: str = keyed_field(
         "official: sum_i delta_i ||e - e_i||^2 / (77 x D), the official code's MSE over the prompt's input embeddings, "
-        "for which its lambda 0.95 was tuned; paper: / K, Eq. 6 as printed (~740x stronger for 80 anchors)", "official"
+        "for which its lambda 0.95 was tuned; paper: / K, Eq. 6 as printed (~740x stronger for 80 anchors)",
+        "official",
     )
 
     def __post_init__(self) -> None:
@@ -139,6 +153,10 @@ class AnchorsConfig:
             return None
 
         return AnchorRegularizer.from_text_encoder(
-            tokenizer, text_encoder, words=self.vocabulary, max_active=self.max_active, refresh_every=self.refresh_every,
+            tokenizer,
+            text_encoder,
+            words=self.vocabulary,
+            max_active=self.max_active,
+            refresh_every=self.refresh_every,
             normalisation=self.normalisation,
         ).to(device)

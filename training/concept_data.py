@@ -22,9 +22,10 @@ import logging
 import os
 import warnings
 from abc import abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, Optional, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -47,7 +48,8 @@ from .shard_reader import mix_seed
 from .templates import TEMPLATES
 
 logger = logging.getLogger(__name__)
-# A mask pixel is object where any channel is above this: the same rule as `inference encode` (official ELITE: not black),
+# A mask pixel is object where any channel is above this: the same rule as `inference encode` (official ELITE: not
+# black),
 # so 0/1-valued masks work in both.
 MASK_THRESHOLD = 0
 
@@ -56,12 +58,16 @@ MASK_THRESHOLD = 0
 class ConceptDataConfig:
     """How the concept photos become training samples; fine-tunes nest it as `data` (`data.resolution=64`)."""
 
-    resolution: Optional[int] = keyed_field(
-        "training image size in pixels (square); default: the base model's own size (UNet sample size x VAE factor)", None)
-    center_crop: bool = keyed_field("crop non-square photos to their centre square before resizing (else pad-free squash)", True)
+    resolution: int | None = keyed_field(
+        "training image size in pixels (square); default: the base model's own size (UNet sample size x VAE factor)",
+        None,
+    )
+    center_crop: bool = keyed_field(
+        "crop non-square photos to their centre square before resizing (else pad-free squash)", True
+    )
     flip_p: float = keyed_field("probability of a horizontal flip per sample", 0.5)
     templates: str = keyed_field("caption templates: object, style or imagenet (training.templates)", "object")
-    mask_dir: Optional[str] = keyed_field(
+    mask_dir: str | None = keyed_field(
         "folder of concept masks named like the photos (<stem>.png); default <concept_dir>/masks when present", None
     )
     use_masks: bool = keyed_field("weight the loss by the mask of each photo that has one", True)
@@ -90,9 +96,12 @@ class FinetuneConfig(TrainConfig):
     class_word: str = keyed_field(
         "the concept's class noun (e.g. cat): Infusion's token; evaluation replaces S* by it for CLIP-T", ""
     )
-    data: ConceptDataConfig = keyed_field("how the photos become samples (data.resolution, data.flip_p, ...)",
-                                          factory=ConceptDataConfig)
-    validation_prompt: str = keyed_field("validation caption; {} is replaced by the concept's phrase", "a photo of a {} on the beach")
+    data: ConceptDataConfig = keyed_field(
+        "how the photos become samples (data.resolution, data.flip_p, ...)", factory=ConceptDataConfig
+    )
+    validation_prompt: str = keyed_field(
+        "validation caption; {} is replaced by the concept's phrase", "a photo of a {} on the beach"
+    )
     num_validation_images: int = keyed_field("images rendered per validation", 2)
     validation_inference_steps: int = keyed_field("sampling steps for validation images", 25)
     validation_guidance_scale: float = keyed_field("classifier-free guidance for validation images", 7.5)
@@ -165,12 +174,12 @@ def load_concept_photos(
         except ConceptInputError as err:
             if mask_file is not None and str(mask_file) in str(err):
                 raise ValueError(f"mask {mask_file} for {path}: {err}") from err
-            warnings.warn(f"skipping concept photo {path}: {err}")
+            warnings.warn(f"skipping concept photo {path}: {err}", stacklevel=2)
             skipped.append(str(path))
             continue
         for note in caught:  # a resized mask, a mask beside an alpha channel: said once, as encode says it
             if concept.mask_source != "whole image":
-                warnings.warn(str(note.message), note.category)
+                warnings.warn(str(note.message), note.category, stacklevel=2)
         array = np.asarray(_square(concept.image, resolution, center_crop, Image.BICUBIC), dtype=np.float32)
         pixels.append(torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0)
         masked = use_masks and concept.mask_source != "whole image"
@@ -179,8 +188,10 @@ def load_concept_photos(
             mask_array = np.asarray(_square(concept.mask, resolution, center_crop, Image.NEAREST), dtype=np.float32)
             mask = torch.from_numpy(mask_array > 127).float()[None]
             if mask.sum() == 0:
-                raise ValueError(f"mask {concept.mask_source} for {path} holds no object pixel inside the "
-                                 f"{'centre crop' if center_crop else 'photo'}")
+                raise ValueError(
+                    f"mask {concept.mask_source} for {path} holds no object pixel inside the "
+                    f"{'centre crop' if center_crop else 'photo'}"
+                )
         masks.append(mask)
         has_mask.append(masked)
         kept.append(path)
@@ -207,7 +218,9 @@ class ConceptBatches:
     batch: `index` [B] long, `flip` [B] bool, `prompt` list of B captions.
     """
 
-    def __init__(self, num_photos: int, batch_size: int, phrase: str, templates: Sequence[str], flip_p: float, seed: int):
+    def __init__(
+        self, num_photos: int, batch_size: int, phrase: str, templates: Sequence[str], flip_p: float, seed: int
+    ):
         self.num_photos = num_photos
         self.batch_size = batch_size
         self.phrase = phrase
@@ -268,15 +281,24 @@ class ConceptFinetuneTask(TrainingTask):
         except (FileNotFoundError, NotADirectoryError) as err:
             raise ConfigError(f"concept_dir: {err}") from None
         self.sd = FrozenStableDiffusion.load(
-            config.pretrained_model_name_or_path, self.device, weight_dtype, config.gradient_checkpointing,
+            config.pretrained_model_name_or_path,
+            self.device,
+            weight_dtype,
+            config.gradient_checkpointing,
             allow_sdxl=self.supports_sdxl,
         )
         if config.data.resolution is None:  # as diffusers' pipelines do: the size the base model was made for
             sample = self.sd.unet.config.sample_size
             config.data.resolution = int(sample if isinstance(sample, int) else max(sample)) * self.sd.vae_scale_factor
-            accelerator.print(f"[{self.name}] data.resolution not given: {config.data.resolution} px, the base model's size")
+            accelerator.print(
+                f"[{self.name}] data.resolution not given: {config.data.resolution} px, the base model's size"
+            )
         self.photos = load_concept_photos(
-            config.concept_dir, config.data.resolution, config.data.center_crop, config.data.mask_dir, config.data.use_masks
+            config.concept_dir,
+            config.data.resolution,
+            config.data.center_crop,
+            config.data.mask_dir,
+            config.data.use_masks,
         )
         accelerator.print(
             f"[{self.name}] {len(self.photos)} photos from {config.concept_dir}"
@@ -350,8 +372,15 @@ class ConceptFinetuneTask(TrainingTask):
         """A `StableDiffusionPipeline` (`StableDiffusionXLPipeline` for an SDXL base) over the frozen
         parts (DDIM sampler), for validation images."""
         scheduler = DDIMScheduler.from_config(self.sd.noise_scheduler.config)
-        return pipeline_from_parts(self.sd.vae, self.sd.text_encoder, self.sd.tokenizer, self.sd.unet, scheduler,
-                                   self.sd.text_encoder_2, self.sd.tokenizer_2)
+        return pipeline_from_parts(
+            self.sd.vae,
+            self.sd.text_encoder,
+            self.sd.tokenizer,
+            self.sd.unet,
+            scheduler,
+            self.sd.text_encoder_2,
+            self.sd.tokenizer_2,
+        )
 
     def validation_images(self, models, step: int):
         prompt = self.config.validation_prompt.format(self.concept_phrase())
@@ -386,16 +415,21 @@ class ConceptFinetuneTask(TrainingTask):
         samples = copy_samples(c.output_dir, c.resolved_export_dir)
         header = card_header(c, [*self.card_tags, "stable-diffusion", "zero-step-personalization"])
         header = header.replace("---\n", "---\nlibrary_name: diffusers\n", 1)  # loads with diffusers' own loaders
-        return header + f"""
+        return (
+            header
+            + f"""
 {self.model_card_notes()}
 {chr(10) + "![validation samples](" + samples + ")" + chr(10) if samples else ""}
 ## Training
 
-- {photos} photos from `{Path(c.concept_dir).name}`{f" ({masks} with masks)" if masks else ""}, {c.data.resolution} px, horizontal flips p={c.data.flip_p}, {c.data.templates} caption templates
-- {c.max_steps} steps, batch {c.train_batch_size} x accumulation {c.gradient_accumulation_steps}, learning rate {c.learning_rate:g}{" (scaled by the batch)" if c.scale_lr else ""}, {c.mixed_precision} precision, seed {c.seed}
+- {photos} photos from `{Path(c.concept_dir).name}`{f" ({masks} with masks)" if masks else ""}, {c.data.resolution}
+  px, horizontal flips p={c.data.flip_p}, {c.data.templates} caption templates
+- {c.max_steps} steps, batch {c.train_batch_size} x accumulation {c.gradient_accumulation_steps}, learning rate
+  {c.learning_rate:g}{" (scaled by the batch)" if c.scale_lr else ""}, {c.mixed_precision} precision, seed {c.seed}
 - base model {describe_source(c.pretrained_model_name_or_path)}; every setting in `training_config_{self.name}.yaml`
 - `concept.json` describes the concept for `python -m inference.evaluate runs=<this folder>`
 """
+        )
 
     # ---- what a method supplies ------------------------------------------------------------------
     @abstractmethod

@@ -38,7 +38,8 @@ stacked. `CropSampleTransform.finalize_batch` then does the float work once per 
 main process (4x less data between workers): uint8 -> [-1, 1], each CLIP view of every sample by
 one `grid_sample` (all its warps and the resize as one affine map; the mask through the object
 view's grids), the blur as one depthwise convolution with per-sample kernels, the normalisation,
-and the tokens (each template's ids are computed once). The shard path thus costs little more than decoding one JPEG and one PNG.
+and the tokens (each template's ids are computed once). The shard path thus costs little more than decoding one JPEG
+and one PNG.
 Do not pass the loader through `accelerator.prepare`: it splits shards by node itself (RANK /
 WORLD_SIZE or torch.distributed), and accelerate would dispatch rank 0's batches instead.
 """
@@ -51,9 +52,10 @@ import logging
 import math
 import os
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,7 +96,9 @@ class CropDataConfig:
 
     resolution: int = keyed_field("side of the diffusion target in pixels (crops are resized to it)", 512)
     placeholder_token: str = keyed_field("the pseudo-word put into the caption templates", "S*")
-    resampled: bool = keyed_field("sample shards with replacement, endlessly (multi-node friendly); else one pass per epoch", True)
+    resampled: bool = keyed_field(
+        "sample shards with replacement, endlessly (multi-node friendly); else one pass per epoch", True
+    )
     shuffle_shards: int = keyed_field(
         "shards whose samples are shuffled together, per round of a reader (0: shard order, no sample shuffle)", 4
     )
@@ -103,22 +107,28 @@ class CropDataConfig:
     )
     max_bad_fraction: float = keyed_field(
         "stop with an error naming the shards when more than this fraction of the samples read is unreadable "
-        "(checked once 100 samples, or a whole pass, have been read)", 0.01
+        "(checked once 100 samples, or a whole pass, have been read)",
+        0.01,
     )
     scale_augment: str = keyed_field(
         "the target's scale augmentation: none; elite (official stage 2: with p 2/3 a side drawn from R/3..R, objects "
         "under 0.6 R shrunk onto a grey canvas with 'a far away' / 'very small' captions, else 1.2-1.4 R zoomed in "
-        "with 'zoomed in' / 'close up'); shrink (scale_prob, scale_range, no caption change)", "none"
+        "with 'zoomed in' / 'close up'); shrink (scale_prob, scale_range, no caption change)",
+        "none",
     )
     scale_prob: float = keyed_field("scale_augment=shrink: probability of shrinking the object onto a canvas", 0.0)
-    scale_range: tuple[float, float] = keyed_field("scale_augment=shrink: range of the shrink factor", factory=lambda: (0.5, 1.0))
+    scale_range: tuple[float, float] = keyed_field(
+        "scale_augment=shrink: range of the shrink factor", factory=lambda: (0.5, 1.0)
+    )
     caption_prefix_rule: str = keyed_field(
         "how the scale prefix ('a' without one) starts the caption: first_char (official: prefix + caption[1:], so "
-        "'the photo of a S*' reads 'ahe photo of a S*'), first_word (the prefix replaces a leading a/an/the)", "first_char"
+        "'the photo of a S*' reads 'ahe photo of a S*'), first_word (the prefix replaces a leading a/an/the)",
+        "first_char",
     )
     templates: list[str] = keyed_field(
         "caption templates with {} for the placeholder; empty: the 27 of ELITE and Textual Inversion; [imagenet]: the "
-        "80 CLIP ImageNet ones", factory=list
+        "80 CLIP ImageNet ones",
+        factory=list,
     )
     clip_size: int = keyed_field("side of the CLIP inputs (the image encoder's image_size)", 224)
     # the image view (clip_pixel_values): official stage 1 = albumentations 1.3 Resize, HorizontalFlip,
@@ -128,21 +138,30 @@ class CropDataConfig:
     clip_rotation_degrees: float = keyed_field("image view: rotations are drawn from -this..this degrees", 20.0)
     clip_blur_prob: float = keyed_field("image view: probability of a blur", 0.3)
     clip_blur: str = keyed_field("image view: box (official: cv2 box filter of 3, 5 or 7 px) or gaussian", "box")
-    clip_blur_box_sizes: tuple[int, int] = keyed_field("image view: odd box sizes drawn from this range (at 224 px)",
-                                                       factory=lambda: (3, 7))
-    clip_blur_radius: tuple[float, float] = keyed_field("image view: gaussian sigma range in pixels", factory=lambda: (0.1, 1.5))
+    clip_blur_box_sizes: tuple[int, int] = keyed_field(
+        "image view: odd box sizes drawn from this range (at 224 px)", factory=lambda: (3, 7)
+    )
+    clip_blur_radius: tuple[float, float] = keyed_field(
+        "image view: gaussian sigma range in pixels", factory=lambda: (0.1, 1.5)
+    )
     clip_affine_prob: float = keyed_field(
         "image view: probability of ElasticTransform's random affine (albumentations 1.3 alpha_affine: three control "
         "points moved by up to clip_affine_shift px; its elastic field at alpha=1 moves pixels by well under 0.1 px "
-        "and is left out)", 0.3
+        "and is left out)",
+        0.3,
     )
     clip_affine_shift: float = keyed_field("image view: the control points' largest shift, in px at 224", 50.0)
-    clip_border: str = keyed_field("image view: outside the photo, reflect (official) or mean (CLIP's mean colour)", "reflect")
+    clip_border: str = keyed_field(
+        "image view: outside the photo, reflect (official) or mean (CLIP's mean colour)", "reflect"
+    )
     # the object view (clip_object_pixel_values, object_mask_clip): official stage 2's aug_cv2, the mask jointly
     object_view: str = keyed_field(
-        "object view: mask_then_resize (official: x * m at the crop's size, then resized) or resize_then_mask", "mask_then_resize"
+        "object view: mask_then_resize (official: x * m at the crop's size, then resized) or resize_then_mask",
+        "mask_then_resize",
     )
-    object_resize_crop_prob: float = keyed_field("object view: probability of a resize to 224..object_resize_max px and a random 224 px crop", 0.5)
+    object_resize_crop_prob: float = keyed_field(
+        "object view: probability of a resize to 224..object_resize_max px and a random 224 px crop", 0.5
+    )
     object_resize_max: int = keyed_field("object view: the largest resize, in px at 224", 256)
     object_rotation_prob: float = keyed_field("object view: probability of a rotation", 0.5)
     object_rotation_degrees: int = keyed_field("object view: whole degrees drawn from -this..this", 30)
@@ -150,27 +169,43 @@ class CropDataConfig:
     object_translate_px: int = keyed_field("object view: shifts drawn from -this..this px (at 224) on each axis", 60)
     cached_latents: bool = keyed_field(
         "read each crop's VAE posterior from KEY.latent.npy (shards from `python -m data_prep latents`) "
-        "instead of encoding the target every step; needs scale_augment=none", False
+        "instead of encoding the target every step; needs scale_augment=none",
+        False,
     )
 
     def __post_init__(self) -> None:
         if self.resolution < 8:
             raise ValueError(f"data.resolution must be >= 8, got {self.resolution}")
-        choices = {"scale_augment": SCALE_AUGMENTS, "caption_prefix_rule": CAPTION_PREFIX_RULES,
-                   "clip_blur": BLUR_KINDS, "clip_border": BORDERS, "object_view": OBJECT_VIEWS}
+        choices = {
+            "scale_augment": SCALE_AUGMENTS,
+            "caption_prefix_rule": CAPTION_PREFIX_RULES,
+            "clip_blur": BLUR_KINDS,
+            "clip_border": BORDERS,
+            "object_view": OBJECT_VIEWS,
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"data.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         lo, hi = self.scale_range
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.scale_range must satisfy 0 < low <= high <= 1, got {self.scale_range}")
-        probabilities = ("scale_prob", "clip_flip_prob", "clip_rotation_prob", "clip_blur_prob", "clip_affine_prob",
-                         "object_resize_crop_prob", "object_rotation_prob", "object_translate_prob")
+        probabilities = (
+            "scale_prob",
+            "clip_flip_prob",
+            "clip_rotation_prob",
+            "clip_blur_prob",
+            "clip_affine_prob",
+            "object_resize_crop_prob",
+            "object_rotation_prob",
+            "object_translate_prob",
+        )
         for key in probabilities:
             if not 0 <= getattr(self, key) <= 1:
                 raise ValueError(f"data.{key} must be in [0, 1], got {getattr(self, key)}")
         if self.scale_prob > 0 and self.scale_augment != "shrink":
-            raise ValueError(f"data.scale_prob={self.scale_prob} needs data.scale_augment=shrink (it is {self.scale_augment})")
+            raise ValueError(
+                f"data.scale_prob={self.scale_prob} needs data.scale_augment=shrink (it is {self.scale_augment})"
+            )
         if self.cached_latents and self.scale_augment != "none":
             raise ValueError(
                 f"data.cached_latents=true needs data.scale_augment=none (got {self.scale_augment}): "
@@ -181,9 +216,13 @@ class CropDataConfig:
             raise ValueError(f"data.clip_blur_box_sizes must be odd sizes low <= high, got {self.clip_blur_box_sizes}")
         if self.object_resize_max < 224:
             raise ValueError(f"data.object_resize_max must be >= 224 (px at 224), got {self.object_resize_max}")
-        if not (len(self.templates) == 1 and self.templates[0] in TEMPLATES) and any("{}" not in t for t in self.templates):
-            raise ValueError("every entry of data.templates needs a {} slot for the placeholder (or name one set: "
-                             f"{', '.join(TEMPLATES)})")
+        if not (len(self.templates) == 1 and self.templates[0] in TEMPLATES) and any(
+            "{}" not in t for t in self.templates
+        ):
+            raise ValueError(
+                "every entry of data.templates needs a {} slot for the placeholder (or name one set: "
+                f"{', '.join(TEMPLATES)})"
+            )
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.shuffle_shards < 0 or self.max_consecutive_failures < 1:
@@ -272,7 +311,7 @@ def elastic_affine(rng: random.Random, size: int, shift: float) -> np.ndarray:
     return np.vstack([solved.T, [0.0, 0.0, 1.0]])
 
 
-def object_view_warp(rng: random.Random, cfg: "CropDataConfig", size: int) -> np.ndarray:
+def object_view_warp(rng: random.Random, cfg: CropDataConfig, size: int) -> np.ndarray:
     """Forward 3x3 pixel map of official ELITE stage 2's object-view augmentation (its `aug_cv2`), at
     `size` px (amounts given at 224 px are scaled): each with p 0.5 a resize to 224..256 and a random
     224 crop, a rotation by whole degrees about the centre, a shift by whole pixels."""
@@ -282,12 +321,17 @@ def object_view_warp(rng: random.Random, cfg: "CropDataConfig", size: int) -> np
         new = rng.randint(size, max(size, int(round(cfg.object_resize_max * unit))))
         start_row, start_col = rng.randint(0, new - size), rng.randint(0, new - size)
         k = new / size  # cv2.resize's pixel-centre mapping, then the crop
-        warp = np.array([[k, 0.0, 0.5 * k - 0.5 - start_col], [0.0, k, 0.5 * k - 0.5 - start_row], [0.0, 0.0, 1.0]]) @ warp
+        warp = (
+            np.array([[k, 0.0, 0.5 * k - 0.5 - start_col], [0.0, k, 0.5 * k - 0.5 - start_row], [0.0, 0.0, 1.0]]) @ warp
+        )
     if rng.random() < cfg.object_rotation_prob:
         angle = math.radians(rng.randint(-cfg.object_rotation_degrees, cfg.object_rotation_degrees))
         cx = cy = size / 2.0  # cv2.getRotationMatrix2D((112, 112), angle, 1) at 224 px
         cos, sin = math.cos(angle), math.sin(angle)
-        warp = np.array([[cos, sin, (1 - cos) * cx - sin * cy], [-sin, cos, sin * cx + (1 - cos) * cy], [0.0, 0.0, 1.0]]) @ warp
+        warp = (
+            np.array([[cos, sin, (1 - cos) * cx - sin * cy], [-sin, cos, sin * cx + (1 - cos) * cy], [0.0, 0.0, 1.0]])
+            @ warp
+        )
     if rng.random() < cfg.object_translate_prob:
         px = int(round(cfg.object_translate_px * unit))
         tx, ty = rng.randint(-px, px), rng.randint(-px, px)
@@ -348,7 +392,9 @@ class CropSampleTransform:
         clip_std: Sequence[float] = CLIP_STD,
     ):
         if vae_scale_factor < 1 or config.resolution % vae_scale_factor:
-            raise ValueError(f"data.resolution {config.resolution} must be a multiple of the VAE factor {vae_scale_factor}")
+            raise ValueError(
+                f"data.resolution {config.resolution} must be a multiple of the VAE factor {vae_scale_factor}"
+            )
         self.config = config
         self.factor = int(vae_scale_factor)
         self.tokenizer = tokenizer
@@ -424,8 +470,9 @@ class CropSampleTransform:
             keep[0, oy // f + 1 : (oy + side) // f - 1, ox // f + 1 : (ox + side) // f - 1] = 1.0
             valid_latent *= keep
         bx0, by0, bx1, by1 = meta["box_in_crop"]
-        box = torch.tensor([(bx0 * side + ox) / size, (by0 * side + oy) / size,
-                            (bx1 * side + ox) / size, (by1 * side + oy) / size]).clamp(0.0, 1.0)
+        box = torch.tensor(
+            [(bx0 * side + ox) / size, (by0 * side + oy) / size, (bx1 * side + ox) / size, (by1 * side + oy) / size]
+        ).clamp(0.0, 1.0)
 
         # The CLIP views are sampled per batch (`finalize_batch`) from copies box-filtered to no less than
         # the view (their antialiasing); here only their random warps and blur are drawn.
@@ -436,7 +483,11 @@ class CropSampleTransform:
         small_mask = mask.resize(small_image.size, Image.NEAREST) if reduce > 1 else mask
 
         flip = rng.random() < cfg.clip_flip_prob
-        angle = rng.uniform(-cfg.clip_rotation_degrees, cfg.clip_rotation_degrees) if rng.random() < cfg.clip_rotation_prob else 0.0
+        angle = (
+            rng.uniform(-cfg.clip_rotation_degrees, cfg.clip_rotation_degrees)
+            if rng.random() < cfg.clip_rotation_prob
+            else 0.0
+        )
         blur = 0.0
         if rng.random() < cfg.clip_blur_prob:
             if cfg.clip_blur == "box":
@@ -461,8 +512,9 @@ class CropSampleTransform:
             "clip_theta": torch.from_numpy(clip_theta[:2]).float(),
             "object_theta": torch.from_numpy(object_theta[:2]).float(),
             "clip_aug": torch.tensor([float(flip), angle, blur, float(affine)]),
-            "caption": caption_with_prefix(fill_template(rng.choice(self.templates), cfg.placeholder_token),
-                                           prefix, cfg.caption_prefix_rule),
+            "caption": caption_with_prefix(
+                fill_template(rng.choice(self.templates), cfg.placeholder_token), prefix, cfg.caption_prefix_rule
+            ),
             "box_in_crop": box,
             "category": str(meta.get("category", "")),
             "key": str(meta.get("key", "")),
@@ -510,8 +562,13 @@ class CropSampleTransform:
         mask = F.grid_sample(source_mask, object_grids, mode="nearest", padding_mode="zeros", align_corners=False)
         object_source = batch.pop("object_source", None)
         raw = batch.pop("clip_source").to(torch.float32)
-        sampled = F.grid_sample(raw if object_source is None else object_source.to(torch.float32), object_grids,
-                                mode="bilinear", padding_mode="zeros", align_corners=False)
+        sampled = F.grid_sample(
+            raw if object_source is None else object_source.to(torch.float32),
+            object_grids,
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )
         objects = sampled.mul_(self.clip_scale).sub_(self.clip_shift)
         if object_source is None:  # resize_then_mask: the view first, then black outside its mask
             # clip * m + black * (1 - m), exact on both sides of the mask
@@ -521,8 +578,13 @@ class CropSampleTransform:
         aug = batch.pop("clip_aug")
         clip = raw.mul_(self.clip_scale).sub_(self.clip_shift)
         padding = "reflection" if self.config.clip_border == "reflect" else "zeros"
-        clip = F.grid_sample(clip, affine_grids(batch.pop("clip_theta"), size), mode="bilinear",
-                             padding_mode=padding, align_corners=False)
+        clip = F.grid_sample(
+            clip,
+            affine_grids(batch.pop("clip_theta"), size),
+            mode="bilinear",
+            padding_mode=padding,
+            align_corners=False,
+        )
         blurred = [i for i, value in enumerate(aug[:, 2].tolist()) if value > 0]
         if blurred:
             values = aug[blurred, 2].tolist()
@@ -583,8 +645,10 @@ def decode_cached_latent(sample: dict, cells: int) -> torch.Tensor:
     """The VAE posterior moments `[2C, cells, cells]` (float16) stored by `python -m data_prep latents`."""
     where = f"{sample.get('__url__', '?')}: {sample.get('__key__', '?')}"
     if LATENT_MEMBER not in sample:
-        raise ValueError(f"{where} has no {LATENT_MEMBER}: make the shards with `python -m data_prep latents` "
-                         "or set data.cached_latents=false")
+        raise ValueError(
+            f"{where} has no {LATENT_MEMBER}: make the shards with `python -m data_prep latents` "
+            "or set data.cached_latents=false"
+        )
     moments = np.load(io.BytesIO(sample[LATENT_MEMBER]), allow_pickle=False)
     if moments.ndim != 3 or moments.shape[0] % 2 or moments.shape[1:] != (cells, cells):
         raise ValueError(
@@ -649,15 +713,24 @@ def _check_bad_fraction(bad: int, attempts: int, shards: set[str], limit: float)
         raise ShardSpecError(
             f"{bad} of {attempts} crop samples read could not be decoded ({bad / attempts:.1%}, more than "
             f"data.max_bad_fraction={limit:g}); damaged shard(s): {names}. Rewrite them with `python -m data_prep` "
-            "(a rerun keeps the intact shards), or raise data.max_bad_fraction")
+            "(a rerun keeps the intact shards), or raise data.max_bad_fraction"
+        )
 
 
 class _ReaderBatches(torch.utils.data.IterableDataset):
     """Raw (uint8, stacked) batches of one reader per DataLoader worker, each tagged with the reader and
     the position after it; `first_reader` rotates which reader worker 0 serves (resume mid-cycle)."""
 
-    def __init__(self, shards: ShardSet, transform: CropSampleTransform, plans: list[ReaderPlan], batch_size: int,
-                 epoch: int, starts: list[int], first_reader: int):
+    def __init__(
+        self,
+        shards: ShardSet,
+        transform: CropSampleTransform,
+        plans: list[ReaderPlan],
+        batch_size: int,
+        epoch: int,
+        starts: list[int],
+        first_reader: int,
+    ):
         self.shards, self.transform, self.plans = shards, transform, plans
         self.batch_size, self.epoch, self.starts, self.first_reader = batch_size, epoch, starts, first_reader
 
@@ -742,7 +815,9 @@ class CropDataLoader:
         if not config.resampled and len(self.urls) < world * self.num_readers:
             logger.warning(
                 "%d shard(s) for %d node(s) x %d worker(s): some get no data; use data.resampled=true or more shards",
-                len(self.urls), world, self.num_readers,
+                len(self.urls),
+                world,
+                self.num_readers,
             )
         self.epoch = 0
         self.positions = [0] * self.num_readers
@@ -752,8 +827,13 @@ class CropDataLoader:
 
     def state_dict(self) -> dict:
         """Where the next batch comes from: epoch, each reader's next position, which reader is next."""
-        return {"epoch": self.epoch, "positions": list(self.positions), "next_reader": self.next_reader,
-                "num_workers": self.num_workers, "skipped": self.skipped}
+        return {
+            "epoch": self.epoch,
+            "positions": list(self.positions),
+            "next_reader": self.next_reader,
+            "num_workers": self.num_workers,
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         saved = int(state.get("num_workers", 0))
@@ -773,8 +853,9 @@ class CropDataLoader:
             self.epoch += 1
             self.positions, self.next_reader = [0] * self.num_readers, 0
         self._fresh = False
-        dataset = _ReaderBatches(self.shards, self.transform, self.plans, self.batch_size, self.epoch,
-                                 list(self.positions), self.next_reader)
+        dataset = _ReaderBatches(
+            self.shards, self.transform, self.plans, self.batch_size, self.epoch, list(self.positions), self.next_reader
+        )
         if self.num_workers == 0:
             batches = iter(dataset)
         else:
@@ -787,9 +868,10 @@ class CropDataLoader:
             yield self.transform.finalize_batch(batch)
 
 
-def build_crop_dataloader(shards: str | Sequence[str] | ShardSet, config: CropDataConfig, **kwargs: Any) -> CropDataLoader:
+def build_crop_dataloader(
+    shards: str | Sequence[str] | ShardSet, config: CropDataConfig, **kwargs: Any
+) -> CropDataLoader:
     """The loader trainers use (keyword arguments as `CropDataLoader`'s): `build_crop_dataloader(cfg.train_shards,
     cfg.data, batch_size=cfg.train_batch_size, vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
     tokenizer=tok, num_workers=cfg.dataloader_num_workers, seed=cfg.seed)`."""
     return CropDataLoader(shards, config, **kwargs)
-

@@ -8,8 +8,8 @@ scheduler's target. That lives here once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ class FrozenStableDiffusion:
         dtype: torch.dtype = torch.float32,
         gradient_checkpointing: bool = False,
         allow_sdxl: bool = False,
-    ) -> "FrozenStableDiffusion":
+    ) -> FrozenStableDiffusion:
         """Load each component with `from_pretrained(name_or_path, subfolder=...)` (a folder or a Hub id);
         a base the method does not support (SDXL unless `allow_sdxl`) is a ConfigError naming it."""
         try:
@@ -97,15 +97,22 @@ class FrozenStableDiffusion:
         for name, tokenizer in zip(("tokenizer", "tokenizer_2"), self.tokenizers):
             taken = [t for t in tokens if t in tokenizer.get_vocab() and t not in tokenizer.get_added_vocab()]
             if taken:
-                raise ConfigError(f"placeholder {taken[0]!r} is already a word of the base's {name}; pick a new one (e.g. S*)")
+                raise ConfigError(
+                    f"placeholder {taken[0]!r} is already a word of the base's {name}; pick a new one (e.g. S*)"
+                )
             ids.append(add_placeholder_tokens(tokenizer, list(tokens)))
         return ids
 
     def token_ids(self, prompts: Sequence[str], device=None) -> list[torch.Tensor]:
         """`[B, L]` ids of `prompts` from each tokenizer (padded to its max length), one tensor per encoder."""
         return [
-            tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(device or self.unet.device)
+            tokenizer(
+                list(prompts),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device or self.unet.device)
             for tokenizer in self.tokenizers
         ]
 
@@ -122,8 +129,13 @@ class FrozenStableDiffusion:
         device = self.unet.device
 
         def ids(tokenizer):
-            return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(device)
+            return tokenizer(
+                list(prompts),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
 
         if not self.is_sdxl:
             return self.text_encoder(ids(self.tokenizer))[0], None
@@ -131,7 +143,6 @@ class FrozenStableDiffusion:
         second = self.text_encoder_2(ids(self.tokenizer_2), output_hidden_states=True)
         states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         return states, sdxl_added_conditioning(second.text_embeds, size)
-
 
     @property
     def vae_scale_factor(self) -> int:
@@ -196,5 +207,7 @@ def denoising_loss(
     if weight is None:
         return err.mean(dim=tuple(range(1, err.ndim))).mean()
     weight = weight.to(err.dtype).expand_as(err)
-    per_sample = (err * weight).sum(dim=tuple(range(1, err.ndim))) / weight.sum(dim=tuple(range(1, err.ndim))).clamp_min(1e-8)
+    per_sample = (err * weight).sum(dim=tuple(range(1, err.ndim))) / weight.sum(
+        dim=tuple(range(1, err.ndim))
+    ).clamp_min(1e-8)
     return per_sample.mean()

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import os
 from abc import abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Mapping, Optional
+from typing import ClassVar
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
@@ -46,7 +47,9 @@ class EliteStageConfig(TrainConfig):
 
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {"validation_lam": "validation_elite_scale"}  # old key spellings
 
-    data: CropDataConfig = keyed_field("crop-shard loader settings (data.resolution, data.scale_augment, ...)", factory=CropDataConfig)
+    data: CropDataConfig = keyed_field(
+        "crop-shard loader settings (data.resolution, data.scale_augment, ...)", factory=CropDataConfig
+    )
     feature_layers: list[int] = keyed_field(
         "CLIP vision layers tapped, in word order (the first gives w0)", factory=lambda: list(DEFAULT_LAYERS)
     )
@@ -61,7 +64,9 @@ class EliteStageConfig(TrainConfig):
     num_validation_samples: int = keyed_field("crops from the shards to render validation images for", 2)
     validation_inference_steps: int = keyed_field("sampler steps for validation images", 25)
     validation_guidance_scale: float = keyed_field("classifier-free guidance for validation images (paper: 5)", 5.0)
-    validation_elite_scale: float = keyed_field("lambda, the local branch's weight, for validation images (paper: 0.8)", 0.8)
+    validation_elite_scale: float = keyed_field(
+        "lambda, the local branch's weight, for validation images (paper: 0.8)", 0.8
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,7 +77,8 @@ class EliteStageConfig(TrainConfig):
         for prompt in self.validation_prompts:
             if self.data.placeholder_token not in prompt:
                 raise ConfigError(
-                    f"validation prompt {prompt!r} lacks the placeholder {self.data.placeholder_token!r} (data.placeholder_token)"
+                    f"validation prompt {prompt!r} lacks the placeholder {self.data.placeholder_token!r} "
+                    "(data.placeholder_token)"
                 )
 
 
@@ -94,7 +100,11 @@ class EliteStageTask(TrainingTask):
         # the shards first: a mistyped train_shards stops here in a second, before any model loads
         self.shards = ShardSet.open(cfg.train_shards)
         self.sd = FrozenStableDiffusion.load(
-            cfg.pretrained_model_name_or_path, accelerator.device, weight_dtype, cfg.gradient_checkpointing, allow_sdxl=True
+            cfg.pretrained_model_name_or_path,
+            accelerator.device,
+            weight_dtype,
+            cfg.gradient_checkpointing,
+            allow_sdxl=True,
         )
         self.clip = CLIPFeatureExtractor.from_pretrained(cfg.image_encoder_name_or_path, layers=self.clip_layers())
         self.clip.to(device=accelerator.device, dtype=weight_dtype)
@@ -117,8 +127,11 @@ class EliteStageTask(TrainingTask):
         same = {os.path.abspath(base) if os.path.exists(base) else base}
         recorded = {os.path.abspath(m) if os.path.exists(m) else m for m in cached_latents_models(self.loader.urls)}
         if recorded and not recorded & same:
-            logger.warning("data.cached_latents: the shards' latents were made with %s, this run trains on %s",
-                           sorted(recorded), base)
+            logger.warning(
+                "data.cached_latents: the shards' latents were made with %s, this run trains on %s",
+                sorted(recorded),
+                base,
+            )
 
     @abstractmethod
     def build_models(self, accelerator) -> None:
@@ -157,7 +170,9 @@ class EliteStageTask(TrainingTask):
 
     # ---- per-step pieces ------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_frozen(self, batch: Mapping, clip_key: str, generator: torch.Generator) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def encode_frozen(
+        self, batch: Mapping, clip_key: str, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Latents of the target and the tapped CLIP features {layer: [B, 1+P, D]} (no gradients)."""
         if "latent_moments" in batch:  # data.cached_latents: the VAE ran once, in data_prep
             latents = self.sd.sample_latents(batch["latent_moments"], generator=generator)
@@ -177,15 +192,19 @@ class EliteStageTask(TrainingTask):
         ids = [batch["input_ids"]] + (self.sd.token_ids(batch["caption"])[1:] if self.sd.is_sdxl else [])
         return elite_conditioning(self.sd.text_encoders, ids, self.placeholder_ids, [words], **kwargs)
 
-    def diffusion_loss(self, latents, cond: EliteConditioning, generator, valid_mask=None,
-                       sum_channels: bool = False) -> torch.Tensor:
+    def diffusion_loss(
+        self, latents, cond: EliteConditioning, generator, valid_mask=None, sum_channels: bool = False
+    ) -> torch.Tensor:
         """Noise the latents, run the frozen UNet with the ELITE processors, compare with the target.
         SDXL's size numbers say a full, uncropped image of the training resolution (what its pipeline
         passes by default at that size): the crops are object-centred squares resized to it."""
         noisy, target, timesteps = self.sd.add_noise(latents, generator)
         added = self.sd.added_conditioning(cond.pooled_prompt_embeds, self.config.data.resolution)
         pred = self.sd.unet(
-            noisy, timesteps, cond.prompt_embeds.to(self.sd.unet.dtype), cross_attention_kwargs=cond.context.as_kwargs(),
+            noisy,
+            timesteps,
+            cond.prompt_embeds.to(self.sd.unet.dtype),
+            cross_attention_kwargs=cond.context.as_kwargs(),
             added_cond_kwargs=added,
         ).sample
         weight = valid_mask if self.config.weight_loss_by_valid_region else None
@@ -201,14 +220,23 @@ class EliteStageTask(TrainingTask):
         made by the code users run (encode the crop, inject w0, the local branch at `validation_elite_scale`)."""
         cfg = self.config
         pipe = pipeline_from_parts(
-            self.sd.vae, self.sd.text_encoder, self.sd.tokenizer, self.sd.unet,
-            DPMSolverMultistepScheduler.from_config(self.sd.noise_scheduler.config), self.sd.text_encoder_2, self.sd.tokenizer_2,
+            self.sd.vae,
+            self.sd.text_encoder,
+            self.sd.tokenizer,
+            self.sd.unet,
+            DPMSolverMultistepScheduler.from_config(self.sd.noise_scheduler.config),
+            self.sd.text_encoder_2,
+            self.sd.tokenizer_2,
         )
         global_mapping, local_mapping = self.validation_mappings(models)
         encoders = EliteEncoders(
-            global_mapping=global_mapping, local_mapping=local_mapping, location_mlp=None,
-            feature_extractor=self.clip, source=f"{cfg.output_dir} (training)",
-            image_encoder_name=cfg.image_encoder_name_or_path, base_model_name=cfg.pretrained_model_name_or_path,
+            global_mapping=global_mapping,
+            local_mapping=local_mapping,
+            location_mlp=None,
+            feature_extractor=self.clip,
+            source=f"{cfg.output_dir} (training)",
+            image_encoder_name=cfg.image_encoder_name_or_path,
+            base_model_name=cfg.pretrained_model_name_or_path,
         )
         return ElitePipeline(pipe, encoders, elite_scale=cfg.validation_elite_scale)
 
@@ -227,15 +255,20 @@ class EliteStageTask(TrainingTask):
                 images.append(image.resize((res, res)))
                 for prompt in cfg.validation_prompts:
                     out = elite(
-                        prompt, concept, placeholders=[cfg.data.placeholder_token],
-                        num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
-                        seed=cfg.seed, height=res, width=res,
+                        prompt,
+                        concept,
+                        placeholders=[cfg.data.placeholder_token],
+                        num_inference_steps=cfg.validation_inference_steps,
+                        guidance_scale=cfg.validation_guidance_scale,
+                        seed=cfg.seed,
+                        height=res,
+                        width=res,
                     )
                     images.append(out.images[0])
         return images
 
 
-def resolve_mapping_folder(path_or_repo: str, subfolder: str) -> tuple[str, Optional[str]]:
+def resolve_mapping_folder(path_or_repo: str, subfolder: str) -> tuple[str, str | None]:
     """`(path_or_repo, subfolder)` for from_pretrained: an encoders folder, the subfolder itself, or a Hub repo."""
     p = Path(path_or_repo)
     if (p / subfolder / "config.json").is_file():

@@ -52,10 +52,12 @@ def export_fp32(module: nn.Module, name: str, export_dir: Path, output_dir: str 
         # our own checkpoint, written by this run a moment ago
         full = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints[-1]))
         prefix = f"models.{name}."
-        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
         fp32.load_state_dict(state, strict=True)
     else:
-        logger.warning("%s: no DeepSpeed checkpoint with fp32 master weights; exporting the 16-bit weights as fp32", name)
+        logger.warning(
+            "%s: no DeepSpeed checkpoint with fp32 master weights; exporting the 16-bit weights as fp32", name
+        )
     return export_model(fp32, export_dir, name)
 
 
@@ -63,8 +65,21 @@ _NOTES_BLOCK = re.compile(r"<!-- notes:(?P<name>[\w.-]+) -->\n(?P<body>.*?)\n<!-
 
 
 # What a Hub upload leaves out: training state, logs, temporary files (fine-tunes export into their run folder).
-HUB_IGNORE = ["checkpoint-*", "checkpoint-*/**", "logs/**", "validation/**", "*.pkl", "optimizer*.bin",
-              "scheduler*.bin", "random_states*", "data_state*", "trainer_state.json", "preempted.json", ".*", "*.tmp*"]
+HUB_IGNORE = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    "logs/**",
+    "validation/**",
+    "*.pkl",
+    "optimizer*.bin",
+    "scheduler*.bin",
+    "random_states*",
+    "data_state*",
+    "trainer_state.json",
+    "preempted.json",
+    ".*",
+    "*.tmp*",
+]
 SAMPLES_FILE = "samples.png"
 
 
@@ -94,8 +109,9 @@ def card_header(config, tags: list[str]) -> str:
     from huggingface_hub import ModelCardData
 
     base, on_hub = hub_name(config.pretrained_model_name_or_path)
-    data = ModelCardData(license=getattr(config, "license", None) or None, tags=tags,
-                         base_model=base if on_hub else None)
+    data = ModelCardData(
+        license=getattr(config, "license", None) or None, tags=tags, base_model=base if on_hub else None
+    )
     return f"---\n{data.to_yaml()}\n---\n"
 
 
@@ -128,7 +144,9 @@ def write_model_card(export_dir: Path, config, notes: str = "", section: str = "
         parts.append(f"| `{sub.name}/` | {cfg.get('_class_name', '?')} | {size / 1e6:.2f} MB |")
     samples = copy_samples(config.output_dir, export_dir)
     base = hub_name(config.pretrained_model_name_or_path)[0] or "BASE_MODEL"
-    card = card_header(config, ["zero-step-personalization", "elite", "stable-diffusion"]) + f"""
+    card = (
+        card_header(config, ["zero-step-personalization", "elite", "stable-diffusion"])
+        + f"""
 # Zero-step personalization encoders
 
 Encoders that turn one photo of an object (and its mask) into a word and local features for
@@ -150,6 +168,7 @@ python -m inference generate --base {base} --encoders PATH_OR_REPO \\
 {chr(10) + "![validation samples](" + samples + ")" + chr(10) if samples else ""}
 {notes_md}
 """
+    )
     return atomic_write_text(export_dir / "README.md", card)
 
 

@@ -44,8 +44,9 @@ class GlobalMappingConfig(EliteStageConfig):
 
     learning_rate: float = keyed_field("peak learning rate (paper: 1e-6; before scale_lr)", 1e-6)
     word_l1_weight: float = keyed_field("weight of mean |words| in the loss (paper: 0.01)", 0.01)
-    anchors: MappingAnchorsConfig = keyed_field("semantic anchors on w0 (anchors.enabled, anchors.weight, ...)",
-                                                factory=lambda: MappingAnchorsConfig())
+    anchors: MappingAnchorsConfig = keyed_field(
+        "semantic anchors on w0 (anchors.enabled, anchors.weight, ...)", factory=lambda: MappingAnchorsConfig()
+    )
 
 
 class GlobalMappingTask(EliteStageTask):
@@ -91,8 +92,12 @@ class GlobalMappingTask(EliteStageTask):
             f"Trained {cfg.max_steps} steps, batch {cfg.train_batch_size} x accumulation "
             f"{cfg.gradient_accumulation_steps} per process, lr {cfg.learning_rate:g} (scale_lr={cfg.scale_lr}), "
             f"word L1 {cfg.word_l1_weight:g}, {cfg.data.resolution} px."
-            + (f" Semantic anchors on w0 ({cfg.anchors.vocabulary}, at most {cfg.anchors.max_active} active, "
-               f"weight {cfg.anchors.weight:g})." if cfg.anchors.enabled else "")
+            + (
+                f" Semantic anchors on w0 ({cfg.anchors.vocabulary}, at most {cfg.anchors.max_active} active, "
+                f"weight {cfg.anchors.weight:g})."
+                if cfg.anchors.enabled
+                else ""
+            )
             + "\n"
         )
 

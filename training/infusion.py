@@ -51,7 +51,8 @@ class InfusionConfig(FinetuneConfig):
     adam_weight_decay: float = keyed_field("AdamW weight decay on the residuals", 0.0)
     checkpointing_steps: int = keyed_field("save checkpoint-N/ every N steps (0: only at the end)", 250)
     replace_maps: bool = keyed_field(
-        "dual stream: the customised rows use the base model's cross-attention maps (paper); false keeps their own", True
+        "dual stream: the customised rows use the base model's cross-attention maps (paper); false keeps their own",
+        True,
     )
     validation_inference_steps: int = keyed_field("DDIM steps for validation images (paper: 50)", 50)
     validation_guidance_scale: float = keyed_field("classifier-free guidance for validation images (paper: 8)", 8.0)
@@ -59,7 +60,9 @@ class InfusionConfig(FinetuneConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.class_word:
-            raise ConfigError("class_word is required: the concept's class noun (e.g. cat) whose value gets the residual")
+            raise ConfigError(
+                "class_word is required: the concept's class noun (e.g. cat) whose value gets the residual"
+            )
 
 
 class InfusionTask(ConceptFinetuneTask):
@@ -93,13 +96,22 @@ class InfusionTask(ConceptFinetuneTask):
         n = len(prompts)
         if self.config.replace_maps:
             call = dual_stream_call(self.sd.tokenizer, prompts, [models["infusion"]], require_all=True)
-            noisy, timesteps, text = torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([text, text])
+            noisy, timesteps, text = (
+                torch.cat([noisy, noisy]),
+                torch.cat([timesteps, timesteps]),
+                torch.cat([text, text]),
+            )
             added = None if added is None else {k: torch.cat([v, v]) for k, v in added.items()}
         else:
             call = infusion_call(self.sd.tokenizer, prompts, [models["infusion"]], require_all=True)
         ctx = AttentionContext(extras={EXTRAS_KEY: call})
-        prediction = self.sd.unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added,
-                                  cross_attention_kwargs={CONTEXT_KWARG: ctx}).sample
+        prediction = self.sd.unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=text,
+            added_cond_kwargs=added,
+            cross_attention_kwargs={CONTEXT_KWARG: ctx},
+        ).sample
         return prediction[n:] if self.config.replace_maps else prediction
 
     def regularize(self, models, rec_loss):
@@ -128,19 +140,23 @@ class InfusionTask(ConceptFinetuneTask):
 
     def model_card_notes(self) -> str:
         c = self.config
-        pipeline = "StableDiffusionXLPipeline" if getattr(getattr(self, "sd", None), "is_sdxl", False) else "StableDiffusionPipeline"
+        pipeline = (
+            "StableDiffusionXLPipeline"
+            if getattr(getattr(self, "sd", None), "is_sdxl", False)
+            else "StableDiffusionPipeline"
+        )
         return (
             f"# Infusion residuals for `{c.class_word}`\n\n"
             f"One value residual per cross-attention layer ({RESIDUALS_FOLDER}/) for the concept in `{c.concept_dir}`. "
-            f"Prompts that say \"{c.class_word}\" get the concept; the base model's attention maps are kept"
+            f'Prompts that say "{c.class_word}" get the concept; the base model\'s attention maps are kept'
             f"{' (dual stream)' if c.replace_maps else ''}, and prompts without the word are untouched.\n\n"
             "```python\n"
             f"from diffusers import DDIMScheduler, {pipeline}\n"
             "from encoders.infusion import InfusionResiduals, generate_with_infusion\n\n"
-            f"pipe = {pipeline}.from_pretrained(\"{c.pretrained_model_name_or_path}\")\n"
+            f'pipe = {pipeline}.from_pretrained("{c.pretrained_model_name_or_path}")\n'
             "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n"
-            f"concept = InfusionResiduals.from_pretrained(\"PATH_OR_REPO\", subfolder=\"{RESIDUALS_FOLDER}\")\n"
-            f"out = generate_with_infusion(pipe, \"a {c.class_word} on the beach\", [concept], "
+            f'concept = InfusionResiduals.from_pretrained("PATH_OR_REPO", subfolder="{RESIDUALS_FOLDER}")\n'
+            f'out = generate_with_infusion(pipe, "a {c.class_word} on the beach", [concept], '
             "num_inference_steps=50, guidance_scale=8)\n"
             "out.images[0]  # out.base_images[0]: the base model from the same noise\n"
             "```\n"

@@ -43,9 +43,12 @@ def run(argv: list[str]) -> int:
         return 0 if argv else 2
     marker = Path(tempfile.mkdtemp(prefix="zsp-launch-")) / "preempted"
     env = dict(os.environ, **{MARKER_ENV: str(marker)})
-    child = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *argv], env=env,
-                             start_new_session=True,  # the scheduler's group-wide signal reaches us, not the launcher
-                             preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", *argv],
+        env=env,
+        start_new_session=True,  # the scheduler's group-wide signal reaches us, not the launcher
+        preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN),
+    )
     launcher = psutil.Process(child.pid)
     received: list[str] = []
 
@@ -72,8 +75,11 @@ def run(argv: list[str]) -> int:
     while time.time() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in known.values()):
         time.sleep(0.2)
     if marker.is_file():
-        print(f"training.launch: the trainers stopped with a checkpoint ({', '.join(received) or 'signal'}); "
-              f"exit status {EXIT_PREEMPTED} (resume_from_checkpoint=latest continues)", file=sys.stderr)
+        print(
+            f"training.launch: the trainers stopped with a checkpoint ({', '.join(received) or 'signal'}); "
+            f"exit status {EXIT_PREEMPTED} (resume_from_checkpoint=latest continues)",
+            file=sys.stderr,
+        )
         code = EXIT_PREEMPTED
     marker.unlink(missing_ok=True)
     marker.parent.rmdir()

@@ -50,8 +50,9 @@ logger = logging.getLogger(__name__)
 
 # Official stage 2's data: its scale augmentation with caption prefixes, and w0 from the crop as it is
 # (the image view unaugmented; the object view keeps the loader's official warps).
-STAGE2_DATA = dict(scale_augment="elite", clip_flip_prob=0.0, clip_rotation_prob=0.0, clip_blur_prob=0.0,
-                   clip_affine_prob=0.0)
+STAGE2_DATA = dict(
+    scale_augment="elite", clip_flip_prob=0.0, clip_rotation_prob=0.0, clip_blur_prob=0.0, clip_affine_prob=0.0
+)
 
 
 @dataclass
@@ -60,7 +61,9 @@ class LocalMappingConfig(EliteStageConfig):
 
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {"lam": "elite_scale"}  # old key spellings
 
-    global_mapping_path: str = keyed_field("trained stage-1 global mapping: encoders folder, global_mapping/ folder or Hub repo", "")
+    global_mapping_path: str = keyed_field(
+        "trained stage-1 global mapping: encoders folder, global_mapping/ folder or Hub repo", ""
+    )
     data: CropDataConfig = keyed_field(
         "crop-shard loader settings; this stage's defaults: scale_augment=elite, the image view unaugmented",
         factory=lambda: CropDataConfig(**STAGE2_DATA),
@@ -73,19 +76,25 @@ class LocalMappingConfig(EliteStageConfig):
     )
     mse_reduction: str = keyed_field(
         "sum_channels (official: the error summed over the latent channels per valid cell) or mean (per element: "
-        "1/C of it, so local_l1_weight weighs C x more)", "sum_channels"
+        "1/C of it, so local_l1_weight weighs C x more)",
+        "sum_channels",
     )
     w0_map_norm: str = keyed_field("sample (official) or sample_head: how w0's attention map is normalised", "sample")
-    local_mask_mode: str = keyed_field("zero_tokens (official: masked tokens stay in the softmax as zeros) or exclude", "zero_tokens")
-    w0_source: str = keyed_field("image (official: w0 from the unmasked crop) or object (from the object on black)", "image")
+    local_mask_mode: str = keyed_field(
+        "zero_tokens (official: masked tokens stay in the softmax as zeros) or exclude", "zero_tokens"
+    )
+    w0_source: str = keyed_field(
+        "image (official: w0 from the unmasked crop) or object (from the object on black)", "image"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mse_reduction not in ("sum_channels", "mean"):
             raise ConfigError(f"mse_reduction must be sum_channels or mean, got {self.mse_reduction!r}")
         try:
-            check_local_settings(dict(w0_map_norm=self.w0_map_norm, local_mask_mode=self.local_mask_mode,
-                                      w0_source=self.w0_source))
+            check_local_settings(
+                dict(w0_map_norm=self.w0_map_norm, local_mask_mode=self.local_mask_mode, w0_source=self.w0_source)
+            )
         except ValueError as err:
             raise ConfigError(str(err)) from err
         if not self.global_mapping_path:
@@ -118,14 +127,20 @@ class LocalMappingTask(EliteStageTask):
                 f"global_mapping_path={cfg.global_mapping_path} does not fit {cfg.pretrained_model_name_or_path} + "
                 f"{cfg.image_encoder_name_or_path}: {err}"
             ) from err
-        for key, ours in (("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path),
-                          ("image_encoder_name_or_path", cfg.image_encoder_name_or_path)):
+        for key, ours in (
+            ("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path),
+            ("image_encoder_name_or_path", cfg.image_encoder_name_or_path),
+        ):
             theirs = gm.config.get(key) if hasattr(gm.config, "get") else getattr(gm.config, key, None)
             if theirs and theirs != ours:
                 logger.warning("the global mapping was trained with %s=%s, this run uses %s", key, theirs, ours)
         self.global_mapping = gm
-        settings = dict(w0_map_norm=cfg.w0_map_norm, local_mask_mode=cfg.local_mask_mode, w0_source=cfg.w0_source,
-                        object_view=cfg.data.object_view)
+        settings = dict(
+            w0_map_norm=cfg.w0_map_norm,
+            local_mask_mode=cfg.local_mask_mode,
+            w0_source=cfg.w0_source,
+            object_view=cfg.data.object_view,
+        )
         self.local_mapping = LocalMapping.from_unet(self.sd.unet, **self.mapping_kwargs(), **settings).to(self.device)
         self.local_mapping.train()
         set_elite_processors(self.sd.unet, gm, self.local_mapping)
@@ -144,14 +159,19 @@ class LocalMappingTask(EliteStageTask):
         latents, feats = self.encode_frozen(batch, "clip_object_pixel_values", generator)
         w0_feats = self.clip_features(batch, "clip_pixel_values") if cfg.w0_source == "image" else feats
         local = mapping([feats[layer] for layer in cfg.feature_layers], batch["object_mask_clip"])
-        cond = self.conditioning(batch, self._w0(w0_feats), local=[(local.tokens, local.keep)], scale=cfg.elite_scale,
-                                 local_value_l1=[])
-        mse = self.diffusion_loss(latents, cond, generator, batch.get("valid_mask"),
-                                  sum_channels=cfg.mse_reduction == "sum_channels")
+        cond = self.conditioning(
+            batch, self._w0(w0_feats), local=[(local.tokens, local.keep)], scale=cfg.elite_scale, local_value_l1=[]
+        )
+        mse = self.diffusion_loss(
+            latents, cond, generator, batch.get("valid_mask"), sum_channels=cfg.mse_reduction == "sum_channels"
+        )
         value_l1 = torch.stack(cond.context.local_value_l1).mean()
         loss = mse + self.config.local_l1_weight * value_l1
-        return loss, {"mse": mse.detach(), "local_value_l1": value_l1.detach(),
-                      "kept_tokens": local.keep.float().mean().detach()}
+        return loss, {
+            "mse": mse.detach(),
+            "local_value_l1": value_l1.detach(),
+            "kept_tokens": local.keep.float().mean().detach(),
+        }
 
     def validation_mappings(self, models):
         return self.global_mapping, models["local_mapping"]
@@ -179,8 +199,11 @@ class LocalMappingTask(EliteStageTask):
             f"(scale_lr={cfg.scale_lr}), V_local L1 {cfg.local_l1_weight:g}, {cfg.data.resolution} px, loss "
             f"{cfg.mse_reduction}, scale augmentation {cfg.data.scale_augment}.\n\n"
             "Computation settings (stored in `local_mapping/config.json`; the official ELITE ones unless noted): "
-            + ", ".join(f"`{k}={v}`" + ("" if REFERENCE_SETTINGS[k] == v else " (option)")
-                        for k, v in self.local_mapping.settings.items()) + ".\n\n"
+            + ", ".join(
+                f"`{k}={v}`" + ("" if REFERENCE_SETTINGS[k] == v else " (option)")
+                for k, v in self.local_mapping.settings.items()
+            )
+            + ".\n\n"
             "## global_mapping\n\n"
             f"The frozen ELITE global mapping this stage was trained with (CLIP layers "
             f"{list(self.global_mapping.config.feature_layers)}; use w0), with its global K/V projections.\n"

@@ -53,7 +53,8 @@ class LocationMLPConfig(TrainConfig):
     val_fraction: float = keyed_field("pairs held out for the validation IoU (by key hash)", 0.1)
     layout_flip: str = keyed_field(
         "canonical: mirror each pair so the first word is on the left (one consistent arrangement); "
-        "random: mirror half at random; none: as the data is", "canonical"
+        "random: mirror half at random; none: as the data is",
+        "canonical",
     )
 
     def __post_init__(self) -> None:
@@ -113,8 +114,12 @@ class LocationMLPTask(TrainingTask):
             raise ConfigError(f"pretrained_model_name_or_path: {err}") from None
         parts = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if sdxl else [])
         tokenizers = [CLIPTokenizer.from_pretrained(cfg.pretrained_model_name_or_path, subfolder=t) for t, _ in parts]
-        text_encoders = [(CLIPTextModelWithProjection if e == "text_encoder_2" else CLIPTextModel).from_pretrained(
-            cfg.pretrained_model_name_or_path, subfolder=e) for _, e in parts]
+        text_encoders = [
+            (CLIPTextModelWithProjection if e == "text_encoder_2" else CLIPTextModel).from_pretrained(
+                cfg.pretrained_model_name_or_path, subfolder=e
+            )
+            for _, e in parts
+        ]
         embeddings = embed_words(words, tokenizers, text_encoders).float()
         del text_encoders
         self.mlp = LocationMLP(
@@ -136,8 +141,14 @@ class LocationMLPTask(TrainingTask):
 
     def train_dataloader(self):
         if not hasattr(self, "_batches"):
-            self._batches = PairBatches(self.train_pairs, self.word_index, self.config.train_batch_size,
-                                        seed=self.config.seed, rank=self.rank, layout_flip=self.config.layout_flip)
+            self._batches = PairBatches(
+                self.train_pairs,
+                self.word_index,
+                self.config.train_batch_size,
+                seed=self.config.seed,
+                rank=self.rank,
+                layout_flip=self.config.layout_flip,
+            )
         return self._batches
 
     def training_step(self, models, batch, generator):
@@ -179,7 +190,9 @@ class LocationMLPTask(TrainingTask):
         written = [export_model(mlp, export_dir, "location_mlp")]
         metrics = {**self.val_metrics, "train_pairs": len(self.train_pairs), "words": len(self.word_index)}
         (Path(self.config.output_dir) / "location_mlp_metrics.json").write_text(json.dumps(metrics, indent=1))
-        self.accelerator.print(f"[location_mlp] final validation IoU {metrics['val_iou']:.3f} over {metrics['val_pairs']} pairs")
+        self.accelerator.print(
+            f"[location_mlp] final validation IoU {metrics['val_iou']:.3f} over {metrics['val_pairs']} pairs"
+        )
         return written
 
     def model_card_notes(self) -> str:
@@ -187,7 +200,8 @@ class LocationMLPTask(TrainingTask):
         m = self.val_metrics
         flip_note = (
             "Layouts were mirrored so that the first word is on the left (`layout_flip=canonical`)."
-            if cfg.layout_flip == "canonical" else f"Layout flip: {cfg.layout_flip}."
+            if cfg.layout_flip == "canonical"
+            else f"Layout flip: {cfg.layout_flip}."
         )
         return (
             "## location_mlp\n\n"
@@ -198,8 +212,8 @@ class LocationMLPTask(TrainingTask):
             "Words outside its vocabulary take the layout of the nearest vocabulary noun (cosine similarity of "
             f"input embeddings). {flip_note}\n\n"
             "```python\nfrom encoders.location_mlp import LocationMLP\n"
-            "mlp = LocationMLP.from_pretrained(PATH_OR_REPO, subfolder=\"location_mlp\")\n"
-            "boxes = mlp.predict_for_words(\"dog\", \"frisbee\", pipe.tokenizer, pipe.text_encoder)[\"boxes\"]\n```\n"
+            'mlp = LocationMLP.from_pretrained(PATH_OR_REPO, subfolder="location_mlp")\n'
+            'boxes = mlp.predict_for_words("dog", "frisbee", pipe.tokenizer, pipe.text_encoder)["boxes"]\n```\n'
         )
 
 

@@ -56,8 +56,9 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import psutil
@@ -72,11 +73,17 @@ from tqdm.auto import tqdm
 
 from encoders.common.config import ConfigError, config_to_dict, save_config
 from encoders.common.device import mixed_precision_dtype
-from encoders.common.shards import ShardSpecError
 from encoders.common.files import (
-    FolderLockedError, OutputPathError, atomic_write, atomic_write_json, atomic_write_text, check_writable_folder,
-    describe_write_error, folder_lock,
+    FolderLockedError,
+    OutputPathError,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable_folder,
+    describe_write_error,
+    folder_lock,
 )
+from encoders.common.shards import ShardSpecError
 
 from .checkpoints import Checkpointer, read_trainer_state, resolve_checkpoint
 from .common_config import TrainConfig
@@ -90,9 +97,20 @@ RUN_LOCK_FILE = ".lock-training"  # held by the main process while a run uses ou
 STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 # Keys that may differ between a checkpoint and the run resuming it: they do not change what is trained.
 RESUME_FREE_KEYS = {
-    "max_steps", "resume_from_checkpoint", "resume_overrides", "checkpointing_steps", "checkpoints_total_limit",
-    "logging_steps", "report_to", "tracker_project_name", "push_to_hub", "hub_model_id", "hub_private", "license",
-    "export_dir", "output_dir",
+    "max_steps",
+    "resume_from_checkpoint",
+    "resume_overrides",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "logging_steps",
+    "report_to",
+    "tracker_project_name",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private",
+    "license",
+    "export_dir",
+    "output_dir",
 }
 
 
@@ -174,7 +192,7 @@ class StopSignals:
     def _handler(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 if hasattr(signal, name):
@@ -280,7 +298,9 @@ def log_validation_sheet(trackers, sheet, step: int) -> list[str]:
 
 def _flat_for_tracker(cfg: TrainConfig) -> dict:
     """The config as trackers take it: dotted keys, scalar values (lists as their text)."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat("", config_to_dict(cfg)).items()}
+    return {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat("", config_to_dict(cfg)).items()
+    }
 
 
 def changed_settings(saved: Mapping, current: Mapping, free: Iterable[str] = ()) -> dict[str, tuple]:
@@ -288,7 +308,8 @@ def changed_settings(saved: Mapping, current: Mapping, free: Iterable[str] = ())
     a, b = _flat("", dict(saved)), _flat("", dict(current))
     free = set(RESUME_FREE_KEYS) | set(free)
     return {
-        k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+        k: (a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
         if a.get(k) != b.get(k) and k not in free and not k.startswith(("validation_", "num_validation"))
     }
 
@@ -315,7 +336,8 @@ class _DataStream:
         self.task = task
         self.loader = task.train_dataloader()
         self.stateful = callable(getattr(self.loader, "state_dict", None)) and callable(
-            getattr(self.loader, "load_state_dict", None))
+            getattr(self.loader, "load_state_dict", None)
+        )
         self._iter: Iterator | None = None
 
     def restore(self, state: dict | None, batches_before: int) -> None:
@@ -324,7 +346,9 @@ class _DataStream:
             self.loader.load_state_dict(state)
             return
         if batches_before:
-            logger.warning("%s: its loader keeps no position; replaying %d batches to resume", self.task.name, batches_before)
+            logger.warning(
+                "%s: its loader keeps no position; replaying %d batches to resume", self.task.name, batches_before
+            )
             for _ in range(batches_before):
                 next(self)
 
@@ -384,7 +408,9 @@ class _Run:
         models = task.trainable_models()
         for name, module in models.items():
             if not hasattr(module, "save_pretrained"):
-                raise TypeError(f"{task.name}: trainable model {name!r} needs save_pretrained (use diffusers ModelMixin)")
+                raise TypeError(
+                    f"{task.name}: trainable model {name!r} needs save_pretrained (use diffusers ModelMixin)"
+                )
         bundle = TrainableBundle(models, task)
         self.params = [p for p in bundle.parameters() if p.requires_grad]
         if not self.params:
@@ -396,8 +422,12 @@ class _Run:
         # the fused kernel: ~9x faster than the per-tensor loop on CPU for ELITE's 11-48M trainable parameters
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in self.params)
         optimizer = torch.optim.AdamW(
-            self.params, lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=fused or None,
+            self.params,
+            lr=self.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+            fused=fused or None,
         )
         lr_scheduler = get_scheduler(
             config.lr_scheduler,
@@ -411,8 +441,9 @@ class _Run:
         self.generator = torch.Generator(device=acc.device).manual_seed(config.seed + acc.process_index)
         acc.register_save_state_pre_hook(self._save_models_hook)
         acc.register_load_state_pre_hook(self._load_models_hook)
-        self.checkpoints = Checkpointer(acc, self.output_dir, task.name, config, self.generator,
-                                        config.checkpoints_total_limit)
+        self.checkpoints = Checkpointer(
+            acc, self.output_dir, task.name, config, self.generator, config.checkpoints_total_limit
+        )
         if acc.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
 
@@ -463,10 +494,16 @@ class _Run:
         if resumed.step > config.max_steps:  # exporting the checkpoint's model as if it were max_steps' would mislead
             raise ConfigError(
                 f"{path} is at step {resumed.step}, past max_steps={config.max_steps}: nothing would be trained and "
-                f"the step-{resumed.step} model exported as this run's. Set max_steps >= {resumed.step}, resume from an "
-                "earlier checkpoint-N, or use another output_dir")
-        overridden = set(config.resume_overrides) & {"learning_rate", "scale_lr", "train_batch_size",
-                                                     "gradient_accumulation_steps"}
+                f"the step-{resumed.step} model exported as this run's. Set max_steps >= {resumed.step}, resume from "
+                "an "
+                "earlier checkpoint-N, or use another output_dir"
+            )
+        overridden = set(config.resume_overrides) & {
+            "learning_rate",
+            "scale_lr",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+        }
         if overridden:
             self._set_learning_rate(self.lr)
         stream.restore(resumed.data_state, resumed.step * config.gradient_accumulation_steps)
@@ -496,8 +533,13 @@ class _Run:
             f"{config.gradient_accumulation_steps} x processes = {total_batch}, lr {self.lr:g}, "
             f"{sum(p.numel() for p in self.params):,} trainable parameters, steps {global_step}->{config.max_steps}"
         )
-        progress = tqdm(total=config.max_steps, initial=global_step, desc=task.name,
-                        disable=not acc.is_local_main_process, dynamic_ncols=True)
+        progress = tqdm(
+            total=config.max_steps,
+            initial=global_step,
+            desc=task.name,
+            disable=not acc.is_local_main_process,
+            dynamic_ncols=True,
+        )
         sums: dict[str, float] = {}
         count = 0
         step_start = time.perf_counter()
@@ -527,8 +569,10 @@ class _Run:
                 progress.update(1)
                 if global_step == first_step:
                     started = psutil.Process(os.getpid()).create_time()
-                    acc.print(f"[{task.name}] {'resumed at' if first_step > 1 else 'started'} step {first_step - 1}: "
-                              f"first step done {time.time() - started:.1f} s after the process started")
+                    acc.print(
+                        f"[{task.name}] {'resumed at' if first_step > 1 else 'started'} step {first_step - 1}: "
+                        f"first step done {time.time() - started:.1f} s after the process started"
+                    )
                 now = time.perf_counter()
                 means = {k: v / count for k, v in sums.items()}
                 means["lr"] = self.lr_scheduler.get_last_lr()[0]
@@ -536,7 +580,9 @@ class _Run:
                 step_start = now
                 progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
                 if global_step % config.logging_steps == 0 or global_step == config.max_steps:
-                    reduced = acc.reduce(torch.tensor([means[k] for k in sorted(means)], device=acc.device), reduction="mean")
+                    reduced = acc.reduce(
+                        torch.tensor([means[k] for k in sorted(means)], device=acc.device), reduction="mean"
+                    )
                     if config.report_to != "none":
                         acc.log(dict(zip(sorted(means), reduced.tolist())), step=global_step)
                 sums, count = {}, 0
@@ -559,12 +605,19 @@ class _Run:
         if last_saved != step:
             self.checkpoints.save(step, stream.state())
         if acc.is_main_process:
-            atomic_write_json(self.output_dir / PREEMPTED_FILE, {
-                "step": step, "signal": signal_name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "resume": "run the same command with resume_from_checkpoint=latest",
-            })
-            acc.print(f"[{self.task.name}] {signal_name}: stopped after step {step} with a checkpoint; "
-                      f"exit status {EXIT_PREEMPTED} (resume_from_checkpoint=latest continues)")
+            atomic_write_json(
+                self.output_dir / PREEMPTED_FILE,
+                {
+                    "step": step,
+                    "signal": signal_name,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "resume": "run the same command with resume_from_checkpoint=latest",
+                },
+            )
+            acc.print(
+                f"[{self.task.name}] {signal_name}: stopped after step {step} with a checkpoint; "
+                f"exit status {EXIT_PREEMPTED} (resume_from_checkpoint=latest continues)"
+            )
             marker = os.environ.get("ZSP_PREEMPTED_MARKER")  # set by `python -m training.launch`
             if marker:
                 atomic_write_text(Path(marker), f"{step}\n")
@@ -587,7 +640,9 @@ class _Run:
             m.train(was_training[n])
         if images:
             sheet = _grid(images)
-            atomic_write(self.output_dir / "validation" / f"step-{step:06d}.png", lambda tmp: sheet.save(tmp, format="PNG"))
+            atomic_write(
+                self.output_dir / "validation" / f"step-{step:06d}.png", lambda tmp: sheet.save(tmp, format="PNG")
+            )
             log_validation_sheet(acc.trackers, sheet, step)
         acc.wait_for_everyone()
 
@@ -626,8 +681,11 @@ def run_from_command_line(task: TrainingTask) -> Path:
         reason = describe_write_error(err)
         if reason is None:
             raise
-        print(f"error: cannot write into {task.config.output_dir}: {reason} (complete checkpoints are kept; free "
-              "space and resume with resume_from_checkpoint=latest)", file=sys.stderr)
+        print(
+            f"error: cannot write into {task.config.output_dir}: {reason} (complete checkpoints are kept; free "
+            "space and resume with resume_from_checkpoint=latest)",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
 
 

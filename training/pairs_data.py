@@ -25,8 +25,8 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -100,7 +100,9 @@ def split_pairs(examples: Sequence[PairExample], val_fraction: float) -> tuple[l
     if not train:
         train, val = list(examples), list(examples)
     if not val and val_fraction > 0:
-        logger.warning("only %d pairs: none fell into the hold-out; validation IoU is measured on the training pairs", len(train))
+        logger.warning(
+            "only %d pairs: none fell into the hold-out; validation IoU is measured on the training pairs", len(train)
+        )
         val = list(train)
     return train, val
 
@@ -132,8 +134,15 @@ class PairBatches:
     (seed, rank) and the batch number, so `load_state_dict` restarts it at any batch without replaying.
     """
 
-    def __init__(self, examples: Sequence[PairExample], word_index: dict[str, int], batch_size: int,
-                 seed: int = 0, rank: int = 0, layout_flip: str = "canonical"):
+    def __init__(
+        self,
+        examples: Sequence[PairExample],
+        word_index: dict[str, int],
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        layout_flip: str = "canonical",
+    ):
         if not examples:
             raise ValueError("no pairs to train on")
         if layout_flip not in LAYOUT_FLIPS:

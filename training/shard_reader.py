@@ -26,9 +26,9 @@ import logging
 import os
 import random
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from encoders.common.shards import ShardSpecError, expand_local_shards, index_file_name
 
@@ -41,7 +41,9 @@ def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across processes and Python versions, unlike hash())."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
-        value = (value * 6364136223846793005 + (int(part) & 0xFFFFFFFFFFFFFFFF) + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
+        value = (
+            value * 6364136223846793005 + (int(part) & 0xFFFFFFFFFFFFFFFF) + 1442695040888963407
+        ) & 0xFFFFFFFFFFFFFFFF
     return value >> 1
 
 
@@ -83,7 +85,7 @@ class ShardSet:
     samples: list[list[tuple[str, Members]]]
 
     @classmethod
-    def open(cls, spec: str | Sequence[str], what: str = "train_shards") -> "ShardSet":
+    def open(cls, spec: str | Sequence[str], what: str = "train_shards") -> ShardSet:
         """Expand a shard spec and index every shard; errors name the spec and the first bad file."""
         urls = expand_local_shards(spec, what)
         kept, samples, bad, empty = [], [], [], []

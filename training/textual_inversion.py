@@ -49,11 +49,16 @@ class SubspaceConfig:
     """BaTex: search the embedding in the span of nearby vocabulary words."""
 
     enabled: bool = keyed_field("learn weights over a textual subspace instead of a free vector (BaTex)", False)
-    distance: Literal["dot", "cosine", "l2"] = keyed_field("vector distance that orders the vocabulary around the initializer", "dot")
-    dim: int = keyed_field("subspace dimension d1: basis = top-M words for the smallest M with rank >= d1 (paper: 576 of 768)", 576)
+    distance: Literal["dot", "cosine", "l2"] = keyed_field(
+        "vector distance that orders the vocabulary around the initializer", "dot"
+    )
+    dim: int = keyed_field(
+        "subspace dimension d1: basis = top-M words for the smallest M with rank >= d1 (paper: 576 of 768)", 576
+    )
     dim_2: int = keyed_field(
         "SDXL: d1 of the second text encoder's subspace; 0 = the same fraction of its width as dim is of the first's "
-        "(576 of 768 -> 960 of 1280)", 0
+        "(576 of 768 -> 960 of 1280)",
+        0,
     )
 
 
@@ -68,17 +73,22 @@ class InversionAnchorsConfig(AnchorsConfig):
 class TextualInversionConfig(FinetuneConfig):
     """Textual Inversion keys (defaults: the paper's recipe; BaTex and anchors off)."""
 
-    output_dir: str = keyed_field("run folder: learned_embeds.safetensors, concept.json, checkpoints, logs", "outputs/textual_inversion")
+    output_dir: str = keyed_field(
+        "run folder: learned_embeds.safetensors, concept.json, checkpoints, logs", "outputs/textual_inversion"
+    )
     max_steps: int = keyed_field("optimizer steps (paper: 5000 for Textual Inversion, 500 for BaTex)", 5000)
     train_batch_size: int = keyed_field("photos per device per step", 4)
     learning_rate: float = keyed_field("base learning rate (paper: 0.005, scaled by the batch size)", 5e-3)
     scale_lr: bool = keyed_field("multiply learning_rate by batch x accumulation x processes (the paper does)", True)
     adam_weight_decay: float = keyed_field(
         "AdamW weight decay on the embedding (BaTex: on the weights); 1e-2 as diffusers' textual_inversion.py and "
-        "BaTex's official regression.sh", 1e-2
+        "BaTex's official regression.sh",
+        1e-2,
     )
     checkpointing_steps: int = keyed_field("save checkpoint-N/ every N steps (0: only at the end)", 500)
-    append_class_word: bool = keyed_field("caption with 'S* <class_word>' instead of 'S*' (compositional-inversion style)", False)
+    append_class_word: bool = keyed_field(
+        "caption with 'S* <class_word>' instead of 'S*' (compositional-inversion style)", False
+    )
     subspace: SubspaceConfig = field(default_factory=SubspaceConfig)
     anchors: InversionAnchorsConfig = field(default_factory=InversionAnchorsConfig)
 
@@ -95,7 +105,9 @@ class TextualInversionConfig(FinetuneConfig):
         if self.subspace.dim < 1:
             raise ConfigError(f"subspace.dim must be positive, got {self.subspace.dim}")
         if self.subspace.dim_2 < 0:
-            raise ConfigError(f"subspace.dim_2 must be 0 (the same fraction as dim) or positive, got {self.subspace.dim_2}")
+            raise ConfigError(
+                f"subspace.dim_2 must be 0 (the same fraction as dim) or positive, got {self.subspace.dim_2}"
+            )
 
 
 class LearnedEmbedding(ModelMixin, ConfigMixin):
@@ -131,16 +143,24 @@ class TextualInversionTask(ConceptFinetuneTask):
         config, sd = self.config, self.sd
         for name, tokenizer in zip(("tokenizer", "tokenizer_2"), sd.tokenizers):
             if config.placeholder_token in tokenizer.get_vocab():
-                raise ConfigError(f"placeholder_token {config.placeholder_token!r} is already a word of the {name}; "
-                                  "pick a new one (e.g. S*)")
+                raise ConfigError(
+                    f"placeholder_token {config.placeholder_token!r} is already a word of the {name}; "
+                    "pick a new one (e.g. S*)"
+                )
             if len(tokenizer(config.initializer_token, add_special_tokens=False).input_ids) != 1:
-                raise ConfigError(f"initializer_token {config.initializer_token!r} is several tokens for the {name}; "
-                                  "use a word that is one token")
+                raise ConfigError(
+                    f"initializer_token {config.initializer_token!r} is several tokens for the {name}; "
+                    "use a word that is one token"
+                )
         first_width = sd.text_encoder.get_input_embeddings().embedding_dim
         words = []
         for tokenizer, text_encoder in zip(sd.tokenizers, sd.text_encoders):
             width = text_encoder.get_input_embeddings().embedding_dim
-            dim = config.subspace.dim if not words else config.subspace.dim_2 or round(config.subspace.dim * width / first_width)
+            dim = (
+                config.subspace.dim
+                if not words
+                else config.subspace.dim_2 or round(config.subspace.dim * width / first_width)
+            )
             words.append(self._make_word(tokenizer, text_encoder, dim))
         self.word, self.word_2 = words[0], (words[1] if sd.is_sdxl else None)
         self.initializer_id = sd.tokenizer(config.initializer_token, add_special_tokens=False).input_ids[0]
@@ -161,8 +181,12 @@ class TextualInversionTask(ConceptFinetuneTask):
             return word
         special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
         word = TextualSubspace.from_vocabulary(
-            vocab, init_id, subspace_dim=subspace_dim, distance=config.subspace.distance,
-            exclude_ids=[i for i in special if i is not None], initializer_token=config.initializer_token,
+            vocab,
+            init_id,
+            subspace_dim=subspace_dim,
+            distance=config.subspace.distance,
+            exclude_ids=[i for i in special if i is not None],
+            initializer_token=config.initializer_token,
         ).to(self.device)
         self.accelerator.print(
             f"[{self.name}] BaTex subspace: {word.config.num_basis} words, rank {word.rank} of {vocab.shape[1]} "
@@ -207,8 +231,14 @@ class TextualInversionTask(ConceptFinetuneTask):
         pipe = self.pipeline()
         cond, added = self.encode_prompts(models, prompts)
         uncond, uncond_added = self.sd.encode_text([""] * len(prompts), self.config.data.resolution)
-        pooled = {} if added is None else {"pooled_prompt_embeds": added["text_embeds"],
-                                           "negative_pooled_prompt_embeds": uncond_added["text_embeds"]}
+        pooled = (
+            {}
+            if added is None
+            else {
+                "pooled_prompt_embeds": added["text_embeds"],
+                "negative_pooled_prompt_embeds": uncond_added["text_embeds"],
+            }
+        )
         return pipe(
             prompt_embeds=cond,
             negative_prompt_embeds=uncond,
@@ -227,7 +257,10 @@ class TextualInversionTask(ConceptFinetuneTask):
         word = models["learned_word"]
         vector = word().detach().float().cpu()[None]
         if "learned_word_2" in models:  # SDXL: the layout its pipelines' load_textual_inversion reads per encoder
-            tensors = {"clip_l": vector.contiguous(), "clip_g": models["learned_word_2"]().detach().float().cpu()[None].contiguous()}
+            tensors = {
+                "clip_l": vector.contiguous(),
+                "clip_g": models["learned_word_2"]().detach().float().cpu()[None].contiguous(),
+            }
         else:
             tensors = {self.config.placeholder_token: vector.contiguous()}
         atomic_write(export_dir / EMBEDDINGS_FILE, lambda tmp: save_file(tensors, str(tmp)))
@@ -240,8 +273,9 @@ class TextualInversionTask(ConceptFinetuneTask):
                 written.append(export_model(models["learned_word_2"], export_dir, f"{SUBSPACE_FOLDER}_2"))
                 files["subspace_2"] = f"{SUBSPACE_FOLDER}_2"
         method = "batex" if self.config.subspace.enabled else "textual_inversion"
-        written.append(self.write_concept_file(export_dir, method, files,
-                                               semantic_inversion=bool(self.config.anchors.enabled)))
+        written.append(
+            self.write_concept_file(export_dir, method, files, semantic_inversion=bool(self.config.anchors.enabled))
+        )
         return written
 
     def model_card_notes(self) -> str:
@@ -249,24 +283,33 @@ class TextualInversionTask(ConceptFinetuneTask):
         kind = "BaTex (textual subspace)" if c.subspace.enabled else "Textual Inversion"
         extra = ""
         if c.subspace.enabled:
-            extra += (f"The embedding is a weighted sum of {self.word.config.num_basis} vocabulary words nearest to "
-                      f"`{c.initializer_token}` ({c.subspace.distance}; rank rule d1={c.subspace.dim}), kept in `subspace/`.\n")
+            extra += (
+                f"The embedding is a weighted sum of {self.word.config.num_basis} vocabulary words nearest to "
+                f"`{c.initializer_token}` ({c.subspace.distance}; rank rule d1={c.subspace.dim}), kept in "
+                "`subspace/`.\n"
+            )
         if c.anchors.enabled:
-            extra += f"Semantic anchors ({c.anchors.vocabulary}, at most {c.anchors.max_active} active, lambda {c.anchors.weight}).\n"
+            extra += (
+                f"Semantic anchors ({c.anchors.vocabulary}, at most {c.anchors.max_active} active, "
+                f"lambda {c.anchors.weight}).\n"
+            )
         if getattr(getattr(self, "sd", None), "is_sdxl", False):
             t = c.placeholder_token
             return (
                 f"# {kind} embedding `{t}` for SDXL\n\n"
-                f"One vector per text encoder for the concept in `{c.concept_dir}` (initializer `{c.initializer_token}`): "
+                f"One vector per text encoder for the concept in `{c.concept_dir}` (initializer "
+                f"`{c.initializer_token}`): "
                 f"`clip_l` for `text_encoder`, `clip_g` for `text_encoder_2` in {EMBEDDINGS_FILE}.\n\n"
                 "```python\n"
                 "from diffusers import StableDiffusionXLPipeline\n"
                 "from safetensors.torch import load_file\n\n"
-                f"pipe = StableDiffusionXLPipeline.from_pretrained(\"{c.pretrained_model_name_or_path}\")\n"
-                f"state = load_file(\"{EMBEDDINGS_FILE}\")\n"
-                f"pipe.load_textual_inversion(state[\"clip_l\"], token=\"{t}\", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)\n"
-                f"pipe.load_textual_inversion(state[\"clip_g\"], token=\"{t}\", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)\n"
-                f"image = pipe(\"a photo of {t} on the beach\").images[0]\n"
+                f'pipe = StableDiffusionXLPipeline.from_pretrained("{c.pretrained_model_name_or_path}")\n'
+                f'state = load_file("{EMBEDDINGS_FILE}")\n'
+                f'pipe.load_textual_inversion(state["clip_l"], token="{t}", text_encoder=pipe.text_encoder, '
+                "tokenizer=pipe.tokenizer)\n"
+                f'pipe.load_textual_inversion(state["clip_g"], token="{t}", text_encoder=pipe.text_encoder_2, '
+                "tokenizer=pipe.tokenizer_2)\n"
+                f'image = pipe("a photo of {t} on the beach").images[0]\n'
                 "```\n"
             )
         return (
@@ -274,9 +317,9 @@ class TextualInversionTask(ConceptFinetuneTask):
             f"One word embedding for the concept in `{c.concept_dir}` (initializer `{c.initializer_token}`).\n{extra}\n"
             "```python\n"
             "from diffusers import StableDiffusionPipeline\n\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained(\"{c.pretrained_model_name_or_path}\")\n"
-            f"pipe.load_textual_inversion(\"PATH_OR_REPO\", token=\"{c.placeholder_token}\")  # {EMBEDDINGS_FILE}\n"
-            f"image = pipe(\"a photo of {c.placeholder_token} on the beach\").images[0]\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{c.pretrained_model_name_or_path}")\n'
+            f'pipe.load_textual_inversion("PATH_OR_REPO", token="{c.placeholder_token}")  # {EMBEDDINGS_FILE}\n'
+            f'image = pipe("a photo of {c.placeholder_token} on the beach").images[0]\n'
             "```\n"
         )
 
@@ -286,7 +329,8 @@ def main(argv: list[str] | None = None) -> Path:
         TextualInversionConfig,
         argv,
         prog="accelerate launch -m training.textual_inversion",
-        description="Learn a word embedding for a concept from 3-5 photos (Textual Inversion, BaTex, semantic anchors).",
+        description="Learn a word embedding for a concept from 3-5 photos (Textual Inversion, BaTex, semantic "
+        "anchors).",
     )
     return run_from_command_line(TextualInversionTask(config))
 

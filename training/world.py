@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,18 +38,45 @@ from encoders.common.files import atomic_directory, atomic_write
 from .common_config import TrainConfig
 from .loop import TrainingTask, run_from_command_line
 
-
-WORLD_TEXT_KWARGS = dict(hidden_size=48, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-                         vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407, projection_dim=48)
-WORLD_VISION_KWARGS = dict(hidden_size=48, intermediate_size=192, num_hidden_layers=24, num_attention_heads=4,
-                           image_size=64, patch_size=8, projection_dim=48)
-WORLD_VAE_KWARGS = dict(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=16, sample_size=64)
-WORLD_UNET_KWARGS = dict(sample_size=16, layers_per_block=1, block_out_channels=(32, 64, 128),
-                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                         cross_attention_dim=48, attention_head_dim=8, norm_num_groups=32)
+WORLD_TEXT_KWARGS = dict(
+    hidden_size=48,
+    intermediate_size=192,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    projection_dim=48,
+)
+WORLD_VISION_KWARGS = dict(
+    hidden_size=48,
+    intermediate_size=192,
+    num_hidden_layers=24,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=8,
+    projection_dim=48,
+)
+WORLD_VAE_KWARGS = dict(
+    block_out_channels=(16, 32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=64,
+)
+WORLD_UNET_KWARGS = dict(
+    sample_size=16,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 128),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=48,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
 
 
 @dataclass
@@ -57,21 +84,27 @@ class WorldConfig(TrainConfig):
     """One stage of the world's base-model recipe (see the module docstring)."""
 
     stage: Literal["clip", "vae", "unet", "classifier"] = keyed_field(
-        "which model to train: clip, vae, unet, or classifier (the world's attribute classifier for evaluation)", "unet")
+        "which model to train: clip, vae, unet, or classifier (the world's attribute classifier for evaluation)", "unet"
+    )
     world_seed: int = keyed_field("seed of the rendered world (data_prep.world)", 0)
     pool_size: int = keyed_field("scenes rendered once and drawn from at random", 20000)
     empty_caption_prob: float = keyed_field("unet: fraction of empty captions (for classifier-free guidance)", 0.1)
     kl_weight: float = keyed_field("vae: weight of the KL term (SD's VAE: 1e-6)", 1e-6)
     shape_groups: int = keyed_field(
-        "clip: each batch holds groups of this many scenes that differ only in shape (same colour, pattern, background, "
-        "drawn fresh), so the contrastive loss must tell shapes apart; 0: random pool batches only", 0)
-    clip_path: Optional[str] = keyed_field("unet/vae: the clip stage's export (default <export_dir>/clip)", None)
-    vae_path: Optional[str] = keyed_field("unet: the vae stage's export (default <export_dir>/vae)", None)
+        "clip: each batch holds groups of this many scenes that differ only in shape (same colour, pattern, "
+        "background, "
+        "drawn fresh), so the contrastive loss must tell shapes apart; 0: random pool batches only",
+        0,
+    )
+    clip_path: str | None = keyed_field("unet/vae: the clip stage's export (default <export_dir>/clip)", None)
+    vae_path: str | None = keyed_field("unet: the vae stage's export (default <export_dir>/vae)", None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.pool_size < self.train_batch_size:
-            raise ConfigError(f"pool_size ({self.pool_size}) must be at least train_batch_size ({self.train_batch_size})")
+            raise ConfigError(
+                f"pool_size ({self.pool_size}) must be at least train_batch_size ({self.train_batch_size})"
+            )
         if not 0 <= self.empty_caption_prob < 1:
             raise ConfigError(f"empty_caption_prob must be in [0, 1), got {self.empty_caption_prob}")
 
@@ -101,8 +134,9 @@ def render_pool(seed: int, count: int, cache_dir: Path | None = None, split: str
         captions.append(scene.caption)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache, lambda tmp: np.savez(open(tmp, "wb"), images=images, captions=np.array(captions),
-                                                 labels=labels))
+        atomic_write(
+            cache, lambda tmp: np.savez(open(tmp, "wb"), images=images, captions=np.array(captions), labels=labels)
+        )
     return {"images": images, "captions": captions, "labels": labels}
 
 
@@ -152,8 +186,13 @@ class WorldTask(TrainingTask):
         if cfg.stage == "clip":
             from transformers import CLIPConfig, CLIPModel
 
-            self.model = CLIPModel(CLIPConfig(text_config=WORLD_TEXT_KWARGS, vision_config=WORLD_VISION_KWARGS,
-                                              projection_dim=WORLD_TEXT_KWARGS["projection_dim"]))
+            self.model = CLIPModel(
+                CLIPConfig(
+                    text_config=WORLD_TEXT_KWARGS,
+                    vision_config=WORLD_VISION_KWARGS,
+                    projection_dim=WORLD_TEXT_KWARGS["projection_dim"],
+                )
+            )
         elif cfg.stage == "vae":
             from diffusers import AutoencoderKL
 
@@ -167,7 +206,9 @@ class WorldTask(TrainingTask):
             clip_dir, vae_dir = cfg.export_path("clip", cfg.clip_path), cfg.export_path("vae", cfg.vae_path)
             for what, folder in (("clip", clip_dir), ("vae", vae_dir)):
                 if not (folder / "config.json").is_file():
-                    raise ConfigError(f"the unet stage needs the {what} stage's export in {folder} (run stage={what} first)")
+                    raise ConfigError(
+                        f"the unet stage needs the {what} stage's export in {folder} (run stage={what} first)"
+                    )
             self.text_encoder = CLIPTextModel.from_pretrained(clip_dir).to(self.device).eval().requires_grad_(False)
             self.vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
             self.latents = self._encode_pool()
@@ -176,8 +217,13 @@ class WorldTask(TrainingTask):
 
             from encoders.tiny import SCHEDULER_KWARGS
 
-            self.noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_KWARGS.items()
-                                                    if k not in ("skip_prk_steps", "set_alpha_to_one", "steps_offset")})
+            self.noise_scheduler = DDPMScheduler(
+                **{
+                    k: v
+                    for k, v in SCHEDULER_KWARGS.items()
+                    if k not in ("skip_prk_steps", "set_alpha_to_one", "steps_offset")
+                }
+            )
             self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
     def _encode_pool(self) -> dict:
@@ -189,7 +235,7 @@ class WorldTask(TrainingTask):
         means, stds = [], []
         with torch.no_grad():
             for start in range(0, len(self.pool["images"]), 256):
-                dist = self.vae.encode(images_to_tensor(self.pool["images"][start:start + 256])).latent_dist
+                dist = self.vae.encode(images_to_tensor(self.pool["images"][start : start + 256])).latent_dist
                 means.append(dist.mean.half())
                 stds.append(dist.std.half())
         out = {"mean": torch.cat(means), "std": torch.cat(stds)}
@@ -204,8 +250,9 @@ class WorldTask(TrainingTask):
         return PoolBatches(cfg.pool_size, cfg.train_batch_size, cfg.seed + 1, self.rank, self._batch)
 
     def _tokens(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                              return_tensors="pt").input_ids
+        return self.tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
 
     def _batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict:
         cfg = self.config
@@ -213,8 +260,11 @@ class WorldTask(TrainingTask):
         if cfg.stage == "unet":
             captions = ["" if rng.random() < cfg.empty_caption_prob else c for c in captions]
             index = torch.from_numpy(indices)
-            return {"mean": self.latents["mean"][index].float(), "std": self.latents["std"][index].float(),
-                    "input_ids": self._tokens(captions)}
+            return {
+                "mean": self.latents["mean"][index].float(),
+                "std": self.latents["std"][index].float(),
+                "input_ids": self._tokens(captions),
+            }
         images = self.pool["images"][indices]
         if cfg.stage == "clip" and cfg.shape_groups > 1:
             images, captions = self._shape_groups(len(indices), rng)
@@ -282,11 +332,16 @@ class WorldTask(TrainingTask):
 
     def _unet_loss(self, unet, batch, generator):
         mean, std = batch["mean"], batch["std"]
-        latents = (mean + std * torch.randn(mean.shape, generator=generator, device=mean.device))
+        latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
         latents = latents * self.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=latents.device)
+        steps = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (latents.shape[0],),
+            generator=generator,
+            device=latents.device,
+        )
         alpha = self.alphas_cumprod[steps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         with torch.no_grad():
@@ -331,9 +386,16 @@ class WorldTask(TrainingTask):
         from encoders.tokenizer import save_clip_tokenizer
 
         cfg = self.config
-        pipe = StableDiffusionPipeline(unet=unet, vae=self.vae, text_encoder=self.text_encoder.cpu(),
-                                       tokenizer=self.tokenizer, scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            unet=unet,
+            vae=self.vae,
+            text_encoder=self.text_encoder.cpu(),
+            tokenizer=self.tokenizer,
+            scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         with atomic_directory(export_dir / "sd") as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             save_clip_tokenizer(Path(tmp) / "tokenizer")
@@ -345,9 +407,11 @@ class WorldTask(TrainingTask):
 
     def model_card_notes(self) -> str:
         cfg = self.config
-        return (f"The miniature world's {cfg.stage} stage (`python -m training.world stage={cfg.stage}`), trained "
-                f"from scratch for {cfg.max_steps} steps at batch {cfg.train_batch_size} on {cfg.pool_size} rendered "
-                f"scenes (world seed {cfg.world_seed}).")
+        return (
+            f"The miniature world's {cfg.stage} stage (`python -m training.world stage={cfg.stage}`), trained "
+            f"from scratch for {cfg.max_steps} steps at batch {cfg.train_batch_size} on {cfg.pool_size} rendered "
+            f"scenes (world seed {cfg.world_seed})."
+        )
 
 
 def build_world_classifier():
@@ -356,10 +420,16 @@ def build_world_classifier():
 
     from data_prep.world import ATTRIBUTE_LABELS
 
-    config = ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128, 128], depths=[1, 1, 1, 1], layer_type="basic",
-                          num_labels=len(ATTRIBUTE_LABELS), problem_type="multi_label_classification",
-                          id2label=dict(enumerate(ATTRIBUTE_LABELS)),
-                          label2id={name: i for i, name in enumerate(ATTRIBUTE_LABELS)})
+    config = ResNetConfig(
+        embedding_size=32,
+        hidden_sizes=[32, 64, 128, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        num_labels=len(ATTRIBUTE_LABELS),
+        problem_type="multi_label_classification",
+        id2label=dict(enumerate(ATTRIBUTE_LABELS)),
+        label2id={name: i for i, name in enumerate(ATTRIBUTE_LABELS)},
+    )
     return ResNetForImageClassification(config)
 
 
@@ -374,13 +444,21 @@ def world_image_processor():
     """The CLIP image processor at the world's 64 px (CLIP's mean and std)."""
     from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
-                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return CLIPImageProcessor(
+        size={"shortest_edge": 64},
+        crop_size={"height": 64, "width": 64},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config_cli(WorldConfig, argv, prog="python -m training.world",
-                              description="Train one stage of the miniature world's base models from scratch.")
+    config = parse_config_cli(
+        WorldConfig,
+        argv,
+        prog="python -m training.world",
+        description="Train one stage of the miniature world's base models from scratch.",
+    )
     run_from_command_line(WorldTask(config))
 
 

@@ -80,7 +80,11 @@ def run_summary(models: Path, logs: Path | None, stage: str) -> dict:
 
 def card(hashes: dict[str, str], runs: dict[str, dict], metrics: dict | None, commit: str, notes: str = "") -> str:
     lines = [
-        "---", "license: apache-2.0", "tags: [miniature-world, stable-diffusion, clip, from-scratch]", "---", "",
+        "---",
+        "license: apache-2.0",
+        "tags: [miniature-world, stable-diffusion, clip, from-scratch]",
+        "---",
+        "",
         "# The miniature world's base models",
         "",
         "Trained from scratch on this repository's procedural object world (`python -m data_prep world`: 8 shapes x 8 "
@@ -88,7 +92,8 @@ def card(hashes: dict[str, str], runs: dict[str, dict], metrics: dict | None, co
         "`python -m encoders.world --out DIR` writes them as real model folders (`sd/` a `StableDiffusionPipeline`, "
         "`image_encoder/` a `CLIPVisionModel`, `clip/`, `classifier/`), in fp32.",
         "",
-        "| part | what | architecture |", "|---|---|---|",
+        "| part | what | architecture |",
+        "|---|---|---|",
         "| `clip` | CLIP text + vision towers, contrastive; the text tower is the pipeline's text encoder, the vision "
         "tower ELITE's image encoder | `CLIPModel`: text 3 x 48, vision 24 x 48 on 8 px patches at 64 px |",
         "| `vae` | KL autoencoder, factor 4 (64 px -> 16 x 16 x 4) | `AutoencoderKL` (16, 32, 64) |",
@@ -98,34 +103,57 @@ def card(hashes: dict[str, str], runs: dict[str, dict], metrics: dict | None, co
         "",
         "## How they were made",
         "",
-        f"Commit `{commit}`, on a 2-core CPU VM (one or two threads per stage, stages sharing the cores). Each stage: `python -m training.world --config "
+        f"Commit `{commit}`, on a 2-core CPU VM (one or two threads per stage, stages sharing the cores). Each "
+        "stage: `python -m training.world --config "
         "configs/world/<stage>.yaml` (`make world` runs them in order).",
         "",
-        "| stage | steps | batch | learning rate | world seed | pool | wall time |", "|---|---|---|---|---|---|---|",
+        "| stage | steps | batch | learning rate | world seed | pool | wall time |",
+        "|---|---|---|---|---|---|---|",
     ]
     for stage, summary in runs.items():
         c = summary["config"]
         wall = summary["wall_seconds"]
-        lines.append(f"| {stage} | {c.get('max_steps')} | {c.get('train_batch_size')} | {c.get('learning_rate')} "
-                     f"({c.get('lr_scheduler')}) | {c.get('world_seed')} | {c.get('pool_size')} | "
-                     f"{'?' if wall is None else f'{wall / 60:.0f} min'} |")
+        lines.append(
+            f"| {stage} | {c.get('max_steps')} | {c.get('train_batch_size')} | {c.get('learning_rate')} "
+            f"({c.get('lr_scheduler')}) | {c.get('world_seed')} | {c.get('pool_size')} | "
+            f"{'?' if wall is None else f'{wall / 60:.0f} min'} |"
+        )
     if notes:
         lines += ["", notes]
     if metrics:
         groups = ("background", "colour", "shape", "pattern")
-        lines += ["", "## Quality (`benchmarks/bench_world.py`, held-out triples)", "",
-                  "| measure | background | colour | shape | pattern |", "|---|---|---|---|---|"]
-        for key, name in (("chance", "chance"), ("clip_zero_shot", "CLIP zero-shot"),
-                          ("classifier_on_renders", "classifier on real renders"),
-                          ("generation", "generated images (classifier)"),
-                          ("generation_empty_prompt", "generated from the empty prompt")):
+        lines += [
+            "",
+            "## Quality (`benchmarks/bench_world.py`, held-out triples)",
+            "",
+            "| measure | background | colour | shape | pattern |",
+            "|---|---|---|---|---|",
+        ]
+        for key, name in (
+            ("chance", "chance"),
+            ("clip_zero_shot", "CLIP zero-shot"),
+            ("classifier_on_renders", "classifier on real renders"),
+            ("generation", "generated images (classifier)"),
+            ("generation_empty_prompt", "generated from the empty prompt"),
+        ):
             if key in metrics:
                 lines.append(f"| {name} | " + " | ".join(f"{100 * metrics[key][g]:.0f} %" for g in groups) + " |")
         vae = metrics.get("vae", {})
         if vae:
-            lines += ["", f"VAE: {vae['psnr_db']:.1f} dB PSNR, object colour error {vae['object_colour_error_8bit']:.1f} / 255."]
-    lines += ["", "Rows of the text embedding table for tokens no world caption uses are stored as zeros (they never "
-              "received a gradient).", "", "## Files", "", "| file | sha256 |", "|---|---|"]
+            lines += [
+                "",
+                f"VAE: {vae['psnr_db']:.1f} dB PSNR, object colour error {vae['object_colour_error_8bit']:.1f} / 255.",
+            ]
+    lines += [
+        "",
+        "Rows of the text embedding table for tokens no world caption uses are stored as zeros (they never "
+        "received a gradient).",
+        "",
+        "## Files",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+    ]
     lines += [f"| `{name}` | `{digest}` |" for name, digest in sorted(hashes.items())]
     return "\n".join(lines) + "\n"
 
@@ -134,7 +162,9 @@ def ship(models: Path, logs: Path | None, out: Path, metrics_path: Path | None, 
     from safetensors.torch import save_file
 
     parts = collect(models)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "?"
+    commit = (
+        subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "?"
+    )
     metrics = json.loads(metrics_path.read_text()) if metrics_path and metrics_path.is_file() else None
     summaries = {stage: run_summary(models, logs, stage) for stage in ("clip", "vae", "unet", "classifier")}
     with atomic_directory(out) as tmp:
@@ -146,8 +176,9 @@ def ship(models: Path, logs: Path | None, out: Path, metrics_path: Path | None, 
             for name in (f"{part}.safetensors", f"{part}.json"):
                 hashes[name] = sha256_file(tmp / name)
         (tmp / "README.md").write_text(card(hashes, summaries, metrics, commit, notes))
-        (tmp / "runs.json").write_text(json.dumps({"shipped": datetime.date.today().isoformat(), **summaries},
-                                                  indent=1, default=str) + "\n")
+        (tmp / "runs.json").write_text(
+            json.dumps({"shipped": datetime.date.today().isoformat(), **summaries}, indent=1, default=str) + "\n"
+        )
     return out
 
 

@@ -32,11 +32,14 @@ def load_coco_json(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SourceError(f"COCO annotations {path} are not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise SourceError(f"COCO annotations {path} hold a {type(data).__name__}, not an object with images/annotations/categories")
+        raise SourceError(
+            f"COCO annotations {path} hold a {type(data).__name__}, not an object with images/annotations/categories"
+        )
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     if missing:
         raise SourceError(
-            f"COCO annotations {path} have no {', '.join(missing)} list(s) (found keys: {', '.join(sorted(data)) or 'none'}); "
+            f"COCO annotations {path} have no {', '.join(missing)} list(s) (found keys: "
+            f"{', '.join(sorted(data)) or 'none'}); "
             "expected a COCO instances file such as instances_val2017.json"
         )
     return data
@@ -50,13 +53,17 @@ def _mask_kind(segmentation) -> str | None:
     return None
 
 
-def read_coco(annotations: str | Path, images_dir: str | Path, settings: CropSettings, log_first: int = 5) -> tuple[list[ObjectRecord], SourceReport]:
+def read_coco(
+    annotations: str | Path, images_dir: str | Path, settings: CropSettings, log_first: int = 5
+) -> tuple[list[ObjectRecord], SourceReport]:
     """Records of the usable objects, sorted by image then annotation id, and what was dropped."""
     annotations, images_dir = Path(annotations), Path(images_dir)
     if not images_dir.is_dir():
         raise SourceError(f"COCO image folder {images_dir} does not exist")
     data = load_coco_json(annotations)
-    report = SourceReport("coco", files={"annotations": str(annotations), "images": str(images_dir)}, log_first=log_first)
+    report = SourceReport(
+        "coco", files={"annotations": str(annotations), "images": str(images_dir)}, log_first=log_first
+    )
     where = annotations.name
     images_root = images_dir.resolve()
 
@@ -116,7 +123,9 @@ def read_coco(annotations: str | Path, images_dir: str | Path, settings: CropSet
         file_name, width, height = images[image_id]
         image_path = images_dir / file_name
         if not settings.allow_outside_images and not path_inside(image_path, images_root):
-            report.skip("path_outside_images", f"{where}: image {image_id} file_name {file_name!r} leads out of {images_dir}")
+            report.skip(
+                "path_outside_images", f"{where}: image {image_id} file_name {file_name!r} leads out of {images_dir}"
+            )
             continue
         box = xywh_to_xyxy((x, y, w, h))
         if is_degenerate(box):

@@ -11,7 +11,8 @@ Images are looked up by ImageID anywhere under `--images` (`train/`, `validation
 of .jpg/.jpeg/.png), masks by MaskPath anywhere under `--masks` (the official zips unpack into
 `train-masks-0/` ... folders). An ImageID or MaskPath that would lead out of its folder
 (`../x`, an absolute path, a link pointing elsewhere) is skipped as `path_outside_images` /
-`path_outside_masks` (`allow_outside_images=true` allows images out of the folder). Malformed rows (wrong column count, unparsable numbers) and
+`path_outside_masks` (`allow_outside_images=true` allows images out of the folder). Malformed rows (wrong column
+count, unparsable numbers) and
 duplicate annotations are counted and skipped; a CSV that lacks the columns its kind needs stops
 the job with an error naming the file.
 """
@@ -22,8 +23,8 @@ import csv
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..crops import is_degenerate
 from ..records import CropSettings, ObjectRecord, safe_key_part
@@ -31,8 +32,13 @@ from . import SourceError, SourceReport, path_inside
 
 BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 SEGMENTATION_COLUMNS = ("MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")
-FLAG_COLUMNS = {"IsOccluded": "is_occluded", "IsTruncated": "is_truncated", "IsGroupOf": "is_group_of",
-                "IsDepiction": "is_depiction", "IsInside": "is_inside"}
+FLAG_COLUMNS = {
+    "IsOccluded": "is_occluded",
+    "IsTruncated": "is_truncated",
+    "IsGroupOf": "is_group_of",
+    "IsDepiction": "is_depiction",
+    "IsInside": "is_inside",
+}
 logger = logging.getLogger("data_prep")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -135,7 +141,9 @@ def read_rotations(path: str | Path, report: SourceReport) -> dict[str, int]:
     return rotations
 
 
-def index_files(root: Path, extensions: tuple[str, ...] | None, by_stem: bool, report: SourceReport, what: str) -> dict[str, str]:
+def index_files(
+    root: Path, extensions: tuple[str, ...] | None, by_stem: bool, report: SourceReport, what: str
+) -> dict[str, str]:
     """Name (or stem) -> path of every file under `root`, first in sorted order on a clash."""
     index: dict[str, str] = {}
     clashes = 0
@@ -177,14 +185,22 @@ def read_openimages(
         raise SourceError(f"OpenImages mask folder {masks_dir} does not exist (needed with --segmentations)")
     report = SourceReport(
         "openimages",
-        files={"boxes": ",".join(map(str, boxes)), "segmentations": ",".join(map(str, segmentations)),
-               "masks": str(masks_dir or ""), "images": str(images_dir), "classes": str(classes),
-               "image_info": ",".join(map(str, image_info or []))},
+        files={
+            "boxes": ",".join(map(str, boxes)),
+            "segmentations": ",".join(map(str, segmentations)),
+            "masks": str(masks_dir or ""),
+            "images": str(images_dir),
+            "classes": str(classes),
+            "image_info": ",".join(map(str, image_info or [])),
+        },
         log_first=log_first,
     )
     # Validate every file's header before reading any of them in full.
-    for paths, required, kind in ((boxes, BOX_COLUMNS, "box"), (segmentations, SEGMENTATION_COLUMNS, "segmentation"),
-                                  (image_info or [], ("ImageID", "Rotation"), "image info")):
+    for paths, required, kind in (
+        (boxes, BOX_COLUMNS, "box"),
+        (segmentations, SEGMENTATION_COLUMNS, "segmentation"),
+        (image_info or [], ("ImageID", "Rotation"), "image info"),
+    ):
         for p in paths:
             next(_rows(Path(p), required, kind, SourceReport("check", log_first=0)), None)
     names = read_class_names(classes, report)
@@ -209,10 +225,12 @@ def read_openimages(
         if wanted and name.lower() not in wanted and label.lower() not in wanted:
             report.skip("category_not_selected", f"{where}: {name}")
             return False
-        for flag, include, reason in (("is_group_of", settings.include_group_of, "group_of"),
-                                      ("is_depiction", settings.include_depiction, "depiction"),
-                                      ("is_occluded", settings.include_occluded, "occluded"),
-                                      ("is_truncated", settings.include_truncated, "truncated")):
+        for flag, include, reason in (
+            ("is_group_of", settings.include_group_of, "group_of"),
+            ("is_depiction", settings.include_depiction, "depiction"),
+            ("is_occluded", settings.include_occluded, "occluded"),
+            ("is_truncated", settings.include_truncated, "truncated"),
+        ):
             if flags.get(flag) == 1 and not include:
                 report.skip(reason, f"{where}: {name}")
                 return False
@@ -226,13 +244,33 @@ def read_openimages(
             return None
         return path
 
-    def record(key: str, path: str, image_id: str, label: str, box: tuple[float, ...], kind: str, mask, flags: dict,
-               annotation_id: str) -> ObjectRecord:
+    def record(
+        key: str,
+        path: str,
+        image_id: str,
+        label: str,
+        box: tuple[float, ...],
+        kind: str,
+        mask,
+        flags: dict,
+        annotation_id: str,
+    ) -> ObjectRecord:
         return ObjectRecord(
-            key=key, source="openimages", image_path=path, image_file=os.path.relpath(path, images_dir),
-            image_id=image_id, annotation_id=annotation_id, category=names.get(label, label), category_id=label,
-            box=tuple(box), box_normalized=True, mask_kind=kind, mask=mask, declared_size=None,
-            rotation=rotations.get(image_id, 0), flags=flags,
+            key=key,
+            source="openimages",
+            image_path=path,
+            image_file=os.path.relpath(path, images_dir),
+            image_id=image_id,
+            annotation_id=annotation_id,
+            category=names.get(label, label),
+            category_id=label,
+            box=tuple(box),
+            box_normalized=True,
+            mask_kind=kind,
+            mask=mask,
+            declared_size=None,
+            rotation=rotations.get(image_id, 0),
+            flags=flags,
         )
 
     # Mask rows first (2.8M in V6), so that of the box rows (14.6M in V6 train) only those that
@@ -263,7 +301,10 @@ def read_openimages(
             values = _floats(row, ("XMin", "YMin", "XMax", "YMax"))
             image_id, label = row["ImageID"].strip(), row["LabelName"].strip()
             if values is None or not image_id or not label:
-                report.skip("malformed_row", f"{where}: box {row.get('XMin')},{row.get('XMax')},{row.get('YMin')},{row.get('YMax')}")
+                report.skip(
+                    "malformed_row",
+                    f"{where}: box {row.get('XMin')},{row.get('XMax')},{row.get('YMin')},{row.get('YMax')}",
+                )
                 continue
             box_rows += 1
             key = _match_key(image_id, label, values)
@@ -323,12 +364,22 @@ def read_openimages(
             f"(e.g. {unnamed[0]}): is it the class list of this dataset (class-descriptions-boxable.csv)?"
         )
     if unnamed:
-        logger.warning("openimages: %d label(s) have no name in %s; their category is the label id (e.g. %s)",
-                       len(unnamed), classes, ", ".join(unnamed[:3]))
-    report.counts.update({
-        "labels_without_name": len(unnamed),
-        "classes": len(names), "box_rows": box_rows, "mask_rows": len(seen_masks),
-        "images_indexed": len(image_index), "masks_indexed": len(mask_index),
-        "images_with_rotation": sum(1 for v in rotations.values() if v), "records": len(records),
-    })
+        logger.warning(
+            "openimages: %d label(s) have no name in %s; their category is the label id (e.g. %s)",
+            len(unnamed),
+            classes,
+            ", ".join(unnamed[:3]),
+        )
+    report.counts.update(
+        {
+            "labels_without_name": len(unnamed),
+            "classes": len(names),
+            "box_rows": box_rows,
+            "mask_rows": len(seen_masks),
+            "images_indexed": len(image_index),
+            "masks_indexed": len(mask_index),
+            "images_with_rotation": sum(1 for v in rotations.values() if v),
+            "records": len(records),
+        }
+    )
     return records, report

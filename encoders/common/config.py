@@ -114,7 +114,9 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
         for choice in choices:
             if value == choice or (isinstance(value, str) and str(choice) == value):
                 return choice
-        raise ConfigError(f"bad value for {key!r} in {origin}: {value!r}; choose one of {', '.join(map(repr, choices))}")
+        raise ConfigError(
+            f"bad value for {key!r} in {origin}: {value!r}; choose one of {', '.join(map(repr, choices))}"
+        )
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -323,8 +325,10 @@ def write_configs(out_dir: str | os.PathLike, force: bool = False) -> list[Path]
 
 def write_configs_main(argv: list[str] | None = None) -> int:
     """`zsp-configs [--out DIR]`: write the example configs out of an installed package."""
-    parser = argparse.ArgumentParser(prog=program_name("python -m encoders.common.config"),
-                                     description="Copy the installed example configs to DIR/configs/ to edit.")
+    parser = argparse.ArgumentParser(
+        prog=program_name("python -m encoders.common.config"),
+        description="Copy the installed example configs to DIR/configs/ to edit.",
+    )
     parser.add_argument("--out", default=".", help="folder that receives configs/ (default: here)")
     parser.add_argument("--force", action="store_true", help="overwrite files that exist")
     args = parser.parse_args(argv)
@@ -460,8 +464,9 @@ def parse_config_cli(cls: type[T], argv: list[str] | None = None, prog: str | No
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file with keys to set; key=value arguments override it")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config keys to set (--key=value and --key value work too)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config keys to set (--key=value and --key value work too)"
+    )
     args = parser.parse_args(dashed_overrides(list(sys.argv[1:] if argv is None else argv)))
     try:
         return load_config(cls, args.config, args.overrides)

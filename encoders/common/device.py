@@ -10,15 +10,18 @@ from __future__ import annotations
 import torch
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto"/None -> cuda if available, else mps, else cpu; anything else as given."""
+    """ "auto"/None -> cuda if available, else mps, else cpu; anything else as given."""
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -29,7 +32,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """"auto"/None -> fp16 on CUDA, fp32 elsewhere; fp16 on CPU is refused with a clear error."""
+    """ "auto"/None -> fp16 on CUDA, fp32 elsewhere; fp16 on CPU is refused with a clear error."""
     if isinstance(dtype, torch.dtype):
         chosen = dtype
     elif dtype is None or dtype == "auto":
@@ -55,4 +58,3 @@ def dtype_kwargs(dtype: torch.dtype) -> dict:
     except ImportError:
         return {"torch_dtype": dtype}
     return {"dtype": dtype}
-

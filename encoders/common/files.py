@@ -20,9 +20,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 def _umask() -> int:
@@ -39,7 +40,7 @@ DIR_MODE = 0o777 & ~_UMASK
 def _publish_permissions(path: Path) -> None:
     """Give a finished temporary file or folder tree the permissions an ordinary write would have."""
     if path.is_dir():
-        for root, dirs, files in os.walk(path):
+        for root, _dirs, files in os.walk(path):
             os.chmod(root, DIR_MODE)
             for name in files:
                 os.chmod(os.path.join(root, name), FILE_MODE)
@@ -48,11 +49,17 @@ def _publish_permissions(path: Path) -> None:
 
 
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-_DISK_WORDS = ("No space left on device", "StorageFull", "Disk quota exceeded", "Read-only file system", "ReadOnlyFilesystem")
+_DISK_WORDS = (
+    "No space left on device",
+    "StorageFull",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "ReadOnlyFilesystem",
+)
 
 
 def describe_write_error(err: BaseException) -> str | None:
-    """"no space left on device" (or the like) when `err` is a failed write of the disk's making, else None.
+    """ "no space left on device" (or the like) when `err` is a failed write of the disk's making, else None.
 
     Libraries report it in their own words (safetensors: "IoError(Os { code: 28, kind: StorageFull ..."),
     PIL and torch as OSError; all of them are recognised here so every command can say it in one line.
@@ -62,7 +69,9 @@ def describe_write_error(err: BaseException) -> str | None:
     text = str(err)
     for word in _DISK_WORDS:
         if word in text:
-            return {"StorageFull": "No space left on device", "ReadOnlyFilesystem": "Read-only file system"}.get(word, word)
+            return {"StorageFull": "No space left on device", "ReadOnlyFilesystem": "Read-only file system"}.get(
+                word, word
+            )
     cause = err.__cause__ or err.__context__
     return describe_write_error(cause) if cause is not None and cause is not err else None
 
@@ -209,7 +218,9 @@ def folder_lock(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
     except OSError as err:
         if os.path.islink(lock_path):
-            raise OutputPathError(f"lock file {lock_path} is a symbolic link; remove it (it is not used for anything else)") from None
+            raise OutputPathError(
+                f"lock file {lock_path} is a symbolic link; remove it (it is not used for anything else)"
+            ) from None
         raise OutputPathError(f"lock file {lock_path} cannot be opened: {err.strerror or err}") from err
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -220,7 +231,9 @@ def folder_lock(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = handle.read().strip() or "another process"
-            raise FolderLockedError(f"{what} is already running ({holder}); wait for it to finish or use another folder") from None
+            raise FolderLockedError(
+                f"{what} is already running ({holder}); wait for it to finish or use another folder"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .files import atomic_write_json
 from .hub import HubFetchError, local_or_hub
@@ -81,7 +82,9 @@ def fetch_finetune(source: str | os.PathLike, revision: str | None = None) -> Pa
     try:
         return local_or_hub(source, revision)
     except HubFetchError as err:
-        raise FinetuneFolderError(f"{source} is neither a local fine-tune folder nor a Hub repo that can be downloaded: {err}") from err
+        raise FinetuneFolderError(
+            f"{source} is neither a local fine-tune folder nor a Hub repo that can be downloaded: {err}"
+        ) from err
 
 
 def _concepts_library_embedding(folder: Path) -> Path | None:
@@ -97,8 +100,11 @@ def _concepts_library_run(folder: Path) -> FinetuneRun:
     evaluation (it names no concept photos)."""
     embedding = _concepts_library_embedding(folder)
     token_file = folder / "token_identifier.txt"
-    info: dict[str, Any] = {"method": "textual_inversion", "files": {"embeddings": embedding.name},
-                            "layout": "sd-concepts-library"}
+    info: dict[str, Any] = {
+        "method": "textual_inversion",
+        "files": {"embeddings": embedding.name},
+        "layout": "sd-concepts-library",
+    }
     if token_file.is_file():
         info["placeholder_token"] = token_file.read_text(encoding="utf-8").strip()
     return FinetuneRun("textual_inversion", folder, info)
@@ -123,7 +129,9 @@ def read_finetune(folder: str | os.PathLike) -> FinetuneRun:
         raise FinetuneFolderError(f"{info_file} is not valid JSON: {err}") from err
     method = info.get("method") if isinstance(info, dict) else None
     if method not in FINETUNE_METHODS:
-        raise FinetuneFolderError(f"{info_file}: unknown method {method!r} (expected one of {', '.join(FINETUNE_METHODS)})")
+        raise FinetuneFolderError(
+            f"{info_file}: unknown method {method!r} (expected one of {', '.join(FINETUNE_METHODS)})"
+        )
     run = FinetuneRun(method, folder, info)
     if not run.result_path().exists():
         raise FinetuneFolderError(f"{folder}: {run.result_path().name} named in {CONCEPT_FILE} is missing")

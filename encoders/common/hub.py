@@ -53,7 +53,11 @@ def pipeline_class_name(name_or_path: str | os.PathLike) -> str:
         if not local.exists():
             from huggingface_hub import hf_hub_download
 
-            return str(json.loads(Path(hf_hub_download(str(name_or_path), "model_index.json")).read_text()).get("_class_name", ""))
+            return str(
+                json.loads(Path(hf_hub_download(str(name_or_path), "model_index.json")).read_text()).get(
+                    "_class_name", ""
+                )
+            )
     except (OSError, ValueError):
         return ""  # unreadable: the loader says what is wrong
     return ""
@@ -70,5 +74,6 @@ def check_supported_base(name_or_path: str | os.PathLike, allow_sdxl: bool = Fal
         raise UnsupportedBaseError(
             f"base model {name_or_path} is a {name}: this loader takes Stable Diffusion 1.x / 2.x bases only "
             "(a StableDiffusionPipeline); SDXL loads where allow_sdxl=True is passed (ElitePipeline, the command "
-            "line and the trainers do)")
+            "line and the trainers do)"
+        )
     return False

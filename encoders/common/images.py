@@ -42,8 +42,7 @@ def list_photos(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"concept folder {folder} is not a folder")
     photos = sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and is_image_file(p) and not p.stem.endswith(MASK_STEM_SUFFIXES)
+        p for p in folder.iterdir() if p.is_file() and is_image_file(p) and not p.stem.endswith(MASK_STEM_SUFFIXES)
     )
     if not photos:
         raise FileNotFoundError(f"concept folder {folder} holds no photos ({', '.join(IMAGE_SUFFIXES)})")
@@ -75,9 +74,24 @@ def find_mask(photo: str | os.PathLike, mask_dir: str | os.PathLike | None = Non
 
 # Modes PIL converts to 8-bit RGB faithfully, and the short name a conversion is noted by.
 MODE_NAMES = {
-    "L": "grayscale", "1": "grayscale", "LA": "grayscale_alpha", "P": "palette", "PA": "palette",
-    "RGBA": "rgba", "RGBa": "rgba", "RGBX": "rgbx", "CMYK": "cmyk", "YCbCr": "ycbcr", "LAB": "lab", "HSV": "hsv",
-    "I;16": "16bit", "I;16L": "16bit", "I;16B": "16bit", "I;16N": "16bit", "I": "32bit_int", "F": "float",
+    "L": "grayscale",
+    "1": "grayscale",
+    "LA": "grayscale_alpha",
+    "P": "palette",
+    "PA": "palette",
+    "RGBA": "rgba",
+    "RGBa": "rgba",
+    "RGBX": "rgbx",
+    "CMYK": "cmyk",
+    "YCbCr": "ycbcr",
+    "LAB": "lab",
+    "HSV": "hsv",
+    "I;16": "16bit",
+    "I;16L": "16bit",
+    "I;16B": "16bit",
+    "I;16N": "16bit",
+    "I": "32bit_int",
+    "F": "float",
 }
 EXIF_ORIENTATION = 0x0112
 MASK_THRESHOLD = 128  # a mask pixel is object where its brightest channel is >= this (0..255)
@@ -130,8 +144,13 @@ def exif_orientation(image: Image.Image) -> int:
 
 
 _TRANSPOSE = {
-    2: [Image.FLIP_LEFT_RIGHT], 3: [Image.ROTATE_180], 4: [Image.FLIP_TOP_BOTTOM],
-    5: [Image.TRANSPOSE], 6: [Image.ROTATE_270], 7: [Image.TRANSVERSE], 8: [Image.ROTATE_90],
+    2: [Image.FLIP_LEFT_RIGHT],
+    3: [Image.ROTATE_180],
+    4: [Image.FLIP_TOP_BOTTOM],
+    5: [Image.TRANSPOSE],
+    6: [Image.ROTATE_270],
+    7: [Image.TRANSVERSE],
+    8: [Image.ROTATE_90],
 }
 
 

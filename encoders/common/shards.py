@@ -6,7 +6,8 @@ Folders. A shard folder holds `NAME-000000.tar`, `NAME-000001.tar`, ... (each wr
 temporary name and renamed when complete), one index per shard `NAME-000000.index.jsonl` (one JSON
 line per sample, in tar order: `key`, the `INDEX_FIELDS` its JSON holds (`source`, `category`,
 `image_size`, `mask_source`, ...) and `members`, each member's byte offset and size in the tar, so
-readers can filter, or read any sample by seeking, without opening the tar), the per-shard stats the writer resumes from (`_shard_stats/`),
+readers can filter, or read any sample by seeking, without opening the tar), the per-shard stats the writer resumes
+from (`_shard_stats/`),
 and `manifest.json` (`MANIFEST_SCHEMA`: samples, per-shard counts and sha256, skipped by reason,
 the settings and files read). A multi-node job writes `manifest.node-R-of-K.json` until merged.
 
@@ -31,8 +32,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 MANIFEST_SCHEMA = "zsp-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -55,6 +57,7 @@ def crop_flags(flags: dict) -> dict[str, int]:
     if unknown:
         raise ValueError(f"flags {unknown} are not in the crop contract ({', '.join(CROP_FLAGS)})")
     return {name: FLAG_UNKNOWN if flags.get(name) is None else int(flags[name]) for name in CROP_FLAGS}
+
 
 PAIR_SCHEMA = "zsp-pair/1"
 # Fields of a sample's JSON that the shard index repeats (when present), so readers can filter without the tar.
