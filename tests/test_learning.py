@@ -3,7 +3,7 @@ training crops, lower the denoising loss of held-out crops (paired bootstrap int
 Textual Inversion's token beats its initializer word on held-out photos of its concept, and Infusion
 leaves prompts without its class word as they were.
 
-`benchmarks/bench_learning.py` with few steps; its full run (and the table the README quotes) is the
+`benchmarks/bench_learning.py` with few steps; its full run (and the table docs/benchmarks.md quotes) is the
 benchmark itself.
 """
 
