@@ -93,13 +93,9 @@ def test_documented_commands_are_found():
 @pytest.mark.parametrize("page,command", DOCUMENTED, ids=[f"{p}:{c[:60]}" for p, c in DOCUMENTED])
 def test_documented_command_parses(page, command, monkeypatch):
     module_name, argv = _module_and_args(command)
-    module = importlib.import_module(
-        module_name + ".__main__" if module_name in {"inference", "data_prep"} else module_name
-    )
-    main = getattr(module, "main", None)
-    if main is None:  # a package's __main__ that forwards to its cli module
-        module = importlib.import_module(module_name + ".cli")
-        main = module.main
+    packages_with_cli = {"inference", "data_prep"}  # `python -m PACKAGE` runs PACKAGE/__main__.py -> PACKAGE.cli
+    module = importlib.import_module(module_name + ".cli" if module_name in packages_with_cli else module_name)
+    main = module.main
     if hasattr(module, "parse_config_cli"):
         real = module.parse_config_cli
 
