@@ -32,38 +32,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # sample_shards: the tests' crop-shard builder
 
 from results_io import write_results  # this folder's own helper (the script's folder is on sys.path)
 
 RESULTS = REPO / "benchmarks/results/bench_resume.json"
-DATA = REPO / "tests/data"
 BATCH = 2
 
 
 def build_inputs(work: Path) -> tuple[Path, Path, str]:
-    """Tiny models and the demo's crop shards (64 px) under `work`."""
-    from data_prep.crop_commands import build_coco_shards, build_openimages_shards
-    from data_prep.records import CropSettings
-    from encoders.common.config import load_config
+    """Tiny models and the tests' crop shards (64 px, `tests/sample_shards.py`) under `work`."""
+    from sample_shards import build_sample_crop_shards
+
     from encoders.tiny import build_tiny_models
 
     models = build_tiny_models(work / "models", ["sd", "image_encoder"])
-    settings = load_config(CropSettings, REPO / "configs/data/demo.yaml", ["resolution=64"])
-    job = dict(shard_size=4, workers=1, progress=False)
-    build_coco_shards(
-        DATA / "coco_sample/annotations.json", DATA / "coco_sample/images", work / "shards/coco", settings, **job
-    )
-    oi = DATA / "openimages/from_coco_sample"
-    build_openimages_shards(
-        oi / "annotations/validation-annotations-bbox.csv",
-        oi / "annotations/validation-annotations-object-segmentation.csv",
-        oi / "masks",
-        oi / "images",
-        DATA / "openimages/class-descriptions-boxable.csv",
-        work / "shards/openimages",
-        settings,
-        **job,
-    )
+    build_sample_crop_shards(work / "shards")
     return models["sd"], models["image_encoder"], f"{work / 'shards/coco'}::{work / 'shards/openimages'}"
 
 

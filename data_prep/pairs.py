@@ -17,7 +17,6 @@ shards. The command line is `data_prep.pairs_cli`.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -26,10 +25,10 @@ from typing import Any
 
 from encoders.common.shards import PAIR_SCHEMA, check_pair_sample
 
-from .crops import clip_box, is_degenerate, xywh_to_xyxy
+from .crops import clip_box, is_degenerate
 from .records import safe_key_part
 from .sources import SourceError, SourceReport
-from .sources.coco import load_coco_json
+from .sources.coco import read_coco_tables, sortable_id
 from .writer import ShardJob, write_shards
 
 
@@ -56,70 +55,34 @@ class PairRecord:
         return f"{self.key} (image {self.image_file}, {self.words[0]} + {self.words[1]})"
 
 
-def _sortable(value) -> tuple:
-    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
-
-
 def read_coco_pairs(
     annotations: str | Path, include_crowd: bool = False, min_area_fraction: float = 0.0, log_first: int = 5
 ) -> tuple[list[PairRecord], SourceReport]:
     """Pair records of a COCO instances file, sorted by image then category ids, and what was dropped."""
     annotations = Path(annotations)
-    data = load_coco_json(annotations)
     report = SourceReport("coco-pairs", files={"annotations": str(annotations)}, log_first=log_first)
+    tables = read_coco_tables(annotations, report)
+    images, categories = tables.images, tables.categories
     where = annotations.name
-    images: dict = {}
-    for entry in data["images"]:
-        try:
-            width, height = int(entry["width"]), int(entry["height"])
-            if width <= 0 or height <= 0:
-                raise ValueError
-            images[entry["id"]] = (str(entry.get("file_name", entry["id"])), width, height)
-        except (KeyError, TypeError, ValueError):
-            report.skip("malformed_image_entry", f"{where}: image entry {str(entry)[:120]}")
-    categories = {
-        c["id"]: str(c["name"]) for c in data["categories"] if isinstance(c, dict) and "id" in c and "name" in c
-    }
 
-    # best[image_id][category_id] = (area, -annotation order, annotation id, clipped box)
+    # best[image_id][category_id] = (area, annotation id order, annotation id, clipped box)
     best: dict = {}
-    seen: set = set()
-    for ann in data["annotations"]:
-        try:
-            ann_id, image_id, category_id = ann["id"], ann["image_id"], ann["category_id"]
-            box = xywh_to_xyxy(tuple(float(v) for v in ann["bbox"]))
-        except (KeyError, TypeError, ValueError):
-            report.skip("malformed_annotation", f"{where}: annotation {str(ann)[:120]}")
-            continue
-        if ann_id in seen:
-            report.skip("duplicate_annotation", f"{where}: annotation {ann_id}")
-            continue
-        seen.add(ann_id)
-        if image_id not in images:
-            report.skip("unknown_image", f"{where}: annotation {ann_id} refers to image {image_id}")
-            continue
-        if category_id not in categories:
-            report.skip("unknown_category", f"{where}: annotation {ann_id} has category {category_id}")
-            continue
-        if ann.get("iscrowd", 0) and not include_crowd:
+    for ann in tables.annotations:
+        ann_id, image_id, category_id, box = ann.ann_id, ann.image_id, ann.category_id, ann.box
+        if ann.crowd and not include_crowd:
             report.skip("crowd", f"{where}: annotation {ann_id}")
             continue
         _, width, height = images[image_id]
         clipped = None if is_degenerate(box) else clip_box(box, (width, height))
         if clipped is None:
-            report.skip("degenerate_box", f"{where}: annotation {ann_id} bbox {ann['bbox']}")
+            report.skip("degenerate_box", f"{where}: annotation {ann_id} bbox {ann.bbox}")
             continue
         box_area = (clipped[2] - clipped[0]) * (clipped[3] - clipped[1])
         if box_area < min_area_fraction * width * height:
             report.skip("area_below_min", f"{where}: annotation {ann_id}")
             continue
-        try:
-            area = float(ann.get("area", box_area))
-        except (TypeError, ValueError):
-            area = box_area
-        if not math.isfinite(area):
-            area = box_area
-        candidate = (area, _sortable(ann_id), ann_id, clipped)
+        area = box_area if ann.area is None else ann.area
+        candidate = (area, sortable_id(ann_id), ann_id, clipped)
         per_image = best.setdefault(image_id, {})
         current = per_image.get(category_id)
         # larger area wins; on a tie the lower annotation id
@@ -128,13 +91,13 @@ def read_coco_pairs(
 
     records: list[PairRecord] = []
     single = 0
-    for image_id in sorted(best, key=_sortable):
+    for image_id in sorted(best, key=sortable_id):
         per_image = best[image_id]
         if len(per_image) < 2:
             single += 1
             continue
         file_name, width, height = images[image_id]
-        for cat_a, cat_b in combinations(sorted(per_image, key=_sortable), 2):
+        for cat_a, cat_b in combinations(sorted(per_image, key=sortable_id), 2):
             a, b = per_image[cat_a], per_image[cat_b]
             records.append(
                 PairRecord(
@@ -150,7 +113,7 @@ def read_coco_pairs(
             )
     report.counts = {
         "images": len(images),
-        "annotations": len(data["annotations"]),
+        "annotations": tables.total_annotations,
         "images_with_objects": len(best),
         "images_with_one_category": single,
         "pairs": len(records),

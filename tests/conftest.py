@@ -152,31 +152,10 @@ def encoders_with_location_mlp(tmp_path_factory, tiny_sd_path, tiny_encoders_pat
 
 @pytest.fixture(scope="session")
 def crop_shards(tmp_path_factory) -> Path:
-    """Crop shards of the bundled COCO and OpenImages samples at 64 px (`configs/data/demo.yaml`
-    filters): a folder with `coco/` and `openimages/` subfolders, each with shards + manifest.json.
-    Pass the folder (or a glob of its .tar files) as `train_shards`."""
-    from data_prep.crop_commands import build_coco_shards, build_openimages_shards
-    from data_prep.records import CropSettings
-    from encoders.common.config import load_config
+    """Crop shards of the bundled COCO and OpenImages samples at 64 px (`sample_shards.build_sample_crop_shards`)."""
+    from sample_shards import build_sample_crop_shards
 
-    root = tmp_path_factory.mktemp("crop_shards")
-    settings = load_config(CropSettings, REPO_ROOT / "configs/data/demo.yaml", ["resolution=64"])
-    job = dict(shard_size=4, workers=1, progress=False)
-    build_coco_shards(
-        DATA_DIR / "coco_sample/annotations.json", DATA_DIR / "coco_sample/images", root / "coco", settings, **job
-    )
-    oi = DATA_DIR / "openimages/from_coco_sample"
-    build_openimages_shards(
-        oi / "annotations/validation-annotations-bbox.csv",
-        oi / "annotations/validation-annotations-object-segmentation.csv",
-        oi / "masks",
-        oi / "images",
-        DATA_DIR / "openimages/class-descriptions-boxable.csv",
-        root / "openimages",
-        settings,
-        **job,
-    )
-    return root
+    return build_sample_crop_shards(tmp_path_factory.mktemp("crop_shards"))
 
 
 @pytest.fixture

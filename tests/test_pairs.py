@@ -271,3 +271,34 @@ def test_tiny_detector_loads_offline(tiny_detector_path):
     with torch.no_grad():
         out = model(**processor(images=[Image.new("RGB", (64, 64), "red")], return_tensors="pt"))
     assert out.logits.shape == (1, model.config.num_queries, 81) and out.pred_boxes.shape[-1] == 4
+
+
+def test_crop_and_pair_readers_agree_on_bad_and_duplicate_annotations(tmp_path):
+    """One COCO reader (issue 27): NaN / inf boxes are malformed and repeats (same id, or the same image,
+    category and box) are duplicates for crops and pairs alike."""
+    from data_prep.records import CropSettings
+    from data_prep.sources.coco import read_coco
+
+    (tmp_path / "images").mkdir()
+    box = [10, 10, 40, 40]
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100}],
+        "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": box, "segmentation": [], "area": 900},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50, 50, 40, 40], "segmentation": []},
+            {"id": 1, "image_id": 1, "category_id": 2, "bbox": [5, 5, 30, 30], "segmentation": []},  # same id
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": box, "segmentation": []},  # same content
+            {"id": 4, "image_id": 1, "category_id": 1, "bbox": [float("nan"), 1, 2, 3], "segmentation": []},
+            {"id": 5, "image_id": 1, "category_id": 2, "bbox": [1, 1, float("inf"), 3], "segmentation": []},
+        ],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))  # json writes NaN / Infinity, as some exporters do
+    crops, crop_report = read_coco(path, tmp_path / "images", CropSettings(min_side=1, mask_from_box=True))
+    pairs, pair_report = read_coco_pairs(path)
+    for report in (crop_report, pair_report):
+        assert report.skipped["malformed_annotation"] == 2
+        assert report.skipped["duplicate_annotation"] == 2
+    assert [c.annotation_id for c in crops] == [1, 2]
+    assert len(pairs) == 1 and pairs[0].annotation_ids == (1, 2)

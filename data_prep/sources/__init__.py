@@ -51,3 +51,16 @@ class SourceReport:
 
     def to_dict(self) -> dict:
         return {"files": dict(self.files), "counts": dict(self.counts)}
+
+
+def drop_duplicate_keys(records: list, report: SourceReport, where: str = "") -> list:
+    """`records` (sorted) with each sample key kept once; later repeats are counted as `duplicate_annotation`.
+
+    Two annotations can map to one key when their ids differ only in characters a key cannot hold."""
+    unique: dict = {}
+    for r in records:
+        if r.key in unique:
+            report.skip("duplicate_annotation", f"{where + ': ' if where else ''}key {r.key}")
+        else:
+            unique[r.key] = r
+    return list(unique.values())

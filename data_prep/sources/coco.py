@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..crops import check_box, clip_box, is_degenerate, xywh_to_xyxy
 from ..records import CropSettings, ObjectRecord, safe_key_part
-from . import SourceError, SourceReport, path_inside
+from . import SourceError, SourceReport, drop_duplicate_keys, path_inside
 
 
-def _sortable(value) -> tuple:
-    return (0, value, "") if isinstance(value, int) else (1, 0, str(value))
+def sortable_id(value) -> tuple:
+    """A sort key that orders ids of mixed types: numbers by value, then everything else as text."""
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
 
 def load_coco_json(path: Path) -> dict:
@@ -45,28 +48,37 @@ def load_coco_json(path: Path) -> dict:
     return data
 
 
-def _mask_kind(segmentation) -> str | None:
-    if isinstance(segmentation, list):
-        return "polygon" if segmentation else None
-    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        return "rle" if isinstance(segmentation["counts"], list) else "rle_compressed"
-    return None
+@dataclass(frozen=True)
+class CocoAnnotation:
+    """One well-formed annotation whose image and category exist; `box` is [x0, y0, x1, y1] in pixels."""
+
+    ann_id: Any
+    image_id: Any
+    category_id: Any
+    box: tuple[float, float, float, float]
+    crowd: bool
+    area: float | None
+    segmentation: Any
+    bbox: Any  # as the file gives it, for messages
 
 
-def read_coco(
-    annotations: str | Path, images_dir: str | Path, settings: CropSettings, log_first: int = 5
-) -> tuple[list[ObjectRecord], SourceReport]:
-    """Records of the usable objects, sorted by image then annotation id, and what was dropped."""
-    annotations, images_dir = Path(annotations), Path(images_dir)
-    if not images_dir.is_dir():
-        raise SourceError(f"COCO image folder {images_dir} does not exist")
-    data = load_coco_json(annotations)
-    report = SourceReport(
-        "coco", files={"annotations": str(annotations), "images": str(images_dir)}, log_first=log_first
-    )
-    where = annotations.name
-    images_root = images_dir.resolve()
+@dataclass
+class CocoTables:
+    """A COCO instances file read once: images {id: (file_name, width, height)}, categories {id: name}, and
+    its annotations in file order, with every malformed, duplicate or dangling entry counted in `report`."""
 
+    images: dict
+    categories: dict
+    annotations: list[CocoAnnotation]
+    total_annotations: int
+
+
+def read_coco_tables(path: Path, report: SourceReport) -> CocoTables:
+    """The one COCO reader of `data_prep`: crops (`read_coco`) and location pairs (`read_coco_pairs`) both
+    start from it, so they agree on which entries are malformed (a bbox with NaN or inf is), which are
+    duplicates (the same annotation id, or the same image, category and box to 0.01 px), and which dangle."""
+    data = load_coco_json(path)
+    where = path.name
     images: dict = {}
     for entry in data["images"]:
         try:
@@ -81,13 +93,10 @@ def read_coco(
             report.skip("duplicate_image_entry", f"{where}: image id {image_id}")
             continue
         images[image_id] = (file_name, width, height)
-    categories: dict = {}
-    for entry in data["categories"]:
-        if isinstance(entry, dict) and "id" in entry and "name" in entry:
-            categories[entry["id"]] = str(entry["name"])
-    wanted = {c.lower() for c in settings.categories}
-
-    records: list[ObjectRecord] = []
+    categories = {
+        c["id"]: str(c["name"]) for c in data["categories"] if isinstance(c, dict) and "id" in c and "name" in c
+    }
+    annotations: list[CocoAnnotation] = []
     seen_ids: set = set()
     seen_content: set = set()
     for ann in data["annotations"]:
@@ -112,11 +121,59 @@ def read_coco(
         if category_id not in categories:
             report.skip("unknown_category", f"{where}: annotation {ann_id} has category {category_id}")
             continue
+        try:
+            area = float(ann["area"]) if "area" in ann else None
+        except (TypeError, ValueError):
+            area = None
+        if area is not None and not math.isfinite(area):
+            area = None
+        annotations.append(
+            CocoAnnotation(
+                ann_id=ann_id,
+                image_id=image_id,
+                category_id=category_id,
+                box=xywh_to_xyxy((x, y, w, h)),
+                crowd=bool(ann.get("iscrowd", 0)),
+                area=area,
+                segmentation=ann.get("segmentation"),
+                bbox=ann["bbox"],
+            )
+        )
+    return CocoTables(images, categories, annotations, total_annotations=len(data["annotations"]))
+
+
+def _mask_kind(segmentation) -> str | None:
+    if isinstance(segmentation, list):
+        return "polygon" if segmentation else None
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        return "rle" if isinstance(segmentation["counts"], list) else "rle_compressed"
+    return None
+
+
+def read_coco(
+    annotations: str | Path, images_dir: str | Path, settings: CropSettings, log_first: int = 5
+) -> tuple[list[ObjectRecord], SourceReport]:
+    """Records of the usable objects, sorted by image then annotation id, and what was dropped."""
+    annotations, images_dir = Path(annotations), Path(images_dir)
+    if not images_dir.is_dir():
+        raise SourceError(f"COCO image folder {images_dir} does not exist")
+    report = SourceReport(
+        "coco", files={"annotations": str(annotations), "images": str(images_dir)}, log_first=log_first
+    )
+    tables = read_coco_tables(annotations, report)
+    images, categories = tables.images, tables.categories
+    where = annotations.name
+    images_root = images_dir.resolve()
+    wanted = {c.lower() for c in settings.categories}
+
+    records: list[ObjectRecord] = []
+    for ann in tables.annotations:
+        ann_id, image_id, category_id = ann.ann_id, ann.image_id, ann.category_id
         name = categories[category_id]
         if wanted and name.lower() not in wanted and str(category_id) not in wanted:
             report.skip("category_not_selected", f"{where}: annotation {ann_id} ({name})")
             continue
-        crowd = bool(ann.get("iscrowd", 0))
+        crowd = ann.crowd
         if crowd and not settings.include_crowd:
             report.skip("crowd", f"{where}: annotation {ann_id}")
             continue
@@ -127,19 +184,19 @@ def read_coco(
                 "path_outside_images", f"{where}: image {image_id} file_name {file_name!r} leads out of {images_dir}"
             )
             continue
-        box = xywh_to_xyxy((x, y, w, h))
+        box = ann.box
         if is_degenerate(box):
-            report.skip("degenerate_box", f"{where}: annotation {ann_id} bbox {ann['bbox']}")
+            report.skip("degenerate_box", f"{where}: annotation {ann_id} bbox {ann.bbox}")
             continue
         clipped = clip_box(box, (width, height))
         if clipped is None:
-            report.skip("box_outside_image", f"{where}: annotation {ann_id} bbox {ann['bbox']} on {width}x{height}")
+            report.skip("box_outside_image", f"{where}: annotation {ann_id} bbox {ann.bbox} on {width}x{height}")
             continue
         reason = check_box(clipped, (width, height), settings.filters)
         if reason:
             report.skip(reason, f"{where}: annotation {ann_id} ({file_name})")
             continue
-        segmentation = ann.get("segmentation")
+        segmentation = ann.segmentation
         kind = _mask_kind(segmentation)
         if kind is None:
             if segmentation not in (None, [], {}):
@@ -167,19 +224,11 @@ def read_coco(
                 flags={"is_crowd": int(bool(crowd)), "box_matched": 1},
             )
         )
-    records.sort(key=lambda r: (_sortable(r.image_id), _sortable(r.annotation_id)))
-    keys = [r.key for r in records]
-    if len(set(keys)) != len(keys):  # ids that differ only in unsafe characters
-        unique: dict[str, ObjectRecord] = {}
-        for r in records:
-            if r.key in unique:
-                report.skip("duplicate_annotation", f"{where}: key {r.key}")
-            else:
-                unique[r.key] = r
-        records = list(unique.values())
+    records.sort(key=lambda r: (sortable_id(r.image_id), sortable_id(r.annotation_id)))
+    records = drop_duplicate_keys(records, report, where)  # ids that differ only in unsafe characters
     report.counts = {
         "images": len(images),
-        "annotations": len(data["annotations"]),
+        "annotations": tables.total_annotations,
         "categories": len(categories),
         "records": len(records),
     }

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..crops import is_degenerate
 from ..records import CropSettings, ObjectRecord, safe_key_part
-from . import SourceError, SourceReport, path_inside
+from . import SourceError, SourceReport, drop_duplicate_keys, path_inside
 
 BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 SEGMENTATION_COLUMNS = ("MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")
@@ -349,13 +349,7 @@ def read_openimages(
         records.append(record(key, path, image_id, label, values, "box", None, flags, where))
 
     records.sort(key=lambda r: (r.image_id, r.key))
-    unique: dict[str, ObjectRecord] = {}
-    for r in records:
-        if r.key in unique:
-            report.skip("duplicate_annotation", f"key {r.key}")
-        else:
-            unique[r.key] = r
-    records = list(unique.values())
+    records = drop_duplicate_keys(records, report)
     labels = {r.category_id for r in records}
     unnamed = sorted(label for label in labels if label not in names)
     if labels and len(unnamed) == len(labels):
