@@ -1,23 +1,22 @@
 """`python -m data_prep <subcommand> ...`: a small registry of argparse subcommands.
 
-Adding a subcommand (this is how `pairs` plugs in):
+Adding a subcommand: one module, one decorated function, one line in `SUBCOMMAND_MODULES`.
 
-    # data_prep/pairs.py
-    from data_prep.cli import add_writer_arguments, register_subcommand, shard_job_from_args
+    # data_prep/my_source.py
+    from .cli import add_writer_arguments, register_subcommand, shard_job_from_args
 
-    def _configure(parser):                  # add this subcommand's arguments (nested subparsers are fine)
+    def _configure(parser):  # this subcommand's arguments (nested subparsers are fine)
         parser.add_argument("--annotations", required=True)
-        add_writer_arguments(parser, default_name="pairs")   # --out --name --shard-size --workers --node-rank ...
+        add_writer_arguments(parser, default_name="mine")  # --out --name --shard-size --workers --node-rank ...
 
-    @register_subcommand("pairs", help="location-pair shards", configure=_configure)
-    def run_pairs(args) -> int:  # an exit code; raise SourceError/WriterError/ShardSpecError/ConfigError
-        job = shard_job_from_args(args)      # for clear one-line errors
+    @register_subcommand("mine", help="my source -> crop shards", configure=_configure)
+    def run_mine(args) -> int:  # an exit code; raise SourceError/WriterError/ShardSpecError/ConfigError
+        job = shard_job_from_args(args)  # for clear one-line errors
         write_shards(items, process, job, settings=...)
         return 0
 
-and list the module in `SUBCOMMAND_MODULES` below (`data_prep.pairs` is listed already; a listed
-module that does not exist yet is left out of the CLI). Registration happens on import, so a
-subcommand module must not do heavy work at import time.
+then add "data_prep.my_source" to `SUBCOMMAND_MODULES` below. Every subcommand registers this way, at import
+of its module, so a subcommand module must not do heavy work at import time.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from encoders.common.config import ConfigError, describe_keys, load_config, program_name
+from encoders.common.config import ConfigError, describe_keys, load_config, parse_keyed_args, program_name
 from encoders.common.files import OutputPathError, describe_write_error
 from encoders.common.processes import available_cpus
 from encoders.common.shards import ShardSpecError
@@ -210,7 +209,7 @@ def _rescue_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_keyed_args(parser, argv)
     _rescue_settings(args, parser)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"

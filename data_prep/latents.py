@@ -26,6 +26,7 @@ import numpy as np
 
 from encoders.common.shards import CROP_MEMBERS, LATENT_MEMBER, expand_shard_spec
 
+from .cli import register_subcommand
 from .writer import Skip, write_shards
 
 
@@ -238,6 +239,12 @@ def _configure(parser) -> None:
     parser.set_defaults(workers=1)  # one VAE per process
 
 
+@register_subcommand(
+    "latents",
+    help="copy crop shards with each crop's VAE latent distribution added (data.cached_latents=true)",
+    configure=_configure,
+    description="Encode every crop with the base model's VAE once and store its posterior moments as KEY.latent.npy.",
+)
 def _run(args) -> int:
     from .cli import shard_job_from_args
     from .sources import SourceError
@@ -255,18 +262,3 @@ def _run(args) -> int:
     except ValueError as err:
         raise SourceError(str(err)) from None
     return 0
-
-
-def _register() -> None:
-    from .cli import register_subcommand
-
-    register_subcommand(
-        "latents",
-        help="copy crop shards with each crop's VAE latent distribution added (data.cached_latents=true)",
-        configure=_configure,
-        description="Encode every crop with the base model's VAE once and store its posterior moments as "
-        "KEY.latent.npy.",
-    )(_run)
-
-
-_register()

@@ -74,6 +74,12 @@ def _configure_pairs(parser) -> None:
     gen.set_defaults(workers=1, shard_size=256)  # one pipeline per process; small shards resume finer
 
 
+@register_subcommand(
+    "pairs",
+    help="location-pair shards for the location MLP (from COCO layouts or generated + detected images)",
+    configure=_configure_pairs,
+    description="Location-pair shards: KEY.json with words [a, b], boxes in 0..1 and source (coco | generated).",
+)
 def _run_pairs(args) -> int:
     job = shard_job_from_args(args, unit="pairs" if args.pairs_source == "coco" else "images")
     if args.pairs_source == "coco":
@@ -101,11 +107,3 @@ def _run_pairs(args) -> int:
     except ValueError as err:  # a vocabulary the detector cannot detect, a bad template or threshold
         raise SourceError(str(err)) from None
     return 0
-
-
-register_subcommand(
-    "pairs",
-    help="location-pair shards for the location MLP (from COCO layouts or generated + detected images)",
-    configure=_configure_pairs,
-    description="Location-pair shards: KEY.json with words [a, b], boxes in 0..1 and source (coco | generated).",
-)(_run_pairs)

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .cli import register_subcommand
+
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "hexagon")
 COLOURS = {
     "red": (215, 40, 40),
@@ -415,32 +417,26 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _register() -> None:
-    from .cli import register_subcommand
+@register_subcommand("world", help="render the procedural miniature world in the COCO layout", configure=_configure)
+def run_world(args) -> int:
+    if args.images < 1:
+        from encoders.common.config import ConfigError
 
-    @register_subcommand("world", help="render the procedural miniature world in the COCO layout", configure=_configure)
-    def run_world(args) -> int:
-        if args.images < 1:
+        raise ConfigError(f"--images must be at least 1, got {args.images}")
+    if args.object:
+        parts = [p.strip() for p in args.object.split(",")]
+        if len(parts) != 3:
             from encoders.common.config import ConfigError
 
-            raise ConfigError(f"--images must be at least 1, got {args.images}")
-        if args.object:
-            parts = [p.strip() for p in args.object.split(",")]
-            if len(parts) != 3:
-                from encoders.common.config import ConfigError
+            raise ConfigError(f"--object takes COLOUR,PATTERN,SHAPE (e.g. red,striped,star), got {args.object!r}")
+        try:
+            photos = write_concept_folder(args.out, parts[2], parts[0], parts[1], args.images, args.seed)
+        except ValueError as err:
+            from encoders.common.config import ConfigError
 
-                raise ConfigError(f"--object takes COLOUR,PATTERN,SHAPE (e.g. red,striped,star), got {args.object!r}")
-            try:
-                photos = write_concept_folder(args.out, parts[2], parts[0], parts[1], args.images, args.seed)
-            except ValueError as err:
-                from encoders.common.config import ConfigError
-
-                raise ConfigError(f"--object {args.object}: {err}") from None
-            print(f"world: {len(photos)} photos of a {' '.join(parts)} with masks/ in {args.out}")
-            return 0
-        summary = write_world(args.out, args.images, args.seed, args.split, progress=not args.no_progress)
-        print(f"world: {summary['images']} images, {summary['objects']} objects ({args.split}) in {args.out}")
+            raise ConfigError(f"--object {args.object}: {err}") from None
+        print(f"world: {len(photos)} photos of a {' '.join(parts)} with masks/ in {args.out}")
         return 0
-
-
-_register()
+    summary = write_world(args.out, args.images, args.seed, args.split, progress=not args.no_progress)
+    print(f"world: {summary['images']} images, {summary['objects']} objects ({args.split}) in {args.out}")
+    return 0

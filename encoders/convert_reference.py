@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .clip_features import DEFAULT_LAYERS
+from .common.config import parse_keyed_args
 from .common.files import atomic_directory, atomic_write_text
 from .global_mapping import GlobalMapping, kv_key
 from .local_mapping import REFERENCE_SETTINGS, LocalMapping
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         default=",".join(map(str, DEFAULT_LAYERS)),
         help="tapped CLIP layers, in word order (default %(default)s)",
     )
-    args = parser.parse_args(argv)
+    args = parse_keyed_args(parser, argv)
     if args.global_mapper is None and args.local_mapper is None:
         parser.error("give --global-mapper and/or --local-mapper")
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .common.config import program_name
+from .common.config import parse_keyed_args, program_name
 from .common.files import atomic_directory
 
 TINY_SEED = 0
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         "and size conditioning; loads with StableDiffusionXLPipeline); default sd1",
     )
     parser.add_argument("--force", action="store_true", help="rebuild models whose folder already exists")
-    args = parser.parse_args(argv)
+    args = parse_keyed_args(parser, argv)
     build_tiny_models(args.out, args.only, force=args.force, kind=args.kind)
 
 

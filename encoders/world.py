@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .common.config import program_name
+from .common.config import parse_keyed_args, program_name
 from .common.files import atomic_directory, sha256_file
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "world"
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--assets", default=str(ASSETS), help="the shipped files (default: the package's own)")
     parser.add_argument("--force", action="store_true", help="rewrite folders that exist")
-    args = parser.parse_args(argv)
+    args = parse_keyed_args(parser, argv)
     try:
         written = write_world_models(args.out, Path(args.assets), force=args.force)
     except WorldAssetsError as err:

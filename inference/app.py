@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from encoders.common.config import program_name
+from encoders.common.config import parse_keyed_args, program_name
 from encoders.common.images import MAX_IMAGE_PIXELS
 
 from .inputs import ConceptInputError
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_keyed_args(build_parser(), argv)
     try:
         import gradio  # noqa: F401
     except ImportError:

@@ -44,7 +44,7 @@ import torch
 import transformers
 
 from encoders.anchors import coco_class_names
-from encoders.common.config import program_name
+from encoders.common.config import parse_keyed_args, program_name
 from encoders.common.device import resolve_device
 from encoders.common.files import (
     OutputPathError,
@@ -888,7 +888,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_keyed_args(parser, argv)
     if args.command == "generate":
         _check_generate_args(parser, args)
     else:

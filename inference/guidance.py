@@ -31,7 +31,7 @@ S*, whose position `encoders.text_injection` knows) and boxes from the user or f
 Works with the StableDiffusionPipeline's components; it writes its own denoising loop (the pipeline's
 callbacks run after a step, too late to move the latent the step itself uses). The picture of a run
 (guidance off / on, boxes, attention maps) is `inference.pictures.render_comparison`; the command
-line is `python -m inference guide` (`python -m inference.guidance` is the same command).
+line is `python -m inference guide` (`inference.cli`).
 """
 
 from __future__ import annotations
@@ -567,16 +567,3 @@ def predict_boxes(location_mlp, pipe, concept_a: str | torch.Tensor, concept_b: 
     emb_a, emb_b = embedding(concept_a), embedding(concept_b)
     device = location_mlp.device
     return location_mlp.predict_for_embeddings(emb_a.to(device, torch.float32), emb_b.to(device, torch.float32))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m inference.guidance ...`: the same as `python -m inference guide ...`."""
-    import sys
-
-    from .cli import main as cli_main
-
-    return cli_main(["guide", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

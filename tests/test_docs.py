@@ -1,10 +1,11 @@
 """README and docs/: short README, links that resolve, and every documented command parses (issue 27).
 
-Each fenced `bash` command that runs a module of this repository (`python -m MOD ...`, `accelerate launch
-... -m MOD ...`) is parsed by that module's own command line, exactly as a user's shell would pass it, and
-stopped before it runs: argparse commands after `parse_args`, trainers and `inference.evaluate` after their
-config is loaded (so every key, value and `--config` file must be right). Commands written with
-placeholders (`...`, `[optional]`, `$VARIABLE`) are illustrations and are left out.
+Each fenced `bash` command that runs a module of this repository (`zsp STAGE ...`, `python -m MOD ...`,
+`accelerate launch ... -m MOD ...`) is parsed by that module's own command line, exactly as a user's
+shell would pass it, and stopped before it runs: argparse commands after `parse_args`, trainers and
+`inference.evaluate` after their config is loaded (so every key, value and `--config` file must be
+right). Commands written with placeholders (`...`, `[optional]`, `$VARIABLE`) are illustrations and
+are left out.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import shlex
 from pathlib import Path
 
 import pytest
+
+from inference.zsp import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -39,6 +42,8 @@ def _module_and_args(command: str) -> tuple[str, list[str]] | None:
     if any(mark in command for mark in ("...", "[", "$")):
         return None
     words = shlex.split(command, comments=True)
+    if words[0] == "zsp":  # the one entry point: the module it runs and what it hands on
+        words = ["python", *resolve(words[1:])]
     if words[:2] == ["python", "-m"] or words[:2] == ["accelerate", "launch"]:
         if "-m" not in words:
             return None

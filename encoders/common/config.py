@@ -454,6 +454,61 @@ def dashed_overrides(argv: list[str]) -> list[str]:
     return out
 
 
+def keyed_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The other half of the one grammar: in a command of `--option value` flags, `key=value` means `--key value`
+    (`num_images=4` -> `--num-images 4`, `spatial_guidance=true` -> `--spatial-guidance`) where `--key` is an option of
+    the parser or of the subcommand chosen in `argv`. Anything else (a prompt, a file, a data_prep setting) passes
+    unchanged, and so does every token that is the value of the option before it."""
+    options = _option_actions(parser)
+    out: list[str] = []
+    expects_value = False
+    for token in argv:
+        if expects_value:
+            out.append(token)
+            expects_value = False
+            continue
+        sub = _subparser_for(parser, token) if not token.startswith("-") else None
+        if sub is not None:
+            parser, options = sub, _option_actions(sub)
+            out.append(token)
+            continue
+        key, eq, value = token.partition("=")
+        action = options.get("--" + key.replace("_", "-")) if eq and not token.startswith("-") else None
+        if action is None:
+            out.append(token)
+            expects_value = token in options and options[token].nargs != 0 and "=" not in token
+            continue
+        if action.nargs == 0:  # a switch: key=true turns it on, key=false leaves it off
+            if value.lower() in ("1", "true", "yes", "on"):
+                out.append(action.option_strings[-1])
+            elif value.lower() not in ("0", "false", "no", "off"):
+                raise ConfigError(f"{key}={value}: {key} is a switch; write {key}=true or {key}=false")
+        else:
+            out += ["--" + key.replace("_", "-"), value]
+    return out
+
+
+def parse_keyed_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args` for a flag command that also takes `key=value` for its options (`keyed_options`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return parser.parse_args(keyed_options(parser, argv))
+    except ConfigError as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits
+
+
+def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {name: action for action in parser._actions for name in action.option_strings}
+
+
+def _subparser_for(parser: argparse.ArgumentParser, token: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and token in action.choices:
+            return action.choices[token]
+    return None
+
+
 def parse_config_cli(cls: type[T], argv: list[str] | None = None, prog: str | None = None, description: str = "") -> T:
     """Command-line entry for a config: `[--config FILE] [key=value ...]` (also `--key=value`, `--key value`);
     `--help` lists every key."""
