@@ -23,8 +23,8 @@ Pieces:
 - `set_infusion_processors(unet, [residuals, ...])`: several concepts at once (multi-concept).
 - `class_token_mask(...)`, `infusion_call(...)`: where each concept's class word sits in a batch;
   `dual_stream_call(...)`: the F and C rows of the dual stream (training, sampling, Fisher divergence).
-- `generate_with_infusion(pipe, prompts, [residuals, ...])`: a diffusers `StableDiffusionPipeline`
-  call with the dual stream set up (CFG included); returns the customised images and the base ones.
+Sampling with them (`generate_with_infusion`, the dual stream inside a diffusers pipeline call) is the
+Infusion method of `inference.methods`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .attention import (
-    CONTEXT_KWARG,
     AttentionContext,
     ContextAttnProcessor,
     attention_modules,
@@ -281,82 +280,3 @@ def dual_stream_call(
     call = infusion_call(tokenizer, list(prompts) * 2, concepts, map_source=source, require_all=require_all)
     call.token_masks = [None if m is None else torch.cat([torch.zeros_like(m[:n]), m[n:]]) for m in call.token_masks]
     return call
-
-
-@dataclass
-class InfusionOutput:
-    images: list  # customised (C stream)
-    base_images: list  # the foundational model's images from the same noise (F stream); [] without replacement
-
-
-def _same_state(generator: torch.Generator) -> torch.Generator:
-    """A new generator in the same state (it will draw the same numbers)."""
-    twin = torch.Generator(generator.device)
-    twin.set_state(generator.get_state())
-    return twin
-
-
-@torch.no_grad()
-def generate_with_infusion(
-    pipe,
-    prompts: str | Sequence[str],
-    concepts: Sequence[InfusionResiduals],
-    replace_maps: bool = True,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    negative_prompt: str | None = None,
-    **pipe_kwargs,
-) -> InfusionOutput:
-    """Sample a `StableDiffusionPipeline` (or `StableDiffusionXLPipeline`) with Infusion concepts installed.
-
-    The paper samples with DDIM, 50 steps, guidance 8.
-
-    With `replace_maps` (the paper's dual stream) every prompt runs twice from the same initial noise:
-    an F row (base model) and a C row (residuals on the class tokens, cross-attention maps taken from
-    the F row). The pipeline's processors are restored afterwards.
-    """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    n = len(prompts)
-    height = pipe_kwargs.pop("height", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = pipe_kwargs.pop("width", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if pipe_kwargs.get("num_images_per_prompt", 1) != 1:
-        raise ValueError("generate_with_infusion: repeat the prompts instead of num_images_per_prompt")
-    shape = (n, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    latents = pipe_kwargs.pop("latents", None)
-    if latents is None:
-        if isinstance(generator, (list, tuple)):  # one generator per prompt, as diffusers takes them
-            latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator])
-        else:
-            device = generator.device if generator is not None else torch.device("cpu")
-            latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    latents = latents.to(pipe.device, pipe.unet.dtype)
-
-    concepts = [c.to(pipe.device) for c in concepts]
-    if replace_maps:
-        rows = prompts + prompts
-        latents = torch.cat([latents, latents])
-        call = dual_stream_call(pipe.tokenizer, prompts, concepts)
-        if isinstance(generator, (list, tuple)):  # a stochastic sampler: both streams of a prompt draw the same noise
-            generator = [_same_state(g) for g in generator] + list(generator)
-    else:
-        rows = prompts
-        call = infusion_call(pipe.tokenizer, rows, concepts)
-    ctx = AttentionContext(extras={EXTRAS_KEY: call})
-    previous = pipe.unet.attn_processors
-    set_infusion_processors(pipe.unet, concepts)
-    try:
-        out = pipe(
-            prompt=rows,
-            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(rows),
-            latents=latents,
-            height=height,
-            width=width,
-            cross_attention_kwargs={CONTEXT_KWARG: ctx},
-            generator=generator,
-            **pipe_kwargs,
-        )
-    finally:
-        pipe.unet.set_attn_processor(previous)
-    images = out.images if hasattr(out, "images") else out[0]
-    if replace_maps:
-        return InfusionOutput(images=list(images[n:]), base_images=list(images[:n]))
-    return InfusionOutput(images=list(images), base_images=[])

@@ -27,9 +27,10 @@ from encoders.common.images import MAX_IMAGE_PIXELS
 from .inputs import ConceptInputError
 from .loading import ModelLoadError
 from .masking import DEFAULT_MASK_MODEL, DEFAULT_MASK_PROMPT, AutoMasker
+from .methods import Elite
 from .pictures import mask_preview
 from .pipeline import ElitePipeline
-from .presets import PRESETS, paper_elite_scale, preset_settings
+from .presets import PRESETS, preset_settings
 
 NO_PRESET = "none (the settings below)"
 MAX_UPLOAD = "20mb"  # per file; the pixel count is limited too (MAX_IMAGE_PIXELS, the same as `encode`'s)
@@ -137,12 +138,10 @@ class DemoApp:
             notes += note
         settings = preset_settings(None if preset == NO_PRESET else preset)
         steps = int(settings.get("num_inference_steps", steps))
-        scale = paper_elite_scale(prompt, placeholders or ["S*"]) if preset == "paper" else float(elite_scale)
-        result = self.elite(
+        method = Elite(self.elite, concepts, placeholders, None if preset == "paper" else float(elite_scale))
+        scale = method.scale_for(prompt)  # the paper preset: lambda by prompt
+        result = method(
             prompt,
-            concepts=concepts,
-            placeholders=placeholders,
-            elite_scale=scale,
             seed=int(seed),
             num_inference_steps=min(steps, self.max_steps),
             guidance_scale=float(settings.get("guidance_scale", guidance)),

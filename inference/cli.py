@@ -58,14 +58,7 @@ from encoders.common.version import DISTRIBUTION, package_version
 from .composition import default_words, parse_token_box, plan_guidance
 from .concept import Concept, ConceptFileError
 from .encoding import concept_photos, encode_concept_standalone
-from .finetuned import (
-    FinetuneFolderError,
-    generate_finetuned,
-    load_embedding,
-    load_infusion,
-    read_finetune,
-    seeded_latents,
-)
+from .finetuned import FinetuneFolderError, read_finetune, seeded_noise
 from .guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance, predict_boxes
 from .inputs import (
     ConceptInputError,
@@ -78,9 +71,10 @@ from .inputs import (
 )
 from .loading import SCHEDULERS, ModelLoadError, default_image_size, load_base_pipeline, load_location_mlp
 from .masking import DEFAULT_MASK_MODEL, DEFAULT_MASK_PROMPT, auto_masker_or_none, fill_masks, has_own_alpha
+from .methods import Elite, MethodError, check_guidance, generate_guided_words, generate_together, load_run
 from .pictures import make_grid, mask_preview, render_comparison, save_image_atomic
 from .pipeline import DEFAULT_ELITE_SCALE, ElitePipeline, default_placeholders
-from .presets import PRESETS, paper_elite_scale, preset_settings
+from .presets import PRESETS, preset_settings
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 5.0  # ELITE's classifier-free guidance scale
@@ -576,13 +570,15 @@ def _run_generate(args) -> dict:
     height = height or (width if width else default_h)
     width = width or (args.height if args.height else default_w)
 
-    finetune_records, infusions = _apply_finetunes(pipe, finetunes, args.prompt)
+    finetune_records, methods = _apply_finetunes(pipe, finetunes, args.prompt)
+    residuals = [r for method in methods for r in method.residuals()]
     guided = bool(args.box) or args.spatial_guidance or bool(args.guide_word)
-    if guided and infusions:
-        raise ConceptInputError(
-            "spatial guidance with an Infusion fine-tune is not supported: Infusion's two-stream "
-            "attention and guidance's map recording both replace the attention processors"
-        )
+    if guided:
+        try:
+            check_guidance(methods)
+        except MethodError as err:
+            raise ConceptInputError(str(err)) from None
+    elite = Elite(generator_api)  # without encoders: the base model through the same call
     location_mlp = None
     if args.spatial_guidance:
         location_mlp = (
@@ -624,12 +620,13 @@ def _run_generate(args) -> dict:
                 )
             )
         guidance_losses = None
-        if infusions:
-            images = generate_finetuned(
-                pipe,
+        if residuals or (methods and not concepts and not placed):  # the fine-tunes' methods, seeded noise
+            latents, generators = seeded_noise(pipe, range(args.seed, args.seed + args.num_images), height, width)
+            images = generate_together(
+                methods,
                 [prompt] * args.num_images,
-                seeded_latents(pipe, range(args.seed, args.seed + args.num_images), height, width),
-                infusions=infusions,
+                latents,
+                generators,
                 negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
@@ -638,10 +635,10 @@ def _run_generate(args) -> dict:
             )
             location_losses = None
         elif placed and not concepts:  # fine-tune tokens and plain words: guidance on the plain prompt
-            result = generate_with_spatial_guidance(
+            result = generate_guided_words(
                 pipe,
-                concepts_from_words(pipe.tokenizer, prompt, list(by_token), list(by_token.values())),
-                prompt=prompt,
+                prompt,
+                by_token,
                 negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
@@ -652,14 +649,10 @@ def _run_generate(args) -> dict:
             )
             images, location_losses, guidance_losses = result.images, result.location_losses, result.guidance_losses
         else:
-            elite_scale = args.elite_scale
-            if elite_scale is None:  # the paper preset: by prompt
-                elite_scale = paper_elite_scale(prompt, placeholders)
-            result = generator_api(
+            elite.concepts, elite.placeholders, elite.elite_scale = concepts, placeholders, args.elite_scale
+            elite_scale = elite.scale_for(prompt)  # None (the paper preset): by prompt
+            result = elite(
                 prompt,
-                concepts=concepts,
-                placeholders=placeholders,
-                elite_scale=elite_scale,
                 negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
@@ -689,7 +682,7 @@ def _run_generate(args) -> dict:
         record = {"prompt": prompt, "images": names, "seeds": [args.seed + i for i in range(args.num_images)]}
         if truncations[p]:
             record["truncated"] = truncations[p]
-        if concepts and not infusions:
+        if concepts and not residuals:
             record["elite_scale"] = elite_scale
         if placed:
             record["placed"] = [t.record() for t in placed]
@@ -786,14 +779,12 @@ def _attention_sheet(prompt: str, image, location_losses, maps, names: list[str]
 
 
 def _apply_finetunes(pipe, finetunes, prompts: list[str]) -> tuple[list[dict], list]:
-    """Load TI / BaTex embeddings into the pipeline and Infusion residuals; warn about prompts that use none."""
-    records, infusions = [], []
+    """Load each fine-tune's method (`inference.methods`) into the pipeline; warn about prompts that use none."""
+    records, methods = [], []
     for run, token in finetunes:
-        if run.method == "infusion":
-            infusions.append(load_infusion(pipe, run))
-            word = run.class_word
-        else:
-            word = load_embedding(pipe, run, token)
+        method = load_run(pipe, run, token)
+        methods.append(method)
+        word = method.prompt_word(run.class_word)
         records.append({"folder": str(run.folder), "method": run.method, "prompt_word": word})
         if not any(word in prompt for prompt in prompts):
             warnings.warn(
@@ -801,7 +792,7 @@ def _apply_finetunes(pipe, finetunes, prompts: list[str]) -> tuple[list[dict], l
                 ConceptInputWarning,
                 stacklevel=2,
             )
-    return records, infusions
+    return records, methods
 
 
 def _run_encode(args) -> Path:

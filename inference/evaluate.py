@@ -8,9 +8,11 @@ Methods (rows of the table), each on every concept it has, with the same initial
 - `elite`: the ELITE encoders (`inference.ElitePipeline`), one photo (+ its mask when found) -> S*;
 - `textual_inversion` / `batex`: a fine-tune's `learned_embeds.safetensors`, loaded with diffusers'
   own `load_textual_inversion` (labelled "+ semantic" when trained with the anchor loss);
-- `infusion`: a fine-tune's `infusion/` residuals (`encoders.infusion.generate_with_infusion`);
+- `infusion`: a fine-tune's `infusion/` residuals (sampled through its dual stream);
 - "+ spatial" rows: the same concept with the location MLP's boxes for the learned token and the
   other object steering the first steps (`inference.guidance`), in the compositional protocol.
+Each row generates through its method's class in `inference.methods` (the registry the command line uses
+too), so a method registered there with a trainer that writes fine-tune folders gets rows here unchanged.
 Fine-tune folders (or Hub repos) are found by their `concept.json`, which names the concept photos
 and class word; `concepts=DIR[=class]` adds concepts for `base` / `elite` alone.
 
@@ -55,26 +57,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from encoders.anchors import coco_class_names
-from encoders.attention import CONTEXT_KWARG, AttentionContext
 from encoders.common.config import ConfigError, config_to_dict, keyed_field, parse_config_cli
 from encoders.common.files import atomic_write_json, atomic_write_text
 from encoders.common.images import find_mask, list_photos
 from encoders.common.version import package_version
 from encoders.conditioning import sdxl_added_conditioning
-from encoders.infusion import EXTRAS_KEY, dual_stream_call, set_infusion_processors
 
 from .composition import plan_guidance
-from .finetuned import (
-    CONCEPT_FILE,
-    FinetuneFolderError,
-    FinetuneRun,
-    generate_finetuned,
-    load_embedding,
-    load_infusion,
-    read_finetune,
-    seeded_noise,
-)
-from .guidance import concepts_from_words, generate_with_spatial_guidance
+from .finetuned import CONCEPT_FILE, FinetuneFolderError, FinetuneRun, read_finetune, seeded_noise
 from .loading import (
     ModelLoadError,
     default_image_size,
@@ -83,6 +73,7 @@ from .loading import (
     load_location_mlp,
     make_scheduler,
 )
+from .methods import METHODS, Elite, GenerationMethod, load_run, method_class
 from .metrics import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_DETECTION_THRESHOLD,
@@ -97,17 +88,9 @@ from .metrics import (
     paired_similarity,
 )
 from .pictures import make_grid, save_image_atomic
-from .pipeline import ElitePipeline
-from .presets import paper_elite_scale
 from .protocols import CUSTOM_SAMPLING, PROTOCOLS, Protocol, Sampling, protocols_for
 
-METHODS = ("base", "elite", "textual_inversion", "batex", "infusion")
-SPATIAL_METHODS = (
-    "elite",
-    "textual_inversion",
-    "batex",
-)  # Infusion's two streams and guidance's recording both own the processors
-ELITE_PLACEHOLDER = "S*"
+ELITE_PLACEHOLDER = Elite.placeholder
 
 # DreamBooth's evaluation prompts (google/dreambooth dataset/prompts_and_classes.txt), "{}" = the concept.
 DREAMBOOTH_OBJECT_PROMPTS = (
@@ -297,7 +280,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
-            raise ConfigError(f"unknown methods {unknown}; choose among {', '.join(METHODS)}")
+            raise ConfigError(f"unknown methods {unknown}; choose among {', '.join(METHODS)} (inference.methods)")
         if self.protocol != "custom":
             try:
                 protocols_for(self.protocol)
@@ -503,7 +486,7 @@ class Evaluator:
         self.seeds = list(config.seeds) if config.seeds is not None else [0, 1, 2, 3, 4]
         if reuse is not None:
             self.pipe, self._scheduler_config = reuse.pipe, reuse._scheduler_config
-            self._elite, self._ti_tokens = reuse._elite, reuse._ti_tokens
+            self._methods = reuse._methods
             self._clip, self._dino, self._detector = reuse._clip, reuse._dino, reuse._detector
             self._location_mlp = reuse._location_mlp
         else:
@@ -512,8 +495,7 @@ class Evaluator:
             )
             self.pipe.set_progress_bar_config(disable=True)
             self._scheduler_config = self.pipe.scheduler.config
-            self._elite = None
-            self._ti_tokens: dict[Path, str] = {}
+            self._methods: dict = {}  # loaded generation methods: "elite", or a fine-tune folder
             self._clip = self._dino = self._detector = None
             self._location_mlp = False  # not looked for yet
         self._coi_by_text: dict[str, list] = {}
@@ -602,7 +584,7 @@ class Evaluator:
             for method, run in candidates:
                 label = method + (" + semantic" if run is not None and run.semantic_inversion else "")
                 rows.append(Row(method, label, concept, run, self.sampling_for(method)))
-                if spatial and method in SPATIAL_METHODS:
+                if spatial and method != "base" and method_class(method).spatial_guidance:
                     rows.append(
                         Row(method, f"{label} + spatial", concept, run, self.sampling_for(method), spatial=True)
                     )
@@ -624,81 +606,51 @@ class Evaluator:
 
     def _generator_for(self, row: Row) -> tuple[Callable, str]:
         """A function (texts, latents, generators) -> [(PIL image, extra record)], and the phrase for the templates."""
-        cfg, concept, payload, sampling = self.config, row.concept, row.payload, row.sampling
+        cfg, concept, sampling = self.config, row.concept, row.sampling
         common = dict(
             num_inference_steps=sampling.steps, guidance_scale=sampling.guidance, height=self.height, width=self.width
         )
+        method = self._method(row)
+        word = method.prompt_word(concept.class_word)
+        phrase = f"{word} {concept.class_word}" if cfg.append_class_word and method.appends_class_word else word
 
-        def plain(texts, latents, generators, infusions=()):
-            return [
-                (im, {})
-                for im in generate_finetuned(
-                    self.pipe, texts, latents, infusions=infusions, generator=generators, **common
-                )
-            ]
-
-        if row.method == "base":
-            return plain, concept.class_word
-        if row.method in ("textual_inversion", "batex"):
-            token = self._load_embedding(payload)
-            phrase = f"{token} {concept.class_word}" if cfg.append_class_word else token
+        def generate(texts, latents, generators):
             if not row.spatial:
-                return plain, phrase
+                images = method.generate(texts, latents, generators, **common)
+                return [(image, method.record(text)) for image, text in zip(images, texts)]
+            out = []
+            for text, lat, gen in zip(texts, latents.split(1), generators):
+                if word not in text:
+                    out.append((method.generate([text], lat, [gen], **common)[0], method.record(text)))
+                    continue
+                placed = self._placed(text, {word: method.embedding()})
+                result = method.generate_guided(text, lat, gen, {p.name: p.box for p in placed}, **common)
+                out.append((result.images[0], {**method.record(text), **_guidance_record(placed, result)}))
+            return out
 
-            def guided(texts, latents, generators):
-                out = []
-                for text, lat, gen in zip(texts, latents.split(1), generators):
-                    if token not in text:
-                        out += plain([text], lat, [gen])
-                        continue
-                    placed = self._placed(text, {token: None})
-                    result = generate_with_spatial_guidance(
-                        self.pipe,
-                        concepts_from_words(
-                            self.pipe.tokenizer, text, [p.name for p in placed], [p.box for p in placed]
-                        ),
-                        prompt=text,
-                        latents=lat.to(self.pipe.device, self.pipe.unet.dtype),
-                        generator=[gen],
-                        **common,
-                    )
-                    out.append((result.images[0], _guidance_record(placed, result)))
-                return out
+        return generate, phrase
 
-            return guided, phrase
-        if row.method == "infusion":
-            residuals = load_infusion(self.pipe, payload)
-            return (
-                lambda texts, latents, generators: plain(texts, latents, generators, [residuals])
-            ), residuals.config.class_word
+    def _method(self, row: Row) -> GenerationMethod:
+        """The row's generation method, loaded into the pipeline once (embeddings under a token of their own, as
+        several runs may use S*); ELITE's encoders are loaded for its rows and taken out after each."""
         if row.method == "elite":
-            elite = self._elite_pipeline()
-            photo = concept.photos[min(cfg.elite_image, len(concept.photos) - 1)]
-            encoded = elite.encode_concept(photo, mask=concept.mask_for(photo, cfg.mask_dir))
-
-            def generate(texts, latents, generators):
-                out = []
-                for text, lat, gen in zip(texts, latents.split(1), generators):
-                    if ELITE_PLACEHOLDER not in text:  # ELITE's global K/V act on every prompt: its model, no concept
-                        out += plain([text], lat, [gen])
-                        continue
-                    scale = (
-                        cfg.elite_scale if cfg.elite_scale is not None else paper_elite_scale(text, [ELITE_PLACEHOLDER])
-                    )
-                    extra: dict = {"elite_scale": scale}
-                    kwargs = {}
-                    if row.spatial:
-                        placed = self._placed(text, {ELITE_PLACEHOLDER: encoded.w0})
-                        boxes = {p.name: list(p.box) for p in placed}
-                        kwargs = dict(boxes=[boxes.pop(ELITE_PLACEHOLDER)], word_boxes=boxes or None)
-                    result = elite(text, encoded, elite_scale=scale, latents=lat, generator=[gen], **kwargs, **common)
-                    if row.spatial:
-                        extra.update(_guidance_record(placed, result))
-                    out.append((result.images[0], extra))
-                return out
-
-            return generate, ELITE_PLACEHOLDER
-        raise ValueError(f"unknown method {row.method!r}")
+            method = self._methods.get("elite")
+            if method is None or method.elite.encoders is None:
+                elite = method.elite if method is not None else None
+                method = Elite.load(
+                    self.pipe, self.config.encoders, image_encoder=self.config.image_encoder, elite=elite
+                )
+                self._methods["elite"] = method
+            method.elite_scale = self.config.elite_scale
+            photo = row.concept.photos[min(self.config.elite_image, len(row.concept.photos) - 1)]
+            method.encode(photo, mask=row.concept.mask_for(photo, self.config.mask_dir))
+            return method
+        if row.payload is None:
+            return method_class(row.method).load(self.pipe)
+        if row.payload.folder not in self._methods:
+            token = f"<{_slug(row.payload.label)}-{len(self._methods)}>"
+            self._methods[row.payload.folder] = load_run(self.pipe, row.payload, token=token)
+        return self._methods[row.payload.folder]
 
     def _placed(self, text: str, personalized: dict) -> list:
         """Boxes for the learned token and the prompt's other object, from the location MLP."""
@@ -709,23 +661,10 @@ class Evaluator:
             )
         return plan_guidance(text, personalized, [target], {}, self.location_mlp, self.pipe)
 
-    def _load_embedding(self, run: Run) -> str:
-        """Load a Textual Inversion / BaTex file once under a token of its own (several runs may use S*)."""
-        if run.folder not in self._ti_tokens:
-            token = f"<{_slug(run.label)}-{len(self._ti_tokens)}>"
-            self._ti_tokens[run.folder] = load_embedding(self.pipe, run, token=token)
-        return self._ti_tokens[run.folder]
-
-    def _elite_pipeline(self):
-        if self._elite is None:
-            self._elite = ElitePipeline(self.pipe)
-        if self._elite.encoders is None:
-            self._elite.load_encoders(self.config.encoders, image_encoder=self.config.image_encoder)
-        return self._elite
-
     def _release_elite(self) -> None:
-        if self._elite is not None and self._elite.encoders is not None:
-            self._elite.unload_encoders()
+        method = self._methods.get("elite")
+        if method is not None:
+            method.unload()
 
     def _use_sampler(self, sampling: Sampling) -> None:
         self.pipe.scheduler = make_scheduler(sampling.scheduler, self._scheduler_config)
@@ -828,20 +767,16 @@ class Evaluator:
 
         z0 are the base model's own images of `prompts` (VAE latents, one per prompt, standing in for
         data), noised with DDPM's forward process at `fisher_timesteps` from the first seed's noise.
-        The customised model of each method: Textual Inversion / BaTex the base UNet with the token loaded
-        (the prompts have none of it: the text is the same); ELITE the UNet with its cross-attention K/V
-        (which every prompt goes through); Infusion the residual stream of its dual call (row 1; row 0 is
-        the base stream). 0 for the base row.
+        The customised model is each method's (`GenerationMethod.noise_predictions`): Textual Inversion /
+        BaTex the base UNet with the token loaded (the prompts have none of it: the text is the same); ELITE
+        the UNet with its cross-attention K/V (which every prompt goes through); Infusion the residual stream
+        of its dual call (row 1; row 0 is the base stream). 0 for the base row.
         """
         if row.method == "base":
             return 0.0
         pipe = self.pipe
         noising = DDPMScheduler.from_config(self._scheduler_config)
         generator = torch.Generator("cpu").manual_seed(int(self.seeds[0]))
-        saved = dict(pipe.unet.attn_processors)
-        residuals = load_infusion(pipe, row.payload) if row.method == "infusion" else None
-        if row.method in ("textual_inversion", "batex"):
-            self._load_embedding(row.payload)
 
         def text_embeds(prompt: str, rows: int) -> dict:
             """The UNet's text keywords for `rows` copies of `prompt` (SDXL: with pooled embedding and size numbers)."""
@@ -866,34 +801,11 @@ class Evaluator:
                 timestep = torch.tensor([int(t)])
                 noisy = noising.add_noise(z, torch.randn(z.shape, generator=generator), timestep)
                 inputs.append((noisy.to(pipe.device, pipe.unet.dtype), timestep.to(pipe.device), prompt))
-        eps_base, eps_custom = [], []
+        method = self._method(row)  # its `noise_predictions`: the base and the customised model on the same inputs
         try:
-            if residuals is not None:  # one dual call: row 0 the base stream, row 1 the residual stream
-                set_infusion_processors(pipe.unet, [residuals])
-                for noisy, step, prompt in inputs:
-                    ctx = AttentionContext(extras={EXTRAS_KEY: dual_stream_call(pipe.tokenizer, [prompt], [residuals])})
-                    pred = pipe.unet(
-                        torch.cat([noisy, noisy]),
-                        step.repeat(2),
-                        **text_embeds(prompt, 2),
-                        cross_attention_kwargs={CONTEXT_KWARG: ctx},
-                    ).sample
-                    eps_base.append(pred[:1].float().cpu())
-                    eps_custom.append(pred[1:].float().cpu())
-            else:
-                eps_base = [
-                    pipe.unet(noisy, step, **text_embeds(prompt, 1)).sample.float().cpu()
-                    for noisy, step, prompt in inputs
-                ]
-                if row.method == "elite":
-                    self._elite_pipeline()
-                eps_custom = [
-                    pipe.unet(noisy, step, **text_embeds(prompt, 1)).sample.float().cpu()
-                    for noisy, step, prompt in inputs
-                ]
+            eps_base, eps_custom = method.noise_predictions(inputs, text_embeds)
         finally:
             self._release_elite()
-            pipe.unet.set_attn_processor(dict(saved))
         return latent_fisher_divergence(torch.cat(eps_base), torch.cat(eps_custom))
 
     # ---- the whole evaluation --------------------------------------------------------------------------

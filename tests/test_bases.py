@@ -82,7 +82,8 @@ def test_the_bundle_has_sd2_structure(tiny_sd2_path, tiny_image_encoder_path):
 
 
 def test_textual_inversion_and_infusion_on_sd2(tiny_sd2_path, data_dir, tmp_path):
-    from encoders.infusion import InfusionResiduals, generate_with_infusion
+    from encoders.infusion import InfusionResiduals
+    from inference.methods import generate_with_infusion
     from training.infusion import InfusionConfig, InfusionTask
     from training.textual_inversion import TextualInversionConfig, TextualInversionTask
 
@@ -261,7 +262,8 @@ def test_an_sdxl_bundle_loads_in_diffusers_and_is_refused_clearly(
 def test_infusion_trains_generates_and_evaluates_on_sdxl(tiny_sdxl_path, tiny_eval_models, data_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from encoders.infusion import InfusionResiduals, generate_with_infusion
+    from encoders.infusion import InfusionResiduals
+    from inference.methods import generate_with_infusion
     from training.infusion import InfusionConfig, InfusionTask
 
     out = tmp_path / "inf"

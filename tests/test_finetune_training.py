@@ -205,7 +205,8 @@ def test_batex_with_anchors_stays_in_the_span_of_its_basis(tiny_sd_path, data_di
 
 
 def test_infusion_trains_and_changes_only_class_word_prompts(tiny_sd_path, data_dir, tmp_path):
-    from encoders.infusion import InfusionResiduals, generate_with_infusion
+    from encoders.infusion import InfusionResiduals
+    from inference.methods import generate_with_infusion
     from training.infusion import InfusionConfig, InfusionTask
 
     concept = data_dir / "concepts" / "dreambooth" / "cat"

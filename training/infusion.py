@@ -11,7 +11,7 @@ cross-attention maps are the foundational row's; only the customised row's predi
 Paper settings: lr 0.01, batch 4; DDIM 50 steps, guidance 8 at inference.
 
 Output in `output_dir`: `infusion/` (an `InfusionResiduals` folder: config + a few KB of safetensors),
-`concept.json`, checkpoints and logs. Use it with `encoders.infusion.generate_with_infusion(pipe,
+`concept.json`, checkpoints and logs. Use it with `inference.methods.generate_with_infusion(pipe,
 prompts, [InfusionResiduals.from_pretrained(output_dir, subfolder="infusion")])`.
 """
 
@@ -30,10 +30,10 @@ from encoders.infusion import (
     EXTRAS_KEY,
     InfusionResiduals,
     dual_stream_call,
-    generate_with_infusion,
     infusion_call,
     set_infusion_processors,
 )
+from inference.methods import generate_with_infusion
 
 from .concept_data import ConceptFinetuneTask, FinetuneConfig
 from .export import export_model
@@ -152,7 +152,7 @@ class InfusionTask(ConceptFinetuneTask):
             f"{' (dual stream)' if c.replace_maps else ''}, and prompts without the word are untouched.\n\n"
             "```python\n"
             f"from diffusers import DDIMScheduler, {pipeline}\n"
-            "from encoders.infusion import InfusionResiduals, generate_with_infusion\n\n"
+            "from encoders.infusion import InfusionResiduals\nfrom inference.methods import generate_with_infusion\n\n"
             f'pipe = {pipeline}.from_pretrained("{c.pretrained_model_name_or_path}")\n'
             "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n"
             f'concept = InfusionResiduals.from_pretrained("PATH_OR_REPO", subfolder="{RESIDUALS_FOLDER}")\n'

@@ -8,14 +8,15 @@ leaves in its folder `concept.json`, which says what was learned and where the r
      "max_steps": 5000, "files": {"embeddings": "learned_embeds.safetensors"}}   # or {"residuals": "infusion"}
 
 Embeddings are a safetensors file `{token: [1, D]}` (what diffusers' `load_textual_inversion`
-reads); Infusion residuals a `save_pretrained` folder. `read_finetune` checks a folder against this.
+reads); Infusion residuals a `save_pretrained` folder; a method added later names its result in
+`files.result`. `read_finetune` checks a folder against this.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,17 +63,24 @@ class FinetuneRun:
         return bool(self.info.get("semantic_inversion", False))
 
     def result_path(self) -> Path:
-        """The embeddings file (TI / BaTex) or the residuals folder (Infusion)."""
+        """The embeddings file (TI / BaTex), the residuals folder (Infusion), or what `files.result` names (any
+        other method)."""
         files = self.info.get("files", {})
         if self.method in EMBEDDING_METHODS:
             return self.folder / files.get("embeddings", EMBEDDINGS_FILE)
-        return self.folder / files.get("residuals", RESIDUALS_FOLDER)
+        if self.method == "infusion":
+            return self.folder / files.get("residuals", RESIDUALS_FOLDER)
+        if not files.get("result"):
+            raise FinetuneFolderError(f"{self.folder}: {CONCEPT_FILE} names no result (files.result)")
+        return self.folder / files["result"]
 
 
 def write_concept_info(folder: str | os.PathLike, info: Mapping[str, Any]) -> str:
     """Write `folder/concept.json` (atomically); returns its file name."""
-    if info.get("method") not in FINETUNE_METHODS:
-        raise ValueError(f"concept.json needs a method among {', '.join(FINETUNE_METHODS)}, got {info.get('method')!r}")
+    if not _is_method_name(info.get("method")):
+        raise ValueError(
+            f"concept.json needs a method name (e.g. {', '.join(FINETUNE_METHODS)}), got {info.get('method')!r}"
+        )
     atomic_write_json(Path(folder) / CONCEPT_FILE, {**info, "package_version": package_version()})
     return CONCEPT_FILE
 
@@ -110,8 +118,14 @@ def _concepts_library_run(folder: Path) -> FinetuneRun:
     return FinetuneRun("textual_inversion", folder, info)
 
 
-def read_finetune(folder: str | os.PathLike) -> FinetuneRun:
-    """Read `folder/concept.json` (a local folder or a Hub repo id); errors name the folder and what is wrong."""
+def _is_method_name(method: Any) -> bool:
+    return isinstance(method, str) and method.isidentifier()
+
+
+def read_finetune(folder: str | os.PathLike, methods: Collection[str] = FINETUNE_METHODS) -> FinetuneRun:
+    """Read `folder/concept.json` (a local folder or a Hub repo id); errors name the folder and what is wrong.
+
+    `methods`: the method names to accept (`inference.finetuned.read_finetune` passes every registered one)."""
     folder = fetch_finetune(folder)
     info_file = folder / CONCEPT_FILE
     if not folder.is_dir():
@@ -128,10 +142,8 @@ def read_finetune(folder: str | os.PathLike) -> FinetuneRun:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise FinetuneFolderError(f"{info_file} is not valid JSON: {err}") from err
     method = info.get("method") if isinstance(info, dict) else None
-    if method not in FINETUNE_METHODS:
-        raise FinetuneFolderError(
-            f"{info_file}: unknown method {method!r} (expected one of {', '.join(FINETUNE_METHODS)})"
-        )
+    if method not in methods:
+        raise FinetuneFolderError(f"{info_file}: unknown method {method!r} (expected one of {', '.join(methods)})")
     run = FinetuneRun(method, folder, info)
     if not run.result_path().exists():
         raise FinetuneFolderError(f"{folder}: {run.result_path().name} named in {CONCEPT_FILE} is missing")
