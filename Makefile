@@ -101,7 +101,7 @@ browser:
 
 # ------------------------------------------------------------------------------------------ demo
 demo: demo-models demo-base demo-shards demo-elite demo-generate demo-compose demo-finetune demo-eval
-	@$(PY) -m inference.demo_report --demo $(DEMO)
+	@$(PY) -m inference.evaluation.demo_report --demo $(DEMO)
 
 # 1. the models: the trained world (written out from encoders/assets/world) or a random tiny bundle, plus the
 #    evaluation stand-ins (eval CLIP, DINO, DETR, CLIPSeg; random tiny ones)

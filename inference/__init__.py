@@ -7,7 +7,9 @@ Needs torch, diffusers, transformers, safetensors, huggingface_hub, PIL, numpy a
 - `load_elite(pipe, encoders)` / `set_elite_scale(pipe, lam)` / `unload_elite(pipe)`: the same on a stock
   diffusers pipeline, as `load_ip_adapter` does (unloading restores the processors that were there).
 - `Concept` (`inference.concept`): an encoded concept that saves to / loads from safetensors.
-- `python -m inference generate|encode ...` (`inference.cli`).
+- `inference.methods`: every generation method (base, ELITE, TI, BaTex, Infusion) as one registry.
+- `python -m inference generate|encode ...` (`inference.cli`); `zsp` over every stage (`inference.zsp`);
+  evaluation in `inference.evaluation` (`python -m inference.evaluate`).
 
 Attributes are imported lazily so `import inference` stays cheap.
 """

@@ -182,7 +182,7 @@ def test_evaluation_imports_no_training_stack():
 
     repo = Path(__file__).resolve().parent.parent
     probe = (
-        "import sys, inference.evaluate, inference.metrics, encoders.infusion, encoders.subspace\n"
+        "import sys, inference.evaluate, inference.evaluation.metrics, encoders.infusion, encoders.subspace\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'training', 'data_prep', 'deepspeed', 'webdataset', 'pycocotools'}))"
     )
@@ -289,7 +289,7 @@ def test_protocol_errors_and_sampling_overrides():
         evaluate.EvalConfig(protocol="dreambooth")
     with pytest.raises(Exception, match="unknown scheduler"):
         evaluate.EvalConfig(scheduler="heun2")
-    from inference.protocols import PROTOCOL_TABLE
+    from inference.evaluation.protocols import PROTOCOL_TABLE
 
     cfg = evaluate.protocol_config(evaluate.EvalConfig(out="o"), PROTOCOL_TABLE["compositional"])
     assert cfg.seeds == list(range(10)) and cfg.append_class_word and cfg.prompts == "composition"

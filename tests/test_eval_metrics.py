@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inference import metrics
+from inference.evaluation import metrics
 
 
 def concept_photos(data_dir, subject="dog", n=3):

@@ -344,7 +344,7 @@ def test_help_explains_every_option():
 
 
 def test_demo_report_lists_parts_and_fails_on_a_missing_stage(tmp_path, capsys):
-    from inference.demo_report import main as report
+    from inference.evaluation.demo_report import main as report
 
     demo = tmp_path / "demo"
     (demo / "models" / "sd").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Print what `make demo` made and where: `python -m inference.demo_report --demo outputs/demo`.
+"""Print what `make demo` made and where: `python -m inference.evaluation.demo_report --demo outputs/demo`.
 
 One line per part of the demo folder (models/sd, models/image_encoder, shards,
 encoders, images/<run>), saying whether it is there, how many files and bytes it holds, and for each
@@ -68,7 +68,9 @@ def describe(demo: Path, part: str) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inference.demo_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m inference.evaluation.demo_report", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--demo", default="outputs/demo", help="the demo folder (default: outputs/demo)")
     parser.add_argument(
         "--stage",

@@ -1,0 +1,127 @@
+"""Infusion's overfitting measures for every method against the base model: latent W2 and latent Fisher divergence."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from encoders.conditioning import sdxl_added_conditioning
+
+from ..loading import (
+    is_sdxl_pipeline,
+)
+from .config import EvalConfig
+from .generation import RowGenerator
+from .metrics import (
+    gaussian_w2,
+    latent_fisher_divergence,
+)
+from .plan import Row
+
+
+class OverfittingMeasures:
+    """Infusion's measures for every row against the base model: latent W2 between images of the same prompts
+    and sampling, and the latent Fisher divergence of the noise predictions (on generic and class-word prompts).
+    The base row of a concept must come first (`plan_rows` puts it there): its images are the reference."""
+
+    def __init__(self, config: EvalConfig, generator: RowGenerator, seeds: Sequence[int]):
+        self.config, self.generator, self.seeds = config, generator, list(seeds)
+        self.base_latents: dict[tuple, dict] = {}  # (concept, sampling) -> {kind: latents}
+        self.fisher_data: dict[str, dict] = {}  # concept -> {kind: (z0, prompts)}
+
+    @torch.no_grad()
+    def image_latents(self, images) -> torch.Tensor:
+        """VAE posterior means of generated images (the latents the Gaussians are fitted to)."""
+        vae = self.generator.pipe.vae
+        out = []
+        for i in range(0, len(images), 8):
+            arrays = [
+                np.asarray(im.convert("RGB").resize((self.generator.width, self.generator.height)), dtype=np.float32)
+                for im in images[i : i + 8]
+            ]
+            pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+            dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+            out.append(dist.mean.float().cpu() * vae.config.scaling_factor)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def fisher_divergence(self, row: Row, z0: torch.Tensor, prompts: Sequence[str]) -> float:
+        """The latent Fisher divergence between the base and the customised model (Infusion's measure):
+        mean squared difference of their noise predictions on the same noisy latents, prompts and timesteps.
+
+        z0 are the base model's own images of `prompts` (VAE latents, one per prompt, standing in for
+        data), noised with DDPM's forward process at `fisher_timesteps` from the first seed's noise.
+        The customised model is each method's (`GenerationMethod.noise_predictions`): Textual Inversion /
+        BaTex the base UNet with the token loaded (the prompts have none of it: the text is the same); ELITE
+        the UNet with its cross-attention K/V (which every prompt goes through); Infusion the residual stream
+        of its dual call (row 1; row 0 is the base stream). 0 for the base row.
+        """
+        if row.method == "base":
+            return 0.0
+        pipe = self.generator.pipe
+        noising = DDPMScheduler.from_config(self.generator._scheduler_config)
+        generator = torch.Generator("cpu").manual_seed(int(self.seeds[0]))
+
+        def text_embeds(prompt: str, rows: int) -> dict:
+            """The UNet's text keywords for `rows` copies of `prompt` (SDXL: with pooled embedding and size numbers)."""
+            if is_sdxl_pipeline(pipe):
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    prompt=prompt, device=pipe.device, num_images_per_prompt=rows, do_classifier_free_guidance=False
+                )
+                added = sdxl_added_conditioning(pooled.to(embeds.dtype), self.generator.height, self.generator.width)
+                return {"encoder_hidden_states": embeds, "added_cond_kwargs": added}
+            ids = pipe.tokenizer(
+                [prompt] * rows,
+                padding="max_length",
+                max_length=pipe.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(pipe.device)
+            return {"encoder_hidden_states": pipe.text_encoder(ids)[0]}
+
+        inputs = []  # (noisy latent, timestep, prompt), the same for every method
+        for z, prompt in zip(z0.split(1), prompts):
+            for t in self.config.fisher_timesteps:
+                timestep = torch.tensor([int(t)])
+                noisy = noising.add_noise(z, torch.randn(z.shape, generator=generator), timestep)
+                inputs.append((noisy.to(pipe.device, pipe.unet.dtype), timestep.to(pipe.device), prompt))
+        method = self.generator.method_for(
+            row
+        )  # its `noise_predictions`: the base and the customised model on the same inputs
+        try:
+            eps_base, eps_custom = method.noise_predictions(inputs, text_embeds)
+        finally:
+            self.generator.release_elite()
+        return latent_fisher_divergence(torch.cat(eps_base), torch.cat(eps_custom))
+
+    def measure(self, row: Row, items) -> dict:
+        """Latent W2 to the base model with the same sampling, on class-word and generic prompts; latent
+        Fisher divergence on the same two kinds of prompts."""
+        concept = row.concept
+        by_kind = {kind: [image for spec, _, image, _ in items if spec.kind == kind] for kind in ("concept", "generic")}
+        latents = {kind: self.image_latents(images) for kind, images in by_kind.items() if images}
+        if row.method == "base":
+            self.base_latents[(concept.name, row.sampling)] = latents
+            if concept.name not in self.fisher_data:  # the first seed's images of each prompt stand in for data
+                first = [(spec, image) for spec, seed, image, _ in items if seed == self.seeds[0]]
+                self.fisher_data[concept.name] = {
+                    kind: (
+                        self.image_latents([im for spec, im in first if spec.kind == kind]),
+                        [spec.template.format(concept.class_word) for spec, _ in first if spec.kind == kind],
+                    )
+                    for kind in ("concept", "generic")
+                    if any(spec.kind == kind for spec, _ in first)
+                }
+        reference = self.base_latents.get((concept.name, row.sampling), {})
+        out = {}
+        for kind, key in (("generic", "w2_generic"), ("concept", "w2_concept")):
+            if kind in latents and kind in reference and len(latents[kind]) >= 2:
+                out[key] = 0.0 if row.method == "base" else gaussian_w2(reference[kind], latents[kind])
+        for kind, key in (("generic", "fisher_generic"), ("concept", "fisher_class")):
+            if kind in self.fisher_data.get(concept.name, {}):
+                z0, prompts = self.fisher_data[concept.name][kind]
+                out[key] = self.fisher_divergence(row, z0, prompts)
+        return out

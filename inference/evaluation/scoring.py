@@ -1,0 +1,92 @@
+"""Scoring a row's images: CLIP-T against the prompt with the class word for the concept, CLIP-I and DINO-I
+against the concept photos, and whether the detector finds the other object (CoI)."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from .config import EvalConfig
+from .metrics import (
+    ClipScorer,
+    DinoScorer,
+    ObjectDetector,
+    cosine_matrix,
+    paired_similarity,
+)
+from .plan import ConceptFolder, Row
+
+
+class Scorer:
+    """The scoring models (CLIP for CLIP-T / CLIP-I, DINO for DINO-I, the detector for CoI), each loaded on first
+    use, and the per-image scores of a row."""
+
+    def __init__(self, config: EvalConfig, device):
+        self.config, self.device = config, device
+        self._clip = self._dino = self._detector = None
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            self._clip = ClipScorer(self.config.clip_model, device=self.device)
+        return self._clip
+
+    @property
+    def dino(self):
+        if self._dino is None:
+            self._dino = DinoScorer(self.config.dino_model, device=self.device)
+        return self._dino
+
+    @property
+    def detector(self):
+        if self._detector is None:
+            self._detector = ObjectDetector(
+                self.config.detector_model,
+                device=self.device,
+                threshold=self.config.detection_threshold,
+                revision=self.config.detector_revision,
+            )
+        return self._detector
+
+    def references(self, concept: ConceptFolder) -> tuple:
+        """(CLIP embeddings, DINO embeddings, first photo) of the concept's photos."""
+        photos = [Image.open(p).convert("RGB") for p in concept.photos]
+        return self.clip.image_embeds(photos), self.dino.image_embeds(photos), photos[0]
+
+    def score(self, row: Row, items, clip_refs, dino_refs) -> list[dict]:
+        """Per image: CLIP-T against its prompt with the class word for the concept, CLIP-I / DINO-I against
+        the concept photos (prompts about the concept only), the CoI hit, and guidance's record."""
+        concept = row.concept
+        images = [image for _, _, image, _ in items]
+        texts = [spec.template.format(concept.class_word) for spec, _, _, _ in items]
+        clip_images = self.clip.image_embeds(images)
+        clip_t = paired_similarity(clip_images, self.clip.text_embeds(texts))
+        about = [k for k, (spec, _, _, _) in enumerate(items) if spec.kind != "generic"]
+        clip_i = dino_i = {}
+        if about:
+            chosen = [images[k] for k in about]
+            clip_i = dict(zip(about, cosine_matrix(clip_images[about], clip_refs).mean(dim=1).tolist()))
+            dino_i = dict(zip(about, cosine_matrix(self.dino.image_embeds(chosen), dino_refs).mean(dim=1).tolist()))
+        coi = {}
+        targets = [(k, spec.coi_target) for k, (spec, _, _, _) in enumerate(items) if spec.coi_target]
+        if targets:
+            found = self.detector.detect([images[k] for k, _ in targets])
+            coi = {k: float(t.lower() in {f.lower() for f in labels}) for (k, t), labels in zip(targets, found)}
+        rows = []
+        for k, (spec, seed, _, extra) in enumerate(items):
+            rows.append(
+                {
+                    "prompt_index": spec.index,
+                    "kind": spec.kind,
+                    "prompt": texts[k],
+                    "seed": seed,
+                    "clip_t": clip_t[k].item(),
+                    "clip_i": clip_i.get(k),
+                    "dino_i": dino_i.get(k),
+                    "coi_target": spec.coi_target or "",
+                    "coi_hit": coi.get(k),
+                    "elite_scale": extra.get("elite_scale"),
+                    "location_loss_first": extra.get("location_loss_first"),
+                    "location_loss_last": extra.get("location_loss_last"),
+                }
+            )
+        return rows
