@@ -144,3 +144,16 @@ def test_no_file_names_a_document_outside_the_repository():
             text = path.read_text(errors="ignore")
             bad += [f"{path.relative_to(REPO)} mentions {word}" for word in outside if word in text]
     assert not bad, "\n".join(bad)
+
+
+def test_the_lean_inference_package_does_not_need_the_evaluation_room():
+    """`inference/evaluation/` sits beside the generation code, not under it: nothing in `inference` outside the
+    room imports it, but for `inference/evaluate.py`, the `python -m inference.evaluate` alias."""
+    bad = [
+        f"{path.relative_to(REPO)}:{line} imports {module}"
+        for path in _sources("inference")
+        if "evaluation" not in path.relative_to(REPO).parts and path.name != "evaluate.py"
+        for line, module in _imports(path)
+        if module.startswith("inference.evaluation")
+    ]
+    assert not bad, "\n".join(bad)
