@@ -58,6 +58,7 @@ from encoders.common.version import DISTRIBUTION, package_version
 from .composition import default_words, parse_token_box, plan_guidance
 from .concept import Concept, ConceptFileError
 from .encoding import concept_photos, encode_concept_standalone
+from .families import FamilyInputs, family_pipeline, load_loras
 from .finetuned import FinetuneFolderError, read_finetune, seeded_noise
 from .guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance, predict_boxes
 from .inputs import (
@@ -345,6 +346,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH_OR_ID",
         help="encoders folder / Hub repo with location_mlp/ (default: the --encoders' own)",
     )
+    family = gen.add_argument_group(
+        "other pipelines (the text-to-image pipeline's UNet shared through from_pipe; ELITE acts there too)"
+    )
+    family.add_argument("--init-image", default=None, metavar="IMG", help="img2img: start from this picture")
+    family.add_argument(
+        "--strength",
+        type=_number(float, low=0.0, high=1.0),
+        default=0.8,
+        metavar="S",
+        help="img2img / inpainting: how much of --init-image is repainted (0..1, default 0.8, diffusers' default)",
+    )
+    family.add_argument(
+        "--inpaint-mask", default=None, metavar="MASK", help="inpainting: white = repaint (needs --init-image)"
+    )
+    family.add_argument("--control-image", default=None, metavar="IMG", help="ControlNet: the conditioning image")
+    family.add_argument(
+        "--controlnet", default=None, metavar="PATH_OR_ID", help="ControlNet: the model (folder or Hub id)"
+    )
+    family.add_argument(
+        "--controlnet-scale",
+        type=_number(float, low=0.0),
+        default=1.0,
+        metavar="S",
+        help="ControlNet conditioning scale",
+    )
+    family.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH_OR_ID",
+        help="a LoRA in diffusers' layout (folder, Hub repo or .safetensors), loaded with load_lora_weights (peft); "
+        "repeatable",
+    )
+    family.add_argument("--lora-scale", type=_number(float), default=1.0, metavar="S", help="weight of every --lora")
     out = gen.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="folder for images, grid.png and settings.json")
     out.add_argument("--save-concepts", action="store_true", help="also write each encoded concept as safetensors")
@@ -446,9 +481,29 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
     if args.finetune and n_concepts:
         parser.error("--finetune applies a per-concept fine-tune; give it without --image/--concept")
     try:
+        _family_inputs(args).check()
+    except ConceptInputError as err:
+        parser.error(str(err))
+    if _family_inputs(args).any and (args.box or args.spatial_guidance or args.guide_word):
+        parser.error(
+            "spatial guidance runs its own text-to-image denoising loop: not with --init-image / --inpaint-mask / "
+            "--control-image"
+        )
+    try:
         check_writable_folder(args.out, "--out")
     except OutputPathError as err:
         parser.error(str(err))
+
+
+def _family_inputs(args) -> FamilyInputs:
+    return FamilyInputs(
+        init_image=args.init_image,
+        strength=args.strength,
+        inpaint_mask=args.inpaint_mask,
+        control_image=args.control_image,
+        controlnet=args.controlnet,
+        controlnet_scale=args.controlnet_scale,
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -572,6 +627,18 @@ def _run_generate(args) -> dict:
 
     finetune_records, methods = _apply_finetunes(pipe, finetunes, args.prompt)
     residuals = [r for method in methods for r in method.residuals()]
+    loras = load_loras(pipe, args.lora, args.lora_scale)
+    family = _family_inputs(args)
+    family_kwargs: dict = {}
+    if family.any:
+        if residuals:
+            raise ConceptInputError(
+                "an Infusion fine-tune samples through its own dual-stream call: not with --init-image / "
+                "--inpaint-mask / --control-image"
+            )
+        pipe, family_kwargs = family_pipeline(pipe, family, width, height)
+        pipe.set_progress_bar_config(disable=args.quiet)
+        generator_api = generator_api.with_pipeline(pipe)
     guided = bool(args.box) or args.spatial_guidance or bool(args.guide_word)
     if guided:
         try:
@@ -620,7 +687,7 @@ def _run_generate(args) -> dict:
                 )
             )
         guidance_losses = None
-        if residuals or (methods and not concepts and not placed):  # the fine-tunes' methods, seeded noise
+        if residuals or (methods and not concepts and not placed and not family.any):  # fine-tunes: seeded noise
             latents, generators = seeded_noise(pipe, range(args.seed, args.seed + args.num_images), height, width)
             images = generate_together(
                 methods,
@@ -662,6 +729,7 @@ def _run_generate(args) -> dict:
                 width=width,
                 boxes=[by_token[p] for p in placeholders] if placed else None,
                 word_boxes={t: b for t, b in by_token.items() if t not in placeholders} or None,
+                **family_kwargs,
             )
             images, location_losses, guidance_losses = result.images, result.location_losses, result.guidance_losses
         maps = result.attention_maps if placed else None
@@ -718,6 +786,18 @@ def _run_generate(args) -> dict:
         "height": height,
         "width": width,
         "scheduler": type(pipe.scheduler).__name__,
+        "pipeline": type(pipe).__name__,
+        "family": {
+            "init_image": family.init_image,
+            "strength": family.strength if family.init_image else None,
+            "inpaint_mask": family.inpaint_mask,
+            "control_image": family.control_image,
+            "controlnet": family.controlnet,
+            "controlnet_scale": family.controlnet_scale if family.controlnet else None,
+        }
+        if family.any
+        else None,
+        "loras": [{"source": s, "adapter": a, "scale": args.lora_scale} for s, a in zip(args.lora, loras)],
         "finetunes": finetune_records,
         "spatial_guidance": {
             "boxes_given": [{"token": t, "box": list(b)} for t, b in args.box],

@@ -429,7 +429,7 @@ class Elite(GenerationMethod):
     @contextlib.contextmanager
     def removed(self):
         unet, installed = self.pipe.unet, dict(self.pipe.unet.attn_processors)
-        unet.set_attn_processor(dict(self.elite._saved_processors))
+        unet.set_attn_processor(dict(self.elite.saved_processors))
         try:
             yield
         finally:

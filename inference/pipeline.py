@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,6 +92,19 @@ def _base_model_note(what: str, recorded: str | None, pipe) -> str | None:
     )
 
 
+_STATE_KEY = "_zsp_elite"  # where a UNet carries its ELITE (plain attribute, not a module or parameter)
+
+
+@dataclass
+class _EliteState:
+    encoders: EliteEncoders
+    saved_processors: dict  # the UNet's processors before ELITE's, put back by unload
+
+
+def _unet_state(unet) -> _EliteState | None:
+    return unet.__dict__.get(_STATE_KEY)
+
+
 class ElitePipeline:
     """A `StableDiffusionPipeline` plus ELITE encoders: encode a concept photo, generate with it.
 
@@ -100,8 +114,6 @@ class ElitePipeline:
 
     def __init__(self, pipe, encoders: EliteEncoders | None = None, elite_scale: float = DEFAULT_ELITE_SCALE):
         self.pipe = pipe
-        self.encoders: EliteEncoders | None = None
-        self._saved_processors: dict | None = None  # the UNet's processors before ELITE's, put back by unload
         self._tokenizer, self._tokenizer_of = (
             None,
             None,
@@ -152,6 +164,34 @@ class ElitePipeline:
     def scheduler(self, scheduler) -> None:
         self.pipe.scheduler = scheduler
 
+    # ELITE's state lives on the UNet, not on this object: a pipeline made with `from_pipe` shares the UNet, so an
+    # ElitePipeline over it (`load_elite(other_pipe)`, `with_pipeline`) sees the same encoders, and unloading from
+    # either puts back the processors the UNet had before ELITE.
+    @property
+    def encoders(self) -> EliteEncoders | None:
+        state = _unet_state(self.pipe.unet)
+        return None if state is None else state.encoders
+
+    @property
+    def saved_processors(self) -> dict | None:
+        """The attention processors the UNet had before ELITE (None when ELITE is not loaded)."""
+        return self._saved_processors
+
+    @property
+    def _saved_processors(self) -> dict | None:
+        state = _unet_state(self.pipe.unet)
+        return None if state is None else state.saved_processors
+
+    def with_pipeline(self, pipe) -> ElitePipeline:
+        """ELITE over another pipeline that shares this one's UNet (made with `from_pipe`: img2img, inpainting,
+        ControlNet, ...): the same encoders and lambda, no reloading."""
+        if pipe.unet is not self.pipe.unet:
+            raise ValueError(
+                "with_pipeline needs a pipeline sharing this UNet (make it with PipelineClass.from_pipe(pipe)); "
+                "for another UNet, load_elite(other_pipe, encoders)"
+            )
+        return ElitePipeline(pipe, elite_scale=self.elite_scale)
+
     @property
     def image_encoder_name(self) -> str | None:
         return None if self.encoders is None else self.encoders.image_encoder_name
@@ -174,10 +214,10 @@ class ElitePipeline:
                 ConceptInputWarning,
                 stacklevel=3,
             )
-        if self._saved_processors is None:
-            self._saved_processors = dict(self.pipe.unet.attn_processors)
-        set_elite_processors(self.pipe.unet, encoders.global_mapping, encoders.local_mapping, keep_custom=True)
-        self.encoders = encoders
+        unet = self.pipe.unet
+        saved = self._saved_processors if self._saved_processors is not None else dict(unet.attn_processors)
+        set_elite_processors(unet, encoders.global_mapping, encoders.local_mapping, keep_custom=True)
+        unet.__dict__[_STATE_KEY] = _EliteState(encoders, saved)
 
     def set_elite_scale(self, elite_scale: float) -> None:
         """Default lambda (weight of the local detail branch) for later calls; 0 = global word only."""
@@ -212,8 +252,7 @@ class ElitePipeline:
             self.pipe.unet.set_attn_processor(dict(self._saved_processors))
         else:
             restore_default_processors(self.pipe.unet)
-        self._saved_processors = None
-        self.encoders = None
+        self.pipe.unet.__dict__.pop(_STATE_KEY, None)
 
     # ---- encoding --------------------------------------------------------------------------
     mask_model: str = DEFAULT_MASK_MODEL  # CLIPSeg for encode_concept(..., auto_mask=...)
@@ -619,10 +658,18 @@ class ElitePipeline:
 def load_elite(
     pipe, encoders: str | Path, image_encoder: str | Path | None = None, elite_scale: float = DEFAULT_ELITE_SCALE
 ) -> ElitePipeline:
-    """ELITE on a stock diffusers `StableDiffusionPipeline`, in the shape of `pipe.load_ip_adapter`:
-    loads the encoders (folder or Hub repo) onto the pipe's device and dtype and installs the processors
-    (keeping any custom self-attention processor); returns the `ElitePipeline` for encoding and
-    generating, also kept as `pipe.elite`. `unload_elite(pipe)` puts back exactly what was there."""
+    """ELITE on a stock diffusers pipeline (text-to-image, img2img, inpainting, ControlNet; SD or SDXL), in the
+    shape of `pipe.load_ip_adapter`: loads the encoders (folder or Hub repo) onto the pipe's device and dtype and
+    installs the processors (keeping any custom self-attention processor); returns the `ElitePipeline` for
+    encoding and generating, also kept as `pipe.elite`. `unload_elite(pipe)` puts back exactly what was there.
+
+    A pipeline made with `from_pipe` from one that has these encoders loaded shares its UNet, and so its ELITE:
+    that is used as it is, not loaded twice."""
+    state = _unet_state(pipe.unet)
+    if state is not None and _same_source(str(encoders), state.encoders.source):
+        elite = ElitePipeline(pipe, elite_scale=elite_scale)
+        pipe.elite = elite
+        return elite
     elite = ElitePipeline(pipe, elite_scale=elite_scale).load_encoders(encoders, image_encoder=image_encoder)
     pipe.elite = elite
     return elite
