@@ -39,6 +39,8 @@ GUIDE_WORDS := square heart
 GUIDE_ARGS := --steps 25 --guidance-steps 10 --iterations 3 --step-size 1e3
 FT_PROMPTS := --prompt "a photo of S* on a blue background" --prompt "a photo of a red star on a blue background"
 WORLD_KEYS := data.clip_size=64
+# CoI on the world: its attribute classifier says which shapes a picture holds (DETR knows no world shapes)
+COI_KEYS := detector_model=$(M)/classifier detection_threshold=0.5 coi_objects=circle,square,triangle,heart,cross,diamond,hexagon
 ELITE_STEPS := 400
 SHARDS_NOTE := crops of the world's training scenes (2,000 images rendered by data_prep world)
 else
@@ -53,6 +55,7 @@ GUIDE_WORDS := person bus
 GUIDE_ARGS := --steps 10 --guidance-steps 5 --iterations 3 --step-size 1e5
 FT_PROMPTS := --prompt "a photo of S* on the beach" --prompt "a teapot in the snow"
 WORLD_KEYS :=
+COI_KEYS := detector_model=$(M)/detector
 ELITE_STEPS := 40
 endif
 # Tiny-model settings shared by the training stages (64 px, single CPU process, no tracker).
@@ -215,7 +218,7 @@ $(DEMO)/eval/results.md: $(DEMO)/encoders/local_mapping/config.json \
 		runs=$(DEMO)/finetune/concept_textual_inversion,$(DEMO)/finetune/concept_textual_inversion_anchors,$(DEMO)/finetune/concept_infusion \
 		encoders=$(DEMO)/encoders $(if $(filter world,$(BASE)),,mask_dir=tests/data/concepts/masks) elite_image=$(if $(filter world,$(BASE)),0,4) out=$(DEMO)/eval \
 		protocol=all num_prompts=2 seeds=0,1 num_inference_steps=8 batch_size=6 fisher_timesteps=250,750 \
-		clip_model=$(M)/eval_clip dino_model=$(M)/dino detector_model=$(M)/detector
+		clip_model=$(M)/eval_clip dino_model=$(M)/dino $(COI_KEYS)
 
 # ------------------------------------------------------------------------------------------ world
 # The miniature world's base models, trained from scratch (training.world; see encoders/assets/world/README.md for

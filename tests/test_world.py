@@ -202,6 +202,20 @@ def test_the_base_follows_a_colour_word(world_models):
     assert hits >= 10, f"{hits} of 24 images show the colour their caption asks for (chance: 3)"
 
 
+def test_the_world_classifier_is_a_presence_model_for_coi(world_models):
+    """inference.evaluate's CoI on the world: the classifier (not DETR) says which shapes a picture holds; on real
+    two-object scenes of held-out objects it finds the second object's shape far above chance (1 in 8)."""
+    from data_prep.world import SHAPES, render_scene
+    from inference.evaluation.metrics import PresenceClassifier, load_presence_model
+
+    model = load_presence_model(str(world_models / "classifier"), "cpu", threshold=0.5)
+    assert isinstance(model, PresenceClassifier) and set(SHAPES) <= set(model.label_names)
+    scenes = [render_scene(3, i, "heldout", two_object_fraction=1.0) for i in range(48)]
+    found = model.detect([s.image for s in scenes])
+    second = sum(s.objects[1].shape in f for s, f in zip(scenes, found))
+    assert second >= 12, f"the second object's shape found in {second} of 48 scenes (chance about 6)"
+
+
 STAGE1_STEPS = 300
 
 

@@ -89,6 +89,12 @@ class WorldConfig(TrainConfig):
     world_seed: int = keyed_field("seed of the rendered world (data_prep.world)", 0)
     pool_size: int = keyed_field("scenes rendered once and drawn from at random", 20000)
     empty_caption_prob: float = keyed_field("unet: fraction of empty captions (for classifier-free guidance)", 0.1)
+    noise_offset: float = keyed_field(
+        "unet: std of a per-image, per-channel constant added to the training noise (offset noise, as diffusers' "
+        "--noise_offset). At 16 x 16 latents SD v1's last timestep leaves the image's mean colour readable in the "
+        "noisy latent, so without it the UNet takes the background from there instead of the caption; 0: off",
+        0.0,
+    )
     kl_weight: float = keyed_field("vae: weight of the KL term (SD's VAE: 1e-6)", 1e-6)
     shape_groups: int = keyed_field(
         "clip: each batch holds groups of this many scenes that differ only in shape (same colour, pattern, "
@@ -107,6 +113,8 @@ class WorldConfig(TrainConfig):
             )
         if not 0 <= self.empty_caption_prob < 1:
             raise ConfigError(f"empty_caption_prob must be in [0, 1), got {self.empty_caption_prob}")
+        if not 0 <= self.noise_offset < 1:
+            raise ConfigError(f"noise_offset must be in [0, 1), got {self.noise_offset}")
 
     def export_path(self, name: str, given: str | None) -> Path:
         return Path(given) if given else Path(self.resolved_export_dir) / name
@@ -335,6 +343,9 @@ class WorldTask(TrainingTask):
         latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
         latents = latents * self.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        if self.config.noise_offset:
+            offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device)
+            noise = noise + self.config.noise_offset * offset
         steps = torch.randint(
             0,
             self.noise_scheduler.config.num_train_timesteps,

@@ -22,6 +22,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -280,3 +281,53 @@ class ObjectDetector:
 
     def coi_likelihood(self, images, targets: Sequence[str]) -> float:
         return coi_likelihood(self.detect(images), targets)
+
+
+class PresenceClassifier:
+    """A multi-label image classifier used where the protocols ask a detector "is this object there?" (CoI).
+
+    Its labels may be grouped as `group:name` (the miniature world's classifier: `shape:heart`, `colour:red`); an
+    image holds every name whose sigmoid is above `threshold`. It stands in for DETR on data DETR was not trained
+    for, such as the world's shapes."""
+
+    def __init__(self, model_name_or_path: str, device: str | torch.device = "cpu", threshold: float = 0.5):
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        self.model = AutoModelForImageClassification.from_pretrained(model_name_or_path).to(device).eval()
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(model_name_or_path)
+        except OSError:  # a folder without preprocessor_config.json: the model's own size, pixels in [-1, 1]
+            self.processor = None
+        self.device = torch.device(device)
+        self.threshold = threshold
+
+    @property
+    def label_names(self) -> list[str]:
+        return sorted({name.split(":", 1)[-1] for name in self.model.config.id2label.values()})
+
+    @torch.no_grad()
+    def detect(self, images) -> list[set[str]]:
+        images = _as_rgb_list(images)
+        if self.processor is not None:
+            pixels = self.processor(images=images, return_tensors="pt").pixel_values
+        else:
+            size = int(getattr(self.model.config, "image_size", 0) or images[0].width)
+            arrays = [np.asarray(im.resize((size, size)), dtype=np.float32) for im in images]
+            pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+        probs = torch.sigmoid(self.model(pixel_values=pixels.to(self.device)).logits.float()).cpu()
+        names = [self.model.config.id2label[i].split(":", 1)[-1] for i in range(probs.shape[1])]
+        return [{names[j] for j in range(len(names)) if row[j] > self.threshold} for row in probs]
+
+    def coi_likelihood(self, images, targets: Sequence[str]) -> float:
+        return coi_likelihood(self.detect(images), targets)
+
+
+def load_presence_model(model_name_or_path: str, device, threshold: float, revision: str | None = None):
+    """The CoI model: an object detector (DETR, ...), or a multi-label image classifier (`PresenceClassifier`, e.g.
+    the miniature world's), told apart by the architecture its config names."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_name_or_path, **({"revision": revision} if revision else {}))
+    if any(a.endswith("ForImageClassification") for a in (config.architectures or [])):
+        return PresenceClassifier(model_name_or_path, device=device, threshold=threshold)
+    return ObjectDetector(model_name_or_path, device=device, threshold=threshold, revision=revision)

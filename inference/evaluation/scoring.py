@@ -9,8 +9,8 @@ from .config import EvalConfig
 from .metrics import (
     ClipScorer,
     DinoScorer,
-    ObjectDetector,
     cosine_matrix,
+    load_presence_model,
     paired_similarity,
 )
 from .plan import ConceptFolder, Row
@@ -39,7 +39,7 @@ class Scorer:
     @property
     def detector(self):
         if self._detector is None:
-            self._detector = ObjectDetector(
+            self._detector = load_presence_model(
                 self.config.detector_model,
                 device=self.device,
                 threshold=self.config.detection_threshold,
