@@ -30,16 +30,15 @@ MODEL_WRITERS = {"world": "encoders.world", "tiny": "encoders.tiny"}
 @dataclass(frozen=True)
 class Stage:
     help: str
-    module: str  # what `python -m` runs; for `train` and `models` the command picks it
-    passes_command: bool = False  # the command word goes on to the module (data_prep's subcommands)
+    module: str  # what `python -m` runs; for `train` and `models` the command word picks it
 
 
 STAGES = {
-    "data": Stage("object crops, location pairs, latents, the world's scenes: data_prep's commands", "data_prep", True),
+    "data": Stage("object crops, location pairs, latents, the world's scenes: data_prep's commands", "data_prep"),
     "train": Stage("a trainer (" + ", ".join(TRAINERS) + ") in one process", "training"),
-    "encode": Stage("one photo (+ mask) -> a concept file", "inference", True),
-    "generate": Stage("prompts with S* (or a fine-tune's token) -> images", "inference", True),
-    "guide": Stage("spatial guidance off / on for two words, with boxes and attention maps", "inference", True),
+    "encode": Stage("one photo (+ mask) -> a concept file", "inference"),
+    "generate": Stage("prompts with S* (or a fine-tune's token) -> images", "inference"),
+    "guide": Stage("spatial guidance off / on for two words, with boxes and attention maps", "inference"),
     "evaluate": Stage(
         "each paper's evaluation protocol (protocol=elite|compositional|infusion|all)", "inference.evaluate"
     ),
