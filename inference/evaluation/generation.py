@@ -23,7 +23,7 @@ from ..loading import (
 from ..methods import Elite, GenerationMethod, load_run, method_class
 from ..pictures import save_image_atomic
 from .config import EvalConfig
-from .plan import Row, _slug
+from .plan import Row, file_slug
 from .prompts import PromptSpec
 from .protocols import Sampling
 
@@ -99,7 +99,7 @@ class RowGenerator:
         if row.payload is None:
             return method_class(row.method).load(self.pipe)
         if row.payload.folder not in self._methods:
-            token = f"<{_slug(row.payload.label)}-{len(self._methods)}>"
+            token = f"<{file_slug(row.payload.label)}-{len(self._methods)}>"
             self._methods[row.payload.folder] = load_run(self.pipe, row.payload, token=token)
         return self._methods[row.payload.folder]
 
@@ -122,7 +122,7 @@ class RowGenerator:
 
     def generate(self, row: Row, specs: list[PromptSpec]):
         """Generate (or reuse) every (prompt, seed) image of one row; returns [(spec, seed, image, extra)]."""
-        folder = self.out / "images" / _slug(row.name) / _slug(row.concept.name)
+        folder = self.out / "images" / file_slug(row.name) / file_slug(row.concept.name)
         todo, done = [], []
         for spec in specs:
             for seed in self.seeds:

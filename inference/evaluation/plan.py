@@ -68,7 +68,7 @@ class Row:
         }
 
 
-def _slug(text: str) -> str:
+def file_slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "concept"
 
 

@@ -15,7 +15,7 @@ from encoders.common.version import package_version
 
 from ..pictures import make_grid, save_image_atomic
 from .config import EvalConfig
-from .plan import Row, _slug
+from .plan import Row, file_slug
 from .protocols import Protocol
 
 
@@ -134,7 +134,7 @@ def write_results(
         },
     )
     for name, rows in grids.items():
-        save_image_atomic(make_grid(rows), out / "grids" / f"{_slug(name)}.png")
+        save_image_atomic(make_grid(rows), out / "grids" / f"{file_slug(name)}.png")
 
 
 def protocol_report(protocol: Protocol | None, seeds: Sequence[int], summary: Sequence[dict]) -> str:
