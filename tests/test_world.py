@@ -127,6 +127,7 @@ def test_the_recipe_trains_every_stage_and_exports_real_model_folders(tmp_path, 
                 f"output_dir={tmp_path / stage}",
                 *common,
                 *(["shape_groups=4"] if stage == "clip" else []),
+                *(["train_text_encoder=true", "noise_offset=0.1"] if stage == "unet" else []),
             ],
         )
         run_training(WorldTask(config))
@@ -136,6 +137,11 @@ def test_the_recipe_trains_every_stage_and_exports_real_model_folders(tmp_path, 
     image = pipe("a photo of a red star on a gray background", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
     assert CLIPVisionModel.from_pretrained(tmp_path / "models/image_encoder").config.image_size == 64
+    # train_text_encoder: the pipeline's text encoder moved away from the clip stage's text tower
+    from transformers import CLIPTextModel
+
+    tower = CLIPTextModel.from_pretrained(tmp_path / "models/clip").get_input_embeddings().weight
+    assert not torch.equal(tower, pipe.text_encoder.get_input_embeddings().weight)
 
 
 # ---- the shipped base -----------------------------------------------------------------------------------------

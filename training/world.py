@@ -89,6 +89,11 @@ class WorldConfig(TrainConfig):
     world_seed: int = keyed_field("seed of the rendered world (data_prep.world)", 0)
     pool_size: int = keyed_field("scenes rendered once and drawn from at random", 20000)
     empty_caption_prob: float = keyed_field("unet: fraction of empty captions (for classifier-free guidance)", 0.1)
+    train_text_encoder: bool = keyed_field(
+        "unet: train the clip stage's text tower together with the UNet (exported as the pipeline's text encoder; "
+        "clip/ and ELITE's image encoder stay the clip stage's)",
+        False,
+    )
     noise_offset: float = keyed_field(
         "unet: std of a per-image, per-channel constant added to the training noise (offset noise, as diffusers' "
         "--noise_offset). At 16 x 16 latents SD v1's last timestep leaves the image's mean colour readable in the "
@@ -217,7 +222,8 @@ class WorldTask(TrainingTask):
                     raise ConfigError(
                         f"the unet stage needs the {what} stage's export in {folder} (run stage={what} first)"
                     )
-            self.text_encoder = CLIPTextModel.from_pretrained(clip_dir).to(self.device).eval().requires_grad_(False)
+            self.text_encoder = CLIPTextModel.from_pretrained(clip_dir).to(self.device).eval()
+            self.text_encoder.requires_grad_(cfg.train_text_encoder)
             self.vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
             self.latents = self._encode_pool()
             self.model = UNet2DConditionModel(**WORLD_UNET_KWARGS)
@@ -251,6 +257,8 @@ class WorldTask(TrainingTask):
         return out
 
     def trainable_models(self):
+        if self.config.stage == "unet" and self.config.train_text_encoder:
+            return {"unet": self.model, "text_encoder": self.text_encoder}
         return {self.config.stage: self.model}
 
     def train_dataloader(self):
@@ -313,7 +321,9 @@ class WorldTask(TrainingTask):
             out = model(pixel_values=batch["pixels"], labels=batch["labels"])
             exact = ((out.logits > 0) == (batch["labels"] > 0.5)).all(-1).float().mean()
             return out.loss, {"exact_match": exact}
-        return self._unet_loss(model, batch, generator)
+        return self._unet_loss(
+            model, batch, generator, (models["text_encoder"] if "text_encoder" in models else self.text_encoder)
+        )
 
     @staticmethod
     def _clip_pixels(pixels: torch.Tensor) -> torch.Tensor:
@@ -338,7 +348,7 @@ class WorldTask(TrainingTask):
         psnr = 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))
         return loss, {"psnr": psnr}
 
-    def _unet_loss(self, unet, batch, generator):
+    def _unet_loss(self, unet, batch, generator, text_encoder):
         mean, std = batch["mean"], batch["std"]
         latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
         latents = latents * self.vae.config.scaling_factor
@@ -355,8 +365,8 @@ class WorldTask(TrainingTask):
         )
         alpha = self.alphas_cumprod[steps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
-        with torch.no_grad():
-            context = self.text_encoder(batch["input_ids"]).last_hidden_state
+        with torch.set_grad_enabled(self.config.train_text_encoder):
+            context = text_encoder(batch["input_ids"]).last_hidden_state
         pred = unet(noisy, steps, context).sample
         return F.mse_loss(pred.float(), noise.float()), {}
 
@@ -381,7 +391,9 @@ class WorldTask(TrainingTask):
             with atomic_directory(export_dir / "vae") as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
             return ["vae"]
-        return self._export_pipeline(model, export_dir)
+        return self._export_pipeline(
+            model, export_dir, (models["text_encoder"] if "text_encoder" in models else self.text_encoder)
+        )
 
     def _latent_scale(self, vae) -> float:
         """1 / std of the latents of 512 pool images, rounded (SD's VAE: 0.18215 the same way)."""
@@ -389,7 +401,7 @@ class WorldTask(TrainingTask):
             z = vae.encode(images_to_tensor(self.pool["images"][:512]).to(self.device)).latent_dist.mean
         return round(1.0 / float(z.float().std()), 5)
 
-    def _export_pipeline(self, unet, export_dir: Path) -> list[str]:
+    def _export_pipeline(self, unet, export_dir: Path, text_encoder) -> list[str]:
         from diffusers import PNDMScheduler, StableDiffusionPipeline
         from transformers import CLIPVisionModel
 
@@ -400,7 +412,7 @@ class WorldTask(TrainingTask):
         pipe = StableDiffusionPipeline(
             unet=unet,
             vae=self.vae,
-            text_encoder=self.text_encoder.cpu(),
+            text_encoder=text_encoder.cpu(),
             tokenizer=self.tokenizer,
             scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
             safety_checker=None,
