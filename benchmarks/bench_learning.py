@@ -567,7 +567,7 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
                 work,
                 f"textual_inversion_anchors_{folder}_s{seed}",
                 "textual_inversion",
-                [*word_keys, f"seed={seed}", "anchors.enabled=true"],
+                [*word_keys, f"seed={seed}", "anchors.enabled=true", "anchors.mode=sparse"],
             )
             runs[("plain", seed)], runs[("anchored", seed)] = plain, anchored
 

@@ -14,7 +14,8 @@ denoising loss) was tuned for that scale, so the default normalisation here is t
 sum_i delta_i ||e - e_i||^2 / (L * D) with L the tokenizer's length (`normalisation="official"`;
 with one anchor of weight 1 it is the official loss exactly); "paper" divides by K as written above
 (for K = 80 anchors and SD v1's 77 x 768, about 740 times stronger).
-The paper names sparse coding but ships none (its code uses one class word); here the code comes
+The paper names sparse coding but ships none: its code's one anchor is the initializer word with
+weight 1 (`sparse=False` over that one word); for Eq. 6 as printed the code comes
 from scikit-learn: a non-negative Lasso path (`sklearn.linear_model.lars_path`, "lasso", the default
 and the regulariser's) picks at most c anchors and `scipy.optimize.nnls` fits their non-negative
 weights; orthogonal matching pursuit (`sklearn.decomposition.sparse_encode`, "omp") gives signed
@@ -244,8 +245,10 @@ class AnchorRegularizer(torch.nn.Module):
         refresh_every: int = 1,
         normalisation: str = "official",
         sequence_length: int = 77,
+        sparse: bool = True,
     ):
         super().__init__()
+        self.sparse = bool(sparse)
         if normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
         self.normalisation = normalisation
@@ -292,7 +295,11 @@ class AnchorRegularizer(torch.nn.Module):
         return cls(vocab, embeddings, **kwargs)
 
     def code(self, embedding: torch.Tensor) -> torch.Tensor:
-        """The sparse code `[B, K]` of `embedding` (non-negative, at most `max_active` non-zeros per row)."""
+        """The sparse code `[B, K]` of `embedding` (non-negative, at most `max_active` non-zeros per row); with
+        `sparse=False` every anchor has weight 1 (the official code's single initializer anchor)."""
+        if not self.sparse:
+            rows = embedding.reshape(-1, embedding.shape[-1]).shape[0]
+            return torch.ones(rows, len(self.words), device=self.anchor_embeddings.device)
         weights = sparse_code(embedding, self.anchor_embeddings, self.max_active, method=self.method, positive=True)
         return torch.from_numpy(weights).to(self.anchor_embeddings.device, torch.float32)
 

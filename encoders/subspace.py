@@ -5,13 +5,15 @@ Subspace") replaces Textual Inversion's free 768-d vector with
 v = sum_i w_i v_i over M basis words chosen from the text encoder's vocabulary:
 
 1. Order the vocabulary by vector distance F(u, v_i) to the initializer word's embedding u
-   (`dot` product, `cosine` similarity, or `l2` distance; nearest first). u itself goes first so the
-   one-hot start is exactly u.
-2. Rank rule (Algorithm 1): take the top M words for the smallest M whose embedding matrix V_M has
-   rank r(V_M) >= d1, the subspace dimension (the paper recommends d1 = M = 576 of d = 768).
-3. Learn the weights w (initialised one-hot on u, so training starts at Textual Inversion's start);
-   the embedding never leaves span(v_i1 ... v_iM), and the update is the rank-d1 projection
-   V_M V_M^T of Textual Inversion's (Theorem 2).
+   (`dot` product, `cosine` similarity, or `l2` distance; nearest first).
+2. Choose the basis: `selection="topk"` (the official script's): the k nearest words (k = 720), u
+   ranked like any other word; `selection="rank"` (the paper's Algorithm 1): u first, then the top M
+   words for the smallest M whose embedding matrix V_M has rank r(V_M) >= d1, the subspace dimension
+   (the paper recommends d1 = M = 576 of d = 768).
+3. Learn the weights w, initialised one-hot on the first basis word (top-k: the top-1 neighbour, as
+   the official script; rank rule: u itself, Textual Inversion's start); the embedding never leaves
+   span(v_i1 ... v_iM), and the update is the rank-d1 projection V_M V_M^T of Textual Inversion's
+   (Theorem 2).
 
 `TextualSubspace` is a diffusers `ModelMixin`/`ConfigMixin`: `save_pretrained` keeps the basis
 (embeddings and token ids) and the weights, so a run can resume and the learned word can be inspected.
@@ -29,12 +31,18 @@ from torch import nn
 
 Distance = Literal["dot", "cosine", "l2"]
 DISTANCES: tuple[str, ...] = ("dot", "cosine", "l2")
+SELECTIONS: tuple[str, ...] = ("topk", "rank")
 
 
 def vocabulary_order(
-    embeddings: torch.Tensor, init_id: int, distance: Distance = "dot", exclude_ids: Iterable[int] = ()
+    embeddings: torch.Tensor,
+    init_id: int,
+    distance: Distance = "dot",
+    exclude_ids: Iterable[int] = (),
+    initializer_first: bool = True,
 ) -> torch.Tensor:
-    """Token ids sorted from nearest to farthest from `embeddings[init_id]`; `init_id` first, `exclude_ids` dropped."""
+    """Token ids sorted from nearest to farthest from `embeddings[init_id]`, `exclude_ids` dropped; `init_id`
+    first when `initializer_first` (else where its own score puts it: by dot product a longer word can outrank it)."""
     if distance not in DISTANCES:
         raise ValueError(f"unknown subspace distance {distance!r}; choose one of {', '.join(DISTANCES)}")
     if not 0 <= init_id < len(embeddings):
@@ -47,7 +55,8 @@ def vocabulary_order(
         score = nn.functional.cosine_similarity(emb, u[None], dim=-1)
     else:
         score = -(emb - u).norm(dim=-1)
-    score[init_id] = float("inf")  # the initializer is always the first basis word (one-hot start)
+    if initializer_first:
+        score[init_id] = float("inf")  # the initializer is the first basis word (one-hot start)
     excluded = [i for i in exclude_ids if i != init_id and 0 <= i < len(emb)]
     if excluded:
         score[torch.tensor(excluded)] = float("-inf")
@@ -102,6 +111,19 @@ def select_basis_ids(
     return order[:hi]
 
 
+def select_topk_ids(
+    embeddings: torch.Tensor, init_id: int, k: int, distance: Distance = "dot", exclude_ids: Iterable[int] = ()
+) -> torch.Tensor:
+    """The official BaTex script's basis: the `k` token ids nearest to `embeddings[init_id]` (dot product there),
+    the initializer ranked by its own score, nearest first."""
+    if k < 1:
+        raise ValueError(f"the top-k basis needs k >= 1, got {k}")
+    order = vocabulary_order(embeddings, init_id, distance, exclude_ids, initializer_first=False)
+    if k > len(order):
+        raise ValueError(f"top-k basis of {k} words from a vocabulary of {len(order)}")
+    return order[:k]
+
+
 class TextualSubspace(ModelMixin, ConfigMixin):
     """A learnable word v = w @ V_M restricted to the span of M vocabulary embeddings (BaTex).
 
@@ -118,6 +140,7 @@ class TextualSubspace(ModelMixin, ConfigMixin):
         distance: str = "dot",
         initializer_token: str | None = None,
         initializer_id: int | None = None,
+        selection: str = "rank",
     ):
         super().__init__()
         if distance not in DISTANCES:
@@ -125,7 +148,7 @@ class TextualSubspace(ModelMixin, ConfigMixin):
         self.register_buffer("basis", torch.zeros(num_basis, embedding_dim))
         self.register_buffer("basis_ids", torch.zeros(num_basis, dtype=torch.long))
         start = torch.zeros(num_basis)
-        start[0] = 1.0  # the initializer word is basis row 0 (see `vocabulary_order`)
+        start[0] = 1.0  # basis row 0: the initializer (rank rule) or its top-1 neighbour (top-k)
         self.weights = nn.Parameter(start)
 
     @classmethod
@@ -137,9 +160,17 @@ class TextualSubspace(ModelMixin, ConfigMixin):
         distance: Distance = "dot",
         exclude_ids: Iterable[int] = (),
         initializer_token: str | None = None,
+        selection: str = "rank",
+        num_basis: int = 720,
     ) -> TextualSubspace:
-        """Select the basis from the `[V, d]` vocabulary embeddings by the rank rule; weights one-hot on u."""
-        ids = select_basis_ids(embeddings, init_id, subspace_dim, distance, exclude_ids)
+        """Select the basis from the `[V, d]` vocabulary embeddings (`selection`: "rank", the paper's rule with
+        `subspace_dim`, or "topk", the official script's `num_basis` nearest); weights one-hot on basis row 0."""
+        if selection not in SELECTIONS:
+            raise ValueError(f"unknown subspace selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
+        if selection == "topk":
+            ids = select_topk_ids(embeddings, init_id, num_basis, distance, exclude_ids)
+        else:
+            ids = select_basis_ids(embeddings, init_id, subspace_dim, distance, exclude_ids)
         model = cls(
             num_basis=len(ids),
             embedding_dim=embeddings.shape[1],
@@ -147,6 +178,7 @@ class TextualSubspace(ModelMixin, ConfigMixin):
             distance=distance,
             initializer_token=initializer_token,
             initializer_id=int(init_id),
+            selection=selection,
         )
         model.basis.copy_(embeddings.detach()[ids].to(model.basis.dtype))
         model.basis_ids.copy_(ids)

@@ -156,3 +156,24 @@ def test_regularizer_pulls_an_embedding_to_its_anchors(text_model):
     assert 1 <= len(active) <= 2 and all(weight > 0 for _, weight in active)
     assert {"cat", "dog"} & {word for word, _ in active}  # anchors 15/16 are cat and dog
     assert reg.anchor_embeddings.grad is None  # anchors are constants
+
+
+def test_initializer_mode_is_the_official_prompt_mse(text_model):
+    """`anchors.mode=initializer` (the official compositional code's `--anchor_loss l2`): L_anc is the MSE between
+    the prompt's input embeddings with the learned word at S* and the same prompt with the initializer there."""
+    import torch.nn.functional as F
+
+    from training.textual_inversion import InversionAnchorsConfig
+
+    tokenizer, text_encoder = text_model
+    reg = InversionAnchorsConfig(enabled=True).build_regularizer(tokenizer, text_encoder, "cpu", initializer="cat")
+    assert reg.words == ["cat"] and not reg.sparse
+    table = text_encoder.get_input_embeddings().weight.detach()
+    v = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(0))
+    ids = tokenizer("a photo of cat", padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    position = ids.index(tokenizer.convert_tokens_to_ids("cat</w>"))
+    reference = table[torch.tensor(ids)]
+    learned = reference.clone()
+    learned[position] = v
+    assert torch.allclose(reg(v), F.mse_loss(learned, reference), rtol=1e-5)
+    assert reg.last_code() == [[("cat", 1.0)]]

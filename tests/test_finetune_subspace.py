@@ -100,3 +100,21 @@ def test_gradient_update_is_projected_onto_the_subspace():
     step_w = -0.1 * sub.weights.grad
     expected = -0.1 * (sub.basis.T @ (sub.basis @ grad_v))
     assert torch.allclose(step_w @ sub.basis, expected, atol=1e-4)
+
+
+def test_topk_selection_is_the_k_nearest_by_dot_product_and_starts_on_the_top_one():
+    """The official BaTex script: the 720 (here 50) words with the largest dot product with u, the initializer
+    ranked by its own score (a longer word can outrank it), weights one-hot on the top-1 neighbour."""
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(300, 8, generator=g)
+    emb[11] = emb[7] * 3.0  # a word with a larger dot product with u than u itself
+    sub = TextualSubspace.from_vocabulary(emb, 7, subspace_dim=4, selection="topk", num_basis=50, exclude_ids=[0])
+    scores = emb @ emb[7]
+    scores[0] = float("-inf")
+    expected = torch.argsort(scores, descending=True, stable=True)[:50]
+    assert torch.equal(sub.basis_ids, expected)
+    assert sub.basis_ids[0].item() == 11 and 7 in sub.basis_ids.tolist()
+    assert torch.allclose(sub(), emb[11])  # the one-hot start is the top-1 neighbour
+    assert sub.config.selection == "topk" and sub.config.num_basis == 50
+    with pytest.raises(ValueError, match="selection"):
+        TextualSubspace.from_vocabulary(emb, 7, subspace_dim=4, selection="nearest")

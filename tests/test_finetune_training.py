@@ -174,6 +174,7 @@ def test_batex_with_anchors_stays_in_the_span_of_its_basis(tiny_sd_path, data_di
     out = tmp_path / "batex"
     args = common_args(tiny_sd_path, concept, out) + [
         "initializer_token=cat",
+        "subspace.selection=rank",
         "subspace.dim=24",
         "subspace.distance=cosine",
         "learning_rate=0.05",

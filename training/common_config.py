@@ -146,17 +146,19 @@ class AnchorsConfig:
         if self.normalisation not in ("official", "paper"):
             raise ConfigError(f"anchors.normalisation must be official or paper, got {self.normalisation!r}")
 
-    def build_regularizer(self, tokenizer, text_encoder, device):
+    def build_regularizer(self, tokenizer, text_encoder, device, initializer: str | None = None):
         """The `AnchorRegularizer` over this vocabulary's input embeddings, or None when disabled (lists of
-        tokenizers and text encoders: SDXL's two, the anchors as wide as both tables)."""
+        tokenizers and text encoders: SDXL's two, the anchors as wide as both tables). `initializer`: the one
+        anchor of weight 1 instead of a sparse code over the vocabulary (the official compositional code's)."""
         if not self.enabled:
             return None
 
         return AnchorRegularizer.from_text_encoder(
             tokenizer,
             text_encoder,
-            words=self.vocabulary,
+            words=[initializer] if initializer else self.vocabulary,
             max_active=self.max_active,
             refresh_every=self.refresh_every,
             normalisation=self.normalisation,
+            sparse=not initializer,
         ).to(device)

@@ -9,9 +9,9 @@ masked epsilon-MSE of `training.concept_data`. Variants, by config keys:
 
 - plain Textual Inversion (Gal et al., "An Image is Worth One Word"): v is a free vector initialised with the
   initializer word's embedding (paper: base lr 0.005 scaled by the batch size, 5000 steps);
-- `subspace.enabled=true`: BaTex (`encoders.subspace`), v = w @ V_M over the vocabulary words chosen
-  by the rank rule (`subspace.distance`, `subspace.dim`), w one-hot on the initializer at start
-  (paper: 500 steps, d1 = 576);
+- `subspace.enabled=true`: BaTex (`encoders.subspace`), v = w @ V_M over vocabulary words: the 720
+  nearest by dot product, w one-hot on the top-1 neighbour (the official script), or the paper's rank
+  rule (`subspace.selection=rank`, d1 = `subspace.dim` = 576, w one-hot on the initializer);
 - `anchors.enabled=true`: semantic inversion (`encoders.anchors`): (1 - lambda) L_rec + lambda L_anc
   with sparse-coded anchor words (paper: lambda = 0.95); combinable with either of the above.
 
@@ -49,11 +49,18 @@ class SubspaceConfig:
     """BaTex: search the embedding in the span of nearby vocabulary words."""
 
     enabled: bool = keyed_field("learn weights over a textual subspace instead of a free vector (BaTex)", False)
+    selection: Literal["topk", "rank"] = keyed_field(
+        "topk: the num_basis nearest words, weights one-hot on the top-1 neighbour (the official script); rank: the "
+        "initializer first, then the top-M words for the smallest M with rank >= dim (the paper's Algorithm 1)",
+        "topk",
+    )
+    num_basis: int = keyed_field("topk: how many nearest words span the subspace (official script: 720)", 720)
     distance: Literal["dot", "cosine", "l2"] = keyed_field(
         "vector distance that orders the vocabulary around the initializer", "dot"
     )
     dim: int = keyed_field(
-        "subspace dimension d1: basis = top-M words for the smallest M with rank >= d1 (paper: 576 of 768)", 576
+        "rank rule: subspace dimension d1, basis = top-M words for the smallest M with rank >= d1 (paper: 576 of 768)",
+        576,
     )
     dim_2: int = keyed_field(
         "SDXL: d1 of the second text encoder's subspace; 0 = the same fraction of its width as dim is of the first's "
@@ -66,7 +73,18 @@ class SubspaceConfig:
 class InversionAnchorsConfig(AnchorsConfig):
     """Semantic inversion for Textual Inversion / BaTex: (1 - lambda) L_rec + lambda L_anc."""
 
-    weight: float = keyed_field("lambda in (1 - lambda) L_rec + lambda L_anc (paper: 0.95)", 0.95)
+    weight: float = keyed_field("lambda in (1 - lambda) L_rec + lambda L_anc (paper and code: 0.95)", 0.95)
+    mode: Literal["initializer", "sparse"] = keyed_field(
+        "initializer: one anchor, the initializer word, weight 1 (the official code's `--anchor_loss l2`: the MSE of "
+        "the prompt's input embeddings against the prompt with the initializer in S*'s place); sparse: a sparse code "
+        "over `vocabulary` (the paper's Eq. 6)",
+        "initializer",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in ("initializer", "sparse"):
+            raise ConfigError(f"anchors.mode must be initializer or sparse, got {self.mode!r}")
 
 
 @dataclass
@@ -104,6 +122,10 @@ class TextualInversionConfig(FinetuneConfig):
             raise ConfigError(f"anchors.weight must be in [0, 1), got {self.anchors.weight}")
         if self.subspace.dim < 1:
             raise ConfigError(f"subspace.dim must be positive, got {self.subspace.dim}")
+        if self.subspace.num_basis < 1:
+            raise ConfigError(f"subspace.num_basis must be positive, got {self.subspace.num_basis}")
+        if self.subspace.selection not in ("topk", "rank"):
+            raise ConfigError(f"subspace.selection must be topk or rank, got {self.subspace.selection!r}")
         if self.subspace.dim_2 < 0:
             raise ConfigError(
                 f"subspace.dim_2 must be 0 (the same fraction as dim) or positive, got {self.subspace.dim_2}"
@@ -168,7 +190,9 @@ class TextualInversionTask(ConceptFinetuneTask):
         if sd.is_sdxl:
             self.placeholder_id_2 = add_placeholder_tokens(sd.tokenizer_2, [config.placeholder_token])[0]
         # SDXL: the anchors are the words' rows of both tables side by side, one sparse code for both
-        self.anchors = config.anchors.build_regularizer(sd.tokenizers, sd.text_encoders, self.device)
+        anchors = config.anchors
+        initializer = config.initializer_token if anchors.mode == "initializer" else None
+        self.anchors = anchors.build_regularizer(sd.tokenizers, sd.text_encoders, self.device, initializer)
 
     def _make_word(self, tokenizer, text_encoder, subspace_dim: int) -> nn.Module:
         config = self.config
@@ -187,10 +211,13 @@ class TextualInversionTask(ConceptFinetuneTask):
             distance=config.subspace.distance,
             exclude_ids=[i for i in special if i is not None],
             initializer_token=config.initializer_token,
+            selection=config.subspace.selection,
+            num_basis=min(config.subspace.num_basis, len(vocab) - len(set(special) - {None})),
         ).to(self.device)
+        rule = f"top {config.subspace.num_basis}" if config.subspace.selection == "topk" else f"d1={subspace_dim}"
         self.accelerator.print(
             f"[{self.name}] BaTex subspace: {word.config.num_basis} words, rank {word.rank} of {vocab.shape[1]} "
-            f"(d1={subspace_dim}, {config.subspace.distance})"
+            f"({rule}, {config.subspace.distance})"
         )
         return word
 
@@ -285,14 +312,17 @@ class TextualInversionTask(ConceptFinetuneTask):
         if c.subspace.enabled:
             extra += (
                 f"The embedding is a weighted sum of {self.word.config.num_basis} vocabulary words nearest to "
-                f"`{c.initializer_token}` ({c.subspace.distance}; rank rule d1={c.subspace.dim}), kept in "
+                f"`{c.initializer_token}` ({c.subspace.distance}; "
+                f"{'top-k' if c.subspace.selection == 'topk' else f'rank rule d1={c.subspace.dim}'}), kept in "
                 "`subspace/`.\n"
             )
         if c.anchors.enabled:
-            extra += (
-                f"Semantic anchors ({c.anchors.vocabulary}, at most {c.anchors.max_active} active, "
-                f"lambda {c.anchors.weight}).\n"
+            source = (
+                f"the initializer `{c.initializer_token}`"
+                if c.anchors.mode == "initializer"
+                else f"{c.anchors.vocabulary}, at most {c.anchors.max_active} active"
             )
+            extra += f"Semantic anchors ({source}, lambda {c.anchors.weight}).\n"
         if getattr(getattr(self, "sd", None), "is_sdxl", False):
             t = c.placeholder_token
             return (
