@@ -60,7 +60,7 @@ ELITE_STEPS := 40
 endif
 # Tiny-model settings shared by the training stages (64 px, single CPU process, no tracker).
 TINY_KEYS := pretrained_model_name_or_path=$(M)/sd image_encoder_name_or_path=$(M)/image_encoder \
-	report_to=none mixed_precision=no resume_from_checkpoint=latest dataloader_num_workers=0
+	report_to=none mixed_precision=no resume_from_checkpoint=latest dataloader_num_workers=0 gradient_accumulation_steps=1
 ONE_PROCESS := $(ACCELERATE) launch --config_file configs/accelerate/single_process.yaml --cpu
 
 .PHONY: help install test lint browser demo bench clean-demo clean world \

@@ -23,7 +23,10 @@ probabilities (kept differentiable by the attention store), and steps the UNet *
 `-step_size * (1 - alphabar_t) * grad`. For the k-diffusion style schedulers (LMS, Euler) that is
 exactly the reference's `latents -= grad * sigma_t**2` on their unscaled latents; for DDIM/PNDM/DDPM
 style schedulers it is the same move expressed in their latents, so any diffusers scheduler with
-`alphas_cumprod` works. Iterations stop early at a step once L_loc is below `loss_threshold`.
+`alphas_cumprod` works. Stopping (`stop`): "official", as the official `layout_control.py`, each iteration
+computes L_loc and steps the latent; once a computed L_loc is below `loss_threshold` that step ends and
+guidance is over for the rest of the run (its loss variable outlives the step loop); "per_step" checks
+L_loc before each iteration, steps only while it is above the threshold, and looks again at every guided step.
 
 Entry point for the inference API: `generate_with_spatial_guidance(pipe, concepts, prompt=... or
 prompt_embeds=...)`, with concepts from `concepts_from_words` (plain words), from token indices (ELITE's
@@ -57,6 +60,7 @@ from .outputs import EliteOutput
 
 Box = Sequence[float]  # (x0, y0, x1, y1) in 0..1 of the image
 LOSS_FORMS = ("official", "paper")
+STOP_RULES = ("official", "per_step")
 
 
 @dataclass
@@ -71,8 +75,11 @@ class SpatialGuidanceConfig:
         None  # substrings of cross-attention processor names; None = `default_guidance_layers`
     )
     loss: str = "official"  # "official" (per head, squared) or "paper" (Eq. 9, linear); see the module docstring
+    stop: str = "official"  # "official" (under the threshold once: guidance over) or "per_step"; module docstring
 
     def __post_init__(self) -> None:
+        if self.stop not in STOP_RULES:
+            raise ValueError(f"stop must be one of {', '.join(STOP_RULES)}, got {self.stop!r}")
         if self.guidance_steps < 0 or self.iterations < 0:
             raise ValueError("guidance_steps and iterations must be >= 0")
         if self.step_size < 0:
@@ -338,7 +345,9 @@ def guide_latents(
     """A few gradient steps of L_loc on `latents` at `timestep` (conditional prompt only).
 
     Returns the moved latents (detached) and L_loc before each iteration (plus after the last one).
-    The step is `-step_size * (1 - alphabar_t) * grad` on the UNet input (see the module docstring).
+    The step is `-step_size * (1 - alphabar_t) * grad` on the UNet input (see the module docstring);
+    `config.stop` "official" steps after every computed L_loc and ends once one is under the threshold,
+    "per_step" ends before stepping.
     `added_cond_kwargs`: SDXL's pooled embedding and size numbers of the conditional prompt.
     """
     latent_hw = latent_hw or (latents.shape[-2], latents.shape[-1])
@@ -346,6 +355,7 @@ def guide_latents(
     kwargs = _context_kwargs(attention_context, store)
     losses: list[float] = []
     latents = latents.detach()
+    stop_after = False  # official: an L_loc under the threshold still steps once; then the measurement, then stop
     for iteration in range(config.iterations + 1):
         with torch.enable_grad():
             model_in = scheduler.scale_model_input(latents, timestep).detach().requires_grad_(True)
@@ -359,8 +369,10 @@ def guide_latents(
             )
             loss = location_loss(store, concepts, latent_hw, config.loss)
             losses.append(float(loss.detach()))
-            if iteration == config.iterations or losses[-1] < config.loss_threshold:
+            below = losses[-1] < config.loss_threshold
+            if iteration == config.iterations or stop_after or (below and config.stop == "per_step"):
                 break
+            stop_after = below
             (grad,) = torch.autograd.grad(loss, model_in)
         store.reset()
         scale = float(model_in.detach().flatten().norm() / latents.flatten().norm().clamp_min(1e-12))
@@ -468,9 +480,10 @@ def generate_with_spatial_guidance(
     location_losses: list[float] = []
     guidance_losses: list[list[float]] = []
     summed_maps: list[torch.Tensor] | None = None
+    guidance_over = False  # the official rule: once L_loc is under the threshold, no more guidance in this run
     with recording_processors(unet):
         for i, t in enumerate(pipe.progress_bar(timesteps)):
-            if i < config.guidance_steps and config.iterations > 0:
+            if i < config.guidance_steps and config.iterations > 0 and not guidance_over:
                 latents, losses = guide_latents(
                     unet,
                     scheduler,
@@ -485,6 +498,8 @@ def generate_with_spatial_guidance(
                     added,
                 )
                 guidance_losses.append(losses)
+                if config.stop == "official":
+                    guidance_over = any(value < config.loss_threshold for value in losses[:-1])
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
             store.reset(rows=slice(n, 2 * n) if do_cfg else slice(None))

@@ -33,6 +33,7 @@ def _keys(tiny_sd_path, tiny_image_encoder_path, shards, out, **extra) -> list[s
         train_shards=shards,
         output_dir=out,
         train_batch_size=2,
+        gradient_accumulation_steps=1,
         mixed_precision="no",
         mapping_hidden_dim=64,
         checkpointing_steps=2,

@@ -240,42 +240,53 @@ def test_protocol_all_reproduces_each_papers_setup(
     # ELITE's protocol: each method with its own paper's sampler and guidance; lambda by prompt kind
     elite = tables["elite"]
     assert elite["elite"]["sampling"] == "LMS 2 steps, guidance 5"
-    assert elite["textual_inversion + semantic (ti_dog)"]["sampling"] == "PNDM 2 steps, guidance 7.5"
+    assert elite["textual_inversion + semantic (ti_dog)"]["sampling"] == "DDIM 2 steps, guidance 10"
     assert elite["infusion (inf_dog)"]["sampling"] == "DDIM 2 steps, guidance 8"
     with open(out / "elite" / "scores.csv") as f:
         scores = list(csv.DictReader(f))
     assert {r["elite_scale"] for r in scores if r["method"] == "elite"} == {"0.6000"}  # "a S* in the jungle": editing
 
-    # Compositional Inversion's Table 1: TI (+ semantic) with and without spatial guidance, DDPM for all,
-    # on "a photo of S* dog and a <COCO class>" prompts, CLIP-T and the CoI likelihood
+    # Compositional Inversion's Table 1: TI (+ semantic) with and without spatial guidance (its constant layout,
+    # and the location MLP's boxes as an extra row), PNDM for plain rows and LMS for guided ones, on
+    # "S* dog and <COCO class>" prompts, CLIP-T = 2.5 x cos against "dog and <class>", the CoI likelihood
     comp = tables["compositional"]
     assert {
         "textual_inversion + semantic (ti_dog)",
         "textual_inversion + semantic + spatial (ti_dog)",
+        "textual_inversion + semantic + spatial (location MLP) (ti_dog)",
         "elite",
         "elite + spatial",
+        "elite + spatial (location MLP)",
         "infusion (inf_dog)",
     } <= set(comp)
-    for row in comp.values():
-        assert row["sampling"] == "DDPM 2 steps, guidance 7.5"
-        assert row["coi_likelihood"] in (0.0, 1.0) and -1 <= row["clip_t"] <= 1
+    for name, row in comp.items():
+        spatial = "+ spatial" in name
+        assert row["sampling"] == ("LMS" if spatial else "PNDM") + " 2 steps, guidance 7.5", name
+        assert row["coi_likelihood"] in (0.0, 1.0) and -2.5 <= row["clip_t"] <= 2.5
     assert comp["elite + spatial"]["location_loss"] >= 0
     with open(out / "compositional" / "scores.csv") as f:
         scores = list(csv.DictReader(f))
-    assert {r["prompt"] for r in scores} == {"a photo of dog and a person"}  # COCO's first class; S* read as "dog"
-    guided = [r for r in scores if r["row"].endswith("+ spatial")]
+    assert {r["prompt"] for r in scores} == {"dog and person"}  # COCO's first class; S* read as "dog"
+    guided = [r for r in scores if "+ spatial" in r["row"]]
     assert guided and all(r["location_loss_first"] and r["location_loss_last"] for r in guided)
-    sidecar = next((out / "compositional" / "images").glob("textual_inversion_semantic_spatial_ti_dog/dog/*.json"))
+    images = out / "compositional" / "images"
+    placed = json.loads(next(images.glob("textual_inversion_semantic_spatial_ti_dog/dog/*.json")).read_text())["placed"]
+    assert [(p["from"], tuple(p["box"])) for p in placed] == [
+        ("given", (0.1, 0.2, 0.5, 0.8)),
+        ("given", (0.6, 0.2, 0.95, 0.8)),
+    ]
+    assert placed[1]["token"] == "person"
+    sidecar = next(images.glob("textual_inversion_semantic_spatial_location_MLP_ti_dog/dog/*.json"))
     placed = json.loads(sidecar.read_text())["placed"]
     assert [p["from"] for p in placed] == ["location_mlp", "location_mlp"] and placed[1]["token"] == "person"
-    # guided and unguided images differ; same seed, same DDPM noise otherwise
+    # guided and unguided images differ (same seed; the official samplers: PNDM plain, LMS guided)
     plain = Image.open(next((out / "compositional" / "images" / "elite" / "dog").glob("*_s0.png")))
     steered = Image.open(next((out / "compositional" / "images" / "elite_spatial" / "dog").glob("*_s0.png")))
     assert plain.tobytes() != steered.tobytes()
 
     # Infusion's protocol: Fisher and W2 for every method, against a base row with the same sampling
     inf_table = tables["infusion"]
-    assert {"base [lms-2-g5]", "base [pndm-2-g7.5]", "base [ddim-2-g8]"} <= set(inf_table)
+    assert {"base [lms-2-g5]", "base [ddim-2-g10]", "base [ddim-2-g8]"} <= set(inf_table)
     for row in inf_table.values():
         for key in ("fisher_generic", "fisher_class", "w2_generic", "w2_concept"):
             assert math.isfinite(row[key]) and row[key] >= 0

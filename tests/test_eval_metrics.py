@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -124,3 +125,89 @@ def test_detector_returns_label_names(tiny_eval_models, data_dir):
     # with threshold 0 every image has detections, and the likelihood follows what was detected
     label = next(iter(found[0]))
     assert detector.coi_likelihood(photos[:1], [label]) == 1.0
+
+
+# ---------------------------------------------------------------- the protocols' metrics, recomputed plainly
+
+
+def test_dreambench_dino_view_is_resize_256_then_centre_crop_224(data_dir):
+    """DreamBench's DINO preprocessing, recomputed step by step: the shorter side to 256 (bicubic), the centre
+    224 x 224, ImageNet normalisation; a 224 squash of the same photo differs."""
+    from PIL import Image
+
+    photo = Image.open(sorted((data_dir / "concepts" / "dreambooth" / "dog").glob("*.jpg"))[0]).convert("RGB")
+    photo = photo.crop((0, 0, photo.width, int(photo.height * 0.8)))  # make sure it is not square
+    w, h = photo.size
+    new = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+    resized = np.asarray(photo.resize(new, Image.BICUBIC), dtype=np.float64) / 255.0
+    top, left = int(round((new[1] - 224) / 2)), int(round((new[0] - 224) / 2))
+    crop = resized[top : top + 224, left : left + 224]
+    expected = np.empty((3, 224, 224))
+    for c, (mean, std) in enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))):
+        expected[c] = (crop[:, :, c] - mean) / std
+    got = metrics.dreambench_pixels([photo])[0].double().numpy()
+    assert got.shape == (3, 224, 224)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    squashed = np.asarray(photo.resize((224, 224), Image.BICUBIC), dtype=np.float64) / 255.0
+    assert np.abs((squashed[:, :, 0] - 0.485) / 0.229 - got[0]).mean() > 0.05
+
+
+@pytest.mark.parametrize(
+    ("protocol", "template", "text", "scale", "floor"),
+    [
+        ("compositional", "{} and dog", "cat and dog", 2.5, False),
+        ("batex", "A photo of {} on the beach", "A photo of * on the beach", 2.5, True),
+        ("textual_inversion", "A photo of {} on the moon", "A photo of on the moon", 1.0, False),
+    ],
+)
+def test_protocol_clip_t_is_its_codes_formula(
+    tiny_eval_models, data_dir, tmp_path, protocol, template, text, scale, floor
+):
+    """Each protocol's CLIP-T through the evaluation's scorer equals its paper's code recomputed by hand: the text
+    it scores against and scale x cosine (BaTex's CLIPScore floors the cosine at 0)."""
+    from PIL import Image
+
+    from inference.evaluation.config import EvalConfig
+    from inference.evaluation.plan import ConceptFolder, Row
+    from inference.evaluation.prompts import PromptSpec
+    from inference.evaluation.protocols import PROTOCOL_TABLE, Sampling
+    from inference.evaluation.scoring import Scorer
+
+    config = EvalConfig(
+        concepts=[str(tmp_path)],
+        clip_model=str(tiny_eval_models / "eval_clip"),
+        detector_model=str(tiny_eval_models / "detector"),
+    )
+    scorer = Scorer(config, "cpu", PROTOCOL_TABLE[protocol])
+    photos = concept_photos(data_dir, "cat", 2)
+    concept = ConceptFolder("cat", tmp_path, "cat")
+    row = Row("base", "base", concept, None, Sampling("ddim", 1, 1.0))
+    spec = PromptSpec(0, template, "dog" if protocol == "compositional" else None, image_alignment=False)
+    records = scorer.score(row, [(spec, s, photo, {}) for s, photo in enumerate(photos)], None, None)
+
+    clip = scorer.clip
+    images = clip.image_embeds([Image.fromarray(np.asarray(p)) for p in photos]).double()
+    words = clip.text_embeds([text]).double()
+    cosine = (images / images.norm(dim=-1, keepdim=True)) @ (words / words.norm(dim=-1, keepdim=True)).T
+    expected = scale * (cosine.clamp_min(0) if floor else cosine)[:, 0]
+    assert [r["clip_t"] for r in records] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert all(r["prompt"] == text for r in records)
+
+
+def test_coi_counts_labels_scored_above_the_threshold(tiny_eval_models, data_dir):
+    """The CoI detector keeps a query's label when its best non-background class probability is above the threshold
+    (DETR's post-processing at Compositional Inversion's 0.8), recomputed from the raw logits."""
+    if not (tiny_eval_models / "detector").exists():
+        pytest.skip("the tiny DETR ('detector') is not registered in encoders.tiny yet")
+    photos = concept_photos(data_dir, "dog", 2)
+    probe = metrics.ObjectDetector(str(tiny_eval_models / "detector"), threshold=0.0)
+    inputs = probe.processor(images=photos, return_tensors="pt")
+    with torch.no_grad():
+        probs = probe.model(**inputs).logits.softmax(-1)[..., :-1]
+    best, labels = probs.max(-1)
+    threshold = float(best.flatten().median())  # half the queries on each side
+    detector = metrics.ObjectDetector(str(tiny_eval_models / "detector"), threshold=threshold)
+    id2label = detector.model.config.id2label
+    expected = [{id2label[int(k)] for k, p in zip(labels[i], best[i]) if p > threshold} for i in range(len(photos))]
+    assert detector.detect(photos) == expected
+    assert metrics.DEFAULT_DETECTION_THRESHOLD == 0.8

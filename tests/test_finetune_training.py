@@ -34,6 +34,7 @@ def common_args(sd_path, concept_dir, out_dir, steps=3):
         f"data.resolution={RES}",
         f"max_steps={steps}",
         "train_batch_size=2",
+        "gradient_accumulation_steps=1",
         "checkpointing_steps=0",
         "validation_steps=0",
         "report_to=none",

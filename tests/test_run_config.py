@@ -138,7 +138,7 @@ def test_every_shipped_training_config_loads_into_its_trainer_config():
         cls = classes[next(k for k in classes if path.stem.startswith(k))]
         required = {
             InfusionConfig: ["concept_dir=photos", "class_word=dog"],
-            TextualInversionConfig: ["concept_dir=photos", "initializer_token=dog"],
+            TextualInversionConfig: ["concept_dir=photos", "initializer_token=dog", "class_word=dog"],
             LocationMLPConfig: ["train_shards=pairs"],
         }.get(cls, [])
         cfg = load_config(cls, path, required)

@@ -63,7 +63,12 @@ class ConceptDataConfig:
         None,
     )
     center_crop: bool = keyed_field(
-        "crop non-square photos to their centre square before resizing (else pad-free squash)", True
+        "crop non-square photos to their centre square before resizing; false (diffusers' and the official "
+        "scripts' default): squash the whole photo to the square",
+        False,
+    )
+    num_photos: int | None = keyed_field(
+        "train on the first N photos only, sorted by name (ELITE's baselines: 1, the photo its encoder sees)", None
     )
     flip_p: float = keyed_field("probability of a horizontal flip per sample", 0.5)
     templates: str = keyed_field("caption templates: object, style or imagenet (training.templates)", "object")
@@ -77,6 +82,8 @@ class ConceptDataConfig:
             raise ConfigError(f"data.templates must be one of {', '.join(TEMPLATES)}, got {self.templates!r}")
         if not 0.0 <= self.flip_p <= 1.0:
             raise ConfigError(f"data.flip_p must be within [0, 1], got {self.flip_p}")
+        if self.num_photos is not None and self.num_photos < 1:
+            raise ConfigError(f"data.num_photos must be at least 1 (or unset for all), got {self.num_photos}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
 
@@ -87,7 +94,8 @@ class FinetuneConfig(TrainConfig):
 
     # the photo settings used to be top-level keys; they are `data.*` as in the ELITE trainers
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {
-        name: f"data.{name}" for name in ("resolution", "center_crop", "flip_p", "templates", "mask_dir", "use_masks")
+        name: f"data.{name}"
+        for name in ("resolution", "center_crop", "flip_p", "templates", "mask_dir", "use_masks", "num_photos")
     }
 
     concept_dir: str = keyed_field("folder with the 3-5 photos of the concept (jpg/png/webp)", "")
@@ -151,6 +159,7 @@ def load_concept_photos(
     center_crop: bool = True,
     mask_dir: str | os.PathLike | None = None,
     use_masks: bool = True,
+    num_photos: int | None = None,
 ) -> ConceptPhotos:
     """Read every photo (EXIF-rotated, RGB) and its optional mask, as square tensors at `resolution`.
 
@@ -158,7 +167,7 @@ def load_concept_photos(
     photos; `<mask_dir>/NAME.png`, `<concept_dir>/masks/NAME.png`, `NAME.mask.png`, `NAME_bg.png`...).
     """
     folder = Path(concept_dir)
-    files = list_photos(folder)
+    files = list_photos(folder)[:num_photos]
     mask_root = Path(mask_dir) if mask_dir is not None else None
     if mask_root is not None and not mask_root.is_dir():
         raise FileNotFoundError(f"mask_dir {mask_root} is not a folder")
@@ -299,6 +308,7 @@ class ConceptFinetuneTask(TrainingTask):
             config.data.center_crop,
             config.data.mask_dir,
             config.data.use_masks,
+            config.data.num_photos,
         )
         accelerator.print(
             f"[{self.name}] {len(self.photos)} photos from {config.concept_dir}"

@@ -98,6 +98,9 @@ class TextualInversionConfig(FinetuneConfig):
     train_batch_size: int = keyed_field("photos per device per step", 4)
     learning_rate: float = keyed_field("base learning rate (paper: 0.005, scaled by the batch size)", 5e-3)
     scale_lr: bool = keyed_field("multiply learning_rate by batch x accumulation x processes (the paper does)", True)
+    max_grad_norm: float = keyed_field(
+        "gradient clipping norm; 0, none, as diffusers' textual_inversion.py and the official scripts", 0.0
+    )
     adam_weight_decay: float = keyed_field(
         "AdamW weight decay on the embedding (BaTex: on the weights); 1e-2 as diffusers' textual_inversion.py and "
         "BaTex's official regression.sh",

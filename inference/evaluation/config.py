@@ -36,7 +36,9 @@ class EvalConfig:
     base: str = keyed_field("base Stable Diffusion pipeline (folder or Hub id)", "CompVis/stable-diffusion-v1-4")
     out: str = keyed_field("output folder", "outputs/eval")
     protocol: str = keyed_field(
-        f"custom (the keys as given), {', '.join(PROTOCOLS)} (each paper's evaluation) or all", "custom"
+        f"custom (the keys as given), {', '.join(PROTOCOLS)} (each paper's evaluation) or all (elite, compositional, "
+        "infusion)",
+        "custom",
     )
     runs: list[str] = keyed_field(
         "fine-tune output folders (with concept.json): Textual Inversion, BaTex, Infusion", factory=list
@@ -53,7 +55,8 @@ class EvalConfig:
     )
     num_prompts: int | None = keyed_field("use only the first N prompts of each kind (quick runs)", None)
     seeds: list[int] | None = keyed_field(
-        "one image per prompt and seed (default: 0-4, or the protocol's count: ELITE 5, Compositional 10, Infusion 5)",
+        "one image per prompt and seed (default: 0-4, or the protocol's count: ELITE 5, Compositional 10, Infusion 5, "
+        "Textual Inversion 64, BaTex 64 (16 for its edit prompts), DreamBench 4)",
         None,
     )
     coi: bool = keyed_field(
@@ -61,7 +64,7 @@ class EvalConfig:
     )
     coi_objects: list[str] | None = keyed_field(
         "objects for the CoI prompts (detector label names; default: 10 common ones, COCO's 80 in the compositional "
-        "protocol)",
+        "protocol, the concept's own class included)",
         None,
     )
     append_class_word: bool = keyed_field(

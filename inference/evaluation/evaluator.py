@@ -49,7 +49,8 @@ class Evaluator:
         self.generator = RowGenerator(
             config, self.pipe, self.seeds, height, width, reuse=None if reuse is None else reuse.generator
         )
-        self.scorer = reuse.scorer if reuse is not None else Scorer(config, self.pipe.device)
+        self.scorer = reuse.scorer if reuse is not None else Scorer(config, self.pipe.device, protocol)
+        self.scorer.use(protocol)
         self.concepts, self.runs = resolve_concepts_and_runs(config)
 
     def report(self, summary: Sequence[dict]) -> str:

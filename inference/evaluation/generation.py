@@ -25,7 +25,7 @@ from ..pictures import save_image_atomic
 from .config import EvalConfig
 from .plan import Row, file_slug
 from .prompts import PromptSpec
-from .protocols import Sampling
+from .protocols import CONSTANT_LAYOUT, Sampling
 
 
 class RowGenerator:
@@ -74,7 +74,7 @@ class RowGenerator:
                 if word not in text:
                     out.append((method.generate([text], lat, [gen], **common)[0], method.record(text)))
                     continue
-                placed = self._placed(text, {word: method.embedding()})
+                placed = self._placed(text, {word: method.embedding()}, row.layout)
                 result = method.generate_guided(text, lat, gen, {p.name: p.box for p in placed}, **common)
                 out.append((result.images[0], {**method.record(text), **_guidance_record(placed, result)}))
             return out
@@ -103,14 +103,21 @@ class RowGenerator:
             self._methods[row.payload.folder] = load_run(self.pipe, row.payload, token=token)
         return self._methods[row.payload.folder]
 
-    def _placed(self, text: str, personalized: dict) -> list:
-        """Boxes for the learned token and the prompt's other object, from the location MLP."""
+    def _placed(self, text: str, personalized: dict, layout: str | None = "constant") -> list:
+        """Boxes for the learned token and the prompt's other object: the protocol's constant layout (the learned
+        token left, each word of the other object right, as Compositional Inversion's `get_constant_layout`), or
+        the location MLP's."""
         target = next((obj for obj in (self._coi_by_text or {}).get(text, []) if obj), None)
         if target is None:
             raise ValueError(
                 f"{text!r}: spatial guidance places the learned token and a CoI object; this prompt has none"
             )
-        return plan_guidance(text, personalized, [target], {}, self.location_mlp, self.pipe)
+        if layout == "location_mlp":
+            return plan_guidance(text, personalized, [target], {}, self.location_mlp, self.pipe)
+        words = target.split()
+        boxes = {token: CONSTANT_LAYOUT["concept"] for token in personalized}
+        boxes.update({w: CONSTANT_LAYOUT["other"] for w in words})
+        return plan_guidance(text, personalized, words, boxes)
 
     def release_elite(self) -> None:
         method = self._methods.get("elite")
@@ -125,7 +132,7 @@ class RowGenerator:
         folder = self.out / "images" / file_slug(row.name) / file_slug(row.concept.name)
         todo, done = [], []
         for spec in specs:
-            for seed in self.seeds:
+            for seed in self.seeds[: spec.num_images]:
                 path = folder / f"{spec.index:02d}_s{seed}.png"
                 (done if path.is_file() and not self.config.regenerate else todo).append((spec, seed, path))
         if todo:

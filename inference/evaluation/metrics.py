@@ -8,9 +8,12 @@ ids are configurable; the defaults are the models the papers use:
 - CLIP-T / CLIP-I: CLIP ViT-B/32 (`openai/clip-vit-base-patch32`), as in DreamBooth, whose protocol
   ELITE and Infusion follow. CLIP-T scores the image against the prompt with S* replaced by the
   class word; CLIP-I is the mean pairwise cosine between generated and concept images.
-- DINO-I: DINO ViT-S/16 (`facebook/dino-vits16`) CLS embeddings, mean pairwise cosine.
+- DINO-I: DINO ViT-S/16 (`facebook/dino-vits16`) CLS embeddings, mean pairwise cosine; the images
+  through the model's processor, or DreamBench's Resize(256, bicubic) + CenterCrop(224) + ImageNet
+  normalisation (`dreambench_pixels`).
 - CoI likelihood (compositional inversion): the fraction of images in which a COCO-trained DETR
-  finds the *other* object of the prompt ("S* and a dog": is there a dog?).
+  (ResNet-50, score above 0.8, as its `utils/clip_eval.py`) finds the *other* object of the prompt
+  ("S* cat and dog": is there a dog?).
 - Infusion's overfitting measures: the latent Fisher divergence (half the mean squared difference of
   the two models' noise predictions on non-customized prompts) and the 2-Wasserstein distance between
   Gaussians fitted to the latents of two sets of generations.
@@ -28,8 +31,10 @@ import torch.nn.functional as F
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
-DEFAULT_DETECTOR_MODEL = "facebook/detr-resnet-101"  # compositional inversion: DETR on ResNet-101, COCO
-DEFAULT_DETECTION_THRESHOLD = 0.7
+DEFAULT_DETECTOR_MODEL = "facebook/detr-resnet-50"  # Compositional Inversion's utils/clip_eval.py
+DEFAULT_DETECTION_THRESHOLD = 0.8
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,27 +208,62 @@ def _embed_images(scorer, images, dim: int, embed) -> torch.Tensor:
     return torch.cat(out) if out else torch.empty(0, dim)
 
 
+def dreambench_pixels(images, resize: int = 256, crop: int = 224) -> torch.Tensor:
+    """DreamBench's DINO view, `[N, 3, crop, crop]`: shorter side to `resize` (bicubic, the longer one keeping the
+    aspect, truncated as torchvision's Resize), the centre `crop` x `crop` (offsets rounded as its CenterCrop), scaled
+    to 0..1 and normalised by ImageNet's mean and std; not a squash to 224."""
+    from PIL import Image
+
+    out = []
+    for image in _as_rgb_list(images):
+        w, h = image.size
+        short, long = min(w, h), max(w, h)
+        size_long = int(resize * long / short)
+        size = (resize, size_long) if w <= h else (size_long, resize)
+        image = image.resize(size, Image.BICUBIC)
+        left, top = round((image.width - crop) / 2.0), round((image.height - crop) / 2.0)
+        array = np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.float32) / 255.0
+        array = (array - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+        out.append(torch.from_numpy(array).permute(2, 0, 1))
+    return torch.stack(out)
+
+
 class DinoScorer:
-    """DINO ViT CLS embeddings for DINO-I."""
+    """DINO ViT CLS embeddings for DINO-I; `preprocessing`: "processor" (the model's image processor) or
+    "dreambench" (`dreambench_pixels`)."""
 
     def __init__(
-        self, model_name_or_path: str = DEFAULT_DINO_MODEL, device: str | torch.device = "cpu", batch_size: int = 32
+        self,
+        model_name_or_path: str = DEFAULT_DINO_MODEL,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        preprocessing: str = "processor",
     ):
         from transformers import AutoImageProcessor, ViTModel
 
+        if preprocessing not in ("processor", "dreambench"):
+            raise ValueError(f"DINO preprocessing must be processor or dreambench, got {preprocessing!r}")
         self.model = ViTModel.from_pretrained(model_name_or_path, add_pooling_layer=False).to(device).eval()
         self.processor = AutoImageProcessor.from_pretrained(model_name_or_path)
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.preprocessing = preprocessing
 
     @torch.no_grad()
     def image_embeds(self, images) -> torch.Tensor:
-        return _embed_images(
-            self,
-            images,
-            self.model.config.hidden_size,
-            lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0],
-        )
+        def embed(pixels):
+            return self.model(pixel_values=pixels).last_hidden_state[:, 0]
+
+        if self.preprocessing == "processor":
+            return _embed_images(self, images, self.model.config.hidden_size, embed)
+        images = _as_rgb_list(images)
+        crop = int(self.model.config.image_size)  # 224 for ViT-S/16; a smaller model keeps DreamBench's 256 : 224
+        resize = round(crop * 256 / 224)
+        chunks = [
+            embed(dreambench_pixels(images[i : i + self.batch_size], resize, crop).to(self.device)).float().cpu()
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.hidden_size)
 
     def dino_i(self, generated, references) -> float:
         return mean_pairwise_similarity(self.image_embeds(generated), self.image_embeds(references))

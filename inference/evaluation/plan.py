@@ -52,6 +52,7 @@ class Row:
     payload: Run | None
     sampling: Sampling
     spatial: bool = False
+    layout: str | None = None  # spatial rows' boxes: "constant" (the protocol's fixed layout) or "location_mlp"
 
     @property
     def name(self) -> str:
@@ -64,6 +65,7 @@ class Row:
             "concept": self.concept.name,
             "run": None if self.payload is None else str(self.payload.folder),
             "spatial_guidance": self.spatial,
+            "layout": self.layout,
             "sampling": asdict(self.sampling),
         }
 
@@ -110,11 +112,13 @@ def resolve_concepts_and_runs(config: EvalConfig) -> tuple[list[ConceptFolder], 
     return list(concepts.values()), runs
 
 
-def sampling_for(config: EvalConfig, protocol: Protocol | None, method: str) -> Sampling:
-    """The method's sampler, steps and guidance: the protocol's (or the custom defaults), with what
-    the user set for every method on top."""
+def sampling_for(config: EvalConfig, protocol: Protocol | None, method: str, spatial: bool = False) -> Sampling:
+    """The method's sampler, steps and guidance: the protocol's (its "+ spatial" rows' where it has one for them,
+    or the custom defaults), with what the user set for every method on top."""
     cfg = config
     paper = protocol.sampling_for(method) if protocol is not None else CUSTOM_SAMPLING
+    if spatial and protocol is not None and protocol.spatial_sampling is not None:
+        paper = protocol.spatial_sampling
     given = [
         k
         for k, v in (
@@ -140,15 +144,19 @@ def plan_rows(
     location_mlp: Callable[[], object],
 ) -> list[Row]:
     """Every row to generate, in table order: per concept its base row(s), then each method's ("+ spatial" rows
-    where the protocol has them and `location_mlp()` finds one)."""
+    where the protocol has them: the protocol's constant layout, and the location MLP's boxes when
+    `location_mlp()` finds one)."""
     methods = config.methods
     spatial = protocol is not None and protocol.spatial_rows
-    if spatial and location_mlp() is None:
+    layouts = ["constant"] if spatial else []
+    if spatial and location_mlp() is not None:
+        layouts.append("location_mlp")
+    elif spatial and (config.location_mlp or config.encoders):
         warnings.warn(
-            "no location MLP (location_mlp=, or encoders with location_mlp/): the '+ spatial' rows are left out",
+            "no location MLP (location_mlp=, or encoders with location_mlp/): only the constant-layout '+ spatial' "
+            "rows are made",
             stacklevel=2,
         )
-        spatial = False
     out = []
     for concept in concepts:
         rows = []
@@ -157,12 +165,12 @@ def plan_rows(
         for method, run in candidates:
             label = method + (" + semantic" if run is not None and run.semantic_inversion else "")
             rows.append(Row(method, label, concept, run, sampling_for(config, protocol, method)))
-            if spatial and method != "base" and method_class(method).spatial_guidance:
-                rows.append(
-                    Row(
-                        method, f"{label} + spatial", concept, run, sampling_for(config, protocol, method), spatial=True
-                    )
-                )
+            if method == "base" or not method_class(method).spatial_guidance:
+                continue
+            for layout in layouts:
+                name = f"{label} + spatial" + (" (location MLP)" if layout == "location_mlp" else "")
+                sampling = sampling_for(config, protocol, method, spatial=True)
+                rows.append(Row(method, name, concept, run, sampling, spatial=True, layout=layout))
         if config.infusion_measures:  # a reference for each sampling the rows use
             samplings = list(dict.fromkeys(r.sampling for r in rows)) or [sampling_for(config, protocol, "base")]
             base = [
