@@ -187,7 +187,7 @@ $(DEMO)/images/spatial_guidance.png: $(DEMO)/encoders/location_mlp/config.json
 
 # 7. per-concept baselines on the concept's photos: Textual Inversion and Infusion, a few steps each
 FT_KEYS := $(TINY_KEYS) concept_dir=$(CONCEPT_DIR) class_word=$(CLASS) data.resolution=64 max_steps=12 \
-	train_batch_size=2 checkpointing_steps=6 validation_steps=12 validation_inference_steps=10 \
+	train_batch_size=2 checkpointing_steps=6 validation_steps=12 validation_inference_steps=10 data.soft_masks=none \
 	$(if $(filter world,$(BASE)),,data.mask_dir=tests/data/concepts/masks)
 demo-finetune: $(DEMO)/images/finetuned/settings.json
 $(DEMO)/finetune/concept_textual_inversion/learned_embeds.safetensors: $(M)/.done

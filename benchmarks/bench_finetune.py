@@ -36,8 +36,12 @@ CONFIGS = REPO / "configs" / "finetune"
 METHODS = {
     # name: (trainer module, config file, extra keys)
     "textual_inversion": ("training.textual_inversion", "textual_inversion.yaml", ["initializer_token={init}"]),
-    "batex": ("training.textual_inversion", "batex.yaml", ["initializer_token={init}", "subspace.dim={dim}"]),
-    "infusion": ("training.infusion", "infusion.yaml", ["class_word={init}"]),
+    "batex": (
+        "training.textual_inversion",
+        "batex.yaml",
+        ["initializer_token={init}", "subspace.selection=rank", "subspace.dim={dim}"],
+    ),
+    "infusion": ("training.infusion", "infusion.yaml", ["class_word={init}", "data.soft_masks=none"]),
 }
 
 

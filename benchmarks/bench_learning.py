@@ -543,11 +543,19 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
             for k, photo in enumerate(held_out)
             for d in _photo_latents(ev, photo, args.resolution, args.draws, args.seed + k)
         ]
-        concept_keys = [*keys, f"concept_dir={train_dir}", f"max_steps={steps}", f"class_word={word}"]
+        # one micro-step per update and no CLIPSeg (offline), as when the documented numbers were measured
+        concept_keys = [
+            *keys,
+            f"concept_dir={train_dir}",
+            f"max_steps={steps}",
+            f"class_word={word}",
+            "gradient_accumulation_steps=1",
+            "data.soft_masks=none",
+        ]
         word_keys = [*concept_keys, f"initializer_token={word}", f"checkpointing_steps={quarter}"]
-        batex = ["subspace.enabled=true"] + (
+        batex = ["subspace.enabled=true", "subspace.selection=rank"] + (
             [] if args.base else ["subspace.dim=24"]
-        )  # the paper's 576 of 768, scaled to 32
+        )  # the paper's rank rule, 576 of 768 scaled to 32
         runs = {
             "textual_inversion": _run_finetune(
                 work, f"textual_inversion_{folder}", "textual_inversion", [*word_keys, f"seed={args.seed}"]

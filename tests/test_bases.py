@@ -48,6 +48,7 @@ def _finetune_keys(sd, concept, out, steps=3):
         f"max_steps={steps}",
         "train_batch_size=2",
         "gradient_accumulation_steps=1",
+        "data.soft_masks=none",
         "checkpointing_steps=0",
         "validation_steps=0",
         "report_to=none",

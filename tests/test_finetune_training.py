@@ -35,6 +35,7 @@ def common_args(sd_path, concept_dir, out_dir, steps=3):
         f"max_steps={steps}",
         "train_batch_size=2",
         "gradient_accumulation_steps=1",
+        "data.soft_masks=none",
         "checkpointing_steps=0",
         "validation_steps=0",
         "report_to=none",
@@ -206,16 +207,25 @@ def test_batex_with_anchors_stays_in_the_span_of_its_basis(tiny_sd_path, data_di
     assert info["method"] == "batex" and info["semantic_inversion"] is True  # trained with anchors
 
 
-def test_infusion_trains_and_changes_only_class_word_prompts(tiny_sd_path, data_dir, tmp_path):
+def test_infusion_trains_and_changes_only_class_word_prompts(tiny_sd_path, tiny_clipseg_path, data_dir, tmp_path):
     from encoders.infusion import InfusionResiduals
     from inference.methods import generate_with_infusion
     from training.infusion import InfusionConfig, InfusionTask
 
     concept = data_dir / "concepts" / "dreambooth" / "cat"
     out = tmp_path / "infusion"
-    args = common_args(tiny_sd_path, concept, out) + ["class_word=cat", "learning_rate=0.05"]
-    losses = run_recording(InfusionTask(load_config(InfusionConfig, CONFIGS / "infusion.yaml", args)))
+    args = common_args(tiny_sd_path, concept, out) + [
+        "class_word=cat",
+        "learning_rate=0.05",
+        f"data.soft_masks={tiny_clipseg_path}",  # Infusion's CLIPSeg soft masks (a tiny CLIPSeg here)
+    ]
+    task = InfusionTask(load_config(InfusionConfig, CONFIGS / "infusion.yaml", args))
+    assert task.config.data.mask_average == "image" and task.config.adam_weight_decay == 0.01
+    losses = run_recording(task)
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    masks = task.photos.masks
+    assert bool(task.photos.has_mask.all()) and masks.shape[1:] == (1, int(RES), int(RES))
+    assert 0 <= float(masks.min()) and float(masks.max()) <= 1 and bool(((masks > 0.01) & (masks < 0.99)).any())
 
     residuals = InfusionResiduals.from_pretrained(out, subfolder="infusion")
     assert residuals.config.class_word == "cat"

@@ -142,3 +142,25 @@ def test_protocol_prompt_sets(tmp_path):
     ] * 4
     ti = prompt_specs(protocol_config(base, PROTOCOL_TABLE["textual_inversion"]), cat)
     assert ti[0].template == "A photo of {}" and ti[0].image_alignment and ti[0].text_alignment
+
+
+def test_infusion_recipe_and_its_masked_error():
+    """Infusion's code: batch 4 x accumulation 4, AdamW weight decay 0.01, CLIPSeg soft masks, the masked error
+    averaged over all pixels: (mse * mask).mean()."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.diffusion import denoising_loss
+    from training.infusion import InfusionConfig
+
+    cfg = load_config(InfusionConfig, CONFIGS / "finetune" / "infusion.yaml", ["concept_dir=photos", "class_word=cat"])
+    assert (cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.learning_rate) == (4, 4, 0.01)
+    assert cfg.adam_weight_decay == pytest.approx(0.01) and not cfg.scale_lr
+    assert cfg.data.soft_masks == "CIDAS/clipseg-rd64-refined" and cfg.data.mask_average == "image"
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    soft = torch.rand(2, 1, 8, 8, generator=g)
+    official = (F.mse_loss(pred, target, reduction="none") * soft).mean()
+    assert torch.allclose(denoising_loss(pred, target, soft, average="image"), official, atol=1e-6)
+    by_area = ((pred - target) ** 2 * soft).sum((1, 2, 3)) / soft.expand(2, 4, 8, 8).sum((1, 2, 3))
+    assert torch.allclose(denoising_loss(pred, target, soft), by_area.mean(), atol=1e-6)

@@ -25,13 +25,13 @@ from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from encoders.common.config import ConfigError, keyed_field
@@ -76,12 +76,26 @@ class ConceptDataConfig:
         "folder of concept masks named like the photos (<stem>.png); default <concept_dir>/masks when present", None
     )
     use_masks: bool = keyed_field("weight the loss by the mask of each photo that has one", True)
+    soft_masks: str | None = keyed_field(
+        "CLIPSeg folder or Hub id: a soft object mask (CLIPSeg's probabilities, prompted with the class word) for "
+        "every photo without a mask file, as Infusion's soft_segment.py; none: off",
+        None,
+    )
+    mask_average: Literal["mask", "image"] = keyed_field(
+        "the masked error per sample: mask = averaged over the mask's weight (object pixels only); image = averaged "
+        "over all pixels (Infusion's code)",
+        "mask",
+    )
 
     def __post_init__(self) -> None:
         if self.templates not in TEMPLATES:
             raise ConfigError(f"data.templates must be one of {', '.join(TEMPLATES)}, got {self.templates!r}")
         if not 0.0 <= self.flip_p <= 1.0:
             raise ConfigError(f"data.flip_p must be within [0, 1], got {self.flip_p}")
+        if isinstance(self.soft_masks, str) and self.soft_masks.strip().lower() in ("", "none", "null", "false"):
+            self.soft_masks = None
+        if self.mask_average not in ("mask", "image"):
+            raise ConfigError(f"data.mask_average must be mask or image, got {self.mask_average!r}")
         if self.num_photos is not None and self.num_photos < 1:
             raise ConfigError(f"data.num_photos must be at least 1 (or unset for all), got {self.num_photos}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
@@ -95,7 +109,17 @@ class FinetuneConfig(TrainConfig):
     # the photo settings used to be top-level keys; they are `data.*` as in the ELITE trainers
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {
         name: f"data.{name}"
-        for name in ("resolution", "center_crop", "flip_p", "templates", "mask_dir", "use_masks", "num_photos")
+        for name in (
+            "resolution",
+            "center_crop",
+            "flip_p",
+            "templates",
+            "mask_dir",
+            "use_masks",
+            "num_photos",
+            "soft_masks",
+            "mask_average",
+        )
     }
 
     concept_dir: str = keyed_field("folder with the 3-5 photos of the concept (jpg/png/webp)", "")
@@ -310,6 +334,8 @@ class ConceptFinetuneTask(TrainingTask):
             config.data.use_masks,
             config.data.num_photos,
         )
+        if config.data.soft_masks and config.data.use_masks:
+            self._add_soft_masks(config.data.soft_masks, config.class_word or config.initializer_token)
         accelerator.print(
             f"[{self.name}] {len(self.photos)} photos from {config.concept_dir}"
             f"{f', {int(self.photos.has_mask.sum())} with masks' if self.photos.masks is not None else ''}"
@@ -317,6 +343,30 @@ class ConceptFinetuneTask(TrainingTask):
         )
         self._cache_latents()
         self.build_trainable()
+
+    def _add_soft_masks(self, model: str, prompt: str) -> None:
+        """CLIPSeg's soft mask (object probability per pixel) for every photo without a mask file, squared as the
+        photos are (Infusion's soft masks); photos with a mask file keep theirs."""
+        from inference.masking import AutoMasker
+
+        if not prompt:
+            raise ConfigError("data.soft_masks prompts CLIPSeg with the class word: give class_word=")
+        missing = [k for k, has in enumerate(self.photos.has_mask.tolist()) if not has]
+        if not missing:
+            return
+        masker = AutoMasker.from_pretrained(model, device=self.device)
+        resolution, crop = self.config.data.resolution, self.config.data.center_crop
+        masks = self.photos.masks
+        if masks is None:
+            masks = torch.ones(len(self.photos), 1, resolution, resolution)
+        for k in missing:
+            with Image.open(self.photos.files[k]) as photo:
+                photo = ImageOps.exif_transpose(photo).convert("RGB")
+            soft = Image.fromarray(masker.probabilities(photo, prompt).astype(np.float32), mode="F")
+            masks[k] = torch.from_numpy(np.asarray(_square(soft, resolution, crop, Image.BILINEAR), dtype=np.float32))
+        self.photos.masks = masks.clamp(0, 1)
+        self.photos.has_mask = torch.ones(len(self.photos), dtype=torch.bool)
+        self.accelerator.print(f"[{self.name}] soft masks from {model} ('{prompt}') for {len(missing)} photo(s)")
 
     @torch.no_grad()
     def _cache_latents(self) -> None:
@@ -365,7 +415,7 @@ class ConceptFinetuneTask(TrainingTask):
         latents, weight = self.batch_latents(batch, generator)
         noisy, target, timesteps = self.sd.add_noise(latents, generator)
         prediction = self.predict_noise(models, noisy, timesteps, list(batch["prompt"]))
-        rec = denoising_loss(prediction, target, weight)
+        rec = denoising_loss(prediction, target, weight, average=self.config.data.mask_average)
         loss, logs = self.regularize(models, rec)
         return loss, {"rec_loss": rec.detach(), **logs}
 

@@ -191,7 +191,11 @@ class FrozenStableDiffusion:
 
 
 def denoising_loss(
-    prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, sum_channels: bool = False
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    sum_channels: bool = False,
+    average: str = "mask",
 ) -> torch.Tensor:
     """Mean squared error per sample, averaged over the batch.
 
@@ -199,7 +203,8 @@ def denoising_loss(
     is averaged over the weighted cells only, so padding added by scale augmentation does not count.
     `sum_channels=True` sums the error over the latent channels before that average (official ELITE
     stage 2: `(mse * mask).sum([1, 2, 3]) / mask.sum([1, 2, 3])` with a one-channel mask, i.e. C x
-    the per-element mean).
+    the per-element mean). `average="image"` divides the weighted error by all cells instead (Infusion's
+    code: `(mse * mask).mean()`, soft masks weighing each cell).
     """
     err = F.mse_loss(prediction.float(), target.float(), reduction="none")
     if sum_channels:
@@ -207,6 +212,8 @@ def denoising_loss(
     if weight is None:
         return err.mean(dim=tuple(range(1, err.ndim))).mean()
     weight = weight.to(err.dtype).expand_as(err)
+    if average == "image":
+        return (err * weight).mean(dim=tuple(range(1, err.ndim))).mean()
     per_sample = (err * weight).sum(dim=tuple(range(1, err.ndim))) / weight.sum(
         dim=tuple(range(1, err.ndim))
     ).clamp_min(1e-8)

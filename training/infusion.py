@@ -33,9 +33,10 @@ from encoders.infusion import (
     infusion_call,
     set_infusion_processors,
 )
+from inference.masking import DEFAULT_MASK_MODEL
 from inference.methods import generate_with_infusion
 
-from .concept_data import ConceptFinetuneTask, FinetuneConfig
+from .concept_data import ConceptDataConfig, ConceptFinetuneTask, FinetuneConfig
 from .export import export_model
 from .loop import run_from_command_line
 
@@ -48,7 +49,12 @@ class InfusionConfig(FinetuneConfig):
     max_steps: int = keyed_field("optimizer steps", 500)
     train_batch_size: int = keyed_field("photos per device per step (paper: 4)", 4)
     learning_rate: float = keyed_field("learning rate (paper: 0.01)", 1e-2)
-    adam_weight_decay: float = keyed_field("AdamW weight decay on the residuals", 0.0)
+    gradient_accumulation_steps: int = keyed_field("micro-steps accumulated per optimizer step (official: 4)", 4)
+    adam_weight_decay: float = keyed_field("AdamW weight decay on the residuals (official: 0.01)", 1e-2)
+    data: ConceptDataConfig = keyed_field(
+        "how the photos become samples; Infusion's: CLIPSeg soft masks, the masked error averaged over all pixels",
+        factory=lambda: ConceptDataConfig(soft_masks=DEFAULT_MASK_MODEL, mask_average="image"),
+    )
     checkpointing_steps: int = keyed_field("save checkpoint-N/ every N steps (0: only at the end)", 250)
     replace_maps: bool = keyed_field(
         "dual stream: the customised rows use the base model's cross-attention maps (paper); false keeps their own",
