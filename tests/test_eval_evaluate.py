@@ -307,3 +307,48 @@ def test_protocol_errors_and_sampling_overrides():
     assert cfg.out.endswith("compositional")
     cfg = evaluate.protocol_config(evaluate.EvalConfig(out="o", seeds=[3]), PROTOCOL_TABLE["infusion"])
     assert cfg.seeds == [3] and cfg.infusion_measures
+
+
+def test_infusion_protocol_against_a_folder_of_real_images(tiny_sd_path, tiny_eval_models, data_dir, tmp_path):
+    """reference_images=DIR: W2 on generic prompts and the Fisher divergence compare with real images (captions
+    from <stem>.txt), as Infusion's paper with LAION; results.md says which reference was used."""
+    import shutil
+
+    concept_dir = data_dir / "concepts" / "dreambooth" / "dog"
+    _, inf = make_runs(tmp_path, tiny_sd_path, concept_dir)
+    real = tmp_path / "real"
+    real.mkdir()
+    for k, photo in enumerate(sorted((data_dir / "coco_sample" / "images").glob("*.jpg"))[:4]):
+        shutil.copy(photo, real / photo.name)
+        if k < 2:
+            photo_caption = real / f"{photo.stem}.txt"
+            photo_caption.write_text("a photo of a street\n")
+    out = tmp_path / "eval"
+    keys = [
+        f"base={tiny_sd_path}",
+        f"runs={inf}",
+        "methods=base,infusion",
+        "protocol=infusion",
+        "num_prompts=2",
+        "seeds=0,1",
+        "num_inference_steps=2",
+        "resolution=32",
+        "fisher_timesteps=500",
+        "w2_samples=3",
+        f"clip_model={tiny_eval_models / 'eval_clip'}",
+        f"dino_model={tiny_eval_models / 'dino'}",
+    ]
+    table = {
+        r["method"]: r
+        for r in evaluate.main([*keys, f"out={out}", f"reference_images={real}"])["protocols"]["infusion"]["summary"]
+    }
+    base = next(row for name, row in table.items() if name.startswith("base"))
+    assert base["w2_generic"] > 0  # the base model against real images is no longer 0 by construction
+    assert base["fisher_generic"] == 0.0 and base["w2_concept"] == 0.0
+    report = (out / "infusion" / "results.md").read_text()
+    assert f"3 real images of {real} for W2" in report or f"4 real images of {real}" in report
+    assert "2 without a caption file" in report
+
+    fallback = evaluate.main([*keys, f"out={tmp_path / 'eval_fallback'}"])["protocols"]["infusion"]["summary"]
+    assert next(r for r in fallback if r["method"].startswith("base"))["w2_generic"] == 0.0
+    assert "quick fallback" in (tmp_path / "eval_fallback" / "infusion" / "results.md").read_text()

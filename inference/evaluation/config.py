@@ -95,6 +95,13 @@ class EvalConfig:
     fisher_timesteps: list[int] = keyed_field(
         "timesteps for the latent Fisher divergence", factory=lambda: [100, 300, 500, 700, 900]
     )
+    reference_images: str | None = keyed_field(
+        "folder of real images (captions in <stem>.txt beside them) the overfitting measures compare with, as "
+        "Infusion's paper (LAION images); unset: the base model's own generations, a quick fallback",
+        None,
+    )
+    fisher_samples: int = keyed_field("reference images the latent Fisher divergence uses (paper: 50,000)", 50000)
+    w2_samples: int = keyed_field("reference images the generic-prompt W2 uses (paper: 1,000)", 1000)
     clip_model: str = keyed_field("CLIP for CLIP-T / CLIP-I", DEFAULT_CLIP_MODEL)
     dino_model: str = keyed_field("DINO ViT for DINO-I", DEFAULT_DINO_MODEL)
     detector_model: str = keyed_field("object detector for the CoI likelihood", DEFAULT_DETECTOR_MODEL)
@@ -128,6 +135,12 @@ class EvalConfig:
             )
         if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
             raise ConfigError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
+        if self.fisher_samples < 1 or self.w2_samples < 2:
+            raise ConfigError(
+                f"fisher_samples must be >= 1 and w2_samples >= 2, got {self.fisher_samples} and {self.w2_samples}"
+            )
+        if self.reference_images is not None and not Path(self.reference_images).is_dir():
+            raise ConfigError(f"reference_images {self.reference_images} is not a folder")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
         if self.scheduler is not None:

@@ -52,9 +52,10 @@ class Evaluator:
         self.scorer = reuse.scorer if reuse is not None else Scorer(config, self.pipe.device, protocol)
         self.scorer.use(protocol)
         self.concepts, self.runs = resolve_concepts_and_runs(config)
+        self.notes: list[str] = []
 
     def report(self, summary: Sequence[dict]) -> str:
-        return protocol_report(self.protocol, self.seeds, summary)
+        return protocol_report(self.protocol, self.seeds, summary, self.notes)
 
     def run(self) -> dict:
         """Plan the rows, generate and score each, and write the results; returns the summary."""
@@ -67,6 +68,8 @@ class Evaluator:
             raise ConfigError(f"nothing to run: methods={self.config.methods} match no run/encoders/concept given")
         refs: dict[str, tuple] = {}
         overfitting = OverfittingMeasures(self.config, self.generator, self.seeds)
+        if self.config.infusion_measures:
+            self.notes.append("Fisher divergence and W2 " + overfitting.describe_reference())
         for row in tqdm(jobs, desc=f"evaluate ({self.config.protocol})"):
             concept = row.concept
             if concept.name not in refs:
@@ -109,7 +112,9 @@ class Evaluator:
                     (f"{row.name}: {columns}"[:fits], [first_photo], [image for _, image in shown])
                 )
         summary = with_overall(summary)
-        write_results(self.out, self.config, self.protocol, self.seeds, jobs, per_image, summary, rows_for_grid)
+        write_results(
+            self.out, self.config, self.protocol, self.seeds, jobs, per_image, summary, rows_for_grid, self.notes
+        )
         return {"summary": summary, "out": str(self.out), "protocol": self.config.protocol}
 
 

@@ -1,4 +1,9 @@
-"""Infusion's overfitting measures for every method against the base model: latent W2 and latent Fisher divergence."""
+"""Infusion's overfitting measures for every method against the base model: latent W2 and latent Fisher divergence.
+
+The reference is a folder of real images when `reference_images` is given (Infusion's paper: 50,000 LAION images
+with their captions for the Fisher divergence, 1,000 for W2); without it, the base model's own generations of the
+same prompts stand in, a quick fallback that results.md labels as such.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
+from encoders.common.images import list_photos
 from encoders.conditioning import sdxl_added_conditioning
 
 from ..loading import (
@@ -20,6 +26,7 @@ from .metrics import (
     latent_fisher_divergence,
 )
 from .plan import Row
+from .prompts import GENERIC_PROMPTS
 
 
 class OverfittingMeasures:
@@ -31,6 +38,56 @@ class OverfittingMeasures:
         self.config, self.generator, self.seeds = config, generator, list(seeds)
         self.base_latents: dict[tuple, dict] = {}  # (concept, sampling) -> {kind: latents}
         self.fisher_data: dict[str, dict] = {}  # concept -> {kind: (z0, prompts)}
+        self._reference: dict | None = None  # the real images' latents and captions, read once
+
+    def reference(self) -> dict | None:
+        """The real reference set (`reference_images`): {"w2": latents, "fisher": (latents, captions), "note"}, or
+        None. Captions come from `<stem>.txt` beside each image; without one, the generic prompts in turn."""
+        folder = self.config.reference_images
+        if folder is None:
+            return None
+        if self._reference is None:
+            from PIL import Image
+
+            paths = list_photos(folder)
+            count = max(self.config.fisher_samples, self.config.w2_samples)
+            paths = paths[:count]
+            captions, uncaptioned = [], 0
+            for k, path in enumerate(paths):
+                text = path.with_suffix(".txt")
+                if text.is_file():
+                    captions.append(text.read_text(encoding="utf-8").strip())
+                else:
+                    captions.append(GENERIC_PROMPTS[k % len(GENERIC_PROMPTS)])
+                    uncaptioned += 1
+            latents = []
+            for i in range(0, len(paths), 8):
+                images = []
+                for path in paths[i : i + 8]:
+                    with Image.open(path) as image:
+                        images.append(image.convert("RGB"))
+                latents.append(self.image_latents(images))
+            latents = torch.cat(latents)
+            n_fisher, n_w2 = min(self.config.fisher_samples, len(paths)), min(self.config.w2_samples, len(paths))
+            note = f"reference: {n_fisher} real images of {folder} for the Fisher divergence, {n_w2} for W2" + (
+                f" ({uncaptioned} without a caption file, given the generic prompts in turn)" if uncaptioned else ""
+            )
+            self._reference = {
+                "w2": latents[:n_w2],
+                "fisher": (latents[:n_fisher], captions[:n_fisher]),
+                "note": note,
+            }
+        return self._reference
+
+    def describe_reference(self) -> str:
+        """What results.md says the overfitting measures were compared with."""
+        ref = self.reference()
+        if ref is not None:
+            return ref["note"] + " (Infusion's paper: 50,000 LAION images, 1,000 for W2)."
+        return (
+            "reference: the base model's own generations of the same prompts, a quick fallback (Infusion's paper "
+            "compares with 50,000 LAION images, 1,000 for W2: give reference_images=DIR)."
+        )
 
     @torch.no_grad()
     def image_latents(self, images) -> torch.Tensor:
@@ -115,13 +172,19 @@ class OverfittingMeasures:
                     for kind in ("concept", "generic")
                     if any(spec.kind == kind for spec, _ in first)
                 }
-        reference = self.base_latents.get((concept.name, row.sampling), {})
+        reference = dict(self.base_latents.get((concept.name, row.sampling), {}))
+        fisher_data = dict(self.fisher_data.get(concept.name, {}))
+        real = self.reference()
+        if real is not None:  # real images for the prompts that do not name the concept
+            reference["generic"] = real["w2"]
+            fisher_data["generic"] = real["fisher"]
         out = {}
         for kind, key in (("generic", "w2_generic"), ("concept", "w2_concept")):
             if kind in latents and kind in reference and len(latents[kind]) >= 2:
-                out[key] = 0.0 if row.method == "base" else gaussian_w2(reference[kind], latents[kind])
+                same = row.method == "base" and (real is None or kind == "concept")
+                out[key] = 0.0 if same else gaussian_w2(reference[kind], latents[kind])
         for kind, key in (("generic", "fisher_generic"), ("concept", "fisher_class")):
-            if kind in self.fisher_data.get(concept.name, {}):
-                z0, prompts = self.fisher_data[concept.name][kind]
+            if kind in fisher_data:
+                z0, prompts = fisher_data[kind]
                 out[key] = self.fisher_divergence(row, z0, prompts)
         return out

@@ -108,6 +108,7 @@ def write_results(
     per_image: list[dict],
     summary: list[dict],
     grids: dict[str, list],
+    notes: Sequence[str] = (),
 ) -> None:
     """scores.csv, summary.csv, results.md, results.json and grids/ under `out`."""
 
@@ -121,7 +122,7 @@ def write_results(
 
     write_csv(per_image, out / "scores.csv")
     write_csv(summary, out / "summary.csv")
-    atomic_write_text(out / "results.md", protocol_report(protocol, seeds, summary))
+    atomic_write_text(out / "results.md", protocol_report(protocol, seeds, summary, notes))
     atomic_write_json(
         out / "results.json",
         {
@@ -137,16 +138,19 @@ def write_results(
         save_image_atomic(make_grid(rows), out / "grids" / f"{file_slug(name)}.png")
 
 
-def protocol_report(protocol: Protocol | None, seeds: Sequence[int], summary: Sequence[dict]) -> str:
-    """The markdown table, headed by the protocol and its settings when it is a paper's."""
+def protocol_report(
+    protocol: Protocol | None, seeds: Sequence[int], summary: Sequence[dict], notes: Sequence[str] = ()
+) -> str:
+    """The markdown table, headed by the protocol and its settings when it is a paper's, then the notes."""
+    tail = "".join(f"\n{note}\n" for note in notes)
     if protocol is None:
-        return markdown_table(summary)
+        return markdown_table(summary) + tail
     p = protocol
     lines = [
         f"## {p.name}: {p.paper}",
         "",
         f"{len(seeds)} images per prompt (seeds {', '.join(map(str, seeds))}); "
-        f"each row's sampler in its `sampling` column.",
+        f"each row's sampler in its `sampling` column; CLIP-T = {p.text_alignment.describe()}.",
         "",
     ]
-    return "\n".join(lines) + markdown_table(summary)
+    return "\n".join(lines) + markdown_table(summary) + tail
