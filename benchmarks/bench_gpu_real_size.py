@@ -152,6 +152,12 @@ def bench_stage(
         "dataloader_num_workers=2",
         f"data.resolution={resolution}",
         "scale_lr=false",
+        "gradient_accumulation_steps=1",  # one micro-step per optimizer step: the step the table times
+        "data.crop_geometry=stored",
+        "data.min_box_area=0",
+        "data.max_box_area=1",
+        "data.min_box_side=0",
+        "data.max_box_aspect=0",
         f"gradient_checkpointing={str(gradient_checkpointing).lower()}",
     ]
     if stage == "global_mapping":

@@ -81,6 +81,12 @@ def _command(sd: Path, clip: Path, shards: str, out: Path, extra: list[str]) -> 
         "checkpointing_steps=10",
         "logging_steps=1",
         "scale_lr=false",
+        "gradient_accumulation_steps=1",  # one micro-step per optimizer step
+        "data.crop_geometry=stored",
+        "data.min_box_area=0",
+        "data.max_box_area=1",
+        "data.min_box_side=0",
+        "data.max_box_aspect=0",
         "dataloader_num_workers=0",
         *extra,
     ]

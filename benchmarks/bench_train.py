@@ -205,6 +205,12 @@ def _task(
         "dataloader_num_workers=0",
         f"data.resolution={resolution}",
         "scale_lr=false",
+        "gradient_accumulation_steps=1",  # one micro-step per optimizer step: the step the table times
+        "data.crop_geometry=stored",
+        "data.min_box_area=0",
+        "data.max_box_area=1",
+        "data.min_box_side=0",
+        "data.max_box_aspect=0",
     ]
     if stage == "global_mapping":
         from training.global_mapping import GlobalMappingConfig as Config

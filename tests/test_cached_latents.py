@@ -152,6 +152,7 @@ def test_training_step_from_cached_latents_matches_the_vae_path(
             "report_to=none",
             "data.resolution=64",
             f"data.cached_latents={str(cached).lower()}",
+            "data.crop_geometry=stored",  # cached latents are of the stored crop (not the official box crop)
         ]
         t = GlobalMappingTask(load_config(GlobalMappingConfig, None, keys))
         t.setup(Accelerator(cpu=True), torch.float32)

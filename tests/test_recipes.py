@@ -87,6 +87,13 @@ def test_elite_stage_recipes_accumulate_as_the_official_scripts(stage, per_updat
     assert cfg.train_batch_size * cfg.gradient_accumulation_steps * 4 == per_update
     assert resolved_lr(cfg, processes=4) == pytest.approx(lr)
     assert cfg.mixed_precision == "no"
+    d = cfg.data  # the official datasets' objects and crops
+    if stage == "global_mapping":
+        assert (d.min_box_area, d.max_box_area, d.min_box_side, d.max_box_aspect) == (0.02, 0.8, 0, 0)
+        assert (d.crop_geometry, tuple(d.box_margin)) == ("box", (10, 10))
+    else:
+        assert (d.min_box_area, d.max_box_area, d.min_box_side, d.max_box_aspect) == (0, 1, 100, 2)
+        assert (d.crop_geometry, tuple(d.box_margin)) == ("box", (10, 19))
 
 
 def test_protocols_carry_the_official_evaluation_settings():

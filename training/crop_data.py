@@ -85,6 +85,10 @@ SHRINK_PREFIXES = ("a far away", "very small")
 ZOOM_PREFIXES = ("zoomed in", "close up")
 
 
+CROP_GEOMETRIES = ("stored", "box")
+FILTER_PATIENCE = 5000  # crops left out in a row, none kept yet, before the loader says the filters drop them all
+
+
 @dataclass
 class CropDataConfig:
     """Loader settings; trainers nest it as `data` (`data.resolution=64`, `data.scale_augment=elite`).
@@ -172,6 +176,31 @@ class CropDataConfig:
         "instead of encoding the target every step; needs scale_augment=none",
         False,
     )
+    # which crops and what region of them: the official dataset's filters and geometry, from the stored metadata
+    min_box_area: float = keyed_field(
+        "keep objects whose box covers at least this fraction of the original image (official stage 1: 0.02)", 0.0
+    )
+    max_box_area: float = keyed_field(
+        "keep objects whose box covers at most this fraction of the original image (official stage 1: 0.8)", 1.0
+    )
+    min_box_side: int = keyed_field(
+        "keep objects whose box is at least this many pixels wide and high in the original image (official stage 2: "
+        "100)",
+        0,
+    )
+    max_box_aspect: float = keyed_field(
+        "keep objects whose box's longer side is at most this many times its shorter (official stage 2: 2; 0: any)",
+        0.0,
+    )
+    crop_geometry: str = keyed_field(
+        "stored: the shard's square crop as it is; box: the object's tight box plus box_margin pixels (of the "
+        "original image) on each side, squashed to the square (the official datasets), cut from the stored crop",
+        "stored",
+    )
+    box_margin: tuple[int, int] = keyed_field(
+        "crop_geometry=box: each side's margin drawn from low..high pixels (official: stage 1 10, stage 2 10..19)",
+        factory=lambda: (10, 10),
+    )
 
     def __post_init__(self) -> None:
         if self.resolution < 8:
@@ -225,8 +254,79 @@ class CropDataConfig:
             )
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not 0.0 <= self.min_box_area <= self.max_box_area <= 1.0:
+            raise ValueError(
+                f"data.min_box_area and data.max_box_area must satisfy 0 <= min <= max <= 1, got "
+                f"{self.min_box_area} and {self.max_box_area}"
+            )
+        if self.min_box_side < 0 or (self.max_box_aspect and self.max_box_aspect < 1.0):
+            raise ValueError("data.min_box_side must be >= 0 and data.max_box_aspect 0 (any) or >= 1")
+        if self.crop_geometry not in CROP_GEOMETRIES:
+            raise ValueError(
+                f"data.crop_geometry must be one of {', '.join(CROP_GEOMETRIES)}; got {self.crop_geometry!r}"
+            )
+        if not 0 <= self.box_margin[0] <= self.box_margin[1]:
+            raise ValueError(f"data.box_margin must be 0 <= low <= high pixels, got {self.box_margin}")
+        if self.cached_latents and self.crop_geometry != "stored":
+            raise ValueError(
+                "data.cached_latents=true needs data.crop_geometry=stored: the cached latents are of the stored crop"
+            )
+
+    @property
+    def filters_crops(self) -> bool:
+        return bool(self.min_box_area or self.max_box_area < 1.0 or self.min_box_side or self.max_box_aspect)
         if self.shuffle_shards < 0 or self.max_consecutive_failures < 1:
             raise ValueError("data.shuffle_shards must be >= 0 and data.max_consecutive_failures >= 1")
+
+
+def crop_filter_reason(meta: dict, cfg: CropDataConfig) -> str | None:
+    """Why the official dataset would leave this object out (box area, side, aspect), or None to keep it; from the
+    sample's `bbox_xyxy` and `image_size` (original pixels)."""
+    x0, y0, x1, y1 = (float(v) for v in meta["bbox_xyxy"])
+    width, height = (float(v) for v in meta["image_size"])
+    w, h = max(x1 - x0, 0.0), max(y1 - y0, 0.0)
+    area = w * h / max(width * height, 1.0)
+    if area < cfg.min_box_area or area > cfg.max_box_area:
+        return f"box area {area:.3f} of the image outside {cfg.min_box_area}..{cfg.max_box_area}"
+    if min(w, h) < cfg.min_box_side:
+        return f"box {w:.0f} x {h:.0f} px under {cfg.min_box_side} px"
+    if cfg.max_box_aspect and max(w, h) > cfg.max_box_aspect * max(min(w, h), 1e-6):
+        return f"box aspect {max(w, h) / max(min(w, h), 1e-6):.2f} over {cfg.max_box_aspect}"
+    return None
+
+
+def box_view(
+    image: Image.Image, mask: Image.Image, meta: dict, margin: tuple[int, int], rng: random.Random
+) -> tuple[Image.Image, Image.Image, dict]:
+    """The official datasets' crop: the object's tight box plus a margin (drawn per side from `margin`, original
+    pixels), clipped to the image, squashed to the stored crop's square size. Cut from the stored crop (mapped
+    through its `crop_xyxy`), and clipped to it where the stored crop holds less than the margin."""
+    x0, y0, x1, y1 = (float(v) for v in meta["bbox_xyxy"])
+    width, height = (float(v) for v in meta["image_size"])
+    cx0, cy0, cx1, cy1 = (float(v) for v in meta["crop_xyxy"])
+    m = [rng.randint(margin[0], margin[1]) for _ in range(4)]
+    region = (max(x0 - m[0], 0.0), max(y0 - m[1], 0.0), min(x1 + m[2], width), min(y1 + m[3], height))
+    sx, sy = image.width / max(cx1 - cx0, 1e-6), image.height / max(cy1 - cy0, 1e-6)
+    vx0, vy0, vx1, vy1 = meta.get("valid_in_crop", (0.0, 0.0, 1.0, 1.0))
+    px0 = min(max((region[0] - cx0) * sx, vx0 * image.width), image.width - 1)
+    py0 = min(max((region[1] - cy0) * sy, vy0 * image.height), image.height - 1)
+    px1 = max(min((region[2] - cx0) * sx, vx1 * image.width), px0 + 1)
+    py1 = max(min((region[3] - cy0) * sy, vy1 * image.height), py0 + 1)
+    box = (int(round(px0)), int(round(py0)), int(round(px1)), int(round(py1)))
+    size = image.size
+    image = image.crop(box).resize(size, Image.BICUBIC)
+    mask = mask.crop(box).resize(size, Image.NEAREST)
+    # the object box inside the new crop, in 0..1 (the stored crop's pixels back to the original's)
+    ox0, oy0 = cx0 + box[0] / sx, cy0 + box[1] / sy
+    ow, oh = (box[2] - box[0]) / sx, (box[3] - box[1]) / sy
+    inside = ((x0 - ox0) / ow, (y0 - oy0) / oh, (x1 - ox0) / ow, (y1 - oy0) / oh)
+    meta = {
+        **meta,
+        "box_in_crop": [min(max(v, 0.0), 1.0) for v in inside],
+        "valid_in_crop": [0.0, 0.0, 1.0, 1.0],
+        "crop_xyxy": [ox0, oy0, ox0 + ow, oy0 + oh],
+    }
+    return image, mask, meta
 
 
 def caption_with_prefix(caption: str, prefix: str, rule: str = "first_char") -> str:
@@ -741,14 +841,20 @@ class _ReaderBatches(torch.utils.data.IterableDataset):
         cells = cfg.resolution // self.transform.factor
         samples, failures, skipped = [], 0, 0
         attempts, bad, bad_shards = 0, 0, set()
+        filtered, kept = 0, 0  # crops the stage's filters leave out (not failures), and crops used
         for position, shard, index in reader_positions(self.shards, plan, self.epoch, self.starts[reader]):
             attempts += 1
             try:
                 raw = self.shards.read(shard, index)
                 image, mask, meta = decode_crop_sample(raw)
-                out = self.transform(image, mask, meta, random.Random(plan.sample_seed(self.epoch, position)))
-                if cfg.cached_latents:
-                    out["latent_moments"] = decode_cached_latent(raw, cells)
+                reason = crop_filter_reason(meta, cfg) if cfg.filters_crops else None
+                if reason is None:
+                    rng = random.Random(plan.sample_seed(self.epoch, position))
+                    if cfg.crop_geometry == "box":
+                        image, mask, meta = box_view(image, mask, meta, cfg.box_margin, rng)
+                    out = self.transform(image, mask, meta, rng)
+                    if cfg.cached_latents:
+                        out["latent_moments"] = decode_cached_latent(raw, cells)
             except Exception as err:  # one bad sample must not stop training; a run of them must
                 failures, skipped = failures + 1, skipped + 1
                 where = f"{self.shards.urls[shard]}: sample {index}"
@@ -765,6 +871,16 @@ class _ReaderBatches(torch.utils.data.IterableDataset):
                     _check_bad_fraction(bad, attempts, bad_shards, cfg.max_bad_fraction)
                 continue
             failures = 0
+            if reason is not None:  # the stage's filters leave it out: not a failure
+                filtered += 1
+                if not kept and filtered >= FILTER_PATIENCE:
+                    raise ShardSpecError(
+                        f"the data filters left out the first {filtered} crops read (last: "
+                        f"{self.shards.urls[shard]}: sample {index}: {reason}); loosen data.min_box_area, "
+                        "data.max_box_area, data.min_box_side or data.max_box_aspect for these shards"
+                    )
+                continue
+            kept += 1
             samples.append(out)
             if len(samples) == self.batch_size:
                 batch = stack_samples(samples)

@@ -26,6 +26,7 @@ from encoders.common.config import keyed_field, parse_config_cli
 from encoders.global_mapping import GlobalMapping
 
 from .common_config import AnchorsConfig
+from .crop_data import CropDataConfig
 from .elite_common import EliteStageConfig, EliteStageTask
 from .export import export_fp32
 from .loop import run_from_command_line
@@ -38,10 +39,19 @@ class MappingAnchorsConfig(AnchorsConfig):
     weight: float = keyed_field("weight of L_anc(w0) added to the loss", 1.0)
 
 
+# Official stage 1's data: objects whose box covers 2-80 % of the image, cropped to the box + 10 px.
+STAGE1_DATA = dict(min_box_area=0.02, max_box_area=0.8, crop_geometry="box", box_margin=(10, 10))
+
+
 @dataclass
 class GlobalMappingConfig(EliteStageConfig):
     """Keys of `training.global_mapping` (shared keys: training/common_config.py, ELITE keys: elite_common.py)."""
 
+    data: CropDataConfig = keyed_field(
+        "crop-shard loader settings; this stage's defaults: boxes covering 2-80 % of the image, cropped to the box + "
+        "10 px",
+        factory=lambda: CropDataConfig(**STAGE1_DATA),
+    )
     learning_rate: float = keyed_field("peak learning rate (paper: 1e-6; before scale_lr)", 1e-6)
     word_l1_weight: float = keyed_field("weight of mean |words| in the loss (paper: 0.01)", 0.01)
     anchors: MappingAnchorsConfig = keyed_field(

@@ -48,10 +48,19 @@ from .loop import run_from_command_line
 
 logger = logging.getLogger(__name__)
 
-# Official stage 2's data: its scale augmentation with caption prefixes, and w0 from the crop as it is
-# (the image view unaugmented; the object view keeps the loader's official warps).
+# Official stage 2's data: objects at least 100 px with an aspect up to 2, cropped to the box + 10-19 px; its scale
+# augmentation with caption prefixes, and w0 from the crop as it is (the image view unaugmented; the object view
+# keeps the loader's official warps).
 STAGE2_DATA = dict(
-    scale_augment="elite", clip_flip_prob=0.0, clip_rotation_prob=0.0, clip_blur_prob=0.0, clip_affine_prob=0.0
+    scale_augment="elite",
+    clip_flip_prob=0.0,
+    clip_rotation_prob=0.0,
+    clip_blur_prob=0.0,
+    clip_affine_prob=0.0,
+    min_box_side=100,
+    max_box_aspect=2.0,
+    crop_geometry="box",
+    box_margin=(10, 19),
 )
 
 
@@ -65,7 +74,8 @@ class LocalMappingConfig(EliteStageConfig):
         "trained stage-1 global mapping: encoders folder, global_mapping/ folder or Hub repo", ""
     )
     data: CropDataConfig = keyed_field(
-        "crop-shard loader settings; this stage's defaults: scale_augment=elite, the image view unaugmented",
+        "crop-shard loader settings; this stage's defaults: boxes >= 100 px with aspect <= 2, cropped to the box + "
+        "10-19 px, scale_augment=elite, the image view unaugmented",
         factory=lambda: CropDataConfig(**STAGE2_DATA),
     )
     learning_rate: float = keyed_field("peak learning rate (paper: 1e-5; before scale_lr)", 1e-5)
