@@ -8,7 +8,10 @@ class word's token ("cat") only (Eq. 7):
     Atten(Q, K, V') = sum_{k != obj} m_k v_k + m_obj (v_obj + Delta_obj)
 
 The attention maps m stay the base model's: in the paper's dual stream the foundational pipeline
-(F) runs beside the customised one (C) and C's cross-attention maps are replaced by F's. Here both
+(F) runs beside the customised one (C) and C's cross-attention maps are replaced by F's. The released
+code (its xformers attention path) differs: it also learns a key residual for the class word's token and
+keeps the customised model's own maps; `variant="released"` stores both residuals and is sampled without
+the map swap, `variant="paper"` (the default) is Eq. 7. Here both
 streams run as rows of one batch: `map_source[b]` names the row whose maps row b uses (itself for
 F rows, its F twin for C rows), so one UNet call serves training (both streams on the same noisy
 latent) and sampling (two trajectories from the same noise; the F images come for free). Without a
@@ -46,6 +49,7 @@ from .attention import (
 )
 
 EXTRAS_KEY = "infusion"
+VARIANTS = ("paper", "released")
 
 
 class InfusionResiduals(ModelMixin, ConfigMixin):
@@ -62,15 +66,29 @@ class InfusionResiduals(ModelMixin, ConfigMixin):
         layer_dims: Sequence[int],
         class_word: str = "",
         base_model: str | None = None,
+        variant: str = "paper",
     ):
         super().__init__()
         if len(layer_names) != len(layer_dims):
             raise ValueError(f"{len(layer_names)} layer names but {len(layer_dims)} layer widths")
+        if variant not in VARIANTS:
+            raise ValueError(f"Infusion variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         self.residuals = nn.ParameterList([nn.Parameter(torch.zeros(int(d))) for d in layer_dims])
+        # the released code's key residual on the class token (its xformers path); none in the paper's Eq. 7
+        self.key_residuals = nn.ParameterList(
+            [nn.Parameter(torch.zeros(int(d))) for d in layer_dims] if variant == "released" else []
+        )
         self._index = {module_name_of(n): i for i, n in enumerate(layer_names)}
 
+    @property
+    def replaces_maps(self) -> bool:
+        """Whether this concept is sampled with the base model's maps (the paper) or its own (the released code)."""
+        return self.config.variant != "released"
+
     @classmethod
-    def for_unet(cls, unet: nn.Module, class_word: str, base_model: str | None = None) -> InfusionResiduals:
+    def for_unet(
+        cls, unet: nn.Module, class_word: str, base_model: str | None = None, variant: str = "paper"
+    ) -> InfusionResiduals:
         """Zero residuals shaped for every cross-attention layer of `unet`."""
         layers = cross_attention_layers(unet)
         return cls(
@@ -78,6 +96,7 @@ class InfusionResiduals(ModelMixin, ConfigMixin):
             layer_dims=[inner for _, inner in layers.values()],
             class_word=class_word,
             base_model=base_model,
+            variant=variant,
         )
 
     def residual(self, name: str) -> torch.Tensor:
@@ -86,6 +105,13 @@ class InfusionResiduals(ModelMixin, ConfigMixin):
         if key not in self._index:
             raise KeyError(f"no Infusion residual for layer {key!r} (concept {self.config.class_word!r})")
         return self.residuals[self._index[key]]
+
+    def key_residual(self, name: str) -> torch.Tensor | None:
+        """The key Delta of layer `name` (variant "released"), or None."""
+        if not len(self.key_residuals):
+            return None
+        self.residual(name)  # the same check of the layer name
+        return self.key_residuals[self._index[module_name_of(name)]]
 
     def check_fits(self, unet: nn.Module) -> None:
         """Raise a ValueError naming the first layer whose name or width differs from `unet`'s."""
@@ -104,8 +130,8 @@ class InfusionResiduals(ModelMixin, ConfigMixin):
                 )
 
     def forward(self) -> torch.Tensor:
-        """All residuals concatenated (for norms and logging)."""
-        return torch.cat(list(self.residuals))
+        """All residuals concatenated, value then key ones (for norms and logging)."""
+        return torch.cat([*self.residuals, *self.key_residuals])
 
 
 @dataclass
@@ -138,12 +164,14 @@ class InfusionAttnProcessor(ContextAttnProcessor):
     """Cross-attention with the base K/V plus, on masked tokens, each concept's value residual.
 
     `residuals`: the Delta of this layer for each installed concept (tensors or parameters, shared with
-    the `InfusionResiduals` that own them, so training updates them in place).
+    the `InfusionResiduals` that own them, so training updates them in place); `key_residuals`: the key
+    Delta of each concept (variant "released") or None.
     """
 
-    def __init__(self, name: str, residuals: Sequence[torch.Tensor]):
+    def __init__(self, name: str, residuals: Sequence[torch.Tensor], key_residuals: Sequence[torch.Tensor | None] = ()):
         super().__init__(name)
         self.residuals = list(residuals)
+        self.key_residuals = list(key_residuals) or [None] * len(self.residuals)
 
     @staticmethod
     def _call(ctx: AttentionContext | None) -> InfusionCall | None:
@@ -165,21 +193,22 @@ class InfusionAttnProcessor(ContextAttnProcessor):
                 "are installed"
             )
         batch = value.shape[0]
-        added = torch.zeros_like(value)
-        for mask, delta in zip(call.token_masks, self.residuals):
+        added, added_key = torch.zeros_like(value), torch.zeros_like(key)
+        for mask, delta, key_delta in zip(call.token_masks, self.residuals, self.key_residuals):
             if mask is None:
                 continue
             if mask.shape[-1] != value.shape[1]:
                 raise ValueError(
                     f"{self.name}: token mask covers {mask.shape[-1]} tokens, the text has {value.shape[1]}"
                 )
-            rows = mask.to(device=value.device, dtype=value.dtype)[..., None] * delta.to(value.dtype)
             offset = _half_offset(mask.shape[0], batch, "token mask")
-            if offset is None:
-                added = added + rows
-            else:
-                added = added + torch.cat([torch.zeros_like(rows), rows], dim=0)
-        return key, value + added
+            weights = mask.to(device=value.device, dtype=value.dtype)[..., None]
+            if offset is not None:  # the conditional half of a [uncond, cond] batch
+                weights = torch.cat([torch.zeros_like(weights), weights], dim=0)
+            added = added + weights * delta.to(value.dtype)
+            if key_delta is not None:
+                added_key = added_key + weights * key_delta.to(key.dtype)
+        return key + added_key, value + added
 
     def needs_probs(self, is_cross, ctx):
         call = self._call(ctx)
@@ -209,7 +238,9 @@ def set_infusion_processors(unet: nn.Module, concepts: Sequence[InfusionResidual
     processors: dict[str, ContextAttnProcessor] = {}
     for name, attn in attention_modules(unet).items():
         if getattr(attn, "is_cross_attention", False):
-            processors[name] = InfusionAttnProcessor(name, [c.residual(name) for c in concepts])
+            processors[name] = InfusionAttnProcessor(
+                name, [c.residual(name) for c in concepts], [c.key_residual(name) for c in concepts]
+            )
         else:
             processors[name] = ContextAttnProcessor(name)
     unet.set_attn_processor(dict(processors))  # diffusers pops the entries of the dict it is given
@@ -270,13 +301,18 @@ def infusion_call(
 
 
 def dual_stream_call(
-    tokenizer, prompts: Sequence[str], concepts: Sequence[InfusionResiduals], require_all: bool = False
+    tokenizer,
+    prompts: Sequence[str],
+    concepts: Sequence[InfusionResiduals],
+    require_all: bool = False,
+    replace_maps: bool = True,
 ) -> InfusionCall:
     """Infusion's dual stream as 2n rows of one batch: rows 0..n-1 are the foundational model F (no
     residual, their own maps), rows n..2n-1 the customised model C (residuals on the class tokens,
-    cross-attention maps taken from their F twin). Run the UNet on `prompts + prompts`."""
+    cross-attention maps taken from their F twin; with `replace_maps=False`, their own, as the released
+    code). Run the UNet on `prompts + prompts`."""
     n = len(prompts)
-    source = torch.cat([torch.arange(n), torch.arange(n)])
+    source = torch.cat([torch.arange(n), torch.arange(n)]) if replace_maps else None
     call = infusion_call(tokenizer, list(prompts) * 2, concepts, map_source=source, require_all=require_all)
     call.token_masks = [None if m is None else torch.cat([torch.zeros_like(m[:n]), m[n:]]) for m in call.token_masks]
     return call

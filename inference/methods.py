@@ -334,17 +334,19 @@ class Infusion(GenerationMethod):
 
     @torch.no_grad()
     def noise_predictions(self, inputs, text_kwargs):
-        """One dual call per input: row 0 the base stream, row 1 the residual stream with row 0's maps, so a
-        prompt without the class word gives the same prediction twice (a Fisher divergence of exactly 0)."""
+        """One dual call per input: row 0 the base stream, row 1 the residual stream (with row 0's maps, or its own
+        for the released variant), so a prompt without the class word gives the same prediction twice (a Fisher
+        divergence of exactly 0)."""
         unet = self.pipe.unet
         saved = dict(unet.attn_processors)
         set_infusion_processors(unet, [self.concept])
         base, custom = [], []
         try:
             for noisy, step, prompt in inputs:
-                ctx = AttentionContext(
-                    extras={EXTRAS_KEY: dual_stream_call(self.pipe.tokenizer, [prompt], [self.concept])}
+                call = dual_stream_call(
+                    self.pipe.tokenizer, [prompt], [self.concept], replace_maps=self.concept.replaces_maps
                 )
+                ctx = AttentionContext(extras={EXTRAS_KEY: call})
                 pred = unet(
                     torch.cat([noisy, noisy]),
                     step.repeat(2),
@@ -460,7 +462,7 @@ def generate_with_infusion(
     pipe,
     prompts: str | Sequence[str],
     concepts: Sequence[InfusionResiduals],
-    replace_maps: bool = True,
+    replace_maps: bool | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     negative_prompt: str | None = None,
     **pipe_kwargs,
@@ -469,7 +471,8 @@ def generate_with_infusion(
 
     The paper samples with DDIM, 50 steps, guidance 8. With `replace_maps` (the paper's dual stream) every
     prompt runs twice from the same initial noise: an F row (base model) and a C row (residuals on the class
-    tokens, cross-attention maps taken from the F row). The pipeline's processors are restored afterwards.
+    tokens, cross-attention maps taken from the F row). `replace_maps` None: the dual stream unless every concept
+    is the released variant (its own maps, no F row). The pipeline's processors are restored afterwards.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
@@ -489,6 +492,8 @@ def generate_with_infusion(
     latents = latents.to(pipe.device, pipe.unet.dtype)
 
     concepts = [c.to(pipe.device) for c in concepts]
+    if replace_maps is None:
+        replace_maps = any(getattr(c, "replaces_maps", True) for c in concepts)
     if replace_maps:
         rows = prompts + prompts
         latents = torch.cat([latents, latents])

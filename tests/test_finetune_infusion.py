@@ -167,3 +167,36 @@ def test_residuals_check_their_unet(parts, tmp_path):
             attn, torch.zeros(1, 77, 32), True, AttentionContext(extras={EXTRAS_KEY: "x"})
         )
     assert isinstance(InfusionCall(token_masks=[None]).token_masks, list)
+
+
+def test_released_variant_adds_a_key_residual_on_the_class_tokens(parts, tmp_path):
+    """`variant="released"` (the official code's xformers path): a key residual joins the class token's key as the
+    value residual joins its value; other tokens and prompts without the word are untouched; it is saved with the
+    residuals and is sampled with its own maps."""
+    unet, text_encoder, tokenizer = parts
+    concept = InfusionResiduals.for_unet(unet, "cat", variant="released")
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in [*concept.residuals, *concept.key_residuals]:
+            p.copy_(torch.randn(p.shape, generator=g))
+    processors = set_infusion_processors(unet, [concept])
+    prompts = ["a photo of a cat", "a red car"]
+    _, text = encode(text_encoder, tokenizer, prompts)
+    call = infusion_call(tokenizer, prompts, [concept])
+    (mask,) = call.token_masks
+    name, attn = next((n, a) for n, a in attention_modules(unet).items() if a.is_cross_attention)
+    with torch.no_grad():
+        k0, v0 = processors[name].key_value(attn, text, True, None)
+        k1, v1 = processors[name].key_value(attn, text, True, AttentionContext(extras={EXTRAS_KEY: call}))
+    key_diff, value_diff = k1 - k0, v1 - v0
+    assert torch.allclose(key_diff[mask], concept.key_residual(name).expand(int(mask.sum()), -1), atol=1e-6)
+    assert torch.allclose(value_diff[mask], concept.residual(name).expand(int(mask.sum()), -1), atol=1e-6)
+    assert key_diff[~mask].abs().max() == 0 and value_diff[~mask].abs().max() == 0
+    assert not concept.replaces_maps and InfusionResiduals.for_unet(unet, "cat").replaces_maps
+
+    concept.save_pretrained(tmp_path / "released")
+    again = InfusionResiduals.from_pretrained(tmp_path / "released")
+    assert again.config.variant == "released" and torch.equal(again.key_residual(name), concept.key_residual(name))
+    assert InfusionResiduals.for_unet(unet, "cat").key_residual(name) is None
+    with pytest.raises(ValueError, match="variant"):
+        InfusionResiduals.for_unet(unet, "cat", variant="xformers")

@@ -309,3 +309,30 @@ def test_resumed_textual_inversion_matches_an_uninterrupted_run(tiny_sd_path, da
     a = load_file(tmp_path / "full" / "learned_embeds.safetensors")["S*"]
     b = load_file(tmp_path / "split" / "learned_embeds.safetensors")["S*"]
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_infusion_released_variant_trains_its_key_residual(tiny_sd_path, data_dir, tmp_path):
+    """variant=released: the key residuals train too, the customised rows keep their own maps (no dual stream), and
+    the saved folder samples the same way."""
+    from encoders.infusion import InfusionResiduals
+    from inference.methods import generate_with_infusion
+    from training.infusion import InfusionConfig, InfusionTask
+
+    out = tmp_path / "released"
+    args = common_args(tiny_sd_path, data_dir / "concepts" / "dreambooth" / "cat", out) + [
+        "class_word=cat",
+        "learning_rate=0.05",
+        "variant=released",
+    ]
+    task = InfusionTask(load_config(InfusionConfig, CONFIGS / "infusion.yaml", args))
+    assert task.config.replace_maps is False
+    losses = run_recording(task)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    residuals = InfusionResiduals.from_pretrained(out, subfolder="infusion")
+    assert residuals.config.variant == "released" and not residuals.replaces_maps
+    assert all(float(k.abs().max()) > 0 for k in residuals.key_residuals)  # trained from zero
+    pipe = task.pipeline()
+    result = generate_with_infusion(
+        pipe, ["a photo of a cat"], [residuals], num_inference_steps=2, height=int(RES), width=int(RES)
+    )
+    assert len(result.images) == 1 and not result.base_images  # its own maps: no base stream beside it

@@ -164,6 +164,13 @@ def test_infusion_recipe_and_its_masked_error():
     assert (cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.learning_rate) == (4, 4, 0.01)
     assert cfg.adam_weight_decay == pytest.approx(0.01) and not cfg.scale_lr
     assert cfg.data.soft_masks == "CIDAS/clipseg-rd64-refined" and cfg.data.mask_average == "image"
+    assert cfg.variant == "paper" and cfg.replace_maps is True  # Eq. 7 with the base model's maps
+    released = load_config(
+        InfusionConfig,
+        CONFIGS / "finetune" / "infusion.yaml",
+        ["concept_dir=photos", "class_word=cat", "variant=released"],
+    )
+    assert released.replace_maps is False  # the released code keeps the customised model's own maps
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     soft = torch.rand(2, 1, 8, 8, generator=g)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -56,15 +57,25 @@ class InfusionConfig(FinetuneConfig):
         factory=lambda: ConceptDataConfig(soft_masks=DEFAULT_MASK_MODEL, mask_average="image"),
     )
     checkpointing_steps: int = keyed_field("save checkpoint-N/ every N steps (0: only at the end)", 250)
-    replace_maps: bool = keyed_field(
-        "dual stream: the customised rows use the base model's cross-attention maps (paper); false keeps their own",
-        True,
+    variant: Literal["paper", "released"] = keyed_field(
+        "paper: value residuals, the base model's cross-attention maps (Eq. 7, the dual stream); released: the "
+        "official code's xformers path, a key residual too and the customised model's own maps",
+        "paper",
+    )
+    replace_maps: bool | None = keyed_field(
+        "dual stream: the customised rows use the base model's cross-attention maps; unset: by variant (paper: true, "
+        "released: false)",
+        None,
     )
     validation_inference_steps: int = keyed_field("DDIM steps for validation images (paper: 50)", 50)
     validation_guidance_scale: float = keyed_field("classifier-free guidance for validation images (paper: 8)", 8.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.variant not in ("paper", "released"):
+            raise ConfigError(f"variant must be paper or released, got {self.variant!r}")
+        if self.replace_maps is None:
+            self.replace_maps = self.variant == "paper"
         if not self.class_word:
             raise ConfigError(
                 "class_word is required: the concept's class noun (e.g. cat) whose value gets the residual"
@@ -79,7 +90,10 @@ class InfusionTask(ConceptFinetuneTask):
 
     def build_trainable(self) -> None:
         self.residuals = InfusionResiduals.for_unet(
-            self.sd.unet, self.config.class_word, base_model=self.config.pretrained_model_name_or_path
+            self.sd.unet,
+            self.config.class_word,
+            base_model=self.config.pretrained_model_name_or_path,
+            variant=self.config.variant,
         ).to(self.device)
         # references from the frozen UNet's processors to the trainable (fp32) residuals, installed after
         # the UNet was frozen and cast (training.loop's rule for such references)
@@ -153,8 +167,10 @@ class InfusionTask(ConceptFinetuneTask):
         )
         return (
             f"# Infusion residuals for `{c.class_word}`\n\n"
-            f"One value residual per cross-attention layer ({RESIDUALS_FOLDER}/) for the concept in `{c.concept_dir}`. "
-            f'Prompts that say "{c.class_word}" get the concept; the base model\'s attention maps are kept'
+            f"One value residual{' and one key residual' if c.variant == 'released' else ''} per cross-attention "
+            f"layer ({RESIDUALS_FOLDER}/, variant `{c.variant}`) for the concept in `{c.concept_dir}`. "
+            f'Prompts that say "{c.class_word}" get the concept; '
+            f"{'the base model' if c.replace_maps else 'its own'}'s attention maps are used"
             f"{' (dual stream)' if c.replace_maps else ''}, and prompts without the word are untouched.\n\n"
             "```python\n"
             f"from diffusers import DDIMScheduler, {pipeline}\n"
