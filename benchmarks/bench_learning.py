@@ -503,7 +503,18 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
     keys = [
         k
         for k in common
-        if not k.startswith(("train_shards=", "image_encoder_name_or_path=", "mapping_hidden_dim=", "seed="))
+        if not k.startswith(
+            (
+                "train_shards=",
+                "image_encoder_name_or_path=",
+                "mapping_hidden_dim=",
+                "seed=",
+                "data.crop_geometry=",
+                "data.min_box",
+                "data.max_box",
+                "data.clip_size=",
+            )
+        )
     ]
     pipe = pipeline_from_parts(ev.sd.vae, ev.sd.text_encoder, ev.sd.tokenizer, ev.sd.unet, ev.sd.noise_scheduler)
     restore_default_processors(ev.sd.unet)

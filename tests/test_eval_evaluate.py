@@ -352,3 +352,27 @@ def test_infusion_protocol_against_a_folder_of_real_images(tiny_sd_path, tiny_ev
     fallback = evaluate.main([*keys, f"out={tmp_path / 'eval_fallback'}"])["protocols"]["infusion"]["summary"]
     assert next(r for r in fallback if r["method"].startswith("base"))["w2_generic"] == 0.0
     assert "quick fallback" in (tmp_path / "eval_fallback" / "infusion" / "results.md").read_text()
+
+
+def test_dreambench_protocol_one_reference_photo_and_its_columns(tiny_sd_path, tiny_eval_models, data_dir, tmp_path):
+    """protocol=dreambench: 4 images per prompt, one fixed reference photo per subject (00.jpg), the published
+    column order DINO, CLIP-I, CLIP-T."""
+    out = tmp_path / "bench"
+    result = evaluate.main(
+        [
+            f"base={tiny_sd_path}",
+            f"concepts={data_dir / 'concepts' / 'dreambooth' / 'dog'}",
+            "methods=base",
+            "protocol=dreambench",
+            "num_prompts=1",
+            "num_inference_steps=2",
+            "resolution=32",
+            f"clip_model={tiny_eval_models / 'eval_clip'}",
+            f"dino_model={tiny_eval_models / 'dino'}",
+            f"out={out}",
+        ]
+    )
+    (row,) = result["protocols"]["dreambench"]["summary"]
+    assert row["images"] == 4 and set(row) >= {"dino_i", "clip_i", "clip_t"}
+    report = (out / "dreambench" / "results.md").read_text()
+    assert "| DINO-I | CLIP-I | CLIP-T |" in report and "dog: 00.jpg" in report

@@ -54,6 +54,13 @@ class Evaluator:
         self.concepts, self.runs = resolve_concepts_and_runs(config)
         self.notes: list[str] = []
 
+    def protocol_measures(self, means: dict) -> dict:
+        """The row means a paper's table has (its protocol's metrics); every one for the custom evaluation."""
+        if self.protocol is None:
+            return means
+        scored = ("clip_t", "clip_i", "dino_i", "coi_likelihood")
+        return {k: v for k, v in means.items() if k not in scored or k in self.protocol.metrics}
+
     def report(self, summary: Sequence[dict]) -> str:
         return protocol_report(self.protocol, self.seeds, summary, self.notes)
 
@@ -70,6 +77,9 @@ class Evaluator:
         overfitting = OverfittingMeasures(self.config, self.generator, self.seeds)
         if self.config.infusion_measures:
             self.notes.append("Fisher divergence and W2 " + overfitting.describe_reference())
+        if self.protocol is not None and self.protocol.reference_photos == "dreambench":
+            used = ", ".join(f"{c.name}: {self.scorer.reference_paths(c)[0].name}" for c in self.concepts)
+            self.notes.append(f"One reference photo per subject ({used}); DINO after Resize 256 + CenterCrop 224.")
         for row in tqdm(jobs, desc=f"evaluate ({self.config.protocol})"):
             concept = row.concept
             if concept.name not in refs:
@@ -93,7 +103,7 @@ class Evaluator:
                 "concept": concept.name,
                 "sampling": row.sampling.describe(),
                 "images": len(scores),
-                **row_means(scores),
+                **self.protocol_measures(row_means(scores)),
             }
             if self.config.infusion_measures:
                 entry.update(overfitting.measure(row, items))

@@ -90,9 +90,14 @@ COLUMNS = (
 )
 
 
-def markdown_table(summary: Sequence[dict]) -> str:
-    """The summary as a markdown table (columns without any value are left out)."""
-    present = [(key, title) for key, title in COLUMNS if any(row.get(key) is not None for row in summary)]
+def markdown_table(summary: Sequence[dict], metrics: Sequence[str] = ()) -> str:
+    """The summary as a markdown table (columns without any value are left out); `metrics` first, in that order
+    (a paper's table order, e.g. DreamBench's DINO, CLIP-I, CLIP-T), after the row's name and sampling."""
+    order = {key: k for k, key in enumerate(metrics)}
+    columns = sorted(
+        COLUMNS, key=lambda c: (c[0] not in ("method", "concept", "sampling", "images"), order.get(c[0], 99))
+    )
+    present = [(key, title) for key, title in columns if any(row.get(key) is not None for row in summary)]
     lines = ["| " + " | ".join(title for _, title in present) + " |", "|" + "---|" * len(present)]
     for row in summary:
         lines.append("| " + " | ".join(_fmt(row.get(key)) or "-" for key, _ in present) + " |")
@@ -153,4 +158,4 @@ def protocol_report(
         f"each row's sampler in its `sampling` column; CLIP-T = {p.text_alignment.describe()}.",
         "",
     ]
-    return "\n".join(lines) + markdown_table(summary) + tail
+    return "\n".join(lines) + markdown_table(summary, p.metrics) + tail

@@ -1,0 +1,207 @@
+"""The papers' protocols on the trained miniature world: does the effect each table claims show on held-out objects?
+
+    python benchmarks/bench_protocols_world.py                       # about 15 minutes on two cores
+    python benchmarks/bench_protocols_world.py --objects 2 --steps 50 --seeds 4   # a quick look
+
+Held-out objects of the world (shape x colour x pattern triples no model saw) are rendered as concept folders
+(4 photos with masks, `data_prep.world.write_concept_folder`); each method is trained or encoded by the
+repository's own commands and scored by `inference.evaluate`, shrunk for a CPU (64 px, PNDM/DDIM 25 steps,
+guidance 4, `--seeds` images per prompt). CLIP-T and CLIP-I use the world's own CLIP (the evaluation's
+ViT-B/32 knows no world objects). Every comparison is paired per image (same object, prompt and seed) with a
+bootstrap 95 % interval over the pairs:
+
+- Textual Inversion ("An Image is Worth One Word", Gal et al.; `protocol=textual_inversion`, "A photo of S*"):
+  the learned token's images against the initializer word's, CLIP-I to the concept's photos;
+- ELITE ("ELITE: Encoding Visual Concepts into Textual Embeddings", Wei et al.; its metrics on world prompts "a
+  photo of S* on a <colour> background"): S* encoded from one photo (words and local branch, lambda 0.6) against
+  the class word alone, and the local branch at 0.6 against lambda 0 (the global word alone).
+
+Infusion's claim (it changes non-customised prompts less than Textual Inversion / BaTex) is not measured here:
+both latent Fisher divergences are exactly 0 on prompts without the concept's word by construction (TI and BaTex
+leave the model untouched, Infusion's residual joins only its class word), see docs/benchmarks.md.
+Writes `--json` (default benchmarks/results/bench_protocols_world.json) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench_learning import bootstrap  # this folder's own helper (the script's folder is on sys.path)
+from results_io import write_results
+
+BACKGROUNDS = ("green", "blue", "gray")
+
+
+def _run(command: list[str], log: Path) -> None:
+    with open(log, "w") as handle:
+        done = subprocess.run(
+            command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)}
+        )
+    if done.returncode:
+        raise SystemExit(f"{command[2]} failed (exit {done.returncode}); see {log}")
+
+
+def _scores(out: Path) -> dict[tuple, dict]:
+    """scores.csv of one evaluation: {(row, concept, prompt index, seed): record}."""
+    found = {}
+    for path in out.glob("**/scores.csv"):
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                found[(r["row"], r["concept"], int(r["prompt_index"]), int(r["seed"]))] = r
+    return found
+
+
+def _paired(scores: dict, row_a: str, row_b: str, key: str) -> np.ndarray:
+    """Per-image differences row_a - row_b of `key`, over the images both rows have (rows named by prefix)."""
+    a = {k[1:]: float(r[key]) for k, r in scores.items() if k[0].startswith(row_a) and r.get(key)}
+    b = {k[1:]: float(r[key]) for k, r in scores.items() if k[0].startswith(row_b) and r.get(key)}
+    common = sorted(set(a) & set(b))
+    return np.array([a[k] - b[k] for k in common])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--objects", type=int, default=6, help="held-out objects (concept folders)")
+    parser.add_argument("--steps", type=int, default=300, help="Textual Inversion steps per object")
+    parser.add_argument("--seeds", type=int, default=16, help="images per prompt")
+    parser.add_argument("--sampling-steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument(
+        "--encoders", type=Path, default=REPO / "outputs/demo/encoders", help="ELITE encoders trained on the world"
+    )
+    parser.add_argument("--work", type=Path, default=REPO / "outputs/world/bench_protocols")
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks/results/bench_protocols_world.json")
+    args = parser.parse_args(argv)
+
+    from data_prep.world import HELD_OUT_TRIPLES, write_concept_folder
+    from encoders.tiny import build_tiny_models
+    from encoders.world import write_world_models
+    from inference.evaluate import main as evaluate
+
+    work = args.work
+    models = write_world_models(work / "models")
+    if not (work / "models" / "dino").exists():
+        build_tiny_models(work / "models", ["dino"])  # DINO-I is not read here; the scorer loads one
+    sd, clip = models["sd"], models["clip"]
+    # spread over shapes: every len/objects-th held-out triple
+    stride = max(1, len(HELD_OUT_TRIPLES) // args.objects)
+    triples = [HELD_OUT_TRIPLES[k * stride] for k in range(args.objects)]
+    seeds = ",".join(str(s) for s in range(args.seeds))
+    common = [
+        f"base={sd}",
+        f"seeds={seeds}",
+        f"num_inference_steps={args.sampling_steps}",
+        f"guidance_scale={args.guidance}",
+        "resolution=64",
+        f"clip_model={clip}",
+        f"dino_model={work / 'models' / 'dino'}",
+    ]
+    timings: dict[str, float] = {}
+    concepts, runs = [], []
+    tick = time.time()
+    for k, (shape, colour, pattern) in enumerate(triples):
+        folder = work / "concepts" / f"{colour}_{pattern}_{shape}"
+        if not (folder / "03.png").is_file():
+            write_concept_folder(folder, shape, colour, pattern, photos=4, seed=k)
+        concepts.append((folder, shape))
+        run = work / "runs" / f"ti_{folder.name}"
+        if not (run / "learned_embeds.safetensors").is_file():
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "training.textual_inversion",
+                    "--config",
+                    str(REPO / "configs/finetune/textual_inversion.yaml"),
+                    f"pretrained_model_name_or_path={sd}",
+                    f"concept_dir={folder}",
+                    f"initializer_token={shape}",
+                    f"class_word={shape}",
+                    f"output_dir={run}",
+                    "data.resolution=64",
+                    f"max_steps={args.steps}",
+                    "gradient_accumulation_steps=1",
+                    "checkpointing_steps=0",
+                    "validation_steps=0",
+                    "report_to=none",
+                    "mixed_precision=no",
+                    f"seed={k}",
+                ],
+                work / f"ti_{folder.name}.log",
+            )
+        runs.append(run)
+    timings["train_textual_inversion_s"] = round(time.time() - tick, 1)
+
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results: dict = {"objects": [f.name for f, _ in concepts], "settings": settings | {"triples": triples}}
+    tick = time.time()
+    ti_out = work / "eval_textual_inversion"
+    evaluate(
+        [
+            *common,
+            f"runs={','.join(map(str, runs))}",
+            "methods=base,textual_inversion",
+            "protocol=textual_inversion",
+            "num_prompts=1",  # "A photo of S*": the world has no moon, oil painting or Elmo
+            f"out={ti_out}",
+        ]
+    )
+    timings["eval_textual_inversion_s"] = round(time.time() - tick, 1)
+    ti = _scores(ti_out)
+    results["textual_inversion"] = {
+        "token_minus_initializer_clip_i": bootstrap(_paired(ti, "textual_inversion", "base", "clip_i")),
+        "token_minus_initializer_clip_t": bootstrap(_paired(ti, "textual_inversion", "base", "clip_t")),
+    }
+
+    if (args.encoders / "local_mapping" / "config.json").is_file():
+        prompts = work / "world_prompts.txt"
+        prompts.write_text("".join(f"a photo of {{}} on a {bg} background\n" for bg in BACKGROUNDS))
+        concept_keys = [f"concepts={','.join(f'{f}={shape}' for f, shape in concepts)}"]
+        elite_common = [*common, *concept_keys, f"encoders={args.encoders}", f"prompts={prompts}", "scheduler=pndm"]
+        tick = time.time()
+        for scale in ("0.6", "0"):
+            out = work / f"eval_elite_{scale}"
+            evaluate([*elite_common, "methods=base,elite", f"elite_scale={scale}", f"out={out}"])
+        timings["eval_elite_s"] = round(time.time() - tick, 1)
+        on, off = _scores(work / "eval_elite_0.6"), _scores(work / "eval_elite_0")
+        local = {
+            k: {"clip_i": float(r["clip_i"]) - float(off[k]["clip_i"])}
+            for k, r in on.items()
+            if k[0] == "elite" and k in off and r.get("clip_i") and off[k].get("clip_i")
+        }
+        results["elite"] = {
+            "words_and_local_minus_class_word_clip_i": bootstrap(_paired(on, "elite", "base", "clip_i")),
+            "words_and_local_minus_class_word_clip_t": bootstrap(_paired(on, "elite", "base", "clip_t")),
+            "global_word_alone_minus_class_word_clip_i": bootstrap(_paired(off, "elite", "base", "clip_i")),
+            "local_branch_0.6_minus_0_clip_i": bootstrap(np.array([v["clip_i"] for v in local.values()])),
+            "encoders": str(args.encoders),
+        }
+    else:
+        results["elite"] = {"skipped": f"no trained encoders at {args.encoders} (run `make demo` first)"}
+    results["timings"] = timings
+    write_results(results, args.json)
+
+    print("| claim (paired per image, world CLIP) | mean | 95 % interval | n |")
+    print("|---|---|---|---|")
+    for section in ("textual_inversion", "elite"):
+        for name, value in results[section].items():
+            if isinstance(value, dict) and "mean" in value:
+                lo, hi = value["ci95"]
+                print(f"| {section}: {name} | {value['mean']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {value['n']} |")
+    print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
