@@ -140,6 +140,7 @@ def bench_stage(
     from accelerate import Accelerator
 
     from encoders.common.config import load_config
+    from training.crop_data import STORED_CROP_KEYS
 
     keys = [
         f"pretrained_model_name_or_path={models / 'sd'}",
@@ -153,11 +154,7 @@ def bench_stage(
         f"data.resolution={resolution}",
         "scale_lr=false",
         "gradient_accumulation_steps=1",  # one micro-step per optimizer step: the step the table times
-        "data.crop_geometry=stored",
-        "data.min_box_area=0",
-        "data.max_box_area=1",
-        "data.min_box_side=0",
-        "data.max_box_aspect=0",
+        *STORED_CROP_KEYS,
         f"gradient_checkpointing={str(gradient_checkpointing).lower()}",
     ]
     if stage == "global_mapping":

@@ -665,6 +665,8 @@ def finetune_results(args, work: Path, common: list[str], ev: Evaluator) -> dict
 
 
 def run(args) -> dict:
+    from training.crop_data import STORED_CROP_KEYS
+
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_learning_"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -684,12 +686,7 @@ def run(args) -> dict:
         "gradient_accumulation_steps=1",
         "scale_lr=false",
         "mixed_precision=no",
-        # the shards' crops as stored, every box (the official stage filters are for real photos; docs/data.md)
-        "data.crop_geometry=stored",
-        "data.min_box_area=0",
-        "data.max_box_area=1",
-        "data.min_box_side=0",
-        "data.max_box_aspect=0",
+        *STORED_CROP_KEYS,
         "report_to=none",
         "validation_steps=0",
         "dataloader_num_workers=0",

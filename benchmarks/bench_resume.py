@@ -52,6 +52,8 @@ def build_inputs(work: Path) -> tuple[Path, Path, str]:
 
 
 def _command(sd: Path, clip: Path, shards: str, out: Path, extra: list[str]) -> list[str]:
+    from training.crop_data import STORED_CROP_KEYS
+
     return [
         sys.executable,
         "-m",
@@ -82,11 +84,7 @@ def _command(sd: Path, clip: Path, shards: str, out: Path, extra: list[str]) -> 
         "logging_steps=1",
         "scale_lr=false",
         "gradient_accumulation_steps=1",  # one micro-step per optimizer step
-        "data.crop_geometry=stored",
-        "data.min_box_area=0",
-        "data.max_box_area=1",
-        "data.min_box_side=0",
-        "data.max_box_aspect=0",
+        *STORED_CROP_KEYS,
         "dataloader_num_workers=0",
         *extra,
     ]

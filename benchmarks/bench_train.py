@@ -192,6 +192,7 @@ def _task(
     gradient_checkpointing: bool = False,
 ):
     from encoders.common.config import load_config
+    from training.crop_data import STORED_CROP_KEYS
 
     keys = [
         f"pretrained_model_name_or_path={models / 'sd'}",
@@ -206,11 +207,7 @@ def _task(
         f"data.resolution={resolution}",
         "scale_lr=false",
         "gradient_accumulation_steps=1",  # one micro-step per optimizer step: the step the table times
-        "data.crop_geometry=stored",
-        "data.min_box_area=0",
-        "data.max_box_area=1",
-        "data.min_box_side=0",
-        "data.max_box_aspect=0",
+        *STORED_CROP_KEYS,
     ]
     if stage == "global_mapping":
         from training.global_mapping import GlobalMappingConfig as Config

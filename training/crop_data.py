@@ -86,6 +86,15 @@ ZOOM_PREFIXES = ("zoomed in", "close up")
 
 
 CROP_GEOMETRIES = ("stored", "box")
+# the key=value settings that train on the shards' crops as stored, every box (the demo's and the benchmarks'
+# small scenes, far under the official stages' 100 px boxes)
+STORED_CROP_KEYS = (
+    "data.crop_geometry=stored",
+    "data.min_box_area=0",
+    "data.max_box_area=1",
+    "data.min_box_side=0",
+    "data.max_box_aspect=0",
+)
 FILTER_PATIENCE = 5000  # crops left out in a row, none kept yet, before the loader says the filters drop them all
 
 
