@@ -214,6 +214,8 @@ $(DEMO)/images/finetuned/settings.json: $(DEMO)/finetune/concept_textual_inversi
 
 # 8. each paper's evaluation (ELITE's, Compositional Inversion's Table 1, Infusion's), shrunk for a CPU:
 #    base, ELITE (+ spatial), Textual Inversion (+ spatial), Infusion, each with its own sampler; one table per paper
+# CLIP-T / CLIP-I with the world's own CLIP on the world (it knows its colours and patterns), a random tiny one else
+EVAL_CLIP := $(if $(filter world,$(BASE)),$(M)/clip,$(M)/eval_clip)
 demo-eval: $(DEMO)/eval/results.md
 $(DEMO)/eval/results.md: $(DEMO)/encoders/local_mapping/config.json \
 	$(DEMO)/finetune/concept_textual_inversion/learned_embeds.safetensors $(DEMO)/finetune/concept_infusion/infusion/config.json \
@@ -222,7 +224,7 @@ $(DEMO)/eval/results.md: $(DEMO)/encoders/local_mapping/config.json \
 		runs=$(DEMO)/finetune/concept_textual_inversion,$(DEMO)/finetune/concept_textual_inversion_anchors,$(DEMO)/finetune/concept_infusion \
 		encoders=$(DEMO)/encoders $(if $(filter world,$(BASE)),,mask_dir=tests/data/concepts/masks) elite_image=$(if $(filter world,$(BASE)),0,4) out=$(DEMO)/eval \
 		protocol=all num_prompts=2 seeds=0,1 num_inference_steps=8 batch_size=6 fisher_timesteps=250,750 \
-		clip_model=$(M)/eval_clip dino_model=$(M)/dino $(COI_KEYS)
+		clip_model=$(EVAL_CLIP) dino_model=$(M)/dino $(COI_KEYS)
 
 # ------------------------------------------------------------------------------------------ world
 # The miniature world's base models, trained from scratch (training.world; see encoders/assets/world/README.md for

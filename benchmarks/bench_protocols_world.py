@@ -14,7 +14,11 @@ bootstrap 95 % interval over the pairs:
   the learned token's images against the initializer word's, CLIP-I to the concept's photos;
 - ELITE ("ELITE: Encoding Visual Concepts into Textual Embeddings", Wei et al.; its metrics on world prompts "a
   photo of S* on a <colour> background"): S* encoded from one photo (words and local branch, lambda 0.6) against
-  the class word alone, and the local branch at 0.6 against lambda 0 (the global word alone).
+  the class word alone, and the local branch at 0.6 against lambda 0 (the global word alone);
+- Compositional Inversion ("Compositional Inversion for Stable Diffusion Models", Zhang et al.;
+  `protocol=compositional` with the world's shapes for COCO's classes and its attribute classifier for DETR):
+  the CoI likelihood of Textual Inversion + semantic (anchor loss) + spatial (the constant layout) against plain
+  Textual Inversion, on `--compositional-objects` objects.
 
 Infusion's claim (it changes non-customised prompts less than Textual Inversion / BaTex) is not measured here:
 both latent Fisher divergences are exactly 0 on prompts without the concept's word by construction (TI and BaTex
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=16, help="images per prompt")
     parser.add_argument("--sampling-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--compositional-objects", type=int, default=3, help="objects for the CoI comparison (0: skip)")
+    parser.add_argument("--compositional-seeds", type=int, default=4, help="images per CoI prompt")
     parser.add_argument(
         "--encoders", type=Path, default=REPO / "outputs/demo/encoders", help="ELITE encoders trained on the world"
     )
@@ -109,13 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     timings: dict[str, float] = {}
     concepts, runs = [], []
-    tick = time.time()
-    for k, (shape, colour, pattern) in enumerate(triples):
-        folder = work / "concepts" / f"{colour}_{pattern}_{shape}"
-        if not (folder / "03.png").is_file():
-            write_concept_folder(folder, shape, colour, pattern, photos=4, seed=k)
-        concepts.append((folder, shape))
-        run = work / "runs" / f"ti_{folder.name}"
+
+    def textual_inversion(folder: Path, shape: str, seed: int, name: str, extra: list[str]) -> Path:
+        run = work / "runs" / f"{name}_{folder.name}"
         if not (run / "learned_embeds.safetensors").is_file():
             _run(
                 [
@@ -136,11 +138,20 @@ def main(argv: list[str] | None = None) -> dict:
                     "validation_steps=0",
                     "report_to=none",
                     "mixed_precision=no",
-                    f"seed={k}",
+                    f"seed={seed}",
+                    *extra,
                 ],
-                work / f"ti_{folder.name}.log",
+                work / f"{name}_{folder.name}.log",
             )
-        runs.append(run)
+        return run
+
+    tick = time.time()
+    for k, (shape, colour, pattern) in enumerate(triples):
+        folder = work / "concepts" / f"{colour}_{pattern}_{shape}"
+        if not (folder / "03.png").is_file():
+            write_concept_folder(folder, shape, colour, pattern, photos=4, seed=k)
+        concepts.append((folder, shape))
+        runs.append(textual_inversion(folder, shape, k, "ti", []))
     timings["train_textual_inversion_s"] = round(time.time() - tick, 1)
 
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -189,13 +200,51 @@ def main(argv: list[str] | None = None) -> dict:
         }
     else:
         results["elite"] = {"skipped": f"no trained encoders at {args.encoders} (run `make demo` first)"}
+    if args.compositional_objects:
+        from data_prep.world import SHAPES
+
+        tick = time.time()
+        semantic = [
+            textual_inversion(folder, shape, k, "ti_anchors", ["anchors.enabled=true"])
+            for k, (folder, shape) in enumerate(concepts[: args.compositional_objects])
+        ]
+        timings["train_textual_inversion_anchors_s"] = round(time.time() - tick, 1)
+        tick = time.time()
+        comp_out = work / "eval_compositional"
+        evaluate(
+            [
+                *[key for key in common if not key.startswith("seeds=")],
+                f"seeds={','.join(str(s) for s in range(args.compositional_seeds))}",
+                f"runs={','.join(map(str, runs[: args.compositional_objects] + semantic))}",
+                "methods=textual_inversion",
+                "protocol=compositional",
+                f"coi_objects={','.join(SHAPES)}",
+                f"detector_model={models['classifier']}",
+                "detection_threshold=0.5",
+                f"out={comp_out}",
+            ]
+        )
+        timings["eval_compositional_s"] = round(time.time() - tick, 1)
+        comp = _scores(comp_out)
+        plain = {k[1:]: float(r["coi_hit"]) for k, r in comp.items() if k[0].startswith("textual_inversion (")}
+        both = {
+            k[1:]: float(r["coi_hit"])
+            for k, r in comp.items()
+            if k[0].startswith("textual_inversion + semantic + spatial (")
+        }
+        common_keys = sorted(set(plain) & set(both))
+        results["compositional"] = {
+            "semantic_and_spatial_minus_plain_coi": bootstrap(np.array([both[k] - plain[k] for k in common_keys])),
+            "plain_coi": float(np.mean([plain[k] for k in common_keys])),
+            "semantic_and_spatial_coi": float(np.mean([both[k] for k in common_keys])),
+        }
     results["timings"] = timings
     write_results(results, args.json)
 
     print("| claim (paired per image, world CLIP) | mean | 95 % interval | n |")
     print("|---|---|---|---|")
-    for section in ("textual_inversion", "elite"):
-        for name, value in results[section].items():
+    for section in ("textual_inversion", "elite", "compositional"):
+        for name, value in results.get(section, {}).items():
             if isinstance(value, dict) and "mean" in value:
                 lo, hi = value["ci95"]
                 print(f"| {section}: {name} | {value['mean']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {value['n']} |")

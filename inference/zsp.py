@@ -40,7 +40,8 @@ STAGES = {
     "generate": Stage("prompts with S* (or a fine-tune's token) -> images", "inference"),
     "guide": Stage("spatial guidance off / on for two words, with boxes and attention maps", "inference"),
     "evaluate": Stage(
-        "each paper's evaluation protocol (protocol=elite|compositional|infusion|all)", "inference.evaluate"
+        "each paper's evaluation protocol (protocol=elite, compositional, infusion, textual_inversion, ...)",
+        "inference.evaluate",
     ),
     "app": Stage("the web demo (gradio)", "inference.app"),
     "convert": Stage("official ELITE .pt checkpoints -> an encoders folder", "encoders.convert_reference"),

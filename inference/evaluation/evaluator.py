@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         prog="python -m inference.evaluate",
         description="Generate with base / ELITE / Textual Inversion / BaTex / Infusion on the same concepts, "
         "prompts and seeds, and score them (CLIP-T, CLIP-I, DINO-I, CoI likelihood, latent Fisher and W2); "
-        "protocol=elite|compositional|infusion|all reproduces each paper's evaluation.",
+        "protocol=elite|compositional|infusion|textual_inversion|batex|dreambench|all reproduces each paper's "
+        "evaluation.",
     )
     try:
         result = evaluate(config)
