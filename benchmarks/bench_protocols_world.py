@@ -1,6 +1,6 @@
 """The papers' protocols on the trained miniature world: does the effect each table claims show on held-out objects?
 
-    python benchmarks/bench_protocols_world.py                       # about 15 minutes on two cores
+    python benchmarks/bench_protocols_world.py                       # about 30 minutes on two cores
     python benchmarks/bench_protocols_world.py --objects 2 --steps 50 --seeds 4   # a quick look
 
 Held-out objects of the world (shape x colour x pattern triples no model saw) are rendered as concept folders
@@ -72,6 +72,32 @@ def _paired(scores: dict, row_a: str, row_b: str, key: str) -> np.ndarray:
     b = {k[1:]: float(r[key]) for k, r in scores.items() if k[0].startswith(row_b) and r.get(key)}
     common = sorted(set(a) & set(b))
     return np.array([a[k] - b[k] for k in common])
+
+
+def _identity(classifier, out: Path, concepts: dict[str, tuple[str, str]]) -> dict[tuple, np.ndarray]:
+    """The world classifier's read of every generated image: {(row folder, concept, image stem): [colour hit,
+    pattern hit]}, a hit when it finds the concept's own colour / pattern (identity, where CLIP-I on the world
+    weighs the background as much as the object)."""
+    from PIL import Image
+
+    found = {}
+    for folder in sorted(out.glob("**/images/*/*")):
+        colour, pattern = concepts.get(folder.name, (None, None))
+        if colour is None:
+            continue
+        paths = sorted(folder.glob("*.png"))
+        labels = classifier.detect([Image.open(p).convert("RGB") for p in paths])
+        for path, names in zip(paths, labels):
+            found[(folder.parent.name, folder.name, path.stem)] = np.array([colour in names, pattern in names], float)
+    return found
+
+
+def _identity_paired(found: dict, row_a: str, row_b: str) -> np.ndarray:
+    """[N, 2] per-image differences of (colour, pattern) hits, row folders by prefix, paired by concept and image."""
+    a = {k[1:]: v for k, v in found.items() if k[0].startswith(row_a)}
+    b = {k[1:]: v for k, v in found.items() if k[0] == row_b}
+    common = sorted(set(a) & set(b))
+    return np.array([a[k] - b[k] for k in common]).reshape(-1, 2)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -170,9 +196,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
     timings["eval_textual_inversion_s"] = round(time.time() - tick, 1)
     ti = _scores(ti_out)
+    from inference.evaluation.metrics import PresenceClassifier
+
+    classifier = PresenceClassifier(str(models["classifier"]), threshold=0.5)
+    attributes = {f.name: (f.name.split("_")[0], f.name.split("_")[1]) for f, _ in concepts}
+    identity = _identity_paired(_identity(classifier, ti_out, attributes), "textual_inversion", "base")
     results["textual_inversion"] = {
         "token_minus_initializer_clip_i": bootstrap(_paired(ti, "textual_inversion", "base", "clip_i")),
         "token_minus_initializer_clip_t": bootstrap(_paired(ti, "textual_inversion", "base", "clip_t")),
+        "token_minus_initializer_colour_hit": bootstrap(identity[:, 0]),
+        "token_minus_initializer_pattern_hit": bootstrap(identity[:, 1]),
     }
 
     if (args.encoders / "local_mapping" / "config.json").is_file():
@@ -191,7 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
             for k, r in on.items()
             if k[0] == "elite" and k in off and r.get("clip_i") and off[k].get("clip_i")
         }
+        identity = _identity_paired(_identity(classifier, work / "eval_elite_0.6", attributes), "elite", "base")
         results["elite"] = {
+            "words_and_local_minus_class_word_colour_hit": bootstrap(identity[:, 0]),
+            "words_and_local_minus_class_word_pattern_hit": bootstrap(identity[:, 1]),
             "words_and_local_minus_class_word_clip_i": bootstrap(_paired(on, "elite", "base", "clip_i")),
             "words_and_local_minus_class_word_clip_t": bootstrap(_paired(on, "elite", "base", "clip_t")),
             "global_word_alone_minus_class_word_clip_i": bootstrap(_paired(off, "elite", "base", "clip_i")),
