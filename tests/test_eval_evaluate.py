@@ -349,9 +349,9 @@ def test_infusion_protocol_against_a_folder_of_real_images(tiny_sd_path, tiny_ev
     assert f"3 real images of {real} for W2" in report or f"4 real images of {real}" in report
     assert "2 without a caption file" in report
 
-    fallback = evaluate.main([*keys, f"out={tmp_path / 'eval_fallback'}"])["protocols"]["infusion"]["summary"]
+    fallback = evaluate.main([*keys, f"out={out}"])["protocols"]["infusion"]["summary"]  # the same images
     assert next(r for r in fallback if r["method"].startswith("base"))["w2_generic"] == 0.0
-    assert "quick fallback" in (tmp_path / "eval_fallback" / "infusion" / "results.md").read_text()
+    assert "quick fallback" in (out / "infusion" / "results.md").read_text()
 
 
 def test_dreambench_protocol_one_reference_photo_and_its_columns(tiny_sd_path, tiny_eval_models, data_dir, tmp_path):

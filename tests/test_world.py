@@ -237,6 +237,7 @@ def test_stage1_own_words_beat_another_objects_words_on_held_out_objects(world_m
     from data_prep.crop_commands import build_coco_shards
     from data_prep.records import CropSettings
     from encoders.common.config import load_config
+    from training.crop_data import STORED_CROP_KEYS
 
     settings = load_config(CropSettings, REPO / "configs/data/world.yaml")
     specs = {}
@@ -260,6 +261,8 @@ def test_stage1_own_words_beat_another_objects_words_on_held_out_objects(world_m
         "data.resolution=64",
         "data.clip_size=64",
         "train_batch_size=8",
+        "gradient_accumulation_steps=1",
+        *STORED_CROP_KEYS,  # the stored crops of the world's 64 px scenes, as the documented measure
         "scale_lr=false",
         "mixed_precision=no",
         "report_to=none",
