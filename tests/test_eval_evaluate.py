@@ -376,3 +376,35 @@ def test_dreambench_protocol_one_reference_photo_and_its_columns(tiny_sd_path, t
     assert row["images"] == 4 and set(row) >= {"dino_i", "clip_i", "clip_t"}
     report = (out / "dreambench" / "results.md").read_text()
     assert "| DINO-I | CLIP-I | CLIP-T |" in report and "dog: 00.jpg" in report
+
+
+def test_textual_inversion_and_batex_protocols_score_the_right_prompts(
+    tiny_sd_path, tiny_eval_models, data_dir, tmp_path
+):
+    """protocol=textual_inversion: CLIP-I and CLIP-T on "A photo of S*" (S* removed from the text); protocol=batex:
+    CLIP-I on the reconstructions only, CLIPScore (>= 0, "*" in the text) on the edits only."""
+    concept_dir = data_dir / "concepts" / "dreambooth" / "dog"
+    ti, _ = make_runs(tmp_path, tiny_sd_path, concept_dir)
+    common = [
+        f"base={tiny_sd_path}",
+        f"runs={ti}",
+        "methods=textual_inversion",
+        "seeds=0,1",
+        "num_inference_steps=2",
+        "resolution=32",
+        f"clip_model={tiny_eval_models / 'eval_clip'}",
+        f"dino_model={tiny_eval_models / 'dino'}",
+    ]
+    for protocol in ("textual_inversion", "batex"):
+        evaluate.main([*common, f"protocol={protocol}", "num_prompts=2", f"out={tmp_path / protocol}"])
+    with open(tmp_path / "textual_inversion" / "textual_inversion" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    first = [r for r in rows if r["prompt_index"] == "0"]
+    assert {r["prompt"] for r in first} == {"A photo of"} and all(r["clip_i"] and r["clip_t"] for r in first)
+    with open(tmp_path / "batex" / "batex" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    reconstruction = [r for r in rows if r["prompt_index"] == "0"]
+    edits = [r for r in rows if r["prompt_index"] != "0"]
+    assert all(r["clip_i"] and not r["clip_t"] for r in reconstruction)
+    assert edits and all(not r["clip_i"] and float(r["clip_t"]) >= 0 for r in edits)
+    assert {r["prompt"] for r in edits} == {"A photo of * on the beach"}
