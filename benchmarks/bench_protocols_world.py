@@ -15,6 +15,10 @@ bootstrap 95 % interval over the pairs:
 - ELITE ("ELITE: Encoding Visual Concepts into Textual Embeddings", Wei et al.; its metrics on world prompts "a
   photo of S* on a <colour> background"): S* encoded from one photo (words and local branch, lambda 0.6) against
   the class word alone, and the local branch at 0.6 against lambda 0 (the global word alone);
+- BaTex ("Efficient Personalized Text-to-image Generation by Leveraging Textual Subspace", Du et al.; its official
+  recipe, `batex.yaml`, trained as long as Textual Inversion): text alignment on "a photo of S* on a <colour>
+  background" against Textual Inversion's token (does the picture have the background the prompt names, read by
+  the world classifier; CLIP-T), and image alignment (own colour / pattern, CLIP-I);
 - Compositional Inversion ("Compositional Inversion for Stable Diffusion Models", Zhang et al.;
   `protocol=compositional` with the world's shapes for COCO's classes and its attribute classifier for DETR):
   the CoI likelihood of Textual Inversion + semantic (anchor loss) + spatial (the constant layout) against plain
@@ -76,8 +80,9 @@ def _paired(scores: dict, row_a: str, row_b: str, key: str) -> np.ndarray:
 
 def _identity(classifier, out: Path, concepts: dict[str, tuple[str, str]]) -> dict[tuple, np.ndarray]:
     """The world classifier's read of every generated image: {(row folder, concept, image stem): [colour hit,
-    pattern hit]}, a hit when it finds the concept's own colour / pattern (identity, where CLIP-I on the world
-    weighs the background as much as the object)."""
+    pattern hit]}, a hit when its `colour:` / `pattern:` label for the concept's own is above 0.5 (a background of
+    the same colour does not count). Identity, where CLIP-I on the world weighs the background as much as the
+    object."""
     from PIL import Image
 
     found = {}
@@ -86,9 +91,26 @@ def _identity(classifier, out: Path, concepts: dict[str, tuple[str, str]]) -> di
         if colour is None:
             continue
         paths = sorted(folder.glob("*.png"))
-        labels = classifier.detect([Image.open(p).convert("RGB") for p in paths])
-        for path, names in zip(paths, labels):
-            found[(folder.parent.name, folder.name, path.stem)] = np.array([colour in names, pattern in names], float)
+        reads = classifier.probabilities([Image.open(p).convert("RGB") for p in paths])
+        for path, probs in zip(paths, reads):
+            hits = [probs[f"colour:{colour}"] > 0.5, probs[f"pattern:{pattern}"] > 0.5]
+            found[(folder.parent.name, folder.name, path.stem)] = np.array(hits, float)
+    return found
+
+
+def _background_hits(classifier, out: Path, backgrounds: tuple[str, ...]) -> dict[tuple, float]:
+    """{(row folder, concept, image stem): 1 when the classifier's likeliest background is the one the image's prompt
+    names (prompt k of the world prompts file names `backgrounds[k]`)}."""
+    from PIL import Image
+
+    found = {}
+    for folder in sorted(out.glob("**/images/*/*")):
+        paths = sorted(folder.glob("*.png"))
+        reads = classifier.probabilities([Image.open(p).convert("RGB") for p in paths])
+        for path, probs in zip(paths, reads):
+            asked = backgrounds[int(path.stem.split("_")[0])]
+            seen = max((name for name in probs if name.startswith("background:")), key=probs.get)
+            found[(folder.parent.name, folder.name, path.stem)] = float(seen == f"background:{asked}")
     return found
 
 
@@ -107,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=16, help="images per prompt")
     parser.add_argument("--sampling-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--batex", action=argparse.BooleanOptionalAction, default=True, help="the BaTex comparison")
     parser.add_argument("--compositional-objects", type=int, default=3, help="objects for the CoI comparison (0: skip)")
     parser.add_argument("--compositional-seeds", type=int, default=4, help="images per CoI prompt")
     parser.add_argument(
@@ -142,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     timings: dict[str, float] = {}
     concepts, runs = [], []
 
-    def textual_inversion(folder: Path, shape: str, seed: int, name: str, extra: list[str]) -> Path:
+    def textual_inversion(
+        folder: Path, shape: str, seed: int, name: str, extra: list[str], config: str = "textual_inversion.yaml"
+    ) -> Path:
         run = work / "runs" / f"{name}_{folder.name}"
         if not (run / "learned_embeds.safetensors").is_file():
             _run(
@@ -151,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "-m",
                     "training.textual_inversion",
                     "--config",
-                    str(REPO / "configs/finetune/textual_inversion.yaml"),
+                    str(REPO / "configs/finetune" / config),
                     f"pretrained_model_name_or_path={sd}",
                     f"concept_dir={folder}",
                     f"initializer_token={shape}",
@@ -208,9 +233,50 @@ def main(argv: list[str] | None = None) -> dict:
         "token_minus_initializer_pattern_hit": bootstrap(identity[:, 1]),
     }
 
+    prompts = work / "world_prompts.txt"
+    prompts.write_text("".join(f"a photo of {{}} on a {bg} background\n" for bg in BACKGROUNDS))
+    if args.batex:
+        tick = time.time()
+        batex = [
+            textual_inversion(folder, shape, k, "batex", [], config="batex.yaml")
+            for k, (folder, shape) in enumerate(concepts)
+        ]
+        timings["train_batex_s"] = round(time.time() - tick, 1)
+        tick = time.time()
+        batex_out = work / "eval_batex"
+        evaluate(
+            [
+                *common,
+                f"runs={','.join(map(str, runs + batex))}",
+                "methods=textual_inversion,batex",
+                f"prompts={prompts}",
+                "scheduler=pndm",  # BaTex's protocol sampler, for both rows
+                f"out={batex_out}",
+            ]
+        )
+        timings["eval_batex_s"] = round(time.time() - tick, 1)
+        scores = _scores(batex_out)
+        backgrounds = _background_hits(classifier, batex_out, BACKGROUNDS)
+        identity = _identity(classifier, batex_out, attributes)
+
+        def batex_minus_ti(found: dict) -> np.ndarray:
+            a = {k[1:]: v for k, v in found.items() if k[0].startswith("batex")}
+            b = {k[1:]: v for k, v in found.items() if k[0].startswith("textual_inversion")}
+            return np.array([a[k] - b[k] for k in sorted(set(a) & set(b))])
+
+        ident = batex_minus_ti(identity).reshape(-1, 2)
+        results["batex"] = {
+            "batex_minus_ti_background_hit": bootstrap(batex_minus_ti(backgrounds)),
+            "batex_minus_ti_clip_t": bootstrap(_paired(scores, "batex", "textual_inversion", "clip_t")),
+            "batex_minus_ti_colour_hit": bootstrap(ident[:, 0]),
+            "batex_minus_ti_pattern_hit": bootstrap(ident[:, 1]),
+            "batex_minus_ti_clip_i": bootstrap(_paired(scores, "batex", "textual_inversion", "clip_i")),
+            "background_hit_batex": float(np.mean([v for k, v in backgrounds.items() if k[0].startswith("batex")])),
+            "background_hit_ti": float(
+                np.mean([v for k, v in backgrounds.items() if k[0].startswith("textual_inversion")])
+            ),
+        }
     if (args.encoders / "local_mapping" / "config.json").is_file():
-        prompts = work / "world_prompts.txt"
-        prompts.write_text("".join(f"a photo of {{}} on a {bg} background\n" for bg in BACKGROUNDS))
         concept_keys = [f"concepts={','.join(f'{f}={shape}' for f, shape in concepts)}"]
         elite_common = [*common, *concept_keys, f"encoders={args.encoders}", f"prompts={prompts}", "scheduler=pndm"]
         tick = time.time()
@@ -279,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("| claim (paired per image, world CLIP) | mean | 95 % interval | n |")
     print("|---|---|---|---|")
-    for section in ("textual_inversion", "elite", "compositional"):
+    for section in ("textual_inversion", "batex", "elite", "compositional"):
         for name, value in results.get(section, {}).items():
             if isinstance(value, dict) and "mean" in value:
                 lo, hi = value["ci95"]

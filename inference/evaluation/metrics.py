@@ -346,7 +346,8 @@ class PresenceClassifier:
         return sorted({name.split(":", 1)[-1] for name in self.model.config.id2label.values()})
 
     @torch.no_grad()
-    def detect(self, images) -> list[set[str]]:
+    def probabilities(self, images) -> list[dict[str, float]]:
+        """Per image, every label's sigmoid under its full name (`colour:green` and `background:green` apart)."""
         images = _as_rgb_list(images)
         if self.processor is not None:
             pixels = self.processor(images=images, return_tensors="pt").pixel_values
@@ -355,8 +356,14 @@ class PresenceClassifier:
             arrays = [np.asarray(im.resize((size, size)), dtype=np.float32) for im in images]
             pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
         probs = torch.sigmoid(self.model(pixel_values=pixels.to(self.device)).logits.float()).cpu()
-        names = [self.model.config.id2label[i].split(":", 1)[-1] for i in range(probs.shape[1])]
-        return [{names[j] for j in range(len(names)) if row[j] > self.threshold} for row in probs]
+        names = [self.model.config.id2label[i] for i in range(probs.shape[1])]
+        return [dict(zip(names, row.tolist())) for row in probs]
+
+    def detect(self, images) -> list[set[str]]:
+        return [
+            {name.split(":", 1)[-1] for name, p in probs.items() if p > self.threshold}
+            for probs in self.probabilities(images)
+        ]
 
     def coi_likelihood(self, images, targets: Sequence[str]) -> float:
         return coi_likelihood(self.detect(images), targets)
