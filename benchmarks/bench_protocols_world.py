@@ -1,6 +1,6 @@
 """The papers' protocols on the trained miniature world: does the effect each table claims show on held-out objects?
 
-    python benchmarks/bench_protocols_world.py                       # about 30 minutes on two cores
+    python benchmarks/bench_protocols_world.py                       # about 35 minutes on two cores
     python benchmarks/bench_protocols_world.py --objects 2 --steps 50 --seeds 4   # a quick look
 
 Held-out objects of the world (shape x colour x pattern triples no model saw) are rendered as concept folders
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
             [
                 *common,
                 f"runs={','.join(map(str, runs + batex))}",
-                "methods=textual_inversion,batex",
+                "methods=base,textual_inversion,batex",
                 f"prompts={prompts}",
                 "scheduler=pndm",  # BaTex's protocol sampler, for both rows
                 f"out={batex_out}",
@@ -265,6 +265,13 @@ def main(argv: list[str] | None = None) -> dict:
             return np.array([a[k] - b[k] for k in sorted(set(a) & set(b))])
 
         ident = batex_minus_ti(identity).reshape(-1, 2)
+        token = _identity_paired(identity, "textual_inversion", "base")  # on prompts like the world's captions
+        results["textual_inversion"].update(
+            {
+                "world_prompts_token_minus_class_word_colour_hit": bootstrap(token[:, 0]),
+                "world_prompts_token_minus_class_word_pattern_hit": bootstrap(token[:, 1]),
+            }
+        )
         results["batex"] = {
             "batex_minus_ti_background_hit": bootstrap(batex_minus_ti(backgrounds)),
             "batex_minus_ti_clip_t": bootstrap(_paired(scores, "batex", "textual_inversion", "clip_t")),
@@ -275,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
             "background_hit_ti": float(
                 np.mean([v for k, v in backgrounds.items() if k[0].startswith("textual_inversion")])
             ),
+            "background_hit_class_word": float(np.mean([v for k, v in backgrounds.items() if k[0] == "base"])),
         }
     if (args.encoders / "local_mapping" / "config.json").is_file():
         concept_keys = [f"concepts={','.join(f'{f}={shape}' for f, shape in concepts)}"]
