@@ -46,6 +46,27 @@ def seeded_latents(pipe, seeds: Sequence[int], height: int | None = None, width:
     return seeded_noise(pipe, seeds, height, width)[0]
 
 
+def stream_noise(pipe, positions: Sequence[int], seed: int, height: int | None = None, width: int | None = None):
+    """`(latents, generators)` as one CPU generator seeded `seed` draws them image after image: image k starts
+    from the k-th draw (Compositional Inversion's notebook seeds one generator with 8888 per prompt and calls the
+    pipeline once per image, so image k of every prompt starts from the same noise); each generator is the
+    stream's state after that draw."""
+    default_h, default_w = default_image_size(pipe)
+    height, width = height or default_h, width or default_w
+    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    stream = torch.Generator("cpu").manual_seed(int(seed))
+    draws, states = [], []
+    for _ in range(max(positions) + 1):
+        draws.append(torch.randn(shape, generator=stream))
+        states.append(stream.get_state())
+    generators = []
+    for k in positions:
+        generator = torch.Generator("cpu")
+        generator.set_state(states[k])
+        generators.append(generator)
+    return torch.cat([draws[k] for k in positions]), generators
+
+
 def seeded_noise(pipe, seeds: Sequence[int], height: int | None = None, width: int | None = None):
     """`(latents, generators)`: the initial noise of one image per seed and each seed's CPU generator
     after drawing it, as diffusers leaves them when given `generator=[...]` and no latents. A

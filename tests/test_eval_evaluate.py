@@ -267,6 +267,7 @@ def test_protocol_all_reproduces_each_papers_setup(
     with open(out / "compositional" / "scores.csv") as f:
         scores = list(csv.DictReader(f))
     assert {r["prompt"] for r in scores} == {"dog and person"}  # COCO's first class; S* read as "dog"
+    assert "seeded 8888" in (out / "compositional" / "results.md").read_text()  # the notebook's noise stream
     guided = [r for r in scores if "+ spatial" in r["row"]]
     assert guided and all(r["location_loss_first"] and r["location_loss_last"] for r in guided)
     images = out / "compositional" / "images"

@@ -103,7 +103,7 @@ def test_protocols_carry_the_official_evaluation_settings():
     comp = PROTOCOL_TABLE["compositional"]
     assert (comp.sampling.scheduler, comp.sampling.steps, comp.sampling.guidance) == ("pndm", 50, 7.5)
     assert (comp.spatial_sampling.scheduler, comp.spatial_sampling.steps) == ("lms", 50)
-    assert comp.seeds == 10 and comp.append_class_word
+    assert comp.seeds == 10 and comp.append_class_word and comp.noise_seed == 8888
     assert (comp.text_alignment.text, comp.text_alignment.scale, comp.text_alignment.floor) == ("class", 2.5, False)
     assert CONSTANT_LAYOUT == {"concept": (0.1, 0.2, 0.5, 0.8), "other": (0.6, 0.2, 0.95, 0.8)}
     assert (DEFAULT_DETECTOR_MODEL, DEFAULT_DETECTION_THRESHOLD) == ("facebook/detr-resnet-50", 0.8)
@@ -178,3 +178,25 @@ def test_infusion_recipe_and_its_masked_error():
     assert torch.allclose(denoising_loss(pred, target, soft, average="image"), official, atol=1e-6)
     by_area = ((pred - target) ** 2 * soft).sum((1, 2, 3)) / soft.expand(2, 4, 8, 8).sum((1, 2, 3))
     assert torch.allclose(denoising_loss(pred, target, soft), by_area.mean(), atol=1e-6)
+
+
+def test_stream_noise_is_the_official_notebooks_draws(tiny_sd_path):
+    """Compositional Inversion's notebook: one generator seeded 8888 per prompt, one pipeline call per image, so
+    image k starts from the k-th draw of that stream, for every prompt and method."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from inference.finetuned import stream_noise
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    latents, generators = stream_noise(pipe, [0, 2], 8888, 32, 32)
+    stream = torch.Generator().manual_seed(8888)
+    draws = [
+        torch.randn(
+            (1, pipe.unet.config.in_channels, 32 // pipe.vae_scale_factor, 32 // pipe.vae_scale_factor),
+            generator=stream,
+        )
+        for _ in range(3)
+    ]
+    assert torch.equal(latents, torch.cat([draws[0], draws[2]]))
+    assert torch.equal(generators[1].get_state(), stream.get_state())  # the stream after image 2's draw

@@ -67,6 +67,12 @@ class EvalConfig:
         "protocol, the concept's own class included)",
         None,
     )
+    noise_seed: int | None = keyed_field(
+        "initial noise: unset = the protocol's (compositional: image k of every prompt from the k-th draw of one "
+        "generator seeded 8888, as its notebook; else each image from its own seed); -1 = each from its own seed; "
+        "N = the k-th draw of seed N",
+        None,
+    )
     append_class_word: bool = keyed_field(
         "prompt learned tokens as 'S* dog' instead of 'S*' (compositional: always)", False
     )

@@ -46,13 +46,26 @@ class Evaluator:
             )
             self.pipe.set_progress_bar_config(disable=True)
         height, width = (int(config.resolution),) * 2 if config.resolution else default_image_size(self.pipe)
+        noise_seed = config.noise_seed if config.noise_seed is not None else getattr(protocol, "noise_seed", None)
         self.generator = RowGenerator(
-            config, self.pipe, self.seeds, height, width, reuse=None if reuse is None else reuse.generator
+            config,
+            self.pipe,
+            self.seeds,
+            height,
+            width,
+            reuse=None if reuse is None else reuse.generator,
+            noise_seed=None if noise_seed is None or noise_seed < 0 else noise_seed,
         )
         self.scorer = reuse.scorer if reuse is not None else Scorer(config, self.pipe.device, protocol)
         self.scorer.use(protocol)
         self.concepts, self.runs = resolve_concepts_and_runs(config)
         self.notes: list[str] = []
+        if self.generator.noise_seed is not None:
+            self.notes.append(
+                f"Initial noise: image k of every prompt is the k-th draw of one generator seeded "
+                f"{self.generator.noise_seed} (the official notebook's way; noise_seed=-1: each image from its own "
+                "seed)."
+            )
 
     def protocol_measures(self, means: dict) -> dict:
         """The row means a paper's table has (its protocol's metrics); every one for the custom evaluation."""

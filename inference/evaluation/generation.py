@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from encoders.common.files import atomic_write_json
 
 from ..composition import plan_guidance
-from ..finetuned import seeded_noise
+from ..finetuned import seeded_noise, stream_noise
 from ..loading import (
     ModelLoadError,
     load_location_mlp,
@@ -32,8 +32,18 @@ class RowGenerator:
     """Generates (or reuses from disk) every image of a row through the row's method (`inference.methods`), from
     the same seeded noise for every method; holds the loaded methods and the location MLP for "+ spatial" rows."""
 
-    def __init__(self, config: EvalConfig, pipe, seeds: Sequence[int], height: int, width: int, reuse=None):
+    def __init__(
+        self,
+        config: EvalConfig,
+        pipe,
+        seeds: Sequence[int],
+        height: int,
+        width: int,
+        reuse=None,
+        noise_seed: int | None = None,
+    ):
         self.config, self.pipe, self.seeds = config, pipe, list(seeds)
+        self.noise_seed = noise_seed  # None: each image's noise from its own seed; else the k-th draw of this seed
         self.out = Path(config.out)
         self.height, self.width = height, width
         self._scheduler_config = reuse._scheduler_config if reuse else pipe.scheduler.config
@@ -124,6 +134,13 @@ class RowGenerator:
         if method is not None:
             method.unload()
 
+    def noise(self, seeds: Sequence[int]) -> tuple:
+        """The images' initial noise and generators: from their own seeds, or the k-th draws of `noise_seed`."""
+        if self.noise_seed is None:
+            return seeded_noise(self.pipe, seeds, self.height, self.width)
+        positions = [self.seeds.index(seed) for seed in seeds]
+        return stream_noise(self.pipe, positions, self.noise_seed, self.height, self.width)
+
     def _use_sampler(self, sampling: Sampling) -> None:
         self.pipe.scheduler = make_scheduler(sampling.scheduler, self._scheduler_config)
 
@@ -143,9 +160,7 @@ class RowGenerator:
             try:
                 for batch in tqdm(batches, desc=f"{row.name} / {row.concept.name}", leave=False):
                     texts = [spec.template.format(phrase) for spec, _, _ in batch]
-                    latents, generators = seeded_noise(
-                        self.pipe, [seed for _, seed, _ in batch], self.height, self.width
-                    )
+                    latents, generators = self.noise([seed for _, seed, _ in batch])
                     with torch.no_grad():
                         outputs = generate(texts, latents, generators)
                     for (_spec, _seed, path), (image, extra) in zip(batch, outputs):

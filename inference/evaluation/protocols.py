@@ -16,7 +16,8 @@ reference photos and the metrics of its paper's table, as the official evaluatio
   with its layout control (LMS 50, guidance 7.5, the constant boxes concept [0.1, 0.2, 0.5, 0.8], other
   object [0.6, 0.2, 0.95, 0.8]; boxes from this repository's location MLP are an extra row); CLIP-T =
   2.5 x cosine (CLIP ViT-B/32) against the prompt with the concept replaced by its class ("cat and
-  dog"), the CoI likelihood (DETR ResNet-50 at score 0.8 finds the other object), CLIP-I.
+  dog"), the CoI likelihood (DETR ResNet-50 at score 0.8 finds the other object), CLIP-I; image k of every
+  prompt starts from the k-th draw of one generator seeded 8888, as its notebook.
 - infusion: "Infusion: Preventing Customized Text-to-Image Diffusion from Overfitting" (Zeng et al.,
   2024): Infusion sampled with DDIM 50 and guidance 8; the latent Fisher divergence (noise predictions of
   the base vs the customised model, uniform timesteps) on non-customised prompts and on prompts with
@@ -132,6 +133,7 @@ class Protocol:
     overfitting: bool = False  # Fisher + W2 on non-customised and class-word prompts
     text_alignment: TextAlignment = TextAlignment()
     reference_photos: str = "all"  # "all" the concept's photos, or "dreambench" (`DREAMBENCH_REFERENCE_PHOTO`)
+    noise_seed: int | None = None  # None: image of seed s from seed s; else image k from the k-th draw of this seed
     dino_preprocessing: str = "processor"  # "processor" (the model's own) or "dreambench" (Resize 256 + CenterCrop)
 
     def sampling_for(self, method: str) -> Sampling:
@@ -160,6 +162,7 @@ COMPOSITIONAL_PROTOCOL = Protocol(
     spatial_rows=True,
     spatial_sampling=COMPOSITIONAL_SPATIAL_SAMPLING,
     text_alignment=TextAlignment("class", scale=2.5),
+    noise_seed=8888,
 )
 INFUSION_PROTOCOL = Protocol(
     "infusion",
