@@ -70,56 +70,56 @@ def _scores(out: Path) -> dict[tuple, dict]:
     return found
 
 
-def _paired(scores: dict, row_a: str, row_b: str, key: str) -> np.ndarray:
-    """Per-image differences row_a - row_b of `key`, over the images both rows have (rows named by prefix)."""
-    a = {k[1:]: float(r[key]) for k, r in scores.items() if k[0].startswith(row_a) and r.get(key)}
-    b = {k[1:]: float(r[key]) for k, r in scores.items() if k[0].startswith(row_b) and r.get(key)}
+def _column(scores: dict, key: str) -> dict[tuple, float]:
+    """One score of every image that has it: {(row, concept, prompt index, seed): value}."""
+    return {k: float(r[key]) for k, r in scores.items() if r.get(key)}
+
+
+def _rows(values: dict, prefix: str) -> dict:
+    """The values of the rows whose name (or image folder) starts with `prefix`, keyed by the image alone."""
+    return {k[1:]: v for k, v in values.items() if k[0].startswith(prefix)}
+
+
+def _diff(a: dict, b: dict) -> np.ndarray:
+    """Per-image differences a - b over the images both have (same concept, prompt and seed)."""
     common = sorted(set(a) & set(b))
-    return np.array([a[k] - b[k] for k in common])
+    return np.array([np.asarray(a[k]) - np.asarray(b[k]) for k in common])
 
 
-def _identity(classifier, out: Path, concepts: dict[str, tuple[str, str]]) -> dict[tuple, np.ndarray]:
-    """The world classifier's read of every generated image: {(row folder, concept, image stem): [colour hit,
-    pattern hit]}, a hit when its `colour:` / `pattern:` label for the concept's own is above 0.5 (a background of
-    the same colour does not count). Identity, where CLIP-I on the world weighs the background as much as the
-    object."""
-    from PIL import Image
-
-    found = {}
-    for folder in sorted(out.glob("**/images/*/*")):
-        colour, pattern = concepts.get(folder.name, (None, None))
-        if colour is None:
-            continue
-        paths = sorted(folder.glob("*.png"))
-        reads = classifier.probabilities([Image.open(p).convert("RGB") for p in paths])
-        for path, probs in zip(paths, reads):
-            hits = [probs[f"colour:{colour}"] > 0.5, probs[f"pattern:{pattern}"] > 0.5]
-            found[(folder.parent.name, folder.name, path.stem)] = np.array(hits, float)
-    return found
-
-
-def _background_hits(classifier, out: Path, backgrounds: tuple[str, ...]) -> dict[tuple, float]:
-    """{(row folder, concept, image stem): 1 when the classifier's likeliest background is the one the image's prompt
-    names (prompt k of the world prompts file names `backgrounds[k]`)}."""
+def _reads(classifier, out: Path) -> dict[tuple, dict[str, float]]:
+    """The world classifier's label probabilities of every generated image under `out`, read once:
+    {(row folder, concept, image stem): {"colour:red": p, "background:green": p, ...}}."""
     from PIL import Image
 
     found = {}
     for folder in sorted(out.glob("**/images/*/*")):
         paths = sorted(folder.glob("*.png"))
-        reads = classifier.probabilities([Image.open(p).convert("RGB") for p in paths])
-        for path, probs in zip(paths, reads):
-            asked = backgrounds[int(path.stem.split("_")[0])]
-            seen = max((name for name in probs if name.startswith("background:")), key=probs.get)
-            found[(folder.parent.name, folder.name, path.stem)] = float(seen == f"background:{asked}")
+        probabilities = classifier.probabilities([Image.open(p).convert("RGB") for p in paths])
+        for path, probs in zip(paths, probabilities):
+            found[(folder.parent.name, folder.name, path.stem)] = probs
     return found
 
 
-def _identity_paired(found: dict, row_a: str, row_b: str) -> np.ndarray:
-    """[N, 2] per-image differences of (colour, pattern) hits, row folders by prefix, paired by concept and image."""
-    a = {k[1:]: v for k, v in found.items() if k[0].startswith(row_a)}
-    b = {k[1:]: v for k, v in found.items() if k[0] == row_b}
-    common = sorted(set(a) & set(b))
-    return np.array([a[k] - b[k] for k in common]).reshape(-1, 2)
+def _identity(reads: dict, concepts: dict[str, tuple[str, str]]) -> dict[tuple, np.ndarray]:
+    """[colour hit, pattern hit] per image: the classifier's `colour:` / `pattern:` label of the concept's own above
+    0.5 (a background of the same colour does not count). Identity, where CLIP-I on the world weighs the background
+    as much as the object."""
+    found = {}
+    for key, probs in reads.items():
+        if key[1] in concepts:
+            colour, pattern = concepts[key[1]]
+            found[key] = np.array([probs[f"colour:{colour}"] > 0.5, probs[f"pattern:{pattern}"] > 0.5], float)
+    return found
+
+
+def _background_hits(reads: dict, backgrounds: tuple[str, ...]) -> dict[tuple, float]:
+    """1 per image whose likeliest background is the one its prompt names (prompt k names `backgrounds[k]`)."""
+    found = {}
+    for key, probs in reads.items():
+        asked = backgrounds[int(key[2].split("_")[0])]
+        seen = max((name for name in probs if name.startswith("background:")), key=probs.get)
+        found[key] = float(seen == f"background:{asked}")
+    return found
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -225,10 +225,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     classifier = PresenceClassifier(str(models["classifier"]), threshold=0.5)
     attributes = {f.name: (f.name.split("_")[0], f.name.split("_")[1]) for f, _ in concepts}
-    identity = _identity_paired(_identity(classifier, ti_out, attributes), "textual_inversion", "base")
+    identity = _identity(_reads(classifier, ti_out), attributes)
+    identity = _diff(_rows(identity, "textual_inversion"), _rows(identity, "base")).reshape(-1, 2)
+
+    def token_minus_word(key: str) -> np.ndarray:
+        column = _column(ti, key)
+        return _diff(_rows(column, "textual_inversion"), _rows(column, "base"))
+
     results["textual_inversion"] = {
-        "token_minus_initializer_clip_i": bootstrap(_paired(ti, "textual_inversion", "base", "clip_i")),
-        "token_minus_initializer_clip_t": bootstrap(_paired(ti, "textual_inversion", "base", "clip_t")),
+        "token_minus_initializer_clip_i": bootstrap(token_minus_word("clip_i")),
+        "token_minus_initializer_clip_t": bootstrap(token_minus_word("clip_t")),
         "token_minus_initializer_colour_hit": bootstrap(identity[:, 0]),
         "token_minus_initializer_pattern_hit": bootstrap(identity[:, 1]),
     }
@@ -256,33 +262,30 @@ def main(argv: list[str] | None = None) -> dict:
         )
         timings["eval_batex_s"] = round(time.time() - tick, 1)
         scores = _scores(batex_out)
-        backgrounds = _background_hits(classifier, batex_out, BACKGROUNDS)
-        identity = _identity(classifier, batex_out, attributes)
+        reads = _reads(classifier, batex_out)  # each image read once, for identity and background
+        backgrounds = _background_hits(reads, BACKGROUNDS)
+        identity = _identity(reads, attributes)
 
-        def batex_minus_ti(found: dict) -> np.ndarray:
-            a = {k[1:]: v for k, v in found.items() if k[0].startswith("batex")}
-            b = {k[1:]: v for k, v in found.items() if k[0].startswith("textual_inversion")}
-            return np.array([a[k] - b[k] for k in sorted(set(a) & set(b))])
+        def batex_minus_ti(values: dict) -> np.ndarray:
+            return _diff(_rows(values, "batex"), _rows(values, "textual_inversion"))
 
         ident = batex_minus_ti(identity).reshape(-1, 2)
-        token = _identity_paired(identity, "textual_inversion", "base")  # on prompts like the world's captions
+        token = _diff(_rows(identity, "textual_inversion"), _rows(identity, "base")).reshape(-1, 2)
         results["textual_inversion"].update(
-            {
+            {  # on prompts like the world's captions
                 "world_prompts_token_minus_class_word_colour_hit": bootstrap(token[:, 0]),
                 "world_prompts_token_minus_class_word_pattern_hit": bootstrap(token[:, 1]),
             }
         )
         results["batex"] = {
             "batex_minus_ti_background_hit": bootstrap(batex_minus_ti(backgrounds)),
-            "batex_minus_ti_clip_t": bootstrap(_paired(scores, "batex", "textual_inversion", "clip_t")),
+            "batex_minus_ti_clip_t": bootstrap(batex_minus_ti(_column(scores, "clip_t"))),
             "batex_minus_ti_colour_hit": bootstrap(ident[:, 0]),
             "batex_minus_ti_pattern_hit": bootstrap(ident[:, 1]),
-            "batex_minus_ti_clip_i": bootstrap(_paired(scores, "batex", "textual_inversion", "clip_i")),
-            "background_hit_batex": float(np.mean([v for k, v in backgrounds.items() if k[0].startswith("batex")])),
-            "background_hit_ti": float(
-                np.mean([v for k, v in backgrounds.items() if k[0].startswith("textual_inversion")])
-            ),
-            "background_hit_class_word": float(np.mean([v for k, v in backgrounds.items() if k[0] == "base"])),
+            "batex_minus_ti_clip_i": bootstrap(batex_minus_ti(_column(scores, "clip_i"))),
+            "background_hit_batex": float(np.mean(list(_rows(backgrounds, "batex").values()))),
+            "background_hit_ti": float(np.mean(list(_rows(backgrounds, "textual_inversion").values()))),
+            "background_hit_class_word": float(np.mean(list(_rows(backgrounds, "base").values()))),
         }
     if (args.encoders / "local_mapping" / "config.json").is_file():
         concept_keys = [f"concepts={','.join(f'{f}={shape}' for f, shape in concepts)}"]
@@ -293,19 +296,19 @@ def main(argv: list[str] | None = None) -> dict:
             evaluate([*elite_common, "methods=base,elite", f"elite_scale={scale}", f"out={out}"])
         timings["eval_elite_s"] = round(time.time() - tick, 1)
         on, off = _scores(work / "eval_elite_0.6"), _scores(work / "eval_elite_0")
-        local = {
-            k: {"clip_i": float(r["clip_i"]) - float(off[k]["clip_i"])}
-            for k, r in on.items()
-            if k[0] == "elite" and k in off and r.get("clip_i") and off[k].get("clip_i")
-        }
-        identity = _identity_paired(_identity(classifier, work / "eval_elite_0.6", attributes), "elite", "base")
+        identity = _identity(_reads(classifier, work / "eval_elite_0.6"), attributes)
+        identity = _diff(_rows(identity, "elite"), _rows(identity, "base")).reshape(-1, 2)
+
+        def elite_minus(scores: dict, other: dict, key: str, row: str = "base") -> np.ndarray:
+            return _diff(_rows(_column(scores, key), "elite"), _rows(_column(other, key), row))
+
         results["elite"] = {
             "words_and_local_minus_class_word_colour_hit": bootstrap(identity[:, 0]),
             "words_and_local_minus_class_word_pattern_hit": bootstrap(identity[:, 1]),
-            "words_and_local_minus_class_word_clip_i": bootstrap(_paired(on, "elite", "base", "clip_i")),
-            "words_and_local_minus_class_word_clip_t": bootstrap(_paired(on, "elite", "base", "clip_t")),
-            "global_word_alone_minus_class_word_clip_i": bootstrap(_paired(off, "elite", "base", "clip_i")),
-            "local_branch_0.6_minus_0_clip_i": bootstrap(np.array([v["clip_i"] for v in local.values()])),
+            "words_and_local_minus_class_word_clip_i": bootstrap(elite_minus(on, on, "clip_i")),
+            "words_and_local_minus_class_word_clip_t": bootstrap(elite_minus(on, on, "clip_t")),
+            "global_word_alone_minus_class_word_clip_i": bootstrap(elite_minus(off, off, "clip_i")),
+            "local_branch_0.6_minus_0_clip_i": bootstrap(elite_minus(on, off, "clip_i", row="elite")),
             "encoders": str(args.encoders),
         }
     else:
@@ -336,15 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
         timings["eval_compositional_s"] = round(time.time() - tick, 1)
         comp = _scores(comp_out)
-        plain = {k[1:]: float(r["coi_hit"]) for k, r in comp.items() if k[0].startswith("textual_inversion (")}
-        both = {
-            k[1:]: float(r["coi_hit"])
-            for k, r in comp.items()
-            if k[0].startswith("textual_inversion + semantic + spatial (")
-        }
+        hits = _column(comp, "coi_hit")
+        plain = _rows(hits, "textual_inversion (")
+        both = _rows(hits, "textual_inversion + semantic + spatial (")
         common_keys = sorted(set(plain) & set(both))
         results["compositional"] = {
-            "semantic_and_spatial_minus_plain_coi": bootstrap(np.array([both[k] - plain[k] for k in common_keys])),
+            "semantic_and_spatial_minus_plain_coi": bootstrap(_diff(both, plain)),
             "plain_coi": float(np.mean([plain[k] for k in common_keys])),
             "semantic_and_spatial_coi": float(np.mean([both[k] for k in common_keys])),
         }
