@@ -46,14 +46,19 @@ def seeded_latents(pipe, seeds: Sequence[int], height: int | None = None, width:
     return seeded_noise(pipe, seeds, height, width)[0]
 
 
+def _one_latent(pipe, height: int | None, width: int | None) -> tuple[int, int, int, int]:
+    """The shape of one image's initial latent (the base model's own size where none is given)."""
+    default_h, default_w = default_image_size(pipe)
+    height, width = height or default_h, width or default_w
+    return (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+
+
 def stream_noise(pipe, positions: Sequence[int], seed: int, height: int | None = None, width: int | None = None):
     """`(latents, generators)` as one CPU generator seeded `seed` draws them image after image: image k starts
     from the k-th draw (Compositional Inversion's notebook seeds one generator with 8888 per prompt and calls the
     pipeline once per image, so image k of every prompt starts from the same noise); each generator is the
     stream's state after that draw."""
-    default_h, default_w = default_image_size(pipe)
-    height, width = height or default_h, width or default_w
-    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = _one_latent(pipe, height, width)
     stream = torch.Generator("cpu").manual_seed(int(seed))
     draws, states = [], []
     for _ in range(max(positions) + 1):
@@ -72,8 +77,6 @@ def seeded_noise(pipe, seeds: Sequence[int], height: int | None = None, width: i
     after drawing it, as diffusers leaves them when given `generator=[...]` and no latents. A
     stochastic sampler (DDPM) given these generators draws each image's step noise as the pipeline
     would, so every method and a re-run see the same noise."""
-    default_h, default_w = default_image_size(pipe)
-    height, width = height or default_h, width or default_w
-    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = _one_latent(pipe, height, width)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     return torch.cat([torch.randn(shape, generator=g) for g in generators]), generators

@@ -56,8 +56,8 @@ class Evaluator:
             reuse=None if reuse is None else reuse.generator,
             noise_seed=None if noise_seed is None or noise_seed < 0 else noise_seed,
         )
-        self.scorer = reuse.scorer if reuse is not None else Scorer(config, self.pipe.device, protocol)
-        self.scorer.use(protocol)
+        self.scorer = reuse.scorer if reuse is not None else Scorer(config, self.pipe.device)
+        self.scorer.use(protocol)  # this protocol's text rule, reference photos and DINO view
         self.concepts, self.runs = resolve_concepts_and_runs(config)
         self.notes: list[str] = []
         if self.generator.noise_seed is not None:

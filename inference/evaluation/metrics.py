@@ -198,13 +198,18 @@ class ClipScorer:
         return paired_similarity(self.image_embeds(generated), self.text_embeds(prompts)).mean().item()
 
 
-def _embed_images(scorer, images, dim: int, embed) -> torch.Tensor:
-    """`[N, dim]` float32 CPU embeddings of `images`, `scorer.batch_size` at a time through its processor."""
+def _embed_images(scorer, images, dim: int, embed, to_pixels=None) -> torch.Tensor:
+    """`[N, dim]` float32 CPU embeddings of `images`, `scorer.batch_size` at a time through `to_pixels` (default:
+    the scorer's processor)."""
+    if to_pixels is None:
+
+        def to_pixels(chunk):
+            return scorer.processor(images=chunk, return_tensors="pt")["pixel_values"]
+
     images = _as_rgb_list(images)
     out = []
     for i in range(0, len(images), scorer.batch_size):
-        pixels = scorer.processor(images=images[i : i + scorer.batch_size], return_tensors="pt")["pixel_values"]
-        out.append(embed(pixels.to(scorer.device)).float().cpu())
+        out.append(embed(to_pixels(images[i : i + scorer.batch_size]).to(scorer.device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, dim)
 
 
@@ -254,16 +259,15 @@ class DinoScorer:
         def embed(pixels):
             return self.model(pixel_values=pixels).last_hidden_state[:, 0]
 
-        if self.preprocessing == "processor":
-            return _embed_images(self, images, self.model.config.hidden_size, embed)
-        images = _as_rgb_list(images)
-        crop = int(self.model.config.image_size)  # 224 for ViT-S/16; a smaller model keeps DreamBench's 256 : 224
-        resize = round(crop * 256 / 224)
-        chunks = [
-            embed(dreambench_pixels(images[i : i + self.batch_size], resize, crop).to(self.device)).float().cpu()
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.hidden_size)
+        to_pixels = None  # the model's processor
+        if self.preprocessing == "dreambench":
+            crop = int(self.model.config.image_size)  # 224 for ViT-S/16; a smaller model keeps DreamBench's 256 : 224
+            resize = round(crop * 256 / 224)
+
+            def to_pixels(chunk):
+                return dreambench_pixels(chunk, resize, crop)
+
+        return _embed_images(self, images, self.model.config.hidden_size, embed, to_pixels)
 
     def dino_i(self, generated, references) -> float:
         return mean_pairwise_similarity(self.image_embeds(generated), self.image_embeds(references))
