@@ -29,6 +29,11 @@ Batch alignment: a concept's tensors have the attention batch size B, or B/2, in
 apply to the second half (the conditional half of diffusers' `[uncond, cond]` CFG batch) and the
 unconditional half gets no local branch. Repeat them for `num_images_per_prompt`.
 
+Beside a diffusers IP-Adapter (`pipe.load_ip_adapter`): ELITE's processor on a layer holding an IP-Adapter
+processor keeps its weights as `image_prompt` and adds its decoupled attention over the image tokens the
+UNet passes as `(text, [image tokens])`: `scale * softmax(Q K_ip^T / sqrt(d)) V_ip`, with the same query.
+It is installed inside an `EliteImagePromptProcessor`, which diffusers' IP-Adapter functions recognise.
+
 Self-attention layers get a `ContextAttnProcessor`: stock attention that accepts the context kwarg
 (no diffusers warning). `set_context_processors(unet)` installs it on every layer: plain-word
 attention that only records maps (spatial guidance without ELITE).
@@ -59,7 +64,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from torch import nn
 
 CONTEXT_KWARG = "attention_context"
@@ -186,8 +191,11 @@ class ContextAttnProcessor:
     The base of every processor here; see the module docstring for the hooks subclasses override.
     """
 
-    def __init__(self, name: str | None = None):
+    def __init__(self, name: str | None = None, image_prompt=None):
         self.name = name
+        # diffusers' IP-Adapter processor this layer had (its to_k_ip / to_v_ip / scale): its image-prompt
+        # attention is added to this processor's output, so ELITE and an IP-Adapter work together
+        self.image_prompt = image_prompt
 
     # ---- hooks -------------------------------------------------------------------------------
     def key_value(self, attn, context: torch.Tensor, is_cross: bool, ctx: AttentionContext | None):
@@ -218,6 +226,14 @@ class ContextAttnProcessor:
                 f"cross_attention_kwargs[{CONTEXT_KWARG!r}] must be an encoders.attention.AttentionContext, "
                 f"got {type(ctx).__name__}"
             )
+        image_tokens = None
+        if isinstance(encoder_hidden_states, tuple):  # (text, [image tokens]) from an IP-Adapter's projection
+            encoder_hidden_states, image_tokens = encoder_hidden_states
+            if self.image_prompt is None:
+                raise ValueError(
+                    f"{self.name}: the UNet passed IP-Adapter image tokens to a layer without IP-Adapter weights; "
+                    "load the IP-Adapter before ELITE, or call ELITE again after load_ip_adapter (it re-installs)"
+                )
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -265,6 +281,8 @@ class ContextAttnProcessor:
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
         hidden_states = self.extra_output(attn, query, key, hidden_states, probs, attention_mask, is_cross, ctx)
+        if image_tokens is not None:
+            hidden_states = hidden_states + self.image_prompt_output(attn, query, image_tokens)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -275,6 +293,25 @@ class ContextAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def image_prompt_output(self, attn, query: torch.Tensor, image_tokens) -> torch.Tensor:
+        """IP-Adapter's decoupled attention, `sum_i scale_i * softmax(Q K_ip,i^T / sqrt(d)) V_ip,i`, `[B, H, Q, d]`,
+        with the weights and scales of the IP-Adapter processor this layer had (diffusers' formula; masks
+        per image prompt are not supported here)."""
+        ip = self.image_prompt
+        batch, heads, _, head_dim = query.shape
+        out = torch.zeros_like(query)
+        for tokens, scale, to_k, to_v in zip(image_tokens, ip.scale, ip.to_k_ip, ip.to_v_ip):
+            if isinstance(scale, list):
+                if any(s != 0 for s in scale):
+                    raise ValueError("per-image IP-Adapter scales (with ip_adapter_masks) are not supported with ELITE")
+                continue
+            if scale == 0:
+                continue
+            k = to_k(tokens).view(batch, -1, heads, head_dim).transpose(1, 2)
+            v = to_v(tokens).view(batch, -1, heads, head_dim).transpose(1, 2)
+            out = out + scale * F.scaled_dot_product_attention(query, k, v, dropout_p=0.0, is_causal=False)
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -311,8 +348,9 @@ class EliteAttnProcessor(ContextAttnProcessor):
         local_kv: tuple[nn.Linear, nn.Linear] | None = None,
         w0_map_norm: str = "sample",
         local_mask_mode: str = "zero_tokens",
+        image_prompt=None,
     ):
-        super().__init__(name)
+        super().__init__(name, image_prompt)
         if w0_map_norm not in ("sample", "sample_head"):
             raise ValueError(f"w0_map_norm must be 'sample' or 'sample_head', got {w0_map_norm!r}")
         if local_mask_mode not in ("zero_tokens", "exclude"):
@@ -412,7 +450,8 @@ def set_elite_processors(
     """Install `EliteAttnProcessor` on every cross-attention layer and `ContextAttnProcessor` elsewhere.
 
     `keep_custom=True` leaves a self-attention layer's processor alone unless it is diffusers' stock
-    one (xformers, a custom processor stay); the cross-attention layers always get ELITE's.
+    one (xformers, a custom processor stay); the cross-attention layers always get ELITE's, which keeps a
+    diffusers IP-Adapter processor found there and adds its image-prompt attention (`image_prompt_of`).
 
     `global_mapping` / `local_mapping`: objects with `key_value(name)` (GlobalMapping / LocalMapping)
     or None; the local branch's `w0_map_norm` and `local_mask_mode` come from the local mapping's
@@ -428,18 +467,66 @@ def set_elite_processors(
                 name,
                 global_kv=global_mapping.key_value(name) if global_mapping is not None else None,
                 local_kv=local_mapping.key_value(name) if local_mapping is not None else None,
+                image_prompt=image_prompt_of(current[name]),
                 **settings,
             )
-        elif (
-            keep_custom
-            and type(current[name]).__name__ not in STOCK_PROCESSORS
-            and not isinstance(current[name], ContextAttnProcessor)
-        ):
+            if processors[name].image_prompt is not None:
+                processors[name] = EliteImagePromptProcessor(processors[name])
+        elif keep_custom and type(current[name]).__name__ not in STOCK_PROCESSORS and not runs_context(current[name]):
             processors[name] = current[name]
         else:
             processors[name] = ContextAttnProcessor(name)
     unet.set_attn_processor(dict(processors))  # diffusers pops from the dict it is given
     return processors
+
+
+def image_prompt_of(processor):
+    """The IP-Adapter weights a layer's processor holds (diffusers' IP-Adapter processor, or ELITE's over one),
+    or None."""
+    if isinstance(processor, ContextAttnProcessor):
+        return processor.image_prompt
+    return processor if isinstance(processor, IPAdapterAttnProcessor2_0) else None
+
+
+def runs_context(processor) -> bool:
+    """Whether a processor takes the `AttentionContext` (and records maps): ours, or ELITE over an IP-Adapter."""
+    return isinstance(processor, (ContextAttnProcessor, EliteImagePromptProcessor))
+
+
+class EliteImagePromptProcessor(IPAdapterAttnProcessor2_0):
+    """ELITE on a layer that holds a diffusers IP-Adapter: to diffusers it IS an IP-Adapter processor (its
+    `to_k_ip` / `to_v_ip` / `scale`, so `pipe.set_ip_adapter_scale` and `unload_ip_adapter` treat it as one);
+    it computes ELITE's attention plus the image prompt's (`ContextAttnProcessor.image_prompt_output`)."""
+
+    def __init__(self, elite: ContextAttnProcessor):
+        nn.Module.__init__(self)
+        ip = elite.image_prompt
+        self.hidden_size, self.cross_attention_dim = ip.hidden_size, ip.cross_attention_dim
+        self.num_tokens, self.scale = ip.num_tokens, ip.scale  # the same list: scale changes reach ELITE
+        self.to_k_ip, self.to_v_ip = ip.to_k_ip, ip.to_v_ip
+        self.__dict__["elite"] = elite  # a plain object, not a submodule
+        elite.image_prompt = self
+
+    @property
+    def name(self) -> str | None:
+        return self.elite.name
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        attention_context: AttentionContext | None = None,
+        ip_adapter_masks=None,
+    ) -> torch.Tensor:
+        if ip_adapter_masks is not None:
+            raise ValueError("ip_adapter_masks (regional image prompts) are not supported together with ELITE")
+        return self.elite(attn, hidden_states, encoder_hidden_states, attention_mask, temb, attention_context)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.elite!r})"
 
 
 def set_context_processors(unet: nn.Module, processor_class: type[ContextAttnProcessor] = ContextAttnProcessor):

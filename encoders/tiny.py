@@ -235,6 +235,32 @@ def save_tiny_image_encoder(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
     return out_dir
 
 
+# IP-Adapter's image encoder: a vision tower WITH its projection (IP-Adapter reads `image_embeds`), 32 px.
+IP_IMAGE_ENCODER_KWARGS = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=16,
+)
+
+
+def save_tiny_ip_image_encoder(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
+    """Write a tiny `CLIPVisionModelWithProjection` and its processor (the layout of IP-Adapter's image encoder)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**IP_IMAGE_ENCODER_KWARGS)).save_pretrained(
+        out_dir, safe_serialization=True
+    )
+    size = IP_IMAGE_ENCODER_KWARGS["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(out_dir)
+    return out_dir
+
+
 # Evaluation models (finetune engineer): a CLIP with projections for CLIP-T/CLIP-I (ViT-B/32 layout,
 # like the `openai/clip-vit-base-patch32` that DreamBooth's metrics use) and a DINO-style ViT-S/16.
 EVAL_CLIP_VISION_KWARGS = dict(
@@ -347,6 +373,7 @@ def save_tiny_clipseg(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
 TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "sd": save_tiny_sd_pipeline,
     "image_encoder": save_tiny_image_encoder,
+    "ip_image_encoder": save_tiny_ip_image_encoder,
     "eval_clip": save_tiny_eval_clip,
     "dino": save_tiny_dino,
     "detector": save_tiny_detector,

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from encoders.anchors import embed_words
-from encoders.attention import CONTEXT_KWARG, AttentionContext, ContextAttnProcessor, set_context_processors
+from encoders.attention import CONTEXT_KWARG, AttentionContext, runs_context, set_context_processors
 from encoders.conditioning import sdxl_added_conditioning
 
 from .inputs import ConceptInputError, ConceptInputWarning
@@ -303,7 +303,7 @@ def recording_processors(unet) -> Iterator[None]:
     processors are put back afterwards.
     """
     current = dict(unet.attn_processors)
-    if all(isinstance(p, ContextAttnProcessor) for p in current.values()):
+    if all(runs_context(p) for p in current.values()):
         yield
         return
     set_context_processors(unet)

@@ -29,8 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 
-from encoders.attention import AttentionContext, restore_default_processors, set_elite_processors
+from encoders.attention import (
+    AttentionContext,
+    ContextAttnProcessor,
+    restore_default_processors,
+    set_elite_processors,
+)
 from encoders.conditioning import elite_conditioning
 from encoders.text_injection import DEFAULT_PLACEHOLDER, add_placeholder_tokens
 
@@ -99,6 +105,7 @@ _STATE_KEY = "_zsp_elite"  # where a UNet carries its ELITE (plain attribute, no
 class _EliteState:
     encoders: EliteEncoders
     saved_processors: dict  # the UNet's processors before ELITE's, put back by unload
+    installed: dict  # ELITE's processors as installed: another loader replacing them is noticed by identity
 
 
 def _unet_state(unet) -> _EliteState | None:
@@ -216,8 +223,32 @@ class ElitePipeline:
             )
         unet = self.pipe.unet
         saved = self._saved_processors if self._saved_processors is not None else dict(unet.attn_processors)
-        set_elite_processors(unet, encoders.global_mapping, encoders.local_mapping, keep_custom=True)
-        unet.__dict__[_STATE_KEY] = _EliteState(encoders, saved)
+        installed = set_elite_processors(unet, encoders.global_mapping, encoders.local_mapping, keep_custom=True)
+        unet.__dict__[_STATE_KEY] = _EliteState(encoders, saved, installed)
+
+    def sync_processors(self) -> None:
+        """Re-install ELITE when a loader replaced its processors since (`pipe.load_ip_adapter` /
+        `unload_ip_adapter` after `load_elite`): what that loader put there becomes what the UNet has without
+        ELITE (so `unload_elite` leaves it), and ELITE goes back on top, keeping an IP-Adapter it finds.
+        Every ELITE call runs this first; nothing happens when the processors are ELITE's own."""
+        state = _unet_state(self.pipe.unet)
+        if state is None:
+            return
+        unet = self.pipe.unet
+        current = unet.attn_processors
+        if all(current.get(name) is proc for name, proc in state.installed.items()):
+            return
+        without_elite = {}
+        for name, proc in current.items():
+            before = state.saved_processors.get(name, AttnProcessor2_0())
+            # ours as installed, or a fresh copy of ours that a diffusers (un)loader made of a layer it leaves alone
+            ours = proc is state.installed.get(name) or isinstance(proc, ContextAttnProcessor)
+            without_elite[name] = before if ours else proc
+        unet.set_attn_processor(dict(without_elite))
+        installed = set_elite_processors(
+            unet, state.encoders.global_mapping, state.encoders.local_mapping, keep_custom=True
+        )
+        unet.__dict__[_STATE_KEY] = _EliteState(state.encoders, without_elite, installed)
 
     def set_elite_scale(self, elite_scale: float) -> None:
         """Default lambda (weight of the local detail branch) for later calls; 0 = global word only."""
@@ -247,7 +278,8 @@ class ElitePipeline:
     def unload_encoders(self) -> None:
         """Put back exactly the attention processors the UNet had before ELITE (stock, xformers, an
         IP-Adapter's, ...) and drop the encoders (the pipe's tokenizer was never changed: the
-        placeholders live in ELITE's own copy)."""
+        placeholders live in ELITE's own copy). What another loader installed after ELITE stays."""
+        self.sync_processors()
         if self._saved_processors is not None:
             self.pipe.unet.set_attn_processor(dict(self._saved_processors))
         else:
@@ -462,6 +494,7 @@ class ElitePipeline:
         concept_list = [] if concepts is None else [concepts] if isinstance(concepts, Concept) else list(concepts)
         if concept_list:
             self._require_encoders()
+        self.sync_processors()
         placeholders = list(placeholders) if placeholders is not None else default_placeholders(len(concept_list))
         if concept_list and len(placeholders) != len(concept_list):
             raise ConceptInputError(f"{len(concept_list)} concepts but {len(placeholders)} placeholders: give one each")

@@ -69,6 +69,14 @@ def tiny_image_encoder_path(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ip_image_encoder_path(tmp_path_factory) -> Path:
+    """IP-Adapter's image encoder layout: a tiny `CLIPVisionModelWithProjection` (32 px, projection 16)."""
+    from encoders.tiny import save_tiny_ip_image_encoder
+
+    return save_tiny_ip_image_encoder(tmp_path_factory.mktemp("tiny_ip_image_encoder"))
+
+
+@pytest.fixture(scope="session")
 def tiny_eval_models(tmp_path_factory) -> Path:
     """Folder with the metric models `eval_clip/`, `dino/` and `detector/`, from `encoders.tiny`."""
     from encoders.tiny import build_tiny_models

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from encoders.attention import ContextAttnProcessor, EliteAttnProcessor
+from encoders.attention import ContextAttnProcessor, EliteAttnProcessor, EliteImagePromptProcessor
 from inference import Concept, ElitePipeline, ModelLoadError
 from inference.inputs import ConceptInputError
 from inference.loading import check_encoders_fit, load_encoders
@@ -398,7 +398,11 @@ def test_load_elite_on_a_stock_pipeline_restores_its_own_processors(tiny_sd_path
     elite = load_elite(pipe, tiny_encoders_path)
     during = pipe.unet.attn_processors
     assert during[self_name] is mine[self_name]  # a custom self-attention processor is kept
-    assert isinstance(during[cross_name], EliteAttnProcessor)  # cross-attention is ELITE's while loaded
+    # cross-attention is ELITE's while loaded, inside a processor diffusers' IP-Adapter functions recognise
+    assert isinstance(during[cross_name], EliteImagePromptProcessor)
+    assert (
+        isinstance(during[cross_name].elite, EliteAttnProcessor) and during[cross_name].scale is mine[cross_name].scale
+    )
     set_elite_scale(pipe, 0.8)
     assert pipe.elite is elite and elite.elite_scale == 0.8
     out = elite(

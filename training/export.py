@@ -35,15 +35,15 @@ def export_model(module: nn.Module, export_dir: str | Path, subfolder: str) -> s
     return subfolder
 
 
-def export_fp32(module: nn.Module, name: str, export_dir: Path, output_dir: str | Path) -> str:
-    """Export `module` as `export_dir/name/` in fp32.
+def fp32_module(module: nn.Module, name: str, output_dir: str | Path) -> nn.Module:
+    """`module` with fp32 weights: itself when it holds fp32 already; else a copy with the fp32 master weights.
 
     Under DeepSpeed with bf16/fp16 the module holds 16-bit copies of the weights; the fp32 master
     weights live (sharded) in the optimizer states, so they are rebuilt from the run's last
     checkpoint (which the loop writes right before the export) with DeepSpeed's zero_to_fp32.
     """
     if all(p.dtype == torch.float32 for p in module.parameters()):
-        return export_model(module, export_dir, name)
+        return module
     fp32 = copy.deepcopy(module).float()
     checkpoints = list_checkpoints(output_dir)
     if checkpoints and (checkpoints[-1] / "pytorch_model").is_dir():
@@ -58,7 +58,12 @@ def export_fp32(module: nn.Module, name: str, export_dir: Path, output_dir: str 
         logger.warning(
             "%s: no DeepSpeed checkpoint with fp32 master weights; exporting the 16-bit weights as fp32", name
         )
-    return export_model(fp32, export_dir, name)
+    return fp32
+
+
+def export_fp32(module: nn.Module, name: str, export_dir: Path, output_dir: str | Path) -> str:
+    """Export `module` as `export_dir/name/` in fp32 (`fp32_module`)."""
+    return export_model(fp32_module(module, name, output_dir), export_dir, name)
 
 
 _NOTES_BLOCK = re.compile(r"<!-- notes:(?P<name>[\w.-]+) -->\n(?P<body>.*?)\n<!-- /notes:(?P=name) -->", re.S)
