@@ -317,7 +317,8 @@ class Evaluator:
             return [dict(zip(self.clip.layers, self.clip(b[key]))) for b in self.batches[order]]
 
     def losses(self, conditioning) -> np.ndarray:
-        """Per-draw losses; `conditioning(i)` -> (prompt_embeds [1, L, D], cross_attention_kwargs) for crop i."""
+        """Per-draw losses; `conditioning(i)` -> (prompt_embeds [1, L, D], cross_attention_kwargs[, added_cond_kwargs])
+        for crop i."""
         torch = self.torch
         out = []
         with torch.no_grad():
@@ -325,8 +326,10 @@ class Evaluator:
             for i, noisy, target, t in self.draws:
                 if i not in cache:
                     cache[i] = conditioning(i)
-                text, kwargs = cache[i]
-                pred = self.sd.unet(noisy, t, text, cross_attention_kwargs=kwargs).sample
+                text, kwargs, *added = cache[i]
+                pred = self.sd.unet(
+                    noisy, t, text, cross_attention_kwargs=kwargs, added_cond_kwargs=added[0] if added else None
+                ).sample
                 out.append(float(((pred - target) ** 2).mean()))
         return np.array(out)
 
@@ -375,6 +378,90 @@ def evaluate_global(ev: Evaluator, encoders: Path) -> dict:
     shuffled = ev.losses(with_words(lambda i: ev.shuffle[i]))
     typed = ev.losses(lambda i: (ev.plain_text(CAPTION.replace("S*", ev.categories[i])), None))
     return {"own": own, "shuffled": shuffled, "class_word": typed}
+
+
+def evaluate_ip_adapter(ev: Evaluator, checkpoint: Path, image_encoder: str) -> dict:
+    """Losses with the crop's own image prompt, another held-out crop's, and none (zero image_embeds, the
+    dropped-image condition it trained with); the caption names the class word ("a photo of a cube"), as an
+    IP-Adapter is prompted. The adapter comes from its checkpoint folder, installed on the evaluator's UNet
+    and taken off again after."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from encoders.attention import restore_default_processors
+    from encoders.ip_adapter import IPAdapter
+
+    torch = ev.torch
+    adapter = IPAdapter.from_pretrained(checkpoint).eval()
+    encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder).eval()
+    unet = ev.sd.unet
+    adapter.install(unet)
+    try:
+        with torch.no_grad():
+            embeds = [encoder(b["clip_pixel_values"]).image_embeds for b in ev.batches["mask_then_resize"]]
+
+        def with_image(source):
+            def cond(i):
+                image = embeds[source(i)] if source is not None else torch.zeros_like(embeds[i])
+                return ev.plain_text(CAPTION.replace("S*", ev.categories[i])), None, {"image_embeds": [image[:, None]]}
+
+            return cond
+
+        return {
+            "own": ev.losses(with_image(lambda i: i)),
+            "shuffled": ev.losses(with_image(lambda i: ev.shuffle[i])),
+            "no_image": ev.losses(with_image(None)),
+        }
+    finally:
+        unet.encoder_hid_proj = None
+        unet.config.encoder_hid_dim_type = None
+        restore_default_processors(unet)
+
+
+def ip_adapter_results(args, work: Path, ev: Evaluator, sd: str, train_spec: str) -> dict:
+    """IP-Adapter (`training.ip_adapter`, base variant, the official drop rates) trained on the same crops as ELITE,
+    with the world's CLIP (its projection gives `image_embeds`), and measured like stage 1: own image vs another
+    held-out crop's, own vs none; the adapter before training (its projections copied from to_k / to_v, a random
+    image projection) as the control."""
+    from training.crop_data import STORED_CROP_KEYS
+
+    image_encoder = str(Path(sd).parent / "clip")
+    keys = [
+        f"pretrained_model_name_or_path={sd}",
+        f"image_encoder_name_or_path={image_encoder}",
+        "image_encoder_subfolder=",
+        f"train_shards={train_spec}",
+        f"data.resolution={args.resolution}",
+        f"data.clip_size={_image_size(str(Path(sd).parent / 'image_encoder'))}",  # the same tower
+        f"train_batch_size={args.batch}",
+        "gradient_accumulation_steps=1",
+        "mixed_precision=no",
+        *STORED_CROP_KEYS,
+        "report_to=none",
+        "validation_steps=0",
+        "dataloader_num_workers=0",
+        f"seed={args.seed}",
+        "export_image_encoder=false",
+    ]
+    runs = {}
+    for label, steps, lr in (("untrained", 1, 1e-12), ("trained", args.steps_ip, args.lr_ip)):
+        out = work / f"ip_adapter_{label}"
+        train(
+            "ip_adapter",
+            out,
+            [*keys, f"max_steps={steps}", f"learning_rate={lr}", f"checkpointing_steps={steps}"],
+            work / f"ip_adapter_{label}.log",
+        )
+        runs[label] = evaluate_ip_adapter(ev, out / f"checkpoint-{steps}" / "ip_adapter", image_encoder)
+    out = {}
+    for label, r in runs.items():
+        out[label] = {
+            "own_vs_shuffled": bootstrap(r["shuffled"] - r["own"]),
+            "own_vs_no_image": bootstrap(r["no_image"] - r["own"]),
+            "mean_loss_own": float(r["own"].mean()),
+        }
+    out["trained_vs_untrained_own"] = bootstrap(runs["untrained"]["own"] - runs["trained"]["own"])
+    out["settings"] = {"steps": args.steps_ip, "learning_rate": args.lr_ip, "batch": args.batch}
+    return out
 
 
 def evaluate_local(ev: Evaluator, encoders: Path) -> dict:
@@ -707,6 +794,10 @@ def run(args) -> dict:
     results: dict = {"stage1": None, "stage2": {}}
     if "elite" in args.parts:
         elite_results(args, work, common, ev, results, timings)
+    if "ip_adapter" in args.parts:
+        tick = time.time()
+        results["ip_adapter"] = ip_adapter_results(args, work, ev, sd, train_spec)
+        timings["ip_adapter_s"] = round(time.time() - tick, 1)
     if "finetunes" in args.parts and args.finetune_concepts:
         tick = time.time()
         results["finetunes"] = finetune_results(args, work, common, ev)
@@ -997,6 +1088,14 @@ def table(results: dict) -> str:
         lines.append(row(f"stage 2 {name}: shuffled tokens - own tokens", r["own_vs_shuffled"]))
         if "vs_reference" in r:
             lines.append(row(f"stage 2 {name} - reference (own tokens; < 0: option better)", r["vs_reference"]))
+    ip = results.get("ip_adapter")
+    if ip:
+        lines += [
+            row("IP-Adapter trained: shuffled image - own image", ip["trained"]["own_vs_shuffled"]),
+            row("IP-Adapter trained: no image - own image", ip["trained"]["own_vs_no_image"]),
+            row("IP-Adapter untrained: shuffled image - own image", ip["untrained"]["own_vs_shuffled"]),
+            row("IP-Adapter: untrained own - trained own", ip["trained_vs_untrained_own"]),
+        ]
     m = results.get("multiphoto")
     if m:
         lines.append(row("several photos vs one (one photo's loss - several's), lambda 1", m["several_vs_one"]))
@@ -1081,8 +1180,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--parts",
         default="elite,finetunes",
-        help="what to train and measure: elite, multiphoto (with elite), finetunes",
+        help="what to train and measure: elite, multiphoto (with elite), ip_adapter, finetunes",
     )
+    parser.add_argument("--steps-ip", type=int, default=1000, help="IP-Adapter training steps (--parts ip_adapter)")
+    parser.add_argument("--lr-ip", type=float, default=1e-4, help="IP-Adapter learning rate (official: 1e-4)")
     parser.add_argument("--steps-finetune", type=int, default=100, help="steps of each per-concept fine-tune")
     parser.add_argument(
         "--anchor-seeds", type=int, default=2, help="seeds of the anchored / plain Textual Inversion pairs"

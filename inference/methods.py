@@ -1,4 +1,4 @@
-"""Generation methods as one registry: base, ELITE, Textual Inversion, BaTex and Infusion.
+"""Generation methods as one registry: base, ELITE, Textual Inversion, BaTex, Infusion and IP-Adapter.
 
 Every way this package generates with a concept is one `GenerationMethod` subclass, registered by name. The
 command line (`generate --finetune DIR`), the evaluation (`inference.evaluate`, one row per method) and the
@@ -442,6 +442,97 @@ class Elite(GenerationMethod):
     def unload(self) -> None:
         if self.elite.encoders is not None:
             self.elite.unload_encoders()
+
+
+def locate_ip_adapter(source) -> tuple[str, str | None]:
+    """`(folder, subfolder)` for `load_ip_adapter` from an export folder (holding `ip_adapter/ip_adapter.safetensors`,
+    what `training.ip_adapter` writes), the `ip_adapter/` folder itself, or a Hub repo (its `ip_adapter/`)."""
+    from pathlib import Path
+
+    from encoders.ip_adapter import EXPORT_FILE
+
+    path = Path(str(source))
+    if (path / "ip_adapter" / EXPORT_FILE).is_file():
+        return str(path), "ip_adapter"
+    if (path / EXPORT_FILE).is_file():
+        return str(path.parent), path.name
+    if path.exists():
+        raise MethodError(f"{path}: no ip_adapter/{EXPORT_FILE} nor {EXPORT_FILE} (a training.ip_adapter export)")
+    return str(source), "ip_adapter"
+
+
+@register_method
+class IPAdapter(GenerationMethod):
+    """An IP-Adapter (Ye et al., "IP-Adapter: Text Compatible Image Prompt Adapter for Text-to-Image Diffusion
+    Models", 2023) loaded with diffusers' own `load_ip_adapter`: the concept photo is the image prompt (the object
+    on black when the adapter was trained with `condition=object`), the prompt names the class word; `scale` is
+    the image prompt's weight (1.0: the paper's image-prompt setting)."""
+
+    name = "ip_adapter"
+    spatial_guidance = False
+    refusal = "spatial guidance runs its own denoising loop, which does not pass the image prompt"
+
+    def __init__(self, pipe, scale: float = 1.0, condition: str = "image"):
+        super().__init__(pipe)
+        self.scale, self.condition, self.image = scale, condition, None
+
+    @classmethod
+    def load(cls, pipe, source=None, token=None, scale: float = 1.0) -> IPAdapter:
+        """Load the IP-Adapter at `source` into `pipe` (its image encoder from `ip_adapter/image_encoder/`)."""
+        from pathlib import Path
+
+        import yaml
+
+        folder, subfolder = locate_ip_adapter(source)
+        pipe.load_ip_adapter(folder, subfolder=subfolder, weight_name="ip_adapter.safetensors")
+        pipe.set_ip_adapter_scale(scale)
+        recorded = Path(folder) / "training_config_ip_adapter.yaml"  # written by training.ip_adapter's export
+        condition = (
+            (yaml.safe_load(recorded.read_text()) or {}).get("condition", "image") if recorded.is_file() else "image"
+        )
+        return cls(pipe, scale, condition)
+
+    def encode(self, photo, mask=None, **kwargs):
+        """The image prompt: the photo (RGB), or the object on black with its mask for `condition=object`."""
+        from PIL import Image
+
+        image = Image.open(photo).convert("RGB") if not isinstance(photo, Image.Image) else photo.convert("RGB")
+        if self.condition == "object" and mask is not None:
+            alpha = (Image.open(mask) if not isinstance(mask, Image.Image) else mask).convert("L").resize(image.size)
+            image = Image.composite(image, Image.new("RGB", image.size), alpha)
+        self.image = image
+        return image
+
+    def record(self, prompt: str) -> dict:
+        return {"ip_adapter_scale": self.scale}
+
+    def generate(self, prompts, latents, generators=None, **sampling) -> list:
+        if self.image is None:
+            raise MethodError("ip_adapter: encode(photo) first (the image prompt)")
+        return sample(self.pipe, prompts, latents, generators, ip_adapter_image=self.image, **sampling)
+
+    @torch.no_grad()
+    def noise_predictions(self, inputs, text_kwargs):
+        """The base (image prompt at scale 0: the decoupled attention adds nothing) and the adapted UNet's noise
+        predictions, the concept photo as image prompt."""
+        pipe = self.pipe
+        embeds = pipe.prepare_ip_adapter_image_embeds(self.image, None, pipe.device, 1, False)
+
+        def kwargs(prompt):
+            kw = text_kwargs(prompt, 1)
+            return {**kw, "added_cond_kwargs": {**(kw.get("added_cond_kwargs") or {}), "image_embeds": embeds}}
+
+        out = []
+        for scale in (0.0, self.scale):
+            pipe.set_ip_adapter_scale(scale)
+            out.append(
+                [pipe.unet(noisy, step, **kwargs(prompt)).sample.float().cpu() for noisy, step, prompt in inputs]
+            )
+        pipe.set_ip_adapter_scale(self.scale)
+        return out[0], out[1]
+
+    def unload(self) -> None:
+        self.pipe.unload_ip_adapter()
 
 
 @dataclass

@@ -55,3 +55,16 @@ def test_box_view_is_the_tight_box_plus_margin_cut_from_the_stored_crop():
     # a margin beyond the stored crop stops at its edge: the region is clipped, never padded
     _, _, wide = box_view(stored, stored_mask, m, (40, 40), random.Random(0))
     assert wide["crop_xyxy"] == pytest.approx([40, 30, 140, 130], abs=1.0)
+
+
+def test_the_demo_makefile_keeps_the_stored_crops_the_loader_names():
+    """`make demo` spells the stored-crop keys out (it runs before any Python is installed): they must stay
+    `training.crop_data.STORED_CROP_KEYS`."""
+    import re
+    from pathlib import Path
+
+    from training.crop_data import STORED_CROP_KEYS
+
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    spelled = re.search(r"^STORED_CROPS := (.*?)(?<!\\)\n", makefile, flags=re.M | re.S).group(1)
+    assert spelled.replace("\\\n", " ").split() == list(STORED_CROP_KEYS)

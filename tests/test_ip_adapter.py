@@ -329,3 +329,34 @@ def test_config_errors_name_the_key(tmp_path):
     ):
         with pytest.raises(ConfigError, match=key):
             load_config(IPAdapterConfig, yaml, bad)
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_has_an_ip_adapter_row(tiny_sd_path, tiny_eval_models, ip_folder, tmp_path):
+    """`inference.evaluate ip_adapter=FOLDER`: a row beside the base model's, from the same noise; at scale 0 its
+    images are the base model's exactly, at scale 1 they and its noise predictions differ."""
+    from inference import evaluate
+
+    common = [
+        f"base={tiny_sd_path}",
+        f"concepts={Path(__file__).parent / 'data' / 'concepts' / 'dreambooth' / 'dog'}",
+        f"ip_adapter={ip_folder}",
+        "methods=base,ip_adapter",
+        "num_prompts=2",
+        "seeds=0",
+        "num_inference_steps=2",
+        "resolution=32",
+        "infusion_measures=true",
+        "fisher_timesteps=200,800",
+        f"clip_model={tiny_eval_models / 'eval_clip'}",
+        f"dino_model={tiny_eval_models / 'dino'}",
+        f"detector_model={tiny_eval_models / 'detector'}",
+    ]
+    on = {r["method"]: r for r in evaluate.main([*common, f"out={tmp_path / 'on'}"])["summary"]}
+    off = {r["method"]: r for r in evaluate.main([*common, f"out={tmp_path / 'off'}", "ip_adapter_scale=0"])["summary"]}
+    assert set(on) == set(off) == {"base", "ip_adapter"}
+    assert off["ip_adapter"]["clip_t"] == pytest.approx(off["base"]["clip_t"], abs=1e-6)
+    assert off["ip_adapter"]["fisher_class"] == pytest.approx(0.0, abs=1e-9)
+    assert on["ip_adapter"]["fisher_class"] > 1e-6 and on["ip_adapter"]["w2_concept"] > 1e-4

@@ -29,6 +29,7 @@ from encoders.common.config import ConfigError, keyed_field, parse_config_cli
 from encoders.common.finetune_folder import RESIDUALS_FOLDER
 from encoders.infusion import (
     EXTRAS_KEY,
+    VARIANTS,
     InfusionResiduals,
     dual_stream_call,
     infusion_call,
@@ -72,8 +73,8 @@ class InfusionConfig(FinetuneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.variant not in ("paper", "released"):
-            raise ConfigError(f"variant must be paper or released, got {self.variant!r}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.replace_maps is None:
             self.replace_maps = self.variant == "paper"
         if not self.class_word:

@@ -76,7 +76,8 @@ class IPAdapterConfig(TrainConfig):
         "CLIP vision tower with its projection (CLIPVisionModelWithProjection): a folder or Hub id", "h94/IP-Adapter"
     )
     image_encoder_subfolder: str | None = keyed_field(
-        "subfolder of image_encoder_name_or_path holding it (h94/IP-Adapter: models/image_encoder, OpenCLIP ViT-H/14)",
+        "subfolder of image_encoder_name_or_path holding it (h94/IP-Adapter: models/image_encoder, OpenCLIP "
+        "ViT-H/14); not used when the folder given holds the model itself",
         "models/image_encoder",
     )
     data: CropDataConfig = keyed_field(
@@ -123,6 +124,15 @@ class IPAdapterConfig(TrainConfig):
             raise ConfigError(f"plus_heads must be >= 1, got {self.plus_heads}")
 
     @property
+    def image_encoder_kwargs(self) -> dict:
+        """`from_pretrained` keywords for the image encoder: `image_encoder_subfolder` unless the given folder
+        holds the model itself (a local `CLIPVisionModelWithProjection` or `CLIPModel` folder)."""
+        sub = self.image_encoder_subfolder
+        if not sub or (Path(self.image_encoder_name_or_path) / "config.json").is_file():
+            return {}
+        return {"subfolder": sub}
+
+    @property
     def resolved_num_tokens(self) -> int:
         return self.num_tokens or (BASE_TOKENS if self.variant == "base" else 16)
 
@@ -144,7 +154,7 @@ class IPAdapterTask(TrainingTask):
             cfg.gradient_checkpointing,
             allow_sdxl=True,
         )
-        sub = {"subfolder": cfg.image_encoder_subfolder} if cfg.image_encoder_subfolder else {}
+        sub = cfg.image_encoder_kwargs
         encoder = CLIPVisionModelWithProjection.from_pretrained(cfg.image_encoder_name_or_path, **sub)
         self.image_encoder = encoder.eval().requires_grad_(False).to(accelerator.device, weight_dtype)
         size = int(encoder.config.image_size)
@@ -165,7 +175,7 @@ class IPAdapterTask(TrainingTask):
         ).to(self.device)
         self.ip_adapter.train()
         self.ip_adapter.install(self.sd.unet)  # after the UNet's cast: the projections stay fp32 and trainable
-        mean, std = load_clip_normalization(cfg.image_encoder_name_or_path, cfg.image_encoder_subfolder)
+        mean, std = load_clip_normalization(cfg.image_encoder_name_or_path, sub.get("subfolder"))
         self.loader = build_crop_dataloader(
             self.shards,
             cfg.data,
@@ -251,8 +261,7 @@ class IPAdapterTask(TrainingTask):
         )
         size = int(self.image_encoder.config.image_size)
         try:
-            sub = {"subfolder": cfg.image_encoder_subfolder} if cfg.image_encoder_subfolder else {}
-            processor = CLIPImageProcessor.from_pretrained(cfg.image_encoder_name_or_path, **sub)
+            processor = CLIPImageProcessor.from_pretrained(cfg.image_encoder_name_or_path, **cfg.image_encoder_kwargs)
         except OSError:  # no preprocessor saved: what load_ip_adapter makes in that case
             processor = CLIPImageProcessor(size=size, crop_size=size)
         pipe.register_modules(image_encoder=self.image_encoder, feature_extractor=processor)
@@ -299,7 +308,7 @@ class IPAdapterTask(TrainingTask):
         with atomic_directory(Path(export_dir) / "ip_adapter") as tmp:
             save_file(adapter.official_state_dict(), Path(tmp) / EXPORT_FILE, metadata={"format": "pt"})
             if cfg.export_image_encoder:
-                sub = {"subfolder": cfg.image_encoder_subfolder} if cfg.image_encoder_subfolder else {}
+                sub = cfg.image_encoder_kwargs
                 encoder = CLIPVisionModelWithProjection.from_pretrained(cfg.image_encoder_name_or_path, **sub)
                 encoder.save_pretrained(Path(tmp) / "image_encoder", safe_serialization=True)
                 try:
@@ -320,7 +329,8 @@ class IPAdapterTask(TrainingTask):
             "`ip_adapter/image_encoder/` holds the image encoder it was trained with."
             if cfg.export_image_encoder
             else f"Load the image encoder it was trained with ({describe_source(cfg.image_encoder_name_or_path)}"
-            f"{', subfolder ' + cfg.image_encoder_subfolder if cfg.image_encoder_subfolder else ''}) with "
+            + (f", subfolder {sub}" if (sub := cfg.image_encoder_kwargs.get("subfolder")) else "")
+            + ") with "
             "`image_encoder_folder=`."
         )
         return (

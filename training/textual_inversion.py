@@ -35,7 +35,7 @@ from torch import nn
 from encoders.common.config import ConfigError, keyed_field, parse_config_cli
 from encoders.common.files import atomic_write
 from encoders.common.finetune_folder import EMBEDDINGS_FILE, SUBSPACE_FOLDER
-from encoders.subspace import TextualSubspace
+from encoders.subspace import SELECTIONS, TextualSubspace
 from encoders.text_injection import add_placeholder_tokens, encode_prompt_with_words
 
 from .common_config import AnchorsConfig
@@ -127,8 +127,10 @@ class TextualInversionConfig(FinetuneConfig):
             raise ConfigError(f"subspace.dim must be positive, got {self.subspace.dim}")
         if self.subspace.num_basis < 1:
             raise ConfigError(f"subspace.num_basis must be positive, got {self.subspace.num_basis}")
-        if self.subspace.selection not in ("topk", "rank"):
-            raise ConfigError(f"subspace.selection must be topk or rank, got {self.subspace.selection!r}")
+        if self.subspace.selection not in SELECTIONS:
+            raise ConfigError(
+                f"subspace.selection must be one of {', '.join(SELECTIONS)}, got {self.subspace.selection!r}"
+            )
         if self.subspace.dim_2 < 0:
             raise ConfigError(
                 f"subspace.dim_2 must be 0 (the same fraction as dim) or positive, got {self.subspace.dim_2}"

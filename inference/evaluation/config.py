@@ -89,7 +89,11 @@ class EvalConfig:
     elite_scale: float | None = keyed_field(
         "ELITE's lambda, the local branch's weight (default: its paper's rule, 0.8 for 'a photo of S*', else 0.6)", None
     )
-    elite_image: int = keyed_field("which concept photo (sorted by name) ELITE encodes", 0)
+    elite_image: int = keyed_field("which concept photo (sorted by name) ELITE encodes (and IP-Adapter reads)", 0)
+    ip_adapter: str | None = keyed_field(
+        "IP-Adapter export folder or Hub repo (training.ip_adapter's; enables the ip_adapter method)", None
+    )
+    ip_adapter_scale: float = keyed_field("the image prompt's weight for the ip_adapter rows", 1.0)
     mask_dir: str | None = keyed_field(
         "folder of concept masks for ELITE (<stem>.png or <concept>_<stem>.png); default <concept>/masks/", None
     )

@@ -20,7 +20,7 @@ from ..loading import (
     load_location_mlp,
     make_scheduler,
 )
-from ..methods import Elite, GenerationMethod, load_run, method_class
+from ..methods import Elite, GenerationMethod, IPAdapter, load_run, method_class
 from ..pictures import save_image_atomic
 from .config import EvalConfig
 from .plan import Row, file_slug
@@ -106,6 +106,14 @@ class RowGenerator:
             photo = row.concept.photos[min(self.config.elite_image, len(row.concept.photos) - 1)]
             method.encode(photo, mask=row.concept.mask_for(photo, self.config.mask_dir))
             return method
+        if row.method == "ip_adapter":  # loaded for its rows, taken out after each (the UNet then needs its image)
+            method = self._methods.get("ip_adapter")
+            if method is None:
+                method = IPAdapter.load(self.pipe, self.config.ip_adapter, scale=self.config.ip_adapter_scale)
+                self._methods["ip_adapter"] = method
+            photo = row.concept.photos[min(self.config.elite_image, len(row.concept.photos) - 1)]
+            method.encode(photo, mask=row.concept.mask_for(photo, self.config.mask_dir))
+            return method
         if row.payload is None:
             return method_class(row.method).load(self.pipe)
         if row.payload.folder not in self._methods:
@@ -131,6 +139,11 @@ class RowGenerator:
 
     def release_elite(self) -> None:
         method = self._methods.get("elite")
+        if method is not None:
+            method.unload()
+
+    def release_ip_adapter(self) -> None:
+        method = self._methods.pop("ip_adapter", None)
         if method is not None:
             method.unload()
 
@@ -170,6 +183,8 @@ class RowGenerator:
             finally:
                 if row.method == "elite":
                     self.release_elite()
+                elif row.method == "ip_adapter":
+                    self.release_ip_adapter()
         items = sorted(todo + done, key=lambda item: (item[0].index, item[1]))
         out = []
         for spec, seed, path in items:

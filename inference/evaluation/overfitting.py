@@ -114,7 +114,8 @@ class OverfittingMeasures:
         The customised model is each method's (`GenerationMethod.noise_predictions`): Textual Inversion /
         BaTex the base UNet with the token loaded (the prompts have none of it: the text is the same); ELITE
         the UNet with its cross-attention K/V (which every prompt goes through); Infusion the residual stream
-        of its dual call (row 1; row 0 is the base stream). 0 for the base row.
+        of its dual call (row 1; row 0 is the base stream); IP-Adapter the UNet with the concept photo as
+        image prompt (its base: scale 0). 0 for the base row.
         """
         if row.method == "base":
             return 0.0
@@ -152,6 +153,7 @@ class OverfittingMeasures:
             eps_base, eps_custom = method.noise_predictions(inputs, text_embeds)
         finally:
             self.generator.release_elite()
+            self.generator.release_ip_adapter()
         return latent_fisher_divergence(torch.cat(eps_base), torch.cat(eps_custom))
 
     def measure(self, row: Row, items) -> dict:

@@ -161,6 +161,7 @@ def plan_rows(
     for concept in concepts:
         rows = []
         candidates = [("elite", None)] if "elite" in methods and config.encoders else []
+        candidates += [("ip_adapter", None)] if "ip_adapter" in methods and config.ip_adapter else []
         candidates += [(run.method, run) for run in runs if run.concept is concept and run.method in methods]
         for method, run in candidates:
             label = method + (" + semantic" if run is not None and run.semantic_inversion else "")
