@@ -440,7 +440,6 @@ def ip_adapter_results(args, work: Path, ev: Evaluator, sd: str, train_spec: str
         "validation_steps=0",
         "dataloader_num_workers=0",
         f"seed={args.seed}",
-        "export_image_encoder=false",
     ]
     runs = {}
     for label, steps, lr in (("untrained", 1, 1e-12), ("trained", args.steps_ip, args.lr_ip)):
@@ -461,6 +460,13 @@ def ip_adapter_results(args, work: Path, ev: Evaluator, sd: str, train_spec: str
         }
     out["trained_vs_untrained_own"] = bootstrap(runs["untrained"]["own"] - runs["trained"]["own"])
     out["settings"] = {"steps": args.steps_ip, "learning_rate": args.lr_ip, "batch": args.batch}
+    if args.world:
+        identity = ip_adapter_identity(
+            work / "ip_adapter_trained" / "encoders", sd, Path(sd).parent, objects=args.identity_objects
+        )
+        pictures = identity.pop("_pictures")
+        out["identity"] = identity
+        _identity_sheet(pictures, Path(args.out).with_name(Path(args.out).stem + "_identity.png"))
     return out
 
 
@@ -897,6 +903,98 @@ def elite_results(args, work: Path, common: list[str], ev: Evaluator, results: d
             }
 
 
+def held_out_objects(objects: int):
+    """(shape, colour, pattern, photo, mask, other background) for `objects` held-out world objects: each a
+    triple no model saw, rendered on one background, to be generated on another (not its own colour)."""
+    from PIL import Image
+
+    from data_prep.world import BACKGROUNDS, HELD_OUT_TRIPLES, render_object
+
+    rng = np.random.default_rng(11)
+    for k in range(objects):
+        shape, colour, pattern = HELD_OUT_TRIPLES[k % len(HELD_OUT_TRIPLES)]
+        source_bg, target_bg = rng.choice([b for b in BACKGROUNDS if b not in (colour,)], 2, replace=False)
+        photo = render_object(shape, colour, pattern, str(source_bg), seed=100 + k)
+        mask = Image.fromarray(photo.objects[0].mask.astype(np.uint8) * 255, "L")
+        yield shape, colour, pattern, photo.image, mask, str(target_bg)
+
+
+IDENTITY_GROUPS = ("shape", "colour", "pattern", "background")
+
+
+def identity_chance() -> dict:
+    from data_prep.world import BACKGROUNDS, COLOURS, PATTERNS, SHAPES
+
+    sizes = {"shape": len(SHAPES), "colour": len(COLOURS), "pattern": len(PATTERNS), "background": len(BACKGROUNDS)}
+    return {g: 1 / sizes[g] for g in IDENTITY_GROUPS}
+
+
+def identity_rates(classifier, images, truths) -> dict:
+    """How often the world classifier reads each attribute of `truths` in `images`, with bootstrap intervals."""
+    readings = classifier.read(images)
+    hits = {g: np.array([r[g] == t[g] for r, t in zip(readings, truths)], dtype=float) for g in IDENTITY_GROUPS}
+    return {
+        g: {
+            "rate": float(h.mean()),
+            "ci95": [
+                float(v) for v in np.percentile(np.random.default_rng(0).choice(h, (4000, h.size)).mean(1), [2.5, 97.5])
+            ],
+        }
+        for g, h in hits.items()
+    }
+
+
+def ip_adapter_identity(
+    export: Path,
+    sd: str,
+    models: Path,
+    objects: int = 16,
+    seeds: int = 2,
+    steps: int = 25,
+    guidance: float = 4.0,
+    scales=(1.0, 0.5),
+) -> dict:
+    """`identity_results` for an IP-Adapter: a stock pipeline with `load_ip_adapter`, each held-out object's photo
+    as the image prompt and "a photo of a star on a green background" as the text, at each image-prompt scale;
+    the class word alone (scale 0) as the reference."""
+    import sys
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_world import WorldClassifier
+
+    classifier = WorldClassifier(models / "classifier")
+    pipe = StableDiffusionPipeline.from_pretrained(sd, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(export), subfolder="ip_adapter", weight_name="ip_adapter.safetensors")
+    images = {scale: [] for scale in (*scales, 0.0)}
+    truths = []
+    for shape, colour, pattern, photo, _mask, target_bg in held_out_objects(objects):
+        for seed in range(seeds):
+            for scale in images:
+                pipe.set_ip_adapter_scale(scale)
+                out = pipe(
+                    f"a photo of a {shape} on a {target_bg} background",
+                    ip_adapter_image=photo,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=torch.Generator().manual_seed(seed),
+                )
+                images[scale].append(out.images[0])
+            truths.append({"shape": shape, "colour": colour, "pattern": pattern, "background": target_bg})
+    return {
+        **{f"scale_{scale:g}": identity_rates(classifier, imgs, truths) for scale, imgs in images.items() if scale},
+        "class_word": identity_rates(classifier, images[0.0], truths),
+        "chance": identity_chance(),
+        "images": len(truths),
+        "steps": steps,
+        "guidance": guidance,
+        "_pictures": (images[scales[0]][: 2 * seeds * 4 : seeds], images[0.0][: 2 * seeds * 4 : seeds]),
+    }
+
+
 def identity_results(
     encoders: Path,
     sd: str,
@@ -914,9 +1012,7 @@ def identity_results(
     import sys
 
     import torch
-    from PIL import Image
 
-    from data_prep.world import BACKGROUNDS, COLOURS, HELD_OUT_TRIPLES, PATTERNS, SHAPES, render_object
     from inference.pipeline import ElitePipeline
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -927,15 +1023,9 @@ def identity_results(
         sd, encoders=str(encoders), device="cpu", dtype=torch.float32, safety_checker=False
     )
     elite.pipe.set_progress_bar_config(disable=True)
-    rng = np.random.default_rng(11)
     truths, with_concept, with_class = [], [], []
-    names = list(BACKGROUNDS)
-    for k in range(objects):
-        shape, colour, pattern = HELD_OUT_TRIPLES[k % len(HELD_OUT_TRIPLES)]
-        source_bg, target_bg = rng.choice([b for b in names if b not in (colour,)], 2, replace=False)
-        photo = render_object(shape, colour, pattern, str(source_bg), seed=100 + k)
-        mask = Image.fromarray(photo.objects[0].mask.astype(np.uint8) * 255, "L")
-        concept = elite.encode_concept(photo.image, mask)
+    for shape, colour, pattern, photo, mask, target_bg in held_out_objects(objects):
+        concept = elite.encode_concept(photo, mask)
         for seed in range(seeds):
             out = elite(
                 f"a photo of S* on a {target_bg} background",
@@ -953,28 +1043,11 @@ def identity_results(
                 seed=seed,
             )
             with_class.append(plain.images[0])
-            truths.append({"shape": shape, "colour": colour, "pattern": pattern, "background": str(target_bg)})
-    groups = ("shape", "colour", "pattern", "background")
-    sizes = {"shape": len(SHAPES), "colour": len(COLOURS), "pattern": len(PATTERNS), "background": len(BACKGROUNDS)}
-
-    def rate(images):
-        readings = classifier.read(images)
-        hits = {g: np.array([r[g] == t[g] for r, t in zip(readings, truths)], dtype=float) for g in groups}
-        return {
-            g: {
-                "rate": float(h.mean()),
-                "ci95": [
-                    float(v)
-                    for v in np.percentile(np.random.default_rng(0).choice(h, (4000, h.size)).mean(1), [2.5, 97.5])
-                ],
-            }
-            for g, h in hits.items()
-        }
-
+            truths.append({"shape": shape, "colour": colour, "pattern": pattern, "background": target_bg})
     return {
-        "elite": rate(with_concept),
-        "class_word": rate(with_class),
-        "chance": {g: 1 / sizes[g] for g in groups},
+        "elite": identity_rates(classifier, with_concept, truths),
+        "class_word": identity_rates(classifier, with_class, truths),
+        "chance": identity_chance(),
         "images": len(truths),
         "elite_scale": elite_scale,
         "steps": steps,
@@ -1145,6 +1218,25 @@ def table(results: dict) -> str:
                 f"| {g} | {e['rate']:.0%} [{e['ci95'][0]:.0%}, {e['ci95'][1]:.0%}] | "
                 f"{c['rate']:.0%} [{c['ci95'][0]:.0%}, {c['ci95'][1]:.0%}] | {ident['chance'][g]:.0%} |"
             )
+    ip_ident = (results.get("ip_adapter") or {}).get("identity")
+    if ip_ident:
+        scales = [k for k in ip_ident if k.startswith("scale_")]
+        lines += [
+            "",
+            f"IP-Adapter identity in generation ({ip_ident['images']} images, the photo as image prompt):",
+            "",
+            "| attribute kept | "
+            + " | ".join(f"image prompt, {k.replace('_', ' ')}" for k in scales)
+            + " | class word alone | chance |",
+            "|---|" + "---|" * (len(scales) + 2),
+        ]
+
+        def cell(r):
+            return f"{r['rate']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]"
+
+        for g in IDENTITY_GROUPS:
+            cells = [cell(ip_ident[k][g]) for k in scales] + [cell(ip_ident["class_word"][g])]
+            lines.append(f"| {g} | " + " | ".join(cells) + f" | {ip_ident['chance'][g]:.0%} |")
     return "\n".join(lines)
 
 

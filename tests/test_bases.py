@@ -610,6 +610,25 @@ def test_elite_both_stages_and_generation_on_sdxl(
             str(tiny_sd_path), encoders=str(encoders), device="cpu", dtype="float32", safety_checker=False
         )
 
+    # the SDXL pipeline families share the UNet, so its ELITE (img2img here), and unloading restores them
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from inference import load_elite, unload_elite
+
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(elite.pipe)
+    init = torch.rand(1, 3, RES, RES)
+    family = dict(image=init, strength=0.7, num_inference_steps=3, output_type="latent")
+    shared = load_elite(img2img, encoders)
+    assert shared.encoders is elite.encoders
+    edited = shared("a photo of S*", concept, seed=0, **family).images
+    unload_elite(img2img)
+    plain_img2img = img2img("a photo of a teapot", generator=torch.Generator().manual_seed(0), **family).images
+    assert (edited - plain_img2img).abs().max() > 1e-4
+    fresh = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(tiny_sdxl_path))
+    fresh.set_progress_bar_config(disable=True)
+    again = fresh("a photo of a teapot", generator=torch.Generator().manual_seed(0), **family).images
+    assert torch.equal(again, plain_img2img)  # unloaded: the stock SDXL img2img pipeline's output
+
     # compositional inversion on SDXL: the location MLP reads words as wide as both tables (w0's width) ...
     from data_prep.cli import main as data_prep_main
     from inference.guidance import SpatialGuidanceConfig
