@@ -188,6 +188,58 @@ def _classifier(world_models: Path):
     return WorldClassifier(world_models / "classifier")
 
 
+def test_a_later_run_continues_the_shipped_models(world_models, tmp_path, fresh_accelerate_state):
+    """`init_from=` a written-out world: the unet stage starts from the shipped UNet (with its text encoder and
+    VAE), so its loss starts where the shipped model is, far under a from-scratch start, and at a learning rate
+    too small to move a weight it exports the shipped UNet again; a folder without the stage's model is refused."""
+    from diffusers import UNet2DConditionModel
+
+    from encoders.common.config import ConfigError, parse_config_cli
+    from training.loop import run_training
+    from training.world import WorldConfig, WorldTask
+
+    def run(name, *extra):
+        config = parse_config_cli(
+            WorldConfig,
+            [
+                "stage=unet",
+                f"output_dir={tmp_path / name}",
+                f"export_dir={tmp_path / name / 'models'}",
+                "pool_size=64",
+                "max_steps=2",
+                "train_batch_size=16",
+                "report_to=none",
+                "mixed_precision=no",
+                "checkpointing_steps=2",
+                "learning_rate=1e-12",
+                "lr_warmup_steps=0",
+                f"clip_path={world_models / 'clip'}",
+                f"vae_path={world_models / 'sd' / 'vae'}",
+                *extra,
+            ],
+        )
+        losses = []
+
+        class Recording(WorldTask):
+            def training_step(self, models, batch, generator):
+                loss, logs = super().training_step(models, batch, generator)
+                losses.append(loss.item())
+                return loss, logs
+
+        run_training(Recording(config))
+        _reset_accelerate()
+        return losses
+
+    continued = run("continued", f"init_from={world_models}")
+    scratch = run("scratch")
+    assert sum(continued) < 0.5 * sum(scratch), (continued, scratch)
+    shipped = UNet2DConditionModel.from_pretrained(world_models / "sd", subfolder="unet").state_dict()
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "continued/models/sd", subfolder="unet").state_dict()
+    assert all(torch.allclose(exported[k], shipped[k], atol=1e-6) for k in shipped)
+    with pytest.raises(ConfigError, match="init_from"):
+        parse_config_cli(WorldConfig, ["stage=classifier", f"init_from={tmp_path}"]).initial("classifier")
+
+
 def test_the_base_follows_a_colour_word(world_models):
     """The shipped UNet draws the colour its caption names: the world classifier reads it back far above chance."""
     from diffusers import StableDiffusionPipeline

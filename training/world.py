@@ -107,8 +107,18 @@ class WorldConfig(TrainConfig):
         "drawn fresh), so the contrastive loss must tell shapes apart; 0: random pool batches only",
         0,
     )
-    clip_path: str | None = keyed_field("unet/vae: the clip stage's export (default <export_dir>/clip)", None)
-    vae_path: str | None = keyed_field("unet: the vae stage's export (default <export_dir>/vae)", None)
+    clip_path: str | None = keyed_field(
+        "unet/vae: the clip stage's export (default <init_from>/clip, else <export_dir>/clip)", None
+    )
+    vae_path: str | None = keyed_field(
+        "unet: the vae stage's export (default <init_from>/sd/vae, else <export_dir>/vae)", None
+    )
+    init_from: str | None = keyed_field(
+        "start from these weights instead of from scratch: a world models folder (`python -m encoders.world --out "
+        "DIR` writes the shipped ones), so a later run, on this CPU or a GPU, continues the committed models; the "
+        "unet stage then also reads that folder's text encoder and VAE",
+        None,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -123,6 +133,30 @@ class WorldConfig(TrainConfig):
 
     def export_path(self, name: str, given: str | None) -> Path:
         return Path(given) if given else Path(self.resolved_export_dir) / name
+
+    def clip_dir(self) -> Path:
+        """The clip stage's model: `clip_path`, `<init_from>/clip`, or this recipe's export."""
+        if self.clip_path is None and self.init_from:
+            return Path(self.init_from) / "clip"
+        return self.export_path("clip", self.clip_path)
+
+    def vae_dir(self) -> Path:
+        """The VAE the unet stage encodes with: `vae_path`, `<init_from>/sd/vae`, or this recipe's export."""
+        if self.vae_path is None and self.init_from:
+            return Path(self.init_from) / "sd" / "vae"
+        return self.export_path("vae", self.vae_path)
+
+    def initial(self, part: str) -> Path | None:
+        """Where `init_from` keeps this stage's model (None: from scratch); a clear error when it is missing."""
+        if not self.init_from:
+            return None
+        folder = Path(self.init_from) / {"unet": "sd/unet", "vae": "sd/vae"}.get(part, part)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"init_from={self.init_from}: no {folder.relative_to(self.init_from)}/config.json (write the shipped "
+                "models with python -m encoders.world --out DIR)"
+            )
+        return folder
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -199,34 +233,48 @@ class WorldTask(TrainingTask):
         if cfg.stage == "clip":
             from transformers import CLIPConfig, CLIPModel
 
-            self.model = CLIPModel(
-                CLIPConfig(
-                    text_config=WORLD_TEXT_KWARGS,
-                    vision_config=WORLD_VISION_KWARGS,
-                    projection_dim=WORLD_TEXT_KWARGS["projection_dim"],
+            initial = cfg.initial("clip")
+            self.model = (
+                CLIPModel.from_pretrained(initial)
+                if initial
+                else CLIPModel(
+                    CLIPConfig(
+                        text_config=WORLD_TEXT_KWARGS,
+                        vision_config=WORLD_VISION_KWARGS,
+                        projection_dim=WORLD_TEXT_KWARGS["projection_dim"],
+                    )
                 )
             )
         elif cfg.stage == "vae":
             from diffusers import AutoencoderKL
 
-            self.model = AutoencoderKL(**WORLD_VAE_KWARGS)
+            initial = cfg.initial("vae")
+            self.model = AutoencoderKL.from_pretrained(initial) if initial else AutoencoderKL(**WORLD_VAE_KWARGS)
         elif cfg.stage == "classifier":
-            self.model = build_world_classifier()
+            from transformers import ResNetForImageClassification
+
+            initial = cfg.initial("classifier")
+            self.model = ResNetForImageClassification.from_pretrained(initial) if initial else build_world_classifier()
         else:
             from diffusers import AutoencoderKL, UNet2DConditionModel
             from transformers import CLIPTextModel
 
-            clip_dir, vae_dir = cfg.export_path("clip", cfg.clip_path), cfg.export_path("vae", cfg.vae_path)
-            for what, folder in (("clip", clip_dir), ("vae", vae_dir)):
+            clip_dir, vae_dir = cfg.clip_dir(), cfg.vae_dir()
+            # continuing a pipeline: the text encoder it was trained with (train_text_encoder may have moved it)
+            text_dir = Path(cfg.init_from) / "sd" / "text_encoder" if cfg.init_from and not cfg.clip_path else clip_dir
+            for what, folder in (("clip", text_dir), ("vae", vae_dir)):
                 if not (folder / "config.json").is_file():
                     raise ConfigError(
                         f"the unet stage needs the {what} stage's export in {folder} (run stage={what} first)"
                     )
-            self.text_encoder = CLIPTextModel.from_pretrained(clip_dir).to(self.device).eval()
+            self.text_encoder = CLIPTextModel.from_pretrained(text_dir).to(self.device).eval()
             self.text_encoder.requires_grad_(cfg.train_text_encoder)
             self.vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
             self.latents = self._encode_pool()
-            self.model = UNet2DConditionModel(**WORLD_UNET_KWARGS)
+            initial = cfg.initial("unet")
+            self.model = (
+                UNet2DConditionModel.from_pretrained(initial) if initial else UNet2DConditionModel(**WORLD_UNET_KWARGS)
+            )
             from diffusers import DDPMScheduler
 
             from encoders.tiny import SCHEDULER_KWARGS
@@ -422,7 +470,7 @@ class WorldTask(TrainingTask):
         with atomic_directory(export_dir / "sd") as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             save_clip_tokenizer(Path(tmp) / "tokenizer")
-        vision = CLIPVisionModel.from_pretrained(cfg.export_path("clip", cfg.clip_path))
+        vision = CLIPVisionModel.from_pretrained(cfg.clip_dir())
         with atomic_directory(export_dir / "image_encoder") as tmp:
             vision.save_pretrained(tmp, safe_serialization=True)
             world_image_processor().save_pretrained(tmp)
@@ -430,9 +478,10 @@ class WorldTask(TrainingTask):
 
     def model_card_notes(self) -> str:
         cfg = self.config
+        start = f"from the weights in `{Path(cfg.init_from).name}`" if cfg.init_from else "from scratch"
         return (
             f"The miniature world's {cfg.stage} stage (`python -m training.world stage={cfg.stage}`), trained "
-            f"from scratch for {cfg.max_steps} steps at batch {cfg.train_batch_size} on {cfg.pool_size} rendered "
+            f"{start} for {cfg.max_steps} steps at batch {cfg.train_batch_size} on {cfg.pool_size} rendered "
             f"scenes (world seed {cfg.world_seed})."
         )
 
