@@ -38,7 +38,6 @@ from encoders.common.config import ConfigError, keyed_field
 from encoders.common.finetune_folder import write_concept_info
 from encoders.common.images import find_mask, list_photos
 from inference.inputs import ConceptInputError, load_concept_image
-from inference.loading import pipeline_from_parts
 
 from .common_config import TrainConfig
 from .diffusion import FrozenStableDiffusion, denoising_loss
@@ -431,16 +430,7 @@ class ConceptFinetuneTask(TrainingTask):
     def pipeline(self):
         """A `StableDiffusionPipeline` (`StableDiffusionXLPipeline` for an SDXL base) over the frozen
         parts (DDIM sampler), for validation images."""
-        scheduler = DDIMScheduler.from_config(self.sd.noise_scheduler.config)
-        return pipeline_from_parts(
-            self.sd.vae,
-            self.sd.text_encoder,
-            self.sd.tokenizer,
-            self.sd.unet,
-            scheduler,
-            self.sd.text_encoder_2,
-            self.sd.tokenizer_2,
-        )
+        return self.sd.sampling_pipeline(DDIMScheduler)
 
     def validation_images(self, models, step: int):
         prompt = self.config.validation_prompt.format(self.concept_phrase())

@@ -144,6 +144,24 @@ class FrozenStableDiffusion:
         states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         return states, sdxl_added_conditioning(second.text_embeds, size)
 
+    def sampling_pipeline(self, scheduler_class=None):
+        """A diffusers pipeline (`StableDiffusionXLPipeline` for SDXL) over these frozen parts, as they are (device,
+        dtype, attention processors), with `scheduler_class` (default DPM-Solver++) on the base's schedule:
+        validation pictures are made by the code users run."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        from inference.loading import pipeline_from_parts
+
+        return pipeline_from_parts(
+            self.vae,
+            self.text_encoder,
+            self.tokenizer,
+            self.unet,
+            (scheduler_class or DPMSolverMultistepScheduler).from_config(self.noise_scheduler.config),
+            self.text_encoder_2,
+            self.tokenizer_2,
+        )
+
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell, read from the VAE config (8 for SD, 2 for the tiny test VAE)."""

@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 
 from encoders.clip_features import DEFAULT_LAYERS, CLIPFeatureExtractor, load_clip_normalization
 from encoders.common.config import ConfigError, keyed_field
 from encoders.conditioning import EliteConditioning, elite_conditioning
-from inference.loading import EliteEncoders, pipeline_from_parts
+from inference.loading import EliteEncoders
 from inference.pipeline import ElitePipeline
 
 from .common_config import TrainConfig
@@ -219,15 +218,7 @@ class EliteStageTask(TrainingTask):
         """`inference.ElitePipeline` over the frozen parts and the mappings being trained: the pictures are
         made by the code users run (encode the crop, inject w0, the local branch at `validation_elite_scale`)."""
         cfg = self.config
-        pipe = pipeline_from_parts(
-            self.sd.vae,
-            self.sd.text_encoder,
-            self.sd.tokenizer,
-            self.sd.unet,
-            DPMSolverMultistepScheduler.from_config(self.sd.noise_scheduler.config),
-            self.sd.text_encoder_2,
-            self.sd.tokenizer_2,
-        )
+        pipe = self.sd.sampling_pipeline()
         global_mapping, local_mapping = self.validation_mappings(models)
         encoders = EliteEncoders(
             global_mapping=global_mapping,

@@ -33,14 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from safetensors.torch import save_file
 
 from encoders.clip_features import load_clip_normalization
 from encoders.common.config import ConfigError, keyed_field, parse_config_cli
 from encoders.common.files import atomic_directory
 from encoders.ip_adapter import BASE_TOKENS, EXPORT_FILE, VARIANTS, IPAdapter
-from inference.loading import pipeline_from_parts
 
 from .common_config import TrainConfig
 from .crop_data import CropDataConfig, build_crop_dataloader, first_crop_samples
@@ -250,15 +248,7 @@ class IPAdapterTask(TrainingTask):
         from transformers import CLIPImageProcessor
 
         cfg = self.config
-        pipe = pipeline_from_parts(
-            self.sd.vae,
-            self.sd.text_encoder,
-            self.sd.tokenizer,
-            self.sd.unet,
-            DPMSolverMultistepScheduler.from_config(self.sd.noise_scheduler.config),
-            self.sd.text_encoder_2,
-            self.sd.tokenizer_2,
-        )
+        pipe = self.sd.sampling_pipeline()
         size = int(self.image_encoder.config.image_size)
         try:
             processor = CLIPImageProcessor.from_pretrained(cfg.image_encoder_name_or_path, **cfg.image_encoder_kwargs)
