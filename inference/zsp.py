@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 
 # the trainers `zsp train NAME` knows: each is `training/NAME.py` with a `main` (a test keeps this list honest)
-TRAINERS = ("global_mapping", "local_mapping", "location_mlp", "textual_inversion", "infusion", "world")
+TRAINERS = ("global_mapping", "local_mapping", "location_mlp", "textual_inversion", "infusion", "ip_adapter", "world")
 MODEL_WRITERS = {"world": "encoders.world", "tiny": "encoders.tiny"}
 
 
