@@ -970,8 +970,9 @@ def ip_adapter_identity(
     pipe.set_progress_bar_config(disable=True)
     pipe.load_ip_adapter(str(export), subfolder="ip_adapter", weight_name="ip_adapter.safetensors")
     images = {scale: [] for scale in (*scales, 0.0)}
-    truths = []
+    truths, photos = [], []
     for shape, colour, pattern, photo, _mask, target_bg in held_out_objects(objects):
+        photos.append(photo)
         for seed in range(seeds):
             for scale in images:
                 pipe.set_ip_adapter_scale(scale)
@@ -991,7 +992,7 @@ def ip_adapter_identity(
         "images": len(truths),
         "steps": steps,
         "guidance": guidance,
-        "_pictures": (images[scales[0]][: 2 * seeds * 4 : seeds], images[0.0][: 2 * seeds * 4 : seeds]),
+        "_pictures": (photos[:8], images[scales[0]][: 8 * seeds : seeds], images[0.0][: 8 * seeds : seeds]),
     }
 
 
@@ -1057,14 +1058,15 @@ def identity_results(
 
 
 def _identity_sheet(pictures, path: Path) -> None:
-    """Top row: generated with the encoded held-out object (S*); bottom row: with its class word alone."""
+    """One row per entry of `pictures`, in order: (the source photos,) generated with the held-out object,
+    generated with its class word alone."""
     from PIL import Image
 
-    concept, plain = pictures
-    sheet = Image.new("RGB", (len(concept) * 132, 264), "white")
-    for c, (a, b) in enumerate(zip(concept, plain)):
-        sheet.paste(a.resize((128, 128), Image.NEAREST), (c * 132, 0))
-        sheet.paste(b.resize((128, 128), Image.NEAREST), (c * 132, 134))
+    columns = len(pictures[0])
+    sheet = Image.new("RGB", (columns * 132, len(pictures) * 134 - 6), "white")
+    for r, row in enumerate(pictures):
+        for c, image in enumerate(row):
+            sheet.paste(image.resize((128, 128), Image.NEAREST), (c * 132, r * 134))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 

@@ -19,6 +19,9 @@ bootstrap 95 % interval over the pairs:
   recipe, `batex.yaml`, trained as long as Textual Inversion): text alignment on "a photo of S* on a <colour>
   background" against Textual Inversion's token (does the picture have the background the prompt names, read by
   the world classifier; CLIP-T), and image alignment (own colour / pattern, CLIP-I);
+- IP-Adapter ("IP-Adapter: Text Compatible Image Prompt Adapter for Text-to-Image Diffusion Models", Ye et al.;
+  `--ip-adapter`, an export of `training.ip_adapter` trained on the world): one photo as image prompt on the same
+  world prompts, at each `--ip-adapter-scales`, against the class word alone and against ELITE's images;
 - Compositional Inversion ("Compositional Inversion for Stable Diffusion Models", Zhang et al.;
   `protocol=compositional` with the world's shapes for COCO's classes and its attribute classifier for DETR):
   the CoI likelihood of Textual Inversion + semantic (anchor loss) + spatial (the constant layout) against plain
@@ -134,6 +137,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compositional-seeds", type=int, default=4, help="images per CoI prompt")
     parser.add_argument(
         "--encoders", type=Path, default=REPO / "outputs/demo/encoders", help="ELITE encoders trained on the world"
+    )
+    parser.add_argument(
+        "--ip-adapter",
+        type=Path,
+        default=REPO / "outputs/world/ip_adapter/encoders",
+        help="an IP-Adapter trained on the world (training.ip_adapter's export folder); skipped when missing",
+    )
+    parser.add_argument(
+        "--ip-adapter-scales", type=float, nargs="+", default=[1.0, 0.5], help="image-prompt weights to evaluate"
     )
     parser.add_argument("--work", type=Path, default=REPO / "outputs/world/bench_protocols")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks/results/bench_protocols_world.json")
@@ -313,6 +325,51 @@ def main(argv: list[str] | None = None) -> dict:
         }
     else:
         results["elite"] = {"skipped": f"no trained encoders at {args.encoders} (run `make demo` first)"}
+    if (args.ip_adapter / "ip_adapter" / "ip_adapter.safetensors").is_file():
+        concept_keys = [f"concepts={','.join(f'{f}={shape}' for f, shape in concepts)}"]
+        ip_common = [*common, *concept_keys, f"ip_adapter={args.ip_adapter}", f"prompts={prompts}", "scheduler=pndm"]
+        tick = time.time()
+        results["ip_adapter"] = {"export": str(args.ip_adapter)}
+        elite_reads = _reads(classifier, work / "eval_elite_0.6") if "skipped" not in results["elite"] else {}
+        elite_scores = _scores(work / "eval_elite_0.6") if elite_reads else {}
+        for scale in args.ip_adapter_scales:
+            out = work / f"eval_ip_adapter_{scale:g}"
+            evaluate([*ip_common, "methods=base,ip_adapter", f"ip_adapter_scale={scale:g}", f"out={out}"])
+            scores, reads = _scores(out), _reads(classifier, out)
+            identity, backgrounds = _identity(reads, attributes), _background_hits(reads, BACKGROUNDS)
+
+            def ip_minus(values: dict, other: dict, row: str = "base") -> np.ndarray:
+                return _diff(_rows(values, "ip_adapter"), _rows(other, row))
+
+            ident = ip_minus(identity, identity).reshape(-1, 2)
+            entry = {
+                "minus_class_word_colour_hit": bootstrap(ident[:, 0]),
+                "minus_class_word_pattern_hit": bootstrap(ident[:, 1]),
+                "minus_class_word_background_hit": bootstrap(ip_minus(backgrounds, backgrounds)),
+                "minus_class_word_clip_i": bootstrap(ip_minus(_column(scores, "clip_i"), _column(scores, "clip_i"))),
+                "minus_class_word_clip_t": bootstrap(ip_minus(_column(scores, "clip_t"), _column(scores, "clip_t"))),
+                "background_hit": float(np.mean(list(_rows(backgrounds, "ip_adapter").values()))),
+            }
+            if elite_reads:  # the same objects, prompts and seeds through ELITE (lambda 0.6)
+                elite_identity = _identity(elite_reads, attributes)
+                elite_backgrounds = _background_hits(elite_reads, BACKGROUNDS)
+                versus = ip_minus(identity, elite_identity, row="elite").reshape(-1, 2)
+                entry |= {
+                    "minus_elite_colour_hit": bootstrap(versus[:, 0]),
+                    "minus_elite_pattern_hit": bootstrap(versus[:, 1]),
+                    "minus_elite_background_hit": bootstrap(ip_minus(backgrounds, elite_backgrounds, row="elite")),
+                    "minus_elite_clip_i": bootstrap(
+                        ip_minus(_column(scores, "clip_i"), _column(elite_scores, "clip_i"), row="elite")
+                    ),
+                    "minus_elite_clip_t": bootstrap(
+                        ip_minus(_column(scores, "clip_t"), _column(elite_scores, "clip_t"), row="elite")
+                    ),
+                    "elite_background_hit": float(np.mean(list(_rows(elite_backgrounds, "elite").values()))),
+                }
+            results["ip_adapter"][f"scale_{scale:g}"] = entry
+        timings["eval_ip_adapter_s"] = round(time.time() - tick, 1)
+    else:
+        results["ip_adapter"] = {"skipped": f"no IP-Adapter export at {args.ip_adapter}"}
     if args.compositional_objects:
         from data_prep.world import SHAPES
 
@@ -353,8 +410,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("| claim (paired per image, world CLIP) | mean | 95 % interval | n |")
     print("|---|---|---|---|")
-    for section in ("textual_inversion", "batex", "elite", "compositional"):
-        for name, value in results.get(section, {}).items():
+    for section in ("textual_inversion", "batex", "elite", "ip_adapter", "compositional"):
+        entries = results.get(section, {})
+        flat = {
+            f"{sub} {k}": v
+            for sub, d in entries.items()
+            if isinstance(d, dict) and "mean" not in d
+            for k, v in d.items()
+        }
+        for name, value in {**entries, **flat}.items():
             if isinstance(value, dict) and "mean" in value:
                 lo, hi = value["ci95"]
                 print(f"| {section}: {name} | {value['mean']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {value['n']} |")

@@ -360,3 +360,53 @@ def test_evaluate_has_an_ip_adapter_row(tiny_sd_path, tiny_eval_models, ip_folde
     assert off["ip_adapter"]["clip_t"] == pytest.approx(off["base"]["clip_t"], abs=1e-6)
     assert off["ip_adapter"]["fisher_class"] == pytest.approx(0.0, abs=1e-9)
     assert on["ip_adapter"]["fisher_class"] > 1e-6 and on["ip_adapter"]["w2_concept"] > 1e-4
+
+
+@pytest.mark.slow
+def test_two_process_deepspeed_bf16_plus_exports_fp32(tiny_sd_path, tiny_ip_image_encoder_path, crop_shards, tmp_path):
+    """`accelerate launch` with DeepSpeed ZeRO-2 on 2 processes in bf16, the plus variant: it trains (the processors
+    hold the modules DeepSpeed casts) and the export is the fp32 master weights, loadable by diffusers."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "ds"
+    keys = _keys(
+        tiny_sd_path,
+        tiny_ip_image_encoder_path,
+        str(crop_shards / "coco" / "*.tar"),
+        out,
+        max_steps=2,
+        mixed_precision="bf16",
+        variant="plus",
+        plus_heads=1,
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(repo / "configs/accelerate/deepspeed_zero2.yaml"),
+        "--num_processes",
+        "2",
+        "-m",
+        "training.ip_adapter",
+        "--config",
+        str(repo / "configs/train/ip_adapter.yaml"),
+        *keys,
+    ]
+    done = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    exported = load_file(out / "encoders" / "ip_adapter" / EXPORT_FILE)
+    assert {v.dtype for v in exported.values()} == {torch.float32} and "image_proj.latents" in exported
+    (ckpt_file,) = (out / "checkpoint-2" / "ip_adapter").glob("*.safetensors")
+    ckpt = load_file(ckpt_file)  # the bf16 copy DeepSpeed trained with
+    assert {v.dtype for v in ckpt.values()} == {torch.bfloat16}
+    key = next(k for k in ckpt if k.startswith("to_k_ip.0"))
+    assert torch.equal(exported["ip_adapter.1.to_k_ip.weight"].to(torch.bfloat16), ckpt[key])
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    _load(out / "encoders", pipe)
