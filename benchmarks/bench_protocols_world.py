@@ -20,8 +20,9 @@ bootstrap 95 % interval over the pairs:
   background" against Textual Inversion's token (does the picture have the background the prompt names, read by
   the world classifier; CLIP-T), and image alignment (own colour / pattern, CLIP-I);
 - IP-Adapter ("IP-Adapter: Text Compatible Image Prompt Adapter for Text-to-Image Diffusion Models", Ye et al.;
-  `--ip-adapter`, an export of `training.ip_adapter` trained on the world): one photo as image prompt on the same
-  world prompts, at each `--ip-adapter-scales`, against the class word alone and against ELITE's images;
+  `--ip-adapter`, exports of `training.ip_adapter`, trained here on the demo's world shards when missing: base
+  and plus variants, 1,000 steps at batch 8 with the trainer's official defaults): one photo as image prompt on
+  the same world prompts, at each `--ip-adapter-scales`, against the class word alone and against ELITE's images;
 - Compositional Inversion ("Compositional Inversion for Stable Diffusion Models", Zhang et al.;
   `protocol=compositional` with the world's shapes for COCO's classes and its attribute classifier for DETR):
   the CoI likelihood of Textual Inversion + semantic (anchor loss) + spatial (the constant layout) against plain
@@ -50,6 +51,8 @@ sys.path.insert(0, str(REPO))
 
 from bench_learning import bootstrap  # this folder's own helper (the script's folder is on sys.path)
 from results_io import write_results
+
+from training.crop_data import STORED_CROP_KEYS
 
 BACKGROUNDS = ("green", "blue", "gray")
 
@@ -141,9 +144,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--ip-adapter",
         type=Path,
-        default=REPO / "outputs/world/ip_adapter/encoders",
-        help="an IP-Adapter trained on the world (training.ip_adapter's export folder); skipped when missing",
+        nargs="+",
+        default=[REPO / "outputs/world/ip_adapter/encoders", REPO / "outputs/world/ip_adapter_plus/encoders"],
+        help="IP-Adapters trained on the world (training.ip_adapter's export folders, reported by their run "
+        "folder's name); each skipped when missing",
     )
+    parser.add_argument(
+        "--ip-adapter-shards",
+        type=Path,
+        default=REPO / "outputs/demo/shards/world",
+        help="crop shards an IP-Adapter that is missing is trained on (the demo's, as ELITE's encoders)",
+    )
+    parser.add_argument("--ip-adapter-steps", type=int, default=1000, help="training steps of a missing IP-Adapter")
     parser.add_argument(
         "--ip-adapter-scales", type=float, nargs="+", default=[1.0, 0.5], help="image-prompt weights to evaluate"
     )
@@ -325,15 +337,45 @@ def main(argv: list[str] | None = None) -> dict:
         }
     else:
         results["elite"] = {"skipped": f"no trained encoders at {args.encoders} (run `make demo` first)"}
-    if (args.ip_adapter / "ip_adapter" / "ip_adapter.safetensors").is_file():
+    for export in args.ip_adapter:
+        name = export.parent.name  # the run folder: ip_adapter, ip_adapter_plus, ...
+        if not (export / "ip_adapter" / "ip_adapter.safetensors").is_file() and args.ip_adapter_shards.is_dir():
+            tick = time.time()
+            _run(  # the trainer's defaults (official lr, drop rates); "plus" in the run folder's name: variant=plus
+                [
+                    sys.executable,
+                    "-m",
+                    "training.ip_adapter",
+                    f"pretrained_model_name_or_path={sd}",
+                    f"image_encoder_name_or_path={clip}",
+                    f"train_shards={args.ip_adapter_shards}",
+                    "data.resolution=64",
+                    "data.clip_size=64",
+                    *STORED_CROP_KEYS,
+                    f"max_steps={args.ip_adapter_steps}",
+                    "train_batch_size=8",
+                    "mixed_precision=no",
+                    f"output_dir={export.parent}",
+                    f"export_dir={export}",
+                    "checkpointing_steps=500",
+                    "report_to=none",
+                    "validation_steps=0",
+                    f"variant={'plus' if 'plus' in name else 'base'}",
+                ],
+                work / f"{name}.log",
+            )
+            timings[f"train_{name}_s"] = round(time.time() - tick, 1)
+        if not (export / "ip_adapter" / "ip_adapter.safetensors").is_file():
+            results[name] = {"skipped": f"no IP-Adapter export at {export} (and no shards to train one)"}
+            continue
         concept_keys = [f"concepts={','.join(f'{f}={shape}' for f, shape in concepts)}"]
-        ip_common = [*common, *concept_keys, f"ip_adapter={args.ip_adapter}", f"prompts={prompts}", "scheduler=pndm"]
+        ip_common = [*common, *concept_keys, f"ip_adapter={export}", f"prompts={prompts}", "scheduler=pndm"]
         tick = time.time()
-        results["ip_adapter"] = {"export": str(args.ip_adapter)}
+        results[name] = {"export": str(export)}
         elite_reads = _reads(classifier, work / "eval_elite_0.6") if "skipped" not in results["elite"] else {}
         elite_scores = _scores(work / "eval_elite_0.6") if elite_reads else {}
         for scale in args.ip_adapter_scales:
-            out = work / f"eval_ip_adapter_{scale:g}"
+            out = work / f"eval_{name}_{scale:g}"
             evaluate([*ip_common, "methods=base,ip_adapter", f"ip_adapter_scale={scale:g}", f"out={out}"])
             scores, reads = _scores(out), _reads(classifier, out)
             identity, backgrounds = _identity(reads, attributes), _background_hits(reads, BACKGROUNDS)
@@ -366,10 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
                     ),
                     "elite_background_hit": float(np.mean(list(_rows(elite_backgrounds, "elite").values()))),
                 }
-            results["ip_adapter"][f"scale_{scale:g}"] = entry
-        timings["eval_ip_adapter_s"] = round(time.time() - tick, 1)
-    else:
-        results["ip_adapter"] = {"skipped": f"no IP-Adapter export at {args.ip_adapter}"}
+            results[name][f"scale_{scale:g}"] = entry
+        timings[f"eval_{name}_s"] = round(time.time() - tick, 1)
     if args.compositional_objects:
         from data_prep.world import SHAPES
 
@@ -410,7 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("| claim (paired per image, world CLIP) | mean | 95 % interval | n |")
     print("|---|---|---|---|")
-    for section in ("textual_inversion", "batex", "elite", "ip_adapter", "compositional"):
+    ip_sections = [export.parent.name for export in args.ip_adapter]
+    for section in ("textual_inversion", "batex", "elite", *ip_sections, "compositional"):
         entries = results.get(section, {})
         flat = {
             f"{sub} {k}": v

@@ -277,7 +277,11 @@ def test_train_resume_export_and_generate_with_stock_diffusers(
 
     shards = str(crop_shards / "coco" / "*.tar")
     common = (tiny_sd_path, tiny_ip_image_encoder_path, shards)
-    full = _task(_keys(*common, tmp_path / "full", max_steps=4, condition="object"))
+    # the uninterrupted run also renders validation pictures at another image-prompt scale: training must not notice
+    validation = dict(
+        validation_steps=2, validation_ip_scale=0.3, num_validation_samples=1, validation_inference_steps=1
+    )
+    full = _task(_keys(*common, tmp_path / "full", max_steps=4, condition="object", **validation))
     run_training(full)
     first = _task(_keys(*common, tmp_path / "split", max_steps=2, condition="object"))
     run_training(first)

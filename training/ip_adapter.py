@@ -264,7 +264,14 @@ class IPAdapterTask(TrainingTask):
             return None
         if self._validation_crops is None:  # read apart from the training stream: its order is untouched
             self._validation_crops = first_crop_samples(self.loader.shards, cfg.num_validation_samples)
-        pipe = self.validation_pipeline()
+        pipe = self.validation_pipeline()  # sets validation_ip_scale on the processors training uses ...
+        try:
+            return self._render(pipe)
+        finally:
+            pipe.set_ip_adapter_scale(1.0)  # ... so training goes on at the scale it trains with
+
+    def _render(self, pipe) -> list:
+        cfg = self.config
         res = cfg.data.resolution
         images = []
         with self.accelerator.autocast():
