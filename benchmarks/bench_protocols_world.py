@@ -229,7 +229,14 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append(textual_inversion(folder, shape, k, "ti", []))
     timings["train_textual_inversion_s"] = round(time.time() - tick, 1)
 
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = {
+        k: str(v)
+        if isinstance(v, Path)
+        else [str(x) if isinstance(x, Path) else x for x in v]
+        if isinstance(v, list)
+        else v
+        for k, v in vars(args).items()
+    }
     results: dict = {"objects": [f.name for f, _ in concepts], "settings": settings | {"triples": triples}}
     tick = time.time()
     ti_out = work / "eval_textual_inversion"
