@@ -866,7 +866,7 @@ def _apply_finetunes(pipe, finetunes, prompts: list[str]) -> tuple[list[dict], l
         methods.append(method)
         word = method.prompt_word(run.class_word)
         records.append({"folder": str(run.folder), "method": run.method, "prompt_word": word})
-        if not any(word in prompt for prompt in prompts):
+        if not any(word in method.prompt_for(prompt) for prompt in prompts):
             warnings.warn(
                 f"{run.folder} ({run.method}) applies to {word!r}, which no prompt contains",
                 ConceptInputWarning,

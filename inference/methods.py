@@ -123,6 +123,8 @@ def generate_together(methods: Sequence[GenerationMethod], prompts, latents, gen
             f"{', '.join(own)} generate their own way and do not combine with other fine-tunes in one call"
         )
     residuals = [r for m in methods for r in m.residuals()]
+    for method in methods:
+        prompts = [method.prompt_for(p) for p in prompts]
     return sample(methods[0].pipe, prompts, latents, generators, residuals=residuals, **sampling)
 
 
@@ -136,6 +138,20 @@ def generate_guided_words(pipe, prompt: str, boxes: dict[str, Sequence[float]], 
     return generate_with_spatial_guidance(pipe, concepts, prompt=prompt, **kw)
 
 
+def embedding_rows(path) -> int:
+    """How many vectors an embedding file holds for its token (1 for a legacy `.bin`, read without unpickling)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return 1
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        shape = handle.get_slice(next(iter(handle.keys()))).get_shape()
+    return int(shape[0]) if len(shape) == 2 else 1
+
+
 def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
     """Load a Textual Inversion / BaTex embedding with diffusers' `load_textual_inversion`; returns its token.
 
@@ -145,6 +161,10 @@ def load_embedding(pipe, run: FinetuneRun, token: str | None = None) -> str:
     if run.method not in EMBEDDING_METHODS:
         raise FinetuneFolderError(f"{run.folder} is a {run.method} run, not an embedding")
     token = token or run.placeholder_token
+    if embedding_rows(run.result_path()) > 1:
+        # diffusers expands "S*" into "S* S*_1 ..." by looking the prompt's tokens up among the added ones, but the
+        # CLIP tokenizer lowercases the prompt first: a token with capitals would get its first vector only
+        token = token.lower()
     if token in pipe.tokenizer.get_vocab():
         raise FinetuneFolderError(
             f"token {token!r} of {run.folder} is already in the tokenizer: give each run its own token (DIR=TOKEN)"
@@ -241,7 +261,12 @@ class GenerationMethod:
         """What to write beside an image of `prompt` (e.g. ELITE's lambda)."""
         return {}
 
+    def prompt_for(self, prompt: str) -> str:
+        """The prompt as this method's pipeline must read it (a token written another way put right)."""
+        return prompt
+
     def generate(self, prompts: Sequence[str], latents: torch.Tensor, generators=None, **sampling) -> list:
+        prompts = [self.prompt_for(p) for p in prompts]
         return sample(self.pipe, prompts, latents, generators, residuals=self.residuals(), **sampling)
 
     def generate_guided(self, prompt: str, latents, generator, boxes: dict[str, Sequence[float]], **sampling):
@@ -284,21 +309,34 @@ class TextualInversion(GenerationMethod):
     from_runs = True
     appends_class_word = True
 
-    def __init__(self, pipe, run: FinetuneRun, token: str):
+    def __init__(self, pipe, run: FinetuneRun, token: str, typed: str | None = None):
         super().__init__(pipe, run)
-        self.token = token
+        self.token = token  # as loaded into the tokenizer
+        self.typed = typed or token  # as prompts write it (S* for a multi-vector embedding loaded as s*)
 
     @classmethod
     def load(cls, pipe, source: FinetuneRun = None, token: str | None = None) -> TextualInversion:
-        return cls(pipe, source, load_embedding(pipe, source, token=token))
+        return cls(pipe, source, load_embedding(pipe, source, token=token), typed=token or source.placeholder_token)
+
+    def prompt_for(self, prompt: str) -> str:
+        return prompt.replace(self.typed, self.token) if self.typed != self.token else prompt
 
     def prompt_word(self, class_word: str) -> str:
         return self.token
 
+    def tokens(self) -> list[str]:
+        """The token and, for an embedding of N vectors, the `token_1` ... `token_{N-1}` diffusers added for it."""
+        vocab = self.pipe.tokenizer.get_vocab()
+        tokens = [self.token]
+        while f"{self.token}_{len(tokens)}" in vocab:
+            tokens.append(f"{self.token}_{len(tokens)}")
+        return tokens
+
     def unload(self) -> None:
-        self.pipe.unload_textual_inversion(self.token)
+        tokens = self.tokens()
+        self.pipe.unload_textual_inversion(tokens)
         if is_sdxl_pipeline(self.pipe):
-            self.pipe.unload_textual_inversion(self.token, self.pipe.tokenizer_2, self.pipe.text_encoder_2)
+            self.pipe.unload_textual_inversion(tokens, self.pipe.tokenizer_2, self.pipe.text_encoder_2)
 
 
 @register_method

@@ -169,6 +169,53 @@ def test_textual_inversion_trains_and_loads_with_diffusers(tiny_sd_path, data_di
     assert abs(tuned[0] - plain[0]).max() > 0 and abs(tuned[0] - tuned[1]).max() > 0
 
 
+def test_a_multi_vector_token_trains_as_diffusers_expands_it(tiny_sd_path, data_dir, tmp_path):
+    """`num_vectors=3` (Compositional Inversion's script), with its anchor loss: the export is one [3, D] embedding;
+    diffusers' loader adds S*, S*_1, S*_2 and expands "S*" in prompts, which encodes exactly what training put in at
+    the placeholder (the training-side prompt states); the method's unload takes all three tokens out again."""
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    from encoders.common.finetune_folder import read_finetune
+    from inference.methods import TextualInversion
+    from training.textual_inversion import TextualInversionConfig, TextualInversionTask
+
+    concept = data_dir / "concepts" / "dreambooth" / "dog"
+    out = tmp_path / "ti3"
+    args = common_args(tiny_sd_path, concept, out) + [
+        "initializer_token=dog",
+        "class_word=dog",
+        "learning_rate=0.05",
+        "num_vectors=3",
+        "anchors.enabled=true",
+    ]
+    config = load_config(TextualInversionConfig, CONFIGS / "textual_inversion_compositional.yaml", args)
+    task = TextualInversionTask(config)
+    losses = run_recording(task)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    saved = load_file(out / "learned_embeds.safetensors")["S*"]
+    assert saved.shape == (3, 32) and not torch.allclose(saved[0], saved[1])  # each vector learned its own way
+
+    # the package loads it under the lower-case token (the CLIP tokenizer lowercases prompts before diffusers
+    # looks for S*_1, S*_2), so prompts typed with "S*" get all three vectors
+    pipe = tiny_pipe(tiny_sd_path)
+    method = TextualInversion.load(pipe, read_finetune(out))
+    assert method.token == "s*" and method.tokens() == ["s*", "s*_1", "s*_2"]
+    prompt = "a photo of a S* dog"
+    expanded = TextualInversionLoaderMixin.maybe_convert_prompt(pipe, method.prompt_for(prompt), pipe.tokenizer)
+    assert expanded == "a photo of a s* s*_1 s*_2 dog"
+    ids = pipe.tokenizer([expanded], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = pipe.text_encoder(ids)[0]
+        ours, _ = task.encode_prompts({"learned_word": task.word}, [prompt])
+    assert torch.allclose(ours.cpu(), theirs, atol=1e-5)
+    method.unload()
+    assert not {"s*", "s*_1", "s*_2"} & set(pipe.tokenizer.get_vocab())
+    with pytest.raises(ConfigError, match="num_vectors"):
+        load_config(
+            TextualInversionConfig, CONFIGS / "batex.yaml", [*args[:2], "num_vectors=2", "initializer_token=dog"]
+        )
+
+
 def test_batex_with_anchors_stays_in_the_span_of_its_basis(tiny_sd_path, data_dir, tmp_path):
     from training.textual_inversion import TextualInversionConfig, TextualInversionTask
 

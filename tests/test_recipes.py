@@ -31,7 +31,7 @@ TEXTUAL_INVERSION_RECIPES = {
         5000,
         8,
         0.04,
-        {"append_class_word": True, "anchors.mode": "initializer", "anchors.weight": 0.95},
+        {"append_class_word": True, "num_vectors": 3, "anchors.mode": "initializer", "anchors.weight": 0.95},
     ),
     # BaTex's regression.sh: top-720 by dot product, lr 5e-4 x batch 4, 500 steps
     "batex.yaml": (

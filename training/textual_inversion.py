@@ -15,8 +15,11 @@ masked epsilon-MSE of `training.concept_data`. Variants, by config keys:
 - `anchors.enabled=true`: semantic inversion (`encoders.anchors`): (1 - lambda) L_rec + lambda L_anc
   with sparse-coded anchor words (paper: lambda = 0.95); combinable with either of the above.
 
-Output in `output_dir`: `learned_embeds.safetensors` ({placeholder: [1, D]}) that diffusers loads
-with `pipe.load_textual_inversion(output_dir, token="S*")`, `concept.json` (what was learned, for
+`num_vectors=N` (Compositional Inversion's script: 3) makes the placeholder stand for N vectors, put in at its
+position in training as diffusers' prompt expansion ("S*" -> "S* S*_1 S*_2") puts them at inference.
+
+Output in `output_dir`: `learned_embeds.safetensors` ({placeholder: [N, D]}, N = 1 by default) that diffusers
+loads with `pipe.load_textual_inversion(output_dir, token="S*")`, `concept.json` (what was learned, for
 `inference.evaluate`), `subspace/` for BaTex, checkpoints and logs.
 """
 
@@ -110,6 +113,12 @@ class TextualInversionConfig(FinetuneConfig):
     append_class_word: bool = keyed_field(
         "caption with 'S* <class_word>' instead of 'S*' (compositional-inversion style)", False
     )
+    num_vectors: int = keyed_field(
+        "vectors the placeholder stands for (Compositional Inversion's script: 3), each started at the initializer; "
+        "exported as one [N, D] embedding, which diffusers' load_textual_inversion reads as S*, S*_1, ... and "
+        "expands in prompts",
+        1,
+    )
     subspace: SubspaceConfig = field(default_factory=SubspaceConfig)
     anchors: InversionAnchorsConfig = field(default_factory=InversionAnchorsConfig)
 
@@ -131,6 +140,12 @@ class TextualInversionConfig(FinetuneConfig):
             raise ConfigError(
                 f"subspace.selection must be one of {', '.join(SELECTIONS)}, got {self.subspace.selection!r}"
             )
+        if self.num_vectors < 1:
+            raise ConfigError(f"num_vectors must be at least 1, got {self.num_vectors}")
+        if self.num_vectors > 1 and self.subspace.enabled:
+            raise ConfigError(
+                "num_vectors > 1 is for plain Textual Inversion; BaTex learns one word (subspace.enabled)"
+            )
         if self.subspace.dim_2 < 0:
             raise ConfigError(
                 f"subspace.dim_2 must be 0 (the same fraction as dim) or positive, got {self.subspace.dim_2}"
@@ -138,15 +153,22 @@ class TextualInversionConfig(FinetuneConfig):
 
 
 class LearnedEmbedding(ModelMixin, ConfigMixin):
-    """Textual Inversion's free word embedding v (`forward()` -> `[embedding_dim]`)."""
+    """Textual Inversion's free word embedding v (`forward()` -> `[embedding_dim]`, or `[num_vectors,
+    embedding_dim]` for a placeholder that stands for several vectors)."""
 
     @register_to_config
-    def __init__(self, embedding_dim: int, initializer_token: str | None = None):
+    def __init__(self, embedding_dim: int, initializer_token: str | None = None, num_vectors: int = 1):
         super().__init__()
-        self.embedding = nn.Parameter(torch.zeros(embedding_dim))
+        shape = (embedding_dim,) if num_vectors == 1 else (num_vectors, embedding_dim)
+        self.embedding = nn.Parameter(torch.zeros(shape))
 
     def forward(self) -> torch.Tensor:
         return self.embedding
+
+
+def as_rows(vector: torch.Tensor) -> torch.Tensor:
+    """A learned word as `[N, D]` rows (one vector -> one row)."""
+    return vector[None] if vector.ndim == 1 else vector
 
 
 class TextualInversionTask(ConceptFinetuneTask):
@@ -204,9 +226,9 @@ class TextualInversionTask(ConceptFinetuneTask):
         vocab = text_encoder.get_input_embeddings().weight.detach().float()
         init_id = tokenizer(config.initializer_token, add_special_tokens=False).input_ids[0]
         if not config.subspace.enabled:
-            word = LearnedEmbedding(vocab.shape[1], config.initializer_token).to(self.device)
+            word = LearnedEmbedding(vocab.shape[1], config.initializer_token, config.num_vectors).to(self.device)
             with torch.no_grad():
-                word.embedding.copy_(vocab[init_id])
+                word.embedding.copy_(vocab[init_id].expand_as(word.embedding))  # every vector at the initializer
             return word
         special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
         word = TextualSubspace.from_vocabulary(
@@ -241,7 +263,10 @@ class TextualInversionTask(ConceptFinetuneTask):
         side by side, and the pooled embedding + size numbers (`StableDiffusionXLPipeline`'s encoding)."""
         sd = self.sd
         vectors = [models["learned_word"]()] + ([models["learned_word_2"]()] if sd.is_sdxl else [])
-        words = torch.cat([v.to(sd.text_encoder.dtype) for v in vectors], dim=-1).expand(len(prompts), 1, -1)
+        # N vectors go in at the placeholder's position, the rest of the prompt after them: what diffusers'
+        # expansion of "S*" into "S* S*_1 ... S*_{N-1}" gives at inference
+        rows = torch.cat([as_rows(v).to(sd.text_encoder.dtype) for v in vectors], dim=-1)
+        words = rows[None].expand(len(prompts), -1, -1)
         ids = [[self.placeholder_id]] + ([[self.placeholder_id_2]] if sd.is_sdxl else [])
         text = encode_prompt_with_words(sd.text_encoders, sd.token_ids(prompts, self.device), ids, [words])
         return text.prompt_embeds, sd.added_conditioning(text.pooled_prompt_embeds, self.config.data.resolution)
@@ -255,7 +280,7 @@ class TextualInversionTask(ConceptFinetuneTask):
             return rec_loss, {}
         lam = self.config.anchors.weight
         vectors = [models["learned_word"]()] + ([models["learned_word_2"]()] if "learned_word_2" in models else [])
-        anc = self.anchors(torch.cat(vectors, dim=-1).float())
+        anc = self.anchors(torch.cat([as_rows(v) for v in vectors], dim=-1).float())  # each vector, averaged
         return (1 - lam) * rec_loss + lam * anc, {"anchor_loss": anc.detach()}
 
     @torch.no_grad()
@@ -287,11 +312,11 @@ class TextualInversionTask(ConceptFinetuneTask):
 
         export_dir = Path(export_dir)
         word = models["learned_word"]
-        vector = word().detach().float().cpu()[None]
+        vector = as_rows(word().detach().float().cpu())
         if "learned_word_2" in models:  # SDXL: the layout its pipelines' load_textual_inversion reads per encoder
             tensors = {
                 "clip_l": vector.contiguous(),
-                "clip_g": models["learned_word_2"]().detach().float().cpu()[None].contiguous(),
+                "clip_g": as_rows(models["learned_word_2"]().detach().float().cpu()).contiguous(),
             }
         else:
             tensors = {self.config.placeholder_token: vector.contiguous()}
