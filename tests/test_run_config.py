@@ -118,6 +118,7 @@ def test_every_shipped_training_config_loads_into_its_trainer_config():
     from inference.evaluate import EvalConfig
     from training.global_mapping import GlobalMappingConfig
     from training.infusion import InfusionConfig
+    from training.ip_adapter import IPAdapterConfig
     from training.local_mapping import LocalMappingConfig
     from training.location_mlp import LocationMLPConfig
     from training.textual_inversion import TextualInversionConfig
@@ -129,6 +130,7 @@ def test_every_shipped_training_config_loads_into_its_trainer_config():
         "textual_inversion": TextualInversionConfig,
         "batex": TextualInversionConfig,
         "infusion": InfusionConfig,
+        "ip_adapter": IPAdapterConfig,
         "evaluate": EvalConfig,
     }
     root = Path(__file__).resolve().parent.parent / "configs"
