@@ -25,7 +25,10 @@ under every condition (paired), with the caption "a photo of a S*":
 - `--parts elite,multiphoto`: with the stage-2 encoders, several photos of a DreamBooth concept
   encoded together vs. each alone, on each of its photos held out in turn (`multiphoto_results`);
 - `--parts finetunes`: Textual Inversion, BaTex and Infusion per concept on held-out photos, at every
-  quarter of training, and Textual Inversion with and without the anchor loss (`finetune_results`).
+  quarter of training, and Textual Inversion with and without the anchor loss (`finetune_results`);
+- `--parts ip_adapter`: an IP-Adapter (`training.ip_adapter`, official lr and drop rates) trained on the same
+  crops, measured like stage 1: the crop's own image prompt vs another held-out crop's vs none, trained vs
+  untrained; on the world also identity in generation (`ip_adapter_results`).
 
 Each row is a mean difference of the denoising loss (epsilon MSE) with a paired bootstrap 95 %
 interval over the draws; "learned" means the interval excludes zero. Prints a table, writes JSON
