@@ -58,7 +58,7 @@ from encoders.common.version import DISTRIBUTION, package_version
 from .composition import default_words, parse_token_box, plan_guidance
 from .concept import Concept, ConceptFileError
 from .encoding import concept_photos, encode_concept_standalone
-from .families import FamilyInputs, family_pipeline, load_loras
+from .families import FamilyInputs, family_pipeline, load_ip_adapter, load_loras
 from .finetuned import FinetuneFolderError, read_finetune, seeded_noise
 from .guidance import SpatialGuidanceConfig, concepts_from_words, generate_with_spatial_guidance, predict_boxes
 from .inputs import (
@@ -380,6 +380,21 @@ def build_parser() -> argparse.ArgumentParser:
         "repeatable",
     )
     family.add_argument("--lora-scale", type=_number(float), default=1.0, metavar="S", help="weight of every --lora")
+    family.add_argument(
+        "--ip-adapter",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="an IP-Adapter (training.ip_adapter's export, or a Hub repo with ip_adapter/), loaded with diffusers' "
+        "load_ip_adapter; with ELITE both act (needs --ip-adapter-image)",
+    )
+    family.add_argument("--ip-adapter-image", default=None, metavar="IMG", help="the IP-Adapter's image prompt")
+    family.add_argument(
+        "--ip-adapter-scale",
+        type=_number(float, low=0.0),
+        default=1.0,
+        metavar="S",
+        help="weight of the image prompt (default 1.0)",
+    )
     out = gen.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="folder for images, grid.png and settings.json")
     out.add_argument("--save-concepts", action="store_true", help="also write each encoded concept as safetensors")
@@ -484,6 +499,10 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
         _family_inputs(args).check()
     except ConceptInputError as err:
         parser.error(str(err))
+    if bool(args.ip_adapter) != bool(args.ip_adapter_image):
+        parser.error("--ip-adapter and --ip-adapter-image go together (the adapter reads the image prompt)")
+    if args.ip_adapter and (args.box or args.spatial_guidance or args.guide_word):
+        parser.error("spatial guidance runs its own text-to-image denoising loop: not with --ip-adapter")
     if _family_inputs(args).any and (args.box or args.spatial_guidance or args.guide_word):
         parser.error(
             "spatial guidance runs its own text-to-image denoising loop: not with --init-image / --inpaint-mask / "
@@ -639,6 +658,15 @@ def _run_generate(args) -> dict:
         pipe, family_kwargs = family_pipeline(pipe, family, width, height)
         pipe.set_progress_bar_config(disable=args.quiet)
         generator_api = generator_api.with_pipeline(pipe)
+    if args.ip_adapter:
+        if residuals:
+            raise ConceptInputError(
+                "an Infusion fine-tune samples through its own dual-stream call: not with --ip-adapter"
+            )
+        family_kwargs = {
+            **family_kwargs,
+            **load_ip_adapter(pipe, args.ip_adapter, args.ip_adapter_image, args.ip_adapter_scale),
+        }
     guided = bool(args.box) or args.spatial_guidance or bool(args.guide_word)
     if guided:
         try:
@@ -798,6 +826,9 @@ def _run_generate(args) -> dict:
         if family.any
         else None,
         "loras": [{"source": s, "adapter": a, "scale": args.lora_scale} for s, a in zip(args.lora, loras)],
+        "ip_adapter": {"source": args.ip_adapter, "image": args.ip_adapter_image, "scale": args.ip_adapter_scale}
+        if args.ip_adapter
+        else None,
         "finetunes": finetune_records,
         "spatial_guidance": {
             "boxes_given": [{"token": t, "box": list(b)} for t, b in args.box],

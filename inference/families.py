@@ -116,3 +116,28 @@ def load_loras(pipe, sources: Sequence[str], scale: float = 1.0) -> list[str]:
     if names:
         pipe.set_adapters(names, adapter_weights=[float(scale)] * len(names))
     return names
+
+
+def load_ip_adapter(pipe, source: str, image: str, scale: float = 1.0) -> dict:
+    """An IP-Adapter (a `training.ip_adapter` export, its `ip_adapter/` folder, or a Hub repo with `ip_adapter/`)
+    loaded with diffusers' `load_ip_adapter` at `scale`; returns the call keywords with the image prompt. ELITE on
+    the same pipeline adds the image prompt's attention to its own (`encoders.attention`)."""
+    from encoders.ip_adapter import EXPORT_FILE
+
+    from .methods import MethodError, locate_ip_adapter
+
+    try:
+        folder, subfolder = locate_ip_adapter(source)
+        pipe.load_ip_adapter(folder, subfolder=subfolder, weight_name=EXPORT_FILE)
+    except (OSError, ValueError, MethodError) as err:
+        raise ConceptInputError(f"--ip-adapter {source}: cannot be loaded as an IP-Adapter ({err})") from None
+    pipe.set_ip_adapter_scale(float(scale))
+    try:
+        with Image.open(image) as opened:
+            check_pixel_count(opened, image)
+            picture = opened.convert("RGB")
+    except FileNotFoundError:
+        raise ConceptInputError(f"--ip-adapter-image {image}: no such file") from None
+    except (OSError, ValueError) as err:
+        raise ConceptInputError(f"--ip-adapter-image {image}: not a readable image ({err})") from None
+    return {"ip_adapter_image": picture}

@@ -414,3 +414,35 @@ def test_two_process_deepspeed_bf16_plus_exports_fp32(tiny_sd_path, tiny_ip_imag
     assert torch.equal(exported["ip_adapter.1.to_k_ip.weight"].to(torch.bfloat16), ckpt[key])
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
     _load(out / "encoders", pipe)
+
+
+def test_generate_with_ip_adapter_and_elite_from_the_command_line(
+    tiny_sd_path, tiny_encoders_path, ip_folder, data_dir, tmp_path, capsys
+):
+    """`generate --ip-adapter DIR --ip-adapter-image IMG` beside an ELITE concept (and in img2img): the image prompt
+    changes the picture, settings.json records it; the option pair and guidance are checked before any model loads."""
+    import json
+
+    from inference.cli import main as cli_main
+
+    PROMPT_IMAGE.save(tmp_path / "prompt.png")
+    common = [
+        "generate", "--base", str(tiny_sd_path), "--encoders", str(tiny_encoders_path), "--image",
+        str(data_dir / TEAPOT), "--prompt", "a photo of S*", "--steps", "2", "--quiet",
+    ]  # fmt: skip
+    ip = ["--ip-adapter", str(ip_folder), "--ip-adapter-image", str(tmp_path / "prompt.png")]
+    pictures = {}
+    for name, extra in {
+        "elite": [],
+        "both": ip,
+        "both_img2img": [*ip, "--init-image", str(tmp_path / "prompt.png")],
+    }.items():
+        assert cli_main([*common, *extra, "--out", str(tmp_path / name)]) == 0
+        settings = json.loads((tmp_path / name / "settings.json").read_text())
+        pictures[name] = np.asarray(Image.open(tmp_path / name / settings["prompts"][0]["images"][0]), np.float32)
+    assert settings["pipeline"] == "StableDiffusionImg2ImgPipeline" and settings["ip_adapter"]["scale"] == 1.0
+    assert np.abs(pictures["both"] - pictures["elite"]).max() > 0
+    for bad, message in ((ip[:2], "go together"), ([*ip, "--box", "0,0,1,1"], "spatial guidance")):
+        with pytest.raises(SystemExit):
+            cli_main([*common, *bad, "--out", str(tmp_path / "bad")])
+        assert message in capsys.readouterr().err
