@@ -245,18 +245,22 @@ class IPAdapterTask(TrainingTask):
     def validation_pipeline(self):
         """A stock diffusers pipeline over the frozen parts, the UNet with the adapter being trained and the
         image encoder registered: validation pictures come from `pipe(prompt, ip_adapter_image=crop)`."""
+        pipe = self.sd.sampling_pipeline()
+        pipe.register_modules(image_encoder=self.image_encoder, feature_extractor=self.image_processor())
+        pipe.set_ip_adapter_scale(self.config.validation_ip_scale)
+        return pipe
+
+    def image_processor(self):
+        """The image encoder's own `CLIPImageProcessor`, or, when none is saved, the one `load_ip_adapter` makes
+        (CLIP's statistics at the encoder's size)."""
         from transformers import CLIPImageProcessor
 
         cfg = self.config
-        pipe = self.sd.sampling_pipeline()
-        size = int(self.image_encoder.config.image_size)
         try:
-            processor = CLIPImageProcessor.from_pretrained(cfg.image_encoder_name_or_path, **cfg.image_encoder_kwargs)
-        except OSError:  # no preprocessor saved: what load_ip_adapter makes in that case
-            processor = CLIPImageProcessor(size=size, crop_size=size)
-        pipe.register_modules(image_encoder=self.image_encoder, feature_extractor=processor)
-        pipe.set_ip_adapter_scale(cfg.validation_ip_scale)
-        return pipe
+            return CLIPImageProcessor.from_pretrained(cfg.image_encoder_name_or_path, **cfg.image_encoder_kwargs)
+        except OSError:
+            size = int(self.image_encoder.config.image_size)
+            return CLIPImageProcessor(size=size, crop_size=size)
 
     def validation_images(self, models, step: int) -> list | None:
         cfg = self.config
@@ -298,7 +302,7 @@ class IPAdapterTask(TrainingTask):
     # ---- export -------------------------------------------------------------------------------
     def export(self, models, export_dir: Path) -> list[str]:
         """`ip_adapter/ip_adapter.safetensors` (official layout, fp32) and `ip_adapter/image_encoder/`."""
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
 
         cfg = self.config
         adapter = fp32_module(models["ip_adapter"], "ip_adapter", cfg.output_dir)
@@ -308,12 +312,7 @@ class IPAdapterTask(TrainingTask):
                 sub = cfg.image_encoder_kwargs
                 encoder = CLIPVisionModelWithProjection.from_pretrained(cfg.image_encoder_name_or_path, **sub)
                 encoder.save_pretrained(Path(tmp) / "image_encoder", safe_serialization=True)
-                try:
-                    CLIPImageProcessor.from_pretrained(cfg.image_encoder_name_or_path, **sub).save_pretrained(
-                        Path(tmp) / "image_encoder"
-                    )
-                except OSError:
-                    pass  # load_ip_adapter makes a processor of the encoder's size when none is saved
+                self.image_processor().save_pretrained(Path(tmp) / "image_encoder")
         return [f"ip_adapter/{EXPORT_FILE}"] + (["ip_adapter/image_encoder/"] if cfg.export_image_encoder else [])
 
     def model_card(self) -> str:
