@@ -59,6 +59,22 @@ def test_latent_fisher_divergence_known_values():
     assert metrics.latent_fisher_divergence(eps, eps + 0.5) == pytest.approx(32.0, rel=1e-5)
 
 
+def test_a_v_prediction_is_measured_as_the_noise_it_implies():
+    """Fisher divergence is on scores: a v-prediction base's outputs are turned back into the noise they imply
+    (the noise that made the noisy latent, for the exact v), so SD 2.x-style bases are measured like SD v1's."""
+    from diffusers import DDPMScheduler
+
+    from inference.evaluation.overfitting import as_epsilon
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in (10, 500, 999):
+        step = torch.tensor([t, t])
+        noisy = scheduler.add_noise(x0, noise, step)
+        velocity = scheduler.get_velocity(x0, noise, step)
+        assert torch.allclose(as_epsilon(scheduler, velocity, noisy, step), noise, atol=1e-4)
+
+
 def test_gaussian_w2_known_values():
     torch.manual_seed(0)
     x = torch.randn(40, 500)  # D >> N: exact through the nuclear-norm form

@@ -154,6 +154,9 @@ class OverfittingMeasures:
         finally:
             self.generator.release_elite()
             self.generator.release_ip_adapter()
+        if noising.config.prediction_type == "v_prediction":  # the measure is on scores, i.e. noise predictions
+            eps_base = [as_epsilon(noising, v, noisy, t) for v, (noisy, t, _) in zip(eps_base, inputs)]
+            eps_custom = [as_epsilon(noising, v, noisy, t) for v, (noisy, t, _) in zip(eps_custom, inputs)]
         return latent_fisher_divergence(torch.cat(eps_base), torch.cat(eps_custom))
 
     def measure(self, row: Row, items) -> dict:
@@ -190,3 +193,9 @@ class OverfittingMeasures:
                 z0, prompts = fisher_data[kind]
                 out[key] = self.fisher_divergence(row, z0, prompts)
         return out
+
+
+def as_epsilon(scheduler, v_prediction: torch.Tensor, noisy: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """A v-prediction UNet's output as the noise prediction it implies: eps = sqrt(a) v + sqrt(1 - a) x_t."""
+    alpha = scheduler.alphas_cumprod[timestep.cpu()].view(-1, 1, 1, 1).float()
+    return alpha.sqrt() * v_prediction.float() + (1 - alpha).sqrt() * noisy.float().cpu()
