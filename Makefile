@@ -109,7 +109,8 @@ demo: demo-models demo-base demo-shards demo-elite demo-generate demo-compose de
 # 1. the models: the trained world (written out from encoders/assets/world) or a random tiny bundle, plus the
 #    evaluation stand-ins (eval CLIP, DINO, DETR, CLIPSeg; random tiny ones)
 demo-models: $(M)/.done
-$(M)/.done: | $(STAMP)
+# a newly shipped world (its card changes with every set) is written out again
+$(M)/.done: $(if $(filter world,$(BASE)),encoders/assets/world/README.md) | $(STAMP)
 ifeq ($(BASE),world)
 	$(PY) -m encoders.world --out $(M)
 	$(PY) -m encoders.tiny --out $(M) --only eval_clip --only dino --only detector --only clipseg

@@ -7,7 +7,8 @@ reads with the real `from_pretrained(path)` code, in fp32:
 
     python -m encoders.world --out outputs/demo/models     # sd/, image_encoder/, clip/, classifier/
 
-- `sd/`: a `StableDiffusionPipeline` folder (UNet, KL VAE, the CLIP text tower, SD v1-4's PNDM schedule,
+- `sd/`: a `StableDiffusionPipeline` folder (UNet, KL VAE, the CLIP text tower, SD v1-4's PNDM schedule with the
+  UNet's prediction type,
   the real CLIP tokenizer);
 - `image_encoder/`: the same CLIP's vision tower as a `CLIPVisionModel` (ELITE's image encoder);
 - `clip/`: the whole `CLIPModel` (both towers and projections) with its processor;
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .common.config import parse_keyed_args, program_name
-from .common.files import atomic_directory, sha256_file
+from .common.files import atomic_directory, atomic_write_bytes, sha256_file
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "world"
 PARTS = ("unet", "vae", "clip", "classifier")
@@ -93,19 +94,34 @@ def load_part(part: str, folder: Path = ASSETS):
     return model.eval()
 
 
+def shipped_scheduler(folder: Path = ASSETS):
+    """The pipeline's PNDM scheduler as shipped (`scheduler.json`: SD v1-4's schedule and the prediction type the
+    UNet was trained for); SD v1-4's own, epsilon, for a set shipped before the file existed."""
+    from diffusers import PNDMScheduler
+
+    from .tiny import SCHEDULER_KWARGS
+
+    path = folder / "scheduler.json"
+    if not path.is_file():
+        return PNDMScheduler(**SCHEDULER_KWARGS)
+    return PNDMScheduler.from_config(json.loads(path.read_text()))
+
+
 def write_world_models(out: str | Path, folder: Path = ASSETS, force: bool = False) -> dict[str, Path]:
     """Write sd/, image_encoder/, clip/ and classifier/ under `out` from the shipped files (checked first)."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTextModel, CLIPVisionModel, ViTImageProcessor
 
     from .clip_features import CLIP_MEAN, CLIP_STD
-    from .tiny import SCHEDULER_KWARGS
     from .tokenizer import build_clip_tokenizer, save_clip_tokenizer
 
     check_assets(folder)
     out = Path(out)
     written = {name: out / name for name in ("sd", "image_encoder", "clip", "classifier")}
-    if not force and all(p.exists() for p in written.values()):
+    # folders written from another shipped set (an older checkout's) are written again, not reused
+    stamp, card = out / "world_card.sha256", sha256_file(folder / "README.md")
+    current = stamp.is_file() and stamp.read_text().strip() == card
+    if not force and current and all(p.exists() for p in written.values()):
         return written
     clip = load_part("clip", folder)
     processor = CLIPImageProcessor(
@@ -124,7 +140,7 @@ def write_world_models(out: str | Path, folder: Path = ASSETS, force: bool = Fal
         vae=load_part("vae", folder),
         text_encoder=text_encoder,
         tokenizer=build_clip_tokenizer(),
-        scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
+        scheduler=shipped_scheduler(folder),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -141,6 +157,7 @@ def write_world_models(out: str | Path, folder: Path = ASSETS, force: bool = Fal
         ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
             tmp
         )
+    atomic_write_bytes(stamp, (card + "\n").encode())
     return written
 
 

@@ -23,6 +23,7 @@ taps layers 24, 4, 8, 12 and 16). Frozen inputs of a later stage are read from e
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -100,6 +101,12 @@ class WorldConfig(TrainConfig):
         "noisy latent, so without it the UNet takes the background from there instead of the caption; 0: off",
         0.0,
     )
+    prediction_type: Literal["epsilon", "v_prediction"] | None = keyed_field(
+        "unet: what the UNet predicts: epsilon (SD v1) or v_prediction (SD 2.x), written into the pipeline's "
+        "scheduler config, which every sampler and trainer of the repository reads; default: the init_from "
+        "pipeline's, else epsilon",
+        None,
+    )
     kl_weight: float = keyed_field("vae: weight of the KL term (SD's VAE: 1e-6)", 1e-6)
     shape_groups: int = keyed_field(
         "clip: each batch holds groups of this many scenes that differ only in shape (same colour, pattern, "
@@ -145,6 +152,20 @@ class WorldConfig(TrainConfig):
         if self.vae_path is None and self.init_from:
             return Path(self.init_from) / "sd" / "vae"
         return self.export_path("vae", self.vae_path)
+
+    def resolved_prediction_type(self) -> str:
+        """`prediction_type`, else the continued pipeline's (a UNet keeps what it learned to predict), else epsilon;
+        a continued pipeline trained for the other one is refused."""
+        continued = None
+        if self.init_from and (Path(self.init_from) / "sd/scheduler/scheduler_config.json").is_file():
+            config = json.loads((Path(self.init_from) / "sd/scheduler/scheduler_config.json").read_text())
+            continued = config.get("prediction_type", "epsilon")
+        if self.prediction_type and continued and self.prediction_type != continued:
+            raise ConfigError(
+                f"prediction_type={self.prediction_type}, but the UNet in init_from={self.init_from} was trained for "
+                f"{continued} (its sd/scheduler/scheduler_config.json)"
+            )
+        return self.prediction_type or continued or "epsilon"
 
     def initial(self, part: str) -> Path | None:
         """Where `init_from` keeps this stage's model (None: from scratch); a clear error when it is missing."""
@@ -284,7 +305,8 @@ class WorldTask(TrainingTask):
                     k: v
                     for k, v in SCHEDULER_KWARGS.items()
                     if k not in ("skip_prk_steps", "set_alpha_to_one", "steps_offset")
-                }
+                },
+                prediction_type=cfg.resolved_prediction_type(),
             )
             self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
@@ -416,7 +438,11 @@ class WorldTask(TrainingTask):
         with torch.set_grad_enabled(self.config.train_text_encoder):
             context = text_encoder(batch["input_ids"]).last_hidden_state
         pred = unet(noisy, steps, context).sample
-        return F.mse_loss(pred.float(), noise.float()), {}
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, steps)
+        else:
+            target = noise
+        return F.mse_loss(pred.float(), target.float()), {}
 
     # ---- export ---------------------------------------------------------------------------------
     def export(self, models, export_dir: Path) -> list[str]:
@@ -462,7 +488,7 @@ class WorldTask(TrainingTask):
             vae=self.vae,
             text_encoder=text_encoder.cpu(),
             tokenizer=self.tokenizer,
-            scheduler=PNDMScheduler(**SCHEDULER_KWARGS),
+            scheduler=PNDMScheduler(**SCHEDULER_KWARGS, prediction_type=self.noise_scheduler.config.prediction_type),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

@@ -78,7 +78,14 @@ def run_summary(models: Path, logs: Path | None, stage: str) -> dict:
     return {"config": config, "wall_seconds": seconds or None}
 
 
-def card(hashes: dict[str, str], runs: dict[str, dict], metrics: dict | None, commit: str, notes: str = "") -> str:
+def card(
+    hashes: dict[str, str],
+    runs: dict[str, dict],
+    metrics: dict | None,
+    commit: str,
+    notes: str = "",
+    prediction: str = "epsilon",
+) -> str:
     lines = [
         "---",
         "license: apache-2.0",
@@ -97,8 +104,8 @@ def card(hashes: dict[str, str], runs: dict[str, dict], metrics: dict | None, co
         "| `clip` | CLIP text + vision towers, contrastive; the text tower is the pipeline's text encoder, the vision "
         "tower ELITE's image encoder | `CLIPModel`: text 3 x 48, vision 24 x 48 on 8 px patches at 64 px |",
         "| `vae` | KL autoencoder, factor 4 (64 px -> 16 x 16 x 4) | `AutoencoderKL` (16, 32, 64) |",
-        "| `unet` | text-conditioned, epsilon, SD v1-4's noise schedule, 10 % empty captions | `UNet2DConditionModel` "
-        "(32, 64, 128), cross-attention at 8 x 8 and 4 x 4 |",
+        f"| `unet` | text-conditioned, {prediction}, SD v1-4's noise schedule, 10 % empty captions | "
+        "`UNet2DConditionModel` (32, 64, 128), cross-attention at 8 x 8 and 4 x 4 |",
         "| `classifier` | attribute classifier for evaluation only (multi-label) | `ResNetForImageClassification` |",
         "",
         "## How they were made",
@@ -175,7 +182,12 @@ def ship(models: Path, logs: Path | None, out: Path, metrics_path: Path | None, 
             (tmp / f"{part}.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
             for name in (f"{part}.safetensors", f"{part}.json"):
                 hashes[name] = sha256_file(tmp / name)
-        (tmp / "README.md").write_text(card(hashes, summaries, metrics, commit, notes))
+        # the pipeline's noise schedule and prediction type (epsilon or v), which the UNet was trained for
+        scheduler = json.loads((models / "sd" / "scheduler" / "scheduler_config.json").read_text())
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler, indent=1) + "\n")
+        hashes["scheduler.json"] = sha256_file(tmp / "scheduler.json")
+        prediction = scheduler.get("prediction_type", "epsilon")
+        (tmp / "README.md").write_text(card(hashes, summaries, metrics, commit, notes, prediction))
         (tmp / "runs.json").write_text(
             json.dumps({"shipped": datetime.date.today().isoformat(), **summaries}, indent=1, default=str) + "\n"
         )
