@@ -127,13 +127,18 @@ def test_the_recipe_trains_every_stage_and_exports_real_model_folders(tmp_path, 
                 f"output_dir={tmp_path / stage}",
                 *common,
                 *(["shape_groups=4"] if stage == "clip" else []),
-                *(["train_text_encoder=true", "noise_offset=0.1"] if stage == "unet" else []),
+                *(
+                    ["train_text_encoder=true", "noise_offset=0.1", "prediction_type=v_prediction"]
+                    if stage == "unet"
+                    else []
+                ),
             ],
         )
         run_training(WorldTask(config))
         _reset_accelerate()  # each stage is its own run, as on the command line
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "models/sd", safety_checker=None)
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # what the UNet was trained for, for every sampler
     image = pipe("a photo of a red star on a gray background", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
     assert CLIPVisionModel.from_pretrained(tmp_path / "models/image_encoder").config.image_size == 64
@@ -174,6 +179,33 @@ def test_written_out_models_equal_the_shipped_weights(world_models):
     written = UNet2DConditionModel.from_pretrained(world_models / "sd", subfolder="unet")
     for (name, a), (_, b) in zip(shipped.state_dict().items(), written.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_written_out_models_follow_the_shipped_set(tmp_path):
+    """The pipeline's scheduler is the shipped one (the prediction type the UNet was trained for), and folders
+    written from another shipped set (a card that changed) are written again instead of being reused."""
+    import json
+    import shutil
+
+    from diffusers import PNDMScheduler
+
+    from encoders.world import ASSETS, write_world_models
+
+    assets = tmp_path / "assets"
+    shutil.copytree(ASSETS, assets)
+    out = write_world_models(tmp_path / "models", assets)
+    scheduler = PNDMScheduler.from_pretrained(out["sd"], subfolder="scheduler")
+    shipped = json.loads((ASSETS / "scheduler.json").read_text())
+    assert scheduler.config.prediction_type == shipped["prediction_type"]
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.steps_offset == 1
+    unet = out["sd"] / "unet" / "config.json"
+    unet.write_text(unet.read_text().replace('"sample_size": 16', '"sample_size": 15'))  # a stale folder
+    write_world_models(tmp_path / "models", assets)
+    assert '"sample_size": 15' in unet.read_text()  # the same set: reused as it is
+    with (assets / "README.md").open("a") as card:
+        card.write("\nA newer set.\n")
+    write_world_models(tmp_path / "models", assets)
+    assert '"sample_size": 16' in unet.read_text()  # another set: written again
 
 
 # ---- what is learned on it ------------------------------------------------------------------------------------
@@ -238,6 +270,13 @@ def test_a_later_run_continues_the_shipped_models(world_models, tmp_path, fresh_
     assert all(torch.allclose(exported[k], shipped[k], atol=1e-6) for k in shipped)
     with pytest.raises(ConfigError, match="init_from"):
         parse_config_cli(WorldConfig, ["stage=classifier", f"init_from={tmp_path}"]).initial("classifier")
+    # the continued UNet keeps what it predicts: by default its pipeline's prediction type, the other one refused
+    shipped_type = parse_config_cli(WorldConfig, ["stage=unet", f"init_from={world_models}"]).resolved_prediction_type()
+    other = {"epsilon": "v_prediction", "v_prediction": "epsilon"}[shipped_type]
+    with pytest.raises(ConfigError, match="trained for"):
+        parse_config_cli(
+            WorldConfig, ["stage=unet", f"init_from={world_models}", f"prediction_type={other}"]
+        ).resolved_prediction_type()
 
 
 def test_the_base_follows_a_colour_word(world_models):
