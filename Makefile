@@ -36,7 +36,8 @@ BASE_PROMPT := a photo of a red star on a green background
 GEN_PROMPTS := --prompt "a photo of S* on a green background" --prompt "a photo of S* on a white background"
 GUIDE_PROMPT := a red square and a blue heart on a gray background
 GUIDE_WORDS := square heart
-GUIDE_ARGS := --steps 25 --guidance-steps 10 --iterations 3 --step-size 1e3
+# layout guidance's own step size (30): 1e3 wrecks the trained world's images (30 keeps them, L_loc 0.83 -> 0.72)
+GUIDE_ARGS := --steps 25 --guidance-steps 10 --iterations 3 --step-size 30
 FT_PROMPTS := --prompt "a photo of S* on a blue background" --prompt "a photo of a red star on a blue background"
 WORLD_KEYS := data.clip_size=64
 # CoI on the world: its attribute classifier says which shapes a picture holds (DETR knows no world shapes)

@@ -9,6 +9,9 @@ single-object scenes, world seed 7:
 - CLIP zero-shot accuracy per attribute: the true caption against the same caption with that
   attribute replaced by each other value (chance 1 / number of values);
 - the world classifier's accuracy on the real renders (how far its readings of generated images can be trusted);
+- where the background comes from: at high timesteps, the squared error of the per-channel mean of the UNet's
+  predicted clean latent (the picture's global colour) with the own caption, with the background word
+  changed, and with the empty caption; a UNet that ignores the caption for it scores the same three times;
 - generation: the UNet samples each held-out caption (PNDM, `--steps`, guidance `--guidance`) and the
   classifier reads background, colour, shape and pattern from the result; accuracy vs chance, and the
   same for the empty prompt (what the classifier finds without any text: the floor).
@@ -142,6 +145,53 @@ def clip_zero_shot(clip_dir: Path, scenes) -> dict[str, float]:
 
 
 @torch.no_grad()
+def caption_reliance(sd: Path, scenes, timesteps=(999, 900, 600), seed: int = 0) -> dict:
+    """timestep -> squared error of the predicted clean latent's per-channel means (own caption, another
+    background word, empty caption), on the scenes noised with one seeded draw; the variance of the means for scale."""
+    from diffusers import StableDiffusionPipeline
+
+    from data_prep.world import BACKGROUNDS
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd, safety_checker=None, requires_safety_checker=False)
+    scheduler, unet, vae = pipe.scheduler, pipe.unet, pipe.vae
+    latents = vae.encode(to_pixels([s.image for s in scenes])).latent_dist.mean * vae.config.scaling_factor
+    means = latents.mean(dim=(2, 3))
+
+    def embed(captions):
+        ids = pipe.tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        return pipe.text_encoder(ids)[0]
+
+    names = list(BACKGROUNDS)
+    other = [names[(names.index(s.background) + 3) % len(names)] for s in scenes]
+    texts = {
+        "own_caption": embed([caption_for(truth(s)) for s in scenes]),
+        "other_background": embed([caption_for({**truth(s), "background": b}) for s, b in zip(scenes, other)]),
+        "empty_caption": embed([""] * len(scenes)),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    out = {"variance_of_means": float(means.var())}
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=generator)
+        step = torch.full((len(scenes),), t)
+        noisy = scheduler.add_noise(latents, noise, step)
+        alpha = scheduler.alphas_cumprod[t]
+        row = {}
+        for name, text in texts.items():
+            pred = torch.cat(
+                [unet(noisy[i : i + 64], step[i : i + 64], text[i : i + 64]).sample for i in range(0, len(scenes), 64)]
+            )
+            if scheduler.config.prediction_type == "v_prediction":
+                clean = alpha.sqrt() * noisy - (1 - alpha).sqrt() * pred
+            else:
+                clean = (noisy - (1 - alpha).sqrt() * pred) / alpha.sqrt()
+            row[name] = float(((clean.mean(dim=(2, 3)) - means) ** 2).mean())
+        out[str(t)] = row
+    return out
+
+
+@torch.no_grad()
 def generate(sd: Path, captions: list[str], steps: int, guidance: float, seed: int) -> list:
     from diffusers import StableDiffusionPipeline
 
@@ -179,6 +229,7 @@ def run(args) -> dict:
     results["vae"] = vae_quality(models / "sd", scenes)
     results["clip_zero_shot"] = clip_zero_shot(models / "clip", scenes)
     results["classifier_on_renders"] = accuracy(classifier.read([s.image for s in scenes]), truths)
+    results["caption_reliance"] = caption_reliance(models / "sd", scenes, seed=args.seed)
     captions = [caption_for(t) for t in truths]
     generated = generate(models / "sd", captions, args.steps, args.guidance, args.seed)
     results["generation"] = accuracy(classifier.read(generated), truths)
@@ -217,6 +268,20 @@ def table(results: dict) -> str:
         ("generation_empty_prompt", "generated from the empty prompt"),
     ):
         lines.append(f"| {name} | " + " | ".join(f"{100 * results[key][g]:.0f} %" for g in GROUPS) + " |")
+    reliance = results.get("caption_reliance")
+    if reliance:
+        lines += [
+            "",
+            "| predicted clean latent, error of its channel means (variance of the means: "
+            f"{reliance['variance_of_means']:.3f}) | own caption | other background word | empty caption |",
+            "|---|---|---|---|",
+        ]
+        for t, row in reliance.items():
+            if t != "variance_of_means":
+                lines.append(
+                    f"| timestep {t} | {row['own_caption']:.3f} | {row['other_background']:.3f} | "
+                    f"{row['empty_caption']:.3f} |"
+                )
     vae = results["vae"]
     lines.append(
         f"\nVAE: {vae['psnr_db']:.1f} dB PSNR, object colour error {vae['object_colour_error_8bit']:.1f} / 255"

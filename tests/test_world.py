@@ -299,6 +299,20 @@ def test_the_base_follows_a_colour_word(world_models):
     assert hits >= 10, f"{hits} of 24 images show the colour their caption asks for (chance: 3)"
 
 
+def test_the_base_takes_the_background_from_its_caption(world_models):
+    """At the last timestep, where sampling settles the picture's global colour, the shipped UNet's predicted clean
+    latent follows the caption's background word (an epsilon UNet of the same recipe did not: its prediction was
+    the same for any caption, so backgrounds followed the seed)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_world import caption_reliance, held_out_scenes
+
+    reliance = caption_reliance(world_models / "sd", held_out_scenes(16), timesteps=(999,))["999"]
+    assert reliance["own_caption"] < 0.25 * reliance["other_background"], reliance
+    assert reliance["own_caption"] < reliance["empty_caption"], reliance
+
+
 def test_the_world_classifier_is_a_presence_model_for_coi(world_models):
     """inference.evaluate's CoI on the world: the classifier (not DETR) says which shapes a picture holds; on real
     two-object scenes of held-out objects it finds the second object's shape far above chance (1 in 8)."""
