@@ -2,7 +2,7 @@
 
     python -m training.world --config configs/world/clip.yaml    # CLIP text + vision towers, contrastive
     python -m training.world --config configs/world/vae.yaml     # KL autoencoder (factor 4: 64 px -> 16x16x4)
-    python -m training.world --config configs/world/unet.yaml    # text-conditioned UNet, epsilon, SD v1 schedule
+    python -m training.world --config configs/world/unet.yaml    # text-conditioned UNet, v-prediction, SD v1 schedule
 
 Each stage renders its scenes with `data_prep.world` (a pool drawn once from `world_seed`, kept in
 `output_dir/pool-*.npz` so a resume does not redraw it) and exports into `export_dir`:
@@ -97,8 +97,8 @@ class WorldConfig(TrainConfig):
     )
     noise_offset: float = keyed_field(
         "unet: std of a per-image, per-channel constant added to the training noise (offset noise, as diffusers' "
-        "--noise_offset). At 16 x 16 latents SD v1's last timestep leaves the image's mean colour readable in the "
-        "noisy latent, so without it the UNet takes the background from there instead of the caption; 0: off",
+        "--noise_offset); 0: off. Tried on an epsilon UNet whose backgrounds followed the seed, it did not help "
+        "(v-prediction did: docs/world.md)",
         0.0,
     )
     prediction_type: Literal["epsilon", "v_prediction"] | None = keyed_field(
