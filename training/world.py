@@ -157,9 +157,9 @@ class WorldConfig(TrainConfig):
         """`prediction_type`, else the continued pipeline's (a UNet keeps what it learned to predict), else epsilon;
         a continued pipeline trained for the other one is refused."""
         continued = None
-        if self.init_from and (Path(self.init_from) / "sd/scheduler/scheduler_config.json").is_file():
-            config = json.loads((Path(self.init_from) / "sd/scheduler/scheduler_config.json").read_text())
-            continued = config.get("prediction_type", "epsilon")
+        scheduler_config = Path(self.init_from or "") / "sd/scheduler/scheduler_config.json"
+        if self.init_from and scheduler_config.is_file():
+            continued = json.loads(scheduler_config.read_text()).get("prediction_type", "epsilon")
         if self.prediction_type and continued and self.prediction_type != continued:
             raise ConfigError(
                 f"prediction_type={self.prediction_type}, but the UNet in init_from={self.init_from} was trained for "
