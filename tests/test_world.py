@@ -279,6 +279,47 @@ def test_a_later_run_continues_the_shipped_models(world_models, tmp_path, fresh_
         ).resolved_prediction_type()
 
 
+def test_a_decoder_fine_tune_keeps_the_encoder_and_its_latents(world_models, tmp_path, fresh_accelerate_state):
+    """`vae_parts=decoder`: the shipped VAE's encoder and latent scale come out unchanged (a UNet trained on its
+    latents stays valid) while the decoder moves; without a VAE to start from it is refused."""
+    from diffusers import AutoencoderKL
+
+    from encoders.common.config import ConfigError, parse_config_cli
+    from training.loop import run_training
+    from training.world import WorldConfig, WorldTask
+
+    config = parse_config_cli(
+        WorldConfig,
+        [
+            "stage=vae",
+            "vae_parts=decoder",
+            f"init_from={world_models}",
+            f"output_dir={tmp_path / 'run'}",
+            f"export_dir={tmp_path / 'models'}",
+            "pool_size=16",
+            "max_steps=2",
+            "train_batch_size=8",
+            "report_to=none",
+            "mixed_precision=no",
+            "checkpointing_steps=2",
+            "learning_rate=1e-3",
+            "lr_warmup_steps=0",
+        ],
+    )
+    run_training(WorldTask(config))
+    _reset_accelerate()
+    shipped = AutoencoderKL.from_pretrained(world_models / "sd" / "vae")
+    tuned = AutoencoderKL.from_pretrained(tmp_path / "models" / "vae")
+    assert tuned.config.scaling_factor == shipped.config.scaling_factor
+    before, after = shipped.state_dict(), tuned.state_dict()
+    encoder_keys = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder_keys = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder_keys and all(torch.equal(before[k], after[k]) for k in encoder_keys)
+    assert any(not torch.allclose(before[k], after[k]) for k in decoder_keys)
+    with pytest.raises(ConfigError, match="init_from"):
+        WorldConfig(stage="vae", vae_parts="decoder")
+
+
 def test_the_base_follows_a_colour_word(world_models):
     """The shipped UNet draws the colour its caption names: the world classifier reads it back far above chance."""
     from diffusers import StableDiffusionPipeline

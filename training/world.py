@@ -108,6 +108,12 @@ class WorldConfig(TrainConfig):
         None,
     )
     kl_weight: float = keyed_field("vae: weight of the KL term (SD's VAE: 1e-6)", 1e-6)
+    vae_parts: Literal["all", "decoder"] = keyed_field(
+        "vae: what trains: all (the whole autoencoder), or decoder (the init_from VAE's encoder, latent scale and "
+        "so every latent stay as they are, as in Stability AI's fine-tuned SD VAE decoders: a UNet and encoders "
+        "trained on those latents stay valid while the decoded pictures improve)",
+        "all",
+    )
     shape_groups: int = keyed_field(
         "clip: each batch holds groups of this many scenes that differ only in shape (same colour, pattern, "
         "background, "
@@ -137,6 +143,8 @@ class WorldConfig(TrainConfig):
             raise ConfigError(f"empty_caption_prob must be in [0, 1), got {self.empty_caption_prob}")
         if not 0 <= self.noise_offset < 1:
             raise ConfigError(f"noise_offset must be in [0, 1), got {self.noise_offset}")
+        if self.stage == "vae" and self.vae_parts == "decoder" and not self.init_from:
+            raise ConfigError("vae_parts=decoder fine-tunes a trained VAE's decoder: give init_from=<world models>")
 
     def export_path(self, name: str, given: str | None) -> Path:
         return Path(given) if given else Path(self.resolved_export_dir) / name
@@ -271,6 +279,9 @@ class WorldTask(TrainingTask):
 
             initial = cfg.initial("vae")
             self.model = AutoencoderKL.from_pretrained(initial) if initial else AutoencoderKL(**WORLD_VAE_KWARGS)
+            if cfg.vae_parts == "decoder":
+                self.model.encoder.requires_grad_(False)
+                self.model.quant_conv.requires_grad_(False)
         elif cfg.stage == "classifier":
             from transformers import ResNetForImageClassification
 
@@ -409,12 +420,14 @@ class WorldTask(TrainingTask):
 
     def _vae_loss(self, vae, batch, generator):
         pixels = batch["pixels"]
-        dist = vae.encode(pixels).latent_dist
+        decoder_only = self.config.vae_parts == "decoder"
+        with torch.set_grad_enabled(not decoder_only):
+            dist = vae.encode(pixels).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator, device=pixels.device)
         recon = vae.decode(z).sample
         l1 = (recon - pixels).abs().mean()
         mse = F.mse_loss(recon.float(), pixels.float())
-        loss = l1 + mse + self.config.kl_weight * dist.kl().mean()
+        loss = l1 + mse if decoder_only else l1 + mse + self.config.kl_weight * dist.kl().mean()
         psnr = 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))
         return loss, {"psnr": psnr}
 
@@ -461,7 +474,8 @@ class WorldTask(TrainingTask):
                 classifier_image_processor().save_pretrained(tmp)
             return ["classifier"]
         if stage == "vae":
-            model.register_to_config(scaling_factor=self._latent_scale(model))
+            if self.config.vae_parts == "all":  # a frozen encoder keeps the latent scale its UNet was trained with
+                model.register_to_config(scaling_factor=self._latent_scale(model))
             with atomic_directory(export_dir / "vae") as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
             return ["vae"]
