@@ -230,7 +230,7 @@ $(DEMO)/eval/results.md: $(DEMO)/encoders/local_mapping/config.json \
 
 # ------------------------------------------------------------------------------------------ world
 # The miniature world's base models, trained from scratch (training.world; see encoders/assets/world/README.md for
-# the times): CLIP, the VAE, the attribute classifier, the UNet; then their quality bars and the shipped files.
+# the times): CLIP, the VAE (then its decoder alone), the attribute classifier, the UNet; then their quality bars.
 WORLD := outputs/world
 WORLD_RUN := $(PY) -m training.world
 world: $(WORLD)/models/sd/model_index.json
@@ -240,10 +240,12 @@ $(WORLD)/models/clip/config.json: | $(STAMP)
 	$(WORLD_RUN) --config configs/world/clip.yaml
 $(WORLD)/models/vae/config.json: | $(STAMP)
 	$(WORLD_RUN) --config configs/world/vae.yaml
+$(WORLD)/models/training_config_world_vae_decoder.yaml: $(WORLD)/models/vae/config.json
+	$(WORLD_RUN) --config configs/world/vae_decoder.yaml
 $(WORLD)/models/classifier/config.json: | $(STAMP)
 	$(WORLD_RUN) --config configs/world/classifier.yaml
-$(WORLD)/models/sd/model_index.json: $(WORLD)/models/clip/config.json $(WORLD)/models/vae/config.json \
-	$(WORLD)/models/classifier/config.json
+$(WORLD)/models/sd/model_index.json: $(WORLD)/models/clip/config.json \
+	$(WORLD)/models/training_config_world_vae_decoder.yaml $(WORLD)/models/classifier/config.json
 	$(WORLD_RUN) --config configs/world/unet.yaml
 
 bench: $(STAMP)

@@ -101,8 +101,9 @@ def _reset_accelerate() -> None:
 
 
 def test_the_recipe_trains_every_stage_and_exports_real_model_folders(tmp_path, fresh_accelerate_state):
-    """Every stage of `python -m training.world` runs a few steps (shared loop) and the unet stage writes a
-    `StableDiffusionPipeline` folder and a `CLIPVisionModel` folder that the real loaders read."""
+    """Every stage of `python -m training.world` (the VAE decoder's fine-tune too) runs a few steps (shared loop)
+    and the unet stage writes a `StableDiffusionPipeline` folder and a `CLIPVisionModel` folder that the real
+    loaders read."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPVisionModel
 
@@ -119,14 +120,15 @@ def test_the_recipe_trains_every_stage_and_exports_real_model_folders(tmp_path, 
         "mixed_precision=no",
         "checkpointing_steps=2",
     ]
-    for stage in ("clip", "vae", "classifier", "unet"):
+    for stage in ("clip", "vae", "vae_decoder", "classifier", "unet"):
         config = parse_config_cli(
             WorldConfig,
             [
-                f"stage={stage}",
+                "stage=vae" if stage == "vae_decoder" else f"stage={stage}",
                 f"output_dir={tmp_path / stage}",
                 *common,
                 *(["shape_groups=4"] if stage == "clip" else []),
+                *(["vae_parts=decoder"] if stage == "vae_decoder" else []),
                 *(
                     ["train_text_encoder=true", "noise_offset=0.1", "prediction_type=v_prediction"]
                     if stage == "unet"
@@ -136,6 +138,8 @@ def test_the_recipe_trains_every_stage_and_exports_real_model_folders(tmp_path, 
         )
         run_training(WorldTask(config))
         _reset_accelerate()  # each stage is its own run, as on the command line
+    assert (tmp_path / "models/training_config_world_vae_decoder.yaml").is_file()  # beside the vae stage's own
+    assert (tmp_path / "models/training_config_world_vae.yaml").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "models/sd", safety_checker=None)
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # what the UNet was trained for, for every sampler
@@ -147,6 +151,14 @@ def test_the_recipe_trains_every_stage_and_exports_real_model_folders(tmp_path, 
 
     tower = CLIPTextModel.from_pretrained(tmp_path / "models/clip").get_input_embeddings().weight
     assert not torch.equal(tower, pipe.text_encoder.get_input_embeddings().weight)
+    # shipping them: fp16 files whose hashes the card lists, and a card row for every stage that ran
+    from encoders.world import check_assets
+    from training.world_ship import ship
+
+    shipped = ship(tmp_path / "models", None, tmp_path / "shipped", None)
+    assert "unet.safetensors" in check_assets(shipped)
+    card = (shipped / "README.md").read_text()
+    assert all(f"| {stage} | 2 |" in card for stage in ("clip", "vae", "vae_decoder", "unet", "classifier"))
 
 
 # ---- the shipped base -----------------------------------------------------------------------------------------
@@ -281,7 +293,7 @@ def test_a_later_run_continues_the_shipped_models(world_models, tmp_path, fresh_
 
 def test_a_decoder_fine_tune_keeps_the_encoder_and_its_latents(world_models, tmp_path, fresh_accelerate_state):
     """`vae_parts=decoder`: the shipped VAE's encoder and latent scale come out unchanged (a UNet trained on its
-    latents stays valid) while the decoder moves; without a VAE to start from it is refused."""
+    latents stays valid) while the decoder moves; a missing VAE is refused."""
     from diffusers import AutoencoderKL
 
     from encoders.common.config import ConfigError, parse_config_cli
@@ -316,8 +328,9 @@ def test_a_decoder_fine_tune_keeps_the_encoder_and_its_latents(world_models, tmp
     decoder_keys = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
     assert encoder_keys and all(torch.equal(before[k], after[k]) for k in encoder_keys)
     assert any(not torch.allclose(before[k], after[k]) for k in decoder_keys)
-    with pytest.raises(ConfigError, match="init_from"):
-        WorldConfig(stage="vae", vae_parts="decoder")
+    missing = parse_config_cli(WorldConfig, ["stage=vae", "vae_parts=decoder", f"vae_path={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="no config.json"):
+        WorldTask(missing).setup(None, torch.float32)
 
 
 def test_the_base_follows_a_colour_word(world_models):

@@ -109,9 +109,10 @@ class WorldConfig(TrainConfig):
     )
     kl_weight: float = keyed_field("vae: weight of the KL term (SD's VAE: 1e-6)", 1e-6)
     vae_parts: Literal["all", "decoder"] = keyed_field(
-        "vae: what trains: all (the whole autoencoder), or decoder (the init_from VAE's encoder, latent scale and "
-        "so every latent stay as they are, as in Stability AI's fine-tuned SD VAE decoders: a UNet and encoders "
-        "trained on those latents stay valid while the decoded pictures improve)",
+        "vae: what trains: all (the whole autoencoder), or decoder (of the VAE in vae_path, <init_from>/sd/vae or "
+        "<export_dir>/vae: its encoder, latent scale and so every latent stay as they are, as in Stability AI's "
+        "fine-tuned SD VAE decoders; a UNet and encoders trained on those latents stay valid while the decoded "
+        "pictures improve)",
         "all",
     )
     shape_groups: int = keyed_field(
@@ -124,7 +125,9 @@ class WorldConfig(TrainConfig):
         "unet/vae: the clip stage's export (default <init_from>/clip, else <export_dir>/clip)", None
     )
     vae_path: str | None = keyed_field(
-        "unet: the vae stage's export (default <init_from>/sd/vae, else <export_dir>/vae)", None
+        "unet: the VAE to encode with; vae with vae_parts=decoder: the VAE to fine-tune (default <init_from>/sd/vae, "
+        "else <export_dir>/vae)",
+        None,
     )
     init_from: str | None = keyed_field(
         "start from these weights instead of from scratch: a world models folder (`python -m encoders.world --out "
@@ -143,8 +146,6 @@ class WorldConfig(TrainConfig):
             raise ConfigError(f"empty_caption_prob must be in [0, 1), got {self.empty_caption_prob}")
         if not 0 <= self.noise_offset < 1:
             raise ConfigError(f"noise_offset must be in [0, 1), got {self.noise_offset}")
-        if self.stage == "vae" and self.vae_parts == "decoder" and not self.init_from:
-            raise ConfigError("vae_parts=decoder fine-tunes a trained VAE's decoder: give init_from=<world models>")
 
     def export_path(self, name: str, given: str | None) -> Path:
         return Path(given) if given else Path(self.resolved_export_dir) / name
@@ -156,7 +157,8 @@ class WorldConfig(TrainConfig):
         return self.export_path("clip", self.clip_path)
 
     def vae_dir(self) -> Path:
-        """The VAE the unet stage encodes with: `vae_path`, `<init_from>/sd/vae`, or this recipe's export."""
+        """The VAE the unet stage encodes with (and a decoder fine-tune starts from): `vae_path`,
+        `<init_from>/sd/vae`, or this recipe's export."""
         if self.vae_path is None and self.init_from:
             return Path(self.init_from) / "sd" / "vae"
         return self.export_path("vae", self.vae_path)
@@ -249,13 +251,16 @@ class WorldTask(TrainingTask):
 
     def __init__(self, config: WorldConfig):
         super().__init__(config)
-        self.name = f"world_{config.stage}"
+        decoder = config.stage == "vae" and config.vae_parts == "decoder"
+        self.name = "world_vae_decoder" if decoder else f"world_{config.stage}"  # its own config file and log label
 
     # ---- set-up ---------------------------------------------------------------------------------
     def setup(self, accelerator, weight_dtype) -> None:
         from encoders.tokenizer import build_clip_tokenizer
 
         cfg: WorldConfig = self.config
+        if cfg.stage == "vae" and cfg.vae_parts == "decoder" and not (cfg.vae_dir() / "config.json").is_file():
+            raise ConfigError(f"vae_parts=decoder fine-tunes a trained VAE: no config.json in {cfg.vae_dir()}")
         self.device, self.rank = accelerator.device, accelerator.process_index
         self.tokenizer = build_clip_tokenizer()
         self.pool = render_pool(cfg.world_seed, cfg.pool_size, Path(cfg.output_dir))
@@ -277,7 +282,7 @@ class WorldTask(TrainingTask):
         elif cfg.stage == "vae":
             from diffusers import AutoencoderKL
 
-            initial = cfg.initial("vae")
+            initial = cfg.vae_dir() if cfg.vae_parts == "decoder" else cfg.initial("vae")
             self.model = AutoencoderKL.from_pretrained(initial) if initial else AutoencoderKL(**WORLD_VAE_KWARGS)
             if cfg.vae_parts == "decoder":
                 self.model.encoder.requires_grad_(False)

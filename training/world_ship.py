@@ -173,7 +173,12 @@ def ship(models: Path, logs: Path | None, out: Path, metrics_path: Path | None, 
         subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "?"
     )
     metrics = json.loads(metrics_path.read_text()) if metrics_path and metrics_path.is_file() else None
-    summaries = {stage: run_summary(models, logs, stage) for stage in ("clip", "vae", "unet", "classifier")}
+    stages = ("clip", "vae", "vae_decoder", "unet", "classifier")
+    summaries = {
+        stage: run_summary(models, logs, stage)
+        for stage in stages
+        if stage != "vae_decoder" or (models / "training_config_world_vae_decoder.yaml").is_file()
+    }
     with atomic_directory(out) as tmp:
         hashes = {}
         for part in PARTS:
