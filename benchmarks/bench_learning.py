@@ -34,13 +34,13 @@ Each row is a mean difference of the denoising loss (epsilon MSE) with a paired 
 interval over the draws; "learned" means the interval excludes zero. Prints a table, writes JSON
 (default benchmarks/results/bench_learning.json).
 
-What it shows on these models: both stages learn conditioning that lowers the held-out loss a lot
-(trained vs. initialised, lambda 1 vs. 0), but not yet crop-specific conditioning (own vs. shuffled
-words or tokens: the interval straddles 0, even on the training crops after 900 steps). With a
-frozen random UNet and random CLIP tower, the crop's content is not something the mappings can turn
-into a better noise prediction in a CPU budget; that row needs pretrained weights (`--base
-CompVis/stable-diffusion-v1-4 --image-encoder openai/clip-vit-large-patch14 --resolution 512` on a GPU
-machine that has them).
+What it shows: on the trained world, both stages learn crop-specific conditioning (own words and
+own local tokens beat another crop's, the intervals excluding 0; docs/benchmarks.md has the rows).
+On the random tiny models (`--no-world`) both stages only learn conditioning that lowers the loss in
+general (trained vs. initialised, lambda 1 vs. 0): a frozen random UNet and CLIP tower give the
+mappings nothing crop-specific to use, so own vs. shuffled straddles 0 there. Pretrained weights
+(`--base CompVis/stable-diffusion-v1-4 --image-encoder openai/clip-vit-large-patch14 --resolution 512`)
+need a GPU machine that has them.
 """
 
 from __future__ import annotations
