@@ -1027,8 +1027,9 @@ def identity_results(
         sd, encoders=str(encoders), device="cpu", dtype=torch.float32, safety_checker=False
     )
     elite.pipe.set_progress_bar_config(disable=True)
-    truths, with_concept, with_class = [], [], []
+    truths, with_concept, with_class, photos = [], [], [], []
     for shape, colour, pattern, photo, mask, target_bg in held_out_objects(objects):
+        photos.append(photo)
         concept = elite.encode_concept(photo, mask)
         for seed in range(seeds):
             out = elite(
@@ -1056,7 +1057,7 @@ def identity_results(
         "elite_scale": elite_scale,
         "steps": steps,
         "guidance": guidance,
-        "_pictures": (with_concept[: 2 * seeds * 4 : seeds], with_class[: 2 * seeds * 4 : seeds]),
+        "_pictures": (photos[:8], with_concept[: 8 * seeds : seeds], with_class[: 8 * seeds : seeds]),
     }
 
 
