@@ -7,9 +7,9 @@ reads with the real `from_pretrained(path)` code, in fp32:
 
     python -m encoders.world --out outputs/demo/models     # sd/, image_encoder/, clip/, classifier/
 
-- `sd/`: a `StableDiffusionPipeline` folder (UNet, KL VAE, the CLIP text tower, SD v1-4's PNDM schedule with the
-  UNet's prediction type,
-  the real CLIP tokenizer);
+- `sd/`: a `StableDiffusionPipeline` folder (UNet, KL VAE, the CLIP text tower, or `text_encoder` where the UNet
+  stage trained its own copy of it, SD v1-4's PNDM schedule with the UNet's prediction type, the real CLIP
+  tokenizer);
 - `image_encoder/`: the same CLIP's vision tower as a `CLIPVisionModel` (ELITE's image encoder);
 - `clip/`: the whole `CLIPModel` (both towers and projections) with its processor;
 - `classifier/`: the world's attribute classifier (`ResNetForImageClassification`, multi-label over
@@ -31,6 +31,8 @@ from .common.files import atomic_directory, atomic_write_bytes, sha256_file
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "world"
 PARTS = ("unet", "vae", "clip", "classifier")
+# shipped only where the unet stage trained the text tower with it (`train_text_encoder=true`): the pipeline's own
+OPTIONAL_PARTS = ("text_encoder",)
 
 
 class WorldAssetsError(RuntimeError):
@@ -84,12 +86,16 @@ def load_part(part: str, folder: Path = ASSETS):
         from transformers import CLIPConfig, CLIPModel
 
         model = CLIPModel(CLIPConfig.from_dict(config))
+    elif part == "text_encoder":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        model = CLIPTextModel(CLIPTextConfig.from_dict(config))
     elif part == "classifier":
         from transformers import ResNetConfig, ResNetForImageClassification
 
         model = ResNetForImageClassification(ResNetConfig.from_dict(config))
     else:
-        raise ValueError(f"unknown part {part!r}; known: {', '.join(PARTS)}")
+        raise ValueError(f"unknown part {part!r}; known: {', '.join(PARTS + OPTIONAL_PARTS)}")
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -133,8 +139,12 @@ def write_world_models(out: str | Path, folder: Path = ASSETS, force: bool = Fal
     with atomic_directory(written["clip"]) as tmp:
         clip.save_pretrained(tmp, safe_serialization=True)
         CLIPProcessor(image_processor=processor, tokenizer=build_clip_tokenizer()).save_pretrained(tmp)
-    # the two towers as the real models read them out of a CLIP folder (SD's text encoder, ELITE's image encoder)
-    text_encoder = CLIPTextModel.from_pretrained(written["clip"])
+    # the two towers as the real models read them out of a CLIP folder (SD's text encoder, ELITE's image encoder);
+    # the pipeline's text encoder is its own where the unet stage trained it
+    if (folder / "text_encoder.safetensors").is_file():
+        text_encoder = load_part("text_encoder", folder)
+    else:
+        text_encoder = CLIPTextModel.from_pretrained(written["clip"])
     pipe = StableDiffusionPipeline(
         unet=load_part("unet", folder),
         vae=load_part("vae", folder),

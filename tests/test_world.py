@@ -152,11 +152,15 @@ def test_the_recipe_trains_every_stage_and_exports_real_model_folders(tmp_path, 
     tower = CLIPTextModel.from_pretrained(tmp_path / "models/clip").get_input_embeddings().weight
     assert not torch.equal(tower, pipe.text_encoder.get_input_embeddings().weight)
     # shipping them: fp16 files whose hashes the card lists, and a card row for every stage that ran
-    from encoders.world import check_assets
+    from encoders.world import check_assets, write_world_models
     from training.world_ship import ship
 
     shipped = ship(tmp_path / "models", None, tmp_path / "shipped", None)
-    assert "unet.safetensors" in check_assets(shipped)
+    assert {"unet.safetensors", "text_encoder.safetensors"} <= set(check_assets(shipped))  # its own text encoder
+    written = write_world_models(tmp_path / "written", shipped)
+    rewritten = CLIPTextModel.from_pretrained(written["sd"] / "text_encoder").state_dict()
+    trained = pipe.text_encoder.state_dict()
+    assert all(torch.allclose(rewritten[k], trained[k].half().float()) for k in trained if "token_embedding" not in k)
     card = (shipped / "README.md").read_text()
     assert all(f"| {stage} | 2 |" in card for stage in ("clip", "vae", "vae_decoder", "unet", "classifier"))
 

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from encoders.common.files import atomic_directory, sha256_file
-from encoders.world import PARTS
+from encoders.world import OPTIONAL_PARTS, PARTS
 
 
 def world_token_ids(tokenizer) -> set[int]:
@@ -42,26 +42,38 @@ def _fp16(state: dict) -> dict:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
 
 
+def _zero_unused_rows(state: dict, keep: torch.Tensor) -> dict:
+    """The token embedding table's rows outside `keep` set to zero (whatever prefix the state's keys carry)."""
+    table = next(k for k in state if k.endswith("embeddings.token_embedding.weight"))
+    state[table] = state[table] * keep[:, None].to(state[table].dtype)
+    return state
+
+
 def collect(models: Path) -> dict[str, tuple[dict, dict]]:
-    """part -> (config dict, fp16 state) from the exported folders."""
+    """part -> (config dict, fp16 state) from the exported folders; `text_encoder` too where the pipeline's text
+    encoder is not the clip stage's text tower (the unet stage trained it: `train_text_encoder=true`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTokenizer, ResNetForImageClassification
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, ResNetForImageClassification
 
     unet = UNet2DConditionModel.from_pretrained(models / "sd", subfolder="unet")
     vae = AutoencoderKL.from_pretrained(models / "sd", subfolder="vae")
     clip = CLIPModel.from_pretrained(models / "clip")
+    text_encoder = CLIPTextModel.from_pretrained(models / "sd", subfolder="text_encoder")
     classifier = ResNetForImageClassification.from_pretrained(models / "classifier")
-    clip_state = clip.state_dict()
-    table = "text_model.embeddings.token_embedding.weight"
-    keep = torch.zeros(clip_state[table].shape[0], dtype=torch.bool)
+    keep = torch.zeros(clip.config.text_config.vocab_size, dtype=torch.bool)
     keep[sorted(world_token_ids(CLIPTokenizer.from_pretrained(models / "clip")))] = True
-    clip_state[table] = clip_state[table] * keep[:, None].to(clip_state[table].dtype)
-    return {
+    parts = {
         "unet": (dict(unet.config), _fp16(unet.state_dict())),
         "vae": (dict(vae.config), _fp16(vae.state_dict())),
-        "clip": (clip.config.to_dict(), _fp16(clip_state)),
+        "clip": (clip.config.to_dict(), _fp16(_zero_unused_rows(clip.state_dict(), keep))),
         "classifier": (classifier.config.to_dict(), _fp16(classifier.state_dict())),
     }
+    tower = clip.text_model.state_dict()
+    own = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    if any(not torch.equal(own[k], tower[k]) for k in tower):
+        own_state = _zero_unused_rows(text_encoder.state_dict(), keep)
+        parts["text_encoder"] = (text_encoder.config.to_dict(), _fp16(own_state))
+    return parts
 
 
 def run_summary(models: Path, logs: Path | None, stage: str) -> dict:
@@ -85,6 +97,7 @@ def card(
     commit: str,
     notes: str = "",
     prediction: str = "epsilon",
+    own_text_encoder: bool = False,
 ) -> str:
     lines = [
         "---",
@@ -101,11 +114,21 @@ def card(
         "",
         "| part | what | architecture |",
         "|---|---|---|",
-        "| `clip` | CLIP text + vision towers, contrastive; the text tower is the pipeline's text encoder, the vision "
-        "tower ELITE's image encoder | `CLIPModel`: text 3 x 48, vision 24 x 48 on 8 px patches at 64 px |",
+        "| `clip` | CLIP text + vision towers, contrastive; the text tower is "
+        + ("where the pipeline's text encoder started" if own_text_encoder else "the pipeline's text encoder")
+        + ", the vision tower ELITE's image encoder | `CLIPModel`: text 3 x 48, vision 24 x 48 on 8 px patches at "
+        "64 px |",
         "| `vae` | KL autoencoder, factor 4 (64 px -> 16 x 16 x 4) | `AutoencoderKL` (16, 32, 64) |",
         f"| `unet` | text-conditioned, {prediction}, SD v1-4's noise schedule, 10 % empty captions | "
         "`UNet2DConditionModel` (32, 64, 128), cross-attention at 8 x 8 and 4 x 4 |",
+        *(
+            [
+                "| `text_encoder` | the pipeline's text encoder: the clip stage's text tower, trained on with the UNet "
+                "(`train_text_encoder=true`); `clip` keeps the contrastive one | `CLIPTextModel`: 3 x 48 |"
+            ]
+            if own_text_encoder
+            else []
+        ),
         "| `classifier` | attribute classifier for evaluation only (multi-label) | `ResNetForImageClassification` |",
         "",
         "## How they were made",
@@ -181,7 +204,7 @@ def ship(models: Path, logs: Path | None, out: Path, metrics_path: Path | None, 
     }
     with atomic_directory(out) as tmp:
         hashes = {}
-        for part in PARTS:
+        for part in (*PARTS, *(p for p in OPTIONAL_PARTS if p in parts)):
             config, state = parts[part]
             save_file(state, str(tmp / f"{part}.safetensors"), metadata={"format": "pt", "part": part})
             (tmp / f"{part}.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
@@ -192,7 +215,9 @@ def ship(models: Path, logs: Path | None, out: Path, metrics_path: Path | None, 
         (tmp / "scheduler.json").write_text(json.dumps(scheduler, indent=1) + "\n")
         hashes["scheduler.json"] = sha256_file(tmp / "scheduler.json")
         prediction = scheduler.get("prediction_type", "epsilon")
-        (tmp / "README.md").write_text(card(hashes, summaries, metrics, commit, notes, prediction))
+        (tmp / "README.md").write_text(
+            card(hashes, summaries, metrics, commit, notes, prediction, own_text_encoder="text_encoder" in parts)
+        )
         (tmp / "runs.json").write_text(
             json.dumps({"shipped": datetime.date.today().isoformat(), **summaries}, indent=1, default=str) + "\n"
         )
