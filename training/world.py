@@ -147,6 +147,11 @@ class WorldConfig(TrainConfig):
         if not 0 <= self.noise_offset < 1:
             raise ConfigError(f"noise_offset must be in [0, 1), got {self.noise_offset}")
 
+    @property
+    def decoder_only(self) -> bool:
+        """A vae stage that fine-tunes a trained VAE's decoder alone (`vae_parts=decoder`)."""
+        return self.stage == "vae" and self.vae_parts == "decoder"
+
     def export_path(self, name: str, given: str | None) -> Path:
         return Path(given) if given else Path(self.resolved_export_dir) / name
 
@@ -251,15 +256,15 @@ class WorldTask(TrainingTask):
 
     def __init__(self, config: WorldConfig):
         super().__init__(config)
-        decoder = config.stage == "vae" and config.vae_parts == "decoder"
-        self.name = "world_vae_decoder" if decoder else f"world_{config.stage}"  # its own config file and log label
+        # a decoder fine-tune gets its own config file and log label
+        self.name = "world_vae_decoder" if config.decoder_only else f"world_{config.stage}"
 
     # ---- set-up ---------------------------------------------------------------------------------
     def setup(self, accelerator, weight_dtype) -> None:
         from encoders.tokenizer import build_clip_tokenizer
 
         cfg: WorldConfig = self.config
-        if cfg.stage == "vae" and cfg.vae_parts == "decoder" and not (cfg.vae_dir() / "config.json").is_file():
+        if cfg.decoder_only and not (cfg.vae_dir() / "config.json").is_file():
             raise ConfigError(f"vae_parts=decoder fine-tunes a trained VAE: no config.json in {cfg.vae_dir()}")
         self.device, self.rank = accelerator.device, accelerator.process_index
         self.tokenizer = build_clip_tokenizer()
@@ -282,9 +287,9 @@ class WorldTask(TrainingTask):
         elif cfg.stage == "vae":
             from diffusers import AutoencoderKL
 
-            initial = cfg.vae_dir() if cfg.vae_parts == "decoder" else cfg.initial("vae")
+            initial = cfg.vae_dir() if cfg.decoder_only else cfg.initial("vae")
             self.model = AutoencoderKL.from_pretrained(initial) if initial else AutoencoderKL(**WORLD_VAE_KWARGS)
-            if cfg.vae_parts == "decoder":
+            if cfg.decoder_only:
                 self.model.encoder.requires_grad_(False)
                 self.model.quant_conv.requires_grad_(False)
         elif cfg.stage == "classifier":
@@ -425,7 +430,7 @@ class WorldTask(TrainingTask):
 
     def _vae_loss(self, vae, batch, generator):
         pixels = batch["pixels"]
-        decoder_only = self.config.vae_parts == "decoder"
+        decoder_only = self.config.decoder_only
         with torch.set_grad_enabled(not decoder_only):
             dist = vae.encode(pixels).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator, device=pixels.device)
@@ -479,7 +484,7 @@ class WorldTask(TrainingTask):
                 classifier_image_processor().save_pretrained(tmp)
             return ["classifier"]
         if stage == "vae":
-            if self.config.vae_parts == "all":  # a frozen encoder keeps the latent scale its UNet was trained with
+            if not self.config.decoder_only:  # a frozen encoder keeps the latent scale its UNet was trained with
                 model.register_to_config(scaling_factor=self._latent_scale(model))
             with atomic_directory(export_dir / "vae") as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
