@@ -9,6 +9,7 @@ import pytest
 import torch
 from toy_trainer import ToyConfig, ToyRegressor, ToyTask
 
+from encoders.common.config import ConfigError
 from training.checkpoints import list_checkpoints
 from training.loop import run_training
 
@@ -151,3 +152,42 @@ def test_model_card_keeps_each_trainers_notes(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "mlp notes" in card and "newer global notes" in card
     assert card.count("global notes") == 1 and card.count("## global") == 1  # replaced, not appended
+
+
+class _TrajectoryTask(ToyTask):
+    """Records the weight each step starts from (the previous step's result)."""
+
+    def training_step(self, models, batch, generator):
+        self.__dict__.setdefault("seen", []).append(models["toy"].linear.weight.detach().clone().squeeze(0))
+        return super().training_step(models, batch, generator)
+
+
+def test_use_ema_exports_the_average_and_resumes_it(tmp_path):
+    ema = dict(use_ema=True, ema_decay=0.9)
+    full = _TrajectoryTask(_config(tmp_path, "full", **ema))
+    export = run_training(full)
+    last = full.model.linear.weight.detach().squeeze(0)  # the trained weights are back after the export
+    averaged = ToyRegressor.from_pretrained(export, subfolder="toy").linear.weight.detach().squeeze(0)
+    trajectory = torch.stack([*full.seen[1:], last])  # the weights after each of the 6 steps
+    assert not torch.allclose(averaged, last)
+    assert (averaged >= trajectory.min(0).values - 1e-6).all() and (averaged <= trajectory.max(0).values + 1e-6).all()
+    assert (list_checkpoints(tmp_path / "full")[-1] / "ema" / "toy.safetensors").is_file()
+
+    run_training(ToyTask(_config(tmp_path, "split", max_steps=3, **ema)))
+    export_split = run_training(ToyTask(_config(tmp_path, "split", resume_from_checkpoint="latest", **ema)))
+    resumed = ToyRegressor.from_pretrained(export_split, subfolder="toy").linear.weight.detach().squeeze(0)
+    assert torch.allclose(resumed, averaged, rtol=0, atol=1e-6)
+
+
+def test_use_ema_turned_on_when_resuming_starts_from_the_checkpoint(tmp_path):
+    run_training(ToyTask(_config(tmp_path, "run", max_steps=3)))
+    resumed = ToyTask(
+        _config(tmp_path, "run", resume_from_checkpoint="latest", use_ema=True, resume_overrides=["use_ema"])
+    )
+    export = run_training(resumed)
+    assert (export / "toy").is_dir() and len(resumed.losses) == 3
+
+
+def test_ema_decay_must_be_a_fraction(tmp_path):
+    with pytest.raises(ConfigError, match="ema_decay"):
+        _config(tmp_path, "run", use_ema=True, ema_decay=1.0)

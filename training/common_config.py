@@ -53,6 +53,12 @@ class TrainConfig:
     adam_weight_decay: float = keyed_field("AdamW weight decay", 1e-2)
     adam_epsilon: float = keyed_field("AdamW epsilon", 1e-8)
     max_grad_norm: float = keyed_field("gradient clipping norm (0 disables)", 1.0)
+    use_ema: bool = keyed_field(
+        "keep an exponential moving average of the trainable weights (diffusers' EMAModel), checkpointed with "
+        "the run and exported instead of the last weights",
+        False,
+    )
+    ema_decay: float = keyed_field("use_ema: the average's decay (reached after its warm-up)", 0.9999)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = keyed_field(
         "autocast precision; frozen models are stored in it too (unset: `accelerate launch --mixed_precision` or "
         "the accelerate config decides). bf16 works on CPU and recent GPUs; fp16 needs a GPU",
@@ -94,6 +100,8 @@ class TrainConfig:
         for key in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         for item in fields(self):  # nan/inf pass every "> 0" check and end as an optimizer's traceback
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -48,6 +48,7 @@ after freezing and casting the frozen model, so they stay trainable and in fp32.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -87,6 +88,7 @@ from encoders.common.shards import ShardSpecError
 
 from .checkpoints import Checkpointer, read_trainer_state, resolve_checkpoint
 from .common_config import TrainConfig
+from .ema import ModelAverages
 from .export import push_folder_to_hub, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -438,6 +440,12 @@ class _Run:
         _fill_deepspeed_auto(acc, config)
         self.bundle, self.optimizer, self.lr_scheduler = acc.prepare(bundle, optimizer, lr_scheduler)
         self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if config.use_ema and self.is_deepspeed:
+            raise ConfigError(
+                f"{task.name}: use_ema=true is not supported under DeepSpeed (its ZeRO stages partition the weights "
+                "the average would copy); train without DeepSpeed or with use_ema=false"
+            )
+        self.averages = ModelAverages(self.models(), config.ema_decay) if config.use_ema else None
         self.generator = torch.Generator(device=acc.device).manual_seed(config.seed + acc.process_index)
         acc.register_save_state_pre_hook(self._save_models_hook)
         acc.register_load_state_pre_hook(self._load_models_hook)
@@ -455,6 +463,8 @@ class _Run:
         if self.accelerator.is_main_process:
             for name, module in self.models().items():
                 module.save_pretrained(os.path.join(out_dir, name), safe_serialization=True)
+            if self.averages is not None:
+                self.averages.save(out_dir, self.models())
         if not self.is_deepspeed:
             weights.clear()  # the save_pretrained folders replace accelerate's model.safetensors
 
@@ -470,6 +480,8 @@ class _Run:
             for f in files:
                 state.update(load_file(f))
             module.load_state_dict(state)
+        if self.averages is not None and not self.averages.load(in_dir, self.models()):
+            self.accelerator.print(f"{in_dir} holds no weight averages: use_ema starts them from its weights")
         hook_models.clear()
 
     # ---- resume --------------------------------------------------------------------------------
@@ -566,6 +578,8 @@ class _Run:
                     continue
 
                 global_step += 1
+                if self.averages is not None:
+                    self.averages.step(self.models())
                 progress.update(1)
                 if global_step == first_step:
                     started = psutil.Process(os.getpid()).create_time()
@@ -634,7 +648,7 @@ class _Run:
         was_training = {n: m.training for n, m in models.items()}
         for m in models.values():
             m.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._averaged():
             images = self.task.validation_images(models, step)
         for n, m in models.items():
             m.train(was_training[n])
@@ -646,13 +660,18 @@ class _Run:
             log_validation_sheet(acc.trackers, sheet, step)
         acc.wait_for_everyone()
 
+    def _averaged(self):
+        """With use_ema, the models hold their averaged weights inside the block (validation, export)."""
+        return self.averages.applied(self.models()) if self.averages is not None else contextlib.nullcontext()
+
     # ---- export ---------------------------------------------------------------------------------
     def export(self) -> Path:
         task, config, acc = self.task, self.config, self.accelerator
         export_dir = Path(config.resolved_export_dir)
         if acc.is_main_process:
             export_dir.mkdir(parents=True, exist_ok=True)
-            written = task.export(self.models(), export_dir)
+            with self._averaged():
+                written = task.export(self.models(), export_dir)
             save_config(config, export_dir / f"training_config_{task.name}.yaml")
             card = task.model_card()
             if card is None:
