@@ -281,6 +281,9 @@ def test_a_later_run_continues_the_shipped_models(world_models, tmp_path, fresh_
     continued = run("continued", f"init_from={world_models}")
     scratch = run("scratch")
     assert sum(continued) < 0.5 * sum(scratch), (continued, scratch)
+    # Min-SNR weighs each v-prediction error by min(SNR, 5) / (SNR + 1) < 1: the same draws give a smaller loss
+    weighted = run("continued_snr", f"init_from={world_models}", "snr_gamma=5")
+    assert all(0 < w < c for w, c in zip(weighted, continued, strict=True)), (weighted, continued)
     shipped = UNet2DConditionModel.from_pretrained(world_models / "sd", subfolder="unet").state_dict()
     exported = UNet2DConditionModel.from_pretrained(tmp_path / "continued/models/sd", subfolder="unet").state_dict()
     assert all(torch.allclose(exported[k], shipped[k], atol=1e-6) for k in shipped)
