@@ -191,3 +191,19 @@ def test_use_ema_turned_on_when_resuming_starts_from_the_checkpoint(tmp_path):
 def test_ema_decay_must_be_a_fraction(tmp_path):
     with pytest.raises(ConfigError, match="ema_decay"):
         _config(tmp_path, "run", use_ema=True, ema_decay=1.0)
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_new_setting(tmp_path):
+    """A key added to the trainer after a checkpoint was written counts as its default there: left at the
+    default it resumes; set otherwise it is a changed setting like any other."""
+    run_training(ToyTask(_config(tmp_path, "run", max_steps=3)))
+    state_file = list_checkpoints(tmp_path / "run")[-1] / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("use_ema", "ema_decay"):
+        del state["config"][key]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="use_ema"):
+        run_training(ToyTask(_config(tmp_path, "run", resume_from_checkpoint="latest", use_ema=True)))
+    resumed = ToyTask(_config(tmp_path, "run", resume_from_checkpoint="latest"))
+    run_training(resumed)
+    assert len(resumed.losses) == 3

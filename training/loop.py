@@ -72,7 +72,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from encoders.common.config import ConfigError, config_to_dict, save_config
+from encoders.common.config import ConfigError, config_defaults, config_to_dict, save_config
 from encoders.common.device import mixed_precision_dtype
 from encoders.common.files import (
     FolderLockedError,
@@ -305,9 +305,14 @@ def _flat_for_tracker(cfg: TrainConfig) -> dict:
     }
 
 
-def changed_settings(saved: Mapping, current: Mapping, free: Iterable[str] = ()) -> dict[str, tuple]:
-    """Keys (dotted) whose value differs between a checkpoint's config and this run's, except free ones."""
+def changed_settings(
+    saved: Mapping, current: Mapping, free: Iterable[str] = (), defaults: Mapping | None = None
+) -> dict[str, tuple]:
+    """Keys (dotted) whose value differs between a checkpoint's config and this run's, except free ones. A key
+    the checkpoint does not hold (added to the trainer after it was written) counts as its value in `defaults`."""
     a, b = _flat("", dict(saved)), _flat("", dict(current))
+    known = _flat("", dict(defaults or {}))
+    a = {**{k: v for k, v in known.items() if k not in a}, **a}
     free = set(RESUME_FREE_KEYS) | set(free)
     return {
         k: (a.get(k), b.get(k))
@@ -494,7 +499,9 @@ class _Run:
                 acc.print(f"resume_from_checkpoint={config.resume_from_checkpoint}: no checkpoint yet, starting fresh")
             return 0
         saved = read_trainer_state(path).get("config", {})
-        changed = changed_settings(saved, config_to_dict(config), free=config.resume_overrides)
+        changed = changed_settings(
+            saved, config_to_dict(config), free=config.resume_overrides, defaults=config_defaults(type(config))
+        )
         if changed:
             lines = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changed.items())
             raise ConfigError(

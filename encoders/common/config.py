@@ -364,6 +364,18 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     return _build(cls, data, "the command line" if overrides else origin)
 
 
+def config_defaults(cls: type) -> dict:
+    """`config_to_dict` of a config class's field defaults, without building (and so validating) an instance:
+    some configs need a key set before they are valid."""
+    out = {}
+    for item in dataclasses.fields(cls):
+        if item.default is not dataclasses.MISSING:
+            out[item.name] = config_to_dict(item.default)
+        elif item.default_factory is not dataclasses.MISSING:
+            out[item.name] = config_to_dict(item.default_factory())
+    return out
+
+
 def config_to_dict(cfg: Any) -> dict:
     """Plain-YAML-able dict of a config dataclass (tuples become lists, Paths strings)."""
 
