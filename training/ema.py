@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 from torch import nn
 
 EMA_FOLDER = "ema"
@@ -23,17 +23,12 @@ class ModelAverages:
     def __init__(self, models: Mapping[str, nn.Module], decay: float):
         from diffusers.training_utils import EMAModel
 
-        self.decay = decay
         self.averages = {name: EMAModel(model.parameters(), decay=decay) for name, model in models.items()}
 
     def step(self, models: Mapping[str, nn.Module]) -> None:
         """Fold the models' current weights into their averages (after each optimizer step)."""
         for name, average in self.averages.items():
             average.step(models[name].parameters())
-
-    @property
-    def updates(self) -> int:
-        return next(iter(self.averages.values())).optimization_step
 
     def save(self, checkpoint_dir: Path | str, models: Mapping[str, nn.Module]) -> None:
         folder = Path(checkpoint_dir) / EMA_FOLDER
@@ -60,7 +55,9 @@ class ModelAverages:
             path = folder / f"{name}.safetensors"
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint {checkpoint_dir} has an {EMA_FOLDER}/ folder without {path.name}")
-            saved = load_file(path)
+            with safe_open(path, framework="pt") as f:
+                saved = {key: f.get_tensor(key) for key in f.keys()}
+                updates = int(f.metadata()["optimization_step"])
             params = dict(models[name].named_parameters())
             if saved.keys() != params.keys():
                 missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
@@ -69,8 +66,7 @@ class ModelAverages:
                     f"{extra[:3]})"
                 )
             average.shadow_params = [saved[n].to(p.device, p.dtype) for n, p in params.items()]
-            with safe_open(path, framework="pt") as f:
-                average.optimization_step = int(f.metadata()["optimization_step"])
+            average.optimization_step = updates
         return True
 
     @contextmanager
